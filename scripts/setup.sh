@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Set up rtseg on a fresh Debian 12 / Python 3.11 machine and run one job.
+#   scripts/setup.sh run    set up, then run the main job
+#   scripts/setup.sh test   set up (with the DICOM test peers), then run the tests
+# Extra arguments after the job name go to the job (e.g. pytest options).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+job="${1:-run}"; shift || true
+VENV="${RTSEG_VENV:-.venv}"
+PY="${PYTHON:-python3.11}"
+command -v "$PY" >/dev/null || PY=python3
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+install_test_peers() {
+    # Real DICOM peers the tests talk to: dcmtk, Orthanc, dicom3tools, plastimatch.
+    local missing=()
+    command -v storescu >/dev/null || missing+=(dcmtk)
+    command -v Orthanc >/dev/null || missing+=(orthanc)
+    command -v dciodvfy >/dev/null || missing+=(dicom3tools)
+    command -v plastimatch >/dev/null || missing+=(plastimatch)
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "installing Debian packages: ${missing[*]}"
+        as_root apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+}
+
+install_python() {
+    [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+    local pip=("$VENV/bin/pip" install -q --disable-pip-version-check)
+    if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null; then
+        # torch and torchvision in ONE command: otherwise nnunetv2 → timm → torchvision
+        # upgrades torch to a CUDA build. On a CPU machine pip takes the CPU wheel.
+        "${pip[@]}" torch==2.13.0 torchvision==0.28.0
+    fi
+    "${pip[@]}" -e ".[test]"
+}
+
+case "$job" in
+    run)
+        install_python
+        exec "$VENV/bin/rtseg" demo "$@"
+        ;;
+    test)
+        install_test_peers
+        install_python
+        exec "$VENV/bin/python" -m pytest "$@"
+        ;;
+    *)
+        echo "usage: scripts/setup.sh run|test [args...]" >&2
+        exit 2
+        ;;
+esac
