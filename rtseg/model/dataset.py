@@ -1,0 +1,131 @@
+"""Canonical volumes → an nnU-Net v2 raw dataset (``DatasetXXX_Name``)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import SimpleITK as sitk
+
+from rtseg.errors import InputError
+
+# (case id, HU array [z, y, x] canonical, spacing (z, y, x) mm, labels [z, y, x] or None)
+Case = tuple[str, npt.NDArray[Any], tuple[float, float, float], npt.NDArray[Any] | None]
+
+_CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
+_DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9\-]*$")  # nnU-Net splits folder names on "_"
+
+
+def dataset_folder_name(dataset_id: int, name: str) -> str:
+    if not 1 <= dataset_id <= 999:
+        raise InputError(f"dataset id must be 1..999, got {dataset_id}")
+    if not _DATASET_NAME.match(name):
+        raise InputError(f"dataset name {name!r} must be letters, digits and '-' only")
+    return f"Dataset{dataset_id:03d}_{name}"
+
+
+def write_raw_dataset(
+    raw_root: Path,
+    dataset_id: int,
+    name: str,
+    cases: Iterable[Case],
+    labels: Mapping[str, int],
+) -> Path:
+    """Write ``cases`` as an nnU-Net raw dataset under ``raw_root``; returns the dataset folder.
+
+    Parameters
+    ----------
+    raw_root
+        The ``nnUNet_raw`` folder (for training: ``training.nnunet_dirs(work_dir).raw``).
+    dataset_id, name
+        Give the folder name ``DatasetXXX_Name``.
+    cases
+        ``(case_id, image_zyx, spacing_zyx, labels_zyx)`` in canonical orientation;
+        ``image_zyx`` in HU. Cases without labels go to ``imagesTs``.
+    labels
+        ``dataset.json`` labels, ``{"background": 0, name: id, ...}``; every label
+        array may only contain these ids.
+    """
+    labels = _checked_labels(labels)
+    folder = Path(raw_root) / dataset_folder_name(dataset_id, name)
+    _check_existing_labels(folder / "dataset.json", labels)
+    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    allowed = np.array(sorted(labels.values()))
+    n_training, seen = 0, set()
+    for case_id, image, spacing, label in cases:
+        _check_case(case_id, image, spacing, label, seen)
+        if label is None:
+            _write(folder / "imagesTs" / f"{case_id}_0000.nii.gz", image.astype(np.float32), spacing)
+            continue
+        unknown = np.setdiff1d(np.unique(label), allowed)
+        if unknown.size:
+            raise InputError(f"case {case_id}: label values {unknown.tolist()} are not in the label table")
+        _write(folder / "imagesTr" / f"{case_id}_0000.nii.gz", image.astype(np.float32), spacing)
+        _write(folder / "labelsTr" / f"{case_id}.nii.gz", label.astype(np.uint8), spacing)
+        n_training += 1
+    if n_training == 0:
+        raise InputError("no labelled case: nothing to train on")
+    doc = {
+        "channel_names": {"0": "CT"},
+        "labels": labels,
+        "numTraining": len(list((folder / "labelsTr").glob("*.nii.gz"))),
+        "file_ending": ".nii.gz",
+        "name": name,
+    }
+    (folder / "dataset.json").write_text(json.dumps(doc, indent=2) + "\n")
+    return folder
+
+
+def _checked_labels(labels: Mapping[str, int]) -> dict[str, int]:
+    out = {str(k): int(v) for k, v in labels.items()}
+    if out.get("background") != 0:
+        raise InputError("labels must map 'background' to 0")
+    values = sorted(out.values())
+    if values != list(range(len(values))):
+        raise InputError(f"label ids must be consecutive from 0, got {values}")
+    if max(values) > 255:
+        raise InputError("at most 255 foreground labels")
+    return dict(sorted(out.items(), key=lambda kv: kv[1]))
+
+
+def _check_existing_labels(path: Path, labels: dict[str, int]) -> None:
+    """Data added to an existing dataset must use the same label table."""
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text()).get("labels")
+    if old != labels:
+        raise InputError(f"labels {labels} differ from those of the existing dataset {old}", source=str(path))
+
+
+def _check_case(
+    case_id: str,
+    image: npt.NDArray[Any],
+    spacing: tuple[float, float, float],
+    label: npt.NDArray[Any] | None,
+    seen: set[str],
+) -> None:
+    if not _CASE_ID.match(case_id):
+        raise InputError(f"case id {case_id!r} must be letters, digits, '_' and '-' only")
+    if case_id in seen:
+        raise InputError(f"duplicate case id {case_id!r}")
+    seen.add(case_id)
+    if image.ndim != 3:
+        raise InputError(f"case {case_id}: image must be 3-D [z, y, x], got shape {image.shape}")
+    if len(spacing) != 3 or not all(float(s) > 0 for s in spacing):
+        raise InputError(f"case {case_id}: spacing must be three positive numbers, got {spacing}")
+    if label is not None and label.shape != image.shape:
+        raise InputError(f"case {case_id}: labels shape {label.shape} differs from image {image.shape}")
+
+
+def _write(path: Path, array: npt.NDArray[Any], spacing_zyx: tuple[float, float, float]) -> None:
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))  # array [z, y, x] → ITK (x, y, z)
+    image.SetSpacing(tuple(float(s) for s in reversed(spacing_zyx)))
+    image.SetOrigin((0.0, 0.0, 0.0))
+    image.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))  # canonical = ITK LPS identity
+    sitk.WriteImage(image, str(path), useCompression=True)

@@ -1,0 +1,109 @@
+"""The one nnU-Net trainer subclass rtseg needs.
+
+It changes only what a short CPU schedule needs: epochs, iterations and
+learning rate from :class:`rtseg.model.training.CpuConfig`, an epoch report to
+the parent process, and checkpoints that name the stock ``nnUNetTrainer`` so any
+nnU-Net installation loads them (nnU-Net finds trainers by name, and on a
+CPU-only torch its search crashes for every name but ``nnUNetTrainer``).
+
+Import this module only in a process whose nnU-Net environment is set
+(see :mod:`rtseg.model._run`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from torch._dynamo import OptimizedModule
+
+SAVED_TRAINER_NAME = "nnUNetTrainer"  # the network is the stock one built from the plans
+
+EpochReport = Callable[[dict[str, Any]], None]
+
+
+class RtsegTrainer(nnUNetTrainer):
+    """``nnUNetTrainer`` with a configurable schedule and stock-named checkpoints."""
+
+    # nnU-Net records the __init__ arguments by inspecting this signature (to
+    # re-create the trainer from a checkpoint), so it must match the base class.
+    def __init__(
+        self,
+        plans: dict[str, Any],
+        configuration: str,
+        fold: int | str,
+        dataset_json: dict[str, Any],
+        device: torch.device = torch.device("cuda"),  # noqa: B008 (nnU-Net's own default)
+    ) -> None:
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.epoch_report: EpochReport | None = None
+
+    def configure_schedule(
+        self,
+        *,
+        epochs: int,
+        iterations_per_epoch: int,
+        val_iterations_per_epoch: int,
+        learning_rate: float,
+        epoch_report: EpochReport | None = None,
+    ) -> None:
+        """Set the schedule; must come before training starts (the LR scheduler reads it)."""
+        if self.was_initialized:
+            raise RuntimeError("configure_schedule() after the trainer was initialized")
+        self.num_epochs = epochs
+        self.num_iterations_per_epoch = iterations_per_epoch
+        self.num_val_iterations_per_epoch = val_iterations_per_epoch
+        self.initial_lr = learning_rate
+        self.epoch_report = epoch_report
+
+    def on_epoch_end(self) -> None:
+        epoch = self.current_epoch
+        super().on_epoch_end()
+        if self.epoch_report is not None:
+            value = self.logger.get_value
+            self.epoch_report(
+                {
+                    "epoch": epoch,
+                    "epochs": self.num_epochs,
+                    "train_loss": float(value("train_losses", step=-1)),
+                    "val_loss": float(value("val_losses", step=-1)),
+                    "pseudo_dice": [float(d) for d in value("dice_per_class_or_region", step=-1)],
+                    "seconds": float(value("epoch_end_timestamps", step=-1))
+                    - float(value("epoch_start_timestamps", step=-1)),
+                }
+            )
+
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint, with ``trainer_name`` set to the stock trainer."""
+        if self.local_rank != 0:
+            return
+        if self.disable_checkpointing:
+            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
+            return
+        module = self.network.module if self.is_ddp else self.network
+        if isinstance(module, OptimizedModule):
+            module = module._orig_mod
+        checkpoint = {
+            "network_weights": module.state_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "logging": self.logger.get_checkpoint(),
+            "_best_ema": self._best_ema,
+            "current_epoch": self.current_epoch + 1,
+            "init_args": self.my_init_kwargs,
+            "trainer_name": SAVED_TRAINER_NAME,
+            "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
+        }
+        torch.save(checkpoint, filename)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed the training process (augmentation workers draw their own seeds)."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
