@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import time
+import zlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,7 +54,17 @@ _GAP_RELATIVE = 0.01  # slice gaps may differ by 1 % of the step ...
 _GAP_ABSOLUTE_MM = 0.01  # ... or 0.01 mm, whichever is larger
 _DUPLICATE_MM = 0.01  # two slices closer than this are at the same position
 _TILT_DEGREES = 0.01
-_READ_ERRORS = (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError, AttributeError)
+_READ_ERRORS = (
+    InvalidDicomError,
+    OSError,
+    EOFError,
+    ValueError,
+    KeyError,
+    TypeError,
+    AttributeError,
+    struct.error,
+    zlib.error,
+)
 # What pydicom and its plugins raise for pixel data they cannot decode.
 _DECODE_ERRORS = (NotImplementedError, RuntimeError, ValueError, TypeError, KeyError, AttributeError, OSError)
 
@@ -97,7 +109,7 @@ class _Header:
         """True for image objects (CT, MR, PT, ...), False for RTDOSE, RTSTRUCT, SR and the like."""
         if self.modality in _NON_IMAGE_MODALITIES or self.sop_class.startswith(_NON_IMAGE_SOP_PREFIXES):
             return False
-        return "Rows" in self.ds and "Columns" in self.ds
+        return self.is_ct or ("Rows" in self.ds and "Columns" in self.ds)
 
     @property
     def is_ct(self) -> bool:
@@ -240,7 +252,7 @@ def _scan_folder(root: Path) -> _Scan:
         if ds is None or str(ds.get("SOPClassUID", "")) == _DICOMDIR_SOP_CLASS:
             skipped += 1
             continue
-        headers.append(_Header(path, ds))
+        headers.append(_checked_header(path, ds))
     if not headers:
         raise InputError("no DICOM files found in this folder", source=str(root))
     logger.debug("scanned folder: %d DICOM files, %d other files skipped", len(headers), skipped)
@@ -266,7 +278,7 @@ def _scan_files(paths: list[Path]) -> _Scan:
         ds = _read_header(path, strict=True)
         assert ds is not None  # strict reading raises instead
         if str(ds.get("SOPClassUID", "")) != _DICOMDIR_SOP_CLASS:
-            headers.append(_Header(path, ds))
+            headers.append(_checked_header(path, ds))
     label = str(paths[0].parent) if len(paths) == 1 else f"{len(paths)} files in {paths[0].parent}"
     return _Scan(label=label, explicit=True, headers=tuple(headers))
 
@@ -285,7 +297,15 @@ def _read_header(path: Path, *, strict: bool) -> Dataset | None:
             return None
         raise InputError("not a DICOM file (no DICM preamble)", source=str(path)) from exc
     except _READ_ERRORS as exc:
-        raise InputError(f"unreadable DICOM file ({type(exc).__name__})", source=str(path)) from exc
+        raise InputError("unreadable or truncated DICOM file", source=str(path)) from exc
+
+
+def _checked_header(path: Path, ds: Dataset) -> _Header:
+    """A header with the identifiers grouping needs (a truncated file often lacks them)."""
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID"):
+        if not str(ds.get(keyword, "") or ""):
+            raise InputError(f"incomplete or truncated DICOM file (no {keyword})", source=str(path))
+    return _Header(path, ds)
 
 
 def _groups(scan: _Scan) -> dict[str, list[_Header]]:
@@ -735,11 +755,13 @@ def _decode(header: _Header, rows: int, columns: int) -> npt.NDArray[Any]:
     try:
         ds = pydicom.dcmread(header.path)
     except _READ_ERRORS as exc:
-        raise InputError(f"unreadable DICOM file ({type(exc).__name__})", source=path) from exc
+        raise InputError("unreadable or truncated DICOM file", source=path) from exc
     if str(ds.get("SOPInstanceUID", "")) != header.sop_uid:
-        raise InputError("file changed while the series was being loaded", source=path)
+        raise InputError(
+            "the file could not be read completely (truncated, or changed while loading)", source=path
+        )
     if "PixelData" not in ds:
-        raise InputError("slice has no pixel data", source=path)
+        raise InputError("slice has no pixel data (truncated file?)", source=path)
     syntax = _syntax_name(UID(str(ds.file_meta.get("TransferSyntaxUID", ""))))
     try:
         pixels = ds.pixel_array
