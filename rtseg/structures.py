@@ -7,8 +7,8 @@ is the union of every non-zero label, so it outlines the whole body.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import hashlib
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)

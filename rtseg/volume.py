@@ -16,8 +16,9 @@ Conventions (used everywhere in rtseg):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt

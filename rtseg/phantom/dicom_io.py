@@ -10,17 +10,17 @@ patient-space geometry is identical whatever the position.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian
 
-from rtseg.volume import CTVolume, Orientation, SeriesInfo, affine_from_geometry, PATIENT_STUDY_KEYWORDS
+from rtseg.volume import PATIENT_STUDY_KEYWORDS, CTVolume, Orientation, SeriesInfo, affine_from_geometry
 
 # Row direction (increasing column index) and column direction (increasing row
 # index) in patient LPS for each supported position, as scanners write them.
@@ -230,4 +230,3 @@ def _ds(value: float) -> str:
     """A DS string of at most 16 characters."""
     text = f"{float(value):.6g}"
     return text if len(text) <= 16 else f"{float(value):.8e}"[:16]
-

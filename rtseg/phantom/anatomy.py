@@ -1,0 +1,671 @@
+"""Pediatric upper-abdominal anatomy: label map and noise-free HU on a canonical grid.
+
+The body frame is LPS millimetres with the body axis at x = y = 0 and z = 0 at
+the level of the renal hila. Sizes scale with age (1–16 y); every case also
+gets its own habitus, organ jitter and a smooth random deformation, and one of
+the post-operative variants of the seed study (nephrectomy, renal tumour,
+neuroblastoma) where drawn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from rtseg.phantom.shapes import F32, Blob, Coords, Grid, Tube, smooth_displacement, smooth_noise
+from rtseg.structures import BY_NAME
+
+VARIANTS = ("normal", "nephrectomy_L", "nephrectomy_R", "renal_tumour", "neuroblastoma")
+
+# HU per tissue and contrast phase: non-contrast, arterial, portal venous.
+HU: dict[str, tuple[float, float, float]] = {
+    "fat": (-95, -95, -95),
+    "visceral": (-75, -72, -70),
+    "muscle": (50, 55, 62),
+    "liver": (58, 72, 112),
+    "spleen": (48, 100, 118),
+    "cortex": (35, 175, 155),
+    "medulla": (33, 70, 140),
+    "pelvis": (8, 8, 10),
+    "pancreas": (42, 112, 96),
+    "artery": (45, 320, 170),
+    "vein": (42, 85, 150),
+    "blood": (45, 240, 155),
+    "myocardium": (50, 110, 100),
+    "wall": (42, 90, 100),
+    "water": (5, 5, 5),
+    "bile": (8, 8, 8),
+    "lung": (-840, -840, -840),
+    "cancellous": (210, 210, 210),
+    "cortical": (650, 650, 650),
+    "cord": (40, 40, 40),
+    "csf": (6, 6, 6),
+    "tumour": (36, 58, 74),
+    "air": (-1000, -1000, -1000),
+}
+PHASES = ("nc", "art", "pv")
+
+
+@dataclass(frozen=True)
+class Patient:
+    """Everything drawn for one case that shapes its anatomy."""
+
+    age: float
+    variant: str
+    phase: str
+    oral_contrast: bool
+    prone: bool
+    width: float  # half-width of the abdomen (mm)
+    depth: float  # half AP diameter (mm)
+    half_length: float  # half the cranio-caudal scan range (mm)
+    fat: float  # subcutaneous fat thickness (mm)
+    seed: int
+
+    def tissue(self, name: str) -> float:
+        return HU[name][PHASES.index(self.phase)]
+
+
+def draw_patient(
+    rng: np.random.Generator,
+    variant_weights: tuple[float, ...],
+    phase_weights: dict[str, float],
+    oral_share: float,
+    prone: bool,
+) -> Patient:
+    age = float(rng.uniform(1, 16))
+    habitus = rng.normal(1.0, 0.06)
+    return Patient(
+        age=age,
+        variant=str(rng.choice(VARIANTS, p=np.asarray(variant_weights) / sum(variant_weights))),
+        phase=str(rng.choice(list(phase_weights), p=np.asarray(list(phase_weights.values())))),
+        oral_contrast=bool(rng.random() < oral_share),
+        prone=prone,
+        width=(62 + 6.0 * (age - 1)) * habitus * rng.normal(1.0, 0.04),
+        depth=(52 + 3.6 * (age - 1)) * habitus * rng.normal(1.0, 0.04),
+        half_length=(72 + 6.3 * (age - 1)) * rng.normal(1.0, 0.03),
+        fat=float(np.clip(3 + 0.7 * (age - 1) * rng.uniform(0.3, 1.6), 2, 22)),
+        seed=int(rng.integers(2**31)),
+    )
+
+
+@dataclass
+class Body:
+    """The generated case: labels, noise-free HU and where things are (for tests and notes)."""
+
+    labels: npt.NDArray[np.uint8]
+    hu: F32
+    notes: dict[str, object] = field(default_factory=dict)
+
+
+class _Builder:
+    """Paints one case. Methods are called in anatomical priority order."""
+
+    def __init__(self, patient: Patient, grid: Grid, z_offset: float = 0.0) -> None:
+        self.p = patient
+        self.grid = grid
+        self.rng = np.random.default_rng(patient.seed)
+        amp = 2.0 + 0.25 * patient.age
+        self.c = smooth_displacement(
+            grid, self.rng, amplitude=amp, wavelength=3.0 * patient.width, z_offset=z_offset
+        )
+        self.labels = np.zeros(grid.shape, np.uint8)
+        self.hu = np.full(grid.shape, HU["air"][0], np.float32)
+        self.W, self.H, self.L = patient.width, patient.depth, patient.half_length
+        self.push: Callable[[Coords], Coords] | None = None
+        self.notes: dict[str, object] = {}
+        self.a = patient.age
+
+    # ---- helpers -------------------------------------------------------------
+    def j(self, scale: float) -> float:
+        """Jitter in mm."""
+        return float(self.rng.normal(0, scale))
+
+    def P(self, u: float, v: float, t: float, jitter: float = 0.04) -> npt.NDArray[np.float64]:
+        """Normalised body position → mm, with jitter relative to body size."""
+        return np.array(
+            [(u + self.j(jitter)) * self.W, (v + self.j(jitter)) * self.H, (t + self.j(jitter)) * self.L]
+        )
+
+    def organ_coords(self) -> Coords:
+        return self.push(self.c) if self.push else self.c
+
+    def paint(
+        self,
+        mask: npt.NDArray[np.bool_],
+        label: int | None,
+        hu: F32 | float,
+        box: tuple[slice, slice, slice] | None = None,
+    ) -> None:
+        lab = self.labels if box is None else self.labels[box]
+        img = self.hu if box is None else self.hu[box]
+        if label is not None:
+            lab[mask] = label
+        img[mask] = hu[mask] if isinstance(hu, np.ndarray) else hu
+
+    def blob_mask(
+        self, blob: Blob, coords: Coords
+    ) -> tuple[tuple[slice, slice, slice], npt.NDArray[np.bool_], F32] | None:
+        box = blob.bbox(coords)
+        if box is None:
+            return None
+        level = blob.level(coords, box)
+        return box, level < 1.0, level
+
+    # ---- body wall -------------------------------------------------------------
+    def body(self) -> None:
+        c = self.c
+        u = c.x / self.W
+        v = c.y / self.H
+        t = c.z / self.L
+        table_side = v > 0 if not self.p.prone else v < 0  # flattened where the patient lies
+        v_eff = np.where(table_side, v * 1.12, v)
+        widen = 1.0 + 0.05 * np.clip(t, -1, 1)
+        r = (np.abs(u / widen) ** 2.3 + np.abs(v_eff) ** 2.3) ** (1 / 2.3)
+        self.r_body = r.astype(np.float32)
+        body = r < 1.0
+        inner_fat = 1.0 - self.p.fat / self.H
+        muscle_t = (4 + 0.35 * self.a) / self.H
+        self.cavity = r < inner_fat - muscle_t
+        self.paint(body, 1, self.p.tissue("fat"))
+        self.paint((r < inner_fat) & body, 1, self.p.tissue("muscle"))
+        self.paint(self.cavity, 1, self.p.tissue("visceral"))
+        self.body_mask = body
+        self.wall_r = inner_fat - muscle_t
+        self._table()
+
+    def _table(self) -> None:
+        """Couch under the patient: posterior when supine, anterior when prone."""
+        sign = 1.0 if not self.p.prone else -1.0
+        d = sign * self.c.y - self.H / 1.12 - 3.0  # distance below the body on the table side
+        thick = 12.0 + 0.5 * self.a
+        slab = (d > 0) & (d < thick) & (np.abs(self.c.x) < self.W * 1.6) & (self.labels == 0)
+        shell = slab & ((d < 2) | (d > thick - 2))
+        self.hu[slab] = -880
+        self.hu[shell] = 120
+
+    # ---- thorax ---------------------------------------------------------------
+    def diaphragm_t(self, coords: Coords | None = None) -> F32:
+        c = coords or self.c
+        u, v = c.x / self.W, c.y / self.H
+        dome_r = 0.08 + 0.34 * (1 - ((u + 0.42) / 0.62) ** 2 - ((v + 0.05) / 1.05) ** 2)
+        dome_l = 0.05 + 0.30 * (1 - ((u - 0.45) / 0.62) ** 2 - ((v + 0.05) / 1.05) ** 2)
+        return np.maximum(dome_r, dome_l).astype(np.float32)
+
+    def thorax(self) -> None:
+        c = self.c
+        t = c.z / self.L
+        self.above = (t > self.diaphragm_t()) & self.cavity
+        heart = Blob.make(
+            self.rng,
+            self.P(0.14, -0.22, 0.62, 0.03),
+            (0.40 * self.W, 0.42 * self.H, 0.36 * self.L),
+            (0, 0, 28 + self.j(6)),
+            0.05,
+        )
+        box, mask, _ = self.blob_mask(heart, c) or (None, None, None)
+        if box is not None:
+            mask &= self.above[box]
+            self.paint(mask, BY_NAME["Heart"].label, self.p.tissue("myocardium"), box)
+            inner = mask & (heart.level(c, box) < 0.78)
+            self.hu[box][inner] = self.p.tissue("blood")
+        u = c.x / self.W
+        v = c.y / self.H
+        medi = (np.abs(u - 0.03) < 0.17) & (v > -0.55) & (v < 0.45)
+        lung = self.above & ~medi & (self.labels == 1)
+        lung &= self.r_body < self.wall_r - 0.02
+        tex = self.p.tissue("lung") + 25 * smooth_noise(self.grid.shape, self.rng, 1.2)
+        self.paint(lung & (c.x > 0), BY_NAME["Lung_L"].label, tex)
+        self.paint(lung & (c.x <= 0), BY_NAME["Lung_R"].label, tex)
+        # diaphragm muscle between lungs and abdomen
+        t_d = self.diaphragm_t()
+        dia = self.cavity & (np.abs(t - t_d) * self.L < 2.0 + 0.12 * self.a) & (self.labels == 1)
+        self.hu[dia] = self.p.tissue("muscle")
+
+    # ---- solid organs -----------------------------------------------------------
+    def liver(self) -> None:
+        c = self.organ_coords()
+        right = Blob.make(
+            self.rng,
+            self.P(-0.36, -0.05, 0.14),
+            (0.56 * self.W, 0.78 * self.H, 0.44 * self.L),
+            (self.j(5), self.j(5), 10 + self.j(5)),
+            0.06,
+        )
+        left = Blob.make(
+            self.rng,
+            self.P(0.14, -0.48, 0.24),
+            (0.36 * self.W, 0.33 * self.H, 0.22 * self.L),
+            (0, 0, -15 + self.j(6)),
+            0.08,
+        )
+        below = (c.z / self.L) < self.diaphragm_t(c) - (2.5 + 0.12 * self.a) / self.L
+        for blob in (right, left):
+            found = self.blob_mask(blob, c)
+            if found is None:
+                continue
+            box, mask, _ = found
+            mask &= below[box] & self.cavity[box]
+            self.paint(mask, BY_NAME["Liver"].label, self.p.tissue("liver"), box)
+        self.liver_blob = right
+
+    def spleen(self) -> None:
+        c = self.organ_coords()
+        half = (22 + 2.2 * (self.a - 1)) * self.rng.normal(1, 0.1)
+        blob = Blob.make(
+            self.rng,
+            self.P(0.62, 0.30, 0.14),
+            (0.45 * half, 0.75 * half, half),
+            (self.j(8), 15 + self.j(6), -35 + self.j(8)),
+            0.07,
+        )
+        found = self.blob_mask(blob, c)
+        if found is None:
+            return
+        box, mask, _ = found
+        hilum = Blob.make(
+            self.rng,
+            np.add(blob.center, (-0.55 * half, -0.25 * half, 0)),
+            (0.35 * half, 0.4 * half, 0.6 * half),
+            (0, 0, 0),
+            0.0,
+        )
+        hb = hilum.level(c, box)
+        below = (c.z[box] / self.L) < self.diaphragm_t(c)[box] - 2.0 / self.L
+        mask &= (hb > 1.0) & self.cavity[box] & below
+        self.paint(mask, BY_NAME["Spleen"].label, self.p.tissue("spleen"), box)
+
+    def kidneys(self) -> None:
+        c = self.organ_coords()
+        length = (25 + 2.3 * (self.a - 1)) * self.rng.normal(1, 0.06)
+        for name, side, t in (("Kidney_L", 1, -0.06), ("Kidney_R", -1, -0.17)):
+            if self.p.variant == f"nephrectomy_{name[-1]}":
+                self._nephrectomy_bed(side, t)
+                continue
+            centre = self.P(0.40 * side, 0.40, t, 0.03)
+            centre[0] = side * max(abs(centre[0]), self.spine_r + 0.45 * length + 6)
+            blob = Blob.make(
+                self.rng,
+                centre,
+                (0.46 * length, 0.40 * length, length),
+                (-12 + self.j(4), side * (12 + self.j(4)), side * (-25 + self.j(6))),
+                0.04,
+            )
+            found = self.blob_mask(blob, c)
+            if found is None:
+                continue
+            box, mask, level = found
+            hilum = Blob.make(
+                self.rng,
+                np.add(blob.center, (-side * 0.42 * length, -0.12 * length, 0)),
+                (0.22 * length, 0.16 * length, 0.28 * length),
+                (0, 0, 0),
+                0.0,
+            )
+            mask &= (hilum.level(c, box) > 1.0) & self.cavity[box]
+            img = np.where(level > 0.72, self.p.tissue("cortex"), self.p.tissue("medulla")).astype(np.float32)
+            pelvis = hilum.level(c, box) < 1.6
+            img[pelvis & (level < 0.7)] = self.p.tissue("pelvis")
+            self.paint(mask, BY_NAME[name].label, img, box)
+            self.notes[f"{name}_center_mm"] = [round(float(v), 1) for v in blob.center]
+
+    def _nephrectomy_bed(self, side: int, t: float) -> None:
+        """Empty renal fossa: fat, bowel falls in; surgical clips near the hilum."""
+        self.notes["nephrectomy_side"] = "L" if side > 0 else "R"
+        self.colon_shift = (side, 0.18)
+        for _ in range(int(self.rng.integers(2, 5))):
+            p = self.P(0.2 * side, 0.25, t, 0.04)
+            clip = Blob.make(self.rng, p, (1.2, 1.2, 2.0), (0, 0, 0), 0.0)
+            found = self.blob_mask(clip, self.c)
+            if found is not None:
+                box, mask, _ = found
+                self.hu[box][mask] = 2800
+
+    def pancreas(self) -> None:
+        c = self.organ_coords()
+        r_head = (7 + 0.5 * (self.a - 1)) * self.rng.normal(1, 0.08)
+        ctrl = [
+            self.P(-0.13, -0.08, -0.19, 0.02),
+            self.P(-0.02, -0.16, -0.09, 0.02),
+            self.P(0.2, -0.06, -0.02, 0.02),
+            self.P(0.47, 0.12, 0.05, 0.03),
+        ]
+        tube = Tube.through(ctrl, [r_head, 0.75 * r_head, 0.65 * r_head, 0.55 * r_head])
+        level = tube.level(c)
+        mask = (level < 1.0) & self.cavity
+        lob = self.p.tissue("pancreas") + 12 * smooth_noise(self.grid.shape, self.rng, 0.8)
+        self.paint(mask, BY_NAME["Pancreas"].label, lob)
+
+    def gallbladder(self) -> None:
+        c = self.organ_coords()
+        half = (12 + 1.6 * (self.a - 1)) * self.rng.uniform(0.7, 1.15)
+        blob = Blob.make(
+            self.rng,
+            self.P(-0.24, -0.58, -0.10, 0.03),
+            (0.4 * half, 0.4 * half, half),
+            (35 + self.j(8), -15 + self.j(8), 0),
+            0.06,
+        )
+        found = self.blob_mask(blob, c)
+        if found is None:
+            return
+        box, mask, level = found
+        mask &= self.cavity[box]
+        img = np.where(level > 0.86, self.p.tissue("wall"), self.p.tissue("bile")).astype(np.float32)
+        self.paint(mask, BY_NAME["Gallbladder"].label, img, box)
+
+    # ---- hollow organs -----------------------------------------------------------
+    def _content(self, shape: tuple[int, ...], air_share: float) -> F32:
+        fluid = 250.0 if self.p.oral_contrast else self.p.tissue("water")
+        n = smooth_noise(shape, self.rng, 1.5)
+        pockets = n > np.quantile(n, 1 - air_share) if air_share > 0 else np.zeros(shape, bool)
+        mix = np.where(pockets, -950.0, fluid)
+        return (mix + 8 * self.rng.standard_normal(shape)).astype(np.float32)
+
+    def _hollow(self, level: F32, label: int, air_share: float, wall_mm: float, radius: float) -> None:
+        mask = (level < 1.0) & self.cavity & (self.labels == 1)  # bowel fills free space only
+        if not mask.any():
+            return
+        img = np.full(self.grid.shape, self.p.tissue("wall"), np.float32)
+        lumen = level < 1.0 - wall_mm / radius
+        content = self._content(self.grid.shape, air_share)
+        # gas rises: anterior (−y) in supine, posterior in prone
+        up = -self.c.y if not self.p.prone else self.c.y
+        img[lumen] = content[lumen]
+        if air_share > 0:
+            idx = np.nonzero(lumen)
+            if idx[0].size:
+                cutoff = np.quantile(up[idx], 1 - 0.5 * air_share)
+                gas = lumen & (up > cutoff)
+                img[gas] = -950
+        self.paint(mask, label, img)
+
+    def stomach(self) -> None:
+        c = self.organ_coords()
+        k = self.rng.uniform(0.75, 1.25)
+        fundus = Blob.make(
+            self.rng,
+            self.P(0.40, 0.02, 0.26),
+            (0.22 * k * self.W, 0.30 * k * self.H, 0.17 * k * self.L),
+            (0, 0, 0),
+            0.05,
+        )
+        body = Blob.make(
+            self.rng,
+            self.P(0.30, -0.38, 0.08),
+            (0.20 * k * self.W, 0.22 * k * self.H, 0.20 * k * self.L),
+            (0, 0, 30),
+            0.05,
+        )
+        level = np.full(self.grid.shape, np.inf, np.float32)
+        for blob in (fundus, body):
+            box = blob.bbox(c)
+            if box is not None:
+                level[box] = np.minimum(level[box], blob.level(c, box))
+        antrum = Tube.through(
+            [body.center, self.P(0.12, -0.48, -0.01, 0.02), self.P(0.02, -0.42, -0.03, 0.01)],
+            0.11 * self.H * k,
+        )
+        level = np.minimum(level, antrum.level(c))
+        below = (c.z / self.L) < self.diaphragm_t(c) - 2.0 / self.L
+        level[~below] = np.inf
+        self.pylorus = antrum.points[-1]
+        self._hollow(level, BY_NAME["Stomach"].label, 0.25, 2.5 + 0.1 * self.a, 0.15 * self.H)
+
+    def duodenum(self) -> None:
+        c = self.organ_coords()
+        r = (5 + 0.45 * (self.a - 1)) * self.rng.normal(1, 0.08)
+        ctrl = [
+            self.pylorus,
+            self.P(-0.16, -0.26, -0.01, 0.01),
+            self.P(-0.26, -0.08, -0.12, 0.02),
+            self.P(-0.23, 0.0, -0.29, 0.02),
+            self.P(0.0, 0.04, -0.36, 0.02),
+            self.P(0.16, 0.0, -0.28, 0.02),
+            self.P(0.2, -0.06, -0.2, 0.02),
+        ]
+        tube = Tube.through(ctrl, r)
+        self.dj = tube.points[-1]
+        self._hollow(tube.level(c), BY_NAME["Duodenum"].label, 0.15, 1.5 + 0.07 * self.a, r)
+
+    def colon(self) -> None:
+        c = self.organ_coords()
+        r = (8 + 0.8 * (self.a - 1)) * self.rng.normal(1, 0.08)
+        side, shift = getattr(self, "colon_shift", (0, 0.0))
+        dv_l, dv_r = (shift if side > 0 else 0.0), (shift if side < 0 else 0.0)
+        ctrl = [
+            self.P(-0.55, -0.12, -1.08),
+            self.P(-0.62, 0.02 + dv_r, -0.62),
+            self.P(-0.60, 0.02 + dv_r, -0.26),
+            self.P(-0.48, -0.38, -0.12),
+            self.P(-0.2, -0.70, -0.36),
+            self.P(0.2, -0.70, -0.3),
+            self.P(0.58, -0.12, 0.0),
+            self.P(0.64, 0.14 + dv_l, -0.3),
+            self.P(0.62, 0.1 + dv_l, -1.08),
+        ]
+        tube = Tube.through(ctrl, r, modulation=(0.12, 2.2 * r))
+        self._hollow(tube.level(c), BY_NAME["Colon"].label, 0.45, 1.5 + 0.05 * self.a, r)
+
+    def small_bowel(self) -> None:
+        c = self.organ_coords()
+        r = (5.5 + 0.45 * (self.a - 1)) * self.rng.normal(1, 0.08)
+        centre = self.P(0.0, -0.32, -0.62, 0.03)
+        extent = np.array([0.42 * self.W, 0.40 * self.H, 0.42 * self.L])
+        path = [np.asarray(self.dj, float)]
+        heading = np.array([0.0, -0.3, -1.0])
+        step = 0.7 * r
+        fill_volume = 0.55 * 4.19 * float(np.prod(extent))
+        n_steps = int(fill_volume / (np.pi * r * r) / step)
+        for _ in range(n_steps):
+            heading = heading / np.linalg.norm(heading) + self.rng.normal(0, 0.45, 3)
+            rel = (path[-1] - centre) / extent
+            if np.linalg.norm(rel) > 0.85:
+                heading -= 1.2 * rel / np.linalg.norm(rel)
+            heading /= np.linalg.norm(heading)
+            path.append(path[-1] + step * heading)
+        tube = Tube.polyline(np.array(path), r, step=r / 3)
+        self._hollow(tube.level(c), BY_NAME["Bowel_Small"].label, 0.08, 1.2 + 0.05 * self.a, r)
+
+    def esophagus(self) -> None:
+        c = self.c
+        r = (4 + 0.27 * (self.a - 1)) * self.rng.normal(1, 0.08)
+        y_e = self.aorta_y - self.ra - r - 3.0  # anterior to the descending aorta
+        ctrl = [
+            (-0.02 * self.W, y_e + 2, 1.15 * self.L),
+            (0.0, y_e, 0.65 * self.L),
+            (0.1 * self.W, y_e - 0.08 * self.H, 0.36 * self.L),
+            self.P(0.3, 0.02, 0.22, 0.01),
+        ]
+        tube = Tube.through(ctrl, r)
+        level = tube.level(c)
+        mask = level < 1.0
+        mask &= self.labels != BY_NAME["Stomach"].label
+        img = np.where(level < 0.25, -900.0, self.p.tissue("wall")).astype(np.float32)
+        self.paint(mask, BY_NAME["Esophagus"].label, img)
+
+    # ---- vessels, masses -----------------------------------------------------------
+    def vessels(self) -> None:
+        c = self.organ_coords()
+        rc = self.c
+        ra = self.ra
+        y_front = self.spine_y - self.spine_r * 0.85
+        aorta = Tube.through(
+            [
+                (0.09 * self.W, self.aorta_y + 2, 1.15 * self.L),
+                (0.07 * self.W, self.aorta_y, 0.3 * self.L),
+                (0.04 * self.W, self.aorta_y, -0.3 * self.L),
+                (0.03 * self.W, self.aorta_y, -0.86 * self.L),
+            ],
+            ra,
+        )
+        rv = (6 + 0.5 * (self.a - 1)) * self.rng.normal(1, 0.06)
+        ivc_ctrl = [
+            (-0.16 * self.W, y_front - rv, -1.1 * self.L),
+            (-0.16 * self.W, y_front - rv - 2, -0.2 * self.L),
+            (-0.2 * self.W, y_front - rv - 0.12 * self.H, 0.15 * self.L),
+        ]
+        t_d = 0.08 + 0.34 * (1 - ((-0.1 + 0.42) / 0.62) ** 2 - ((0.0 + 0.05) / 1.05) ** 2)
+        ivc_ctrl.append((-0.1 * self.W, 0.0, (t_d + 0.06) * self.L))
+        ivc = Tube.through(ivc_ctrl, [rv, rv, 1.1 * rv, 1.2 * rv])
+        # portal, splenic and renal veins: enhancing but not labelled
+        for ctrl, radius in (
+            ([self.P(-0.02, -0.06, -0.1, 0.01), self.P(-0.22, -0.12, 0.12, 0.02)], 0.6 * rv),
+            ([self.P(-0.02, -0.06, -0.1, 0.01), self.P(0.45, 0.16, 0.08, 0.02)], 0.4 * rv),
+            ([self.P(-0.02, -0.1, -0.1, 0.01), self.P(0.0, -0.15, -0.75, 0.02)], 0.45 * rv),
+        ):
+            level = Tube.through(ctrl, radius).level(c)
+            self.hu[(level < 1.0) & self.cavity] = self.p.tissue("vein")
+        mass = getattr(self, "mass_mask", None)
+        a_level = aorta.level(rc)
+        a_mask = (a_level < 1.0) & self.cavity & (rc.z / self.L < 1.2)
+        above = (rc.z / self.L) > self.diaphragm_t(rc)
+        self.paint(a_mask, BY_NAME["A_Aorta"].label, self.p.tissue("artery"))
+        v_level = ivc.level(rc)
+        v_mask = (v_level < 1.0) & self.cavity & ~(above & (self.labels == BY_NAME["Heart"].label))
+        v_mask &= ~a_mask
+        self.paint(v_mask, BY_NAME["V_Venacava_I"].label, self.p.tissue("vein"))
+        if mass is not None:
+            self.notes["encased_vessels"] = bool((mass & (a_mask | v_mask)).any())
+
+    def mass(self) -> None:
+        if self.p.variant not in ("renal_tumour", "neuroblastoma"):
+            return
+        side = 1 if self.rng.random() < 0.5 else -1
+        if self.p.variant == "renal_tumour":
+            centre = self.P(0.42 * side, 0.1, -0.12, 0.05)
+            radius = self.W * self.rng.uniform(0.18, 0.32)
+            parts = [(centre, radius)]
+        else:
+            centre = self.P(0.2 * side, 0.15, 0.02, 0.04)
+            radius = self.W * self.rng.uniform(0.14, 0.26)
+            parts = [
+                (centre + self.rng.normal(0, 0.35 * radius, 3), radius * self.rng.uniform(0.6, 0.9))
+                for _ in range(int(self.rng.integers(2, 4)))
+            ]
+        self.notes["mass"] = {
+            "type": self.p.variant,
+            "side": "L" if side > 0 else "R",
+            "radius_mm": round(float(radius), 1),
+        }
+        centre_all = np.mean([p for p, _ in parts], axis=0)
+        r_eff = float(np.cbrt(sum(r**3 for _, r in parts)))
+
+        def push(coords: Coords) -> Coords:
+            dx, dy, dz = coords.x - centre_all[0], coords.y - centre_all[1], coords.z - centre_all[2]
+            d = np.sqrt(dx * dx + dy * dy + dz * dz) + 1e-3
+            d0 = np.cbrt(np.maximum(d**3 - r_eff**3, 0.0))
+            f = (d0 / d).astype(np.float32)
+            return Coords(
+                coords.grid,
+                (centre_all[0] + dx * f).astype(np.float32),
+                (centre_all[1] + dy * f).astype(np.float32),
+                (centre_all[2] + dz * f).astype(np.float32),
+                coords.max_shift + r_eff,
+            )
+
+        self.push = push
+        self._mass_parts = parts
+
+    def paint_mass(self) -> None:
+        parts = getattr(self, "_mass_parts", None)
+        if not parts:
+            return
+        level = np.full(self.grid.shape, np.inf, np.float32)
+        for centre, radius in parts:
+            blob = Blob.make(self.rng, centre, (radius, 0.9 * radius, 1.1 * radius), (0, 0, self.j(20)), 0.1)
+            box = blob.bbox(self.c)
+            if box is not None:
+                level[box] = np.minimum(level[box], blob.level(self.c, box))
+        mask = (level < 1.0) & self.cavity
+        tex = self.p.tissue("tumour") + 18 * smooth_noise(self.grid.shape, self.rng, 2.0)
+        tex[level < 0.35] = 12.0  # necrosis
+        if self.p.variant == "neuroblastoma":
+            calc = smooth_noise(self.grid.shape, self.rng, 0.8) > 2.3
+            tex[calc] = 450.0
+        self.paint(mask, 1, tex)
+        self.mass_mask = mask
+
+    # ---- skeleton -------------------------------------------------------------------
+    def spine(self) -> None:
+        """Vertebral bodies, discs, canal, cord, posterior elements (geometry; painted last)."""
+        c = self.c
+        self.spine_r = 8 + 0.6 * (self.a - 1)
+        self.spine_y = 0.56 * self.H
+        self.ra = (4.5 + 0.33 * (self.a - 1)) * float(self.rng.normal(1, 0.06))
+        self.aorta_y = self.spine_y - 0.85 * self.spine_r - self.ra - 1.0
+        rx, ry = self.spine_r, 0.82 * self.spine_r
+        period = 12 + 1.4 * (self.a - 1)
+        phase = self.rng.uniform(0, period)
+        t = c.z / self.L
+        yc = self.spine_y + 0.04 * self.H * t * t
+        body = ((c.x / rx) ** 2 + ((c.y - yc) / ry) ** 2) < 1.0
+        bone_part = ((c.z + phase) % period) < 0.76 * period
+        vb = body & bone_part
+        rim = body & (((c.x / (rx - 1.6)) ** 2 + ((c.y - yc) / (ry - 1.6)) ** 2) > 1.0)
+        img = np.where(rim, self.p.tissue("cortical"), self.p.tissue("cancellous")).astype(np.float32)
+        # spinal canal, cord and posterior arch
+        canal_r = 5 + 0.2 * (self.a - 1)
+        yk = yc + ry + canal_r + 0.5
+        rr = np.sqrt(c.x**2 + (c.y - yk) ** 2)
+        arch = (rr > canal_r) & (rr < canal_r + 2.5 + 0.15 * self.a) & (c.y > yk - 0.3 * canal_r)
+        spinous = (np.abs(c.x) < 1.5 + 0.1 * self.a) & (c.y > yk) & (c.y < yk + canal_r + 1.1 * rx)
+        transverse = (np.abs(c.y - (yk - 0.2 * canal_r)) < 2 + 0.12 * self.a) & (
+            np.abs(c.x) < canal_r + 1.4 * rx
+        )
+        post = (arch | spinous | transverse) & ((c.z + phase + 0.15 * period) % period < 0.55 * period)
+        muscle = ((c.x / (1.9 * rx + canal_r)) ** 2 + ((c.y - yk - 0.6 * rx) / (1.3 * rx)) ** 2 < 1) & ~post
+        canal = rr < canal_r
+        conus = (-0.25 - 0.1 * (16 - self.a) / 15) * self.L
+        cord = (np.sqrt(c.x**2 + (c.y - yk) ** 2) < 0.55 * canal_r) & (c.z > conus)
+        self._spine_parts = (body, bone_part, vb, img, post, muscle & ~canal, canal, cord)
+
+    def paint_spine(self) -> None:
+        body, bone_part, vb, img, post, muscle, canal, cord = self._spine_parts
+        inside = self.body_mask
+        self.hu[muscle & inside & (self.labels <= 1)] = self.p.tissue("muscle")
+        self.paint(post & inside, 1, self.p.tissue("cortical") * 0.8)
+        self.paint(body & ~bone_part & inside, 1, 80.0)  # discs
+        self.paint(vb & inside, BY_NAME["VBs"].label, img)
+        self.paint(canal & inside, 1, self.p.tissue("csf"))
+        self.paint(cord & inside, BY_NAME["SpinalCord"].label, self.p.tissue("cord"))
+
+    def ribs(self) -> None:
+        c = self.c
+        u, v = c.x / self.W, c.y / self.H
+        ring = (self.r_body > self.wall_r - 0.01) & (self.r_body < self.wall_r + 0.06) & self.body_mask
+        margin_t = -0.05 - 0.3 * np.clip(v, -1, 1) + 0.2 * np.abs(u)
+        slope = 0.45 * self.L * (0.6 - v)  # ribs descend anteriorly
+        period = 14 + 1.2 * (self.a - 1)
+        bands = ((c.z + slope) % period) < (3 + 0.25 * self.a)
+        rib = ring & bands & ((c.z / self.L) > margin_t) & ~(np.abs(u) < 0.15) & (self.labels <= 1)
+        self.hu[rib] = self.p.tissue("cortical") * 0.75
+
+    def build(self) -> Body:
+        self.body()
+        self.spine()
+        self.thorax()
+        self.mass()
+        self.liver()
+        self.spleen()
+        self.gallbladder()
+        self.pancreas()
+        self.kidneys()
+        self.stomach()
+        self.duodenum()
+        self.colon()
+        self.small_bowel()
+        self.paint_mass()
+        self.esophagus()
+        self.vessels()
+        self.paint_spine()
+        self.ribs()
+        self.labels[~self.body_mask] = 0
+        return Body(self.labels, self.hu, self.notes)
+
+
+def build_body(patient: Patient, grid: Grid, z_offset: float = 0.0) -> Body:
+    """Label map (structure label ids) and noise-free HU of one patient on ``grid``."""
+    return _Builder(patient, grid, z_offset).build()

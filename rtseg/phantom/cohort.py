@@ -1,0 +1,299 @@
+"""Synthetic two-center pediatric cohort: cases written as DICOM CT + aligned label map.
+
+Each case is ``DIR/<case>/ct/*.dcm`` (one CT series), ``DIR/<case>/labels.nii.gz``
+(label ids of :mod:`rtseg.structures`, on exactly the CT's voxel grid and
+geometry) and ``DIR/<case>/case.json`` (what was drawn: age, variant, phase,
+position, scanner settings). Everything is deterministic per (center, seed,
+case index).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import SimpleITK as sitk
+from scipy.ndimage import gaussian_filter, gaussian_filter1d
+
+from rtseg.errors import InputError
+from rtseg.phantom.anatomy import Body, Patient, build_body, draw_patient
+from rtseg.phantom.dicom_io import SeriesSpec, write_ct_series
+from rtseg.phantom.shapes import Grid, smooth_noise
+from rtseg.structures import STRUCTURES
+from rtseg.volume import CTVolume
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CenterSpec:
+    """Scanner and protocol of one center: the domain shift between centers lives here."""
+
+    name: str
+    slice_thickness: tuple[float, ...]
+    fov_margin: float
+    min_fov: float
+    noise: tuple[float, float]
+    sharp_kernel: bool
+    kernel_name: str
+    phases: dict[str, float]
+    oral_contrast: float
+    positions: dict[str, float]
+    variants: tuple[float, float, float, float, float]  # normal, nephrectomy L/R, renal tumour, neuroblastoma
+    rescale_intercept: float
+    signed_pixels: bool
+    manufacturer: str
+    kvp: float
+
+
+CENTERS: dict[str, CenterSpec] = {
+    # Thin slices, tight field of view, soft kernel, mostly portal-venous, mostly HFS.
+    "A": CenterSpec(
+        "A",
+        (1.5, 2.0, 2.5, 3.0),
+        1.12,
+        140.0,
+        (9.0, 15.0),
+        False,
+        "B30f",
+        {"pv": 0.8, "art": 0.15, "nc": 0.05},
+        0.1,
+        {"HFS": 0.8, "FFS": 0.12, "HFP": 0.08},
+        (0.4, 0.15, 0.15, 0.15, 0.15),
+        -1024.0,
+        False,
+        "rtseg phantom scanner A",
+        100.0,
+    ),
+    # Thick slices, wide field of view, sharp noisy kernel, more non-contrast and oral contrast.
+    "B": CenterSpec(
+        "B",
+        (3.0, 4.0, 5.0),
+        1.38,
+        250.0,
+        (18.0, 30.0),
+        True,
+        "FC52",
+        {"pv": 0.45, "nc": 0.35, "art": 0.2},
+        0.45,
+        {"HFS": 0.65, "FFS": 0.2, "HFP": 0.1, "FFP": 0.05},
+        (0.4, 0.15, 0.15, 0.15, 0.15),
+        0.0,
+        True,
+        "rtseg phantom scanner B",
+        120.0,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class CaseInfo:
+    """What a generated case is; written as case.json."""
+
+    case_id: str
+    center: str
+    seed: int
+    index: int
+    age_years: float
+    sex: str
+    variant: str
+    phase: str
+    oral_contrast: bool
+    patient_position: str
+    slice_thickness_mm: float
+    pixel_spacing_mm: float
+    matrix: int
+    n_slices: int
+    noise_hu: float
+    kernel: str
+    structures_ml: dict[str, float]
+    notes: dict[str, Any]
+
+
+def case_id(center: str, seed: int, index: int) -> str:
+    return f"{center}_s{seed}_{index:03d}"
+
+
+def _rng(center: str, seed: int, index: int) -> np.random.Generator:
+    return np.random.default_rng([ord(center), seed, index])
+
+
+def _choice(rng: np.random.Generator, weights: dict[str, float]) -> str:
+    keys = list(weights)
+    p = np.asarray([weights[k] for k in keys], float)
+    return str(rng.choice(keys, p=p / p.sum()))
+
+
+def make_case(
+    center: str, seed: int, index: int, matrix: int = 256
+) -> tuple[Patient, Grid, Body, dict[str, Any]]:
+    """Draw and build one case in memory (canonical orientation, scanner effects applied)."""
+    spec = CENTERS[center]
+    rng = _rng(center, seed, index)
+    position = _choice(rng, spec.positions)
+    patient = draw_patient(rng, spec.variants, spec.phases, spec.oral_contrast, prone=position.endswith("P"))
+    thickness = float(rng.choice(spec.slice_thickness))
+    fov = max(spec.min_fov, 2.0 * patient.width * spec.fov_margin * rng.uniform(0.97, 1.05))
+    pixel = round(fov / matrix, 4)
+    n_slices = int(round(2.0 * patient.half_length / thickness)) + 1
+    fov_centre_y = float(rng.uniform(-0.08, 0.08) * patient.depth)
+    origin = (-(matrix - 1) / 2 * pixel, fov_centre_y - (matrix - 1) / 2 * pixel, -patient.half_length)
+    grid = Grid((n_slices, matrix, matrix), (thickness, pixel, pixel), origin)
+    body = build_body(patient, grid)
+    noise_sd = float(rng.uniform(*spec.noise) * (0.8 + 0.4 * patient.width / 150.0))
+    body.hu = _scanner(body.hu, grid, spec, noise_sd, rng)
+    scan = {
+        "position": position,
+        "thickness": thickness,
+        "pixel": pixel,
+        "noise": noise_sd,
+        "sex": str(rng.choice(["M", "F"])),
+        "table": rng.uniform([-5, -30, -700], [5, 30, -150]),
+    }
+    return patient, grid, body, scan
+
+
+def _scanner(
+    hu: npt.NDArray[np.float32], grid: Grid, spec: CenterSpec, noise_sd: float, rng: np.random.Generator
+) -> npt.NDArray[np.float32]:
+    """Slice profile, reconstruction kernel, correlated noise and the reconstruction circle."""
+    out = gaussian_filter1d(hu, sigma=0.35, axis=0)  # slice sensitivity profile
+    if spec.sharp_kernel:
+        out = out + 0.7 * (out - gaussian_filter(out, (0, 1.2, 1.2)))
+        grain = 0.45
+    else:
+        out = gaussian_filter(out, (0, 0.6, 0.6))
+        grain = 0.8
+    out = out + noise_sd * smooth_noise(grid.shape, rng, (0.3, grain, grain))
+    ny, nx = grid.shape[1:]
+    yy, xx = np.mgrid[:ny, :nx]
+    circle = (yy - (ny - 1) / 2) ** 2 + (xx - (nx - 1) / 2) ** 2 > (min(nx, ny) / 2) ** 2
+    out[:, circle] = -1024
+    return np.clip(np.rint(out), -1024, 3071).astype(np.float32)
+
+
+def write_case(center: str, seed: int, index: int, out_root: Path, matrix: int = 256) -> CaseInfo:
+    """Generate one case and write it under ``out_root/<case_id>/``."""
+    if center not in CENTERS:
+        raise InputError(f"unknown center {center!r}: choose one of {', '.join(CENTERS)}")
+    cid = case_id(center, seed, index)
+    patient, grid, body, scan = make_case(center, seed, index, matrix)
+    spec = CENTERS[center]
+    case_dir = out_root / cid
+    origin_lps = np.asarray(grid.origin) + scan["table"]
+    age_days = int(patient.age * 365.25)
+    birth = np.datetime64("2026-03-02") - np.timedelta64(age_days, "D")
+    series = SeriesSpec(
+        uid_seed=f"rtseg-phantom/{cid}",
+        patient_position=scan["position"],
+        patient_name=f"PHANTOM^{cid}",
+        patient_id=f"RTSEG-{cid}",
+        patient_birth_date=str(birth).replace("-", ""),
+        patient_sex=scan["sex"],
+        patient_age=f"{int(patient.age):03d}Y",
+        study_date="20260302",
+        series_description=f"Abdomen {scan['thickness']:.1f} {spec.kernel_name} ({patient.phase})",
+        manufacturer=spec.manufacturer,
+        convolution_kernel=spec.kernel_name,
+        kvp=spec.kvp,
+        rescale_intercept=spec.rescale_intercept,
+        signed_pixels=spec.signed_pixels,
+        descending_acquisition=bool(index % 2 == 0),
+    )
+    volume = write_ct_series(body.hu, grid.spacing, origin_lps, case_dir / "ct", series)
+    write_labels(body.labels, volume, case_dir / "labels.nii.gz")
+    voxel_ml = float(np.prod(grid.spacing)) / 1000.0
+    counts = np.bincount(body.labels.ravel(), minlength=len(STRUCTURES) + 1)
+    info = CaseInfo(
+        case_id=cid,
+        center=center,
+        seed=seed,
+        index=index,
+        age_years=round(patient.age, 2),
+        sex=scan["sex"],
+        variant=patient.variant,
+        phase=patient.phase,
+        oral_contrast=patient.oral_contrast,
+        patient_position=scan["position"],
+        slice_thickness_mm=scan["thickness"],
+        pixel_spacing_mm=scan["pixel"],
+        matrix=matrix,
+        n_slices=grid.shape[0],
+        noise_hu=round(scan["noise"], 1),
+        kernel=spec.kernel_name,
+        structures_ml={s.name: round(float(counts[s.label]) * voxel_ml, 2) for s in STRUCTURES},
+        notes=body.notes,
+    )
+    (case_dir / "case.json").write_text(json.dumps(asdict(info), indent=1))
+    return info
+
+
+def write_labels(labels_zyx: npt.NDArray[np.uint8], volume: CTVolume, path: Path) -> None:
+    """Write a canonical label map on the CT's own voxel grid and geometry (NIfTI)."""
+    from rtseg.volume import Orientation
+
+    stored = Orientation.from_affine(volume.affine).from_canonical(labels_zyx)
+    write_label_image(stored, volume.affine, path)
+
+
+def write_label_image(labels_kji: npt.NDArray[Any], affine: npt.NDArray[np.float64], path: Path) -> None:
+    """Write a [k, j, i] array with a CT affine as NIfTI (SimpleITK converts LPS → RAS)."""
+    image = sitk.GetImageFromArray(np.ascontiguousarray(labels_kji.astype(np.uint8)))
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetOrigin([float(v) for v in affine[:3, 3]])
+    image.SetDirection([float(v) for v in (affine[:3, :3] / spacing).ravel()])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path), useCompression=True)
+
+
+def read_label_image(path: Path) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float64]]:
+    """Read a label NIfTI as ([k, j, i] array, affine in LPS)."""
+    image = sitk.ReadImage(str(path))
+    arr = sitk.GetArrayFromImage(image).astype(np.uint8)
+    direction = np.asarray(image.GetDirection()).reshape(3, 3)
+    affine = np.eye(4)
+    affine[:3, :3] = direction * np.asarray(image.GetSpacing())
+    affine[:3, 3] = image.GetOrigin()
+    return arr, affine
+
+
+def _write_one(args: tuple[str, int, int, Path, int]) -> CaseInfo:
+    return write_case(*args)
+
+
+def generate_cohort(
+    center: str,
+    n_cases: int,
+    seed: int,
+    out: Path,
+    matrix: int = 256,
+    workers: int = 1,
+    start: int = 0,
+    progress: Callable[[CaseInfo], None] | None = None,
+) -> list[CaseInfo]:
+    """Write ``n_cases`` cases of ``center`` (indices ``start`` … ) under ``out``."""
+    if center not in CENTERS:
+        raise InputError(f"unknown center {center!r}: choose one of {', '.join(CENTERS)}")
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(center, seed, start + i, out, matrix) for i in range(n_cases)]
+    results: list[CaseInfo] = []
+    if workers <= 1:
+        for job in jobs:
+            results.append(_write_one(job))
+            if progress:
+                progress(results[-1])
+        return results
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for info in pool.map(_write_one, jobs):
+            results.append(info)
+            if progress:
+                progress(info)
+    return results
