@@ -90,7 +90,7 @@ def load_manifest(model_dir: Path) -> ModelManifest:
     path = model_dir / MANIFEST_NAME
     if not path.is_file():
         return derive_manifest(model_dir)
-    doc = _read_json(path)
+    doc = read_json(path)
     try:
         return ModelManifest(
             name=str(doc["name"]),
@@ -112,8 +112,8 @@ def load_manifest(model_dir: Path) -> ModelManifest:
 def derive_manifest(model_dir: Path, checkpoint: str = "checkpoint_final.pth") -> ModelManifest:
     """A manifest for a plain nnU-Net v2 results folder (no ``rtseg-model.json``)."""
     model_dir = Path(model_dir)
-    dataset = _read_json(model_dir / "dataset.json")
-    plans = _read_json(model_dir / "plans.json")
+    dataset = read_json(model_dir / "dataset.json")
+    plans = read_json(model_dir / "plans.json")
     folds = _detect_folds(model_dir, checkpoint)
     name = str(plans.get("dataset_name") or dataset.get("name") or model_dir.parent.name or model_dir.name)
     return ModelManifest(
@@ -202,7 +202,8 @@ def _detect_configuration(model_dir: Path, plans: dict[str, Any]) -> str:
     )
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a model file; any problem is a :class:`ModelError`."""
     try:
         doc = json.loads(path.read_text())
     except FileNotFoundError as exc:

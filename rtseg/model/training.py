@@ -32,7 +32,7 @@ from typing import Any
 
 import rtseg
 from rtseg.errors import InputError, ModelError
-from rtseg.model.manifest import ModelManifest, save_manifest
+from rtseg.model.manifest import ModelManifest, read_json, save_manifest
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def export_model(
     predictor reads stays.
     """
     results_dir, out_dir = Path(results_dir), Path(out_dir)
-    dataset = _load_json(results_dir / "dataset.json")
+    dataset = read_json(results_dir / "dataset.json")
     if dataset.get("labels") != manifest.labels():
         raise ModelError(
             f"manifest structures {manifest.labels()} do not match"
@@ -366,15 +366,3 @@ def _report_epoch(epoch: EpochProgress, progress: ProgressCallback | None) -> No
 def _tail(path: Path, lines: int = 25) -> str:
     with path.open("r", errors="replace") as handle:
         return "".join(deque(handle, maxlen=lines))
-
-
-def _load_json(path: Path) -> dict[str, Any]:
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise ModelError(f"missing {path.name}", source=str(path.parent)) from exc
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelError(f"unreadable {path.name} ({exc})", source=str(path.parent)) from exc
-    if not isinstance(doc, dict):
-        raise ModelError(f"{path.name} is not a JSON object", source=str(path.parent))
-    return doc

@@ -1,0 +1,242 @@
+"""Segment a CT volume with a model folder: the :class:`Segmenter` protocol and its nnU-Net implementation."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from rtseg.errors import InputError, ModelError
+from rtseg.model.manifest import CANONICAL_ORIENTATION, ModelManifest, load_manifest, read_json
+from rtseg.volume import CTVolume, Orientation
+
+if TYPE_CHECKING:
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, eq=False)
+class Segmentation:
+    """Label map of one volume: ``labels`` is uint8 ``[k, j, i]`` on the volume's own grid."""
+
+    labels: npt.NDArray[np.uint8]
+    manifest: ModelManifest
+    seconds: float
+
+
+class Segmenter(Protocol):
+    """Anything that turns a CT volume into a label map of the manifest's structures."""
+
+    manifest: ModelManifest
+
+    def segment(self, volume: CTVolume) -> Segmentation: ...
+
+
+class NnunetSegmenter:
+    """An nnU-Net v2 model folder loaded once, predicting one volume at a time.
+
+    Parameters
+    ----------
+    model_dir
+        A results folder (``dataset.json``, ``plans.json``, ``fold_*/checkpoint``),
+        with or without ``rtseg-model.json``.
+    device
+        ``"cpu"``, ``"cuda"`` or a ``torch.device``; default CUDA when available.
+    threads
+        Torch CPU threads (process-wide, ``torch.set_num_threads``); default unchanged.
+    tile_step_size, use_mirroring
+        Sliding-window overlap and test-time mirroring (mirroring costs up to 8×).
+    folds
+        Subset of the manifest's folds to ensemble; default all of them.
+    """
+
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        device: str | torch.device | None = None,
+        threads: int | None = None,
+        tile_step_size: float = 0.5,
+        use_mirroring: bool = False,
+        folds: tuple[str, ...] | None = None,
+    ) -> None:
+        self.model_dir = Path(model_dir)
+        manifest = load_manifest(self.model_dir)
+        if folds is not None:
+            manifest = replace(manifest, folds=tuple(str(f) for f in folds))
+        if manifest.orientation != CANONICAL_ORIENTATION:
+            raise ModelError(f"unsupported model orientation {manifest.orientation!r}", source=str(model_dir))
+        self.manifest = manifest
+        _check_model_files(self.model_dir, manifest)
+        _prepare_nnunet_environment()
+        import torch
+
+        if threads is not None:
+            torch.set_num_threads(threads)
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.loaded_via = ""  # "trainer" (nnU-Net's own loader) or "plans" (built from plans.json)
+        self._predictor = self._load(tile_step_size, use_mirroring)
+        self._lock = threading.Lock()  # one prediction at a time: the predictor holds state
+
+    def segment(self, volume: CTVolume) -> Segmentation:
+        """Labels of ``volume`` on its own ``[k, j, i]`` grid, whatever the patient position."""
+        start = time.perf_counter()
+        orientation = Orientation.from_affine(volume.affine)
+        canonical = orientation.to_canonical(np.asarray(volume.hu))
+        spacing = orientation.canonical_spacing(volume.spacing)
+        labels = orientation.from_canonical(self.predict_canonical(canonical, spacing))
+        return Segmentation(labels, self.manifest, time.perf_counter() - start)
+
+    def predict_canonical(
+        self, array_zyx: npt.NDArray[Any], spacing_zyx: tuple[float, float, float]
+    ) -> npt.NDArray[np.uint8]:
+        """Labels for a canonical ``[z, y, x]`` HU array with spacing ``(z, y, x)`` in mm."""
+        if array_zyx.ndim != 3 or min(array_zyx.shape) < 1:
+            raise InputError(f"expected a 3-D [z, y, x] array, got shape {array_zyx.shape}")
+        image = np.asarray(array_zyx, dtype=np.float32)[None]
+        with self._lock:
+            labels = self._predictor.predict_single_npy_array(
+                image, {"spacing": [float(s) for s in spacing_zyx]}, None, None, False
+            )
+        return np.asarray(labels).astype(np.uint8, copy=False)
+
+    def _load(self, tile_step_size: float, use_mirroring: bool) -> nnUNetPredictor:
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        predictor = nnUNetPredictor(
+            tile_step_size=tile_step_size,
+            use_gaussian=True,
+            use_mirroring=use_mirroring,
+            perform_everything_on_device=self.device.type == "cuda",
+            device=self.device,
+            verbose=False,
+            verbose_preprocessing=False,
+            allow_tqdm=False,
+        )
+        try:
+            predictor.initialize_from_trained_model_folder(
+                str(self.model_dir), use_folds=self.manifest.folds, checkpoint_name=self.manifest.checkpoint
+            )
+            self.loaded_via = "trainer"
+        except (RuntimeError, ImportError, AttributeError, AssertionError) as exc:
+            # nnU-Net finds the checkpoint's trainer class by name; an unknown or
+            # unimportable one (e.g. timm/torchvision on CPU torch) ends here.
+            log.warning("nnU-Net's loader failed (%s); building the network from plans.json", exc)
+            _initialize_from_plans(predictor, self.model_dir, self.manifest)
+            self.loaded_via = "plans"
+        except (KeyError, ValueError, TypeError, OSError, EOFError, pickle.UnpicklingError) as exc:
+            raise ModelError(f"cannot load the model ({exc!r})", source=str(self.model_dir)) from exc
+        log.info(
+            "model %s %s loaded via %s on %s",
+            self.manifest.name,
+            self.manifest.version,
+            self.loaded_via,
+            self.device,
+        )
+        return predictor
+
+
+def _initialize_from_plans(predictor: nnUNetPredictor, model_dir: Path, manifest: ModelManifest) -> None:
+    """Build the stock network from ``plans.json`` and load the fold weights into ``predictor``."""
+    import torch
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    try:
+        dataset_json = read_json(model_dir / "dataset.json")
+        checkpoints = [
+            _load_checkpoint(model_dir / f"fold_{f}" / manifest.checkpoint) for f in manifest.folds
+        ]
+        configuration = checkpoints[0].get("init_args", {}).get("configuration", manifest.configuration)
+        plans_manager = PlansManager(read_json(model_dir / "plans.json"))
+        configuration_manager = plans_manager.get_configuration(configuration)
+        network = get_network_from_plans(
+            configuration_manager.network_arch_class_name,
+            configuration_manager.network_arch_init_kwargs,
+            configuration_manager.network_arch_init_kwargs_req_import,
+            determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
+            plans_manager.get_label_manager(dataset_json).num_segmentation_heads,
+            allow_init=True,
+            deep_supervision=False,
+        )
+        parameters = [_plain_state_dict(c["network_weights"]) for c in checkpoints]
+        network.load_state_dict(parameters[0])
+    except (KeyError, ValueError, TypeError, RuntimeError, AttributeError, ImportError) as exc:
+        raise ModelError(
+            f"cannot build the network from plans.json and load its weights ({exc!r})", source=str(model_dir)
+        ) from exc
+    predictor.manual_initialization(
+        network.to(torch.device("cpu")),
+        plans_manager,
+        configuration_manager,
+        parameters,
+        dataset_json,
+        "nnUNetTrainer",
+        checkpoints[0].get("inference_allowed_mirroring_axes"),
+    )
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    import torch
+
+    try:
+        # weights_only=False: nnU-Net checkpoints pickle their init args. Load only trusted models.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as exc:
+        raise ModelError(f"unreadable checkpoint ({exc!r})", source=str(path)) from exc
+    if not isinstance(checkpoint, dict) or "network_weights" not in checkpoint:
+        raise ModelError("not an nnU-Net checkpoint (no network_weights)", source=str(path))
+    return checkpoint
+
+
+def _plain_state_dict(state: dict[str, Any]) -> dict[str, Any]:
+    """Drop the prefixes DataParallel (``module.``) and torch.compile (``_orig_mod.``) add."""
+    out = {}
+    for key, value in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+        out[key] = value
+    return out
+
+
+def _check_model_files(model_dir: Path, manifest: ModelManifest) -> None:
+    for fold in manifest.folds:
+        path = model_dir / f"fold_{fold}" / manifest.checkpoint
+        if not path.is_file():
+            raise ModelError(f"missing checkpoint fold_{fold}/{manifest.checkpoint}", source=str(model_dir))
+    plans = read_json(model_dir / "plans.json")
+    if manifest.configuration not in plans.get("configurations", {}):
+        raise ModelError(f"plans.json has no configuration {manifest.configuration!r}", source=str(model_dir))
+    dataset = read_json(model_dir / "dataset.json")
+    channels = dataset.get("channel_names") or dataset.get("modality")  # "modality": nnU-Net v1 name
+    if not isinstance(channels, dict) or len(channels) != 1:
+        count = len(channels) if isinstance(channels, dict) else "an unknown number of"
+        raise ModelError(
+            f"the model expects {count} input channels; rtseg gives it one (CT)", source=str(model_dir)
+        )
+
+
+def _prepare_nnunet_environment() -> None:
+    """Give nnU-Net harmless settings before it is imported here (it reads them at import).
+
+    Prediction needs none of nnU-Net's folders; values a user has set win.
+    """
+    unused = os.path.join(os.path.expanduser("~"), ".cache", "rtseg", "nnunet-unused")
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        os.environ.setdefault(name, unused)
+    os.environ.setdefault("nnUNet_n_proc_DA", "1")  # else nnU-Net shells out to `hostname` at import
+    os.environ.setdefault("nnUNet_def_n_proc", "1")

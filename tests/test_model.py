@@ -1,0 +1,248 @@
+"""rtseg.model: a real tiny nnU-Net trained on CPU, exported, and loaded every way a model folder comes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+import SimpleITK as sitk
+
+from rtseg.errors import InputError, ModelError
+from rtseg.model.dataset import write_raw_dataset
+from rtseg.model.manifest import (
+    MANIFEST_NAME,
+    ModelManifest,
+    default_provenance,
+    load_manifest,
+    model_hash,
+    structures_from_dataset_json,
+)
+from rtseg.model.segmenter import NnunetSegmenter, Segmentation
+from rtseg.model.training import (
+    CpuConfig,
+    EpochProgress,
+    cpu_plans,
+    export_model,
+    network_topology,
+    nnunet_dirs,
+    plan_and_preprocess,
+    train,
+)
+from rtseg.phantom.dicom_io import SeriesSpec, write_ct_series
+from rtseg.volume import Orientation
+
+SPACING = (2.0, 1.5, 1.5)
+LABELS = {"background": 0, "Bright": 1, "Dark": 2}
+DATASET_ID = 901
+TINY = CpuConfig(
+    target_spacing_zyx=SPACING,
+    patch_size_zyx=(32, 48, 48),
+    n_stages=3,
+    base_features=4,
+    max_features=16,
+    epochs=2,
+    iterations_per_epoch=4,
+    val_iterations_per_epoch=1,
+    da_workers=1,
+    preprocess_workers=1,
+)
+
+
+def synthetic_case(seed: int, shape: tuple[int, int, int] = (32, 48, 48)) -> tuple[npt.NDArray[Any], ...]:
+    """Noisy water with a bright (label 1) and a dark (label 2) ellipsoid at random places."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.indices(shape, dtype=np.float32)
+    hu = rng.normal(0.0, 20.0, shape).astype(np.float32)
+    labels = np.zeros(shape, np.uint8)
+    for label, offset in ((1, 300.0), (2, -300.0)):
+        centre = [rng.uniform(10, s - 10) for s in shape]
+        radii = [rng.uniform(4, 7), rng.uniform(6, 10), rng.uniform(6, 10)]
+        inside = sum(((a - c) / r) ** 2 for a, c, r in zip((z, y, x), centre, radii, strict=True)) <= 1
+        inside &= labels == 0
+        hu[inside] += offset
+        labels[inside] = label
+    return hu, labels
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Raw dataset → plan/preprocess → 2 short epochs → exported model folder (once per module)."""
+    work = tmp_path_factory.mktemp("nnunet-work")
+    cases = [(f"case{i:02d}", *_split(synthetic_case(i))) for i in range(6)]
+    raw = write_raw_dataset(nnunet_dirs(work).raw, DATASET_ID, "Synth", cases, LABELS)
+    plan_and_preprocess(work, DATASET_ID, TINY)
+    epochs: list[EpochProgress] = []
+    results = train(work, DATASET_ID, TINY, progress=epochs.append)
+    manifest = ModelManifest(
+        name="synthetic-ellipsoids",
+        version="0.0.1",
+        structures=structures_from_dataset_json(json.loads((results / "dataset.json").read_text())),
+        provenance=default_provenance(training_data={"cases": 6}, seeds={"training": TINY.seed}),
+    )
+    model = export_model(results, tmp_path_factory.mktemp("model") / "synth", manifest)
+    return {"work": work, "raw": raw, "results": results, "model": model, "epochs": epochs}
+
+
+def _split(case: tuple[npt.NDArray[Any], ...]) -> tuple[Any, ...]:
+    hu, labels = case
+    return hu, SPACING, labels
+
+
+def _copy_model(model: Path, target: Path, *, manifest: bool = True) -> Path:
+    shutil.copytree(model, target)
+    if not manifest:
+        (target / MANIFEST_NAME).unlink()
+    return target
+
+
+def test_raw_dataset_is_nnunet_layout(trained: dict[str, Any]) -> None:
+    raw = trained["raw"]
+    doc = json.loads((raw / "dataset.json").read_text())
+    assert doc["channel_names"] == {"0": "CT"} and doc["labels"] == LABELS
+    assert doc["numTraining"] == 6 and doc["file_ending"] == ".nii.gz"
+    image = sitk.ReadImage(str(raw / "imagesTr" / "case03_0000.nii.gz"))
+    assert image.GetSpacing() == tuple(reversed(SPACING))
+    assert image.GetDirection() == (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    hu, labels = synthetic_case(3)
+    assert np.allclose(sitk.GetArrayFromImage(image), hu)
+    assert np.array_equal(
+        sitk.GetArrayFromImage(sitk.ReadImage(str(raw / "labelsTr" / "case03.nii.gz"))), labels
+    )
+
+
+def test_raw_dataset_refuses_inconsistent_labels(tmp_path: Path) -> None:
+    hu, labels = synthetic_case(0)
+    with pytest.raises(InputError, match="not in the label table"):
+        write_raw_dataset(tmp_path, 5, "Bad", [("a", hu, SPACING, labels)], {"background": 0, "Bright": 1})
+    write_raw_dataset(tmp_path, 5, "Good", [("a", hu, SPACING, labels)], LABELS)
+    with pytest.raises(InputError, match="differ"):
+        other = {"background": 0, "Dark": 1, "Bright": 2}
+        write_raw_dataset(tmp_path, 5, "Good", [("b", hu, SPACING, labels)], other)
+
+
+def test_topology_handles_anisotropic_ct() -> None:
+    strides, kernels = network_topology((3.0, 0.8, 0.8), (48, 96, 96), 4)
+    assert strides[0] == [1, 1, 1] and len(strides) == len(kernels) == 4
+    assert strides[1] == [1, 2, 2] and kernels[0] == [1, 3, 3]  # z is coarse until x/y catch up
+    assert kernels[-1] == [3, 3, 3]
+    with pytest.raises(InputError):
+        network_topology((1.0, 1.0, 1.0), (4, 4, 4), 4)
+
+
+def test_plans_rewritten_for_cpu(trained: dict[str, Any]) -> None:
+    plans = json.loads((trained["model"] / "plans.json").read_text())
+    assert list(plans["configurations"]) == ["3d_fullres"]
+    cfg = plans["configurations"]["3d_fullres"]
+    assert cfg["patch_size"] == [32, 48, 48] and cfg["spacing"] == list(SPACING)
+    arch = cfg["architecture"]["arch_kwargs"]
+    assert arch["n_stages"] == 3 and arch["features_per_stage"] == [4, 8, 16]
+    assert cpu_plans(plans, TINY) == plans  # idempotent
+
+
+def test_training_reports_every_epoch(trained: dict[str, Any]) -> None:
+    epochs = trained["epochs"]
+    assert [e.epoch for e in epochs] == [0, 1]
+    assert all(np.isfinite(e.train_loss) and len(e.pseudo_dice) == 2 for e in epochs)
+
+
+def test_exported_checkpoint_is_stock_and_small(trained: dict[str, Any]) -> None:
+    import torch
+
+    path = trained["model"] / "fold_all" / "checkpoint_final.pth"
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    assert checkpoint["trainer_name"] == "nnUNetTrainer"
+    assert "optimizer_state" not in checkpoint and "grad_scaler_state" not in checkpoint
+    original = trained["results"] / "fold_all" / "checkpoint_final.pth"
+    assert path.stat().st_size < original.stat().st_size
+    manifest = load_manifest(trained["model"])
+    assert manifest.name == "synthetic-ellipsoids" and manifest.folds == ("all",)
+    assert [(s.name, s.label) for s in manifest.structures] == [("Bright", 1), ("Dark", 2)]
+
+
+def test_stock_nnunet_predictor_loads_export(trained: dict[str, Any]) -> None:
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    predictor = nnUNetPredictor(use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(trained["model"]), use_folds=("all",))
+    assert predictor.trainer_name == "nnUNetTrainer"
+
+
+@pytest.fixture(scope="module")
+def segmenter(trained: dict[str, Any]) -> NnunetSegmenter:
+    return NnunetSegmenter(trained["model"], device="cpu", threads=2)
+
+
+@pytest.fixture(scope="module")
+def probe() -> npt.NDArray[Any]:
+    return synthetic_case(100, shape=(30, 52, 44))[0]
+
+
+def test_segment_ct_volume_in_any_position(
+    segmenter: NnunetSegmenter, probe: npt.NDArray[Any], tmp_path: Path
+) -> None:
+    volume = write_ct_series(
+        np.round(probe).astype(np.int16), SPACING, (-30.0, -40.0, 100.0), tmp_path, SeriesSpec("model", "FFP")
+    )
+    result = segmenter.segment(volume)
+    assert isinstance(result, Segmentation) and result.manifest is segmenter.manifest
+    assert result.labels.shape == volume.shape and result.labels.dtype == np.uint8
+    assert set(np.unique(result.labels)) <= {0, 1, 2}
+    orientation = Orientation.from_affine(volume.affine)
+    canonical = segmenter.predict_canonical(orientation.to_canonical(volume.hu), SPACING)
+    assert np.array_equal(orientation.to_canonical(result.labels), canonical)
+    assert segmenter.loaded_via == "trainer"
+
+
+def test_foreign_trainer_name_falls_back_to_plans(
+    trained: dict[str, Any], segmenter: NnunetSegmenter, probe: npt.NDArray[Any], tmp_path: Path
+) -> None:
+    import torch
+
+    model = _copy_model(trained["model"], tmp_path / "foreign")
+    path = model / "fold_all" / "checkpoint_final.pth"
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint["trainer_name"] = "SomeForeignTrainer"
+    torch.save(checkpoint, path)
+    foreign = NnunetSegmenter(model, device="cpu")
+    assert foreign.loaded_via == "plans"
+    expected = segmenter.predict_canonical(probe, SPACING)
+    assert np.array_equal(foreign.predict_canonical(probe, SPACING), expected)
+
+
+def test_plain_nnunet_folder_gets_derived_manifest(trained: dict[str, Any], tmp_path: Path) -> None:
+    model = _copy_model(
+        trained["model"],
+        tmp_path / "Dataset901_Synth" / "nnUNetTrainer__nnUNetPlans__3d_fullres",
+        manifest=False,
+    )
+    manifest = load_manifest(model)
+    assert manifest.name == "Dataset901_Synth" and manifest.configuration == "3d_fullres"
+    assert manifest.folds == ("all",) and manifest.checkpoint == "checkpoint_final.pth"
+    assert [(s.name, s.label) for s in manifest.structures] == [("Bright", 1), ("Dark", 2)]
+    assert manifest.version == "nnunet-" + model_hash(model)
+    assert model_hash(model) == model_hash(trained["model"])  # the manifest is not part of the hash
+
+
+def test_missing_checkpoint_is_a_model_error(trained: dict[str, Any], tmp_path: Path) -> None:
+    model = _copy_model(trained["model"], tmp_path / "broken")
+    (model / "fold_all" / "checkpoint_final.pth").unlink()
+    with pytest.raises(ModelError, match="missing checkpoint"):
+        NnunetSegmenter(model, device="cpu")
+    (model / MANIFEST_NAME).unlink()
+    with pytest.raises(ModelError, match="no fold_"):
+        NnunetSegmenter(model, device="cpu")
+
+
+def test_wrong_channel_count_is_a_model_error(trained: dict[str, Any], tmp_path: Path) -> None:
+    model = _copy_model(trained["model"], tmp_path / "twochannels")
+    doc = json.loads((model / "dataset.json").read_text())
+    doc["channel_names"] = {"0": "CT", "1": "PET"}
+    (model / "dataset.json").write_text(json.dumps(doc))
+    with pytest.raises(ModelError, match="2 input channels"):
+        NnunetSegmenter(model, device="cpu")
