@@ -1,0 +1,19 @@
+"""TPS-ready RT Structure Sets: build from a label map, write atomically, read back."""
+
+from rtseg.rtstruct.builder import (
+    ModelIdentity,
+    RTStructResult,
+    StructureReport,
+    build_rtstruct,
+    write_rtstruct,
+)
+from rtseg.rtstruct.rasterize import rasterize_rtstruct
+
+__all__ = [
+    "ModelIdentity",
+    "RTStructResult",
+    "StructureReport",
+    "build_rtstruct",
+    "rasterize_rtstruct",
+    "write_rtstruct",
+]
