@@ -57,7 +57,7 @@ def write_raw_dataset(
     for sub in ("imagesTr", "labelsTr", "imagesTs"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     allowed = np.array(sorted(labels.values()))
-    n_training, seen = 0, set()
+    n_training, seen = 0, set[str]()
     for case_id, image, spacing, label in cases:
         _check_case(case_id, image, spacing, label, seen)
         if label is None:
@@ -125,7 +125,9 @@ def _check_case(
 
 def _write(path: Path, array: npt.NDArray[Any], spacing_zyx: tuple[float, float, float]) -> None:
     image = sitk.GetImageFromArray(np.ascontiguousarray(array))  # array [z, y, x] → ITK (x, y, z)
-    image.SetSpacing(tuple(float(s) for s in reversed(spacing_zyx)))
-    image.SetOrigin((0.0, 0.0, 0.0))
-    image.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))  # canonical = ITK LPS identity
+    # SimpleITK's setters carry no type hints.
+    image.SetSpacing(tuple(float(s) for s in reversed(spacing_zyx)))  # type: ignore[no-untyped-call]
+    image.SetOrigin((0.0, 0.0, 0.0))  # type: ignore[no-untyped-call]
+    identity = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)  # canonical [z, y, x] = ITK's LPS identity
+    image.SetDirection(identity)  # type: ignore[no-untyped-call]
     sitk.WriteImage(image, str(path), useCompression=True)

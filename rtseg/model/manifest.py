@@ -193,7 +193,7 @@ def _detect_configuration(model_dir: Path, plans: dict[str, Any]) -> str:
     if len(parts) == 3 and parts[2] in configurations:
         return parts[2]
     if len(configurations) == 1:
-        return next(iter(configurations))
+        return str(next(iter(configurations)))
     if "3d_fullres" in configurations:
         return "3d_fullres"
     raise ModelError(

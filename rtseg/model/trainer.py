@@ -25,7 +25,7 @@ SAVED_TRAINER_NAME = "nnUNetTrainer"  # the network is the stock one built from 
 EpochReport = Callable[[dict[str, Any]], None]
 
 
-class RtsegTrainer(nnUNetTrainer):
+class RtsegTrainer(nnUNetTrainer):  # type: ignore[misc]  # nnU-Net is untyped
     """``nnUNetTrainer`` with a configurable schedule and stock-named checkpoints."""
 
     # nnU-Net records the __init__ arguments by inspecting this signature (to

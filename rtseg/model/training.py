@@ -238,7 +238,7 @@ def cpu_plans(plans: dict[str, Any], config: CpuConfig) -> dict[str, Any]:
     Axes are kept in canonical (z, y, x) order (no transpose), so the spacing
     and patch size of ``config`` apply as given.
     """
-    out = json.loads(json.dumps(plans))
+    out: dict[str, Any] = json.loads(json.dumps(plans))
     forward = list(out.get("transpose_forward", [0, 1, 2]))
     if CONFIGURATION not in out["configurations"]:
         raise ModelError("nnU-Net planned no 3d_fullres configuration (2-D data?)")
