@@ -249,7 +249,7 @@ def _scan_folder(root: Path) -> _Scan:
     skipped = 0
     for path in _walk(root):
         ds = _read_header(path, strict=False)
-        if ds is None or str(ds.get("SOPClassUID", "")) == _DICOMDIR_SOP_CLASS:
+        if ds is None or _is_dicomdir(ds):
             skipped += 1
             continue
         headers.append(_checked_header(path, ds))
@@ -277,7 +277,7 @@ def _scan_files(paths: list[Path]) -> _Scan:
             raise InputError("not a file", source=str(path))
         ds = _read_header(path, strict=True)
         assert ds is not None  # strict reading raises instead
-        if str(ds.get("SOPClassUID", "")) != _DICOMDIR_SOP_CLASS:
+        if not _is_dicomdir(ds):
             headers.append(_checked_header(path, ds))
     label = str(paths[0].parent) if len(paths) == 1 else f"{len(paths)} files in {paths[0].parent}"
     return _Scan(label=label, explicit=True, headers=tuple(headers))
@@ -298,6 +298,12 @@ def _read_header(path: Path, *, strict: bool) -> Dataset | None:
         raise InputError("not a DICOM file (no DICM preamble)", source=str(path)) from exc
     except _READ_ERRORS as exc:
         raise InputError("unreadable or truncated DICOM file", source=str(path)) from exc
+
+
+def _is_dicomdir(ds: Dataset) -> bool:
+    meta = getattr(ds, "file_meta", None)
+    media_class = str(meta.get("MediaStorageSOPClassUID", "")) if meta is not None else ""
+    return _DICOMDIR_SOP_CLASS in (media_class, str(ds.get("SOPClassUID", "")))
 
 
 def _checked_header(path: Path, ds: Dataset) -> _Header:
@@ -477,8 +483,7 @@ def _geometry(headers: list[_Header], min_slices: int, label: str) -> _Geometry:
         raise InputError(
             f"the CT series has {len(headers)} slice(s); at least {min_slices} are needed", source=label
         )
-    first = headers[0]
-    _check_consistent(headers)
+    first = _check_consistent(headers)
     _check_tilt(headers)
     row_dir, col_dir = _axial_directions(first)
     normal = np.cross(row_dir, col_dir)
@@ -501,38 +506,48 @@ def _geometry(headers: list[_Header], min_slices: int, label: str) -> _Geometry:
     )
 
 
-def _check_consistent(headers: Sequence[_Header]) -> None:
-    """Every slice has the first slice's frame of reference, orientation, spacing and matrix."""
-    first = headers[0]
-    reference = {
-        "ImageOrientationPatient": _floats(first, "ImageOrientationPatient", 6),
-        "PixelSpacing": _floats(first, "PixelSpacing", 2),
-    }
-    frame = _frame_of_reference(first)
-    matrix = (first.ds.get("Rows"), first.ds.get("Columns"))
-    for header in headers:
-        _position(header)
-        if _frame_of_reference(header) != frame:
-            raise InputError(
-                "the slices are in different frames of reference (FrameOfReferenceUID differs)",
-                source=str(header.path),
-            )
-        for keyword, expected in reference.items():
-            value = _floats(header, keyword, expected.size)
-            if not np.allclose(value, expected, rtol=0, atol=1e-4):
-                raise InputError(
-                    f"{keyword} differs between slices ({_fmt(value)} here, {_fmt(expected)} "
-                    f"in {first.path.name})",
-                    source=str(header.path),
-                )
-        if (header.ds.get("Rows"), header.ds.get("Columns")) != matrix:
-            raise InputError(
-                f"image size differs between slices ({header.ds.get('Rows')}x{header.ds.get('Columns')} "
-                f"here, {matrix[0]}x{matrix[1]} in {first.path.name})",
-                source=str(header.path),
-            )
-    if matrix[0] in (None, "", 0) or matrix[1] in (None, "", 0):
-        raise InputError("slice has no Rows/Columns", source=str(first.path))
+def _check_consistent(headers: Sequence[_Header]) -> _Header:
+    """Every slice shares frame of reference, orientation, spacing and matrix; returns a typical slice.
+
+    The typical slice is one of the most common kind, so the odd one out is
+    the slice named in the error.
+    """
+    signatures = [_signature(h) for h in headers]
+    common = Counter(signatures).most_common(1)[0][0]
+    reference = headers[signatures.index(common)]
+    for header, signature in zip(headers, signatures, strict=True):
+        if signature != common:
+            raise InputError(_mismatch(header, reference), source=str(header.path))
+    return reference
+
+
+def _signature(header: _Header) -> tuple[object, ...]:
+    """What must be equal between slices (also checks that each attribute is present)."""
+    _position(header)
+    rows, columns = header.ds.get("Rows"), header.ds.get("Columns")
+    if rows in (None, "", 0) or columns in (None, "", 0):
+        raise InputError("slice has no Rows/Columns", source=str(header.path))
+    return (
+        _frame_of_reference(header),
+        int(rows),
+        int(columns),
+        tuple(np.round(_floats(header, "ImageOrientationPatient", 6), 4)),
+        tuple(np.round(_floats(header, "PixelSpacing", 2), 4)),
+    )
+
+
+def _mismatch(header: _Header, reference: _Header) -> str:
+    name = reference.path.name
+    if _frame_of_reference(header) != _frame_of_reference(reference):
+        return "the slices are in different frames of reference (FrameOfReferenceUID differs)"
+    for keyword, count in (("ImageOrientationPatient", 6), ("PixelSpacing", 2)):
+        here, there = _floats(header, keyword, count), _floats(reference, keyword, count)
+        if not np.array_equal(np.round(here, 4), np.round(there, 4)):
+            return f"{keyword} differs between slices ({_fmt(here)} here, {_fmt(there)} in {name})"
+    return (
+        f"image size differs between slices ({header.ds.Rows}x{header.ds.Columns} here, "
+        f"{reference.ds.Rows}x{reference.ds.Columns} in {name})"
+    )
 
 
 def _frame_of_reference(header: _Header) -> str:
