@@ -361,7 +361,7 @@ def _select_series(scan: _Scan, series_uid: str | None) -> list[_Header]:
         raise InputError(
             f"series {_short(chosen[0].series_uid)} is {chosen[0].modality}, not CT", source=scan.label
         )
-    _check_single_class(chosen, scan.label)
+    _check_single_frame(chosen, scan.label)
     return chosen
 
 
@@ -399,16 +399,19 @@ def _match_uid(series_uid: str, groups: dict[str, list[_Header]], label: str) ->
     raise InputError(f"series {series_uid} not found; available: {listing}", source=label)
 
 
-def _check_single_class(headers: Sequence[_Header], label: str) -> None:
+def _check_single_frame(headers: Sequence[_Header], label: str) -> None:
     if any(h.sop_class in _ENHANCED_CT_SOP_CLASSES for h in headers):
         raise InputError(
             "enhanced (multi-frame) CT is not supported; export the series as CT Image Storage",
             source=label,
         )
     for header in headers:
-        frames = header.ds.get("NumberOfFrames")
-        if frames not in (None, "") and int(frames) > 1:
-            raise InputError(f"multi-frame image ({frames} frames) is not supported", source=str(header.path))
+        if header.ds.get("NumberOfFrames") not in (None, ""):
+            frames = int(_floats(header, "NumberOfFrames", 1)[0])
+            if frames > 1:
+                raise InputError(
+                    f"multi-frame image ({frames} frames) is not supported", source=str(header.path)
+                )
 
 
 def _deduplicate(headers: Sequence[_Header]) -> list[_Header]:
@@ -733,9 +736,10 @@ def _read_volume(geometry: _Geometry) -> npt.NDArray[np.int16] | npt.NDArray[np.
     for k, (header, (slope, intercept)) in enumerate(zip(geometry.slices, rescales, strict=True)):
         stored = _decode(header, geometry.rows, geometry.columns)
         if volume.dtype == np.int16:
-            values = stored.astype(np.int32) + int(intercept)
-            if values.min(initial=0) >= -32768 and values.max(initial=0) <= 32767:
-                volume[k] = values
+            offset = int(intercept)
+            if int(stored.min()) + offset >= -32768 and int(stored.max()) + offset <= 32767:
+                # exact: the range check above guarantees the int16 result
+                np.add(stored, np.int32(offset), out=volume[k], casting="unsafe")
                 continue
             logger.debug("HU values exceed int16 at slice %d; using float32", k)
             volume = volume.astype(np.float32)
