@@ -246,3 +246,22 @@ def test_wrong_channel_count_is_a_model_error(trained: dict[str, Any], tmp_path:
     (model / "dataset.json").write_text(json.dumps(doc))
     with pytest.raises(ModelError, match="2 input channels"):
         NnunetSegmenter(model, device="cpu")
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_progress_callback_can_stop_training(trained: dict[str, Any]) -> None:
+    def stop(epoch: EpochProgress) -> None:
+        raise _Stop(epoch.epoch)
+
+    with pytest.raises(_Stop):
+        train(trained["work"], DATASET_ID, TINY, fold="0", progress=stop)
+    assert not (trained["results"] / "fold_0" / "checkpoint_final.pth").exists()
+
+
+def test_failed_child_is_a_model_error_with_its_output(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="nnU-Net train failed") as info:
+        train(tmp_path, 999, TINY)
+    assert "Traceback" in str(info.value) and info.value.source is not None

@@ -86,6 +86,8 @@ class NnunetSegmenter:
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ModelError("CUDA was requested but this torch sees no CUDA device", source=str(model_dir))
         self.loaded_via = ""  # "trainer" (nnU-Net's own loader) or "plans" (built from plans.json)
         self._predictor = self._load(tile_step_size, use_mirroring)
         self._lock = threading.Lock()  # one prediction at a time: the predictor holds state
@@ -130,13 +132,14 @@ class NnunetSegmenter:
                 str(self.model_dir), use_folds=self.manifest.folds, checkpoint_name=self.manifest.checkpoint
             )
             self.loaded_via = "trainer"
-        except (RuntimeError, ImportError, AttributeError, AssertionError) as exc:
+        except (RuntimeError, ImportError, AttributeError, AssertionError, KeyError) as exc:
             # nnU-Net finds the checkpoint's trainer class by name; an unknown or
-            # unimportable one (e.g. timm/torchvision on CPU torch) ends here.
+            # unimportable one (e.g. timm/torchvision on CPU torch) or a checkpoint
+            # without trainer_name/init_args ends here.
             log.warning("nnU-Net's loader failed (%s); building the network from plans.json", exc)
             _initialize_from_plans(predictor, self.model_dir, self.manifest)
             self.loaded_via = "plans"
-        except (KeyError, ValueError, TypeError, OSError, EOFError, pickle.UnpicklingError) as exc:
+        except (ValueError, TypeError, OSError, EOFError, pickle.UnpicklingError) as exc:
             raise ModelError(f"cannot load the model ({exc!r})", source=str(self.model_dir)) from exc
         log.info(
             "model %s %s loaded via %s on %s",
@@ -150,17 +153,15 @@ class NnunetSegmenter:
 
 def _initialize_from_plans(predictor: nnUNetPredictor, model_dir: Path, manifest: ModelManifest) -> None:
     """Build the stock network from ``plans.json`` and load the fold weights into ``predictor``."""
-    import torch
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+    dataset_json = read_json(model_dir / "dataset.json")
+    checkpoints = [_load_checkpoint(model_dir / f"fold_{f}" / manifest.checkpoint) for f in manifest.folds]
+    init_args = checkpoints[0].get("init_args") or {}
+    configuration = init_args.get("configuration", manifest.configuration)
     try:
-        dataset_json = read_json(model_dir / "dataset.json")
-        checkpoints = [
-            _load_checkpoint(model_dir / f"fold_{f}" / manifest.checkpoint) for f in manifest.folds
-        ]
-        configuration = checkpoints[0].get("init_args", {}).get("configuration", manifest.configuration)
         plans_manager = PlansManager(read_json(model_dir / "plans.json"))
         configuration_manager = plans_manager.get_configuration(configuration)
         network = get_network_from_plans(
@@ -176,10 +177,12 @@ def _initialize_from_plans(predictor: nnUNetPredictor, model_dir: Path, manifest
         network.load_state_dict(parameters[0])
     except (KeyError, ValueError, TypeError, RuntimeError, AttributeError, ImportError) as exc:
         raise ModelError(
-            f"cannot build the network from plans.json and load its weights ({exc!r})", source=str(model_dir)
+            f"cannot build the network from plans.json and load its weights ({exc!r}); a trainer with"
+            f" its own architecture ({checkpoints[0].get('trainer_name')}) needs that trainer installed",
+            source=str(model_dir),
         ) from exc
     predictor.manual_initialization(
-        network.to(torch.device("cpu")),
+        network,
         plans_manager,
         configuration_manager,
         parameters,

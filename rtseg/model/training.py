@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections import deque
@@ -135,6 +136,8 @@ def train(
 
     The results folder is nnU-Net's ``Trainer__Plans__configuration`` folder
     holding ``fold_<fold>/checkpoint_final.pth``. No final validation is run.
+    ``progress`` is called after every epoch; if it raises, training is stopped
+    and the exception propagates.
     """
     if fold != "all" and not fold.isdigit():
         raise InputError(f"fold must be 'all' or a number, got {fold!r}")
@@ -318,10 +321,15 @@ def _run_child(
                 stderr=subprocess.STDOUT,
                 pass_fds=(write_fd,),
                 cwd=str(dirs.logs),
+                start_new_session=True,  # its own process group: nnU-Net's workers go with it
             )
         finally:
             os.close(write_fd)
-        done = _relay_events(read_fd, progress)
+        try:
+            done = _relay_events(read_fd, progress)
+        except BaseException:  # interrupted, or the progress callback raised: stop the child, re-raise
+            _stop(child)
+            raise
         returncode = child.wait()
     if returncode != 0 or done is None:
         raise ModelError(
@@ -330,6 +338,20 @@ def _run_child(
         )
     log.info("nnU-Net %s finished", command)
     return done
+
+
+def _stop(child: subprocess.Popen[bytes]) -> None:
+    """Terminate the child's process group (the child and nnU-Net's workers)."""
+    for sig, wait in ((signal.SIGTERM, 30.0), (signal.SIGKILL, None)):
+        try:
+            os.killpg(child.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            child.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _relay_events(read_fd: int, progress: ProgressCallback | None) -> dict[str, Any] | None:
