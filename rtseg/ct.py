@@ -357,12 +357,15 @@ def _select_series(scan: _Scan, series_uid: str | None) -> list[_Header]:
         chosen = images[uid]
     else:
         chosen = _only_ct_series(scan, groups, images)
-    if not chosen[0].is_ct:
+    ct = [h for h in chosen if h.is_ct]
+    if not ct:
         raise InputError(
             f"series {_short(chosen[0].series_uid)} is {chosen[0].modality}, not CT", source=scan.label
         )
-    _check_single_frame(chosen, scan.label)
-    return chosen
+    if len(ct) < len(chosen):
+        logger.debug("ignored %d non-CT images inside the CT series", len(chosen) - len(ct))
+    _check_single_frame(ct, scan.label)
+    return ct
 
 
 def _only_ct_series(
@@ -374,7 +377,7 @@ def _only_ct_series(
             f"{_describe(images)}; pass the files of one series",
             source=scan.label,
         )
-    ct = {uid: g for uid, g in images.items() if g[0].is_ct}
+    ct = {uid: g for uid, g in images.items() if any(h.is_ct for h in g)}
     if len(ct) > 1:
         raise InputError(
             f"found {len(ct)} CT series: {_describe(ct)}; choose one with series_uid",

@@ -384,16 +384,22 @@ def test_dose_structure_scouts_and_clutter_are_ignored(
     # A scout inside the CT series itself, and one in a series of its own.
     _write_scout(tmp_path / "ct", first, expected.info.series_instance_uid, "scout-same-series.dcm")
     _write_scout(tmp_path, first, deterministic_uid("scout-series"), "scout-own-series.dcm")
+    # A dose-report screen capture filed in the CT series (no geometry).
+    report = pydicom.dcmread(first)
+    report.SOPClassUID = report.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    report.SOPInstanceUID = report.file_meta.MediaStorageSOPInstanceUID = deterministic_uid("report")
+    del report.ImagePositionPatient, report.ImageOrientationPatient
+    report.save_as(tmp_path / "ct" / "dose-report.dcm", enforce_file_format=True)
     # A DICOMDIR file set holding exact copies of the slices, and non-DICOM clutter.
     fileset = FileSet()
-    for path in sorted((tmp_path / "ct").glob("[0-9a-f]*.dcm")):
+    for path in _files_in_order(tmp_path / "ct", expected):
         fileset.add(pydicom.dcmread(path))
     fileset.write(tmp_path / "media")
     (tmp_path / "README").write_text("exported by a PACS\n")
     (tmp_path / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
     (tmp_path / ".hidden").mkdir()
     _write(tmp_path / ".hidden", seed="hidden-series")  # would be a second CT series if not skipped
-    _assert_loaded(load_series(tmp_path), expected)
+    _assert_loaded(load_series(str(tmp_path)), expected)  # a str path works too
 
     summaries = {
         s.modality + (" scout" if "scout" in s.files[0].name else ""): s for s in find_series(tmp_path)
@@ -402,7 +408,7 @@ def test_dose_structure_scouts_and_clutter_are_ignored(
     ct = summaries["CT"]
     assert isinstance(ct, SeriesSummary)
     assert ct.series_uid == expected.info.series_instance_uid
-    assert ct.n_files == 2 * 12 + 1 == len(ct.files)  # originals, DICOMDIR copies, the embedded scout
+    assert ct.n_files == 2 * 12 + 2 == len(ct.files)  # originals, DICOMDIR copies, scout, report
     assert ct.sop_class_uid == CT_IMAGE_STORAGE and ct.description == "Abdomen 3.0 phantom"
 
 
@@ -441,6 +447,7 @@ def test_explicit_files_from_two_series(tmp_path: Path) -> None:
     _write(tmp_path / "b", seed="mix-b")
     files = sorted((tmp_path / "a").glob("*.dcm"))[:3] + sorted((tmp_path / "b").glob("*.dcm"))[:3]
     _error(files, "belong to 2 different image series", "pass the files of one series")
+    assert [s.n_files for s in find_series(files)] == [3, 3]
 
 
 def _as_mr(ds: Dataset) -> None:
