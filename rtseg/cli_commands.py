@@ -1,4 +1,4 @@
-"""Sub-commands beyond ``phantom``: registered here so cli.py stays small.
+"""Sub-commands beyond ``phantom``: segment, demo and model.
 
 The DICOM node and HTTP faces add their own commands through a ``register``
 function in ``dicom_node.cli`` / ``service.cli`` (the CLI is the one place that
@@ -9,14 +9,195 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 Handler = Callable[[argparse.Namespace], int]
 FACE_MODULES = ("dicom_node.cli", "service.cli")
 
 
+def _load_segmenter(model: Path | None, threads: int | None = None) -> Any:
+    from rtseg.model.default import default_model_dir
+    from rtseg.model.segmenter import NnunetSegmenter
+
+    return NnunetSegmenter(model or default_model_dir(), threads=threads)
+
+
+def print_result(result: Any) -> None:
+    """Per-structure volumes, flags and timings of a PipelineResult, as a reviewer reads them."""
+    print(f"RTSTRUCT: {result.rtstruct_path}")
+    print(f"model: {result.model.name} {result.model.version}")
+    print(f"{'structure':<14} {'volume (ml)':>11} {'contours':>9}")
+    for s in result.structures:
+        print(f"{s.name:<14} {s.volume_ml:>11.1f} {s.n_contours:>9}")
+    if result.omitted:
+        print(f"not found (left out): {', '.join(result.omitted)}")
+    for flag in result.flags:
+        print(f"check: {flag}")
+    t = result.timings
+    print(
+        f"time: {t['total_s']:.1f} s (load {t['load_s']:.1f}, segment {t['segment_s']:.1f}, "
+        f"RTSTRUCT {t['rtstruct_s'] + t['write_s']:.1f}) for {result.n_slices} slices"
+    )
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from rtseg.pipeline import model_identity, segment_series
+
+    started = time.monotonic()
+
+    def say(msg: str) -> None:
+        print(f"[{time.monotonic() - started:6.1f} s] {msg}", flush=True)
+
+    say("loading model")
+    segmenter = _load_segmenter(args.model, args.threads)
+    identity = model_identity(segmenter.manifest, segmenter.model_dir)
+    result = segment_series(
+        args.ct_dir, segmenter, args.output, identity=identity, series_uid=args.series, progress=say
+    )
+    print_result(result)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from rtseg.phantom.cohort import case_id, write_case
+    from rtseg.pipeline import model_identity, segment_series
+
+    out: Path = args.out
+    print(f"generating a phantom case (center {args.center}, seed {args.seed}) in {out}")
+    info = write_case(args.center, args.seed, 0, out)
+    print(
+        f"  {info.case_id}: {info.age_years:.1f} y, {info.variant}, {info.patient_position}, "
+        f"{info.n_slices} slices × {info.slice_thickness_mm} mm"
+    )
+    case_dir = out / case_id(args.center, args.seed, 0)
+    segmenter = _load_segmenter(args.model, args.threads)
+    identity = model_identity(segmenter.manifest, segmenter.model_dir)
+    result = segment_series(
+        case_dir / "ct",
+        segmenter,
+        case_dir / "rtstruct.dcm",
+        identity=identity,
+        progress=lambda m: print(f"  {m}", flush=True),
+    )
+    print_result(result)
+    return 0
+
+
+def _cmd_model(args: argparse.Namespace) -> int:
+    action: Handler = args.model_action
+    return action(args)
+
+
+def _model_info(args: argparse.Namespace) -> int:
+    from rtseg.model.default import default_model_dir
+    from rtseg.model.manifest import load_manifest, model_hash
+
+    model_dir = args.model or default_model_dir()
+    m = load_manifest(model_dir)
+    print(f"{m.name} {m.version}  hash {model_hash(model_dir)}  ({model_dir})")
+    print(f"configuration {m.configuration}, folds {', '.join(m.folds)}, orientation {m.orientation}")
+    print("structures: " + ", ".join(f"{s.label}:{s.name}" for s in m.structures))
+    for key, value in m.provenance.items():
+        if key != "config":
+            print(f"  {key}: {value}")
+    return 0
+
+
+def _model_eval(args: argparse.Namespace) -> int:
+    from rtseg.cases import iter_cases
+    from rtseg.evaluation import evaluate, summarize, summary_table, write_results
+
+    segmenter = _load_segmenter(args.model, args.threads)
+
+    def show(r: Any) -> None:
+        dices = [s.dice for n, s in r.scores.items() if s.dice is not None and s.reference_ml > 0]
+        print(f"  {r.case_id}: mean Dice {sum(dices) / len(dices):.3f} ({r.seconds:.1f} s)", flush=True)
+
+    results = evaluate(segmenter, iter_cases(args.data), surfaces=not args.no_surfaces, progress=show)
+    summary = summarize(results)
+    print(summary_table(summary))
+    if args.out:
+        write_results(results, summary, args.out)
+        print(f"written: {args.out}/scores.csv, summary.json, summary.md")
+    return 0
+
+
+def _model_build_default(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from rtseg.model.default import DEFAULT_MODEL_DIR, DEFAULT_RECIPE, build_default
+
+    recipe = DEFAULT_RECIPE
+    if args.epochs:
+        recipe = replace(recipe, config=replace(recipe.config, epochs=args.epochs))
+    if args.cases:
+        recipe = replace(recipe, cases_per_center=args.cases)
+    started = time.monotonic()
+
+    def progress(p: Any) -> None:
+        dice = sum(p.pseudo_dice) / max(len(p.pseudo_dice), 1)
+        print(
+            f"  epoch {p.epoch + 1}/{p.epochs}: train loss {p.train_loss:.3f}, val loss {p.val_loss:.3f}, "
+            f"pseudo-Dice {dice:.3f}, {p.seconds:.0f} s [{time.monotonic() - started:.0f} s]",
+            flush=True,
+        )
+
+    out = build_default(args.work, args.out or DEFAULT_MODEL_DIR, recipe, progress=progress)
+    print(f"default model written to {out} in {time.monotonic() - started:.0f} s")
+    return 0
+
+
+def _register_core(sub: Any, handlers: dict[str, Handler]) -> None:
+    p = sub.add_parser("segment", help="segment one CT series to an RTSTRUCT")
+    p.add_argument("ct_dir", type=Path, help="folder with the CT series (DICOM files)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="RTSTRUCT file to write")
+    p.add_argument("--model", type=Path, help="model folder (default: the embedded model)")
+    p.add_argument("--series", help="SeriesInstanceUID, when the folder holds several CT series")
+    p.add_argument("--threads", type=int, help="CPU threads for inference")
+    handlers["segment"] = _cmd_segment
+
+    p = sub.add_parser("demo", help="generate a phantom CT case and segment it with the default model")
+    p.add_argument(
+        "--out", type=Path, default=Path("rtseg-demo"), help="folder for the case (default rtseg-demo)"
+    )
+    p.add_argument("--center", default="A", choices=["A", "B"])
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--model", type=Path, help="model folder (default: the embedded model)")
+    p.add_argument("--threads", type=int)
+    handlers["demo"] = _cmd_demo
+
+    p = sub.add_parser("model", help="inspect, evaluate and build models")
+    msub = p.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    q = msub.add_parser("info", help="name, version, hash, structures and provenance of a model")
+    q.add_argument("--model", type=Path)
+    q.set_defaults(model_action=_model_info)
+    q = msub.add_parser("eval", help="score a model on labelled cases (Dice, HD95, MSD per structure)")
+    q.add_argument(
+        "--data", type=Path, required=True, help="folder of cases (<case>/ct, <case>/labels.nii.gz)"
+    )
+    q.add_argument("--model", type=Path)
+    q.add_argument("--out", type=Path, help="write scores.csv, summary.json and summary.md here")
+    q.add_argument("--no-surfaces", action="store_true", help="Dice only (faster)")
+    q.add_argument("--threads", type=int)
+    q.set_defaults(model_action=_model_eval)
+    q = msub.add_parser(
+        "build-default", help="rebuild the embedded default model from scratch (phantoms, train)"
+    )
+    q.add_argument(
+        "--work", type=Path, default=Path("rtseg-build"), help="working folder (default rtseg-build)"
+    )
+    q.add_argument("--out", type=Path, help="model folder to write (default: the package's default model)")
+    q.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    q.add_argument("--cases", type=int, help="override the recipe's cases per center")
+    q.set_defaults(model_action=_model_build_default)
+    handlers["model"] = _cmd_model
+
+
 def register(sub: Any, handlers: dict[str, Handler]) -> None:
+    _register_core(sub, handlers)
     for name in FACE_MODULES:
         try:
             module = importlib.import_module(name)

@@ -24,7 +24,7 @@ from scipy.ndimage import gaussian_filter, gaussian_filter1d
 
 from rtseg.errors import InputError
 from rtseg.phantom.anatomy import Body, Patient, build_body, draw_patient
-from rtseg.phantom.dicom_io import SeriesSpec, write_ct_series
+from rtseg.phantom.dicom_io import POSITION_AXES, SeriesSpec, write_ct_series
 from rtseg.phantom.shapes import Grid, smooth_noise
 from rtseg.structures import STRUCTURES
 from rtseg.volume import CTVolume
@@ -132,12 +132,16 @@ def _choice(rng: np.random.Generator, weights: dict[str, float]) -> str:
 
 
 def make_case(
-    center: str, seed: int, index: int, matrix: int = 256
+    center: str, seed: int, index: int, matrix: int = 256, position: str | None = None
 ) -> tuple[Patient, Grid, Body, dict[str, Any]]:
-    """Draw and build one case in memory (canonical orientation, scanner effects applied)."""
+    """Draw and build one case in memory (canonical orientation, scanner effects applied).
+
+    ``position`` overrides the drawn patient position (same anatomy otherwise).
+    """
     spec = CENTERS[center]
     rng = _rng(center, seed, index)
-    position = _choice(rng, spec.positions)
+    drawn = _choice(rng, spec.positions)
+    position = position or drawn
     patient = draw_patient(rng, spec.variants, spec.phases, spec.oral_contrast, prone=position.endswith("P"))
     thickness = float(rng.choice(spec.slice_thickness))
     fov = max(spec.min_fov, 2.0 * patient.width * spec.fov_margin * rng.uniform(0.97, 1.05))
@@ -179,12 +183,16 @@ def _scanner(
     return np.clip(np.rint(out), -1024, 3071).astype(np.float32)
 
 
-def write_case(center: str, seed: int, index: int, out_root: Path, matrix: int = 256) -> CaseInfo:
-    """Generate one case and write it under ``out_root/<case_id>/``."""
+def write_case(
+    center: str, seed: int, index: int, out_root: Path, matrix: int = 256, position: str | None = None
+) -> CaseInfo:
+    """Generate one case and write it under ``out_root/<case_id>/`` (suffixed by a forced position)."""
     if center not in CENTERS:
         raise InputError(f"unknown center {center!r}: choose one of {', '.join(CENTERS)}")
-    cid = case_id(center, seed, index)
-    patient, grid, body, scan = make_case(center, seed, index, matrix)
+    if position is not None and position not in POSITION_AXES:
+        raise InputError(f"unknown patient position {position!r}: choose one of {', '.join(POSITION_AXES)}")
+    cid = case_id(center, seed, index) + (f"_{position}" if position else "")
+    patient, grid, body, scan = make_case(center, seed, index, matrix, position)
     spec = CENTERS[center]
     case_dir = out_root / cid
     origin_lps = np.asarray(grid.origin) + scan["table"]

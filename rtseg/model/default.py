@@ -1,0 +1,123 @@
+"""The embedded default model: where it lives and the one recipe that rebuilds it.
+
+``rtseg model build-default`` runs the whole recipe: phantom cohort of both
+centers → nnU-Net raw dataset → plan/preprocess with the CPU configuration →
+train → export into the package. The recipe's numbers live here and only here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from rtseg.errors import ModelError
+from rtseg.model.dataset import Case, write_raw_dataset
+from rtseg.model.manifest import ModelManifest, default_provenance
+from rtseg.model.training import (
+    CpuConfig,
+    EpochProgress,
+    export_model,
+    nnunet_dirs,
+    plan_and_preprocess,
+    train,
+)
+from rtseg.structures import STRUCTURES, dataset_labels
+
+log = logging.getLogger(__name__)
+
+PACKAGE_MODELS = Path(__file__).resolve().parent.parent / "models"
+DEFAULT_MODEL_DIR = PACKAGE_MODELS / "default"
+MODEL_NAME = "rtseg-peds-abdomen"
+DATASET_ID = 501
+DATASET_NAME = "RtsegPhantom"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that determines the default model."""
+
+    version: str = "1.0.0"
+    seed: int = 1000  # training cohort seed; evaluation uses other seeds
+    cases_per_center: int = 30
+    matrix: int = 256
+    config: CpuConfig = CpuConfig(
+        target_spacing_zyx=(3.0, 1.5, 1.5),
+        patch_size_zyx=(48, 96, 96),
+        batch_size=2,
+        base_features=12,
+        n_stages=5,
+        max_features=192,
+        epochs=60,
+        iterations_per_epoch=40,
+        val_iterations_per_epoch=4,
+        learning_rate=1e-2,
+        da_workers=2,
+        preprocess_workers=2,
+        seed=0,
+    )
+
+
+DEFAULT_RECIPE = Recipe()
+
+
+def default_model_dir() -> Path:
+    """The shipped model folder; a clear error if this installation lacks it."""
+    if not (DEFAULT_MODEL_DIR / "rtseg-model.json").is_file():
+        raise ModelError(
+            "the default model is not in this installation; rebuild it with `rtseg model build-default`",
+            source=str(DEFAULT_MODEL_DIR),
+        )
+    return DEFAULT_MODEL_DIR
+
+
+def canonical_cases(cohort_dir: Path) -> Iterator[Case]:
+    """Cases of a cohort folder in the canonical orientation, read through the DICOM loader."""
+    from rtseg.cases import case_dirs, load_case
+
+    for case_dir in case_dirs(cohort_dir):
+        case = load_case(case_dir)
+        image, spacing, labels = case.canonical()
+        yield case.case_id, image, spacing, labels
+
+
+def build_default(
+    work_dir: Path,
+    out_dir: Path = DEFAULT_MODEL_DIR,
+    recipe: Recipe = DEFAULT_RECIPE,
+    say: Callable[[str], None] = print,
+    progress: Callable[[EpochProgress], None] | None = None,
+) -> Path:
+    """Run the whole recipe in ``work_dir`` and export the model to ``out_dir``."""
+    from rtseg.phantom.cohort import generate_cohort
+
+    cohort = work_dir / "cohort"
+    for center in ("A", "B"):
+        say(f"phantom cohort: center {center}, {recipe.cases_per_center} cases, seed {recipe.seed}")
+        generate_cohort(center, recipe.cases_per_center, recipe.seed, cohort, matrix=recipe.matrix, workers=2)
+    say("writing the nnU-Net raw dataset")
+    write_raw_dataset(
+        nnunet_dirs(work_dir).raw, DATASET_ID, DATASET_NAME, canonical_cases(cohort), dataset_labels()
+    )
+    say("planning and preprocessing")
+    plan_and_preprocess(work_dir, DATASET_ID, recipe.config)
+    say(f"training {recipe.config.epochs} epochs × {recipe.config.iterations_per_epoch} iterations")
+    results = train(work_dir, DATASET_ID, recipe.config, fold="all", progress=progress)
+    manifest = ModelManifest(
+        name=MODEL_NAME,
+        version=recipe.version,
+        structures=STRUCTURES,
+        provenance=default_provenance(
+            training_data={
+                "kind": "rtseg phantom",
+                "centers": ["A", "B"],
+                "cases_per_center": recipe.cases_per_center,
+                "matrix": recipe.matrix,
+            },
+            seeds={"cohort": recipe.seed, "training": recipe.config.seed},
+            command="rtseg model build-default",
+        ),
+    )
+    manifest = replace(manifest, provenance={**manifest.provenance, "config": recipe.config.to_dict()})
+    return export_model(results, out_dir, manifest, strip_optimizer=True)

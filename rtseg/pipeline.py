@@ -1,0 +1,163 @@
+"""CT series → segmentation → RTSTRUCT: the one path the CLI, the node and the HTTP service share."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from rtseg.ct import load_series
+from rtseg.model.manifest import ModelManifest, model_hash
+from rtseg.model.segmenter import Segmentation, Segmenter
+from rtseg.rtstruct import ModelIdentity, RTStructResult, StructureReport, build_rtstruct, write_rtstruct
+from rtseg.volume import CTVolume
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str], None]
+
+# Plausible pediatric volumes (ml) for ages 1–16 y, generous: outside → flagged for review.
+PLAUSIBLE_ML: dict[str, tuple[float, float]] = {
+    "Liver": (150, 3000),
+    "Spleen": (10, 900),
+    "Kidney_L": (15, 450),
+    "Kidney_R": (15, 450),
+    "Heart": (30, 1200),
+    "Gallbladder": (1, 150),
+    "Pancreas": (5, 200),
+}
+# Structures whose centre must lie on the patient's left (+x) or right (−x) side.
+LATERALITY: dict[str, int] = {
+    "Liver": -1,
+    "Spleen": 1,
+    "Kidney_L": 1,
+    "Kidney_R": -1,
+    "Lung_L": 1,
+    "Lung_R": -1,
+}
+
+
+@dataclass(frozen=True)
+class StructureSummary:
+    """What a reviewer sees per structure: volume, contours and any plausibility flags."""
+
+    name: str
+    volume_ml: float
+    n_contours: int
+    flags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    """Outcome of one series: where the RTSTRUCT is, what is in it, how long each step took."""
+
+    rtstruct_path: Path
+    model: ModelIdentity
+    structures: tuple[StructureSummary, ...]
+    omitted: tuple[str, ...]
+    n_slices: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        return tuple(f"{s.name}: {flag}" for s in self.structures for flag in s.flags)
+
+
+def model_identity(manifest: ModelManifest, model_dir: Path | None = None) -> ModelIdentity:
+    """Name and version for headers; the version carries the weights' short hash."""
+    digest = model_hash(model_dir) if model_dir is not None else ""
+    version = f"{manifest.version}+{digest}" if digest else manifest.version
+    round_ = manifest.provenance.get("federation_round")
+    description = f"federation round {round_}" if round_ is not None else ""
+    return ModelIdentity(manifest.name, version[:64], description)
+
+
+def plausibility(report: StructureReport, labels: npt.NDArray[np.uint8], volume: CTVolume) -> tuple[str, ...]:
+    """Flags a reviewer should see: implausible volume, structure on the wrong side."""
+    flags: list[str] = []
+    lo, hi = PLAUSIBLE_ML.get(report.name, (0.0, float("inf")))
+    if not lo <= report.volume_ml <= hi:
+        flags.append(f"volume {report.volume_ml:.1f} ml outside the expected {lo:g}–{hi:g} ml")
+    side = LATERALITY.get(report.name)
+    if side is not None:
+        k, j, i = (float(v.mean()) for v in np.nonzero(labels == report.label))
+        x = float((volume.affine @ np.array([i, j, k, 1.0]))[0])
+        body = np.nonzero(labels > 0)
+        bk, bj, bi = (float(v.mean()) for v in body)
+        x_body = float((volume.affine @ np.array([bi, bj, bk, 1.0]))[0])
+        if (x - x_body) * side < 0:
+            where = "left" if x > x_body else "right"
+            flags.append(f"centre lies on the patient's {where}: check orientation and laterality")
+    return tuple(flags)
+
+
+def summarize(
+    result: RTStructResult, labels: npt.NDArray[np.uint8], volume: CTVolume
+) -> tuple[StructureSummary, ...]:
+    return tuple(
+        StructureSummary(r.name, round(r.volume_ml, 2), r.n_contours, plausibility(r, labels, volume))
+        for r in result.included
+    )
+
+
+def segment_volume(
+    volume: CTVolume,
+    segmenter: Segmenter,
+    identity: ModelIdentity,
+    *,
+    rtstruct_uids: tuple[str, str] | None = None,
+) -> tuple[Segmentation, RTStructResult]:
+    """Segment a loaded volume and build (not write) its RTSTRUCT."""
+    segmentation = segmenter.segment(volume)
+    series_uid, sop_uid = rtstruct_uids or (None, None)
+    result = build_rtstruct(
+        volume,
+        segmentation.labels,
+        segmentation.manifest.structures,
+        identity,
+        series_instance_uid=series_uid,
+        sop_instance_uid=sop_uid,
+    )
+    return segmentation, result
+
+
+def segment_series(
+    source: Path | Sequence[Path],
+    segmenter: Segmenter,
+    out_path: Path,
+    *,
+    identity: ModelIdentity | None = None,
+    series_uid: str | None = None,
+    rtstruct_uids: tuple[str, str] | None = None,
+    progress: Progress | None = None,
+) -> PipelineResult:
+    """Load a CT series, segment it, write the RTSTRUCT atomically to ``out_path``."""
+    say = progress or (lambda _msg: None)
+    identity = identity or model_identity(segmenter.manifest)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    say("loading CT series")
+    volume = load_series(source, series_uid=series_uid)
+    timings["load_s"] = time.perf_counter() - t0
+    say(f"segmenting {volume.shape[0]} slices with {identity.name} {identity.version}")
+    t1 = time.perf_counter()
+    segmentation, result = segment_volume(volume, segmenter, identity, rtstruct_uids=rtstruct_uids)
+    timings["segment_s"] = segmentation.seconds
+    timings["rtstruct_s"] = time.perf_counter() - t1 - segmentation.seconds
+    say("writing RTSTRUCT")
+    t2 = time.perf_counter()
+    write_rtstruct(result.dataset, out_path)
+    timings["write_s"] = time.perf_counter() - t2
+    timings["total_s"] = time.perf_counter() - t0
+    structures = summarize(result, segmentation.labels, volume)
+    log.info(
+        "segmented series: %d slices, %d structures, %.1f s",
+        volume.shape[0],
+        len(structures),
+        timings["total_s"],
+    )
+    return PipelineResult(out_path, identity, structures, result.omitted, volume.shape[0], timings)
