@@ -788,7 +788,10 @@ def _decode(header: _Header, rows: int, columns: int) -> npt.NDArray[Any]:
     try:
         pixels = ds.pixel_array
     except _DECODE_ERRORS as exc:
-        raise InputError(f"pixel data ({syntax}) cannot be decoded: {exc}", source=path) from exc
+        detail = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())[:300]
+        raise InputError(
+            f"pixel data in transfer syntax {syntax} cannot be decoded: {detail}", source=path
+        ) from exc
     if pixels.shape != (rows, columns):
         raise InputError(
             f"decoded pixel data has shape {pixels.shape}, expected {rows}x{columns} ({syntax})",
