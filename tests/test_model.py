@@ -265,3 +265,18 @@ def test_failed_child_is_a_model_error_with_its_output(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="nnU-Net train failed") as info:
         train(tmp_path, 999, TINY)
     assert "Traceback" in str(info.value) and info.value.source is not None
+
+
+def test_cross_validation_folder_loads_as_ensemble(
+    trained: dict[str, Any], segmenter: NnunetSegmenter, probe: npt.NDArray[Any], tmp_path: Path
+) -> None:
+    """The layout nnU-Net leaves after 5-fold training elsewhere: fold_0..N, no manifest."""
+    model = _copy_model(trained["model"], tmp_path / "nnUNetTrainer__nnUNetPlans__3d_fullres", manifest=False)
+    (model / "fold_all").rename(model / "fold_0")
+    shutil.copytree(model / "fold_0", model / "fold_1")
+    ensemble = NnunetSegmenter(model, device="cpu")
+    assert ensemble.manifest.folds == ("0", "1") and ensemble.loaded_via == "trainer"
+    # two identical members average to the single model
+    assert np.array_equal(
+        ensemble.predict_canonical(probe, SPACING), segmenter.predict_canonical(probe, SPACING)
+    )
