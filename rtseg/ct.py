@@ -264,7 +264,8 @@ def _walk(root: Path) -> list[Path]:
     found: list[Path] = []
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found.extend(Path(folder) / f for f in sorted(files) if not f.startswith("."))
+        paths = (Path(folder) / f for f in sorted(files) if not f.startswith("."))
+        found.extend(p for p in paths if p.is_file())  # no sockets, FIFOs or dangling links
     return found
 
 
@@ -296,6 +297,8 @@ def _read_header(path: Path, *, strict: bool) -> Dataset | None:
         if not strict:
             return None
         raise InputError("not a DICOM file (no DICM preamble)", source=str(path)) from exc
+    except OSError as exc:
+        raise InputError(f"cannot read the file ({exc.strerror or exc})", source=str(path)) from exc
     except _READ_ERRORS as exc:
         raise InputError("unreadable or truncated DICOM file", source=str(path)) from exc
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -399,6 +400,8 @@ def test_dose_structure_scouts_and_clutter_are_ignored(
     fileset.write(tmp_path / "media")
     (tmp_path / "README").write_text("exported by a PACS\n")
     (tmp_path / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    os.mkfifo(tmp_path / "pipe")  # reading it would block forever
+    (tmp_path / "dangling.dcm").symlink_to(tmp_path / "gone.dcm")
     (tmp_path / ".hidden").mkdir()
     _write(tmp_path / ".hidden", seed="hidden-series")  # would be a second CT series if not skipped
     _assert_loaded(load_series(str(tmp_path)), expected)  # a str path works too
