@@ -11,6 +11,11 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from scipy.ndimage import zoom
 
 from rtseg.errors import ModelError
 from rtseg.model.dataset import Case, write_raw_dataset
@@ -72,14 +77,39 @@ def default_model_dir() -> Path:
     return DEFAULT_MODEL_DIR
 
 
-def canonical_cases(cohort_dir: Path) -> Iterator[Case]:
-    """Cases of a cohort folder in the canonical orientation, read through the DICOM loader."""
+def canonical_cases(
+    cohort_dir: Path, spacing_zyx: tuple[float, float, float] | None = None
+) -> Iterator[Case]:
+    """Cases of a cohort folder in the canonical orientation, read through the DICOM loader.
+
+    With ``spacing_zyx`` each case is resampled to (nearly) that spacing here,
+    once, so that nnU-Net's fingerprinting and preprocessing work on small
+    arrays and do not resample again.
+    """
     from rtseg.cases import case_dirs, load_case
 
     for case_dir in case_dirs(cohort_dir):
         case = load_case(case_dir)
         image, spacing, labels = case.canonical()
+        if spacing_zyx is not None:
+            image, labels, spacing = resample_case(image, labels, spacing, spacing_zyx)
         yield case.case_id, image, spacing, labels
+
+
+def resample_case(
+    image: npt.NDArray[Any],
+    labels: npt.NDArray[np.uint8],
+    spacing: tuple[float, float, float],
+    target: tuple[float, float, float],
+) -> tuple[npt.NDArray[np.int16], npt.NDArray[np.uint8], tuple[float, float, float]]:
+    """Image by linear interpolation, labels by nearest neighbour (both with grid-aligned corners)."""
+    shape = np.asarray(image.shape)
+    new_shape = np.maximum(np.round(shape * np.asarray(spacing) / np.asarray(target)).astype(int), 1)
+    factors = new_shape / shape
+    out_image = zoom(image.astype(np.float32), factors, order=1, grid_mode=True, mode="nearest")
+    out_labels = zoom(labels, factors, order=0, grid_mode=True, mode="nearest")
+    exact = tuple(float(s * n / m) for s, n, m in zip(spacing, shape, new_shape, strict=True))
+    return np.rint(out_image).astype(np.int16), out_labels, (exact[0], exact[1], exact[2])
 
 
 def build_default(

@@ -1,0 +1,283 @@
+"""Segmentation jobs: the one job model shared by the DICOM node and the HTTP service.
+
+A job is "segment this CT series". Its state lives in SQLite (WAL mode, one
+row per job) and moves only along :data:`TRANSITIONS`; every change is a
+compare-and-set on the current state, so two processes can never both claim or
+finish the same job, and a restart after ``kill -9`` finds every job in the
+last state that was committed.
+
+States::
+
+    received ─▶ queued ─▶ running ─▶ sending ─▶ done
+        │          │          │          └────▶ dead_letter
+        └▶ skipped └──────────┴▶ failed
+    (running ─▶ queued when a crashed worker's job is recovered)
+
+HTTP jobs go ``running → done``; DICOM jobs with destinations go through
+``sending``. Paths stored in a job are relative to the data directory.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from rtseg.errors import RtsegError
+
+
+class JobState(StrEnum):
+    RECEIVED = "received"  # instances arriving (DICOM) / upload being checked (HTTP)
+    QUEUED = "queued"  # complete and selected: waiting for a worker
+    RUNNING = "running"  # a worker is segmenting
+    SENDING = "sending"  # RTSTRUCT written, deliveries pending
+    DONE = "done"
+    FAILED = "failed"  # the input or the model failed; the error says why
+    DEAD_LETTER = "dead_letter"  # delivery gave up after the retry limit
+    SKIPPED = "skipped"  # did not match the selection rules
+
+
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.RECEIVED: frozenset({JobState.QUEUED, JobState.SKIPPED, JobState.FAILED}),
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED}),
+    JobState.RUNNING: frozenset({JobState.SENDING, JobState.DONE, JobState.FAILED, JobState.QUEUED}),
+    JobState.SENDING: frozenset({JobState.DONE, JobState.DEAD_LETTER}),
+    JobState.DEAD_LETTER: frozenset({JobState.SENDING}),  # an operator's retry
+    JobState.DONE: frozenset(),
+    JobState.FAILED: frozenset({JobState.QUEUED}),  # an operator's retry
+    JobState.SKIPPED: frozenset(),
+}
+FINAL = frozenset({JobState.DONE, JobState.FAILED, JobState.DEAD_LETTER, JobState.SKIPPED})
+
+
+class JobError(RtsegError):
+    """A job does not exist or cannot make the requested state change."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One segmentation job (no patient data: keys are hashes, paths are relative)."""
+
+    id: str
+    source: str  # "dicom" or "http"
+    state: JobState
+    series_key: str  # hash of the SeriesInstanceUID (or of the upload)
+    input_dir: str  # relative to the data directory
+    output_path: str | None  # RTSTRUCT, relative to the data directory
+    created: float
+    updated: float
+    attempts: int = 0
+    error: str | None = None
+    model_version: str | None = None
+    meta: Mapping[str, Any] = field(default_factory=dict)  # face-specific: caller AE, destinations, options
+    result: Mapping[str, Any] = field(default_factory=dict)  # structures, volumes, flags, timings
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    source TEXT NOT NULL,
+    state TEXT NOT NULL,
+    series_key TEXT NOT NULL,
+    input_dir TEXT NOT NULL,
+    output_path TEXT,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    model_version TEXT,
+    meta TEXT NOT NULL DEFAULT '{}',
+    result TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, created);
+CREATE INDEX IF NOT EXISTS jobs_series ON jobs (series_key);
+"""
+_COLUMNS = ("output_path", "attempts", "error", "model_version", "meta", "result")
+
+
+class JobStore:
+    """SQLite-backed job table; safe across threads and processes (one connection per thread)."""
+
+    def __init__(self, db_path: Path) -> None:
+        self.db_path = Path(db_path)
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        with self._tx() as db:
+            db.executescript(_SCHEMA)
+
+    # -- connection ---------------------------------------------------------------
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")  # a committed state survives power loss
+            conn.execute("PRAGMA busy_timeout=30000")
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    # -- queries ------------------------------------------------------------------
+    def create(
+        self,
+        source: str,
+        series_key: str,
+        input_dir: str,
+        *,
+        state: JobState = JobState.RECEIVED,
+        meta: Mapping[str, Any] | None = None,
+        job_id: str | None = None,
+    ) -> Job:
+        now = time.time()
+        job_id = job_id or uuid.uuid4().hex
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO jobs (id, source, state, series_key, input_dir, created, updated, meta)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, source, str(state), series_key, input_dir, now, now, json.dumps(dict(meta or {}))),
+            )
+        return self.get(job_id)
+
+    def get(self, job_id: str) -> Job:
+        row = self._conn().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise JobError(f"no job {job_id!r}")
+        return _job(row)
+
+    def find(self, job_id: str) -> Job | None:
+        row = self._conn().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return _job(row) if row is not None else None
+
+    def list(
+        self,
+        states: frozenset[JobState] | set[JobState] | None = None,
+        *,
+        source: str | None = None,
+        series_key: str | None = None,
+        limit: int = 1000,
+    ) -> list[Job]:
+        sql, args = "SELECT * FROM jobs WHERE 1=1", []
+        if states:
+            sql += f" AND state IN ({','.join('?' * len(states))})"
+            args += [str(s) for s in states]
+        if source:
+            sql += " AND source = ?"
+            args.append(source)
+        if series_key:
+            sql += " AND series_key = ?"
+            args.append(series_key)
+        sql += " ORDER BY created LIMIT ?"
+        args.append(limit)
+        return [_job(r) for r in self._conn().execute(sql, args).fetchall()]
+
+    def counts(self) -> dict[str, int]:
+        rows = self._conn().execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        found = {str(r[0]): int(r[1]) for r in rows}
+        return {str(s): found.get(str(s), 0) for s in JobState}
+
+    # -- state changes ----------------------------------------------------------------
+    def transition(
+        self,
+        job_id: str,
+        expected: JobState | frozenset[JobState] | set[JobState],
+        new: JobState,
+        **fields: Any,
+    ) -> Job:
+        """Move ``job_id`` from one of ``expected`` to ``new`` atomically, updating ``fields``.
+
+        Raises :class:`JobError` if the job is not in an expected state (someone
+        else moved it) or the change is not allowed by :data:`TRANSITIONS`.
+        """
+        allowed = {expected} if isinstance(expected, JobState) else set(expected)
+        for state in allowed:
+            if new not in TRANSITIONS[state] and new != state:
+                raise JobError(f"job state change {state} → {new} is not allowed")
+        sets, args = ["state = ?", "updated = ?"], [str(new), time.time()]
+        for key, value in fields.items():
+            if key not in _COLUMNS:
+                raise JobError(f"unknown job field {key!r}")
+            sets.append(f"{key} = ?")
+            args.append(json.dumps(dict(value)) if key in ("meta", "result") else value)
+        with self._tx() as db:
+            cur = db.execute(
+                f"UPDATE jobs SET {', '.join(sets)} WHERE id = ? AND state IN ({','.join('?' * len(allowed))})",
+                [*args, job_id, *[str(s) for s in allowed]],
+            )
+            if cur.rowcount != 1:
+                row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                now = "missing" if row is None else row[0]
+                raise JobError(f"job {job_id} is {now}, not {'/'.join(sorted(map(str, allowed)))}")
+        return self.get(job_id)
+
+    def update(self, job_id: str, **fields: Any) -> Job:
+        """Change fields without a state change (e.g. meta of a received job)."""
+        job = self.get(job_id)
+        return self.transition(job_id, job.state, job.state, **fields)
+
+    def claim_next(self, sources: frozenset[str] | None = None) -> Job | None:
+        """Atomically take the oldest queued job (``queued → running``), or None."""
+        with self._tx() as db:
+            sql, args = "SELECT id FROM jobs WHERE state = ?", [str(JobState.QUEUED)]
+            if sources:
+                sql += f" AND source IN ({','.join('?' * len(sources))})"
+                args += sorted(sources)
+            row = db.execute(sql + " ORDER BY created LIMIT 1", args).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE jobs SET state = ?, updated = ?, attempts = attempts + 1 WHERE id = ?",
+                (str(JobState.RUNNING), time.time(), row[0]),
+            )
+        return self.get(row[0])
+
+    def recover(self) -> list[Job]:
+        """After a restart: jobs left ``running`` by a dead worker go back to ``queued``."""
+        stuck = self.list({JobState.RUNNING})
+        return [self.transition(j.id, JobState.RUNNING, JobState.QUEUED) for j in stuck]
+
+    def delete(self, job_id: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return Job(
+        id=row["id"],
+        source=row["source"],
+        state=JobState(row["state"]),
+        series_key=row["series_key"],
+        input_dir=row["input_dir"],
+        output_path=row["output_path"],
+        created=row["created"],
+        updated=row["updated"],
+        attempts=row["attempts"],
+        error=row["error"],
+        model_version=row["model_version"],
+        meta=json.loads(row["meta"]),
+        result=json.loads(row["result"]),
+    )
