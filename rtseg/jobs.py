@@ -110,8 +110,7 @@ class JobStore:
         self.db_path = Path(db_path)
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        with self._tx() as db:
-            db.executescript(_SCHEMA)
+        self._conn().executescript(_SCHEMA)  # executescript manages its own transaction
 
     # -- connection ---------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
@@ -218,8 +217,9 @@ class JobStore:
             sets.append(f"{key} = ?")
             args.append(json.dumps(dict(value)) if key in ("meta", "result") else value)
         with self._tx() as db:
+            marks = ",".join("?" * len(allowed))
             cur = db.execute(
-                f"UPDATE jobs SET {', '.join(sets)} WHERE id = ? AND state IN ({','.join('?' * len(allowed))})",
+                f"UPDATE jobs SET {', '.join(sets)} WHERE id = ? AND state IN ({marks})",
                 [*args, job_id, *[str(s) for s in allowed]],
             )
             if cur.rowcount != 1:
