@@ -39,6 +39,7 @@ from rtseg.rtstruct.contours import (
     MAX_ELEMENT_BYTES,
     SIMPLIFY_TOLERANCES,
     SliceContour,
+    significance,
     simplify,
     split_fan,
     trace_mask,
@@ -235,8 +236,9 @@ def _fit_element(k: int, points: npt.NDArray[np.float64], affine: npt.NDArray[np
     data = _contour_data(k, points, affine)
     if len(data) <= MAX_ELEMENT_BYTES:
         return [_Contour(k, data, len(points))]
+    sig = significance(points)
     for tolerance in SIMPLIFY_TOLERANCES:
-        reduced = simplify(points, tolerance)
+        reduced = simplify(points, tolerance, sig)
         data = _contour_data(k, reduced, affine)
         if len(data) <= MAX_ELEMENT_BYTES:
             return [_Contour(k, data, len(reduced))]
