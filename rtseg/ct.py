@@ -30,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import UID
 
@@ -56,6 +56,7 @@ _DUPLICATE_MM = 0.01  # two slices closer than this are at the same position
 _TILT_DEGREES = 0.01
 _READ_ERRORS = (
     InvalidDicomError,
+    NotImplementedError,
     OSError,
     EOFError,
     ValueError,
@@ -64,9 +65,37 @@ _READ_ERRORS = (
     AttributeError,
     struct.error,
     zlib.error,
+    BytesLengthException,
 )
 # What pydicom and its plugins raise for pixel data they cannot decode.
-_DECODE_ERRORS = (NotImplementedError, RuntimeError, ValueError, TypeError, KeyError, AttributeError, OSError)
+_DECODE_ERRORS = (*_READ_ERRORS, RuntimeError, IndexError)
+# Every attribute read from a header; converted while reading, so that a
+# corrupt value is reported as an unreadable file instead of failing later.
+_HEADER_KEYWORDS = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "SeriesInstanceUID",
+    "StudyInstanceUID",
+    "FrameOfReferenceUID",
+    "Modality",
+    "ImageType",
+    "SeriesNumber",
+    "SeriesDescription",
+    "PatientPosition",
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+    "GantryDetectorTilt",
+    "SpacingBetweenSlices",
+    "SliceThickness",
+    "RescaleSlope",
+    "RescaleIntercept",
+    *PATIENT_STUDY_KEYWORDS,
+)
+_META_KEYWORDS = ("TransferSyntaxUID", "MediaStorageSOPClassUID")
 
 
 @dataclass(frozen=True)
@@ -292,7 +321,12 @@ def _read_header(path: Path, *, strict: bool) -> Dataset | None:
     cannot be parsed is always refused.
     """
     try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        for keyword in _HEADER_KEYWORDS:
+            ds.get(keyword)
+        for keyword in _META_KEYWORDS:
+            ds.file_meta.get(keyword)
+        return ds
     except InvalidDicomError as exc:
         if not strict:
             return None
@@ -533,13 +567,13 @@ def _check_consistent(headers: Sequence[_Header]) -> _Header:
 def _signature(header: _Header) -> tuple[object, ...]:
     """What must be equal between slices (also checks that each attribute is present)."""
     _position(header)
-    rows, columns = header.ds.get("Rows"), header.ds.get("Columns")
-    if rows in (None, "", 0) or columns in (None, "", 0):
-        raise InputError("slice has no Rows/Columns", source=str(header.path))
+    rows, columns = (int(_floats(header, keyword, 1)[0]) for keyword in ("Rows", "Columns"))
+    if rows < 1 or columns < 1:
+        raise InputError(f"slice has an empty image ({rows}x{columns})", source=str(header.path))
     return (
         _frame_of_reference(header),
-        int(rows),
-        int(columns),
+        rows,
+        columns,
         tuple(np.round(_floats(header, "ImageOrientationPatient", 6), 4)),
         tuple(np.round(_floats(header, "PixelSpacing", 2), 4)),
     )

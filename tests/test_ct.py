@@ -516,6 +516,30 @@ def test_truncated_compressed_file_is_named(tmp_path: Path) -> None:
     assert _error(tmp_path, "truncated").source == str(path)
 
 
+@pytest.mark.parametrize("encoder", [None, "rle/dcmcrle", "deflate/dcmconv", "jpeg-ls/dcmcjpls"])
+def test_corrupted_bytes_raise_only_input_error(tmp_path: Path, encoder: str | None) -> None:
+    """Random byte damage in one slice: loading succeeds or raises InputError, nothing else."""
+    expected = _write(tmp_path / "clean", hu=_canonical((4, 20, 24)), seed="fuzz")
+    victim = _files_in_order(tmp_path / "clean", expected)[1]
+    if encoder is not None:
+        ENCODERS[encoder][0](victim)
+    clean = victim.read_bytes()
+    rng = np.random.default_rng(11)
+    for trial in range(15):
+        folder = tmp_path / f"t{trial}"
+        shutil.copytree(tmp_path / "clean", folder)
+        damaged = bytearray(clean)
+        end = len(damaged) if trial % 2 else min(len(damaged), 1200)  # header only, or anywhere
+        for position in rng.integers(128, end, size=int(rng.integers(1, 4))):
+            damaged[int(position)] = int(rng.integers(0, 256))
+        (folder / victim.name).write_bytes(bytes(damaged))
+        try:
+            find_series(folder)
+            load_series(folder)
+        except InputError:
+            pass
+
+
 # ---------------------------------------------------------------------------
 # inconsistent or incomplete series
 
