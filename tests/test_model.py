@@ -119,7 +119,9 @@ def test_raw_dataset_refuses_inconsistent_labels(tmp_path: Path) -> None:
     hu, labels = synthetic_case(0)
     with pytest.raises(InputError, match="not in the label table"):
         write_raw_dataset(tmp_path, 5, "Bad", [("a", hu, SPACING, labels)], {"background": 0, "Bright": 1})
-    write_raw_dataset(tmp_path, 5, "Good", [("a", hu, SPACING, labels)], LABELS)
+    good = write_raw_dataset(tmp_path, 5, "Good", [("a", hu.astype(np.int16), SPACING, labels)], LABELS)
+    written = sitk.ReadImage(str(good / "imagesTr" / "a_0000.nii.gz"))
+    assert written.GetPixelID() == sitk.sitkInt16  # integer HU are not inflated to float32
     with pytest.raises(InputError, match="differ"):
         other = {"background": 0, "Dark": 1, "Bright": 2}
         write_raw_dataset(tmp_path, 5, "Good", [("b", hu, SPACING, labels)], other)
@@ -252,6 +254,7 @@ class _Stop(Exception):
     pass
 
 
+@pytest.mark.slow  # a second training run
 def test_progress_callback_can_stop_training(trained: dict[str, Any]) -> None:
     def stop(epoch: EpochProgress) -> None:
         raise _Stop(epoch.epoch)
@@ -261,9 +264,20 @@ def test_progress_callback_can_stop_training(trained: dict[str, Any]) -> None:
     assert not (trained["results"] / "fold_0" / "checkpoint_final.pth").exists()
 
 
+def test_steps_out_of_order_are_input_errors(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="no raw dataset"):
+        plan_and_preprocess(tmp_path, 998, TINY)
+    with pytest.raises(InputError, match="not preprocessed"):
+        train(tmp_path, 998, TINY)
+
+
+@pytest.mark.slow  # a child process that imports torch and nnU-Net
 def test_failed_child_is_a_model_error_with_its_output(tmp_path: Path) -> None:
+    broken = nnunet_dirs(tmp_path).preprocessed / "Dataset998_Broken"
+    broken.mkdir(parents=True)
+    (broken / "nnUNetPlans.json").write_text("{}")
     with pytest.raises(ModelError, match="nnU-Net train failed") as info:
-        train(tmp_path, 999, TINY)
+        train(tmp_path, 998, TINY)
     assert "Traceback" in str(info.value) and info.value.source is not None
 
 

@@ -61,12 +61,12 @@ def write_raw_dataset(
     for case_id, image, spacing, label in cases:
         _check_case(case_id, image, spacing, label, seen)
         if label is None:
-            _write(folder / "imagesTs" / f"{case_id}_0000.nii.gz", image.astype(np.float32), spacing)
+            _write(folder / "imagesTs" / f"{case_id}_0000.nii.gz", _hu(image), spacing)
             continue
         unknown = np.setdiff1d(np.unique(label), allowed)
         if unknown.size:
             raise InputError(f"case {case_id}: label values {unknown.tolist()} are not in the label table")
-        _write(folder / "imagesTr" / f"{case_id}_0000.nii.gz", image.astype(np.float32), spacing)
+        _write(folder / "imagesTr" / f"{case_id}_0000.nii.gz", _hu(image), spacing)
         _write(folder / "labelsTr" / f"{case_id}.nii.gz", label.astype(np.uint8), spacing)
         n_training += 1
     if n_training == 0:
@@ -121,6 +121,15 @@ def _check_case(
         raise InputError(f"case {case_id}: spacing must be three positive numbers, got {spacing}")
     if label is not None and label.shape != image.shape:
         raise InputError(f"case {case_id}: labels shape {label.shape} differs from image {image.shape}")
+
+
+def _hu(image: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """Integer HU stay int16 (half the disk of float32); anything else becomes float32."""
+    if np.issubdtype(image.dtype, np.integer):
+        if image.min() < -32768 or image.max() > 32767:
+            raise InputError("integer HU values outside the int16 range")
+        return image.astype(np.int16)
+    return image.astype(np.float32)
 
 
 def _write(path: Path, array: npt.NDArray[Any], spacing_zyx: tuple[float, float, float]) -> None:

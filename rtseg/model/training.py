@@ -121,6 +121,9 @@ def plan_and_preprocess(work_dir: Path, dataset_id: int, config: CpuConfig = Cpu
     Returns the preprocessed dataset folder.
     """
     validate_config(config)
+    raw = _dataset_folder(nnunet_dirs(work_dir).raw, dataset_id)
+    if raw is None or not (raw / "dataset.json").is_file():
+        raise InputError(f"no raw dataset {dataset_id} in {nnunet_dirs(work_dir).raw}; write it first")
     done = _run_child("plan", {"dataset_id": dataset_id}, work_dir, config, None)
     return Path(done["preprocessed_dir"])
 
@@ -141,8 +144,19 @@ def train(
     """
     if fold != "all" and not fold.isdigit():
         raise InputError(f"fold must be 'all' or a number, got {fold!r}")
+    preprocessed = _dataset_folder(nnunet_dirs(work_dir).preprocessed, dataset_id)
+    if preprocessed is None or not (preprocessed / f"{PLANS_IDENTIFIER}.json").is_file():
+        raise InputError(
+            f"dataset {dataset_id} is not preprocessed in {work_dir}; run plan_and_preprocess first"
+        )
     done = _run_child("train", {"dataset_id": dataset_id, "fold": fold}, work_dir, config, progress)
     return Path(done["results_dir"])
+
+
+def _dataset_folder(root: Path, dataset_id: int) -> Path | None:
+    """nnU-Net's ``DatasetXXX_*`` folder of ``dataset_id`` under ``root``, if there is one."""
+    found = sorted(root.glob(f"Dataset{dataset_id:03d}_*")) if root.is_dir() else []
+    return found[0] if found else None
 
 
 def export_model(
