@@ -570,12 +570,15 @@ def _signature(header: _Header) -> tuple[object, ...]:
     rows, columns = (int(_floats(header, keyword, 1)[0]) for keyword in ("Rows", "Columns"))
     if rows < 1 or columns < 1:
         raise InputError(f"slice has an empty image ({rows}x{columns})", source=str(header.path))
+    spacing = _floats(header, "PixelSpacing", 2)
+    if np.any(spacing <= 0):
+        raise InputError(f"PixelSpacing must be positive, got {_fmt(spacing)}", source=str(header.path))
     return (
         _frame_of_reference(header),
         rows,
         columns,
         tuple(np.round(_floats(header, "ImageOrientationPatient", 6), 4)),
-        tuple(np.round(_floats(header, "PixelSpacing", 2), 4)),
+        tuple(np.round(spacing, 4)),
     )
 
 
