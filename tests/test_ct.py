@@ -8,6 +8,7 @@ with dcmtk and pydicom's encoders and must decode to exactly the same HU.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import os
 import shutil
@@ -24,6 +25,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.fileset import FileSet
 from pydicom.uid import (
     MPEG2MPML,
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
@@ -49,7 +51,8 @@ def _canonical(shape: tuple[int, int, int] = (12, 40, 48)) -> npt.NDArray[np.int
     rng = np.random.default_rng(7)
     z, y, x = np.indices(shape)
     hu = rng.integers(-1000, 1500, shape) + 10 * z - 3 * y + 2 * x
-    return np.clip(hu, -1024, 3000).astype(np.int16)  # stored unsigned with intercept -1024
+    clipped: npt.NDArray[np.int16] = np.clip(hu, -1024, 3000).astype(np.int16)
+    return clipped  # stored unsigned with intercept -1024
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +142,7 @@ def _write_oriented(
     uids = []
     for k in range(stored.shape[0]):
         ds = copy.deepcopy(base)
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = deterministic_uid(row, col, k)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = UID(deterministic_uid(row, col, k))
         ds.ImageOrientationPatient = [*row, *col]
         ds.PatientPosition = "HFDL"
         ds.ImagePositionPatient = [f"{v:.6g}" for v in (affine @ [0, 0, k, 1])[:3]]
@@ -366,7 +369,7 @@ def _save(ds: Dataset, path: Path) -> Path:
 def _write_scout(folder: Path, template: Path, series_uid: str, name: str) -> Path:
     ds = pydicom.dcmread(template)
     ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = deterministic_uid("scout", name)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = UID(deterministic_uid("scout", name))
     ds.SeriesInstanceUID = series_uid
     ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]  # coronal
     ds.ImagePositionPatient = [-30, 0, 120]
@@ -389,8 +392,8 @@ def test_dose_structure_scouts_and_clutter_are_ignored(
     _write_scout(tmp_path, first, deterministic_uid("scout-series"), "scout-own-series.dcm")
     # A dose-report screen capture filed in the CT series (no geometry).
     report = pydicom.dcmread(first)
-    report.SOPClassUID = report.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-    report.SOPInstanceUID = report.file_meta.MediaStorageSOPInstanceUID = deterministic_uid("report")
+    report.SOPClassUID = report.file_meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.7")
+    report.SOPInstanceUID = report.file_meta.MediaStorageSOPInstanceUID = UID(deterministic_uid("report"))
     del report.ImagePositionPatient, report.ImageOrientationPatient
     report.save_as(tmp_path / "ct" / "dose-report.dcm", enforce_file_format=True)
     # A DICOMDIR file set holding exact copies of the slices, and non-DICOM clutter.
@@ -404,7 +407,7 @@ def test_dose_structure_scouts_and_clutter_are_ignored(
     (tmp_path / "dangling.dcm").symlink_to(tmp_path / "gone.dcm")
     (tmp_path / ".hidden").mkdir()
     _write(tmp_path / ".hidden", seed="hidden-series")  # would be a second CT series if not skipped
-    _assert_loaded(load_series(str(tmp_path)), expected)  # a str path works too
+    _assert_loaded(load_series(str(tmp_path)), expected)  # type: ignore[arg-type]  # str works too
 
     summaries = {
         s.modality + (" scout" if "scout" in s.files[0].name else ""): s for s in find_series(tmp_path)
@@ -457,7 +460,7 @@ def test_explicit_files_from_two_series(tmp_path: Path) -> None:
 
 def _as_mr(ds: Dataset) -> None:
     ds.Modality = "MR"
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.4")
 
 
 def test_mr_series_is_refused(tmp_path: Path) -> None:
@@ -659,7 +662,7 @@ def test_small_position_jitter_is_accepted(tmp_path: Path) -> None:
 def test_sheared_stack(tmp_path: Path) -> None:
     expected = _write(tmp_path, seed="shear")
     for k, path in enumerate(_files_in_order(tmp_path, expected)):
-        _edit(path, lambda ds, k=k: _shift(ds, dy=0.5 * k))
+        _edit(path, functools.partial(_shift, dy=0.5 * k))
     _error(tmp_path, "tilted/sheared stack", "sideways")
 
 
