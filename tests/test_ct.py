@@ -120,6 +120,26 @@ def test_loads_every_patient_position(
     assert volume.spacing == pytest.approx(SPACING)
 
 
+@pytest.mark.parametrize("position", ["HFS", "FFS", "HFP", "FFP", "decubitus"])
+def test_agrees_with_simpleitk(tmp_path: Path, canonical: npt.NDArray[np.int16], position: str) -> None:
+    """An independent reader (ITK's GDCM series reader) sees the same voxels and geometry."""
+    sitk = pytest.importorskip("SimpleITK")
+    if position == "decubitus":
+        _write_oriented(tmp_path, canonical[:6], (0, -1, 0), (1, 0, 0))
+    else:
+        write_ct_series(canonical[:6], SPACING, ORIGIN, tmp_path, SeriesSpec("itk" + position, position))
+    ENCODERS["jpeg-ls/dcmcjpls"][0](sorted(tmp_path.glob("*.dcm"))[0])  # one compressed slice
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(tmp_path)))
+    image = reader.Execute()
+    affine = np.eye(4)
+    affine[:3, :3] = np.reshape(image.GetDirection(), (3, 3)) * np.array(image.GetSpacing())
+    affine[:3, 3] = image.GetOrigin()
+    volume = load_series(tmp_path)
+    np.testing.assert_array_equal(volume.hu, sitk.GetArrayFromImage(image))
+    np.testing.assert_allclose(volume.affine, affine, atol=1e-4)
+
+
 def _write_oriented(
     out: Path, canonical: npt.NDArray[np.int16], row: tuple[int, int, int], col: tuple[int, int, int]
 ) -> CTVolume:
