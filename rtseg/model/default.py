@@ -51,16 +51,17 @@ class Recipe:
         target_spacing_zyx=(3.0, 1.5, 1.5),
         patch_size_zyx=(48, 96, 96),
         batch_size=2,
-        base_features=12,
+        base_features=8,
         n_stages=5,
-        max_features=192,
-        epochs=60,
-        iterations_per_epoch=40,
+        max_features=128,
+        epochs=40,
+        iterations_per_epoch=50,
         val_iterations_per_epoch=4,
         learning_rate=1e-2,
         da_workers=2,
         preprocess_workers=2,
         seed=0,
+        threads=2,
     )
 
 

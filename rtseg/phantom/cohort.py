@@ -274,6 +274,11 @@ def read_label_image(path: Path) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.
 
 
 def _write_one(args: tuple[str, int, int, Path, int]) -> CaseInfo:
+    center, seed, index, out, matrix = args
+    existing = out / case_id(center, seed, index) / "case.json"
+    if existing.is_file() and (existing.parent / "labels.nii.gz").is_file():
+        # deterministic per (center, seed, index): a finished case is not written again
+        return CaseInfo(**json.loads(existing.read_text()))
     return write_case(*args)
 
 
