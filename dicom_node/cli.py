@@ -1,0 +1,171 @@
+"""``rtseg serve`` and ``rtseg node echo|status|bench``: the DICOM face's commands.
+
+Registered into the ``rtseg`` command line by :func:`register`. User-facing
+output is printed here; nothing printed carries patient data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rtseg.settings import Settings, load_settings
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _model(settings: Settings) -> tuple[Path, str]:
+    from rtseg.model.default import default_model_dir
+    from rtseg.model.manifest import load_manifest, model_hash
+
+    model_dir = settings.model_path or default_model_dir()
+    manifest = load_manifest(model_dir)
+    return model_dir, f"{manifest.name} {manifest.version} (hash {model_hash(model_dir)})"
+
+
+def _describe(settings: Settings, port: int, model: str) -> list[str]:
+    d = settings.dicom
+    tls = "TLS" if d.tls.enabled else "no TLS"
+    callers = ", ".join(f"{c.ae_title}@{c.host or '*'}" for c in d.allowed_callers) or "any calling AE"
+    lines = [
+        f"DICOM: AE {d.ae_title} listening on {d.host}:{port} ({tls}, max PDU {d.max_pdu or 'unlimited'})",
+        f"  accepting: {callers}",
+    ]
+    for dest in settings.destinations:
+        lines.append(
+            f"  results to: {dest.name} = {dest.ae_title}@{dest.host}:{dest.port}{' TLS' if dest.tls else ''}"
+        )
+    if d.return_to_sender:
+        lines.append("  results to: the calling AE (return to sender)")
+    if not settings.destinations and not d.return_to_sender:
+        lines.append("  results to: nowhere (no destinations): RTSTRUCTs stay in the data directory")
+    n = settings.node
+    lines += [
+        f"data: {Path(settings.data_dir).resolve()}",
+        f"model: {model}",
+        f"workers: {n.workers}, quiet time {n.quiet_time_s:g} s, retention {n.retention_h:g} h",
+    ]
+    return lines
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from dicom_node.node import Node
+
+    settings = load_settings(args.config)
+    model_dir, model = _model(settings)
+    node = Node(settings, model_dir)
+    node.start()
+    for line in _describe(settings, node.port, model):
+        print(line, flush=True)
+    stops: list[Callable[[], None]] = []
+    # --- optional companions start here -------------------------------------------------
+    # The HTTP service (service/) starts here from settings.http and appends its stop
+    # function to `stops`. Keep this block small: one companion, one call.
+    # --- end of optional companions -----------------------------------------------------
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print("ready (SIGTERM or Ctrl-C stops)", flush=True)
+    while not stop.wait(1.0):
+        pass
+    print("stopping ...", flush=True)
+    for stop_companion in reversed(stops):
+        stop_companion()
+    node.stop()
+    print("stopped", flush=True)
+    return 0
+
+
+def _cmd_node(args: argparse.Namespace) -> int:
+    action: Handler = args.node_action
+    return action(args)
+
+
+def _node_echo(args: argparse.Namespace) -> int:
+    from dicom_node.scu import echo
+
+    settings = load_settings(args.config)
+    if args.destination:
+        found = [d for d in settings.destinations if d.name == args.destination]
+        if not found:
+            names = ", ".join(d.name for d in settings.destinations) or "none configured"
+            print(f"no destination {args.destination!r} ({names})")
+            return 2
+        d = found[0]
+        target: dict[str, Any] = {"ae_title": d.ae_title, "host": d.host, "port": d.port, "tls": d.tls}
+    else:
+        host = args.host or "127.0.0.1"
+        target = {
+            "ae_title": settings.dicom.ae_title,
+            "host": host,
+            "port": settings.dicom.port,
+            "tls": False,
+        }
+        target["tls"] = settings.dicom.tls.enabled
+    ok, seconds = echo(args.aet, target, settings.dicom.tls)
+    where = f"{target['ae_title']}@{target['host']}:{target['port']}"
+    print(f"C-ECHO {where}: {'success' if ok else 'FAILED'} in {seconds * 1000:.0f} ms")
+    return 0 if ok else 1
+
+
+def _node_status(args: argparse.Namespace) -> int:
+    from dicom_node.node import open_stores
+    from rtseg.jobs import JobState
+
+    settings = load_settings(args.config)
+    db = Path(settings.data_dir) / "state.db"
+    if not db.is_file():
+        print(f"no node state in {Path(settings.data_dir).resolve()} (never started?)")
+        return 1
+    store, deliveries = open_stores(Path(settings.data_dir))
+    counts = store.counts()
+    print("jobs: " + ", ".join(f"{state} {n}" for state, n in counts.items()))
+    dead = deliveries.dead(limit=args.limit)
+    print(f"dead letters: {len(dead)}")
+    for row in dead:
+        print(f"  job {row.job_id} → {row.destination}: {row.attempts} tries, last error: {row.last_error}")
+    failed = store.list({JobState.FAILED})[-args.limit :]
+    print(f"failed jobs: {counts[JobState.FAILED]}")
+    for job in failed:
+        print(f"  job {job.id} ({job.source}): {job.error}")
+    return 0
+
+
+def _node_bench(args: argparse.Namespace) -> int:
+    from dicom_node.bench import run_bench
+
+    return run_bench(args)
+
+
+def register(sub: Any, handlers: dict[str, Handler]) -> None:
+    p = sub.add_parser("serve", help="run the DICOM node (SCP, segmentation workers, sender)")
+    p.add_argument(
+        "--config", type=Path, help="TOML settings file (RTSEG_* environment variables override it)"
+    )
+    handlers["serve"] = _cmd_serve
+
+    p = sub.add_parser("node", help="operator helpers for the DICOM node")
+    nsub = p.add_subparsers(dest="node_command", required=True, metavar="ACTION")
+    q = nsub.add_parser("echo", help="C-ECHO the node (default) or a configured destination")
+    q.add_argument("--config", type=Path)
+    q.add_argument("--destination", help="name of a configured destination")
+    q.add_argument("--host", help="node address (default 127.0.0.1)")
+    q.add_argument("--aet", default="RTSEG-ECHO", help="calling AE title (default RTSEG-ECHO)")
+    q.set_defaults(node_action=_node_echo)
+    q = nsub.add_parser("status", help="job counts by state, dead letters and recent errors")
+    q.add_argument("--config", type=Path)
+    q.add_argument("--limit", type=int, default=10, help="rows of dead letters and failures to show")
+    q.set_defaults(node_action=_node_status)
+    q = nsub.add_parser("bench", help="receive throughput vs dcmtk storescp, turnaround p50/p95")
+    q.add_argument("--work", type=Path, default=Path("rtseg-bench"), help="working folder")
+    q.add_argument("--slices", type=int, default=300, help="slices of the throughput series (default 300)")
+    q.add_argument("--matrix", type=int, default=512, help="image matrix of the throughput series")
+    q.add_argument("--series", type=int, default=10, help="series for the turnaround figures (default 10)")
+    q.add_argument("--model", type=Path, help="model folder (default: the embedded model)")
+    q.add_argument("--skip-turnaround", action="store_true")
+    q.set_defaults(node_action=_node_bench)
+    handlers["node"] = _cmd_node

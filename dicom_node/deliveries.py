@@ -1,0 +1,142 @@
+"""Per-destination delivery state of each job, in the job store's SQLite file.
+
+A delivery row is ``pending`` until the destination acknowledged the RTSTRUCT
+(``acked``) or the retry limit was reached (``dead``). The row is committed
+right after the C-STORE success status, so after a ``kill -9`` at most the one
+in-flight store is repeated, with the same SOP Instance UID: the destination
+keeps one instance. RT Structure Sets received by the SCP are recorded here too.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+PENDING, ACKED, DEAD = "pending", "acked", "dead"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS deliveries (
+    job_id TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL DEFAULT 0,
+    last_error TEXT,
+    updated REAL NOT NULL,
+    PRIMARY KEY (job_id, destination)
+);
+CREATE TABLE IF NOT EXISTS received_objects (
+    instance_key TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    series_key TEXT NOT NULL,
+    path TEXT NOT NULL,
+    calling_ae TEXT NOT NULL,
+    received REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    job_id: str
+    destination: str
+    state: str
+    attempts: int
+    next_attempt: float
+    last_error: str | None
+
+
+class DeliveryStore:
+    def __init__(self, db_path: Path) -> None:
+        self.db_path = Path(db_path)
+        self._local = threading.local()
+        self._conn().executescript(_SCHEMA)
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA busy_timeout=30000")
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def ensure(self, job_id: str, destinations: list[str]) -> list[Delivery]:
+        """The job's delivery rows, creating missing ones as pending."""
+        with self._tx() as db:
+            for name in destinations:
+                db.execute(
+                    "INSERT OR IGNORE INTO deliveries (job_id, destination, updated) VALUES (?, ?, ?)",
+                    (job_id, name, time.time()),
+                )
+        return self.for_job(job_id)
+
+    def for_job(self, job_id: str) -> list[Delivery]:
+        rows = self._conn().execute(
+            "SELECT job_id, destination, state, attempts, next_attempt, last_error FROM deliveries"
+            " WHERE job_id = ? ORDER BY destination",
+            (job_id,),
+        )
+        return [Delivery(*row) for row in rows.fetchall()]
+
+    def acked(self, job_id: str, destination: str) -> None:
+        self._set(job_id, destination, "state = ?, attempts = attempts + 1, last_error = NULL", (ACKED,))
+
+    def failed(self, job_id: str, destination: str, error: str, next_attempt: float, dead: bool) -> None:
+        self._set(
+            job_id,
+            destination,
+            "state = ?, attempts = attempts + 1, last_error = ?, next_attempt = ?",
+            (DEAD if dead else PENDING, error, next_attempt),
+        )
+
+    def _set(self, job_id: str, destination: str, sets: str, args: tuple[object, ...]) -> None:
+        with self._tx() as db:
+            db.execute(
+                f"UPDATE deliveries SET {sets}, updated = ? WHERE job_id = ? AND destination = ?",
+                (*args, time.time(), job_id, destination),
+            )
+
+    def dead(self, limit: int = 100) -> list[Delivery]:
+        rows = self._conn().execute(
+            "SELECT job_id, destination, state, attempts, next_attempt, last_error FROM deliveries"
+            " WHERE state = ? ORDER BY updated DESC LIMIT ?",
+            (DEAD, limit),
+        )
+        return [Delivery(*row) for row in rows.fetchall()]
+
+    def record_object(
+        self, instance_key: str, kind: str, series_key: str, path: str, calling_ae: str
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO received_objects VALUES (?, ?, ?, ?, ?, ?)",
+                (instance_key, kind, series_key, path, calling_ae, time.time()),
+            )
+
+    def count_objects(self, kind: str) -> int:
+        row = self._conn().execute("SELECT COUNT(*) FROM received_objects WHERE kind = ?", (kind,)).fetchone()
+        return int(row[0])
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None

@@ -1,0 +1,318 @@
+"""The DICOM SCP: C-ECHO and C-STORE (CT Image, RT Structure Set) into the spool.
+
+Event handlers stay thin: they pass the raw encoded dataset to
+:class:`Receiver`, the one place that turns what happened into a DIMSE status.
+Associations from callers not on the allow-list are rejected; PDUs longer than
+the advertised maximum are refused by closing the connection; pynetdicom's
+identifier logging is off.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import re
+import ssl
+import threading
+from io import BytesIO
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, _config, evt
+from pynetdicom.sop_class import CTImageStorage, RTStructureSetStorage, Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+
+from dicom_node.assembly import CT_KIND, Assembler, LateInstance, Peer, SeriesHeader
+from dicom_node.audit import AuditLog
+from dicom_node.deliveries import DeliveryStore
+from dicom_node.spool import Spool, uid_key
+from rtseg.settings import DicomSettings
+
+log = logging.getLogger(__name__)
+
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+]
+RT_KIND = "rtstruct"
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_MISMATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+PROCESSING_FAILURE = 0x0110
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
+_HEADER_TAGS = [
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "SeriesInstanceUID",
+    "Modality",
+    "SeriesDescription",
+    "BodyPartExamined",
+    "ImageType",
+    "SliceThickness",
+]
+_PARSE_ERRORS = (InvalidDicomError, ValueError, TypeError, KeyError, AttributeError, EOFError, OverflowError)
+UNLIMITED_PDU_READ = 64 * 1024 * 1024
+
+
+def conformant_uid(uid: object) -> bool:
+    return isinstance(uid, str) and len(uid) <= 64 and _UID_RE.match(uid) is not None
+
+
+def _status(code: int, comment: str) -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    ds.ErrorComment = comment[:64]
+    return ds
+
+
+class Receiver:
+    """Stores received instances; every C-STORE outcome becomes a DIMSE status here."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        assembler: Assembler,
+        records: DeliveryStore,
+        audit: AuditLog,
+        accept_rtstruct: bool = True,
+    ) -> None:
+        self.spool = spool
+        self.assembler = assembler
+        self.records = records
+        self.audit = audit
+        self.accept_rtstruct = accept_rtstruct
+
+    def store(self, data: bytes, sop_class: str, sop_instance: str, peer: Peer) -> int | Dataset:
+        if not self.spool.has_space():
+            log.error("C-STORE refused: free disk below the threshold")
+            return _status(OUT_OF_RESOURCES, "Out of resources: disk space low")
+        try:
+            ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+            header, uids = _header(ds)
+        except _PARSE_ERRORS as exc:
+            log.warning("C-STORE from %s refused: unreadable dataset (%s)", peer.ae_title, type(exc).__name__)
+            return _status(CANNOT_UNDERSTAND, "Cannot understand: malformed dataset")
+        problem = _check_uids(uids, sop_class, sop_instance)
+        if problem is not None:
+            log.warning("C-STORE from %s refused: %s", peer.ae_title, problem)
+            code = DATASET_MISMATCH if "SOP class" in problem else CANNOT_UNDERSTAND
+            return _status(code, problem)
+        series_key, instance_key = uid_key(uids["SeriesInstanceUID"]), uid_key(sop_instance)
+        if sop_class == RTStructureSetStorage:
+            return self._store_rt(data, series_key, instance_key, peer)
+        return self._store_ct(data, header, series_key, instance_key, peer)
+
+    def _store_ct(
+        self, data: bytes, header: SeriesHeader, series_key: str, instance_key: str, peer: Peer
+    ) -> int | Dataset:
+        try:
+            if not self.assembler.begin(series_key, header, peer):
+                return SUCCESS  # late instance, policy "ignore": acknowledged, not kept
+        except LateInstance as exc:
+            return _status(CANNOT_UNDERSTAND, f"Refused: {exc}")
+        try:
+            self.spool.write(CT_KIND, series_key, instance_key, data)
+        except OSError as exc:
+            return _write_failed(exc)
+        finally:
+            self.assembler.end(series_key)
+        return SUCCESS
+
+    def _store_rt(self, data: bytes, series_key: str, instance_key: str, peer: Peer) -> int | Dataset:
+        if not self.accept_rtstruct:
+            return _status(DATASET_MISMATCH, "RT Structure Sets are not accepted here")
+        try:
+            path = self.spool.write(RT_KIND, series_key, instance_key, data)
+        except OSError as exc:
+            return _write_failed(exc)
+        rel = f"spool/{RT_KIND}/{series_key}/{path.name}"
+        self.records.record_object(instance_key, RT_KIND, series_key, rel, peer.ae_title)
+        self.audit.record(
+            "rtstruct_received", calling_ae=peer.ae_title, series=series_key, instance=instance_key
+        )
+        log.info("RT Structure Set %s received from %s", instance_key, peer.ae_title)
+        return SUCCESS
+
+
+def _write_failed(exc: OSError) -> Dataset:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        log.error("C-STORE refused: disk full")
+        return _status(OUT_OF_RESOURCES, "Out of resources: disk full")
+    log.error("C-STORE failed: cannot write to the spool (%s)", exc.strerror)
+    return _status(PROCESSING_FAILURE, "Processing failure: cannot store")
+
+
+def _header(ds: Dataset) -> tuple[SeriesHeader, dict[str, str]]:
+    uids = {k: str(ds.get(k, "")) for k in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID")}
+    image_type = ds.get("ImageType", [])
+    image_type = [image_type] if isinstance(image_type, str) else list(image_type)
+    thickness = ds.get("SliceThickness")
+    header = SeriesHeader(
+        modality=str(ds.get("Modality", "")),
+        description=str(ds.get("SeriesDescription", "")),
+        body_part=str(ds.get("BodyPartExamined", "")),
+        image_type=tuple(str(t).upper() for t in image_type),
+        slice_thickness=float(thickness) if thickness not in (None, "") else None,
+    )
+    return header, uids
+
+
+def _check_uids(uids: dict[str, str], sop_class: str, sop_instance: str) -> str | None:
+    for name in ("SOPInstanceUID", "SeriesInstanceUID"):
+        if not conformant_uid(uids[name]):
+            return f"Cannot understand: non-conformant {name}"
+    if not conformant_uid(sop_instance) or uids["SOPInstanceUID"] != sop_instance:
+        return "Cannot understand: SOP Instance UID differs from the request"
+    if uids["SOPClassUID"] != sop_class:
+        return "Data set does not match the SOP class"
+    return None
+
+
+# -- pynetdicom wiring -------------------------------------------------------------------
+def _peer(assoc: Any) -> Peer:
+    return Peer(str(assoc.requestor.ae_title).strip(), str(assoc.requestor.address))
+
+
+def handle_echo(event: evt.Event) -> int:
+    return SUCCESS
+
+
+def handle_store(event: evt.Event, receiver: Receiver) -> int | Dataset:
+    request = event.request
+    data = event.encoded_dataset(include_meta=True)
+    return receiver.store(
+        data, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID), _peer(event.assoc)
+    )
+
+
+def handle_requested(event: evt.Event, settings: DicomSettings, audit: AuditLog) -> None:
+    peer = _peer(event.assoc)
+    if caller_allowed(settings, peer):
+        return
+    log.warning("association rejected: calling AE %s from %s is not allowed", peer.ae_title, peer.host)
+    audit.record("association_rejected", calling_ae=peer.ae_title, host=peer.host)
+    event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+
+
+def handle_accepted(event: evt.Event, audit: AuditLog) -> None:
+    peer = _peer(event.assoc)
+    log.info("association accepted from %s (%s)", peer.ae_title, peer.host)
+    audit.record("association_accepted", calling_ae=peer.ae_title, host=peer.host)
+
+
+def handle_aborted(event: evt.Event) -> None:
+    peer = _peer(event.assoc)
+    log.warning("association from %s (%s) aborted", peer.ae_title, peer.host)
+
+
+def caller_allowed(settings: DicomSettings, peer: Peer) -> bool:
+    if not settings.allowed_callers:
+        return True
+    return any(
+        c.ae_title == peer.ae_title and (c.host is None or c.host == peer.host)
+        for c in settings.allowed_callers
+    )
+
+
+class _BoundedRequestHandler(RequestHandler):
+    """Refuses (closes the connection on) a PDU longer than the server allows."""
+
+    def _create_association(self) -> Any:
+        assoc = super()._create_association()
+        sock = assoc.dul.socket
+        read = sock.recv
+        limit: int = getattr(self.server, "max_pdu_read", UNLIMITED_PDU_READ)
+
+        def bounded_recv(nr_bytes: int) -> bytearray:
+            if nr_bytes > limit:
+                log.warning(
+                    "PDU of %d bytes exceeds the limit of %d: closing the connection", nr_bytes, limit
+                )
+                raise OSError(f"PDU length {nr_bytes} exceeds {limit}")
+            return read(nr_bytes)  # type: ignore[no-any-return]
+
+        sock.recv = bounded_recv
+        return assoc
+
+
+def server_ssl_context(settings: DicomSettings) -> ssl.SSLContext | None:
+    tls = settings.tls
+    if not tls.enabled:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(tls.cert), str(tls.key))
+    if tls.ca is not None:
+        ctx.load_verify_locations(str(tls.ca))
+        ctx.verify_mode = ssl.CERT_REQUIRED  # mutual TLS: callers present a certificate from our CA
+    return ctx
+
+
+def build_ae(settings: DicomSettings) -> AE:
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+    ae = AE(ae_title=settings.ae_title)
+    ae.maximum_pdu_size = settings.max_pdu
+    ae.network_timeout = settings.network_timeout_s
+    ae.acse_timeout = 30
+    ae.dimse_timeout = settings.network_timeout_s
+    ae.maximum_associations = 16
+    ae.add_supported_context(Verification)
+    ae.add_supported_context(CTImageStorage, TRANSFER_SYNTAXES)
+    if settings.accept_rtstruct:
+        ae.add_supported_context(RTStructureSetStorage, TRANSFER_SYNTAXES[:4])
+    return ae
+
+
+def start_scp(settings: DicomSettings, receiver: Receiver, audit: AuditLog) -> ThreadedAssociationServer:
+    """Bind and serve in a background thread; returns the server (``server_address`` has the port)."""
+    ae = build_ae(settings)
+    handlers = [
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_C_STORE, handle_store, [receiver]),
+        (evt.EVT_REQUESTED, handle_requested, [settings, audit]),
+        (evt.EVT_ACCEPTED, handle_accepted, [audit]),
+        (evt.EVT_ABORTED, handle_aborted),
+    ]
+    server = ae.make_server(
+        (settings.host, settings.port),
+        ae_title=settings.ae_title,
+        ssl_context=server_ssl_context(settings),
+        evt_handlers=handlers,
+        server_class=ThreadedAssociationServer,
+        request_handler=_BoundedRequestHandler,
+    )
+    server.max_pdu_read = max(settings.max_pdu + 6, 1024 * 1024) if settings.max_pdu else UNLIMITED_PDU_READ  # type: ignore[attr-defined]
+    ae._servers.append(server)  # as AE.start_server does: server.shutdown() expects it there
+    thread = threading.Thread(target=server.serve_forever, name="rtseg-scp", daemon=True)
+    thread.start()
+    return server

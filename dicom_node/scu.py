@@ -1,0 +1,200 @@
+"""The C-STORE SCU: sends each job's RTSTRUCT to its destinations, exactly once per destination.
+
+:class:`Sender` polls jobs in ``sending``. For each destination without an
+acknowledgement it tries a C-STORE when the delivery is due; a failure
+schedules the next try with exponential backoff, and after ``node.retry_limit``
+tries the delivery is dead. When every destination acknowledged, the job is
+``done``; when the rest acknowledged and some are dead, ``dead_letter``. The
+RTSTRUCT's UIDs are fixed per job, so the one store that may be repeated after
+a crash (acknowledged by the peer, not yet committed here) is the same instance.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import RTStructureSetStorage, Verification  # type: ignore[attr-defined]
+
+from dicom_node.audit import AuditLog
+from dicom_node.deliveries import ACKED, DEAD, Delivery, DeliveryStore
+from dicom_node.spool import uid_key
+from rtseg.jobs import Job, JobError, JobState, JobStore
+from rtseg.settings import NodeSettings, TlsSettings
+from rtseg.worker import rtstruct_uids
+
+log = logging.getLogger(__name__)
+
+
+class SendError(Exception):
+    """A C-STORE attempt did not end in Success (the message says why, without patient data)."""
+
+
+def client_ssl_context(tls: TlsSettings) -> ssl.SSLContext:
+    """Verifies the destination against ``tls.ca``; presents our certificate when we have one."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca) if tls.ca else None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if tls.enabled:
+        ctx.load_cert_chain(str(tls.cert), str(tls.key))
+    return ctx
+
+
+def _associate(ae_title: str, dest: Mapping[str, Any], tls: TlsSettings, timeout: float) -> Any:
+    ae = AE(ae_title=ae_title)
+    ae.connection_timeout = timeout
+    ae.acse_timeout = timeout
+    ae.dimse_timeout = timeout * 4
+    ae.network_timeout = timeout * 4
+    ae.add_requested_context(RTStructureSetStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    ae.add_requested_context(Verification)
+    tls_args = (client_ssl_context(tls), str(dest["host"])) if dest.get("tls") else None
+    return ae.associate(
+        str(dest["host"]), int(dest["port"]), ae_title=str(dest["ae_title"]), tls_args=tls_args
+    )
+
+
+def store_file(
+    ae_title: str, dest: Mapping[str, Any], path: Path, tls: TlsSettings, timeout: float = 30.0
+) -> None:
+    """C-STORE one file to ``dest``; raises :class:`SendError` unless the peer answered Success."""
+    try:
+        dataset = pydicom.dcmread(path)
+    except (OSError, InvalidDicomError) as exc:
+        raise SendError(f"cannot read the RTSTRUCT ({type(exc).__name__})") from exc
+    assoc = _associate(ae_title, dest, tls, timeout)
+    if not assoc.is_established:
+        raise SendError("association rejected, aborted or no connection")
+    try:
+        status = assoc.send_c_store(dataset)
+    finally:
+        assoc.release()
+    code = getattr(status, "Status", None)
+    if code is None:
+        raise SendError("no response (connection lost or timed out)")
+    if code not in (0x0000, 0xB000, 0xB007, 0xB006):
+        raise SendError(f"destination answered status 0x{code:04X}")
+
+
+def echo(
+    ae_title: str, dest: Mapping[str, Any], tls: TlsSettings, timeout: float = 10.0
+) -> tuple[bool, float]:
+    """C-ECHO ``dest``: (success, round-trip seconds)."""
+    started = time.perf_counter()
+    assoc = _associate(ae_title, dest, tls, timeout)
+    if not assoc.is_established:
+        return False, time.perf_counter() - started
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    return getattr(status, "Status", None) == 0x0000, time.perf_counter() - started
+
+
+class Sender:
+    """Delivers the RTSTRUCTs of ``sending`` jobs, one delivery per (job, destination)."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        deliveries: DeliveryStore,
+        data_dir: Path,
+        ae_title: str,
+        node: NodeSettings,
+        tls: TlsSettings,
+        audit: AuditLog,
+        send: Callable[..., None] = store_file,
+    ) -> None:
+        self.store = store
+        self.deliveries = deliveries
+        self.data_dir = Path(data_dir)
+        self.ae_title = ae_title
+        self.node = node
+        self.tls = tls
+        self.audit = audit
+        self._send = send
+
+    def run_once(self) -> int:
+        """Try every due delivery once; returns how many attempts were made."""
+        attempts = 0
+        for job in self.store.list({JobState.SENDING}):
+            attempts += self._deliver(job)
+        return attempts
+
+    def _deliver(self, job: Job) -> int:
+        destinations = {str(d["name"]): d for d in job.meta.get("destinations", [])}
+        rows = self.deliveries.ensure(job.id, list(destinations))
+        attempts = 0
+        for row in rows:
+            if row.state == ACKED or row.state == DEAD or row.next_attempt > time.time():
+                continue
+            dest = destinations.get(row.destination)
+            if dest is None:
+                continue
+            self._attempt(job, row, dest)
+            attempts += 1
+        self._settle(job)
+        return attempts
+
+    def _attempt(self, job: Job, row: Delivery, dest: Mapping[str, Any]) -> None:
+        path = self.data_dir / str(job.output_path)
+        try:
+            self._send(self.ae_title, dest, path, self.tls)
+        except SendError as exc:
+            self._failed(job, row, dest, str(exc))
+            return
+        self.deliveries.acked(job.id, row.destination)
+        log.info("job %s: RTSTRUCT delivered to %s (%s)", job.id, row.destination, dest["ae_title"])
+        self.audit.record(
+            "rtstruct_delivered",
+            job=job.id,
+            series=job.series_key,
+            destination=row.destination,
+            ae_title=dest["ae_title"],
+            host=dest["host"],
+            model=job.model_version,
+            rtstruct=uid_key(rtstruct_uids(job.id)[1]),
+        )
+
+    def _failed(self, job: Job, row: Delivery, dest: Mapping[str, Any], error: str) -> None:
+        tries = row.attempts + 1
+        dead = tries >= self.node.retry_limit
+        delay = min(self.node.retry_backoff_s * 2 ** (tries - 1), self.node.retry_backoff_max_s)
+        self.deliveries.failed(job.id, row.destination, error, time.time() + delay, dead)
+        if dead:
+            log.error("job %s: delivery to %s dead after %d tries: %s", job.id, row.destination, tries, error)
+            self.audit.record(
+                "delivery_dead", job=job.id, destination=row.destination, tries=tries, error=error
+            )
+        else:
+            log.warning(
+                "job %s: delivery to %s failed (try %d, next in %.0f s): %s",
+                job.id,
+                row.destination,
+                tries,
+                delay,
+                error,
+            )
+
+    def _settle(self, job: Job) -> None:
+        rows = self.deliveries.for_job(job.id)
+        if any(r.state not in (ACKED, DEAD) for r in rows):
+            return
+        dead = [r for r in rows if r.state == DEAD]
+        try:
+            if dead:
+                error = "; ".join(f"{r.destination}: {r.last_error}" for r in dead)
+                self.store.transition(job.id, JobState.SENDING, JobState.DEAD_LETTER, error=error)
+                log.error("job %s is dead-lettered: %s", job.id, error)
+            else:
+                self.store.transition(job.id, JobState.SENDING, JobState.DONE)
+                log.info("job %s done", job.id)
+        except JobError as exc:
+            log.warning("job %s changed while sending: %s", job.id, exc)

@@ -1,0 +1,105 @@
+"""Durable storage of received instances: atomic, fsync'd, under hashed names.
+
+A received instance is written as the raw bytes the peer sent (file meta +
+encoded dataset, never decoded and re-encoded) to a temporary file, fsync'd,
+renamed into place and the directory fsync'd: only then may the SCP answer
+Success. Paths come from hashes of UIDs (:func:`uid_key`), never from a raw UID
+or a patient field, so a crafted UID cannot name a path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+KEY_CHARS = 24  # hex characters of a SHA-256: 96 bits, no collisions in practice
+
+
+def uid_key(uid: str) -> str:
+    """Stable, path-safe key of a UID (also what logs show instead of the UID)."""
+    return hashlib.sha256(f"rtseg-uid/{uid}".encode()).hexdigest()[:KEY_CHARS]
+
+
+class Spool:
+    """Instances under ``root/<kind>/<series key>/<instance key>.dcm``.
+
+    Parameters
+    ----------
+    root
+        The spool folder (inside the data directory).
+    min_free_mb
+        Below this much free disk space :meth:`has_space` is false.
+    """
+
+    def __init__(self, root: Path, min_free_mb: int) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.min_free = min_free_mb * 1024 * 1024
+
+    def has_space(self) -> bool:
+        return shutil.disk_usage(self.root).free >= self.min_free
+
+    def series_dir(self, kind: str, series_key: str) -> Path:
+        _check_key(kind)
+        _check_key(series_key)
+        return self.root / kind / series_key
+
+    def write(self, kind: str, series_key: str, instance_key: str, data: bytes) -> Path:
+        """Write ``data`` durably; an instance sent twice replaces itself."""
+        _check_key(instance_key)
+        folder = self.series_dir(kind, series_key)
+        if not folder.is_dir():
+            folder.mkdir(parents=True, exist_ok=True)
+            _fsync_dir(folder.parent)
+            _fsync_dir(folder.parent.parent)
+        final = folder / f"{instance_key}.dcm"
+        tmp = folder / f".{instance_key}.{uuid.uuid4().hex}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        os.replace(tmp, final)
+        _fsync_dir(folder)
+        return final
+
+    def instances(self, kind: str, series_key: str) -> list[Path]:
+        folder = self.series_dir(kind, series_key)
+        if not folder.is_dir():
+            return []
+        return sorted(p for p in folder.iterdir() if p.suffix == ".dcm" and not p.name.startswith("."))
+
+    def remove_series(self, kind: str, series_key: str) -> None:
+        shutil.rmtree(self.series_dir(kind, series_key), ignore_errors=True)
+
+    def clean_temporary(self) -> int:
+        """Delete half-written files left by a crash (never acknowledged); returns how many."""
+        stale = list(self.root.glob("*/*/.*.tmp"))
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return len(stale)
+
+
+def _check_key(key: str) -> None:
+    if not key or not all(c.isalnum() or c in "-_" for c in key):
+        raise ValueError(f"not a spool key: {key!r}")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,308 @@
+"""Segmentation workers: the one consumer of the job queue, for the DICOM node and the HTTP service.
+
+:class:`WorkerPool` starts ``workers`` processes (multiprocessing *spawn*); each
+loads the model once, lowers its priority and bounds torch's threads so the
+DICOM SCP and the HTTP service stay responsive, then loops
+``store.claim_next()`` → segment → ``running → sending`` (when
+``job.meta["destinations"]`` is non-empty) or ``running → done``.
+
+Job contract (paths relative to the data directory; files land in ``jobs/<id>/``):
+
+* DICOM input (default): ``input_dir`` holds one CT series → ``rtstruct.dcm``
+  (``job.output_path``) with UIDs derived from the job id, so a rerun after a
+  crash writes the same instance; ``meta["write_labels"]`` also writes
+  ``labels.nii.gz`` on the CT grid.
+* ``meta["input_kind"] == "nifti"``: ``input_dir/ct.nii.gz`` → ``labels.nii.gz``
+  only (``job.output_path``), no RTSTRUCT.
+* ``job.result``: structures (name, volume_ml, n_contours, flags), omitted,
+  n_slices, timings, model {name, version}, files {rtstruct?, labels?}.
+* A :class:`~rtseg.errors.RtsegError` fails the job with its message; a job whose
+  worker died is requeued by :meth:`WorkerPool.start` (``store.recover()``) and
+  failed after :data:`MAX_ATTEMPTS` claims.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import multiprocessing as mp
+import os
+import time
+from dataclasses import asdict, dataclass
+from multiprocessing.process import BaseProcess
+from multiprocessing.synchronize import Event
+from pathlib import Path
+from typing import Any
+
+from rtseg.errors import InputError, RtsegError
+from rtseg.jobs import Job, JobState, JobStore
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3  # a job that killed its worker this often is failed, not retried forever
+WORKER_NICE = 10
+POLL_S = 0.5
+
+
+def rtstruct_uids(job_id: str) -> tuple[str, str]:
+    """(SeriesInstanceUID, SOPInstanceUID) of a job's RTSTRUCT: the same on every run of the job."""
+
+    def uid(kind: str) -> str:
+        digest = hashlib.sha256(f"rtseg/{kind}/{job_id}".encode()).digest()
+        return f"2.25.{int.from_bytes(digest[:16], 'big')}"
+
+    return uid("series"), uid("instance")
+
+
+def job_dir(job: Job) -> str:
+    """Folder of a job's outputs, relative to the data directory."""
+    return f"jobs/{job.id}"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    db_path: Path
+    data_dir: Path
+    model_dir: Path
+    threads: int | None
+    log_level: int
+
+
+class WorkerPool:
+    """Worker processes that segment queued jobs.
+
+    Parameters
+    ----------
+    store
+        The job store (its database file is opened again in each worker).
+    data_dir
+        Root of every job's relative paths.
+    model_dir
+        nnU-Net model folder, loaded once per worker.
+    workers
+        Number of processes (each holds a model in memory).
+    threads
+        Torch CPU threads per worker; default: CPU count divided by workers.
+    """
+
+    def __init__(
+        self,
+        store: JobStore,
+        data_dir: Path,
+        model_dir: Path,
+        workers: int = 1,
+        threads: int | None = None,
+    ) -> None:
+        self.store = store
+        threads = threads or max(1, (os.cpu_count() or 1) // max(workers, 1))
+        level = logging.getLogger().getEffectiveLevel()
+        self.config = WorkerConfig(store.db_path, Path(data_dir), Path(model_dir), threads, level)
+        self.workers = workers
+        self._ctx = mp.get_context("spawn")
+        self._stop: Event = self._ctx.Event()
+        self._procs: list[BaseProcess] = []
+
+    def start(self) -> list[Job]:
+        """Requeue jobs of dead workers, then start the processes; returns the requeued jobs."""
+        recovered = self.store.recover()
+        for job in recovered:
+            log.warning("job %s was interrupted while segmenting: queued again", job.id)
+        self._stop.clear()
+        for n in range(self.workers):
+            proc = self._ctx.Process(
+                target=worker_main, args=(self.config, self._stop), name=f"rtseg-worker-{n}", daemon=True
+            )
+            proc.start()
+            self._procs.append(proc)
+        return recovered
+
+    def alive(self) -> int:
+        return sum(p.is_alive() for p in self._procs)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Let workers finish their job within ``timeout``; then terminate (the job is requeued later)."""
+        self._stop.set()
+        deadline = time.monotonic() + timeout
+        for proc in self._procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                log.warning("worker %s still busy after %.0f s: terminating it", proc.name, timeout)
+                proc.terminate()
+                proc.join(5.0)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        self._procs.clear()
+
+
+def worker_main(config: WorkerConfig, stop: Event) -> None:
+    """Entry point of a worker process."""
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _limit_resources(config.threads)
+    from rtseg.model.segmenter import NnunetSegmenter
+    from rtseg.pipeline import model_identity
+
+    store = JobStore(config.db_path)
+    try:
+        segmenter = NnunetSegmenter(config.model_dir, device="cpu", threads=config.threads)
+    except RtsegError as exc:
+        log.error("worker cannot load the model: %s", exc)
+        return
+    runner = JobRunner(
+        store, config.data_dir, segmenter, model_identity(segmenter.manifest, config.model_dir)
+    )
+    while not stop.is_set():
+        job = store.claim_next()
+        if job is None:
+            stop.wait(POLL_S)
+            continue
+        runner.run(job)
+    store.close()
+
+
+def _limit_resources(threads: int | None) -> None:
+    try:
+        os.nice(WORKER_NICE)
+    except OSError as exc:
+        log.warning("cannot lower the worker's priority (%s)", exc)
+    if threads:
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ[name] = str(threads)
+        os.environ["nnUNet_def_n_proc"] = str(threads)
+
+
+class _Recorder:
+    """A Segmenter proxy that keeps the last volume and labels (for ``write_labels``)."""
+
+    def __init__(self, segmenter: Any) -> None:
+        self._segmenter = segmenter
+        self.manifest = segmenter.manifest
+        self.last: tuple[Any, Any] | None = None
+
+    def segment(self, volume: Any) -> Any:
+        segmentation = self._segmenter.segment(volume)
+        self.last = (volume, segmentation)
+        return segmentation
+
+
+class JobRunner:
+    """Runs one claimed job to its next state (in a worker process, or inline in tests)."""
+
+    def __init__(self, store: JobStore, data_dir: Path, segmenter: Any, identity: Any) -> None:
+        self.store = store
+        self.data_dir = Path(data_dir)
+        self.segmenter = segmenter
+        self.identity = identity
+
+    def run(self, job: Job) -> Job:
+        if job.attempts > MAX_ATTEMPTS:
+            return self._fail(job, f"the worker stopped {job.attempts - 1} times while segmenting this job")
+        started = time.perf_counter()
+        try:
+            if job.meta.get("input_kind") == "nifti":
+                files, result = self._run_nifti(job)
+            else:
+                files, result = self._run_dicom(job)
+        except RtsegError as exc:
+            return self._fail(job, str(exc))
+        except Exception as exc:  # noqa: BLE001 - a bug must fail this job, not kill the worker
+            log.exception("job %s: internal error", job.id)
+            return self._fail(job, f"internal error ({type(exc).__name__}); see the node log")
+        result["files"] = files
+        result["model"] = {"name": self.identity.name, "version": self.identity.version}
+        target = JobState.SENDING if job.meta.get("destinations") else JobState.DONE
+        output = files.get("rtstruct") or files.get("labels")
+        done = self.store.transition(
+            job.id,
+            JobState.RUNNING,
+            target,
+            output_path=output,
+            result=result,
+            model_version=self.identity.version,
+            error=None,
+        )
+        log.info("job %s segmented in %.1f s → %s", job.id, time.perf_counter() - started, target)
+        return done
+
+    def _fail(self, job: Job, message: str) -> Job:
+        log.warning("job %s failed: %s", job.id, message)
+        return self.store.transition(job.id, JobState.RUNNING, JobState.FAILED, error=message)
+
+    def _out(self, job: Job, name: str) -> tuple[str, Path]:
+        rel = f"{job_dir(job)}/{name}"
+        path = self.data_dir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return rel, path
+
+    def _run_dicom(self, job: Job) -> tuple[dict[str, str], dict[str, Any]]:
+        from rtseg.phantom.cohort import write_label_image
+        from rtseg.pipeline import segment_series
+
+        recorder = _Recorder(self.segmenter)
+        rel, out = self._out(job, "rtstruct.dcm")
+        outcome = segment_series(
+            self.data_dir / job.input_dir,
+            recorder,
+            out,
+            identity=self.identity,
+            rtstruct_uids=rtstruct_uids(job.id),
+        )
+        files = {"rtstruct": rel}
+        if job.meta.get("write_labels") and recorder.last is not None:
+            volume, segmentation = recorder.last
+            labels_rel, labels_path = self._out(job, "labels.nii.gz")
+            write_label_image(segmentation.labels, volume.affine, labels_path)
+            files["labels"] = labels_rel
+        result = {
+            "structures": [asdict(s) for s in outcome.structures],
+            "omitted": list(outcome.omitted),
+            "flags": list(outcome.flags),
+            "n_slices": outcome.n_slices,
+            "timings": {k: round(v, 3) for k, v in outcome.timings.items()},
+        }
+        return files, result
+
+    def _run_nifti(self, job: Job) -> tuple[dict[str, str], dict[str, Any]]:
+        from rtseg.phantom.cohort import write_label_image
+
+        t0 = time.perf_counter()
+        volume = load_nifti(self.data_dir / job.input_dir / "ct.nii.gz")
+        load_s = time.perf_counter() - t0
+        segmentation = self.segmenter.segment(volume)
+        rel, out = self._out(job, "labels.nii.gz")
+        write_label_image(segmentation.labels, volume.affine, out)
+        structures = []
+        for s in segmentation.manifest.structures:
+            count = int((segmentation.labels == s.label).sum())
+            if count:
+                structures.append({"name": s.name, "volume_ml": round(count * volume.voxel_volume_ml, 2)})
+        timings = {"load_s": load_s, "segment_s": segmentation.seconds, "total_s": time.perf_counter() - t0}
+        result = {
+            "structures": structures,
+            "n_slices": volume.shape[0],
+            "timings": {k: round(v, 3) for k, v in timings.items()},
+        }
+        return {"labels": rel}, result
+
+
+def load_nifti(path: Path) -> Any:
+    """A CT NIfTI as a :class:`~rtseg.volume.CTVolume` (HU, LPS affine; no DICOM identity)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from rtseg.volume import CTVolume, SeriesInfo
+
+    if not path.is_file():
+        raise InputError("no ct.nii.gz in the job's input", source=path.name)
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise InputError(f"cannot read the NIfTI file ({str(exc).strip().splitlines()[-1]})") from exc
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError("the NIfTI image must be a 3-D scalar volume", source=path.name)
+    hu = sitk.GetArrayFromImage(image).astype(np.float32)
+    affine = np.eye(4)
+    affine[:3, :3] = np.asarray(image.GetDirection()).reshape(3, 3) * np.asarray(image.GetSpacing())
+    affine[:3, 3] = image.GetOrigin()
+    info = SeriesInfo("", "", "", "", (), "HFS", modality="CT")
+    return CTVolume(hu, affine, info)
