@@ -816,9 +816,10 @@ def _decode(header: _Header, rows: int, columns: int) -> npt.NDArray[Any]:
     path = str(header.path)
     try:
         ds = pydicom.dcmread(header.path)
+        sop_uid = str(ds.get("SOPInstanceUID", ""))
     except _READ_ERRORS as exc:
         raise InputError("unreadable or truncated DICOM file", source=path) from exc
-    if str(ds.get("SOPInstanceUID", "")) != header.sop_uid:
+    if sop_uid != header.sop_uid:
         raise InputError(
             "the file could not be read completely (truncated, or changed while loading)", source=path
         )
