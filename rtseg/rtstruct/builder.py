@@ -27,6 +27,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
+    UID,
     ExplicitVRLittleEndian,
     RTStructureSetStorage,
     generate_uid,
@@ -148,7 +149,7 @@ def build_rtstruct(
             continue
         assert box is not None
         offset = (box[0].start, box[1].start, box[2].start)
-        contours = _encode_contours(trace_mask(mask), offset, volume.affine)
+        contours = _encode_contours(trace_mask(mask, padded=True), offset, volume.affine)
         rois.append((structure, contours, int(np.count_nonzero(mask))))
     uids = (series_instance_uid or generate_uid(prefix=None), sop_instance_uid or generate_uid(prefix=None))
     dataset = _dataset(volume, model, rois, uids, now)
@@ -212,8 +213,19 @@ def _bounding_box(boxes: list[tuple[slice, ...] | None], structure: Structure) -
 def _structure_mask(
     labels: npt.NDArray[np.integer], box: tuple[slice, ...], structure: Structure
 ) -> npt.NDArray[np.bool_]:
-    crop = labels[box]
-    return crop != 0 if structure.rt_type == "EXTERNAL" else crop == structure.label
+    """The structure in its bounding box with a one-voxel empty border in rows and columns.
+
+    The border comes from the label map where the box is inside the image
+    (no copy for padding), and from zero padding at the image edge.
+    """
+    rows, columns = labels.shape[1], labels.shape[2]
+    j, i = box[1], box[2]
+    j_lo, j_hi = max(j.start - 1, 0), min(j.stop + 1, rows)
+    i_lo, i_hi = max(i.start - 1, 0), min(i.stop + 1, columns)
+    crop = labels[box[0], j_lo:j_hi, i_lo:i_hi]
+    mask = crop != 0 if structure.rt_type == "EXTERNAL" else crop == structure.label
+    pad = ((0, 0), (1 - (j.start - j_lo), 1 - (j_hi - j.stop)), (1 - (i.start - i_lo), 1 - (i_hi - i.stop)))
+    return np.pad(mask, pad) if any(any(side) for side in pad) else mask
 
 
 def _encode_contours(
@@ -257,7 +269,7 @@ def _contour_data(k: int, points: npt.NDArray[np.float64], affine: npt.NDArray[n
     if np.abs(xy).max() >= _MAX_COORDINATE:
         raise RTStructError("contour coordinates too large for a DS value")
     z = format_ds(float(affine[2, 2] * k + affine[2, 3]))
-    text = (("%.3f\\%.3f\\" + z + "\\") * len(points)) % tuple(xy.ravel())
+    text = (("%.3f\\%.3f\\" + z + "\\") * len(points)) % tuple(xy.ravel().tolist())
     data = text[:-1].encode("ascii")
     return data + b" " if len(data) % 2 else data
 
@@ -476,7 +488,7 @@ def _character_set(ds: Dataset, roi_names: list[str]) -> str:
 def _file_meta(sop_instance_uid: str) -> FileMetaDataset:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = RTStructureSetStorage
-    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.MediaStorageSOPInstanceUID = UID(sop_instance_uid)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     return meta

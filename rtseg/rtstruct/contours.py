@@ -36,17 +36,21 @@ class SliceContour:
     points: npt.NDArray[np.float64]
 
 
-def trace_mask(mask: npt.NDArray[np.bool_]) -> list[SliceContour]:
+def trace_mask(mask: npt.NDArray[np.bool_], *, padded: bool = False) -> list[SliceContour]:
     """Closed boundary polygons of every slice of ``mask`` (indexed ``[k, j, i]``).
 
     Collinear vertices are removed (losslessly). Contours are returned grouped
-    by slice, in ascending ``k``; each has at least 4 points.
+    by slice, in ascending ``k``; each has at least 4 points. With ``padded``,
+    the caller guarantees a one-voxel empty border in rows and columns (saving
+    a copy), and points are given relative to the voxel inside that border.
     """
     if not mask.any():
         return []
-    padded = np.pad(np.asarray(mask, dtype=bool), ((0, 0), (1, 1), (1, 1)))
-    start, direction = _cracks(padded)
-    corner_shape = (padded.shape[0], padded.shape[1] + 1, padded.shape[2] + 1)
+    if not padded:
+        mask = np.pad(np.asarray(mask, dtype=bool), ((0, 0), (1, 1), (1, 1)))
+    padded_mask = mask
+    start, direction = _cracks(padded_mask)
+    corner_shape = (padded_mask.shape[0], padded_mask.shape[1] + 1, padded_mask.shape[2] + 1)
     successor = _link(start, direction, corner_shape)
     cycle, order = _cycles(successor)
     start, direction, cycle = start[order], direction[order], cycle[order]
@@ -201,7 +205,8 @@ def _segment_distance(
     squared = (ab * ab).sum(axis=1)
     t = np.clip((ap * ab).sum(axis=1) / np.where(squared > 0, squared, 1.0), 0.0, 1.0)
     offset = ap - t[:, None] * ab
-    return np.hypot(offset[:, 0], offset[:, 1])
+    distance: npt.NDArray[np.float64] = np.hypot(offset[:, 0], offset[:, 1])
+    return distance
 
 
 def simplify(

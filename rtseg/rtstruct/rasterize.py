@@ -31,7 +31,7 @@ def rasterize_rtstruct(dataset: pydicom.Dataset, volume: CTVolume) -> dict[str, 
         a contour does not lie on a slice plane of the CT.
     """
     names = _roi_names(dataset, volume.info.frame_of_reference_uid)
-    inverse = np.linalg.inv(volume.affine)
+    inverse = np.linalg.inv(volume.affine).astype(np.float64)
     masks: dict[str, npt.NDArray[np.bool_]] = {}
     for roi in dataset.get("ROIContourSequence", []):
         number = int(roi.ReferencedROINumber)
