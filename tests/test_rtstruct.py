@@ -9,6 +9,7 @@ checks one of them with an independent reader where one exists.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -481,3 +482,25 @@ def test_512_jagged_outline_stays_below_the_element_limit(tmp_path: Path, outlin
     assert dice(rasterize_rtstruct(result.dataset, volume)["External"], expected) >= 0.99
     case = Case("HFS", tmp_path / "ct", rs_path, volume, labels, result)
     assert dice(plastimatch_masks(case)["External"], expected) >= 0.99
+
+
+@needs_tools
+@pytest.mark.parametrize(("name", "charset"), [("Müller^Zoë", "ISO_IR 100"), ("山田^太郎", "ISO_IR 192")])
+def test_patient_names_keep_their_characters(hfs: Case, tmp_path: Path, name: str, charset: str) -> None:
+    info = dataclasses.replace(
+        hfs.volume.info, patient_study={**hfs.volume.info.patient_study, "PatientName": name}
+    )
+    volume = dataclasses.replace(hfs.volume, info=info)
+    result = build_rtstruct(volume, hfs.labels, STRUCTURES, MODEL)
+    write_rtstruct(result.dataset, tmp_path / "rs.dcm")
+    assert [line for line in dciodvfy(tmp_path / "rs.dcm") if "Error" in line] == []
+    dataset = pydicom.dcmread(tmp_path / "rs.dcm")
+    assert dataset.SpecificCharacterSet == charset
+    assert str(dataset.PatientName) == name
+
+
+def test_non_axial_slices_are_refused(hfs: Case) -> None:
+    sagittal = hfs.volume.affine[:, [2, 1, 0, 3]]  # slices stacked along patient x
+    volume = dataclasses.replace(hfs.volume, affine=sagittal)
+    with pytest.raises(RTStructError, match="not axial"):
+        build_rtstruct(volume, hfs.labels, STRUCTURES, MODEL)
