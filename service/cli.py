@@ -1,0 +1,109 @@
+"""``rtseg http``: the HTTP API on its own; :func:`start_companion` runs it inside ``rtseg serve``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rtseg.errors import InputError
+from rtseg.jobs import JobStore
+from rtseg.settings import Settings, load_settings
+from service.settings import HttpSettings, http_table
+
+Handler = Callable[[argparse.Namespace], int]
+DB_NAME = "state.db"  # the job table the DICOM node uses too (<data dir>/state.db)
+log = logging.getLogger(__name__)
+
+
+def start_companion(
+    settings: Settings, store: JobStore, worker_alive: Callable[[], bool], data_dir: Path, model_dir: Path
+) -> Callable[[], None]:
+    """Start the HTTP API in a thread next to the DICOM node; returns its stop function."""
+    from service.app import create_app
+    from service.housekeeping import Janitor
+    from service.server import HttpServer
+
+    http = HttpSettings.from_mapping(http_table(settings.http, os.environ))
+    app = create_app(http, store, data_dir, model_dir, worker_alive=worker_alive)
+    server = HttpServer(app, http)
+    janitor = Janitor(store, data_dir, http.job_expiry_s)
+    server.start()
+    janitor.start()
+    print(f"HTTP: API on {server.url}/v1 ({len(http.token_sha256)} token(s)), docs {server.url}/openapi.json")
+
+    def stop() -> None:
+        janitor.stop()
+        server.stop()
+
+    return stop
+
+
+def _cmd_http(args: argparse.Namespace) -> int:
+    if args.new_token:
+        from service.auth import new_token
+
+        token, digest = new_token()
+        print(f"token (give it to the client; it is not stored): {token}")
+        print(f'[http] token_sha256 = ["{digest}"]')
+        return 0
+    settings = load_settings(args.config)
+    table = http_table(settings.http, os.environ)
+    if args.port is not None:
+        table["port"] = args.port
+    http = HttpSettings.from_mapping(table)
+    if not http.token_sha256:
+        raise InputError("no [http] token_sha256 configured: create one with `rtseg http --new-token`")
+    return _serve(settings, http)
+
+
+def _serve(settings: Settings, http: HttpSettings) -> int:
+    from rtseg.model.default import default_model_dir
+    from rtseg.worker import WorkerPool
+    from service.app import create_app
+    from service.housekeeping import Janitor
+    from service.server import HttpServer
+
+    data_dir = Path(settings.data_dir).resolve()
+    model_dir = settings.model_path or default_model_dir()
+    store = JobStore(data_dir / DB_NAME)
+    pool = WorkerPool(store, data_dir, model_dir, settings.node.workers, settings.node.inference_threads)
+    app = create_app(http, store, data_dir, model_dir, worker_alive=lambda: pool.alive() > 0)
+    server = HttpServer(app, http)
+    janitor = Janitor(store, data_dir, http.job_expiry_s)
+    pool.start()
+    janitor.start()
+    server.start()
+    print(f"HTTP API on {server.url}/v1, docs {server.url}/openapi.json; data {data_dir}", flush=True)
+    _wait_for_signal()
+    print("stopping ...", flush=True)
+    server.stop()
+    janitor.stop()
+    pool.stop()
+    store.close()
+    print("stopped", flush=True)
+    return 0
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print("ready (SIGTERM or Ctrl-C stops)", flush=True)
+    while not stop.wait(1.0):
+        pass
+
+
+def register(sub: Any, handlers: dict[str, Handler]) -> None:
+    p = sub.add_parser("http", help="run the HTTP API (uploads → segmentation) with its own workers")
+    p.add_argument("--config", type=Path, help="TOML settings file (the [http] table; RTSEG_* override)")
+    p.add_argument("--port", type=int, help="override [http] port")
+    p.add_argument(
+        "--new-token", action="store_true", help="print a new bearer token and the line for the config"
+    )
+    handlers["http"] = _cmd_http

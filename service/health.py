@@ -1,0 +1,53 @@
+"""``/healthz`` (the process answers) and ``/readyz`` (it can do its work); both open, no token."""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+from flask import Blueprint, Response, jsonify
+
+from rtseg.errors import RtsegError
+from service.app import ServiceContext, service
+from service.model import model_info
+
+bp = Blueprint("health", __name__)
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    return jsonify({"status": "ok"})
+
+
+@bp.get("/readyz")
+def readyz() -> tuple[Response, int]:
+    ctx = service()
+    checks = {"model": _model(ctx), "disk": _disk(ctx), "worker": _worker(ctx), "jobs": _jobs(ctx)}
+    ready = all(c["ok"] for c in checks.values())
+    return jsonify({"status": "ready" if ready else "not ready", "checks": checks}), 200 if ready else 503
+
+
+def _model(ctx: ServiceContext) -> dict[str, Any]:
+    try:
+        info = model_info(ctx)
+    except RtsegError as exc:
+        return {"ok": False, "detail": exc.message}
+    return {"ok": True, "detail": f"{info['name']} {info['version']} ({info['hash']})"}
+
+
+def _disk(ctx: ServiceContext) -> dict[str, Any]:
+    free = shutil.disk_usage(ctx.data_dir).free
+    need = ctx.settings.min_free_bytes
+    return {"ok": free >= need, "detail": f"{free >> 20} MiB free, {need >> 20} MiB needed"}
+
+
+def _worker(ctx: ServiceContext) -> dict[str, Any]:
+    if ctx.worker_alive is None:
+        return {"ok": False, "detail": "no worker pool attached to this server"}
+    alive = ctx.worker_alive()
+    return {"ok": alive, "detail": "running" if alive else "the worker pool is not running"}
+
+
+def _jobs(ctx: ServiceContext) -> dict[str, Any]:
+    counts = ctx.store.counts()
+    return {"ok": True, "detail": f"{counts['queued']} queued, {counts['running']} running"}

@@ -1,0 +1,304 @@
+"""``/openapi.json``: the OpenAPI 3.1 description of this API.
+
+This is the one description of the routes; ``tests/service/test_openapi.py``
+checks that every Flask route is in it (and nothing else), and schemathesis
+checks the live server's answers against it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, jsonify
+
+import rtseg
+from service.app import service
+from service.settings import HttpSettings
+
+bp = Blueprint("openapi", __name__)
+
+PROBLEM = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+JOB = {"application/json": {"schema": {"$ref": "#/components/schemas/Segmentation"}}}
+BINARY = {"type": "string", "format": "binary"}
+
+
+@bp.get("/openapi.json")
+def openapi() -> Response:
+    return jsonify(describe_api(service().settings))
+
+
+def _problem(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    answer: dict[str, Any] = {"description": description, "content": PROBLEM}
+    if headers:
+        answer["headers"] = headers
+    return answer
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    text = {
+        400: "Malformed request or upload (damaged zip, unsafe path, symlink, bad parameter)",
+        401: "Missing or invalid bearer token",
+        404: "No such segmentation (or no such output)",
+        405: "Method not allowed",
+        409: "The segmentation is not in a state that allows this",
+        413: "Body, unpacked size, file count or compression ratio over the limit",
+        415: "Unsupported content type",
+        422: "Not one complete CT series (several series, non-CT, missing slices, non-DICOM files)",
+        429: "The queue is full",
+    }
+    answers: dict[str, Any] = {}
+    for code in codes:
+        headers = None
+        if code == 401:
+            headers = {"WWW-Authenticate": {"schema": {"type": "string"}}}
+        if code == 429:
+            headers = {"Retry-After": {"schema": {"type": "string"}, "required": True}}
+        answers[str(code)] = _problem(text[code], headers)
+    return answers
+
+
+def _job_id() -> dict[str, Any]:
+    return {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _paths(settings: HttpSettings) -> dict[str, Any]:
+    auth = [{"bearer": []}]
+    return {
+        "/v1/segmentations": {"post": _post(settings, auth)},
+        "/v1/segmentations/{job_id}": {
+            "parameters": [_job_id()],
+            "get": {
+                "summary": "State, timings, model version, structures, flags and error of a segmentation",
+                "operationId": "getSegmentation",
+                "security": auth,
+                "responses": {
+                    "200": {"description": "The segmentation", "content": JOB},
+                    **_errors(401, 404),
+                },
+            },
+            "delete": {
+                "summary": "Delete a finished or queued segmentation with its upload and outputs",
+                "operationId": "deleteSegmentation",
+                "security": auth,
+                "responses": {"204": {"description": "Deleted"}, **_errors(401, 404, 409)},
+            },
+        },
+        "/v1/segmentations/{job_id}/rtstruct": _download(
+            "RTSTRUCT", "application/dicom", "getRtstruct", auth
+        ),
+        "/v1/segmentations/{job_id}/labels": _download("label map", "application/gzip", "getLabels", auth),
+        "/v1/model": {
+            "get": {
+                "summary": "The model: name, version, hash, structures with colours, provenance",
+                "operationId": "getModel",
+                "security": auth,
+                "responses": {
+                    "200": {
+                        "description": "The model",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Model"}}},
+                    },
+                    "503": _problem("The model cannot be loaded"),
+                    **_errors(401),
+                },
+            }
+        },
+        **_open_paths(),
+    }
+
+
+def _post(settings: HttpSettings, auth: list[dict[str, list[str]]]) -> dict[str, Any]:
+    files = {"type": "array", "items": BINARY}
+    return {
+        "summary": "Upload a CT series (DICOM files or one zip) or a NIfTI CT and queue its segmentation",
+        "operationId": "createSegmentation",
+        "security": auth,
+        "parameters": [
+            {
+                "name": "wait",
+                "in": "query",
+                "description": "Seconds to wait for the result before answering 202",
+                "schema": {"type": "number", "minimum": 0, "maximum": settings.max_wait_s},
+            },
+            {
+                "name": "labels",
+                "in": "query",
+                "description": "Also write a NIfTI label map",
+                "schema": {"type": "string", "enum": ["true", "false", "1", "0"]},
+            },
+        ],
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {"type": "object", "properties": {"file": files}, "required": ["file"]}
+                },
+                "application/zip": {"schema": BINARY},
+                "application/octet-stream": {"schema": BINARY},
+            },
+        },
+        "responses": {
+            "201": {"description": "Finished within ?wait", "content": JOB, "headers": _location()},
+            "202": {"description": "Queued", "content": JOB, "headers": _location()},
+            **_errors(400, 401, 413, 415, 422, 429),
+        },
+    }
+
+
+def _location() -> dict[str, Any]:
+    return {"Location": {"schema": {"type": "string"}, "required": True}}
+
+
+def _download(what: str, media: str, operation: str, auth: list[dict[str, list[str]]]) -> dict[str, Any]:
+    return {
+        "parameters": [_job_id()],
+        "get": {
+            "summary": f"Download the {what} of a finished segmentation",
+            "operationId": operation,
+            "security": auth,
+            "responses": {
+                "200": {"description": f"The {what}", "content": {media: {"schema": BINARY}}},
+                **_errors(401, 404, 409),
+            },
+        },
+    }
+
+
+def _open_paths() -> dict[str, Any]:
+    def plain(summary: str, operation: str, content: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "get": {
+                "summary": summary,
+                "operationId": operation,
+                "security": [],
+                "responses": {"200": {"description": "OK", "content": content}, **extra},
+            }
+        }
+
+    ready = {"application/json": {"schema": {"$ref": "#/components/schemas/Readiness"}}}
+    status = {"type": "object", "properties": {"status": {"const": "ok"}}, "required": ["status"]}
+    return {
+        "/healthz": plain("Liveness", "healthz", {"application/json": {"schema": status}}, {}),
+        "/readyz": plain(
+            "Readiness: model loadable, disk space, worker alive",
+            "readyz",
+            ready,
+            {"503": {"description": "Not ready", "content": ready}},
+        ),
+        "/metrics": plain(
+            "Prometheus metrics", "metrics", {"text/plain": {"schema": {"type": "string"}}}, {}
+        ),
+        "/openapi.json": plain("This description", "openapi", {"application/json": {"schema": {}}}, {}),
+    }
+
+
+def _schemas() -> dict[str, Any]:
+    text, number = {"type": "string"}, {"type": "number"}
+    nullable_text = {"type": ["string", "null"]}
+    structure = {
+        "type": "object",
+        "properties": {
+            "name": text,
+            "volume_ml": number,
+            "n_contours": {"type": "integer"},
+            "flags": {"type": "array", "items": text},
+        },
+        "required": ["name"],
+    }
+    states = ["received", "queued", "running", "sending", "done", "failed", "dead_letter", "skipped"]
+    check = {"type": "object", "properties": {"ok": {"type": "boolean"}, "detail": text}}
+    return {
+        "Problem": {
+            "type": "object",
+            "description": "RFC 9457 problem details",
+            "properties": {
+                "type": text,
+                "title": text,
+                "status": {"type": "integer"},
+                "detail": text,
+                "instance": text,
+            },
+            "required": ["type", "title", "status"],
+        },
+        "Segmentation": {
+            "type": "object",
+            "properties": {
+                "id": text,
+                "state": {"enum": states},
+                "created": {"type": "string", "format": "date-time"},
+                "updated": {"type": "string", "format": "date-time"},
+                "attempts": {"type": "integer"},
+                "input": {
+                    "type": "object",
+                    "properties": {
+                        "input_kind": {"enum": ["dicom", "nifti"]},
+                        "n_files": {"type": "integer"},
+                        "n_slices": {"type": "integer"},
+                    },
+                },
+                "model_version": nullable_text,
+                "error": nullable_text,
+                "timings": {"type": "object", "additionalProperties": number},
+                "structures": {"type": "array", "items": structure},
+                "omitted": {"type": "array", "items": text},
+                "flags": {"type": "array", "items": text},
+                "links": {"type": "object", "additionalProperties": text, "required": ["self"]},
+            },
+            "required": ["id", "state", "created", "updated", "links"],
+        },
+        "Model": {
+            "type": "object",
+            "properties": {
+                "name": text,
+                "version": text,
+                "hash": text,
+                "configuration": text,
+                "folds": {"type": "array", "items": text},
+                "structures": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "name": text,
+                            "label": {"type": "integer"},
+                            "color": {
+                                "type": "array",
+                                "items": {"type": "integer"},
+                                "minItems": 3,
+                                "maxItems": 3,
+                            },
+                            "rt_type": text,
+                        },
+                        "required": ["name", "label", "color"],
+                    },
+                },
+                "federation_round": {"type": ["integer", "null"]},
+                "provenance": {"type": "object"},
+            },
+            "required": ["name", "version", "hash", "structures"],
+        },
+        "Readiness": {
+            "type": "object",
+            "properties": {
+                "status": {"enum": ["ready", "not ready"]},
+                "checks": {"type": "object", "additionalProperties": check},
+            },
+            "required": ["status", "checks"],
+        },
+    }
+
+
+def describe_api(settings: HttpSettings) -> dict[str, Any]:
+    """The OpenAPI 3.1 document for a server with ``settings``."""
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "rtseg HTTP API",
+            "version": rtseg.__version__,
+            "description": "CT series in, organ-at-risk RTSTRUCT out. Errors are RFC 9457 problem details.",
+        },
+        "paths": _paths(settings),
+        "components": {
+            "schemas": _schemas(),
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }

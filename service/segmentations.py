@@ -1,0 +1,261 @@
+"""``/v1/segmentations``: upload a CT, follow the job, download the RTSTRUCT or label map, delete."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, request, send_file, url_for
+
+from rtseg.jobs import FINAL, Job, JobError, JobState
+from service.app import ServiceContext, UploadRequest, service
+from service.problems import HttpProblem
+from service.uploads import Intake, Part, receive
+
+log = logging.getLogger(__name__)
+bp = Blueprint("segmentations", __name__, url_prefix="/segmentations")
+
+RAW_TYPES = frozenset(
+    {
+        "application/zip",
+        "application/x-zip-compressed",
+        "application/dicom",
+        "application/gzip",
+        "application/x-gzip",
+        "application/octet-stream",
+    }
+)
+WAITING = frozenset({JobState.RECEIVED, JobState.QUEUED})
+POLL_S = 0.2
+
+
+@bp.post("")
+def create() -> tuple[Response, int, dict[str, str]]:
+    ctx = service()
+    wait = _number_arg("wait", 0.0, ctx.settings.max_wait_s)
+    labels = _flag_arg("labels")
+    if (request.content_length or 0) > ctx.settings.max_body_bytes:
+        raise HttpProblem(
+            413, "too-large", f"the body is larger than the limit of {ctx.settings.max_body_bytes} bytes"
+        )
+    job_id = _admit(ctx, labels)
+    log.info("upload %s: receiving", job_id)
+    try:
+        intake = _intake(ctx, job_id)
+    except BaseException:
+        _discard(ctx, job_id)
+        raise
+    meta = {
+        "write_labels": labels or intake.kind == "nifti",
+        "input_kind": intake.kind,
+        "n_files": intake.n_files,
+        "n_slices": intake.n_slices,
+        "series_sha256": intake.series_key,
+    }
+    output = ctx.relative(
+        ctx.job_dir(job_id) / ("labels.nii.gz" if intake.kind == "nifti" else "rtstruct.dcm")
+    )
+    job = ctx.store.transition(job_id, JobState.RECEIVED, JobState.QUEUED, output_path=output, meta=meta)
+    log.info("upload %s: queued (%s, %d files)", job_id, intake.kind, intake.n_files)
+    if wait > 0:
+        job = _wait(ctx, job, wait)
+    location = url_for("v1.segmentations.get", job_id=job_id)
+    return jsonify(describe(job)), (201 if job.state in FINAL else 202), {"Location": location}
+
+
+@bp.get("/<job_id>")
+def get(job_id: str) -> Response:
+    return jsonify(describe(_job(job_id)))
+
+
+@bp.get("/<job_id>/rtstruct")
+def rtstruct(job_id: str) -> Response:
+    job = _finished(job_id)
+    if job.meta.get("input_kind") == "nifti":
+        raise HttpProblem(404, "no-rtstruct", "a NIfTI upload yields a label map only: GET …/labels")
+    path = _output(job, "rtstruct")
+    return send_file(path, mimetype="application/dicom", as_attachment=True, download_name=f"{job.id}.dcm")
+
+
+@bp.get("/<job_id>/labels")
+def labels(job_id: str) -> Response:
+    job = _finished(job_id)
+    if not job.meta.get("write_labels"):
+        raise HttpProblem(404, "no-labels", "no label map was requested: upload with ?labels=true")
+    path = _output(job, "labels")
+    return send_file(path, mimetype="application/gzip", as_attachment=True, download_name=f"{job.id}.nii.gz")
+
+
+@bp.delete("/<job_id>")
+def delete(job_id: str) -> tuple[str, int]:
+    ctx = service()
+    job = _job(job_id)
+    if job.state == JobState.QUEUED:
+        try:  # take it from the queue first, so that no worker claims it while its files go
+            job = ctx.store.transition(job.id, JobState.QUEUED, JobState.FAILED, error="deleted")
+        except JobError:
+            job = ctx.store.get(job.id)
+    if job.state not in FINAL:
+        raise HttpProblem(409, "job-busy", f"the job is {job.state}; delete it once it has finished")
+    ctx.remove_files(job.id)
+    ctx.store.delete(job.id)
+    log.info("job %s deleted with its files", job.id)
+    return "", 204
+
+
+# -- representation ---------------------------------------------------------------------------
+
+
+def describe(job: Job) -> dict[str, Any]:
+    """The JSON a client sees for a job (no paths, no patient data)."""
+    result = dict(job.result)
+    links = {"self": url_for("v1.segmentations.get", job_id=job.id)}
+    files = result.get("files") or {}
+    if job.state == JobState.DONE:
+        for kind in ("rtstruct", "labels"):
+            if kind in files:
+                links[kind] = url_for(f"v1.segmentations.{kind}", job_id=job.id)
+    return {
+        "id": job.id,
+        "state": str(job.state),
+        "created": _iso(job.created),
+        "updated": _iso(job.updated),
+        "attempts": job.attempts,
+        "input": {k: job.meta[k] for k in ("input_kind", "n_files", "n_slices") if k in job.meta},
+        "model_version": job.model_version or result.get("model_version"),
+        "error": job.error,
+        "timings": result.get("timings", {}),
+        "structures": result.get("structures", []),
+        "omitted": result.get("omitted", []),
+        "flags": result.get("flags", []),
+        "links": links,
+    }
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _job(job_id: str) -> Job:
+    job = service().store.find(job_id)
+    if job is None or job.source != "http":
+        raise HttpProblem(404, "no-such-job", f"no segmentation {job_id!r} (deleted or expired?)")
+    return job
+
+
+def _finished(job_id: str) -> Job:
+    job = _job(job_id)
+    if job.state == JobState.FAILED:
+        raise HttpProblem(409, "job-failed", f"the segmentation failed: {job.error}")
+    if job.state != JobState.DONE:
+        retry = {"Retry-After": "5"}
+        raise HttpProblem(409, "job-not-done", f"the segmentation is {job.state}; try again", headers=retry)
+    return job
+
+
+def _output(job: Job, kind: str) -> Path:
+    """The output file the worker recorded in ``result["files"]``; it must lie in the job's folder."""
+    ctx = service()
+    folder = ctx.job_dir(job.id).resolve()
+    recorded = (job.result.get("files") or {}).get(kind)
+    path = (ctx.data_dir / recorded).resolve() if isinstance(recorded, str) else None
+    if path is None or not path.is_relative_to(folder) or not path.is_file():
+        raise HttpProblem(404, "output-missing", f"the job has no {kind} file (expired or removed)")
+    return path
+
+
+def _admit(ctx: ServiceContext, labels: bool) -> str:
+    """Reserve a place in the queue (429 when full) and create the job as ``received``."""
+    job_id = uuid.uuid4().hex
+    with ctx.admit:  # count and create together, so a burst cannot overshoot the maximum
+        waiting = len(ctx.store.list(WAITING, source="http", limit=ctx.settings.queue_max + 1))
+        if waiting >= ctx.settings.queue_max:
+            raise HttpProblem(
+                429,
+                "queue-full",
+                f"{waiting} segmentations are waiting (maximum {ctx.settings.queue_max}); retry later",
+                headers={"Retry-After": str(ctx.settings.retry_after_s)},
+            )
+        key = hashlib.sha256(job_id.encode()).hexdigest()  # an upload's own key; the series hash is in meta
+        ctx.job_dir(job_id).mkdir(parents=True)
+        ctx.store.create("http", key, ctx.relative(ctx.job_dir(job_id) / "input"), job_id=job_id)
+    return job_id
+
+
+def _intake(ctx: ServiceContext, job_id: str) -> Intake:
+    spool = ctx.job_dir(job_id) / "spool"
+    spool.mkdir()
+    req = request._get_current_object()
+    assert isinstance(req, UploadRequest)
+    req.spool_dir = spool
+    parts = _parts(req, spool)
+    try:
+        return receive(parts, ctx.job_dir(job_id) / "input", ctx.limits, ctx.validate)
+    finally:
+        for part in parts:
+            part.stream.close()
+        shutil.rmtree(spool)
+
+
+def _parts(req: UploadRequest, spool: Path) -> list[Part]:
+    if req.mimetype == "multipart/form-data":
+        files = [f for key in req.files for f in req.files.getlist(key)]
+        return [Part(f.stream, f.filename or f"part {i}") for i, f in enumerate(files, start=1)]
+    if req.mimetype in RAW_TYPES:
+        body = spool / "body"
+        with body.open("wb") as out:
+            shutil.copyfileobj(req.stream, out, 1 << 20)
+        return [Part(body.open("rb"), "the request body")]
+    raise HttpProblem(
+        415,
+        "unsupported-media-type",
+        "send multipart/form-data (DICOM files, one zip or one NIfTI) or a raw application/zip body",
+    )
+
+
+def _discard(ctx: ServiceContext, job_id: str) -> None:
+    """An upload that was refused leaves nothing behind."""
+    ctx.remove_files(job_id)
+    ctx.store.delete(job_id)
+
+
+def _wait(ctx: ServiceContext, job: Job, seconds: float) -> Job:
+    if not ctx.waiters.acquire(blocking=False):
+        return job  # every waiting slot is taken: answer 202 at once rather than block the server
+    try:
+        deadline = time.monotonic() + seconds
+        while job.state not in FINAL and time.monotonic() < deadline:
+            time.sleep(min(POLL_S, max(deadline - time.monotonic(), 0)))
+            job = ctx.store.get(job.id)
+        return job
+    finally:
+        ctx.waiters.release()
+
+
+def _number_arg(name: str, default: float, maximum: float) -> float:
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= maximum:
+        raise HttpProblem(400, "bad-parameter", f"{name} must be a number of seconds from 0 to {maximum:g}")
+    return value
+
+
+def _flag_arg(name: str) -> bool:
+    raw = request.args.get(name, "false").lower()
+    if raw not in ("true", "false", "1", "0"):
+        raise HttpProblem(400, "bad-parameter", f"{name} must be true or false")
+    return raw in ("true", "1")
