@@ -9,12 +9,14 @@ import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rtseg.errors import InputError
 from rtseg.jobs import JobStore
-from rtseg.settings import Settings, load_settings
 from service.settings import HttpSettings, http_table
+
+if TYPE_CHECKING:
+    from rtseg.settings import Settings
 
 Handler = Callable[[argparse.Namespace], int]
 DB_NAME = "state.db"  # the job table the DICOM node uses too (<data dir>/state.db)
@@ -52,6 +54,8 @@ def _cmd_http(args: argparse.Namespace) -> int:
         print(f"token (give it to the client; it is not stored): {token}")
         print(f'[http] token_sha256 = ["{digest}"]')
         return 0
+    from rtseg.settings import load_settings
+
     settings = load_settings(args.config)
     table = http_table(settings.http, os.environ)
     if args.port is not None:
