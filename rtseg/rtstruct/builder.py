@@ -137,17 +137,18 @@ def build_rtstruct(
         If the label map does not fit the CT or the CT is not axial.
     """
     _check_inputs(volume, labels, structures)
+    if labels.dtype == np.bool_:  # a single-structure mask: label 1
+        labels = labels.view(np.uint8)
     now = now or datetime.now().astimezone()
     boxes = ndimage.find_objects(np.asarray(labels))
     rois: list[tuple[Structure, list[_Contour], int]] = []
     omitted = []
     for structure in structures:
         box = _bounding_box(boxes, structure)
-        mask = _structure_mask(labels, box, structure) if box is not None else None
-        if mask is None or not mask.any():
+        if box is None:  # find_objects boxes are tight: a box means at least one voxel
             omitted.append(structure.name)
             continue
-        assert box is not None
+        mask = _structure_mask(labels, box, structure)
         offset = (box[0].start, box[1].start, box[2].start)
         contours = _encode_contours(trace_mask(mask, padded=True), offset, volume.affine)
         rois.append((structure, contours, int(np.count_nonzero(mask))))
