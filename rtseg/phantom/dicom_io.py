@@ -134,7 +134,14 @@ def write_ct_series(
         patient_study={kw: base.get(kw) for kw in PATIENT_STUDY_KEYWORDS if kw in base},
         series_description=spec.series_description,
     )
-    return CTVolume(hu=stored.astype(np.int16), affine=affine, info=info)
+    return CTVolume(hu=representable_hu(stored, spec), affine=affine, info=info)
+
+
+def representable_hu(hu: npt.NDArray[Any], spec: SeriesSpec) -> npt.NDArray[np.int16]:
+    """The HU a reader gets back: rounded and clipped to what the stored pixel type can hold."""
+    info = np.iinfo(np.int16 if spec.signed_pixels else np.uint16)
+    stored = np.clip(np.rint(np.asarray(hu, dtype=np.float64) - spec.rescale_intercept), info.min, info.max)
+    return (stored + spec.rescale_intercept).astype(np.int16)
 
 
 def _base_dataset(
@@ -213,10 +220,9 @@ def _slice_dataset(
     position = (affine @ np.array([0.0, 0.0, float(k), 1.0]))[:3]
     ds.ImagePositionPatient = [_ds(v) for v in position]
     ds.SliceLocation = _ds(position[2])
-    stored = np.rint(np.asarray(pixels_hu, dtype=np.float64) - spec.rescale_intercept)
     dtype = np.int16 if spec.signed_pixels else np.uint16
-    info = np.iinfo(dtype)
-    ds.PixelData = np.clip(stored, info.min, info.max).astype(dtype).tobytes()
+    stored = representable_hu(pixels_hu, spec).astype(np.int32) - int(spec.rescale_intercept)
+    ds.PixelData = stored.astype(dtype).tobytes()
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = sop_uid
