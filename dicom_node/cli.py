@@ -65,6 +65,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     # --- optional companions start here -------------------------------------------------
     # The HTTP service (service/) starts here from settings.http and appends its stop
     # function to `stops`. Keep this block small: one companion, one call.
+    from service.cli import start_companion
+
+    stops.append(start_companion(settings, node.store, node.pool, node.data_dir, model_dir))
     # --- end of optional companions -----------------------------------------------------
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -24,20 +24,27 @@ log = logging.getLogger(__name__)
 
 
 def start_companion(
-    settings: Settings, store: JobStore, worker_alive: Callable[[], bool], data_dir: Path, model_dir: Path
+    settings: Settings, store: JobStore, pool: Any, data_dir: Path, model_dir: Path
 ) -> Callable[[], None]:
-    """Start the HTTP API in a thread next to the DICOM node; returns its stop function."""
+    """Start the HTTP API in a thread next to the DICOM node (same store, same workers).
+
+    Off when the configuration has no ``[http]`` table; returns the stop function.
+    """
     from service.app import create_app
     from service.housekeeping import Janitor
     from service.server import HttpServer
 
-    http = HttpSettings.from_mapping(http_table(settings.http, os.environ))
-    app = create_app(http, store, data_dir, model_dir, worker_alive=worker_alive)
+    table = http_table(settings.http, os.environ)
+    if not table:
+        print("HTTP: off (no [http] table in the configuration)", flush=True)
+        return lambda: None
+    http = HttpSettings.from_mapping(table)
+    app = create_app(http, store, data_dir, model_dir, worker_alive=lambda: pool.alive() > 0)
     server = HttpServer(app, http)
     janitor = Janitor(store, data_dir, http.job_expiry_s)
     server.start()
     janitor.start()
-    print(f"HTTP: API on {server.url}/v1 ({len(http.token_sha256)} token(s)), docs {server.url}/openapi.json")
+    print(f"HTTP: API on {server.url}/v1 ({len(http.token_sha256)} token(s)), {server.url}/openapi.json")
 
     def stop() -> None:
         janitor.stop()
