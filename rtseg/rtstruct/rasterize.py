@@ -113,7 +113,14 @@ def fill_even_odd(polygons: list[npt.NDArray[np.float64]], shape: tuple[int, int
     # Each row has an even number of crossings; consecutive pairs bound the inside.
     left = np.clip(np.ceil(x[0::2]), 0, nx).astype(np.int64)
     right = np.clip(np.ceil(x[1::2]), 0, nx).astype(np.int64)
-    diff = np.zeros((ny, nx + 1), dtype=np.int32)
-    np.add.at(diff, (row[0::2], left), 1)
-    np.add.at(diff, (row[0::2], right), -1)
-    return np.cumsum(diff, axis=1)[:, :nx] > 0
+    mask = np.zeros((ny, nx), dtype=bool)
+    if len(row) == 0:
+        return mask
+    # Accumulate only over the block the spans cover.
+    r0, r1 = int(row.min()), int(row.max()) + 1
+    c0, c1 = int(left.min()), int(right.max())
+    diff = np.zeros((r1 - r0, c1 - c0 + 1), dtype=np.int32)
+    np.add.at(diff, (row[0::2] - r0, left - c0), 1)
+    np.add.at(diff, (row[0::2] - r0, right - c0), -1)
+    mask[r0:r1, c0:c1] = np.cumsum(diff, axis=1)[:, : c1 - c0] > 0
+    return mask
