@@ -199,7 +199,11 @@ def _check_uids(uids: dict[str, str], sop_class: str, sop_instance: str) -> str 
 
 # -- pynetdicom wiring -------------------------------------------------------------------
 def _peer(assoc: Any) -> Peer:
-    return Peer(str(assoc.requestor.ae_title).strip(), str(assoc.requestor.address))
+    requestor = assoc.requestor
+    ae_title = requestor.ae_title
+    if not ae_title and requestor.primitive is not None:  # during EVT_REQUESTED
+        ae_title = requestor.primitive.calling_ae_title
+    return Peer(str(ae_title).strip(), str(requestor.address))
 
 
 def handle_echo(event: evt.Event) -> int:

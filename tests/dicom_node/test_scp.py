@@ -1,0 +1,323 @@
+"""The SCP in-process against real peers (dcmtk storescu/echoscu, pynetdicom SCUs, raw sockets).
+
+No model here: these tests stop at the spool and the job queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from node_helpers import echoscu, no_patient_data, storescu, subset_series, wait_for
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless
+from pynetdicom import AE, _config
+from pynetdicom.sop_class import CTImageStorage, MRImageStorage, RTStructureSetStorage  # type: ignore[attr-defined]
+
+from dicom_node.assembly import Assembler
+from dicom_node.audit import AuditLog
+from dicom_node.node import open_stores
+from dicom_node.scp import Receiver, start_scp
+from dicom_node.spool import Spool
+from rtseg.jobs import JobState
+from rtseg.settings import Settings, load_settings
+
+KEY_FILE = re.compile(r"^[0-9a-f]{24}\.dcm$")
+
+
+class InProcessScp:
+    def __init__(self, data_dir: Path, env: dict[str, str]) -> None:
+        base = {"RTSEG_DATA_DIR": str(data_dir), "RTSEG_DICOM_PORT": "0", "RTSEG_DICOM_HOST": "127.0.0.1"}
+        base.update({"RTSEG_NODE_QUIET_TIME_S": "0.5", "RTSEG_NODE_MIN_FREE_DISK_MB": "10"})
+        self.settings: Settings = load_settings(environ={**base, **env})
+        self.data_dir = data_dir
+        self.store, self.deliveries = open_stores(data_dir)
+        self.audit = AuditLog(data_dir / "audit" / "audit.log")
+        self.spool = Spool(data_dir / "spool", self.settings.node.min_free_disk_mb)
+        self.assembler = Assembler(self.store, self.spool, self.settings, self.audit)
+        receiver = Receiver(self.spool, self.assembler, self.deliveries, self.audit)
+        self.server = start_scp(self.settings.dicom, receiver, self.audit)
+        self.port = int(self.server.server_address[1])
+
+    def complete(self) -> list[str]:
+        time.sleep(self.settings.node.quiet_time_s + 0.1)
+        return self.assembler.tick()
+
+    def spooled(self) -> list[Path]:
+        return sorted(p for p in (self.data_dir / "spool").rglob("*") if p.is_file())
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.fixture
+def scp(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> Iterator[Any]:
+    caplog.set_level(logging.DEBUG)
+    made: list[InProcessScp] = []
+
+    def make(**env: str) -> InProcessScp:
+        made.append(InProcessScp(tmp_path / f"data{len(made)}", env))
+        return made[-1]
+
+    yield make
+    for node in made:
+        node.close()
+    assert not no_patient_data(caplog.text), "patient data in the log"
+
+
+@pytest.fixture(scope="module")
+def small_series(phantom_ct96: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return subset_series(phantom_ct96, tmp_path_factory.mktemp("small") / "ct", 12)
+
+
+def _raw_file(
+    path: Path, sop_class: str, sop_instance: str, body: bytes, ts: str = ExplicitVRLittleEndian
+) -> Path:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_instance
+    meta.TransferSyntaxUID = ts
+    buf = BytesIO()
+    buf.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(buf, meta, enforce_standard=True)
+    path.write_bytes(buf.getvalue() + body)
+    return path
+
+
+def _encode(ds: Dataset) -> bytes:
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_dataset(fp, ds)
+    return fp.getvalue()
+
+
+def _dataset(sop_class: str, sop: str, series: str) -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID = sop_class, sop, series
+    ds.StudyInstanceUID = "1.2.3.4"
+    ds.Modality = "CT"
+    ds.PatientName, ds.PatientID = "PHANTOM^EVIL", "RTSEG-A_EVIL"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+def _send_raw(port: int, path: Path, monkeypatch: pytest.MonkeyPatch, aet: str = "BADPEER") -> int:
+    """C-STORE the file's dataset bytes as they are (pynetdicom's chunked sending: no re-encoding)."""
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
+    ae = AE(ae_title=aet)
+    ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title="RTSEG")
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(path)
+    finally:
+        assoc.release()
+    return int(status.Status)
+
+
+def test_series_from_storescu_is_spooled_under_hashed_names_and_queued(scp: Any, small_series: Path) -> None:
+    node = scp()
+    assert echoscu(node.port) == 0
+    assert storescu(small_series, node.port) == 0
+    files = node.spooled()
+    assert len(files) == 12
+    assert all(KEY_FILE.match(p.name) for p in files)
+    # the spool holds the bytes the peer sent: same pixel data, same UIDs
+    uids = {pydicom.dcmread(p).SOPInstanceUID for p in files}
+    assert uids == {pydicom.dcmread(p).SOPInstanceUID for p in small_series.iterdir()}
+    (job_id,) = node.complete()
+    job = node.store.get(job_id)
+    assert job.state == JobState.QUEUED
+    assert job.meta["n_instances"] == 12 and job.meta["calling_ae"] == "MODALITY"
+    assert job.meta["destinations"] == []
+
+
+def test_compressed_transfer_syntax_is_accepted_and_kept(
+    scp: Any, small_series: Path, tmp_path: Path
+) -> None:
+    import subprocess
+
+    src = sorted(small_series.iterdir())[0]
+    jls = tmp_path / "jls.dcm"
+    subprocess.run(["dcmcjpls", str(src), str(jls)], check=True)
+    node = scp()
+    assert storescu([jls], node.port, "RTSEG", "MODALITY", "-xt") == 0  # propose JPEG-LS lossless
+    (stored,) = node.spooled()
+    assert pydicom.dcmread(stored).file_meta.TransferSyntaxUID == JPEGLSLossless
+
+
+def test_unknown_calling_ae_or_host_is_rejected(scp: Any, small_series: Path, caplog: Any) -> None:
+    node = scp(RTSEG_DICOM_ALLOWED_CALLERS="MODALITY@127.0.0.1,PACS@10.9.9.9")
+    assert echoscu(node.port, aet="MODALITY") == 0
+    assert echoscu(node.port, aet="INTRUDER") != 0
+    assert echoscu(node.port, aet="PACS") != 0  # known AE title, wrong host
+    assert storescu(small_series, node.port, aet="INTRUDER") != 0
+    assert node.spooled() == []
+    assert "association rejected: calling AE INTRUDER from 127.0.0.1 is not allowed" in caplog.text
+    events = [e["event"] for e in node.audit.entries()]
+    assert events.count("association_rejected") == 3
+
+
+def test_malformed_dataset_gets_cannot_understand(scp: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    node = scp()
+    garbage = _raw_file(
+        tmp_path / "bad.dcm", CTImageStorage, "1.2.3.4.5", b"\x08\x00\x18\x00UI\xff\xff" + b"x" * 50
+    )
+    assert _send_raw(node.port, garbage, monkeypatch) == 0xC000
+    truncated = _encode(_dataset(CTImageStorage, "1.2.3.4.6", "1.2.3.9"))[:-7]
+    assert _send_raw(
+        node.port, _raw_file(tmp_path / "t.dcm", CTImageStorage, "1.2.3.4.6", truncated), monkeypatch
+    ) in (
+        0xC000,
+        0x0000,  # a cut inside the last value may still parse; then it must be stored safely
+    )
+    assert echoscu(node.port) == 0
+    assert all(p.is_relative_to(node.data_dir) for p in node.spooled())
+
+
+def test_wrong_sop_class_in_dataset_gets_mismatch(scp: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    node = scp()
+    body = _encode(_dataset(MRImageStorage, "1.2.3.4.7", "1.2.3.10"))
+    path = _raw_file(tmp_path / "mr.dcm", CTImageStorage, "1.2.3.4.7", body)
+    assert _send_raw(node.port, path, monkeypatch) == 0xA900
+    assert node.spooled() == []
+
+
+def test_unsupported_sop_class_has_no_presentation_context(scp: Any) -> None:
+    node = scp()
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(MRImageStorage)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="RTSEG")
+    assert not assoc.is_established  # the only proposed context was refused: no association
+    assert echoscu(node.port) == 0
+
+
+@pytest.mark.parametrize(
+    ("sop", "series"),
+    [
+        ("1.2.3.4.9", "../../../../tmp/rtseg-evil"),
+        ("../../rtseg-evil", "1.2.3.12"),
+        ("1.2.03.4", "1.2.3.13"),  # leading zero: not a conformant UID
+        ("1.2.3.4.10", "1.2.3.x"),
+    ],
+)
+def test_crafted_uids_get_a_failure_and_write_nothing(
+    scp: Any, tmp_path: Path, monkeypatch: Any, sop: str, series: str
+) -> None:
+    node = scp()
+    path = _raw_file(
+        tmp_path / "evil.dcm", CTImageStorage, sop, _encode(_dataset(CTImageStorage, sop, series))
+    )
+    assert _send_raw(node.port, path, monkeypatch) == 0xC000
+    assert node.spooled() == []
+    assert not list(Path("/tmp").glob("rtseg-evil*"))
+    assert not list(tmp_path.parent.glob("rtseg-evil*"))
+
+
+def test_aborted_association_keeps_what_was_acknowledged(scp: Any, small_series: Path) -> None:
+    node = scp()
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="RTSEG")
+    files = sorted(small_series.iterdir())
+    statuses = [assoc.send_c_store(pydicom.dcmread(p)).Status for p in files[:3]]
+    assoc.abort()
+    assert statuses == [0, 0, 0]
+    assert echoscu(node.port) == 0
+    assert len(node.spooled()) == 3
+    (job_id,) = node.complete()  # 3 slices: below the minimum slice count, never segmented
+    job = node.store.get(job_id)
+    assert job.state == JobState.SKIPPED and "3 slices" in str(job.error)
+    assert node.spooled() == []
+
+
+def test_huge_pdu_closes_the_connection_and_the_node_carries_on(scp: Any) -> None:
+    node = scp(RTSEG_DICOM_MAX_PDU="65536")
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", node.port), timeout=10) as sock:
+        sock.sendall(struct.pack(">BBL", 0x01, 0, 0xFFFFFFF0) + b"\0" * 1000)
+        try:
+            closed = sock.recv(100) == b""
+        except ConnectionResetError:
+            closed = True
+    assert closed and time.monotonic() - started < 5
+    assert echoscu(node.port) == 0
+
+
+def test_endless_garbage_and_half_pdus_do_not_hang_the_node(scp: Any) -> None:
+    node = scp()
+    with socket.create_connection(("127.0.0.1", node.port), timeout=10) as sock:
+        sock.sendall(b"\x07" + b"\xff" * 5000)  # unknown PDU type 0x07 with nonsense
+    with socket.create_connection(("127.0.0.1", node.port), timeout=10) as sock:
+        sock.sendall(b"\x01\x00")  # half a header, then close
+    assert echoscu(node.port) == 0
+
+
+def test_low_disk_answers_out_of_resources(scp: Any, small_series: Path) -> None:
+    node = scp(RTSEG_NODE_MIN_FREE_DISK_MB=str(10**9))  # a petabyte: never available
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="RTSEG")
+    status = assoc.send_c_store(pydicom.dcmread(next(small_series.iterdir())))
+    assoc.release()
+    assert status.Status == 0xA700
+    assert node.spooled() == []
+
+
+@pytest.mark.parametrize("policy", ["ignore", "reject"])
+def test_late_instances_never_open_a_second_job(scp: Any, small_series: Path, policy: str) -> None:
+    node = scp(RTSEG_NODE_LATE_INSTANCE_POLICY=policy)
+    files = sorted(small_series.iterdir())
+    assert storescu(files[:11], node.port) == 0
+    (job_id,) = node.complete()
+    assert (storescu([files[11]], node.port) == 0) == (policy == "ignore")
+    assert node.complete() == []
+    assert len(node.store.list()) == 1
+    assert node.store.get(job_id).meta["n_instances"] == 11
+    assert len(node.spooled()) == 11
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="RTSEG")
+    status = assoc.send_c_store(pydicom.dcmread(files[11]))
+    assoc.release()
+    assert status.Status == (0x0000 if policy == "ignore" else 0xC000)
+
+
+def test_rtstruct_is_spooled_and_recorded(scp: Any) -> None:
+    node = scp()
+    ds = _dataset(RTStructureSetStorage, "1.2.3.4.20", "1.2.3.21")
+    ds.Modality = "RTSTRUCT"
+    ae = AE(ae_title="PLANNING")
+    ae.add_requested_context(RTStructureSetStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="RTSEG")
+    status = assoc.send_c_store(ds)
+    assoc.release()
+    assert status.Status == 0
+    (stored,) = node.spooled()
+    assert stored.parent.parent.name == "rtstruct" and KEY_FILE.match(stored.name)
+    assert node.deliveries.count_objects("rtstruct") == 1
+    assert node.store.list() == []  # not a segmentation job
+    assert wait_for(lambda: "rtstruct_received" in [e["event"] for e in node.audit.entries()], 5, "audit")
+
+
+def test_echo_is_fast(scp: Any) -> None:
+    node = scp()
+    from dicom_node.scu import echo
+
+    ok, seconds = echo(
+        "MODALITY", {"ae_title": "RTSEG", "host": "127.0.0.1", "port": node.port}, node.settings.dicom.tls
+    )
+    assert ok and seconds < 0.5
