@@ -125,7 +125,7 @@ class Settings:
 # -- value parsers: (value, key) -> typed value; raise ValueError with a reason ---------------
 def _int(lo: int, hi: int) -> Callable[[Any], int]:
     def parse(v: Any) -> int:
-        if isinstance(v, bool) or not isinstance(v, int | str):
+        if isinstance(v, bool) or not isinstance(v, int | str) or not str(v).strip().lstrip("+-").isdigit():
             raise ValueError("must be an integer")
         n = int(v)
         if not lo <= n <= hi:
@@ -139,7 +139,10 @@ def _float(lo: float, hi: float = float("inf")) -> Callable[[Any], float]:
     def parse(v: Any) -> float:
         if isinstance(v, bool) or not isinstance(v, int | float | str):
             raise ValueError("must be a number")
-        x = float(v)
+        try:
+            x = float(v)
+        except ValueError:
+            raise ValueError("must be a number") from None
         if not lo <= x <= hi:
             raise ValueError(f"must be between {lo:g} and {hi:g}")
         return x

@@ -1,0 +1,150 @@
+"""rtseg.settings: defaults, TOML, RTSEG_* overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rtseg.errors import InputError
+from rtseg.settings import Caller, Destination, load_settings
+
+FULL = """
+[dicom]
+ae_title = "RTSEG_TEST"
+port = 104
+host = "127.0.0.1"
+max_pdu = 0
+return_to_sender = true
+allowed_callers = [{ae_title = "PACS", host = "10.0.0.5", port = 4242}, {ae_title = "CT1"}]
+
+[[destinations]]
+name = "tps"
+ae_title = "ECLIPSE"
+host = "10.0.0.7"
+port = 105
+
+[selection]
+modalities = ["CT"]
+series_description_include = "abd|thorax"
+series_description_exclude = "(?i)scout"
+body_parts = ["abdomen"]
+slice_thickness_mm = [0.5, 5]
+slice_count = [30, 1500]
+
+[node]
+quiet_time_s = 20
+late_instance_policy = "reject"
+workers = 2
+inference_threads = 2
+retention_h = 48
+min_free_disk_mb = 2048
+retry_limit = 5
+retry_backoff_s = 2
+retry_backoff_max_s = 60
+
+[paths]
+data_dir = "/srv/rtseg"
+
+[model]
+path = "/srv/models/abdomen"
+
+[http]
+port = 8080
+anything = {nested = true}
+
+[federation]
+site = "a"
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "rtseg.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_the_embedded_node() -> None:
+    s = load_settings(environ={})
+    assert (s.dicom.ae_title, s.dicom.port, s.dicom.allowed_callers) == ("RTSEG", 11112, ())
+    assert s.destinations == () and s.model_path is None
+    assert s.data_dir == Path("rtseg-data")
+    assert s.selection.image_type_exclude == ("LOCALIZER", "SCOUT", "TOPOGRAM")
+    assert s.node.late_instance_policy == "ignore" and not s.dicom.tls.enabled
+
+
+def test_full_file(tmp_path: Path) -> None:
+    s = load_settings(_write(tmp_path, FULL), environ={})
+    assert s.dicom.ae_title == "RTSEG_TEST" and s.dicom.port == 104 and s.dicom.max_pdu == 0
+    assert s.dicom.allowed_callers == (Caller("PACS", "10.0.0.5", 4242), Caller("CT1"))
+    assert s.destinations == (Destination("tps", "ECLIPSE", "10.0.0.7", 105),)
+    assert s.selection.body_parts == ("ABDOMEN",) and s.selection.slice_count == (30, 1500)
+    assert s.selection.slice_thickness_mm == (0.5, 5.0)
+    assert s.node.workers == 2 and s.node.late_instance_policy == "reject"
+    assert s.data_dir == Path("/srv/rtseg") and s.model_path == Path("/srv/models/abdomen")
+    assert s.http == {"port": 8080, "anything": {"nested": True}}  # kept raw for service/
+    assert s.federation == {"site": "a"}
+
+
+def test_environment_overrides_the_file(tmp_path: Path) -> None:
+    env = {
+        "RTSEG_DICOM_PORT": "11113",
+        "RTSEG_DATA_DIR": "/data/x",
+        "RTSEG_MODEL_PATH": "/m",
+        "RTSEG_NODE_QUIET_TIME_S": "2.5",
+        "RTSEG_NODE_INFERENCE_THREADS": "",
+        "RTSEG_DICOM_RETURN_TO_SENDER": "false",
+        "RTSEG_SELECTION_MODALITIES": "CT, PT",
+        "RTSEG_DICOM_ALLOWED_CALLERS": "ORTHANC@127.0.0.1:4242,CT2",
+        "RTSEG_DESTINATIONS": "pacs=ORTHANC@127.0.0.1:4242,tps=TPS@10.1.1.1:104",
+        "OTHER_VAR": "ignored",
+    }
+    s = load_settings(_write(tmp_path, FULL), environ=env)
+    assert s.dicom.port == 11113 and s.dicom.ae_title == "RTSEG_TEST"
+    assert s.data_dir == Path("/data/x") and s.model_path == Path("/m")
+    assert s.node.quiet_time_s == 2.5 and s.node.inference_threads is None and s.node.workers == 2
+    assert not s.dicom.return_to_sender
+    assert s.selection.modalities == ("CT", "PT")
+    assert s.dicom.allowed_callers == (Caller("ORTHANC", "127.0.0.1", 4242), Caller("CT2"))
+    assert [d.name for d in s.destinations] == ["pacs", "tps"] and s.destinations[1].port == 104
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "message"),
+    [
+        ("[dicom]\nport = 70000\n", {}, "dicom.port must be between"),
+        ("[dicom]\nport = 'x'\n", {}, "dicom.port"),
+        ("[dicom]\nae_title = 'WAY_TOO_LONG_AE_TITLE'\n", {}, "dicom.ae_title"),
+        ("[dicom]\nprot = 1\n", {}, "unknown setting dicom.prot"),
+        ("[dicmo]\n", {}, "unknown setting 'dicmo'"),
+        ("[node]\nlate_instance_policy = 'resend'\n", {}, "node.late_instance_policy must be one of"),
+        ("[node]\nworkers = 0\n", {}, "node.workers"),
+        ("[selection]\nseries_description_include = '('\n", {}, "selection.series_description_include"),
+        ("[selection]\nslice_count = [100, 10]\n", {}, "selection.slice_count min must not exceed max"),
+        ("[[destinations]]\nname = 'x'\nhost = 'h'\nport = 1\n", {}, "destinations[0].ae_title is required"),
+        ("[dicom.tls]\ncert = '/nonexistent.pem'\n", {}, "dicom.tls.cert and dicom.tls.key"),
+        ("dicom = 3\n", {}, "dicom must be a table"),
+        ("not toml [", {}, "not valid TOML"),
+        ("", {"RTSEG_DICOM_PORT": "abc"}, "RTSEG_DICOM_PORT must be an integer"),
+        ("", {"RTSEG_DESTINATIONS": "pacs=ORTHANC@127.0.0.1"}, "RTSEG_DESTINATIONS has a bad entry"),
+        (
+            "",
+            {"RTSEG_NODE_RETRY_BACKOFF_MAX_S": "1", "RTSEG_NODE_RETRY_BACKOFF_S": "5"},
+            "retry_backoff_max_s",
+        ),
+    ],
+)
+def test_bad_values_name_the_key(tmp_path: Path, text: str, env: dict[str, str], message: str) -> None:
+    with pytest.raises(InputError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_settings(_write(tmp_path, text), environ=env)
+
+
+def test_missing_file_is_an_input_error(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="cannot read the configuration file"):
+        load_settings(tmp_path / "missing.toml", environ={})
+
+
+def test_settings_are_frozen() -> None:
+    s = load_settings(environ={})
+    with pytest.raises(AttributeError):
+        s.dicom.port = 1  # type: ignore[misc]
