@@ -36,15 +36,9 @@ class Running:
         headers = {**AUTH, **kw.pop("headers", {})}
         if body is not None:
             headers.setdefault("Content-Type", "application/zip")
-        return requests.post(
-            f"{self.url}/v1/segmentations",
-            data=body,
-            files=files,
-            params=params,
-            headers=headers,
-            timeout=60,
-            **kw,
-        )
+        url = f"{self.url}/v1/segmentations"
+        kw.setdefault("timeout", 60)
+        return requests.post(url, data=body, files=files, params=params, headers=headers, **kw)
 
     def get(self, path: str, **kw: Any) -> Any:
         return requests.get(f"{self.url}{path}", headers={**AUTH, **kw.pop("headers", {})}, timeout=30, **kw)
