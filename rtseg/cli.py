@@ -21,17 +21,16 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _cmd_phantom(args: argparse.Namespace) -> int:
-    from rtseg.phantom.cohort import generate_cohort
+    from rtseg.phantom.cohort import CaseInfo, generate_cohort
 
     started = time.monotonic()
 
-    def show(info: object) -> None:
-        i = info  # CaseInfo
+    def show(i: CaseInfo) -> None:
         print(
-            f"  {i.case_id}: {i.age_years:4.1f} y  {i.variant:<14} {i.phase:<3} {i.patient_position}  "  # type: ignore[attr-defined]
+            f"  {i.case_id}: {i.age_years:4.1f} y  {i.variant:<14} {i.phase:<3} {i.patient_position}  "
             f"{i.n_slices} slices × {i.slice_thickness_mm} mm, pixel {i.pixel_spacing_mm} mm",
             flush=True,
-        )  # type: ignore[attr-defined]
+        )
 
     print(f"writing {args.cases} center-{args.center} phantom case(s), seed {args.seed}, to {args.out}")
     infos = generate_cohort(

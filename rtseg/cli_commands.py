@@ -44,6 +44,7 @@ def print_result(result: Any) -> None:
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
+    from rtseg.ct import load_series
     from rtseg.pipeline import model_identity, segment_series
 
     started = time.monotonic()
@@ -51,12 +52,12 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     def say(msg: str) -> None:
         print(f"[{time.monotonic() - started:6.1f} s] {msg}", flush=True)
 
-    say("loading model")
+    say("reading CT series")  # the input is checked before the model loads: quick feedback
+    volume = load_series(args.ct_dir, series_uid=args.series)
+    say(f"{volume.shape[0]} slices, {volume.info.patient_position}; loading model")
     segmenter = _load_segmenter(args.model, args.threads)
     identity = model_identity(segmenter.manifest, segmenter.model_dir)
-    result = segment_series(
-        args.ct_dir, segmenter, args.output, identity=identity, series_uid=args.series, progress=say
-    )
+    result = segment_series(volume, segmenter, args.output, identity=identity, progress=say)
     print_result(result)
     return 0
 

@@ -19,6 +19,7 @@ HTTP jobs go ``running → done``; DICOM jobs with destinations go through
 
 from __future__ import annotations
 
+import builtins
 import json
 import sqlite3
 import threading
@@ -174,7 +175,7 @@ class JobStore:
         series_key: str | None = None,
         limit: int = 1000,
     ) -> list[Job]:
-        sql, args = "SELECT * FROM jobs WHERE 1=1", []
+        sql, args = "SELECT * FROM jobs WHERE 1=1", builtins.list[object]()
         if states:
             sql += f" AND state IN ({','.join('?' * len(states))})"
             args += [str(s) for s in states]
@@ -249,7 +250,7 @@ class JobStore:
             )
         return self.get(row[0])
 
-    def recover(self) -> list[Job]:
+    def recover(self) -> builtins.list[Job]:
         """After a restart: jobs left ``running`` by a dead worker go back to ``queued``."""
         stuck = self.list({JobState.RUNNING})
         return [self.transition(j.id, JobState.RUNNING, JobState.QUEUED) for j in stuck]

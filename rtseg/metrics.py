@@ -32,7 +32,7 @@ def dice(a: Mask, b: Mask) -> float | None:
 
 
 def _surface(mask: Mask) -> Mask:
-    return mask & ~binary_erosion(mask, border_value=0)
+    return np.asarray(mask & ~binary_erosion(mask, border_value=0), dtype=bool)
 
 
 def surface_distances(a: Mask, b: Mask, spacing: tuple[float, ...]) -> tuple[float | None, float | None]:

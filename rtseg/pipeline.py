@@ -126,7 +126,7 @@ def segment_volume(
 
 
 def segment_series(
-    source: Path | Sequence[Path],
+    source: Path | Sequence[Path] | CTVolume,
     segmenter: Segmenter,
     out_path: Path,
     *,
@@ -135,13 +135,13 @@ def segment_series(
     rtstruct_uids: tuple[str, str] | None = None,
     progress: Progress | None = None,
 ) -> PipelineResult:
-    """Load a CT series, segment it, write the RTSTRUCT atomically to ``out_path``."""
+    """Load a CT series (or take a loaded one), segment it, write the RTSTRUCT atomically to ``out_path``."""
     say = progress or (lambda _msg: None)
     identity = identity or model_identity(segmenter.manifest)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     say("loading CT series")
-    volume = load_series(source, series_uid=series_uid)
+    volume = source if isinstance(source, CTVolume) else load_series(source, series_uid=series_uid)
     timings["load_s"] = time.perf_counter() - t0
     say(f"segmenting {volume.shape[0]} slices with {identity.name} {identity.version}")
     t1 = time.perf_counter()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -405,7 +406,7 @@ class _Builder:
             if box is not None:
                 level[box] = np.minimum(level[box], blob.level(c, box))
         antrum = Tube.through(
-            [body.center, self.P(0.12, -0.48, -0.01, 0.02), self.P(0.02, -0.42, -0.03, 0.01)],
+            [np.asarray(body.center), self.P(0.12, -0.48, -0.01, 0.02), self.P(0.02, -0.42, -0.03, 0.01)],
             0.11 * self.H * k,
         )
         level = np.minimum(level, antrum.level(c))
@@ -473,7 +474,7 @@ class _Builder:
         c = self.c
         r = (4 + 0.27 * (self.a - 1)) * self.rng.normal(1, 0.08)
         y_e = self.aorta_y - self.ra - r - 3.0  # anterior to the descending aorta
-        ctrl = [
+        ctrl: list[Any] = [
             (-0.02 * self.W, y_e + 2, 1.15 * self.L),
             (0.0, y_e, 0.65 * self.L),
             (0.1 * self.W, y_e - 0.08 * self.H, 0.36 * self.L),

@@ -180,7 +180,7 @@ def _scanner(
     yy, xx = np.mgrid[:ny, :nx]
     circle = (yy - (ny - 1) / 2) ** 2 + (xx - (nx - 1) / 2) ** 2 > (min(nx, ny) / 2) ** 2
     out[:, circle] = -1024
-    return np.clip(np.rint(out), -1024, 3071).astype(np.float32)
+    return np.asarray(np.clip(np.rint(out), -1024, 3071), dtype=np.float32)
 
 
 def write_case(
@@ -253,7 +253,7 @@ def write_labels(labels_zyx: npt.NDArray[np.uint8], volume: CTVolume, path: Path
 
 def write_label_image(labels_kji: npt.NDArray[Any], affine: npt.NDArray[np.float64], path: Path) -> None:
     """Write a [k, j, i] array with a CT affine as NIfTI (SimpleITK converts LPS → RAS)."""
-    image = sitk.GetImageFromArray(np.ascontiguousarray(labels_kji.astype(np.uint8)))
+    image: Any = sitk.GetImageFromArray(np.ascontiguousarray(labels_kji.astype(np.uint8)))  # untyped API
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     image.SetSpacing([float(s) for s in spacing])
     image.SetOrigin([float(v) for v in affine[:3, 3]])
@@ -264,7 +264,7 @@ def write_label_image(labels_kji: npt.NDArray[Any], affine: npt.NDArray[np.float
 
 def read_label_image(path: Path) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float64]]:
     """Read a label NIfTI as ([k, j, i] array, affine in LPS)."""
-    image = sitk.ReadImage(str(path))
+    image: Any = sitk.ReadImage(str(path))
     arr = sitk.GetArrayFromImage(image).astype(np.uint8)
     direction = np.asarray(image.GetDirection()).reshape(3, 3)
     affine = np.eye(4)

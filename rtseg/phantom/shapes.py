@@ -134,7 +134,7 @@ class Blob:
             + b[7] * (n[2] ** 2 - 0.33)
             + b[8] * n[0] * n[1] * n[2]
         )
-        return (rho / (1.0 + bump)).reshape(x.shape).astype(np.float32)
+        return np.asarray((rho / (1.0 + bump)).reshape(x.shape), dtype=np.float32)
 
     def bbox(self, coords: Coords) -> Box | None:
         e = self.extent() + coords.max_shift
@@ -219,4 +219,4 @@ def smooth_noise(shape: tuple[int, ...], rng: np.random.Generator, sigma_vox: An
 
     n = gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma_vox)
     std = float(n.std()) or 1.0
-    return (n / std).astype(np.float32)
+    return np.asarray(n / std, dtype=np.float32)
