@@ -40,7 +40,7 @@ install_python() {
 case "$job" in
     run)
         install_python
-        exec "$VENV/bin/rtseg" demo "$@"
+        exec "$VENV/bin/rtseg" serve "$@"
         ;;
     test)
         install_test_peers
