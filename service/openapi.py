@@ -48,7 +48,7 @@ def _errors(*codes: int) -> dict[str, Any]:
     }
     answers: dict[str, Any] = {}
     for code in codes:
-        headers = None
+        headers: dict[str, Any] | None = None
         if code == 401:
             headers = {"WWW-Authenticate": {"schema": {"type": "string"}}}
         if code == 429:
@@ -62,7 +62,7 @@ def _job_id() -> dict[str, Any]:
 
 
 def _paths(settings: HttpSettings) -> dict[str, Any]:
-    auth = [{"bearer": []}]
+    auth: list[dict[str, list[str]]] = [{"bearer": []}]
     return {
         "/v1/segmentations": {"post": _post(settings, auth)},
         "/v1/segmentations/{job_id}": {

@@ -9,7 +9,7 @@ import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from flask import Blueprint, Response, jsonify, request, send_file, url_for
 
@@ -194,8 +194,7 @@ def _admit(ctx: ServiceContext, labels: bool) -> str:
 def _intake(ctx: ServiceContext, job_id: str) -> Intake:
     spool = ctx.job_dir(job_id) / "spool"
     spool.mkdir()
-    req = request._get_current_object()
-    assert isinstance(req, UploadRequest)
+    req = cast(UploadRequest, request)  # the app's request_class
     req.spool_dir = spool
     parts = _parts(req, spool)
     try:

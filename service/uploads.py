@@ -24,7 +24,7 @@ import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from rtseg.ct import find_series, load_series
 from rtseg.errors import InputError
@@ -296,7 +296,7 @@ def _nifti_shape(path: Path, size: int) -> tuple[int, ...]:
     from nibabel.filebasedimages import ImageFileError
 
     try:
-        image = nib.load(str(path))
+        image: Any = nib.load(str(path))
     except (ImageFileError, ValueError, OSError, EOFError) as exc:
         raise UploadError(f"not a NIfTI image ({exc})", slug="bad-nifti") from exc
     header = image.header
