@@ -151,6 +151,82 @@ def _model_build_default(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- model registry and acceptance gate (rtseg/model/registry.py, rtseg/model/gate.py) ------
+def _registry(args: argparse.Namespace) -> Any:
+    from rtseg.model.registry import Registry
+    from rtseg.settings import load_settings
+
+    data_dir = args.data_dir or load_settings(args.config).data_dir
+    return Registry(data_dir)
+
+
+def _model_list(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    current = registry.ensure()
+    print(f"registry: {registry.root} (generation {registry.generation()})")
+    print(f"  {'version':<32} {'name':<20} {'model version':<16} {'round':>5} {'hash':<12}  created")
+    for v in registry.list():
+        mark = "*" if v.version == current.version else " "
+        print(
+            f"{mark} {v.version:<32} {v.name:<20} {v.model_version:<16} {v.round:>5} {v.hash:<12}  "
+            f"{v.created or '-'}"
+        )
+    print("(* = current)")
+    return 0
+
+
+def _model_promote(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    target = args.version
+    if Path(target).is_dir():  # a model folder: register it first (bypasses the gate: say so)
+        target = registry.add(Path(target)).version
+        print(f"added {target} (not checked by the gate)")
+    previous = registry.ensure()
+    promoted = registry.promote(target, reason=args.reason)
+    if promoted.version == previous.version:
+        print(f"{promoted.version} is already the current model")
+        return 0
+    print(f"current model: {promoted.version} (was {previous.version}); generation {registry.generation()}")
+    return 0
+
+
+def _model_rollback(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    previous = registry.ensure()
+    restored = registry.rollback(reason=args.reason)
+    print(f"current model: {restored.version} (was {previous.version}); generation {registry.generation()}")
+    return 0
+
+
+def _model_gate(args: argparse.Namespace) -> int:
+    from rtseg.model.gate import run_gate
+
+    registry = _registry(args)
+    decision = run_gate(
+        args.candidate,
+        args.data,
+        registry,
+        margin=args.margin,
+        promote=args.promote,
+        threads=args.threads,
+        progress=lambda msg: print(f"  {msg}", flush=True),
+    )
+    if decision.rows:
+        print(decision.table())
+    verdict = "ACCEPTED" if decision.accepted else "REFUSED"
+    print(
+        f"gate: {verdict} candidate {decision.candidate} against {decision.incumbent}"
+        f" (margin {decision.margin:g})"
+    )
+    for reason in decision.reasons:
+        print(f"  {reason}")
+    if decision.promoted:
+        print(f"promoted: the node now runs {decision.candidate}")
+    elif decision.accepted:
+        print("not promoted (run again with --promote, or `rtseg model promote` the version)")
+    return 0 if decision.accepted else 1
+
+
 def _register_core(sub: Any, handlers: dict[str, Handler]) -> None:
     p = sub.add_parser("segment", help="segment one CT series to an RTSTRUCT")
     p.add_argument("ct_dir", type=Path, help="folder with the CT series (DICOM files)")
@@ -194,7 +270,35 @@ def _register_core(sub: Any, handlers: dict[str, Handler]) -> None:
     q.add_argument("--epochs", type=int, help="override the recipe's epochs")
     q.add_argument("--cases", type=int, help="override the recipe's cases per center")
     q.set_defaults(model_action=_model_build_default)
+    _register_registry(msub)
     handlers["model"] = _cmd_model
+
+
+def _register_registry(msub: Any) -> None:
+    def registry_args(q: Any) -> None:
+        q.add_argument("--data-dir", type=Path, help="the node's data directory (default: from --config)")
+        q.add_argument("--config", type=Path, help="TOML settings file (paths.data_dir)")
+
+    q = msub.add_parser("list", help="model versions in the node's registry; * marks the current one")
+    registry_args(q)
+    q.set_defaults(model_action=_model_list)
+    q = msub.add_parser("promote", help="make a registered version (or a model folder) the current model")
+    q.add_argument("version", help="version name (e.g. fed-peds/r3/1a2b3c4d5e6f) or a model folder")
+    q.add_argument("--reason", default="operator", help="recorded in the registry history")
+    registry_args(q)
+    q.set_defaults(model_action=_model_promote)
+    q = msub.add_parser("rollback", help="make the previously current model current again")
+    q.add_argument("--reason", default="operator", help="recorded in the registry history")
+    registry_args(q)
+    q.set_defaults(model_action=_model_rollback)
+    q = msub.add_parser("gate", help="site acceptance gate: candidate vs current model on held-out cases")
+    q.add_argument("--candidate", type=Path, required=True, help="candidate model folder")
+    q.add_argument("--data", type=Path, required=True, help="held-out approved cases (<case>/ct, labels)")
+    q.add_argument("--margin", type=float, default=0.02, help="largest allowed Dice drop per structure")
+    q.add_argument("--promote", action="store_true", help="promote the candidate if it passes")
+    q.add_argument("--threads", type=int, help="CPU threads for inference")
+    registry_args(q)
+    q.set_defaults(model_action=_model_gate)
 
 
 def register(sub: Any, handlers: dict[str, Handler]) -> None:
