@@ -54,7 +54,7 @@ class Recipe:
         base_features=8,
         n_stages=5,
         max_features=128,
-        epochs=40,
+        epochs=30,
         iterations_per_epoch=50,
         val_iterations_per_epoch=4,
         learning_rate=1e-2,
@@ -121,6 +121,14 @@ def build_default(
     progress: Callable[[EpochProgress], None] | None = None,
 ) -> Path:
     """Run the whole recipe in ``work_dir`` and export the model to ``out_dir``."""
+    prepare_default(work_dir, recipe, say)
+    return train_default(work_dir, out_dir, recipe, say, progress)
+
+
+def prepare_default(
+    work_dir: Path, recipe: Recipe = DEFAULT_RECIPE, say: Callable[[str], None] = print
+) -> None:
+    """Cohort (resumable), nnU-Net raw dataset, plans and preprocessed data in ``work_dir``."""
     from rtseg.phantom.cohort import generate_cohort
 
     cohort = work_dir / "cohort"
@@ -128,11 +136,20 @@ def build_default(
         say(f"phantom cohort: center {center}, {recipe.cases_per_center} cases, seed {recipe.seed}")
         generate_cohort(center, recipe.cases_per_center, recipe.seed, cohort, matrix=recipe.matrix, workers=2)
     say("writing the nnU-Net raw dataset")
-    write_raw_dataset(
-        nnunet_dirs(work_dir).raw, DATASET_ID, DATASET_NAME, canonical_cases(cohort), dataset_labels()
-    )
+    cases = canonical_cases(cohort, recipe.config.target_spacing_zyx)
+    write_raw_dataset(nnunet_dirs(work_dir).raw, DATASET_ID, DATASET_NAME, cases, dataset_labels())
     say("planning and preprocessing")
     plan_and_preprocess(work_dir, DATASET_ID, recipe.config)
+
+
+def train_default(
+    work_dir: Path,
+    out_dir: Path = DEFAULT_MODEL_DIR,
+    recipe: Recipe = DEFAULT_RECIPE,
+    say: Callable[[str], None] = print,
+    progress: Callable[[EpochProgress], None] | None = None,
+) -> Path:
+    """Train on the data :func:`prepare_default` left in ``work_dir`` and export the model."""
     say(f"training {recipe.config.epochs} epochs × {recipe.config.iterations_per_epoch} iterations")
     results = train(work_dir, DATASET_ID, recipe.config, fold="all", progress=progress)
     manifest = ModelManifest(
