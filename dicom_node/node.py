@@ -20,6 +20,7 @@ from dicom_node.deliveries import DeliveryStore
 from dicom_node.scp import Receiver, start_scp
 from dicom_node.scu import Sender
 from dicom_node.spool import Spool
+from rtseg.closed_loop import ClosedLoop, config_from_settings
 from rtseg.jobs import JobState, JobStore
 from rtseg.settings import Settings
 from rtseg.worker import WorkerPool
@@ -30,6 +31,8 @@ DB_NAME = "state.db"
 TICK_S = 0.2
 SEND_POLL_S = 0.5
 JANITOR_S = 60.0
+WATCHDOG_S = 5.0
+CLOSED_LOOP_S = 5.0  # approved RTSTRUCTs back from the TPS: paired and scored off the SCP thread
 
 
 def open_stores(data_dir: Path) -> tuple[JobStore, DeliveryStore]:
@@ -96,10 +99,13 @@ class Node:
         )
         n = settings.node
         self.pool = WorkerPool(self.store, self.data_dir, model_dir, n.workers, n.inference_threads)
+        self.closed_loop = ClosedLoop(self.data_dir, self.store, config_from_settings(settings.federation))
         self._loops = [
             Loop("rtseg-assembly", self.assembler.tick, TICK_S),
             Loop("rtseg-sender", self.sender.run_once, SEND_POLL_S),
             Loop("rtseg-retention", self.purge, JANITOR_S),
+            Loop("rtseg-workers", self.pool.revive, WATCHDOG_S),
+            Loop("rtseg-closed-loop", self.closed_loop.run_once, CLOSED_LOOP_S),
         ]
         self.server: object | None = None
 

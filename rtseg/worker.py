@@ -27,6 +27,7 @@ import hashlib
 import logging
 import multiprocessing as mp
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass
 from multiprocessing.process import BaseProcess
@@ -101,6 +102,7 @@ class WorkerPool:
         self._ctx = mp.get_context("spawn")
         self._stop: Event = self._ctx.Event()
         self._procs: list[BaseProcess] = []
+        self._started = 0.0
 
     def start(self) -> list[Job]:
         """Requeue jobs of dead workers, then start the processes; returns the requeued jobs."""
@@ -108,6 +110,7 @@ class WorkerPool:
         for job in recovered:
             log.warning("job %s was interrupted while segmenting: queued again", job.id)
         self._stop.clear()
+        self._started = time.monotonic()
         for n in range(self.workers):
             proc = self._ctx.Process(
                 target=worker_main, args=(self.config, self._stop), name=f"rtseg-worker-{n}", daemon=True
@@ -118,6 +121,21 @@ class WorkerPool:
 
     def alive(self) -> int:
         return sum(p.is_alive() for p in self._procs)
+
+    def revive(self, min_interval_s: float = 30.0) -> bool:
+        """Restart the pool when every worker died (OOM kill, crash); at most every ``min_interval_s``.
+
+        Jobs they left ``running`` are queued again (and failed after :data:`MAX_ATTEMPTS`).
+        """
+        if not self._procs or self.alive() or self._stop.is_set():
+            return False
+        if time.monotonic() - self._started < min_interval_s:
+            return False
+        codes = sorted({p.exitcode for p in self._procs})
+        log.error("all segmentation workers stopped (exit codes %s): restarting them", codes)
+        self._procs.clear()
+        self.start()
+        return True
 
     def stop(self, timeout: float = 30.0) -> None:
         """Let workers finish their job within ``timeout``; then terminate (the job is requeued later)."""
@@ -138,26 +156,43 @@ class WorkerPool:
 def worker_main(config: WorkerConfig, stop: Event) -> None:
     """Entry point of a worker process."""
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
     _limit_resources(config.threads)
-    from rtseg.model.segmenter import NnunetSegmenter
-    from rtseg.pipeline import model_identity
+    from rtseg.model.registry import registry_of
 
     store = JobStore(config.db_path)
-    try:
-        segmenter = NnunetSegmenter(config.model_dir, device="cpu", threads=config.threads)
-    except RtsegError as exc:
-        log.error("worker cannot load the model: %s", exc)
+    registry = registry_of(config.model_dir)  # None: a fixed model folder, never swapped
+    generation = registry.generation() if registry is not None else 0  # read before loading
+    runner = load_runner(store, config)
+    if runner is None:
         return
-    runner = JobRunner(
-        store, config.data_dir, segmenter, model_identity(segmenter.manifest, config.model_dir)
-    )
     while not stop.is_set():
+        if registry is not None and registry.generation() != generation:
+            # hot swap between jobs: every job runs (and is recorded) with one model
+            generation = registry.generation()
+            runner = load_runner(store, config) or runner
         job = store.claim_next()
         if job is None:
             stop.wait(POLL_S)
             continue
         runner.run(job)
     store.close()
+
+
+def load_runner(store: JobStore, config: WorkerConfig) -> JobRunner | None:
+    """A runner with the model of ``config.model_dir`` (a registry's ``current`` link is pinned first)."""
+    from rtseg.model.segmenter import NnunetSegmenter
+    from rtseg.pipeline import model_identity
+
+    model_dir = config.model_dir.resolve()
+    try:
+        segmenter = NnunetSegmenter(model_dir, device="cpu", threads=config.threads)
+    except RtsegError as exc:
+        log.error("worker cannot load the model: %s", exc)
+        return None
+    identity = model_identity(segmenter.manifest, model_dir)
+    log.info("worker: model %s %s loaded", identity.name, identity.version)
+    return JobRunner(store, config.data_dir, segmenter, identity)
 
 
 def _limit_resources(threads: int | None) -> None:

@@ -1,0 +1,117 @@
+"""rtseg.worker: real worker processes with the real default model, on the shared job store."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+
+from rtseg.ct import load_series
+from rtseg.jobs import FINAL, JobState, JobStore
+from rtseg.model.default import default_model_dir
+from rtseg.phantom.cohort import read_label_image
+from rtseg.worker import WORKER_NICE, WorkerPool, rtstruct_uids
+
+sys.path.insert(0, str(Path(__file__).parent / "dicom_node"))
+from node_helpers import subset_series, wait_for  # noqa: E402
+
+DEST = {"name": "tps", "ae_title": "TPS", "host": "127.0.0.1", "port": 1, "tls": False}
+
+
+def _nifti(ct_dir: Path, out: Path) -> None:
+    volume = load_series(ct_dir)
+    image = sitk.GetImageFromArray(np.asarray(volume.hu, dtype=np.int16))
+    spacing = np.linalg.norm(volume.affine[:3, :3], axis=0)
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetOrigin([float(v) for v in volume.affine[:3, 3]])
+    image.SetDirection([float(v) for v in (volume.affine[:3, :3] / spacing).ravel()])
+    out.mkdir(parents=True)
+    sitk.WriteImage(image, str(out / "ct.nii.gz"))
+
+
+def test_workers_segment_dicom_and_nifti_jobs_and_recover(tmp_path: Path, phantom_ct96: Path) -> None:
+    data = tmp_path / "data"
+    ct = subset_series(phantom_ct96, data / "inputs" / "dicom", 24)
+    _nifti(ct, data / "inputs" / "nifti")
+    (data / "inputs" / "empty").mkdir()
+    store = JobStore(data / "state.db")
+    # a DICOM job whose worker "died" while segmenting: running, recovered at start
+    crashed = store.create(
+        "dicom",
+        "k1",
+        "inputs/dicom",
+        state=JobState.RUNNING,
+        meta={"destinations": [DEST], "write_labels": True},
+    )
+    nifti = store.create("http", "k2", "inputs/nifti", state=JobState.QUEUED, meta={"input_kind": "nifti"})
+    empty = store.create("http", "k3", "inputs/empty", state=JobState.QUEUED)
+    tired = store.create("dicom", "k4", "inputs/dicom", state=JobState.QUEUED)
+    store.update(tired.id, attempts=3)  # claimed three times already: killed its worker each time
+
+    pool = WorkerPool(store, data, default_model_dir(), workers=1, threads=1)
+    assert [j.id for j in pool.start()] == [crashed.id]
+    try:
+        (proc,) = pool._procs
+        niced = min(19, os.getpriority(os.PRIO_PROCESS, 0) + WORKER_NICE)
+        wait_for(
+            lambda: os.getpriority(os.PRIO_PROCESS, proc.pid) == niced, 60, "the worker to lower its priority"
+        )
+        jobs = [crashed, nifti, empty, tired]
+        wait_for(lambda: all(store.get(j.id).state in FINAL | {JobState.SENDING} for j in jobs), 900, "jobs")
+    finally:
+        pool.stop()
+    assert pool.alive() == 0
+
+    done = store.get(crashed.id)
+    assert done.state == JobState.SENDING and done.output_path == f"jobs/{crashed.id}/rtstruct.dcm"
+    rtstruct = pydicom.dcmread(data / done.output_path)
+    assert (rtstruct.SeriesInstanceUID, rtstruct.SOPInstanceUID) == rtstruct_uids(crashed.id)
+    assert rtstruct.StudyInstanceUID == pydicom.dcmread(next(ct.iterdir())).StudyInstanceUID
+    labels, _ = read_label_image(data / done.result["files"]["labels"])
+    assert labels.shape == (24, 96, 96)
+    assert done.result["model"]["name"] == "rtseg-peds-abdomen" and done.model_version
+    assert done.result["n_slices"] == 24 and done.result["timings"]["segment_s"] > 0
+    assert {s["name"] for s in done.result["structures"]} <= {s.name for s in _structures()}
+
+    n = store.get(nifti.id)
+    assert n.state == JobState.DONE and n.output_path == f"jobs/{nifti.id}/labels.nii.gz"
+    nifti_labels, _ = read_label_image(data / n.output_path)
+    assert nifti_labels.shape == (24, 96, 96)
+    assert not (data / "jobs" / nifti.id / "rtstruct.dcm").exists()
+    # same CT, same model: the NIfTI path and the DICOM path agree
+    assert np.mean(nifti_labels == labels) > 0.99
+
+    e = store.get(empty.id)
+    assert e.state == JobState.FAILED and "no DICOM files" in str(e.error)
+    t = store.get(tired.id)
+    assert t.state == JobState.FAILED and "stopped 3 times" in str(t.error)
+
+
+def test_bad_model_folder_stops_the_worker_cleanly(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(default_model_dir(), model)
+    (model / "fold_all" / "checkpoint_final.pth").unlink()
+    store = JobStore(tmp_path / "state.db")
+    job = store.create("http", "k", "inputs/x", state=JobState.QUEUED)
+    pool = WorkerPool(store, tmp_path, model, workers=1, threads=1)
+    pool.start()
+    wait_for(lambda: pool.alive() == 0, 120, "the worker to give up")
+    pool.stop()
+    assert store.get(job.id).state == JobState.QUEUED  # never claimed
+
+
+def _structures() -> list[object]:
+    from rtseg.model.manifest import load_manifest
+
+    return list(load_manifest(default_model_dir()).structures)
+
+
+@pytest.fixture(autouse=True)
+def _model_present() -> None:
+    default_model_dir()  # a clear ModelError if this installation lacks the model
