@@ -21,3 +21,32 @@ def free_port() -> int:
     with _socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+# --- DICOM node fixtures (tests/dicom_node) ---------------------------------------------------
+@_pytest.fixture
+def running_node(tmp_path: _Path):  # type: ignore[no-untyped-def]
+    """Factory: ``start(destinations, name="node", dicom={...}, node={...}, selection={...})``.
+
+    Starts ``rtseg serve`` as a real child process (SCP on a free loopback port,
+    worker with the default model, sender) with its own data directory and
+    returns its ``NodeProcess`` (port, data_dir, log(), kill(), stop(), start()).
+    Every node still running is stopped at teardown.
+    """
+    import sys
+
+    sys.path.insert(0, str(_Path(__file__).parent / "dicom_node"))
+    from node_helpers import NodeProcess
+
+    nodes = []
+
+    def start(destinations=None, name="node", **overrides):  # type: ignore[no-untyped-def]
+        root = tmp_path / name
+        root.mkdir()
+        nodes.append(NodeProcess(root, destinations, **overrides).start())
+        return nodes[-1]
+
+    yield start
+    for node in nodes:
+        if node.proc is not None:
+            node.stop()
