@@ -74,6 +74,8 @@ def store_file(
         raise SendError("association rejected, aborted or no connection")
     try:
         status = assoc.send_c_store(dataset)
+    except ValueError as exc:  # no accepted presentation context for RT Structure Set Storage
+        raise SendError("the destination does not accept RT Structure Set Storage") from exc
     finally:
         assoc.release()
     code = getattr(status, "Status", None)
