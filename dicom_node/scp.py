@@ -15,7 +15,7 @@ import re
 import ssl
 import threading
 from io import BytesIO
-from typing import Any
+from typing import Any, cast
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -36,6 +36,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, _config, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import CTImageStorage, RTStructureSetStorage, Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
@@ -211,7 +212,7 @@ def handle_echo(event: evt.Event) -> int:
 
 
 def handle_store(event: evt.Event, receiver: Receiver) -> int | Dataset:
-    request = event.request
+    request = cast(C_STORE, event.request)
     data = event.encoded_dataset(include_meta=True)
     return receiver.store(
         data, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID), _peer(event.assoc)
@@ -252,7 +253,7 @@ class _BoundedRequestHandler(RequestHandler):
 
     def _create_association(self) -> Any:
         assoc = super()._create_association()
-        sock = assoc.dul.socket
+        sock: Any = assoc.dul.socket
         read = sock.recv
         limit: int = getattr(self.server, "max_pdu_read", UNLIMITED_PDU_READ)
 
@@ -262,7 +263,7 @@ class _BoundedRequestHandler(RequestHandler):
                     "PDU of %d bytes exceeds the limit of %d: closing the connection", nr_bytes, limit
                 )
                 raise OSError(f"PDU length {nr_bytes} exceeds {limit}")
-            return read(nr_bytes)  # type: ignore[no-any-return]
+            return cast(bytearray, read(nr_bytes))
 
         sock.recv = bounded_recv
         return assoc
@@ -300,7 +301,7 @@ def build_ae(settings: DicomSettings) -> AE:
 def start_scp(settings: DicomSettings, receiver: Receiver, audit: AuditLog) -> ThreadedAssociationServer:
     """Bind and serve in a background thread; returns the server (``server_address`` has the port)."""
     ae = build_ae(settings)
-    handlers = [
+    handlers: list[Any] = [
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [receiver]),
         (evt.EVT_REQUESTED, handle_requested, [settings, audit]),

@@ -131,7 +131,7 @@ class WorkerPool:
             return False
         if time.monotonic() - self._started < min_interval_s:
             return False
-        codes = sorted({p.exitcode for p in self._procs})
+        codes = [p.exitcode for p in self._procs]
         log.error("all segmentation workers stopped (exit codes %s): restarting them", codes)
         self._procs.clear()
         self.start()
@@ -330,7 +330,7 @@ def load_nifti(path: Path) -> Any:
     if not path.is_file():
         raise InputError("no ct.nii.gz in the job's input", source=path.name)
     try:
-        image = sitk.ReadImage(str(path))
+        image: Any = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise InputError(f"cannot read the NIfTI file ({str(exc).strip().splitlines()[-1]})") from exc
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:

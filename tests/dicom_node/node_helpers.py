@@ -123,6 +123,7 @@ class NodeProcess:
 
     def start(self, timeout: float = 120.0) -> NodeProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        seen = len(self.log())
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "rtseg.cli", "-v", "serve", "--config", str(self.config)],
@@ -132,8 +133,10 @@ class NodeProcess:
                 start_new_session=True,
             )
         wait_for(
-            lambda: "ready" in self.log() or self.proc.poll() is not None, timeout, "rtseg serve to start"
-        )  # type: ignore[union-attr]
+            lambda: "ready" in self.log()[seen:] or self.proc.poll() is not None,  # type: ignore[union-attr]
+            timeout,
+            "rtseg serve to start",
+        )
         assert self.proc.poll() is None, self.log()[-3000:]
         return self
 
@@ -164,6 +167,10 @@ class NodeProcess:
             return [str(j.state) for j in store.list()]
         finally:
             store.close()
+
+    def audit_text(self) -> str:
+        path = self.data_dir / "audit" / "audit.log"
+        return path.read_text() if path.exists() else ""
 
     def audit(self) -> list[dict[str, Any]]:
         path = self.data_dir / "audit" / "audit.log"
