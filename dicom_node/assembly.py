@@ -7,7 +7,8 @@ created (``received``) with the first instance, before that instance is
 acknowledged, so a restart finds every open series and its spool folder, and
 the quiet time starts again. An instance of a series whose job has moved on is
 a *late* instance: ``ignore`` acknowledges and discards it, ``reject`` answers
-a failure; neither makes a second RTSTRUCT.
+a failure; neither makes a second RTSTRUCT. A series that was skipped (e.g.
+cut short, too few slices) opens a new job when it is sent again.
 """
 
 from __future__ import annotations
@@ -131,7 +132,10 @@ class Assembler:
             entry.last = self.clock()
 
     def _open_series(self, series_key: str, header: SeriesHeader, peer: Peer) -> _Open | None:
-        existing = self.store.list(source="dicom", series_key=series_key)
+        # a skipped series made no RTSTRUCT: sent again (e.g. complete this time), it is a new series
+        existing = [
+            j for j in self.store.list(source="dicom", series_key=series_key) if j.state != JobState.SKIPPED
+        ]
         if existing:
             received = [j for j in existing if j.state == JobState.RECEIVED]
             if not received:

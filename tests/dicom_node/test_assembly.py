@@ -171,3 +171,19 @@ def test_spool_has_space_follows_the_threshold(tmp_path: Path) -> None:
     free_mb = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize // 2**20
     assert Spool(tmp_path / "a", max(0, free_mb - 100)).has_space()
     assert not Spool(tmp_path / "b", free_mb + 10_000).has_space()
+
+
+def test_a_skipped_series_sent_again_is_assessed_anew(tmp_path: Path) -> None:
+    clock = Clock()
+    a = _assembler(tmp_path, clock, RTSEG_SELECTION_SLICE_COUNT="3,100")
+    _receive(a, "1.2.8", "1.2.8.1")
+    _receive(a, "1.2.8", "1.2.8.2")
+    clock.now += 11
+    (partial,) = a.tick()
+    assert a.store.get(partial).state == JobState.SKIPPED  # cut short: 2 of 3 slices
+    for i in range(3):
+        _receive(a, "1.2.8", f"1.2.8.{i}")
+    clock.now += 11
+    (complete,) = a.tick()
+    assert complete != partial and a.store.get(complete).state == JobState.QUEUED
+    assert a.store.get(complete).meta["n_instances"] == 3

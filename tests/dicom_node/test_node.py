@@ -1,0 +1,204 @@
+"""`rtseg serve` as a real process with the real default model, real dcmtk peers and SIGKILL.
+
+The fault test kills the node while receiving, while segmenting and while
+sending, restarts it each time, and checks that the destination ends up with
+exactly one RTSTRUCT for the series, dciodvfy-clean, in the CT's study.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from node_helpers import (
+    Storescp,
+    echoscu,
+    free_port,
+    no_patient_data,
+    storescu,
+    subset_series,
+    wait_for,
+)
+
+from dicom_node.scu import echo
+from rtseg.settings import TlsSettings
+from rtseg.worker import rtstruct_uids
+
+SLICES = 24
+
+
+@pytest.fixture(scope="module")
+def series(phantom_ct96: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return subset_series(phantom_ct96, tmp_path_factory.mktemp("series") / "ct", SLICES)
+
+
+@pytest.fixture(scope="module")
+def scout(phantom_ct96: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another series (new UIDs) that the selection rules exclude by its description."""
+    out = tmp_path_factory.mktemp("scout") / "ct"
+    return subset_series(phantom_ct96, out, 12, description="SKIPME topogram", uid_tag="scout")
+
+
+def dciodvfy_problems(path: Path) -> list[str]:
+    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+    lines = (out.stdout + out.stderr).splitlines()
+    return [line for line in lines if line.startswith(("Error", "Warning"))]
+
+
+def check_rtstruct(path: Path, ct_dir: Path, job_id: str) -> None:
+    rs = pydicom.dcmread(path)
+    ct = pydicom.dcmread(next(ct_dir.iterdir()))
+    assert rs.Modality == "RTSTRUCT" and rs.SOPInstanceUID == rtstruct_uids(job_id)[1]
+    assert rs.StudyInstanceUID == ct.StudyInstanceUID
+    ref = rs.ReferencedFrameOfReferenceSequence[0]
+    assert ref.FrameOfReferenceUID == ct.FrameOfReferenceUID
+    assert (
+        ref.RTReferencedStudySequence[0].RTReferencedSeriesSequence[0].SeriesInstanceUID
+        == ct.SeriesInstanceUID
+    )
+    assert dciodvfy_problems(path) == []
+
+
+def echo_ms(port: int) -> float:
+    ok, seconds = echo("MODALITY", {"ae_title": "RTSEG", "host": "127.0.0.1", "port": port}, TlsSettings())
+    assert ok
+    return seconds * 1000
+
+
+def one_job(node: Any) -> Any:
+    store = node.store()
+    try:
+        jobs = store.list(source="dicom")
+        assert (
+            len([j for j in jobs if j.meta.get("header", {}).get("description", "") != "SKIPME topogram"])
+            <= 1
+        )
+        return next(j for j in jobs if "SKIPME" not in j.meta.get("header", {}).get("description", ""))
+    finally:
+        store.close()
+
+
+def state_of(node: Any, job_id: str) -> str:
+    store = node.store()
+    try:
+        return str(store.get(job_id).state)
+    finally:
+        store.close()
+
+
+def test_sigkill_while_receiving_segmenting_and_sending_gives_exactly_one_rtstruct(
+    running_node: Any, series: Path, scout: Path, tmp_path: Path
+) -> None:
+    dest = Storescp(tmp_path / "dest")  # not started yet: the destination is down at first
+    destination = {"name": "tps", "ae_title": dest.ae_title, "host": "127.0.0.1", "port": dest.port}
+    node = running_node(
+        [destination],
+        # quiet time longer than a restart: the resent series continues the recovered one
+        node={"quiet_time_s": 15, "retry_limit": 1000, "retry_backoff_s": 0.5, "retry_backoff_max_s": 2},
+        selection={"series_description_exclude": "SKIPME"},
+    )
+
+    # 1. kill -9 while receiving: some instances acknowledged, the association cut off
+    modality = subprocess.Popen(
+        ["storescu", "-aec", "RTSEG", "-aet", "MODALITY", "127.0.0.1", str(node.port), "+sd", str(series)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    spool = node.data_dir / "spool" / "ct"
+    wait_for(lambda: spool.is_dir() and sum(1 for _ in spool.rglob("*.dcm")) >= 5, 60, "first instances")
+    node.kill()
+    modality.wait(30)
+    assert node.states() == ["received"]
+    node.start()
+    assert storescu(series, node.port) == 0  # the modality sends the series again
+    job = wait_for(lambda: one_job(node), 30, "the job")
+
+    # 2. kill -9 while segmenting
+    wait_for(lambda: state_of(node, job.id) == "running", 120, "segmentation to start")
+    node.kill()
+    assert state_of(node, job.id) == "running"
+    node.start()
+    wait_for(lambda: state_of(node, job.id) == "running", 60, "segmentation to restart")
+    # the SCP stays responsive while a worker segments: C-ECHO and C-STORE
+    latencies = [echo_ms(node.port) for _ in range(5)]
+    assert storescu(scout, node.port) == 0
+    assert state_of(node, job.id) == "running", "the measurements must overlap the segmentation"
+    print(
+        f"C-ECHO while segmenting: median {statistics.median(latencies):.0f} ms, max {max(latencies):.0f} ms"
+    )
+    assert statistics.median(latencies) < 100
+
+    # 3. kill -9 while sending (the destination is still down: tries are failing)
+    wait_for(lambda: state_of(node, job.id) == "sending", 900, "segmentation to finish")
+    wait_for(lambda: "delivery to tps failed" in node.log(), 30, "a failed delivery")
+    node.kill()
+    dest.start()
+    try:
+        node.start()
+        wait_for(lambda: state_of(node, job.id) == "done", 120, "delivery")
+        node.stop()
+    finally:
+        dest.stop()
+
+    received = [p for p in dest.out.iterdir() if p.is_file()]
+    assert len(received) == 1, received
+    check_rtstruct(received[0], series, job.id)
+    states = node.states()
+    assert sorted(states) == ["done", "skipped"]
+    assert [p.name for p in spool.iterdir()] == [job.series_key]  # the skipped series was cleaned up
+    assert no_patient_data(node.log()) == [] and no_patient_data(node.audit_text()) == []
+    events = [e["event"] for e in node.audit()]
+    assert events.count("rtstruct_delivered") == 1 and "series_skipped" in events
+
+
+def test_late_instances_and_status_after_delivery(running_node: Any, series: Path, tmp_path: Path) -> None:
+    dest = Storescp(tmp_path / "dest").start()
+    try:
+        node = running_node(
+            [{"name": "tps", "ae_title": dest.ae_title, "host": "127.0.0.1", "port": dest.port}]
+        )
+        files = sorted(series.iterdir())
+        assert storescu(files[:-1], node.port) == 0
+        job = wait_for(lambda: one_job(node), 30, "the job")
+        wait_for(lambda: state_of(node, job.id) == "done", 900, "delivery")
+        assert storescu([files[-1]], node.port) == 0  # late instance: acknowledged and ignored
+        assert storescu(series, node.port) == 0  # the whole series again: still the same job
+        status = subprocess.run(
+            [*_rtseg(), "node", "status", "--config", str(node.config)], capture_output=True, text=True
+        )
+        assert echoscu(node.port) == 0
+        node.stop()
+    finally:
+        dest.stop()
+    assert node.states() == ["done"]
+    assert len([p for p in dest.out.iterdir() if p.is_file()]) == 1
+    assert "done 1" in status.stdout and "dead letters: 0" in status.stdout
+    assert no_patient_data(status.stdout + node.log()) == []
+
+
+def test_unreachable_destination_is_dead_lettered(running_node: Any, series: Path) -> None:
+    port = free_port()  # nothing listens here
+    node = running_node(
+        [{"name": "nowhere", "ae_title": "NOWHERE", "host": "127.0.0.1", "port": port}],
+        node={"retry_limit": 2, "retry_backoff_s": 0.2},
+    )
+    assert storescu(series, node.port) == 0
+    job = wait_for(lambda: one_job(node), 30, "the job")
+    wait_for(lambda: state_of(node, job.id) == "dead_letter", 900, "the dead letter")
+    status = subprocess.run(
+        [*_rtseg(), "node", "status", "--config", str(node.config)], capture_output=True, text=True
+    )
+    node.stop()
+    assert "dead letters: 1" in status.stdout and "nowhere: 2 tries" in status.stdout
+    assert (node.data_dir / "jobs" / job.id / "rtstruct.dcm").is_file()  # kept: nobody acknowledged it
+    assert "dead after 2 tries" in node.log()
+
+
+def _rtseg() -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "rtseg.cli"]
