@@ -31,7 +31,6 @@ import signal
 import time
 from dataclasses import asdict, dataclass
 from multiprocessing.process import BaseProcess
-from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +99,7 @@ class WorkerPool:
         self.config = WorkerConfig(store.db_path, Path(data_dir), Path(model_dir), threads, level)
         self.workers = workers
         self._ctx = mp.get_context("spawn")
-        self._stop: Event = self._ctx.Event()
+        self._stopping = False
         self._procs: list[BaseProcess] = []
         self._started = 0.0
 
@@ -109,11 +108,11 @@ class WorkerPool:
         recovered = self.store.recover()
         for job in recovered:
             log.warning("job %s was interrupted while segmenting: queued again", job.id)
-        self._stop.clear()
+        self._stopping = False
         self._started = time.monotonic()
         for n in range(self.workers):
             proc = self._ctx.Process(
-                target=worker_main, args=(self.config, self._stop), name=f"rtseg-worker-{n}", daemon=True
+                target=worker_main, args=(self.config, os.getpid()), name=f"rtseg-worker-{n}", daemon=True
             )
             proc.start()
             self._procs.append(proc)
@@ -127,7 +126,7 @@ class WorkerPool:
 
         Jobs they left ``running`` are queued again (and failed after :data:`MAX_ATTEMPTS`).
         """
-        if not self._procs or self.alive() or self._stop.is_set():
+        if not self._procs or self.alive() or self._stopping:
             return False
         if time.monotonic() - self._started < min_interval_s:
             return False
@@ -138,25 +137,32 @@ class WorkerPool:
         return True
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Let workers finish their job within ``timeout``; then terminate (the job is requeued later)."""
-        self._stop.set()
+        """Ask workers to stop (SIGTERM: after the current job); kill those still busy after ``timeout``.
+
+        A signal, not a shared event: a worker that died waiting on a multiprocessing
+        Event would make ``Event.set()`` block forever (e.g. after a SIGTERM to the
+        whole process group, as systemd sends). A killed job is requeued at the next start.
+        """
+        self._stopping = True
+        for proc in self._procs:
+            if proc.is_alive():
+                proc.terminate()
         deadline = time.monotonic() + timeout
         for proc in self._procs:
             proc.join(max(0.0, deadline - time.monotonic()))
             if proc.is_alive():
-                log.warning("worker %s still busy after %.0f s: terminating it", proc.name, timeout)
-                proc.terminate()
-                proc.join(5.0)
-            if proc.is_alive():
+                log.warning("worker %s still busy after %.0f s: killing it", proc.name, timeout)
                 proc.kill()
                 proc.join()
         self._procs.clear()
 
 
-def worker_main(config: WorkerConfig, stop: Event) -> None:
-    """Entry point of a worker process."""
+def worker_main(config: WorkerConfig, parent_pid: int) -> None:
+    """Entry point of a worker process: claim and run jobs until SIGTERM or the parent is gone."""
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stopping: list[int] = []
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
+    signal.signal(signal.SIGTERM, lambda signum, _frame: stopping.append(signum))  # finish the job first
     _limit_resources(config.threads)
     from rtseg.model.registry import registry_of
 
@@ -166,14 +172,14 @@ def worker_main(config: WorkerConfig, stop: Event) -> None:
     runner = load_runner(store, config)
     if runner is None:
         return
-    while not stop.is_set():
+    while not stopping and os.getppid() == parent_pid:  # an orphan stops: a new node will recover
         if registry is not None and registry.generation() != generation:
             # hot swap between jobs: every job runs (and is recorded) with one model
             generation = registry.generation()
             runner = load_runner(store, config) or runner
         job = store.claim_next()
         if job is None:
-            stop.wait(POLL_S)
+            time.sleep(POLL_S)
             continue
         runner.run(job)
     store.close()

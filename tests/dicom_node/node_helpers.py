@@ -146,7 +146,7 @@ class NodeProcess:
     def stop(self) -> int:
         if self.proc is None:
             return 0
-        self.proc.send_signal(signal.SIGTERM)
+        os.killpg(self.proc.pid, signal.SIGTERM)  # the whole group, as systemd does: workers too
         code = self.proc.wait(90)
         self.proc = None
         return code

@@ -171,7 +171,7 @@ def test_late_instances_and_status_after_delivery(running_node: Any, series: Pat
             [*_rtseg(), "node", "status", "--config", str(node.config)], capture_output=True, text=True
         )
         assert echoscu(node.port) == 0
-        node.stop()
+        assert node.stop() == 0  # SIGTERM to the process group: a clean exit
     finally:
         dest.stop()
     assert node.states() == ["done"]
