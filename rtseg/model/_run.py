@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -79,9 +81,159 @@ def train(args: dict[str, Any], config: CpuConfig, emit: Callable[..., None]) ->
     emit("done", results_dir=str(trainer.output_folder_base))
 
 
+def _dataset_name(dataset_id: int, dataset_json: dict[str, Any]) -> str:
+    return f"Dataset{dataset_id:03d}_{dataset_json['name']}"
+
+
+def plan_fingerprint(args: dict[str, Any], config: CpuConfig, emit: Callable[..., None]) -> None:
+    """Plan from a given fingerprint; a blank placeholder image only tells the planner the reader."""
+    import numpy as np
+    import SimpleITK as sitk
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import plan_experiment_dataset
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
+
+    dataset_id, dataset_json = int(args["dataset_id"]), dict(args["dataset_json"])
+    name = _dataset_name(dataset_id, dataset_json)
+    raw = Path(nnUNet_raw.require()) / name
+    for sub in ("imagesTr", "labelsTr"):
+        (raw / sub).mkdir(parents=True, exist_ok=True)
+    blank = sitk.GetImageFromArray(np.zeros((4, 4, 4), np.int16))
+    sitk.WriteImage(blank, str(raw / "imagesTr" / "placeholder_0000.nii.gz"))
+    sitk.WriteImage(
+        sitk.GetImageFromArray(np.zeros((4, 4, 4), np.uint8)), str(raw / "labelsTr" / "placeholder.nii.gz")
+    )
+    (raw / "dataset.json").write_text(json.dumps({**dataset_json, "numTraining": 1}, indent=2))
+    folder = Path(nnUNet_preprocessed.require()) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "dataset_fingerprint.json").write_text(json.dumps(args["fingerprint"], indent=2))
+    plan_experiment_dataset(dataset_id)
+    plans_file = folder / f"{PLANS_IDENTIFIER}.json"
+    plans = cpu_plans(json.loads(plans_file.read_text()), config)
+    plans_file.write_text(json.dumps(plans, indent=4))
+    emit("done", plans_file=str(plans_file))
+
+
+def preprocess(args: dict[str, Any], config: CpuConfig, emit: Callable[..., None]) -> None:
+    """Preprocess with plans made elsewhere (the federation's coordinator)."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
+
+    dataset_id, plans = int(args["dataset_id"]), dict(args["plans"])
+    raw = Path(nnUNet_raw.require()) / plans["dataset_name"]
+    folder = Path(nnUNet_preprocessed.require()) / plans["dataset_name"]
+    if folder.exists():
+        shutil.rmtree(folder)  # data preprocessed with other plans must not mix in
+    folder.mkdir(parents=True)
+    (folder / f"{PLANS_IDENTIFIER}.json").write_text(json.dumps(plans, indent=4))
+    (folder / "dataset.json").write_text((raw / "dataset.json").read_text())
+    (folder / "dataset_fingerprint.json").write_text(json.dumps(args["fingerprint"], indent=2))
+    workers = max(1, config.preprocess_workers)
+    preprocess_dataset(
+        dataset_id, PLANS_IDENTIFIER, (CONFIGURATION,), [workers], verbose=False, show_progress_bar=False
+    )
+    emit("done", preprocessed_dir=str(folder))
+
+
+def init_weights(args: dict[str, Any], config: CpuConfig, emit: Callable[..., None]) -> None:
+    """Build the network of the plans once, seeded, and write its arrays (no pickles)."""
+    import torch
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from rtseg.model.trainer import network_arrays, seed_everything
+    from rtseg.model.training import save_arrays
+
+    seed_everything(config.seed)
+    plans_manager = PlansManager(dict(args["plans"]))
+    configuration = plans_manager.get_configuration(CONFIGURATION)
+    dataset_json = dict(args["dataset_json"])
+    network = get_network_from_plans(
+        configuration.network_arch_class_name,
+        configuration.network_arch_init_kwargs,
+        configuration.network_arch_init_kwargs_req_import,
+        determine_num_input_channels(plans_manager, configuration, dataset_json),
+        plans_manager.get_label_manager(dataset_json).num_segmentation_heads,
+        allow_init=True,
+        deep_supervision=True,
+    )
+    with torch.no_grad():
+        arrays, aliases = network_arrays(network)
+    out = Path(args["out"])
+    save_arrays(out, arrays)
+    Path(f"{out}.aliases.json").write_text(json.dumps(aliases, indent=1))
+    emit("done", out=str(out), n_arrays=len(arrays), n_aliases=len(aliases))
+
+
+def train_round(args: dict[str, Any], config: CpuConfig, emit: Callable[..., None]) -> None:
+    """E local epochs from given weights; optimizer state kept in a local file between rounds."""
+    import time
+
+    import torch
+
+    from rtseg.model.trainer import (
+        OffsetPolyLR,
+        add_proximal_term,
+        load_network_arrays,
+        network_arrays,
+    )
+    from rtseg.model.training import load_arrays, save_arrays
+
+    schedule = args["schedule"]
+    os.nice(int(schedule["nice"]))  # below DICOM receiving and inference
+    round_config = replace(config, epochs=int(schedule["epochs"]))
+    trainer = _make_trainer(args, round_config, emit)
+    trainer.initialize()
+    load_network_arrays(trainer.network, load_arrays(Path(args["weights_in"])))
+    optimizer_state = Path(args["optimizer_state"])
+    if optimizer_state.is_file():
+        trainer.optimizer.load_state_dict(torch.load(optimizer_state, weights_only=True))
+    trainer.lr_scheduler = OffsetPolyLR(
+        trainer.optimizer, config.learning_rate, int(schedule["total_epochs"]), int(schedule["epoch_offset"])
+    )
+    if float(schedule["prox_mu"]) > 0:
+        add_proximal_term(trainer.network, float(schedule["prox_mu"]))
+    started = time.monotonic()
+    trainer.run_training()
+    seconds = time.monotonic() - started
+    arrays, _ = network_arrays(trainer.network)
+    save_arrays(Path(args["weights_out"]), arrays)
+    torch.save(trainer.optimizer.state_dict(), optimizer_state)
+    emit("done", seconds=seconds)
+
+
+def _make_trainer(args: dict[str, Any], config: CpuConfig, emit: Callable[..., None]) -> Any:
+    import torch
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.dataset_name_id_conversion import convert_id_to_dataset_name
+
+    from rtseg.model.trainer import RtsegTrainer, seed_everything
+
+    seed_everything(config.seed)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    folder = Path(nnUNet_preprocessed.require()) / convert_id_to_dataset_name(int(args["dataset_id"]))
+    plans = json.loads((folder / f"{PLANS_IDENTIFIER}.json").read_text())
+    plans["continue_training"] = False
+    dataset_json = json.loads((folder / "dataset.json").read_text())
+    trainer = RtsegTrainer(plans, CONFIGURATION, "all", dataset_json, torch.device("cpu"))
+    trainer.configure_schedule(
+        epochs=config.epochs,
+        iterations_per_epoch=config.iterations_per_epoch,
+        val_iterations_per_epoch=config.val_iterations_per_epoch,
+        learning_rate=config.learning_rate,
+        epoch_report=lambda report: emit("epoch", **report),
+    )
+    return trainer
+
+
 COMMANDS: dict[str, Callable[[dict[str, Any], CpuConfig, Callable[..., None]], None]] = {
     "plan": plan,
     "train": train,
+    "plan_fingerprint": plan_fingerprint,
+    "preprocess": preprocess,
+    "init_weights": init_weights,
+    "train_round": train_round,
 }
 
 

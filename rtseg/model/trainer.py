@@ -107,3 +107,74 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+# --- federated rounds ---------------------------------------------------------------------------
+
+COMPILE_PREFIX = "_orig_mod."
+
+
+def network_arrays(network: torch.nn.Module) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The network's tensors as NumPy arrays without aliases, and the aliases.
+
+    nnU-Net's decoder holds the encoder, so its state dict repeats the same
+    tensors under ``decoder.encoder.*`` (nnUNet #2553); each storage is sent
+    once, under the first key that names it. ``_orig_mod.`` prefixes added by
+    ``torch.compile`` are dropped.
+    """
+    if isinstance(network, OptimizedModule):
+        network = network._orig_mod
+    arrays: dict[str, np.ndarray] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, tuple[int, ...], tuple[int, ...]], str] = {}
+    for key, tensor in network.state_dict().items():
+        key = key.replace(COMPILE_PREFIX, "")
+        identity = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
+        if identity in seen and tensor.numel() > 0:
+            aliases[key] = seen[identity]
+            continue
+        seen[identity] = key
+        arrays[key] = tensor.detach().cpu().numpy().copy()
+    return arrays, aliases
+
+
+def load_network_arrays(network: torch.nn.Module, arrays: dict[str, np.ndarray]) -> None:
+    """Load arrays from :func:`network_arrays`; every key the network has must be covered."""
+    if isinstance(network, OptimizedModule):
+        network = network._orig_mod
+    _, aliases = network_arrays(network)
+    state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+    missing, unexpected = network.load_state_dict(state, strict=False)
+    uncovered = [k for k in missing if k not in aliases]
+    if uncovered or unexpected:
+        raise ValueError(
+            f"weights do not fit the network: missing {uncovered[:5]}, unexpected {unexpected[:5]}"
+        )
+
+
+def add_proximal_term(network: torch.nn.Module, mu: float) -> None:
+    """FedProx: add ``mu * (w - w_global)`` to every gradient (the gradient of ``mu/2 ||w - w_global||²``).
+
+    Gradient hooks leave nnU-Net's ``train_step`` untouched.
+    """
+    for param in network.parameters():
+        if not param.requires_grad:
+            continue
+        anchor = param.detach().clone()
+        param.register_hook(lambda grad, p=param, a=anchor: grad + mu * (p.detach() - a))
+
+
+class OffsetPolyLR:
+    """nnU-Net's poly schedule over the whole federation: local epoch e is global epoch offset + e."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, initial_lr: float, total: int, offset: int) -> None:
+        self.optimizer, self.initial_lr, self.total, self.offset = optimizer, initial_lr, total, offset
+
+    def step(self, current_step: int | None = None) -> None:
+        epoch = self.offset + (current_step or 0)
+        lr = self.initial_lr * (1 - epoch / self.total) ** 0.9
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def get_last_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]

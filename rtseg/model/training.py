@@ -26,7 +26,7 @@ import subprocess
 import sys
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -402,3 +402,180 @@ def _report_epoch(epoch: EpochProgress, progress: ProgressCallback | None) -> No
 def _tail(path: Path, lines: int = 25) -> str:
     with path.open("r", errors="replace") as handle:
         return "".join(deque(handle, maxlen=lines))
+
+
+# --- federated rounds: plans from a pooled fingerprint, training from given weights ----------------
+#
+# Weights cross process (and site) boundaries only as ``.npz`` files of plain numeric arrays, read
+# with ``allow_pickle=False``. Their keys are the network's ``state_dict`` keys without
+# ``_orig_mod.`` prefixes and without aliased keys (nnU-Net's decoder repeats ``encoder.*`` as
+# ``decoder.encoder.*``; see :func:`rtseg.model.trainer.network_arrays`).
+
+
+def plan_from_fingerprint(
+    work_dir: Path,
+    dataset_id: int,
+    dataset_json: dict[str, Any],
+    fingerprint: dict[str, Any],
+    config: CpuConfig = CpuConfig(),
+) -> Path:
+    """nnU-Net's planner on a given (pooled) ``dataset_fingerprint.json``; returns the plans file.
+
+    No image is read: the planner only needs a file to pick its reader, so a tiny
+    blank placeholder case (zeros, not data) is written next to ``dataset.json``.
+    """
+    validate_config(config)
+    config = replace(config, da_workers=max(1, config.da_workers))  # the planner sets torch threads from it
+    done = _run_child(
+        "plan_fingerprint",
+        {"dataset_id": dataset_id, "dataset_json": dataset_json, "fingerprint": fingerprint},
+        work_dir,
+        config,
+        None,
+    )
+    return Path(done["plans_file"])
+
+
+def preprocess_with_plans(
+    work_dir: Path,
+    dataset_id: int,
+    plans: dict[str, Any],
+    fingerprint: dict[str, Any],
+    config: CpuConfig = CpuConfig(),
+) -> Path:
+    """Preprocess the raw dataset of ``work_dir`` with given plans (no local planning)."""
+    raw = _dataset_folder(nnunet_dirs(work_dir).raw, dataset_id)
+    if raw is None or not (raw / "dataset.json").is_file():
+        raise InputError(f"no raw dataset {dataset_id} in {nnunet_dirs(work_dir).raw}; write it first")
+    config = replace(config, da_workers=max(1, config.da_workers))
+    done = _run_child(
+        "preprocess",
+        {"dataset_id": dataset_id, "plans": plans, "fingerprint": fingerprint},
+        work_dir,
+        config,
+        None,
+    )
+    return Path(done["preprocessed_dir"])
+
+
+def initial_weights(work_dir: Path, plans: dict[str, Any], dataset_json: dict[str, Any], out: Path) -> Path:
+    """Initialise the network of ``plans`` once (seeded); write its arrays to ``out`` (``.npz``).
+
+    Also writes ``<out>.aliases.json``: aliased key → the key whose array it shares.
+    """
+    _run_child(
+        "init_weights",
+        {"plans": plans, "dataset_json": dataset_json, "out": str(out)},
+        work_dir,
+        CpuConfig(threads=1),
+        None,
+    )
+    return Path(out)
+
+
+@dataclass(frozen=True)
+class RoundSchedule:
+    """Local training of one federated round."""
+
+    epochs: int  # local epochs of this round
+    epoch_offset: int  # global epochs done before this round (for the learning-rate schedule)
+    total_epochs: int  # global epochs of the whole federation
+    prox_mu: float = 0.0  # FedProx proximal weight (0: plain local SGD)
+    nice: int = 10  # scheduling priority increment of the training process
+
+
+def train_round(
+    work_dir: Path,
+    dataset_id: int,
+    weights_in: Path,
+    weights_out: Path,
+    schedule: RoundSchedule,
+    config: CpuConfig = CpuConfig(),
+    progress: ProgressCallback | None = None,
+) -> dict[str, Any]:
+    """Train ``schedule.epochs`` epochs starting from the arrays in ``weights_in``.
+
+    The optimizer state is kept in ``work_dir/optimizer_state.pt`` (never sent) and
+    reloaded next round. Returns the child's summary (seconds, cases).
+    """
+    if schedule.epochs < 1 or schedule.total_epochs < schedule.epoch_offset + schedule.epochs:
+        raise InputError(f"inconsistent round schedule {schedule}")
+    preprocessed = _dataset_folder(nnunet_dirs(work_dir).preprocessed, dataset_id)
+    if preprocessed is None or not (preprocessed / f"{PLANS_IDENTIFIER}.json").is_file():
+        raise InputError(f"dataset {dataset_id} is not preprocessed in {work_dir}")
+    args = {
+        "dataset_id": dataset_id,
+        "weights_in": str(weights_in),
+        "weights_out": str(weights_out),
+        "optimizer_state": str(Path(work_dir).resolve() / "optimizer_state.pt"),
+        "schedule": asdict(schedule),
+    }
+    return _run_child("train_round", args, work_dir, config, progress)
+
+
+def load_arrays(path: Path) -> dict[str, Any]:
+    """Arrays of a weights file; refuses anything that is not plain numeric data (no pickles)."""
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {key: data[key] for key in data.files}
+    for key, value in arrays.items():
+        if value.dtype.kind not in "fiub":
+            raise ModelError(f"array {key!r} has non-numeric dtype {value.dtype}", source=str(path))
+    return arrays
+
+
+def save_arrays(path: Path, arrays: dict[str, Any]) -> Path:
+    import numpy as np
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as handle:
+        np.savez(handle, **arrays)
+    return path
+
+
+def write_checkpoint(
+    arrays: dict[str, Any],
+    aliases: dict[str, str],
+    plans: dict[str, Any],
+    dataset_json: dict[str, Any],
+    out_dir: Path,
+    epoch: int = 0,
+) -> Path:
+    """A standard nnU-Net v2 results folder (``fold_all/checkpoint_final.pth``) from plain arrays.
+
+    Aliased keys are restored, so nnU-Net's predictor loads the state dict strictly.
+    """
+    from collections import OrderedDict
+
+    import torch
+
+    from rtseg.model.trainer import SAVED_TRAINER_NAME
+
+    out_dir = Path(out_dir)
+    (out_dir / "fold_all").mkdir(parents=True, exist_ok=True)
+    weights: OrderedDict[str, Any] = OrderedDict((k, torch.from_numpy(v.copy())) for k, v in arrays.items())
+    for alias, key in aliases.items():
+        weights[alias] = weights[key]
+    checkpoint = {
+        "network_weights": weights,
+        "optimizer_state": None,
+        "grad_scaler_state": None,
+        "logging": None,
+        "_best_ema": None,
+        "current_epoch": epoch,
+        "init_args": {
+            "plans": plans,
+            "configuration": CONFIGURATION,
+            "fold": "all",
+            "dataset_json": dataset_json,
+            "device": "cpu",
+        },
+        "trainer_name": SAVED_TRAINER_NAME,
+        "inference_allowed_mirroring_axes": (0, 1, 2),
+    }
+    torch.save(checkpoint, out_dir / "fold_all" / "checkpoint_final.pth")
+    (out_dir / "plans.json").write_text(json.dumps(plans, indent=2))
+    (out_dir / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
+    return out_dir
