@@ -1,0 +1,301 @@
+"""The coordinator's Flower ServerApp: fingerprint round, plans once, then training rounds.
+
+State lives in ``state-dir`` (run config) so that a restarted coordinator
+resumes from the last completed round: ``plans.json``, ``dataset.json``,
+``fingerprint.json``, ``declared.json`` (cases each site declared),
+``aliases.json``, ``rounds/round_XXX.npz`` (global arrays after round XXX,
+written atomically), ``rounds.jsonl`` (per-round figures) and
+``models/round_XXX/`` (a standard nnU-Net v2 results folder + rtseg manifest).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rtseg.federation import FederationError
+from rtseg.federation.aggregate import AggregationPolicy, Update, aggregate, screen, site_weights
+from rtseg.federation.fingerprint import SiteFingerprint, check_labels, pooled_fingerprint
+from rtseg.federation.flower import Grid, Payload, server_app
+from rtseg.federation.task import DATASET_NAME, plans_hash
+from rtseg.model.manifest import (
+    ModelManifest,
+    default_provenance,
+    model_hash,
+    save_manifest,
+    structures_from_dataset_json,
+)
+from rtseg.model.training import (
+    CpuConfig,
+    initial_weights,
+    load_arrays,
+    plan_from_fingerprint,
+    save_arrays,
+    write_checkpoint,
+)
+
+log = logging.getLogger(__name__)
+
+Arrays = dict[str, np.ndarray]
+PREPARE_KEYS = ("plans", "plans-hash", "cpu-config")
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    state_dir: Path
+    federation: str
+    model_name: str
+    rounds: int
+    local_epochs: int
+    min_sites: int
+    wait_sites: int
+    round_timeout: float
+    join_timeout: float
+    cpu: CpuConfig
+    policy: AggregationPolicy
+    prox_mu: float
+
+    @classmethod
+    def from_run_config(cls, rc: dict[str, Any]) -> CoordinatorConfig:
+        method = str(rc.get("aggregation", "fedavg"))
+        return cls(
+            state_dir=Path(str(rc["state-dir"])),
+            federation=str(rc.get("federation", "rtseg")),
+            model_name=str(rc.get("model-name", "rtseg-peds-abdomen-fl")),
+            rounds=int(rc["rounds"]),
+            local_epochs=int(rc.get("local-epochs", 1)),
+            min_sites=int(rc.get("min-sites", 1)),
+            wait_sites=int(rc.get("wait-sites", rc.get("min-sites", 1))),
+            round_timeout=float(rc.get("round-timeout", 3600)),
+            join_timeout=float(rc.get("join-timeout", 600)),
+            cpu=CpuConfig.from_dict(json.loads(str(rc["cpu-config"]))),
+            policy=AggregationPolicy(
+                method=method,
+                trim_fraction=float(rc.get("trim-fraction", 0.2)),
+                norm_factor=float(rc.get("norm-factor", 5.0)),
+                max_cases=int(rc.get("max-cases", 10_000)),
+            ),
+            prox_mu=float(rc.get("prox-mu", 0.01 if method == "fedprox" else 0.0)),
+        )
+
+
+@dataclass(frozen=True)
+class Plan:
+    plans: dict[str, Any]
+    dataset_json: dict[str, Any]
+    aliases: dict[str, str]
+    declared: dict[str, int]  # node id → cases declared in the fingerprint round
+
+    @property
+    def hash(self) -> str:
+        return plans_hash(self.plans)
+
+
+def run(grid: Grid, rc: dict[str, Any]) -> None:
+    cfg = CoordinatorConfig.from_run_config(rc)
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    _log_to(cfg.state_dir / "coordinator.log")
+    nodes = grid.wait_for_nodes(cfg.wait_sites, cfg.join_timeout)
+    log.info("federation %s: run %d, %d sites connected", cfg.federation, grid.run_id, len(nodes))
+    done = completed_round(cfg.state_dir)
+    if done is None:
+        plan = initialise(grid, nodes, cfg)
+        done = 0
+    else:
+        plan = load_plan(cfg.state_dir)
+        log.info("resuming after round %d (plans %s)", done, plan.hash)
+    arrays = load_arrays(round_file(cfg.state_dir, done))
+    for r in range(done + 1, cfg.rounds + 1):
+        arrays = run_round(grid, cfg, plan, arrays, r)
+    log.info("federation %s finished: %d rounds", cfg.federation, cfg.rounds)
+
+
+def _log_to(path: Path) -> None:
+    root = logging.getLogger("rtseg")
+    if not any(isinstance(h, logging.FileHandler) and h.baseFilename == str(path) for h in root.handlers):
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
+def round_file(state_dir: Path, r: int) -> Path:
+    return state_dir / "rounds" / f"round_{r:03d}.npz"
+
+
+def completed_round(state_dir: Path) -> int | None:
+    """The last round whose global weights were written (0: initial weights), None: nothing yet."""
+    found = [int(p.stem.split("_")[1]) for p in (state_dir / "rounds").glob("round_*.npz")]
+    return max(found) if found and (state_dir / "plans.json").is_file() else None
+
+
+def load_plan(state_dir: Path) -> Plan:
+    def read(name: str) -> Any:
+        return json.loads((state_dir / name).read_text())
+
+    declared = {str(k): int(v) for k, v in read("declared.json").items()}
+    return Plan(read("plans.json"), read("dataset.json"), read("aliases.json"), declared)
+
+
+def initialise(grid: Grid, nodes: list[int], cfg: CoordinatorConfig) -> Plan:
+    """Fingerprint round, one plan for everybody, weights initialised once (round 0)."""
+    query = Payload(config={"spacing": [float(s) for s in cfg.cpu.target_spacing_zyx]})
+    replies = grid.send("query.fingerprint", {n: query for n in nodes}, cfg.round_timeout)
+    fingerprints: list[tuple[str, SiteFingerprint]] = []
+    for reply in replies:
+        if reply.payload is None:
+            log.warning("site %d sent no fingerprint: %s", reply.node_id, reply.error)
+            continue
+        fingerprints.append((str(reply.node_id), SiteFingerprint.from_record(reply.payload.config)))
+    if len(fingerprints) < cfg.min_sites:
+        raise FederationError(f"{len(fingerprints)} fingerprints, fewer than min-sites {cfg.min_sites}")
+    labels = check_labels(fingerprints)
+    pooled = pooled_fingerprint([fp for _, fp in fingerprints])
+    intensity = pooled["foreground_intensity_properties_per_channel"]["0"]
+    log.info(
+        "pooled fingerprint of %d sites, %d cases: mean %.1f, std %.1f, p0.5 %.1f, p99.5 %.1f",
+        len(fingerprints),
+        len(pooled["spacings"]),
+        intensity["mean"],
+        intensity["std"],
+        intensity["percentile_00_5"],
+        intensity["percentile_99_5"],
+    )
+    dataset_json = {
+        "channel_names": {"0": "CT"},
+        "labels": labels,
+        "numTraining": len(pooled["spacings"]),
+        "file_ending": ".nii.gz",
+        "name": DATASET_NAME,
+    }
+    from rtseg.federation.task import DATASET_ID
+
+    work = cfg.state_dir / "nnunet"
+    plans = json.loads(plan_from_fingerprint(work, DATASET_ID, dataset_json, pooled, cfg.cpu).read_text())
+    weights = initial_weights(work, plans, dataset_json, work / "initial.npz")
+    aliases = json.loads(Path(f"{weights}.aliases.json").read_text())
+    declared = {site: fp.n_cases for site, fp in fingerprints}
+    for name, doc in (
+        ("plans.json", plans),
+        ("dataset.json", dataset_json),
+        ("fingerprint.json", pooled),
+        ("aliases.json", aliases),
+        ("declared.json", declared),
+    ):
+        (cfg.state_dir / name).write_text(json.dumps(doc, indent=1))
+    plan = Plan(plans, dataset_json, aliases, declared)
+    _save_round(cfg, plan, 0, load_arrays(weights))
+    prepare = Payload(config={k: v for k, v in _round_config(cfg, plan, 1).items() if k in PREPARE_KEYS})
+    for reply in grid.send("query.prepare", {n: prepare for n in nodes}, cfg.round_timeout):
+        if reply.payload is None:
+            log.warning("site %d could not preprocess: %s", reply.node_id, reply.error)
+        else:
+            log.info("site %d preprocessed in %.1f s", reply.node_id, float(reply.payload.config["seconds"]))
+    log.info("plans %s sent with every round; initial weights are round 0", plan.hash)
+    return plan
+
+
+def run_round(grid: Grid, cfg: CoordinatorConfig, plan: Plan, arrays: Arrays, r: int) -> Arrays:
+    nodes = grid.wait_for_nodes(cfg.min_sites, cfg.join_timeout)
+    if len(nodes) < cfg.min_sites:
+        raise FederationError(
+            f"round {r}: {len(nodes)} sites connected, fewer than min-sites {cfg.min_sites}"
+        )
+    payload = Payload(arrays=arrays, config=_round_config(cfg, plan, r))
+    started = time.monotonic()
+    replies = grid.send("train", {n: payload for n in nodes}, cfg.round_timeout)
+    updates, stats = [], {}
+    for reply in replies:
+        site = str(reply.node_id)
+        if reply.payload is None:
+            log.warning("round %d: site %s failed: %s", r, site, reply.error)
+            continue
+        c = reply.payload.config
+        if c.get("plans-hash") != plan.hash or int(c.get("round", -1)) != r:
+            log.warning("round %d: site %s answered for another round or plans; ignored", r, site)
+            continue
+        updates.append(Update(site, reply.payload.arrays, int(c.get("cases", 0))))
+        stats[site] = {"bytes_sent": reply.nbytes, "train_seconds": float(c.get("train-seconds", 0.0))}
+    missing = sorted(set(map(str, nodes)) - {u.site for u in updates})
+    if missing:
+        log.warning("round %d: no usable reply from sites %s", r, missing)
+    fit, rejected = screen(updates, arrays, cfg.policy)
+    if len(fit) < cfg.min_sites:
+        raise FederationError(f"round {r}: {len(fit)} usable updates, fewer than min-sites {cfg.min_sites}")
+    weights = site_weights(fit, plan.declared, cfg.policy)
+    new = aggregate(fit, weights, arrays, cfg.policy)
+    seconds = time.monotonic() - started
+    _save_round(cfg, plan, r, new)
+    record = {
+        "round": r,
+        "seconds": round(seconds, 2),
+        "sites": {u.site: {**stats[u.site], "weight": w} for u, w in zip(fit, weights, strict=True)},
+        "rejected": {x.site: x.reason for x in rejected},
+        "missing": missing,
+        "bytes_to_each_site": payload_bytes(payload),
+        "aggregation": cfg.policy.method,
+    }
+    with (cfg.state_dir / "rounds.jsonl").open("a") as out:
+        out.write(json.dumps(record) + "\n")
+    log.info(
+        "round %d completed in %.1f s: %d updates aggregated, %d rejected",
+        r,
+        seconds,
+        len(fit),
+        len(rejected),
+    )
+    return new
+
+
+def payload_bytes(payload: Payload) -> int:
+    return int(sum(a.nbytes for a in payload.arrays.values()))
+
+
+def _round_config(cfg: CoordinatorConfig, plan: Plan, r: int) -> dict[str, Any]:
+    return {
+        "round": r,
+        "plans": json.dumps(plan.plans),
+        "plans-hash": plan.hash,
+        "cpu-config": json.dumps(cfg.cpu.to_dict()),
+        "epochs": cfg.local_epochs,
+        "epoch-offset": (r - 1) * cfg.local_epochs,
+        "total-epochs": cfg.rounds * cfg.local_epochs,
+        "prox-mu": cfg.prox_mu,
+    }
+
+
+def _save_round(cfg: CoordinatorConfig, plan: Plan, r: int, arrays: Arrays) -> Path:
+    """Global model of round ``r``: nnU-Net results folder first, then the resume point (atomic)."""
+    model_dir = write_checkpoint(
+        arrays, plan.aliases, plan.plans, plan.dataset_json, cfg.state_dir / "models" / f"round_{r:03d}", r
+    )
+    digest = model_hash(model_dir, folds=("all",), checkpoint="checkpoint_final.pth")
+    provenance = default_provenance(
+        training_data={"kind": "federated", "sites": sorted(plan.declared), "cases": plan.declared},
+        seeds={"training": cfg.cpu.seed},
+        command="rtseg federation coordinator",
+        federation_round=r,
+    )
+    provenance.update(federation=cfg.federation, round=r, hash=digest, plans_hash=plan.hash)
+    manifest = ModelManifest(
+        name=cfg.model_name,
+        version=f"{cfg.federation}-r{r}-{digest}",
+        structures=structures_from_dataset_json(plan.dataset_json),
+        provenance=provenance,
+    )
+    save_manifest(model_dir, manifest)
+    target = round_file(cfg.state_dir, r)
+    tmp = save_arrays(target.with_suffix(".tmp"), arrays)
+    os.replace(tmp, target)
+    log.info("global model of round %d: %s (%s)", r, model_dir, manifest.version)
+    return model_dir
+
+
+app = server_app(run)

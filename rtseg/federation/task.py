@@ -1,0 +1,143 @@
+"""The site's nnU-Net work: its data → fingerprint, preprocessing with the federation's plans, local rounds.
+
+Everything here runs at the site, on the site's own cases (``<case>/ct/`` +
+``<case>/labels.nii.gz``, see :mod:`rtseg.cases`). What leaves the site is
+returned to the ClientApp: a :class:`~rtseg.federation.fingerprint.SiteFingerprint`
+(aggregate statistics) or the weights as NumPy arrays plus the case count.
+nnU-Net runs in child processes with bounded threads and lower priority.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from rtseg.federation import FederationError
+from rtseg.federation.fingerprint import FingerprintAccumulator, SiteFingerprint, pooled_fingerprint
+from rtseg.model.dataset import dataset_folder_name, write_raw_dataset
+from rtseg.model.training import (
+    CpuConfig,
+    RoundSchedule,
+    load_arrays,
+    nnunet_dirs,
+    preprocess_with_plans,
+    save_arrays,
+    train_round,
+)
+
+log = logging.getLogger(__name__)
+
+DATASET_ID = 601
+DATASET_NAME = "RtsegFederated"
+
+
+@dataclass(frozen=True)
+class Site:
+    """A site's local data and working folder (never sent anywhere)."""
+
+    site_id: str
+    data_dir: Path
+    work_dir: Path
+    threads: int = 1
+    nice: int = 10
+
+    @classmethod
+    def from_node_config(cls, node_config: dict[str, Any]) -> Site:
+        try:
+            return cls(
+                str(node_config["site-id"]),
+                Path(str(node_config["data-dir"])),
+                Path(str(node_config["work-dir"])),
+                int(node_config.get("threads", 1)),
+                int(node_config.get("nice", 10)),
+            )
+        except KeyError as exc:
+            raise FederationError(f"site node config lacks {exc}") from exc
+
+
+def plans_hash(plans: dict[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of the plans (travels with every round)."""
+    return hashlib.sha256(json.dumps(plans, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def site_config(site: Site, run_config: CpuConfig) -> CpuConfig:
+    """The federation's training settings with this site's own resource limits."""
+    from dataclasses import replace
+
+    return replace(run_config, threads=site.threads, da_workers=0, preprocess_workers=1)
+
+
+def prepare_data(site: Site, labels: dict[str, int], spacing: tuple[float, float, float]) -> SiteFingerprint:
+    """Write the site's cases as the nnU-Net raw dataset (resampled once) and fingerprint them."""
+    from rtseg.model.default import canonical_cases
+
+    raw_root = nnunet_dirs(site.work_dir).raw
+    folder = raw_root / dataset_folder_name(DATASET_ID, DATASET_NAME)
+    if folder.exists():
+        shutil.rmtree(folder)  # cases may have been added or removed since the last run
+    accumulator = FingerprintAccumulator(labels)
+
+    def cases() -> Any:
+        for case_id, image, spacing_zyx, label in canonical_cases(site.data_dir, spacing):
+            if label is not None:
+                accumulator.add(image, spacing_zyx, label)
+            yield case_id, image, spacing_zyx, label
+
+    write_raw_dataset(raw_root, DATASET_ID, DATASET_NAME, cases(), labels)
+    result = accumulator.result()
+    (site.work_dir / "fingerprint.json").write_text(json.dumps(result.__dict__))
+    log.info("site %s: %d cases prepared, %d foreground voxels", site.site_id, result.n_cases, result.count)
+    return result
+
+
+def local_fingerprint(site: Site) -> SiteFingerprint:
+    path = site.work_dir / "fingerprint.json"
+    if not path.is_file():
+        raise FederationError("the site has not prepared its data (no fingerprint round yet)")
+    return SiteFingerprint(**json.loads(path.read_text()))
+
+
+def ensure_preprocessed(site: Site, plans: dict[str, Any], expected_hash: str, config: CpuConfig) -> None:
+    """Preprocess with the federation's plans unless already done with exactly these plans."""
+    if plans_hash(plans) != expected_hash:
+        raise FederationError(f"plans hash mismatch: got {plans_hash(plans)}, round says {expected_hash}")
+    marker = site.work_dir / "plans.sha256"
+    if marker.is_file() and marker.read_text() == expected_hash:
+        return
+    own = pooled_fingerprint([local_fingerprint(site)])  # nnU-Net keeps it beside the plans
+    preprocess_with_plans(site.work_dir, DATASET_ID, plans, own, config)
+    marker.write_text(expected_hash)
+
+
+def train_local(
+    site: Site,
+    global_arrays: dict[str, npt.NDArray[Any]],
+    schedule: RoundSchedule,
+    config: CpuConfig,
+) -> tuple[dict[str, npt.NDArray[Any]], int, float]:
+    """One round of local training from the global weights: (arrays, cases, training seconds)."""
+    rounds = site.work_dir / "rounds"
+    weights_in = save_arrays(rounds / "global.npz", global_arrays)
+    weights_out = rounds / "local.npz"
+    done = train_round(site.work_dir, DATASET_ID, weights_in, weights_out, schedule, config)
+    arrays = load_arrays(weights_out)
+    for key, ref in global_arrays.items():
+        arrays[key] = arrays[key].astype(ref.dtype, copy=False)
+    return arrays, local_fingerprint(site).n_cases, float(done["seconds"])
+
+
+def poison(arrays: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
+    """A NaN in the first float array: what a diverged site would send (for tests of rejection)."""
+    out = dict(arrays)
+    key = next(k for k, v in out.items() if v.dtype.kind == "f")
+    out[key] = out[key].copy()
+    out[key].flat[0] = np.nan
+    return out
