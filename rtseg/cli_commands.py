@@ -177,11 +177,11 @@ def _model_list(args: argparse.Namespace) -> int:
 
 def _model_promote(args: argparse.Namespace) -> int:
     registry = _registry(args)
+    previous = registry.ensure()
     target = args.version
     if Path(target).is_dir():  # a model folder: register it first (bypasses the gate: say so)
         target = registry.add(Path(target)).version
         print(f"added {target} (not checked by the gate)")
-    previous = registry.ensure()
     promoted = registry.promote(target, reason=args.reason)
     if promoted.version == previous.version:
         print(f"{promoted.version} is already the current model")

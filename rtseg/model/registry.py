@@ -193,7 +193,11 @@ class Registry:
                 raise ModelError(
                     "the copied model differs from its source (hash mismatch)", source=str(source)
                 )
-            entry = {"version": version, "sha256": full, "added": _now()}
+            entry = {
+                "version": version,
+                "sha256": full,
+                "added": datetime.now(UTC).isoformat(),
+            }  # orders list()
             (tmp / ENTRY_FILE).write_text(json.dumps(entry, indent=1) + "\n")
             with self._locked():
                 if (target / ENTRY_FILE).is_file():
