@@ -1,0 +1,445 @@
+"""Closed loop from the clinic: clinician-approved RTSTRUCTs back from the TPS.
+
+When the planning system sends back a structure set that a clinician approved
+(``ApprovalStatus`` APPROVED, or a configured ``StructureSetLabel``) for a CT
+the node segmented, :func:`handle_rtstruct`
+
+1. pairs it with that job: the job whose own RTSTRUCT references the same CT
+   series (or, without series references, the same frame of reference);
+2. rasterises both structure sets on the job's CT grid and records per-structure
+   edit metrics (Dice, HD95, mean surface distance in mm, volumes) in
+   ``jobs/<id>/edit-metrics.json`` and the ``closed_loop`` table of the node's
+   state database;
+3. if ``add_cases`` is on, adds the case to the site's local training data as
+   a labelled case folder (``<site_data>/<case>/ct/`` + ``labels.nii.gz``),
+   ROIs mapped to the model's labels by TG-263 name; other names are ignored
+   and reported.
+
+Configuration: ``[federation.closed_loop]`` in the node's TOML file::
+
+    add_cases = false            # add approved cases to the site's training data
+    approved_labels = []         # StructureSetLabel values that also count as approved
+    site_data = "<data_dir>/site-data"
+
+Nothing here logs or stores patient data: series and instances appear as
+hashes, the case folder name is a hash of the series UID.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sqlite3
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from rtseg.cases import CT_DIR, LABELS_FILE, load_case
+from rtseg.ct import load_series
+from rtseg.errors import InputError, RtsegError
+from rtseg.jobs import Job, JobState, JobStore
+from rtseg.metrics import score
+from rtseg.rtstruct import rasterize_rtstruct
+from rtseg.structures import Structure
+from rtseg.volume import CTVolume
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "edit-metrics.json"
+SEGMENTED = frozenset({JobState.SENDING, JobState.DONE, JobState.DEAD_LETTER})
+RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS closed_loop (
+    instance_key TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    job_id TEXT,
+    model_version TEXT,
+    case_id TEXT,
+    detail TEXT NOT NULL DEFAULT '{}',
+    received REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class ClosedLoopConfig:
+    """What counts as approved, and whether approved cases become training data."""
+
+    add_cases: bool = False
+    approved_labels: tuple[str, ...] = ()
+    site_data: Path | None = None  # default <data_dir>/site-data
+    structures: tuple[Structure, ...] | None = None  # label ids of the model (default: rtseg's table)
+
+    @classmethod
+    def from_mapping(cls, table: Mapping[str, Any]) -> ClosedLoopConfig:
+        """From the ``[federation.closed_loop]`` table; unknown keys are an :class:`InputError`."""
+        unknown = sorted(set(table) - {"add_cases", "approved_labels", "site_data"})
+        if unknown:
+            raise InputError(f"unknown setting federation.closed_loop.{unknown[0]}")
+        add = table.get("add_cases", False)
+        labels = table.get("approved_labels", [])
+        if not isinstance(add, bool):
+            raise InputError("federation.closed_loop.add_cases must be true or false")
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+            raise InputError("federation.closed_loop.approved_labels must be a list of strings")
+        site = table.get("site_data")
+        return cls(add, tuple(x.strip() for x in labels), Path(site).expanduser() if site else None)
+
+    def site_dir(self, data_dir: Path) -> Path:
+        return self.site_data if self.site_data is not None else Path(data_dir) / "site-data"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one received structure set (``status`` says which branch)."""
+
+    status: str  # "ignored" | "unpaired" | "recorded" | "failed"
+    message: str
+    instance_key: str = ""
+    job_id: str | None = None
+    model_version: str | None = None
+    metrics: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    unknown_rois: tuple[str, ...] = ()
+    not_approved_structures: tuple[str, ...] = ()  # node structures absent from the approved set
+    case_id: str | None = None
+
+
+def config_from_settings(federation: Mapping[str, Any]) -> ClosedLoopConfig:
+    table = federation.get("closed_loop", {})
+    if not isinstance(table, Mapping):
+        raise InputError("federation.closed_loop must be a table")
+    return ClosedLoopConfig.from_mapping(table)
+
+
+def handle_rtstruct(
+    path: Path, data_dir: Path, store: JobStore, config: ClosedLoopConfig | None = None
+) -> Outcome:
+    """Process one received RTSTRUCT file; never raises for bad input (the outcome says why)."""
+    config = config or ClosedLoopConfig()
+    data_dir = Path(data_dir)
+    try:
+        ds = pydicom.dcmread(path)
+    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+        return _finish(store, Outcome("failed", f"unreadable RTSTRUCT ({type(exc).__name__})"), path)
+    key = _key(str(ds.get("SOPInstanceUID", path.name)))
+    outcome = _process(ds, key, data_dir, store, config)
+    return _finish(store, outcome, path)
+
+
+def _process(
+    ds: pydicom.Dataset, key: str, data_dir: Path, store: JobStore, config: ClosedLoopConfig
+) -> Outcome:
+    if str(ds.get("SOPClassUID", "")) != RTSTRUCT_SOP_CLASS:
+        return Outcome("ignored", "not an RT Structure Set", key)
+    if not _approved(ds, config):
+        status = str(ds.get("ApprovalStatus", "")) or "no approval status"
+        return Outcome("ignored", f"not approved ({status})", key)
+    series, frames = _references(ds)
+    job = find_job(store, data_dir, series, frames)
+    if job is None:
+        return Outcome("unpaired", "no segmentation job of this node matches the referenced CT", key)
+    try:
+        return _compare(ds, key, job, data_dir, store, config)
+    except RtsegError as exc:
+        return Outcome("failed", f"cannot pair with job {job.id}: {exc.message}", key, job.id)
+
+
+def _approved(ds: pydicom.Dataset, config: ClosedLoopConfig) -> bool:
+    if str(ds.get("ApprovalStatus", "")).upper() == "APPROVED":
+        return True
+    label = str(ds.get("StructureSetLabel", "")).strip()
+    return bool(label) and label in config.approved_labels
+
+
+def _references(ds: pydicom.Dataset) -> tuple[set[str], set[str]]:
+    """(referenced CT series UIDs, frame of reference UIDs) of a structure set."""
+    series: set[str] = set()
+    frames: set[str] = set()
+    for frame in ds.get("ReferencedFrameOfReferenceSequence", []):
+        if frame.get("FrameOfReferenceUID"):
+            frames.add(str(frame.FrameOfReferenceUID))
+        for study in frame.get("RTReferencedStudySequence", []):
+            for item in study.get("RTReferencedSeriesSequence", []):
+                if item.get("SeriesInstanceUID"):
+                    series.add(str(item.SeriesInstanceUID))
+    for roi in ds.get("StructureSetROISequence", []):
+        if roi.get("ReferencedFrameOfReferenceUID"):
+            frames.add(str(roi.ReferencedFrameOfReferenceUID))
+    return series, frames
+
+
+def find_job(store: JobStore, data_dir: Path, series: set[str], frames: set[str]) -> Job | None:
+    """The newest segmented job whose own RTSTRUCT references ``series`` (else one of ``frames``)."""
+    jobs = store.list(SEGMENTED, limit=100_000)
+    by_frame = None
+    for job in reversed(jobs):  # newest first
+        if not job.output_path or not job.output_path.endswith(".dcm"):
+            continue
+        mine = data_dir / job.output_path
+        try:
+            own = pydicom.dcmread(mine, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, ValueError, EOFError):
+            continue
+        own_series, own_frames = _references(own)
+        if series and own_series & series:
+            return job
+        if by_frame is None and not series and own_frames & frames:
+            by_frame = job
+    return by_frame
+
+
+def _compare(
+    ds: pydicom.Dataset, key: str, job: Job, data_dir: Path, store: JobStore, config: ClosedLoopConfig
+) -> Outcome:
+    mine = pydicom.dcmread(data_dir / str(job.output_path))
+    series_uid = next(iter(_references(mine)[0]), None)
+    input_dir = data_dir / job.input_dir
+    if not input_dir.is_dir() or not any(input_dir.iterdir()):
+        return Outcome(
+            "unpaired", f"the CT of job {job.id} is no longer on the node (retention)", key, job.id
+        )
+    volume = load_series(input_dir, series_uid=series_uid)
+    structures = _model_structures(config.structures)
+    node_masks = rasterize_rtstruct(mine, volume)
+    approved_raw = rasterize_rtstruct(ds, volume)
+    approved, unknown = _map_names(approved_raw, structures)
+    metrics = edit_metrics(node_masks, approved, volume)
+    model_version = job.model_version or str((job.result.get("model") or {}).get("version", ""))
+    outcome = Outcome(
+        "recorded",
+        f"{len(metrics)} structure(s) compared with job {job.id}",
+        key,
+        job.id,
+        model_version,
+        metrics,
+        tuple(sorted(unknown)),
+        tuple(sorted(set(node_masks) - set(approved))),
+    )
+    if config.add_cases:
+        case_id = add_case(volume, input_dir, approved, structures, config.site_dir(data_dir), job, outcome)
+        outcome = replace(outcome, case_id=case_id, message=outcome.message + "; case added")
+    _write_json(data_dir / "jobs" / job.id / METRICS_FILE, _public(outcome))
+    return outcome
+
+
+def _model_structures(structures: Sequence[Structure] | None) -> dict[str, Structure]:
+    """The model's structures by TG-263 name (default: rtseg's structure table)."""
+    from rtseg.structures import STRUCTURES
+
+    return {s.name: s for s in (structures or STRUCTURES)}
+
+
+def _map_names(
+    masks: dict[str, npt.NDArray[np.bool_]], structures: Mapping[str, Structure]
+) -> tuple[dict[str, npt.NDArray[np.bool_]], set[str]]:
+    """Approved ROIs under the model's TG-263 names (case-insensitive); the rest are unknown."""
+    lower = {name.lower(): name for name in structures}
+    mapped: dict[str, npt.NDArray[np.bool_]] = {}
+    unknown: set[str] = set()
+    for roi, mask in masks.items():
+        name = lower.get(roi.strip().lower())
+        if name is None:
+            unknown.add(roi)
+        else:
+            mapped[name] = mask | mapped[name] if name in mapped else mask
+    return mapped, unknown
+
+
+def edit_metrics(
+    node: Mapping[str, npt.NDArray[np.bool_]], approved: Mapping[str, npt.NDArray[np.bool_]], volume: CTVolume
+) -> dict[str, dict[str, float | None]]:
+    """Per approved structure: how far the clinician moved the node's contour (empty if it had none)."""
+    out = {}
+    for name, reference in approved.items():
+        predicted = node.get(name, np.zeros_like(reference))
+        s = score(predicted, reference, volume.spacing)
+        out[name] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(s).items()}
+    return out
+
+
+def case_id_for(series_uid: str) -> str:
+    """Case folder name: a hash of the CT series UID (same CT, same case)."""
+    return "cl-" + hashlib.sha256(f"rtseg-case/{series_uid}".encode()).hexdigest()[:16]
+
+
+def add_case(
+    volume: CTVolume,
+    input_dir: Path,
+    approved: Mapping[str, npt.NDArray[np.bool_]],
+    structures: Mapping[str, Structure],
+    site_data: Path,
+    job: Job,
+    outcome: Outcome,
+) -> str:
+    """Write ``<site_data>/<case>/ct/`` + ``labels.nii.gz`` atomically; check it loads back."""
+    from rtseg.phantom.cohort import write_label_image
+
+    case_id = case_id_for(volume.info.series_instance_uid)
+    site_data.mkdir(parents=True, exist_ok=True)
+    tmp = site_data / f".incoming-{uuid.uuid4().hex}"
+    try:
+        _copy_series(input_dir, volume, tmp / CT_DIR)
+        write_label_image(label_map(approved, structures, volume.shape), volume.affine, tmp / LABELS_FILE)
+        info = {
+            "source": "closed-loop",
+            "job": job.id,
+            "model_version": outcome.model_version,
+            "structures": sorted(approved),
+            "added": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        (tmp / "case.json").write_text(json.dumps(info, indent=1) + "\n")
+        load_case(tmp)  # a case that does not load back is never added
+        final = site_data / case_id
+        if final.exists():  # a later approval of the same CT replaces the earlier one
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    log.info("closed loop: case %s added to the site data (%d structures)", case_id, len(approved))
+    return case_id
+
+
+def label_map(
+    masks: Mapping[str, npt.NDArray[np.bool_]], structures: Mapping[str, Structure], shape: tuple[int, ...]
+) -> npt.NDArray[np.uint8]:
+    """Label map in the model's label ids: the body outline first, organs over it in label order."""
+    labels = np.zeros(shape, dtype=np.uint8)
+    ordered = sorted(masks, key=lambda n: (structures[n].rt_type != "EXTERNAL", structures[n].label))
+    for name in ordered:
+        labels[masks[name]] = structures[name].label
+    return labels
+
+
+def _copy_series(input_dir: Path, volume: CTVolume, out: Path) -> None:
+    wanted = set(volume.info.sop_instance_uids)
+    out.mkdir(parents=True)
+    n = 0
+    for path in sorted(p for p in input_dir.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        try:
+            uid = str(
+                pydicom.dcmread(
+                    path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]
+                ).SOPInstanceUID
+            )
+        except (InvalidDicomError, OSError, ValueError, EOFError, AttributeError):
+            continue
+        if uid in wanted:
+            shutil.copy2(path, out / f"{n:05d}.dcm")
+            n += 1
+    if n != len(wanted):
+        raise InputError(f"found {n} of the {len(wanted)} CT slices to copy", source=str(input_dir))
+
+
+def _public(outcome: Outcome) -> dict[str, Any]:
+    return {k: v for k, v in asdict(outcome).items() if k != "instance_key"} | {"time": time.time()}
+
+
+def _write_json(path: Path, doc: Mapping[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _key(uid: str) -> str:
+    return hashlib.sha256(f"rtseg-uid/{uid}".encode()).hexdigest()[:24]
+
+
+def _finish(store: JobStore, outcome: Outcome, path: Path) -> Outcome:
+    key = outcome.instance_key or _key(str(path))
+    outcome = outcome if outcome.instance_key else replace(outcome, instance_key=key)
+    detail = {
+        "message": outcome.message,
+        "metrics": outcome.metrics,
+        "unknown_rois": list(outcome.unknown_rois),
+        "not_approved_structures": list(outcome.not_approved_structures),
+    }
+    with _Db(store) as db:
+        db.execute(
+            "INSERT OR REPLACE INTO closed_loop VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                key,
+                outcome.status,
+                outcome.job_id,
+                outcome.model_version,
+                outcome.case_id,
+                json.dumps(detail),
+                time.time(),
+            ),
+        )
+    level = logging.INFO if outcome.status in ("recorded", "ignored") else logging.WARNING
+    log.log(level, "closed loop: RTSTRUCT %s %s: %s", key, outcome.status, outcome.message)
+    if outcome.unknown_rois:
+        log.info(
+            "closed loop: RTSTRUCT %s: %d ROI name(s) not in the model ignored",
+            key,
+            len(outcome.unknown_rois),
+        )
+    return outcome
+
+
+class _Db:
+    """A short-lived connection to the node's state database with the closed_loop table."""
+
+    def __init__(self, store: JobStore) -> None:
+        self.conn = sqlite3.connect(store.db_path, timeout=30.0, isolation_level=None)
+        self.conn.execute("PRAGMA busy_timeout=30000")
+        self.conn.executescript(_SCHEMA)
+
+    def __enter__(self) -> sqlite3.Connection:
+        return self.conn
+
+    def __exit__(self, *exc: object) -> None:
+        self.conn.close()
+
+
+def recorded(store: JobStore, job_id: str | None = None) -> list[dict[str, Any]]:
+    """Rows of the closed_loop table (all, or one job's), oldest first."""
+    with _Db(store) as db:
+        db.row_factory = sqlite3.Row
+        sql, args = "SELECT * FROM closed_loop", []
+        if job_id is not None:
+            sql, args = sql + " WHERE job_id = ?", [job_id]
+        rows = db.execute(sql + " ORDER BY received", args).fetchall()
+    return [{**dict(r), "detail": json.loads(r["detail"])} for r in rows]
+
+
+class ClosedLoop:
+    """Processes RTSTRUCTs the SCP spooled (``<data_dir>/spool/rtstruct/*/*.dcm``), each once.
+
+    The node runs :meth:`run_once` in a background loop; heavy work never
+    happens inside the C-STORE handler.
+    """
+
+    def __init__(self, data_dir: Path, store: JobStore, config: ClosedLoopConfig | None = None) -> None:
+        self.data_dir = Path(data_dir)
+        self.store = store
+        self.config = config or ClosedLoopConfig()
+        self.spool = self.data_dir / "spool" / "rtstruct"
+
+    def pending(self) -> list[Path]:
+        if not self.spool.is_dir():
+            return []
+        with _Db(self.store) as db:
+            done = {str(r[0]) for r in db.execute("SELECT instance_key FROM closed_loop").fetchall()}
+        # the spool names a file by the hash of its SOP Instance UID, the same key as ours
+        return sorted(p for p in self.spool.glob("*/*.dcm") if p.stem not in done and _key_of(p) not in done)
+
+    def run_once(self) -> list[Outcome]:
+        return [handle_rtstruct(p, self.data_dir, self.store, self.config) for p in self.pending()]
+
+
+def _key_of(path: Path) -> str:
+    return _key(str(path))
