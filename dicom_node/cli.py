@@ -19,10 +19,11 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _model(settings: Settings) -> tuple[Path, str]:
-    from rtseg.model.default import default_model_dir
     from rtseg.model.manifest import load_manifest, model_hash
+    from rtseg.model.registry import serving_model_dir
 
-    model_dir = settings.model_path or default_model_dir()
+    # model.path, else the registry's current model (workers follow promotions)
+    model_dir = serving_model_dir(settings.model_path, settings.data_dir)
     manifest = load_manifest(model_dir)
     return model_dir, f"{manifest.name} {manifest.version} (hash {model_hash(model_dir)})"
 

@@ -116,7 +116,7 @@ class Settings:
     selection: Selection = field(default_factory=Selection)
     node: NodeSettings = field(default_factory=NodeSettings)
     data_dir: Path = Path("rtseg-data")
-    model_path: Path | None = None  # None: the embedded default model
+    model_path: Path | None = None  # None: the registry's current model (initially the embedded default)
     http: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     federation: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     config_file: Path | None = None

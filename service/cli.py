@@ -74,14 +74,15 @@ def _cmd_http(args: argparse.Namespace) -> int:
 
 
 def _serve(settings: Settings, http: HttpSettings) -> int:
-    from rtseg.model.default import default_model_dir
+    from rtseg.model.registry import serving_model_dir
     from rtseg.worker import WorkerPool
     from service.app import create_app
     from service.housekeeping import Janitor
     from service.server import HttpServer
 
     data_dir = Path(settings.data_dir).resolve()
-    model_dir = settings.model_path or default_model_dir()
+    # model.path, else the registry's current model (workers follow promotions)
+    model_dir = serving_model_dir(settings.model_path, settings.data_dir)
     store = JobStore(data_dir / DB_NAME)
     pool = WorkerPool(store, data_dir, model_dir, settings.node.workers, settings.node.inference_threads)
     app = create_app(http, store, data_dir, model_dir, worker_alive=lambda: pool.alive() > 0)
