@@ -21,6 +21,8 @@ from service.settings import HttpSettings
 from service.telemetry import Telemetry
 from service.uploads import UploadLimits
 
+RESERVED_THREADS = 4  # server threads never taken by uploads
+
 
 class UploadRequest(Request):
     """Spools multipart files into ``spool_dir`` (inside the job folder) instead of the system temp."""
@@ -51,12 +53,16 @@ class ServiceContext:
     worker_alive: Callable[[], bool] | None = None
     validate: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(1))
     admit: threading.Lock = field(default_factory=threading.Lock)
+    uploads: threading.BoundedSemaphore = field(init=False)
     waiters: threading.BoundedSemaphore = field(init=False)
     cache: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        # ?wait holds a server thread; keep half of them free for everything else (/healthz)
-        self.waiters = threading.BoundedSemaphore(max(1, self.settings.threads // 2))
+        # An upload holds a server thread while it is checked (and during ?wait): bound both,
+        # so that a burst never takes the threads /healthz, /readyz and GETs need.
+        threads = self.settings.threads
+        self.uploads = threading.BoundedSemaphore(max(1, threads - RESERVED_THREADS))
+        self.waiters = threading.BoundedSemaphore(max(1, threads // 2))
 
     @property
     def limits(self) -> UploadLimits:

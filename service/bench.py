@@ -48,6 +48,7 @@ class Poller:
     url: str
     interval: float = 0.05
     latencies: list[float] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)  # when each request started (perf_counter)
     failures: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -60,6 +61,7 @@ class Poller:
             except requests.RequestException:
                 ok = False
             self.latencies.append(time.perf_counter() - started)
+            self.times.append(started)
             self.failures += not ok
 
     def stop(self) -> None:
@@ -143,7 +145,7 @@ def run_bench(work: Path, uploads: int, matrix: int, segment_all: bool) -> dict[
     body, digests = phantom_zip(work, matrix)
     data_dir = work / "data"
     store = JobStore(data_dir / "state.db")
-    settings = HttpSettings(port=0, token_sha256=(token_digest(TOKEN),), queue_max=uploads + 8, threads=16)
+    settings = HttpSettings(port=0, token_sha256=(token_digest(TOKEN),), queue_max=uploads + 8)
     pool = WorkerPool(store, data_dir, default_model_dir(), workers=1, threads=1)
     server = HttpServer(
         create_app(settings, store, data_dir, worker_alive=lambda: pool.alive() > 0), settings
@@ -179,6 +181,9 @@ def _measure(
     with ThreadPoolExecutor(uploads) as executor:
         results = list(executor.map(lambda _i: post(url, body), range(uploads)))
     upload_wall = time.perf_counter() - started
+    window = [
+        lat for t, lat in zip(poller.times, poller.latencies, strict=False) if t <= started + upload_wall
+    ]
     during_state = store.get(first["id"]).state
     accepted = [r for s, r, _ in results if s == 202]
     intact = sum(stored_digests(data_dir / "jobs" / r["id"] / "input") == digests for r in accepted)
@@ -210,6 +215,10 @@ def _measure(
         "segmentation_final": str(final),
         "segmentation_seconds": (first_job.result.get("timings") or {}).get("total_s"),
         "rtstruct_dciodvfy_errors": errors,
+        "healthz_requests_during_uploads": len(window),
+        "healthz_p50_ms_during_uploads": round(percentile(window, 50) * 1000, 1),
+        "healthz_p99_ms_during_uploads": round(percentile(window, 99) * 1000, 1),
+        "healthz_max_ms_during_uploads": round(max(window, default=float("nan")) * 1000, 1),
         "healthz_requests": len(poller.latencies),
         "healthz_failures": poller.failures,
         "healthz_p50_ms": round(percentile(poller.latencies, 50) * 1000, 1),

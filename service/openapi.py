@@ -133,6 +133,8 @@ def _post(settings: HttpSettings, auth: list[dict[str, list[str]]]) -> dict[str,
                     "schema": {"type": "object", "properties": {"file": files}, "required": ["file"]}
                 },
                 "application/zip": {"schema": BINARY},
+                "application/dicom": {"schema": BINARY},
+                "application/gzip": {"schema": BINARY},
                 "application/octet-stream": {"schema": BINARY},
             },
         },

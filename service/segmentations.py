@@ -38,6 +38,20 @@ POLL_S = 0.2
 @bp.post("")
 def create() -> tuple[Response, int, dict[str, str]]:
     ctx = service()
+    if not ctx.uploads.acquire(blocking=False):
+        raise HttpProblem(
+            429,
+            "busy",
+            "too many uploads are being received at once; retry later",
+            headers={"Retry-After": str(ctx.settings.retry_after_s)},
+        )
+    try:
+        return _create(ctx)
+    finally:
+        ctx.uploads.release()
+
+
+def _create(ctx: ServiceContext) -> tuple[Response, int, dict[str, str]]:
     wait = _number_arg("wait", 0.0, ctx.settings.max_wait_s)
     labels = _flag_arg("labels")
     if (request.content_length or 0) > ctx.settings.max_body_bytes:

@@ -16,7 +16,7 @@ The core :class:`rtseg.settings.Settings` passes the table through untouched as
     max_wait_s = 600            # upper bound of ?wait=SECONDS
     job_expiry_h = 24           # finished HTTP jobs (and their files) are deleted after this
     min_free_mb = 1024          # /readyz fails below this much free space in the data folder
-    threads = 16                # waitress worker threads
+    threads = 32                # waitress threads; uploads use at most threads - 4 (429 beyond)
     trusted_proxy = ""          # address of a reverse proxy whose X-Forwarded-* headers count
     trusted_proxy_headers = ["x-forwarded-for", "x-forwarded-proto"]
 
@@ -53,7 +53,7 @@ class HttpSettings:
     max_wait_s: float = 600.0
     job_expiry_s: float = 24 * 3600.0
     min_free_bytes: int = 1024 * _MB
-    threads: int = 16
+    threads: int = 32
     trusted_proxy: str | None = None
     trusted_proxy_headers: tuple[str, ...] = ("x-forwarded-for", "x-forwarded-proto")
 

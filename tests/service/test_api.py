@@ -251,3 +251,23 @@ def test_rtseg_http_refuses_to_start_without_tokens(tmp_path: Path) -> None:
         [str(rtseg), "http", "--config", str(config)], capture_output=True, text=True, timeout=60
     )
     assert run.returncode == 2 and "--new-token" in run.stderr
+
+
+def test_uploads_beyond_the_thread_budget_get_429(tmp_path: Path, phantom_zip: bytes) -> None:
+    from rtseg.jobs import JobStore
+
+    app = create_app(make_settings(threads=5), JobStore(tmp_path / "state.db"), tmp_path)
+    slots = app.extensions["rtseg"].uploads
+    assert slots.acquire(blocking=False)  # the one upload slot of 5 threads (4 stay reserved)
+    client = app.test_client()
+    response = client.post(
+        "/v1/segmentations", data=phantom_zip, content_type="application/zip", headers=AUTH
+    )
+    assert response.status_code == 429 and response.headers["Retry-After"] == "7"
+    assert response.get_json()["type"] == "urn:rtseg:problem:busy"
+    assert client.get("/healthz").status_code == 200
+    slots.release()
+    accepted = client.post(
+        "/v1/segmentations", data=phantom_zip, content_type="application/zip", headers=AUTH
+    )
+    assert accepted.status_code == 202
