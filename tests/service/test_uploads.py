@@ -300,3 +300,15 @@ def test_gzip_that_is_not_nifti(serve: Callable[..., Running]) -> None:
     response = running.post(gzip.compress(b"hello" * 100), headers={"Content-Type": "application/gzip"})
     assert_problem(response, 422, "bad-nifti", "not a NIfTI")
     assert_nothing_left(running)
+
+
+def test_multipart_file_names_are_never_paths(
+    serve: Callable[..., Running], phantom_ct96: Path, tmp_path: Path
+) -> None:
+    running = serve()
+    files = [("file", (f"../../{p.name}", p.read_bytes())) for p in series_files(phantom_ct96)]
+    response = running.post(files=files)
+    assert response.status_code == 202, response.text
+    stored = sorted(p.name for p in (running.data_dir / "jobs" / response.json()["id"] / "input").iterdir())
+    assert stored == [f"{i:05d}.dcm" for i in range(1, len(files) + 1)]
+    assert not list(tmp_path.glob("*.dcm")) and not list(running.data_dir.glob("*.dcm"))
