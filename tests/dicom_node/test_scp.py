@@ -321,3 +321,28 @@ def test_echo_is_fast(scp: Any) -> None:
         "MODALITY", {"ae_title": "RTSEG", "host": "127.0.0.1", "port": node.port}, node.settings.dicom.tls
     )
     assert ok and seconds < 0.5
+
+
+def test_node_echo_command(scp: Any, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    node = scp()
+    config = tmp_path / "echo.toml"
+    config.write_text(
+        f'[dicom]\nport = {node.port}\n[[destinations]]\nname = "self"\nae_title = "RTSEG"\n'
+        f'host = "127.0.0.1"\nport = {node.port}\n[[destinations]]\nname = "down"\nae_title = "X"\n'
+        'host = "127.0.0.1"\nport = 1\n'
+    )
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "rtseg.cli", "node", "echo", "--config", str(config), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+    own, dest, down = run(), run("--destination", "self"), run("--destination", "down")
+    assert own.returncode == 0 and re.search(
+        rf"C-ECHO RTSEG@127.0.0.1:{node.port}: success in \d+ ms", own.stdout
+    )
+    assert dest.returncode == 0 and "success" in dest.stdout
+    assert down.returncode == 1 and "FAILED" in down.stdout
+    assert run("--destination", "nope").returncode == 2
