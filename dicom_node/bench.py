@@ -151,10 +151,11 @@ def turnaround(work: Path, cases: list[Path], model: Path | None) -> list[float]
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from rtseg.phantom.cohort import case_id, write_case
 
     work: Path = args.work
     work.mkdir(parents=True, exist_ok=True)
+    if args.skip_throughput:
+        return _turnaround(args, work)
     folder = make_series(work, args.slices, args.matrix)
     mb = sum(p.stat().st_size for p in folder.glob("*.dcm")) / 1e6
     t_dcmtk, t_node = throughput(work, folder)
@@ -169,9 +170,16 @@ def run_bench(args: argparse.Namespace) -> int:
     print(f"  rtseg / dcmtk: {t_dcmtk / t_node:.2f}× (defaults), {t_fast / t_node:.2f}× (fastest dcmtk)")
     if args.skip_turnaround:
         return 0
+    return _turnaround(args, work)
+
+
+def _turnaround(args: argparse.Namespace, work: Path) -> int:
+    from rtseg.phantom.cohort import case_id, write_case
+
     cases = []
     for i in range(args.series):
-        write_case("A", 500 + i, 0, work / "cases", matrix=128)
+        if not (work / "cases" / case_id("A", 500 + i, 0) / "ct").is_dir():
+            write_case("A", 500 + i, 0, work / "cases", matrix=args.case_matrix)
         cases.append(work / "cases" / case_id("A", 500 + i, 0) / "ct")
     times = turnaround(work, cases, args.model)
     p50, p95 = statistics.median(times), float(np.percentile(times, 95))

@@ -170,6 +170,8 @@ def register(sub: Any, handlers: dict[str, Handler]) -> None:
     q.add_argument("--matrix", type=int, default=512, help="image matrix of the throughput series")
     q.add_argument("--series", type=int, default=10, help="series for the turnaround figures (default 10)")
     q.add_argument("--model", type=Path, help="model folder (default: the embedded model)")
+    q.add_argument("--case-matrix", type=int, default=128, help="matrix of the turnaround phantoms")
     q.add_argument("--skip-turnaround", action="store_true")
+    q.add_argument("--skip-throughput", action="store_true")
     q.set_defaults(node_action=_node_bench)
     handlers["node"] = _cmd_node

@@ -146,6 +146,10 @@ class NodeProcess:
     def stop(self) -> int:
         if self.proc is None:
             return 0
+        if self.proc.poll() is not None:
+            code = self.proc.returncode
+            self.proc = None
+            return code
         os.killpg(self.proc.pid, signal.SIGTERM)  # the whole group, as systemd does: workers too
         code = self.proc.wait(90)
         self.proc = None
@@ -178,7 +182,15 @@ class NodeProcess:
 
 
 def _toml(values: dict[str, Any]) -> list[str]:
-    return [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+    return [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(v)
 
 
 def no_patient_data(text: str) -> list[str]:
