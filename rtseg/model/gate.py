@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from rtseg.cases import case_dirs, load_case
-from rtseg.errors import ModelError
+from rtseg.errors import ModelError, RtsegError
 from rtseg.evaluation import CaseScores, evaluate, summarize
 from rtseg.model.manifest import load_manifest, model_hash
 from rtseg.model.registry import Registry, version_name
@@ -126,13 +126,17 @@ def run_gate(
     rows: tuple[StructureComparison, ...] = ()
     if not reasons:
         say(f"evaluating the candidate {candidate}")
-        new = _scores(candidate_dir, cases, threads)
-        rows = compare(old, new, margin)
-        reasons = tuple(
-            f"{r.name}: Dice {_fmt(r.incumbent)} → {_fmt(r.candidate)} (drop > {margin:g})"
-            for r in rows
-            if r.dropped
-        )
+        try:
+            new = _scores(candidate_dir, cases, threads)
+        except (RtsegError, RuntimeError, ValueError) as exc:  # a model that cannot segment is refused
+            reasons = (f"the candidate failed to segment the held-out cases ({exc})",)
+        else:
+            rows = compare(old, new, margin)
+            reasons = tuple(
+                f"{r.name}: Dice {_fmt(r.incumbent)} → {_fmt(r.candidate)} (drop > {margin:g})"
+                for r in rows
+                if r.dropped
+            )
     decision = GateDecision(not reasons, candidate, incumbent.version, margin, len(cases), rows, reasons)
     if decision.accepted and promote:
         added = registry.add(candidate_dir)
