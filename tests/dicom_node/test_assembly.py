@@ -187,3 +187,26 @@ def test_a_skipped_series_sent_again_is_assessed_anew(tmp_path: Path) -> None:
     (complete,) = a.tick()
     assert complete != partial and a.store.get(complete).state == JobState.QUEUED
     assert a.store.get(complete).meta["n_instances"] == 3
+
+
+def test_retention_deletes_the_ct_of_finished_jobs_only(tmp_path: Path) -> None:
+    from dicom_node.node import Node
+
+    settings = load_settings(
+        environ={
+            "RTSEG_DATA_DIR": str(tmp_path),
+            "RTSEG_NODE_RETENTION_H": "0",
+            "RTSEG_NODE_MIN_FREE_DISK_MB": "0",
+        }
+    )
+    node = Node(settings, tmp_path / "model")  # not started: no SCP, no workers
+    keys = {state: uid_key(f"1.2.9.{i}") for i, state in enumerate((JobState.DONE, JobState.SENDING))}
+    for state, key in keys.items():
+        node.spool.write("ct", key, uid_key("x"), b"ct")
+        node.store.create("dicom", key, f"spool/ct/{key}", state=state)
+    assert node.purge() == 1
+    assert node.spool.instances("ct", keys[JobState.DONE]) == []
+    assert len(node.spool.instances("ct", keys[JobState.SENDING])) == 1  # not delivered yet: kept
+    assert node.purge() == 0  # done once
+    (done,) = node.store.list({JobState.DONE})
+    assert done.meta["purged"] is True
