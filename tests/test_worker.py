@@ -35,6 +35,7 @@ def _nifti(ct_dir: Path, out: Path) -> None:
     sitk.WriteImage(image, str(out / "ct.nii.gz"))
 
 
+@pytest.mark.slow  # > 60 s: several segmentations and restarts
 def test_workers_segment_dicom_and_nifti_jobs_and_recover(tmp_path: Path, phantom_ct96: Path) -> None:
     data = tmp_path / "data"
     ct = subset_series(phantom_ct96, data / "inputs" / "dicom", 24)

@@ -90,6 +90,7 @@ def state_of(node: Any, job_id: str) -> str:
         store.close()
 
 
+@pytest.mark.slow  # > 60 s: several segmentations and restarts
 def test_sigkill_while_receiving_segmenting_and_sending_gives_exactly_one_rtstruct(
     running_node: Any, series: Path, scout: Path, tmp_path: Path
 ) -> None:

@@ -71,6 +71,7 @@ class Orthanc:
             self.proc.wait(30)
 
 
+@pytest.mark.slow  # > 60 s: several segmentations and restarts
 def test_series_routed_from_orthanc_comes_back_as_rtstruct_in_the_same_study(
     phantom_ct96: Path, tmp_path: Path
 ) -> None:
