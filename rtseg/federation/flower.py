@@ -103,7 +103,7 @@ def record_mod(msg: Message, context: Context, call_next: Callable[[Message, Con
         path.write_text(json.dumps(doc))
         if ARRAYS in out.content.array_records:  # the exact arrays, for audits of what was sent
             arrays = {k: a.numpy() for k, a in out.content.array_records[ARRAYS].items()}
-            np.savez(path.with_suffix(".npz"), **arrays)
+            np.savez(path.with_suffix(".npz"), **arrays)  # type: ignore[arg-type]
     return out
 
 

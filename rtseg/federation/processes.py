@@ -185,7 +185,11 @@ def wait_run(home: Path, run_id: int, timeout: float, poll: float = 3.0) -> str:
     """Wait until the run has finished; returns Flower's status (``finished:completed`` on success)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        status = run_status(home, run_id)
+        try:
+            status = run_status(home, run_id)
+        except subprocess.TimeoutExpired:  # a busy machine: the CLI is slow to start, ask again
+            log.warning("flwr ls did not answer in time; asking again")
+            continue
         if status.startswith("finished"):
             return status
         time.sleep(poll)

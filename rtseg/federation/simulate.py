@@ -138,14 +138,14 @@ class LocalFederation:
                 self.spec.matrix,
             )
 
-    def start_coordinator(self) -> None:
+    def start_coordinator(self, register: bool = True) -> None:
         home = self.root / "coordinator" / "flwr-home"
         tls = ServerTls(self.certs.ca, self.certs.server_cert, self.certs.server_key) if self.certs else None
         database = self.root / "coordinator" / "superlink.db"
         self.superlink = start_superlink(home, self.port, database, tls, node_auth=self.certs is not None)
         wait_port(self.port)
         time.sleep(1.0)
-        if self.certs:
+        if self.certs and register:  # keys stay registered in the SuperLink's database
             for i in range(self.spec.sites):
                 register_node(self.cli_home, self.certs.site_keys[f"site{i}"][1], f"site{i}")
 
