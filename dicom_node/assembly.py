@@ -7,8 +7,9 @@ created (``received``) with the first instance, before that instance is
 acknowledged, so a restart finds every open series and its spool folder, and
 the quiet time starts again. An instance of a series whose job has moved on is
 a *late* instance: ``ignore`` acknowledges and discards it, ``reject`` answers
-a failure; neither makes a second RTSTRUCT. A series that was skipped (e.g.
-cut short, too few slices) opens a new job when it is sent again.
+a failure; neither makes a second RTSTRUCT. A series that was skipped or failed
+(e.g. cut short: too few or missing slices) made no RTSTRUCT; instances that
+arrive for it again open a new job.
 """
 
 from __future__ import annotations
@@ -132,10 +133,10 @@ class Assembler:
             entry.last = self.clock()
 
     def _open_series(self, series_key: str, header: SeriesHeader, peer: Peer) -> _Open | None:
-        # a skipped series made no RTSTRUCT: sent again (e.g. complete this time), it is a new series
-        existing = [
-            j for j in self.store.list(source="dicom", series_key=series_key) if j.state != JobState.SKIPPED
-        ]
+        # A skipped or failed series made no RTSTRUCT: instances arriving again (the rest of a
+        # series completed too early, or a complete resend) open a new job on the same spool folder.
+        retry = {JobState.SKIPPED, JobState.FAILED}
+        existing = [j for j in self.store.list(source="dicom", series_key=series_key) if j.state not in retry]
         if existing:
             received = [j for j in existing if j.state == JobState.RECEIVED]
             if not received:

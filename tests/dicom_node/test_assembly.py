@@ -210,3 +210,18 @@ def test_retention_deletes_the_ct_of_finished_jobs_only(tmp_path: Path) -> None:
     assert node.purge() == 0  # done once
     (done,) = node.store.list({JobState.DONE})
     assert done.meta["purged"] is True
+
+
+def test_the_rest_of_a_failed_series_opens_a_new_job_with_all_instances(tmp_path: Path) -> None:
+    clock = Clock()
+    a = _assembler(tmp_path, clock)
+    _receive(a, "1.2.10", "1.2.10.1")
+    _receive(a, "1.2.10", "1.2.10.2")
+    clock.now += 11  # the sender paused longer than the quiet time
+    (early,) = a.tick()
+    a.store.transition(early, JobState.QUEUED, JobState.RUNNING)
+    a.store.transition(early, JobState.RUNNING, JobState.FAILED, error="missing slices")
+    _receive(a, "1.2.10", "1.2.10.3")  # the rest arrives
+    clock.now += 11
+    (rest,) = a.tick()
+    assert rest != early and a.store.get(rest).meta["n_instances"] == 3
