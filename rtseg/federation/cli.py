@@ -73,11 +73,11 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
         certs = args.certs.resolve()
         tls = ServerTls(certs / "ca.crt", certs / "server.crt", certs / "server.key")
     superlink = start_superlink(
-        state / "flwr-home", args.port, state / "superlink.db", tls, node_auth=tls is not None
+        state / "flwr-home", args.port, state / "superlink.db", tls, node_auth=tls is not None, host=args.host
     )
     cli_home = state / "flwr-cli"
     try:
-        wait_port(args.port)
+        wait_port(args.port, proc=superlink)
         write_connection(cli_home, f"127.0.0.1:{args.port}", tls.ca if tls else None)
         if tls is not None:
             for key in sorted((args.certs / "sites").glob("*.pub")):
@@ -151,6 +151,7 @@ def register(sub: Any, handlers: dict[str, Handler]) -> None:
     q = fsub.add_parser("coordinator", help="SuperLink (persistent database) + the ServerApp; resumes")
     q.add_argument("--state", type=Path, required=True, help="coordinator folder (database, rounds, models)")
     q.add_argument("--port", type=int, default=9092)
+    q.add_argument("--host", default="0.0.0.0", help="address the SuperLink listens on (default all)")
     q.add_argument("--certs", type=Path, help="folder from `rtseg federation certs`")
     q.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (tests only)")
     q.add_argument("--rounds", type=int, default=10)

@@ -63,9 +63,14 @@ def _spawn(args: list[str], home: Path, log_name: str) -> subprocess.Popen[bytes
 
 
 def start_superlink(
-    home: Path, port: int, database: Path, tls: ServerTls | None = None, node_auth: bool = False
+    home: Path,
+    port: int,
+    database: Path,
+    tls: ServerTls | None = None,
+    node_auth: bool = False,
+    host: str = "127.0.0.1",
 ) -> subprocess.Popen[bytes]:
-    args = [str(BIN / "flower-superlink"), "--database", str(database), "--host", "127.0.0.1"]
+    args = [str(BIN / "flower-superlink"), "--database", str(database), "--host", host]
     args += ["--port", str(port), "--disable-runtime-dependency-installation"]
     if tls is None:
         args.append("--insecure")
@@ -202,11 +207,14 @@ def register_node(home: Path, public_key: Path, name: str) -> None:
         raise FederationError(f"registering {name} failed: {done.stdout[-1000:]} {done.stderr[-1000:]}")
 
 
-def wait_port(port: int, timeout: float = 60.0) -> None:
+def wait_port(port: int, timeout: float = 300.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Wait until ``port`` accepts connections (Flower starts slowly on a busy machine)."""
     import socket
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise FederationError(f"the process meant to listen on {port} exited with {proc.returncode}")
         with socket.socket() as sock:
             if sock.connect_ex(("127.0.0.1", port)) == 0:
                 return

@@ -143,7 +143,7 @@ class LocalFederation:
         tls = ServerTls(self.certs.ca, self.certs.server_cert, self.certs.server_key) if self.certs else None
         database = self.root / "coordinator" / "superlink.db"
         self.superlink = start_superlink(home, self.port, database, tls, node_auth=self.certs is not None)
-        wait_port(self.port)
+        wait_port(self.port, proc=self.superlink)
         time.sleep(1.0)
         if self.certs and register:  # keys stay registered in the SuperLink's database
             for i in range(self.spec.sites):

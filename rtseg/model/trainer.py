@@ -161,7 +161,7 @@ def add_proximal_term(network: torch.nn.Module, mu: float) -> None:
         if not param.requires_grad:
             continue
         anchor = param.detach().clone()
-        param.register_hook(lambda grad, p=param, a=anchor: grad + mu * (p.detach() - a))
+        param.register_hook(lambda grad, p=param, a=anchor: grad + mu * (p.detach() - a))  # type: ignore[no-untyped-call]
 
 
 class OffsetPolyLR:
