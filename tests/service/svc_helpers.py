@@ -37,11 +37,11 @@ class Running:
         if body is not None:
             headers.setdefault("Content-Type", "application/zip")
         url = f"{self.url}/v1/segmentations"
-        kw.setdefault("timeout", 60)
+        kw.setdefault("timeout", 300)  # a starved CI machine checks a series slowly
         return requests.post(url, data=body, files=files, params=params, headers=headers, **kw)
 
     def get(self, path: str, **kw: Any) -> Any:
-        return requests.get(f"{self.url}{path}", headers={**AUTH, **kw.pop("headers", {})}, timeout=30, **kw)
+        return requests.get(f"{self.url}{path}", headers={**AUTH, **kw.pop("headers", {})}, timeout=120, **kw)
 
     def job_dirs(self) -> list[Path]:
         jobs = self.data_dir / "jobs"
