@@ -14,6 +14,7 @@ import threading
 from typing import Any
 
 from flask import Flask
+from waitress import wasyncore
 from waitress.channel import HTTPChannel
 from waitress.server import BaseWSGIServer, create_server
 from waitress.task import ErrorTask
@@ -95,3 +96,7 @@ class HttpServer:
         self._server.close()
         if self._thread is not None:
             self._thread.join(timeout)
+        # the poll loop ended on the closed socket, not through waitress's own shutdown path:
+        # close the open connections and end the request threads here
+        wasyncore.close_all(self._server._map)
+        self._server.task_dispatcher.shutdown(timeout=timeout)
