@@ -313,16 +313,6 @@ def test_rtstruct_is_spooled_and_recorded(scp: Any) -> None:
     assert wait_for(lambda: "rtstruct_received" in [e["event"] for e in node.audit.entries()], 5, "audit")
 
 
-def test_echo_is_fast(scp: Any) -> None:
-    node = scp()
-    from dicom_node.scu import echo
-
-    ok, seconds = echo(
-        "MODALITY", {"ae_title": "RTSEG", "host": "127.0.0.1", "port": node.port}, node.settings.dicom.tls
-    )
-    assert ok and seconds < 0.5
-
-
 def test_node_echo_command(scp: Any, tmp_path: Path) -> None:
     import subprocess
     import sys
