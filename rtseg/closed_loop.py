@@ -19,7 +19,8 @@ Configuration: ``[federation.closed_loop]`` in the node's TOML file::
 
     add_cases = false            # add approved cases to the site's training data
     approved_labels = []         # StructureSetLabel values that also count as approved
-    site_data = "<data_dir>/site-data"
+    site_data = "..."            # default: federation.data_dir (the site's training cases),
+                                 # else <data_dir>/site-data
 
 Nothing here logs or stores patient data: series and instances appear as
 hashes, the case folder name is a hash of the series UID.
@@ -67,7 +68,8 @@ CREATE TABLE IF NOT EXISTS closed_loop (
     model_version TEXT,
     case_id TEXT,
     detail TEXT NOT NULL DEFAULT '{}',
-    received REAL NOT NULL
+    received REAL NOT NULL,
+    source TEXT NOT NULL DEFAULT ''
 );
 """
 
@@ -116,10 +118,19 @@ class Outcome:
 
 
 def config_from_settings(federation: Mapping[str, Any]) -> ClosedLoopConfig:
+    """From the ``[federation]`` table: its ``closed_loop`` sub-table; cases go where the site trains.
+
+    Without ``closed_loop.site_data`` new cases go to ``federation.data_dir``
+    (the cases the site's federated training reads), else ``<data_dir>/site-data``.
+    """
     table = federation.get("closed_loop", {})
     if not isinstance(table, Mapping):
         raise InputError("federation.closed_loop must be a table")
-    return ClosedLoopConfig.from_mapping(table)
+    config = ClosedLoopConfig.from_mapping(table)
+    training = federation.get("data_dir")
+    if config.site_data is None and isinstance(training, str) and training:
+        config = replace(config, site_data=Path(training).expanduser())
+    return config
 
 
 def handle_rtstruct(
@@ -368,7 +379,7 @@ def _finish(store: JobStore, outcome: Outcome, path: Path) -> Outcome:
     }
     with _Db(store) as db:
         db.execute(
-            "INSERT OR REPLACE INTO closed_loop VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO closed_loop VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 key,
                 outcome.status,
@@ -377,6 +388,7 @@ def _finish(store: JobStore, outcome: Outcome, path: Path) -> Outcome:
                 outcome.case_id,
                 json.dumps(detail),
                 time.time(),
+                str(path),
             ),
         )
     level = logging.INFO if outcome.status in ("recorded", "ignored") else logging.WARNING
@@ -433,13 +445,8 @@ class ClosedLoop:
         if not self.spool.is_dir():
             return []
         with _Db(self.store) as db:
-            done = {str(r[0]) for r in db.execute("SELECT instance_key FROM closed_loop").fetchall()}
-        # the spool names a file by the hash of its SOP Instance UID, the same key as ours
-        return sorted(p for p in self.spool.glob("*/*.dcm") if p.stem not in done and _key_of(p) not in done)
+            done = {str(r[0]) for r in db.execute("SELECT source FROM closed_loop").fetchall()}
+        return sorted(p for p in self.spool.glob("*/*.dcm") if str(p) not in done)
 
     def run_once(self) -> list[Outcome]:
         return [handle_rtstruct(p, self.data_dir, self.store, self.config) for p in self.pending()]
-
-
-def _key_of(path: Path) -> str:
-    return _key(str(path))

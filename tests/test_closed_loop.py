@@ -1,0 +1,173 @@
+"""Closed loop: an approved RTSTRUCT back from the TPS → edit metrics and a new labelled site case."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from rtseg.cases import load_case
+from rtseg.closed_loop import ClosedLoop, ClosedLoopConfig, config_from_settings, handle_rtstruct, recorded
+from rtseg.errors import InputError
+from rtseg.jobs import JobState, JobStore
+from rtseg.metrics import dice
+from rtseg.model.default import default_model_dir
+from rtseg.model.segmenter import NnunetSegmenter
+from rtseg.phantom.cohort import case_id, read_label_image, write_case, write_label_image
+from rtseg.pipeline import model_identity
+from rtseg.rtstruct import ModelIdentity, build_rtstruct, write_rtstruct
+from rtseg.structures import STRUCTURES
+from rtseg.worker import JobRunner
+
+RENAMED = {"Liver": "LIVER", "Colon": "zz_Ring"}  # a case variant of a TG-263 name; a helper structure
+LABEL = {s.name: s.label for s in STRUCTURES}
+
+
+def small_case(source: Path, out: Path, n: int) -> Path:
+    """The ``n`` middle slices of a labelled case (CT files and cropped labels) as a new case."""
+    case = load_case(source)
+    start = max(0, (case.volume.shape[0] - n) // 2)
+    keep = set(case.volume.info.sop_instance_uids[start : start + n])
+    (out / "ct").mkdir(parents=True)
+    for path in (source / "ct").glob("*.dcm"):
+        if pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID in keep:
+            shutil.copy2(path, out / "ct" / path.name)
+    affine = case.volume.affine.copy()
+    affine[:3, 3] = (affine @ np.array([0.0, 0.0, float(start), 1.0]))[:3]
+    write_label_image(case.labels[start : start + n], affine, out / "labels.nii.gz")
+    return out
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """A node data directory with one DICOM job segmented by the default model, and its ground truth."""
+    root = tmp_path_factory.mktemp("closed_loop")
+    write_case("B", 31, 0, root / "full", matrix=96)
+    truth = load_case(small_case(root / "full" / case_id("B", 31, 0), root / "truth", 16))
+    data = root / "data"
+    shutil.copytree(root / "truth" / "ct", data / "spool" / "ct" / "series1")
+    store = JobStore(data / "state.db")
+    job = store.create(
+        "dicom", "series1", "spool/ct/series1", state=JobState.QUEUED, meta={"write_labels": True}
+    )
+    segmenter = NnunetSegmenter(default_model_dir(), device="cpu", threads=1)
+    runner = JobRunner(store, data, segmenter, model_identity(segmenter.manifest, default_model_dir()))
+    claimed = store.claim_next()
+    assert claimed is not None and claimed.id == job.id
+    done = runner.run(claimed)
+    assert done.state == JobState.DONE, done.error
+    predicted, _ = read_label_image(data / done.result["files"]["labels"])
+    return {"root": root, "data": data, "store": store, "job": done, "truth": truth, "predicted": predicted}
+
+
+def approved_rtstruct(truth: object, out: Path, *, status: str = "APPROVED", label: str = "APPROVED") -> Path:
+    """The clinician's structure set: the ground truth contours, two ROIs renamed, approved."""
+    result = build_rtstruct(truth.volume, truth.labels, STRUCTURES, ModelIdentity("TPS", "1"))  # type: ignore[attr-defined]
+    ds = result.dataset
+    for roi in ds.StructureSetROISequence:
+        roi.ROIName = RENAMED.get(str(roi.ROIName), str(roi.ROIName))
+    ds.ApprovalStatus = status
+    ds.StructureSetLabel = label
+    if status == "APPROVED":
+        ds.ReviewDate, ds.ReviewTime, ds.ReviewerName = "20260303", "101500", "Doe^Jane"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_rtstruct(ds, out)
+    return out
+
+
+def test_approved_rtstruct_is_scored_and_becomes_a_site_case(
+    node: dict[str, object], caplog: pytest.LogCaptureFixture
+) -> None:
+    data, store, job, truth = node["data"], node["store"], node["job"], node["truth"]
+    assert isinstance(data, Path) and isinstance(store, JobStore)
+    approved_rtstruct(truth, data / "spool" / "rtstruct" / "s" / "approved.dcm")
+    loop = ClosedLoop(data, store, ClosedLoopConfig(add_cases=True))
+    with caplog.at_level(logging.INFO):
+        (outcome,) = loop.run_once()
+    assert outcome.status == "recorded", outcome.message
+    assert outcome.job_id == job.id and outcome.model_version == job.model_version  # type: ignore[attr-defined]
+    assert outcome.unknown_rois == ("zz_Ring",)
+    # the node's contours against the approved ones = prediction against ground truth
+    predicted, labels = node["predicted"], truth.labels  # type: ignore[attr-defined]
+    contoured = {s.name for s in STRUCTURES if (labels == s.label).any()} | {"External"}
+    assert set(outcome.metrics) == contoured - {"Colon"}  # what the clinician's set holds, by model name
+    for name, m in outcome.metrics.items():
+        external = name == "External"
+        p = predicted > 0 if external else predicted == LABEL[name]
+        t = labels > 0 if external else labels == LABEL[name]
+        expected = dice(p, t)
+        assert m["dice"] is not None and expected is not None
+        assert abs(m["dice"] - expected) <= 0.01, name
+        if p.any() and t.any():
+            assert m["hd95_mm"] is not None and m["hd95_mm"] >= 0.0
+    assert outcome.metrics["External"]["dice"] > 0.5  # type: ignore[operator]
+    # stored next to the job and in the node's database
+    stored = json.loads((data / "jobs" / job.id / "edit-metrics.json").read_text())  # type: ignore[attr-defined]
+    assert stored["metrics"]["Liver"]["dice"] == outcome.metrics["Liver"]["dice"]
+    (row,) = recorded(store, job.id)  # type: ignore[attr-defined]
+    assert row["status"] == "recorded" and row["case_id"] == outcome.case_id
+    # the site's training data grew by a loadable case whose labels are the approved contours
+    assert outcome.case_id is not None
+    case = load_case(data / "site-data" / outcome.case_id)
+    expected_labels = labels.copy()
+    expected_labels[labels == LABEL["Colon"]] = LABEL["External"]  # "zz_Ring" is not a model structure
+    assert case.labels.shape == expected_labels.shape
+    assert np.mean(case.labels == expected_labels) > 0.999  # contour round trip: voxel edges → centres
+    assert np.array_equal(case.volume.hu, truth.volume.hu)  # type: ignore[attr-defined]
+    # processed once; no patient data in what was logged
+    assert loop.run_once() == []
+    assert "PHANTOM" not in caplog.text and "RTSEG-" not in caplog.text and "Doe" not in caplog.text
+
+
+def test_unapproved_and_unknown_ct_are_reported_not_crashed(node: dict[str, object], tmp_path: Path) -> None:
+    data, store, job, truth = node["data"], node["store"], node["job"], node["truth"]
+    assert isinstance(data, Path) and isinstance(store, JobStore)
+    before = sorted((data / "site-data").glob("*")) if (data / "site-data").exists() else []
+    config = ClosedLoopConfig(add_cases=True)
+
+    own = data / job.output_path  # type: ignore[attr-defined]  # the node's own AI_UNAPPROVED RTSTRUCT
+    outcome = handle_rtstruct(own, data, store, config)
+    assert (outcome.status, outcome.message) == ("ignored", "not approved (UNAPPROVED)")
+
+    other = approved_rtstruct(truth, tmp_path / "other.dcm")
+    ds = pydicom.dcmread(other)
+    frame = ds.ReferencedFrameOfReferenceSequence[0]
+    frame.FrameOfReferenceUID = generate_uid()
+    frame.RTReferencedStudySequence[0].RTReferencedSeriesSequence[0].SeriesInstanceUID = generate_uid()
+    for roi in ds.StructureSetROISequence:
+        roi.ReferencedFrameOfReferenceUID = frame.FrameOfReferenceUID
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.save_as(other)
+    outcome = handle_rtstruct(other, data, store, config)
+    assert outcome.status == "unpaired" and "no segmentation job" in outcome.message
+
+    garbage = tmp_path / "garbage.dcm"
+    garbage.write_bytes(b"not DICOM at all")
+    assert handle_rtstruct(garbage, data, store, config).status == "failed"
+    after = sorted((data / "site-data").glob("*")) if (data / "site-data").exists() else []
+    assert after == before  # none of them added a case
+    statuses = [r["status"] for r in recorded(store)]
+    assert statuses.count("ignored") >= 1 and statuses.count("unpaired") == 1 and "failed" in statuses
+
+
+def test_configured_label_counts_as_approved_and_cases_stay_off_by_default(
+    node: dict[str, object], tmp_path: Path
+) -> None:
+    data, store, truth = node["data"], node["store"], node["truth"]
+    assert isinstance(data, Path) and isinstance(store, JobStore)
+    path = approved_rtstruct(truth, tmp_path / "label.dcm", status="UNAPPROVED", label="CLINICAL")
+    ds = pydicom.dcmread(path)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.save_as(path)
+    assert handle_rtstruct(path, data, store).status == "ignored"
+    config = config_from_settings({"closed_loop": {"approved_labels": ["CLINICAL"]}})
+    outcome = handle_rtstruct(path, data, store, config)
+    assert outcome.status == "recorded" and outcome.case_id is None  # add_cases is off by default
+    with pytest.raises(InputError, match="unknown setting federation.closed_loop.add_case"):
+        config_from_settings({"closed_loop": {"add_case": True}})
