@@ -126,10 +126,23 @@ class LocalFederation:
     def site_dir(self, i: int) -> Path:
         return self.root / f"site{i}"
 
-    def make_cohorts(self) -> None:
+    def make_cohorts(self, cache: Path | None = None) -> None:
+        """Each site's phantom cohort; phantoms are deterministic, so ``cache`` may hold them already."""
         from rtseg.phantom.cohort import generate_cohort
 
         for i in range(self.spec.sites):
+            if cache is not None:
+                key = f"{site_center(i)}-{self.spec.seed + i}-{self.spec.cases_per_site}-{self.spec.matrix}"
+                if not (cache / key).is_dir():
+                    generate_cohort(
+                        site_center(i),
+                        self.spec.cases_per_site,
+                        self.spec.seed + i,
+                        cache / key,
+                        self.spec.matrix,
+                    )
+                shutil.copytree(cache / key, self.site_dir(i) / "cases")
+                continue
             generate_cohort(
                 site_center(i),
                 self.spec.cases_per_site,
