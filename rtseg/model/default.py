@@ -43,7 +43,7 @@ DATASET_NAME = "RtsegPhantom"
 class Recipe:
     """Everything that determines the default model."""
 
-    version: str = "1.0.0"
+    version: str = "0.1.0"
     seed: int = 1000  # training cohort seed; evaluation uses other seeds
     cases_per_center: int = 30
     matrix: int = 256

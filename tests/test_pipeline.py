@@ -1,0 +1,177 @@
+"""End to end: phantom cohort → tiny nnU-Net training → `rtseg segment` → RTSTRUCT → dciodvfy → plastimatch.
+
+The model here is real (nnU-Net, trained for a few iterations on real phantom
+cases) and tiny, so its contours are rough; what is tested is that every step
+runs for real and that the RTSTRUCT carries exactly the labels the model
+predicted, in the right place, in every patient position.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from test_rtstruct import dciodvfy, on_ct_grid
+
+from rtseg.cases import load_case
+from rtseg.ct import load_series
+from rtseg.model.dataset import write_raw_dataset
+from rtseg.model.default import canonical_cases
+from rtseg.model.manifest import ModelManifest, default_provenance
+from rtseg.model.segmenter import NnunetSegmenter
+from rtseg.model.training import CpuConfig, export_model, nnunet_dirs, plan_and_preprocess, train
+from rtseg.phantom.cohort import generate_cohort, write_case
+from rtseg.pipeline import model_identity, segment_series
+from rtseg.structures import BY_NAME, STRUCTURES, dataset_labels
+
+TINY = CpuConfig(
+    target_spacing_zyx=(4.0, 3.0, 3.0),
+    patch_size_zyx=(32, 48, 48),
+    batch_size=2,
+    base_features=4,
+    n_stages=3,
+    max_features=32,
+    epochs=2,
+    iterations_per_epoch=3,
+    val_iterations_per_epoch=1,
+    da_workers=1,
+    preprocess_workers=1,
+    threads=1,
+)
+RTSEG = [sys.executable, "-m", "rtseg.cli"]
+
+
+@dataclass(frozen=True)
+class Trained:
+    model: Path
+    cohort: Path
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    """A real nnU-Net trained briefly on four phantom cases of both centers."""
+    work = tmp_path_factory.mktemp("pipeline-work")
+    cohort = work / "cohort"
+    generate_cohort("A", 2, 77, cohort, matrix=64)
+    generate_cohort("B", 2, 77, cohort, matrix=64)
+    cases = canonical_cases(cohort, TINY.target_spacing_zyx)
+    write_raw_dataset(nnunet_dirs(work).raw, 990, "PipelineTest", cases, dataset_labels())
+    plan_and_preprocess(work, 990, TINY)
+    results = train(work, 990, TINY)
+    manifest = ModelManifest(
+        name="tiny-phantom",
+        version="0.0.1",
+        structures=STRUCTURES,
+        provenance=default_provenance(command="tests/test_pipeline.py"),
+    )
+    model = export_model(results, work / "model", manifest)
+    return Trained(model, cohort)
+
+
+@pytest.mark.parametrize("position", ["HFS", "FFS", "HFP", "FFP"])
+def test_segment_cli_to_valid_rtstruct_read_back_by_plastimatch(
+    tiny_model: Trained, tmp_path: Path, position: str
+) -> None:
+    write_case("A", 78, 0, tmp_path, matrix=64, position=position)
+    ct_dir = tmp_path / f"A_s78_000_{position}" / "ct"
+    out = tmp_path / "rs.dcm"
+    run = subprocess.run(
+        [*RTSEG, "segment", str(ct_dir), "-o", str(out), "--model", str(tiny_model.model), "--threads", "1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr
+    assert f"RTSTRUCT: {out}" in run.stdout
+    assert "tiny-phantom 0.0.1+" in run.stdout  # model name, version and weight hash
+    assert "External" in run.stdout and "volume (ml)" in run.stdout
+    errors = [line for line in dciodvfy(out) if "Error" in line]
+    assert errors == []
+
+    # The RTSTRUCT holds exactly what the model predicted, read back by an independent reader.
+    volume = load_series(ct_dir)
+    predicted = NnunetSegmenter(tiny_model.model, threads=1).segment(volume).labels
+    ds = pydicom.dcmread(out)
+    assert ds.FrameOfReferenceUID == pydicom.dcmread(next(ct_dir.iterdir())).FrameOfReferenceUID
+    masks = _plastimatch(out, ct_dir, tmp_path / "pm", volume)
+    names = [roi.ROIName for roi in ds.StructureSetROISequence]
+    assert "External" in names
+    checked = 0
+    for name in names:
+        reference = predicted > 0 if name == "External" else predicted == BY_NAME[name].label
+        if reference.sum() * volume.voxel_volume_ml <= 5.0:
+            continue
+        got = masks[name]
+        dice = 2 * (got & reference).sum() / (got.sum() + reference.sum())
+        assert dice >= 0.97, f"{name} in {position}: Dice {dice:.3f}"
+        checked += 1
+    assert checked >= 1
+
+
+def _plastimatch(rs: Path, ct_dir: Path, out: Path, volume: object) -> dict[str, np.ndarray]:
+    cmd = ["plastimatch", "convert", "--input", str(rs), "--referenced-ct", str(ct_dir)]
+    cmd += ["--output-prefix", str(out), "--prefix-format", "nrrd", "--xor-contours"]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    return {p.stem: on_ct_grid(sitk.ReadImage(str(p)), volume) for p in out.glob("*.nrrd")}  # type: ignore[arg-type]
+
+
+def test_pipeline_reports_volumes_timings_and_flags(tiny_model: Trained, tmp_path: Path) -> None:
+    case_dir = next(p for p in sorted(tiny_model.cohort.iterdir()) if p.is_dir())
+    segmenter = NnunetSegmenter(tiny_model.model, threads=1)
+    identity = model_identity(segmenter.manifest, tiny_model.model)
+    steps: list[str] = []
+    result = segment_series(
+        case_dir / "ct", segmenter, tmp_path / "rs.dcm", identity=identity, progress=steps.append
+    )
+    assert result.rtstruct_path.is_file()
+    assert steps[0] == "loading CT series" and steps[-1] == "writing RTSTRUCT"
+    assert {"load_s", "segment_s", "rtstruct_s", "write_s", "total_s"} <= set(result.timings)
+    assert result.n_slices == load_case(case_dir).volume.shape[0]
+    written = {s.name for s in result.structures}
+    assert written.isdisjoint(result.omitted)
+    assert written | set(result.omitted) == {s.name for s in STRUCTURES}
+    ds = pydicom.dcmread(result.rtstruct_path)
+    assert identity.version in str(ds.SoftwareVersions) or identity.version in str(ds.StructureSetDescription)
+
+
+def test_cli_bad_input_is_one_line_without_traceback(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not DICOM")
+    run = subprocess.run(
+        [*RTSEG, "segment", str(tmp_path / "empty"), "-o", str(tmp_path / "x.dcm"), "--model", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2
+    assert "Traceback" not in run.stderr
+    assert run.stderr.startswith("rtseg segment: error:")
+    assert "no CT image series found" in run.stderr and str(tmp_path / "empty") in run.stderr
+    assert not (tmp_path / "x.dcm").exists()
+
+
+def test_cli_missing_model_names_the_folder(tmp_path: Path) -> None:
+    write_case("B", 79, 0, tmp_path, matrix=48)
+    missing = tmp_path / "no-such-model"
+    run = subprocess.run(
+        [
+            *RTSEG,
+            "segment",
+            str(tmp_path / "B_s79_000" / "ct"),
+            "-o",
+            str(tmp_path / "x.dcm"),
+            "--model",
+            str(missing),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert str(missing) in run.stderr
