@@ -68,7 +68,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     # function to `stops`. Keep this block small: one companion, one call.
     from service.cli import start_companion
 
-    stops.append(start_companion(settings, node.store, node.pool, node.data_dir, model_dir))
+    stops.append(
+        start_companion(settings, node.store, node.pool, node.data_dir, model_dir, node.association_observers)
+    )
     # --- end of optional companions -----------------------------------------------------
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -108,6 +108,8 @@ class Node:
             Loop("rtseg-closed-loop", self.closed_loop.run_once, CLOSED_LOOP_S),
         ]
         self.server: object | None = None
+        # told "accepted"/"rejected"/"aborted" per association; rtseg serve adds the metrics counter
+        self.association_observers: list[Callable[[str], None]] = []
 
     @property
     def port(self) -> int:
@@ -127,9 +129,13 @@ class Node:
             sending,
         )
         self.audit.record("node_started", open_series=open_series, requeued=len(requeued), sending=sending)
-        self.server = start_scp(self.settings.dicom, self.receiver, self.audit)
+        self.server = start_scp(self.settings.dicom, self.receiver, self.audit, self._observe_association)
         for loop in self._loops:
             loop.start()
+
+    def _observe_association(self, outcome: str) -> None:
+        for observer in self.association_observers:
+            observer(outcome)
 
     def stop(self) -> None:
         if self.server is not None:

@@ -14,6 +14,7 @@ import logging
 import re
 import ssl
 import threading
+from collections.abc import Callable
 from io import BytesIO
 from typing import Any, cast
 
@@ -219,24 +220,32 @@ def handle_store(event: evt.Event, receiver: Receiver) -> int | Dataset:
     )
 
 
-def handle_requested(event: evt.Event, settings: DicomSettings, audit: AuditLog) -> None:
+AssociationObserver = Callable[[str], None]  # called with "accepted", "rejected" or "aborted"
+
+
+def handle_requested(
+    event: evt.Event, settings: DicomSettings, audit: AuditLog, observe: AssociationObserver
+) -> None:
     peer = _peer(event.assoc)
     if caller_allowed(settings, peer):
         return
     log.warning("association rejected: calling AE %s from %s is not allowed", peer.ae_title, peer.host)
     audit.record("association_rejected", calling_ae=peer.ae_title, host=peer.host)
+    observe("rejected")
     event.assoc.acse.send_reject(0x01, 0x01, 0x03)
 
 
-def handle_accepted(event: evt.Event, audit: AuditLog) -> None:
+def handle_accepted(event: evt.Event, audit: AuditLog, observe: AssociationObserver) -> None:
     peer = _peer(event.assoc)
     log.info("association accepted from %s (%s)", peer.ae_title, peer.host)
     audit.record("association_accepted", calling_ae=peer.ae_title, host=peer.host)
+    observe("accepted")
 
 
-def handle_aborted(event: evt.Event) -> None:
+def handle_aborted(event: evt.Event, observe: AssociationObserver) -> None:
     peer = _peer(event.assoc)
     log.warning("association from %s (%s) aborted", peer.ae_title, peer.host)
+    observe("aborted")
 
 
 def caller_allowed(settings: DicomSettings, peer: Peer) -> bool:
@@ -298,15 +307,23 @@ def build_ae(settings: DicomSettings) -> AE:
     return ae
 
 
-def start_scp(settings: DicomSettings, receiver: Receiver, audit: AuditLog) -> ThreadedAssociationServer:
-    """Bind and serve in a background thread; returns the server (``server_address`` has the port)."""
+def start_scp(
+    settings: DicomSettings,
+    receiver: Receiver,
+    audit: AuditLog,
+    observe: AssociationObserver = lambda outcome: None,
+) -> ThreadedAssociationServer:
+    """Bind and serve in a background thread; returns the server (``server_address`` has the port).
+
+    ``observe`` is told the outcome of every association (for metrics).
+    """
     ae = build_ae(settings)
     handlers: list[Any] = [
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [receiver]),
-        (evt.EVT_REQUESTED, handle_requested, [settings, audit]),
-        (evt.EVT_ACCEPTED, handle_accepted, [audit]),
-        (evt.EVT_ABORTED, handle_aborted),
+        (evt.EVT_REQUESTED, handle_requested, [settings, audit, observe]),
+        (evt.EVT_ACCEPTED, handle_accepted, [audit, observe]),
+        (evt.EVT_ABORTED, handle_aborted, [observe]),
     ]
     server = ae.make_server(
         (settings.host, settings.port),

@@ -24,22 +24,35 @@ log = logging.getLogger(__name__)
 
 
 def start_companion(
-    settings: Settings, store: JobStore, pool: Any, data_dir: Path, model_dir: Path
+    settings: Settings,
+    store: JobStore,
+    pool: Any,
+    data_dir: Path,
+    model_dir: Path,
+    association_observers: list[Callable[[str], None]] | None = None,
 ) -> Callable[[], None]:
     """Start the HTTP API in a thread next to the DICOM node (same store, same workers).
 
     Off when the configuration has no ``[http]`` table; returns the stop function.
+    ``association_observers`` is the node's list: the API's metrics count DICOM
+    associations by joining it.
     """
     from service.app import create_app
     from service.housekeeping import Janitor
     from service.server import HttpServer
+    from service.telemetry import Telemetry
 
     table = http_table(settings.http, os.environ)
     if not table:
         print("HTTP: off (no [http] table in the configuration)", flush=True)
         return lambda: None
     http = HttpSettings.from_mapping(table)
-    app = create_app(http, store, data_dir, model_dir, worker_alive=lambda: pool.alive() > 0)
+    telemetry = Telemetry()
+    if association_observers is not None:
+        association_observers.append(lambda outcome: telemetry.dicom_associations.labels(outcome).inc())
+    app = create_app(
+        http, store, data_dir, model_dir, telemetry=telemetry, worker_alive=lambda: pool.alive() > 0
+    )
     server = HttpServer(app, http)
     janitor = Janitor(store, data_dir, http.job_expiry_s)
     server.start()

@@ -47,7 +47,8 @@ class InProcessScp:
         self.spool = Spool(data_dir / "spool", self.settings.node.min_free_disk_mb)
         self.assembler = Assembler(self.store, self.spool, self.settings, self.audit)
         receiver = Receiver(self.spool, self.assembler, self.deliveries, self.audit)
-        self.server = start_scp(self.settings.dicom, receiver, self.audit)
+        self.outcomes: list[str] = []  # association outcomes as the metrics observer sees them
+        self.server = start_scp(self.settings.dicom, receiver, self.audit, self.outcomes.append)
         self.port = int(self.server.server_address[1])
 
     def complete(self) -> list[str]:
@@ -332,3 +333,21 @@ def test_node_echo_command(scp: Any, tmp_path: Path) -> None:
     own, down = run(), run("--destination", "down")
     assert own.returncode == 0 and re.search(rf"RTSEG@127.0.0.1:{node.port}: success in \d+ ms", own.stdout)
     assert down.returncode == 1 and "C-ECHO X@127.0.0.1:1: FAILED" in down.stdout
+
+
+def test_association_outcomes_reach_the_prometheus_counter(scp: Any) -> None:
+    from prometheus_client import generate_latest
+
+    from service.telemetry import Telemetry
+
+    node = scp(RTSEG_DICOM_ALLOWED_CALLERS="MODALITY@127.0.0.1")
+    telemetry = Telemetry()  # what rtseg serve hands the node: the HTTP service's /metrics registry
+    assert echoscu(node.port, aet="MODALITY") == 0
+    assert echoscu(node.port, aet="INTRUDER") != 0
+    wait_for(lambda: len(node.outcomes) >= 2, 10, "association outcomes")
+    assert sorted(node.outcomes) == ["accepted", "rejected"]
+    for outcome in node.outcomes:
+        telemetry.dicom_associations.labels(outcome).inc()
+    text = generate_latest(telemetry.registry).decode()
+    assert 'rtseg_dicom_associations_total{outcome="accepted"} 1.0' in text
+    assert 'rtseg_dicom_associations_total{outcome="rejected"} 1.0' in text
