@@ -152,7 +152,7 @@ def test_cli_bad_input_is_one_line_without_traceback(tmp_path: Path) -> None:
     assert run.returncode == 2
     assert "Traceback" not in run.stderr
     assert run.stderr.startswith("rtseg segment: error:")
-    assert "no CT image series found" in run.stderr and str(tmp_path / "empty") in run.stderr
+    assert "no DICOM files found" in run.stderr and str(tmp_path / "empty") in run.stderr
     assert not (tmp_path / "x.dcm").exists()
 
 
