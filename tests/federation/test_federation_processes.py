@@ -27,14 +27,10 @@ from rtseg.federation.fingerprint import N_BINS
 from rtseg.federation.simulate import TINY, LocalFederation, SimulationSpec, rounds_log
 from rtseg.model.training import load_arrays
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.timeout(1500),
-    # Written in session 1 but never seen green: on the shared 2-core machine the first full run had
-    # 2 failures among these scenarios and each round takes minutes. Unskip when issue 5 is resumed
-    # (run: pytest tests/federation/test_federation_processes.py -p no:cacheprovider --basetemp=...).
-    pytest.mark.skip(reason="federation process scenarios not yet passing (issue 5, see closing note)"),
-]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
+# The two tests marked NOT_RERUN failed in session 1's full run on assertion guesses; their
+# assertions are corrected from what that run showed, but they have not been run again yet.
+NOT_RERUN = pytest.mark.skip(reason="assertion corrected from the session-1 run, not re-run yet (issue 5)")
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +103,7 @@ def test_first_round_gives_a_loadable_model_that_is_the_weighted_average(fed: Lo
     assert labels.shape == volume.shape and labels.dtype == np.uint8
 
 
+@NOT_RERUN
 def test_sites_send_no_voxels_and_no_identifiers(fed: LocalFederation) -> None:
     glob = load_arrays(fed.state_dir / "rounds" / "round_001.npz")
     for i in range(2):
@@ -137,9 +134,13 @@ def test_sites_send_no_voxels_and_no_identifiers(fed: LocalFederation) -> None:
             config = doc["records"]["config"]["values"]
             assert set(config) == {"round", "plans-hash", "cases", "train-seconds", "site-seconds"}
             weights_bytes = sum(v.nbytes for v in glob.values())
-            assert doc["bytes"] < weights_bytes + 4096
+            # Flower's envelope and the config record add ~8 KB (seen: 95,065 B for 87,168 B of
+            # weights). The key and shape checks above are what exclude extra arrays; this bound only
+            # catches a bulky payload hidden elsewhere in the message.
+            assert doc["bytes"] < weights_bytes + 16384
 
 
+@NOT_RERUN
 def test_an_unregistered_site_key_is_rejected(fed: LocalFederation) -> None:
     proc = fed.start_site(9, key="intruder")
     try:
@@ -147,14 +148,15 @@ def test_an_unregistered_site_key_is_rejected(fed: LocalFederation) -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and proc.poll() is None:
             if re.search(
-                r"(?i)unauthenticated|not authorized|permission denied|public key", log_file.read_text()
+                r"(?i)failed to activate supernode|unauthenticated|not authorized|permission denied",
+                log_file.read_text(),
             ):
                 break
             time.sleep(1)
         text = log_file.read_text()
-        assert re.search(r"(?i)unauthenticated|not authorized|permission denied|public key", text), text[
-            -2000:
-        ]
+        assert re.search(
+            r"(?i)failed to activate supernode|unauthenticated|not authorized|permission denied", text
+        ), text[-2000:]
     finally:
         fed.stop_site(9)
 
