@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from case_helpers import small_case
 from pydicom.uid import generate_uid
 
 from rtseg.cases import load_case
@@ -19,7 +20,7 @@ from rtseg.jobs import JobState, JobStore
 from rtseg.metrics import dice
 from rtseg.model.default import default_model_dir
 from rtseg.model.segmenter import NnunetSegmenter
-from rtseg.phantom.cohort import case_id, read_label_image, write_case, write_label_image
+from rtseg.phantom.cohort import case_id, read_label_image, write_case
 from rtseg.pipeline import model_identity
 from rtseg.rtstruct import ModelIdentity, build_rtstruct, write_rtstruct
 from rtseg.structures import STRUCTURES
@@ -27,21 +28,6 @@ from rtseg.worker import JobRunner
 
 RENAMED = {"Liver": "LIVER", "Colon": "zz_Ring"}  # a case variant of a TG-263 name; a helper structure
 LABEL = {s.name: s.label for s in STRUCTURES}
-
-
-def small_case(source: Path, out: Path, n: int) -> Path:
-    """The ``n`` middle slices of a labelled case (CT files and cropped labels) as a new case."""
-    case = load_case(source)
-    start = max(0, (case.volume.shape[0] - n) // 2)
-    keep = set(case.volume.info.sop_instance_uids[start : start + n])
-    (out / "ct").mkdir(parents=True)
-    for path in (source / "ct").glob("*.dcm"):
-        if pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID in keep:
-            shutil.copy2(path, out / "ct" / path.name)
-    affine = case.volume.affine.copy()
-    affine[:3, 3] = (affine @ np.array([0.0, 0.0, float(start), 1.0]))[:3]
-    write_label_image(case.labels[start : start + n], affine, out / "labels.nii.gz")
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -7,30 +7,14 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
+from case_helpers import small_case
 
-from rtseg.cases import load_case
 from rtseg.cli import main
 from rtseg.model.default import default_model_dir
 from rtseg.model.manifest import load_manifest, model_hash, save_manifest
 from rtseg.model.registry import Registry
-from rtseg.phantom.cohort import case_id, write_case, write_label_image
-
-
-def small_case(source: Path, out: Path, n: int) -> Path:
-    """The ``n`` middle slices of a labelled case (CT files and cropped labels) as a new case."""
-    case = load_case(source)
-    start = max(0, (case.volume.shape[0] - n) // 2)
-    keep = set(case.volume.info.sop_instance_uids[start : start + n])
-    (out / "ct").mkdir(parents=True)
-    for path in (source / "ct").glob("*.dcm"):
-        if pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID in keep:
-            shutil.copy2(path, out / "ct" / path.name)
-    affine = case.volume.affine.copy()
-    affine[:3, 3] = (affine @ np.array([0.0, 0.0, float(start), 1.0]))[:3]
-    write_label_image(case.labels[start : start + n], affine, out / "labels.nii.gz")
-    return out
+from rtseg.phantom.cohort import case_id, write_case
 
 
 def candidate(out: Path, round_: int, bias_shift: dict[int, float] | None = None) -> Path:
