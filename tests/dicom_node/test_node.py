@@ -141,6 +141,8 @@ def test_sigkill_while_receiving_segmenting_and_sending_gives_exactly_one_rtstru
     try:
         node.start()
         wait_for(lambda: state_of(node, job.id) == "done", 120, "delivery")
+        # the scout's quiet time restarts with the node: it may still be waiting here
+        wait_for(lambda: sorted(node.states()) == ["done", "skipped"], 60, "the scout to be skipped")
         node.stop()
     finally:
         dest.stop()
