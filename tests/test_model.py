@@ -158,6 +158,8 @@ def test_exported_checkpoint_is_stock_and_small(trained: dict[str, Any]) -> None
     path = trained["model"] / "fold_all" / "checkpoint_final.pth"
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     assert checkpoint["trainer_name"] == "nnUNetTrainer"
+    # trained without mirroring (it would swap Kidney_L and Kidney_R), so never mirrored at inference
+    assert checkpoint["inference_allowed_mirroring_axes"] is None
     assert "optimizer_state" not in checkpoint and "grad_scaler_state" not in checkpoint
     original = trained["results"] / "fold_all" / "checkpoint_final.pth"
     assert path.stat().st_size < original.stat().st_size

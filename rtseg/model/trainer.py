@@ -59,6 +59,18 @@ class RtsegTrainer(nnUNetTrainer):  # type: ignore[misc]  # nnU-Net is untyped
         self.initial_lr = learning_rate
         self.epoch_report = epoch_report
 
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self) -> tuple[Any, bool, Any, None]:
+        """nnU-Net's augmentation without mirroring, in training and at inference.
+
+        Mirroring swaps left and right (and head and feet) while the labels keep
+        their names, so a mirrored Kidney_L sits where Kidney_R belongs: the
+        network cannot learn lateralised structures. Inputs are in the canonical
+        orientation, so mirroring buys no robustness either.
+        """
+        rotation, dummy_2d, initial_patch_size, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        self.inference_allowed_mirroring_axes = None
+        return rotation, dummy_2d, initial_patch_size, None
+
     def on_epoch_end(self) -> None:
         epoch = self.current_epoch
         super().on_epoch_end()

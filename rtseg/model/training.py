@@ -573,7 +573,7 @@ def write_checkpoint(
             "device": "cpu",
         },
         "trainer_name": SAVED_TRAINER_NAME,
-        "inference_allowed_mirroring_axes": (0, 1, 2),
+        "inference_allowed_mirroring_axes": None,  # lateralised labels: never mirror
     }
     torch.save(checkpoint, out_dir / "fold_all" / "checkpoint_final.pth")
     (out_dir / "plans.json").write_text(json.dumps(plans, indent=2))
