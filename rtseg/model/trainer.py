@@ -67,7 +67,8 @@ class RtsegTrainer(nnUNetTrainer):  # type: ignore[misc]  # nnU-Net is untyped
         network cannot learn lateralised structures. Inputs are in the canonical
         orientation, so mirroring buys no robustness either.
         """
-        rotation, dummy_2d, initial_patch_size, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        configure = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size
+        rotation, dummy_2d, initial_patch_size, _ = configure()
         self.inference_allowed_mirroring_axes = None
         return rotation, dummy_2d, initial_patch_size, None
 
