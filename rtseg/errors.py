@@ -30,3 +30,7 @@ class ModelError(RtsegError):
 
 class RTStructError(RtsegError):
     """An RTSTRUCT cannot be built from the given segmentation."""
+
+
+class FederationError(RtsegError):
+    """A federation cannot start, a round cannot complete, or a site's data does not fit."""

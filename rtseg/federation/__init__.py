@@ -7,8 +7,6 @@ nnU-Net work. Only :mod:`.flower` imports ``flwr``.
 
 from __future__ import annotations
 
-from rtseg.errors import RtsegError
+from rtseg.errors import FederationError
 
-
-class FederationError(RtsegError):
-    """A federation cannot start, a round cannot complete, or a site's data does not fit."""
+__all__ = ["FederationError"]  # defined with the other errors; kept importable from here

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from rtseg.federation import FederationError
+from rtseg.errors import FederationError
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 
-from rtseg.federation import FederationError
+from rtseg.errors import FederationError
 from rtseg.federation.flower import Payload, SiteContext, client_app
 from rtseg.federation.task import Site, ensure_preprocessed, poison, prepare_data, site_config, train_local
 from rtseg.model.training import CpuConfig, RoundSchedule

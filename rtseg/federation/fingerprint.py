@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from rtseg.federation import FederationError
+from rtseg.errors import FederationError
 
 HU_MIN = -1024  # the first bin holds everything at or below it
 HU_MAX = 3071  # the last bin holds everything at or above it

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rtseg.federation import FederationError
+from rtseg.errors import FederationError
 
 log = logging.getLogger(__name__)
 

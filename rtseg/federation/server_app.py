@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from rtseg.federation import FederationError
+from rtseg.errors import FederationError
 from rtseg.federation.aggregate import AggregationPolicy, Update, aggregate, screen, site_weights
 from rtseg.federation.fingerprint import SiteFingerprint, check_labels, pooled_fingerprint
 from rtseg.federation.flower import Grid, Payload, server_app

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rtseg.federation import FederationError
+from rtseg.errors import FederationError
 from rtseg.federation.certs import FederationCerts, make_certs
 from rtseg.federation.processes import (
     ServerTls,

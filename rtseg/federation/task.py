@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from rtseg.federation import FederationError
+from rtseg.errors import FederationError
 from rtseg.federation.fingerprint import FingerprintAccumulator, SiteFingerprint, pooled_fingerprint
 from rtseg.model.dataset import dataset_folder_name, write_raw_dataset
 from rtseg.model.training import (

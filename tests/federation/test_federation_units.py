@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rtseg.federation import FederationError
+from rtseg.errors import FederationError
 from rtseg.federation.aggregate import AggregationPolicy, Update, aggregate, screen, site_weights
 from rtseg.federation.fingerprint import (
     N_BINS,
