@@ -11,9 +11,12 @@ import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rtseg.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from rtseg.federation.schedule import SiteSettings
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -53,11 +56,21 @@ def _describe(settings: Settings, port: int, model: str) -> list[str]:
     return lines
 
 
+def _site(settings: Settings) -> SiteSettings | None:
+    """This node's federation site, when the ``[federation]`` table names a coordinator."""
+    if not settings.federation.get("coordinator"):
+        return None
+    from rtseg.federation.schedule import SiteSettings
+
+    return SiteSettings.from_mapping(settings.federation, "[federation]", Path(settings.data_dir))
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from dicom_node.node import Node
 
     settings = load_settings(args.config)
     model_dir, model = _model(settings)
+    site = _site(settings)  # a bad [federation] table stops us before anything listens
     node = Node(settings, model_dir)
     node.start()
     for line in _describe(settings, node.port, model):
@@ -71,6 +84,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     stops.append(
         start_companion(settings, node.store, node.pool, node.data_dir, model_dir, node.association_observers)
     )
+    # The federation site (rtseg/federation) runs when [federation] names a coordinator.
+    if site is not None:
+        from rtseg.federation.schedule import start_site
+
+        print(site.describe(), flush=True)
+        stops.append(start_site(site))
     # --- end of optional companions -----------------------------------------------------
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

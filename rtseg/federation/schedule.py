@@ -10,11 +10,12 @@ import datetime as dt
 import logging
 import threading
 import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rtseg.federation import FederationError
+from rtseg.errors import FederationError
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +61,27 @@ class SiteSettings:
     @classmethod
     def from_toml(cls, path: Path) -> SiteSettings:
         doc: dict[str, Any] = tomllib.loads(path.read_text()).get("federation", {})
+        return cls.from_mapping(doc, source=str(path))
+
+    @classmethod
+    def from_mapping(
+        cls, doc: Mapping[str, Any], source: str, node_data_dir: Path | None = None
+    ) -> SiteSettings:
+        """From a ``[federation]`` table.
+
+        Inside ``rtseg serve`` (``node_data_dir`` given) ``data_dir`` defaults to
+        ``<data>/site-data`` (where the closed loop adds approved cases) and
+        ``work_dir`` to ``<data>/federation``.
+        """
+        defaults = {}
+        if node_data_dir is not None:
+            defaults = {"data_dir": node_data_dir / "site-data", "work_dir": node_data_dir / "federation"}
         try:
             return cls(
                 coordinator=str(doc["coordinator"]),
                 site_id=str(doc["site_id"]),
-                data_dir=Path(doc["data_dir"]),
-                work_dir=Path(doc["work_dir"]),
+                data_dir=Path(doc["data_dir"]) if doc.get("data_dir") else defaults["data_dir"],
+                work_dir=Path(doc["work_dir"]) if doc.get("work_dir") else defaults["work_dir"],
                 ca=Path(doc["ca"]) if doc.get("ca") else None,
                 key=Path(doc["key"]) if doc.get("key") else None,
                 window=Window.parse(str(doc.get("window", "always"))),
@@ -73,7 +89,34 @@ class SiteSettings:
                 nice=int(doc.get("nice", 10)),
             )
         except KeyError as exc:
-            raise FederationError(f"[federation] lacks {exc}", source=str(path)) from exc
+            raise FederationError(f"[federation] lacks {exc}", source=source) from exc
+        except (TypeError, ValueError) as exc:
+            raise FederationError(f"[federation] has a bad value: {exc}", source=source) from exc
+
+    def describe(self) -> str:
+        security = "TLS" if self.ca else "INSECURE (no TLS)"
+        window = (
+            "always"
+            if self.window.start == self.window.end
+            else f"{self.window.start:%H:%M}-{self.window.end:%H:%M}"
+        )
+        return (
+            f"federation: site {self.site_id} joins rounds of {self.coordinator} ({security}),"
+            f" window {window}, training data {self.data_dir.resolve()}"
+        )
+
+
+def start_site(settings: SiteSettings, poll: float = 30.0) -> Callable[[], None]:
+    """:func:`run_site` in a background thread; returns the function that stops it."""
+    stop = threading.Event()
+    thread = threading.Thread(target=run_site, args=(settings, stop, poll), name="rtseg-federation-site")
+    thread.start()
+
+    def stop_site() -> None:
+        stop.set()
+        thread.join()
+
+    return stop_site
 
 
 def run_site(settings: SiteSettings, stop: threading.Event, poll: float = 30.0) -> None:

@@ -25,6 +25,7 @@ provenance; a model trained outside a federation is ``local/r0/<hash>``).
 
 from __future__ import annotations
 
+import builtins
 import fcntl
 import json
 import logging
@@ -152,7 +153,7 @@ class Registry:
         found = [_read_version(p) for p in self.versions_dir.iterdir() if (p / ENTRY_FILE).is_file()]
         return sorted(found, key=lambda v: (v.added, v.version))
 
-    def history(self) -> list[dict[str, Any]]:
+    def history(self) -> builtins.list[dict[str, Any]]:
         """Promotions and rollbacks, oldest first."""
         path = self.root / HISTORY_FILE
         if not path.is_file():

@@ -119,6 +119,8 @@ class NodeProcess:
             lines += ["[selection]", *_toml(self.overrides["selection"])]
         for d in self.destinations:
             lines += ["[[destinations]]", *_toml(d)]
+        if "federation" in self.overrides:
+            lines += ["[federation]", *_toml(self.overrides["federation"])]
         self.config.write_text("\n".join(lines) + "\n")
 
     def start(self, timeout: float = 120.0) -> NodeProcess:
