@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up rtseg on a fresh Debian 12 / Python 3.11 machine and run one job.
 #   scripts/setup.sh run    set up, then run the main job
-#   scripts/setup.sh test   set up (with the DICOM test peers), then run the tests
+#   scripts/setup.sh test   set up (with the DICOM test peers), then run the fast tests
+#                           (scripts/setup.sh test -m slow: the long scenarios)
 # Extra arguments after the job name go to the job (e.g. pytest options).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,7 +46,8 @@ case "$job" in
     test)
         install_test_peers
         install_python
-        exec "$VENV/bin/python" -m pytest "$@"
+        # the fast suite by default; "-m slow" (a later -m wins) runs the long scenarios
+        exec "$VENV/bin/python" -m pytest -m "not slow" "$@"
         ;;
     *)
         echo "usage: scripts/setup.sh run|test [args...]" >&2
