@@ -21,13 +21,12 @@ from dicom_node.scp import Receiver, start_scp
 from dicom_node.scu import Sender
 from dicom_node.spool import Spool
 from rtseg.closed_loop import ClosedLoop, config_from_settings
-from rtseg.jobs import JobState, JobStore
+from rtseg.jobs import JobState, JobStore, state_db
 from rtseg.settings import Settings
 from rtseg.worker import WorkerPool
 
 log = logging.getLogger(__name__)
 
-DB_NAME = "state.db"
 TICK_S = 0.2
 SEND_POLL_S = 0.5
 JANITOR_S = 60.0
@@ -36,7 +35,7 @@ CLOSED_LOOP_S = 5.0  # approved RTSTRUCTs back from the TPS: paired and scored o
 
 
 def open_stores(data_dir: Path) -> tuple[JobStore, DeliveryStore]:
-    store = JobStore(Path(data_dir) / DB_NAME)
+    store = JobStore(state_db(data_dir))
     return store, DeliveryStore(store.db_path)
 
 

@@ -104,6 +104,14 @@ CREATE INDEX IF NOT EXISTS jobs_series ON jobs (series_key);
 _COLUMNS = ("output_path", "attempts", "error", "model_version", "meta", "result")
 
 
+STATE_DB = "state.db"  # the one job table of a node: <data dir>/state.db (DICOM and HTTP jobs)
+
+
+def state_db(data_dir: str | Path) -> Path:
+    """Where the job table of the node with data directory ``data_dir`` lives."""
+    return Path(data_dir) / STATE_DB
+
+
 class JobStore:
     """SQLite-backed job table; safe across threads and processes (one connection per thread)."""
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import requests
 
-from rtseg.jobs import FINAL, JobState, JobStore
+from rtseg.jobs import FINAL, JobState, JobStore, state_db
 from service.app import create_app
 from service.auth import token_digest
 from service.server import HttpServer
@@ -144,7 +144,7 @@ def run_bench(work: Path, uploads: int, matrix: int, segment_all: bool) -> dict[
 
     body, digests = phantom_zip(work, matrix)
     data_dir = work / "data"
-    store = JobStore(data_dir / "state.db")
+    store = JobStore(state_db(data_dir))
     settings = HttpSettings(port=0, token_sha256=(token_digest(TOKEN),), queue_max=uploads + 8)
     pool = WorkerPool(store, data_dir, default_model_dir(), workers=1, threads=1)
     server = HttpServer(

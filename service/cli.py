@@ -12,14 +12,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rtseg.errors import InputError
-from rtseg.jobs import JobStore
+from rtseg.jobs import JobStore, state_db
 from service.settings import HttpSettings, http_table
 
 if TYPE_CHECKING:
     from rtseg.settings import Settings
 
 Handler = Callable[[argparse.Namespace], int]
-DB_NAME = "state.db"  # the job table the DICOM node uses too (<data dir>/state.db)
 log = logging.getLogger(__name__)
 
 
@@ -96,7 +95,7 @@ def _serve(settings: Settings, http: HttpSettings) -> int:
     data_dir = Path(settings.data_dir).resolve()
     # model.path, else the registry's current model (workers follow promotions)
     model_dir = serving_model_dir(settings.model_path, settings.data_dir)
-    store = JobStore(data_dir / DB_NAME)
+    store = JobStore(state_db(data_dir))
     pool = WorkerPool(store, data_dir, model_dir, settings.node.workers, settings.node.inference_threads)
     app = create_app(http, store, data_dir, model_dir, worker_alive=lambda: pool.alive() > 0)
     server = HttpServer(app, http)
