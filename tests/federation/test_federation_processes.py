@@ -28,9 +28,6 @@ from rtseg.federation.simulate import TINY, LocalFederation, SimulationSpec, rou
 from rtseg.model.training import load_arrays
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
-# The two tests marked NOT_RERUN failed in session 1's full run on assertion guesses; their
-# assertions are corrected from what that run showed, but they have not been run again yet.
-NOT_RERUN = pytest.mark.skip(reason="assertion corrected from the session-1 run, not re-run yet (issue 5)")
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +100,6 @@ def test_first_round_gives_a_loadable_model_that_is_the_weighted_average(fed: Lo
     assert labels.shape == volume.shape and labels.dtype == np.uint8
 
 
-@NOT_RERUN
 def test_sites_send_no_voxels_and_no_identifiers(fed: LocalFederation) -> None:
     glob = load_arrays(fed.state_dir / "rounds" / "round_001.npz")
     for i in range(2):
@@ -140,7 +136,6 @@ def test_sites_send_no_voxels_and_no_identifiers(fed: LocalFederation) -> None:
             assert doc["bytes"] < weights_bytes + 16384
 
 
-@NOT_RERUN
 def test_an_unregistered_site_key_is_rejected(fed: LocalFederation) -> None:
     proc = fed.start_site(9, key="intruder")
     try:
