@@ -15,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from rtseg.errors import InputError, ModelError
+from rtseg.model.inference import predict_labels
 from rtseg.model.manifest import CANONICAL_ORIENTATION, ModelManifest, load_manifest, read_json
 from rtseg.volume import CTVolume, Orientation
 
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 log = logging.getLogger(__name__)
+ENGINES = ("rtseg", "nnunet")
 
 
 @dataclass(frozen=True, eq=False)
@@ -56,6 +58,10 @@ class NnunetSegmenter:
         Torch CPU threads (process-wide, ``torch.set_num_threads``); default unchanged.
     tile_step_size, use_mirroring
         Sliding-window overlap and test-time mirroring (mirroring costs up to 8×).
+    engine
+        ``"rtseg"`` (:mod:`rtseg.model.inference`: all torch threads, logits
+        interpolated slab by slab) or ``"nnunet"`` (``predict_single_npy_array``:
+        all logits at full resolution at once); both give the same labels.
     folds
         Subset of the manifest's folds to ensemble; default all of them.
     """
@@ -69,7 +75,11 @@ class NnunetSegmenter:
         tile_step_size: float = 0.5,
         use_mirroring: bool = False,
         folds: tuple[str, ...] | None = None,
+        engine: str = "rtseg",
     ) -> None:
+        if engine not in ENGINES:
+            raise ModelError(f"unknown inference engine {engine!r}: choose one of {', '.join(ENGINES)}")
+        self.engine = engine
         self.model_dir = Path(model_dir)
         manifest = load_manifest(self.model_dir)
         if folds is not None:
@@ -109,6 +119,8 @@ class NnunetSegmenter:
             raise InputError(f"expected a 3-D [z, y, x] array, got shape {array_zyx.shape}")
         image = np.asarray(array_zyx, dtype=np.float32)[None]
         with self._lock:
+            if self.engine == "rtseg":
+                return predict_labels(self._predictor, image, spacing_zyx).labels
             labels = self._predictor.predict_single_npy_array(
                 image, {"spacing": [float(s) for s in spacing_zyx]}, None, None, False
             )

@@ -1,0 +1,180 @@
+"""rtseg's inference path around nnU-Net's predictor: preprocess, sliding-window logits, labels in slabs.
+
+nnU-Net's ``predict_single_npy_array`` interpolates every class's logits to the
+CT's full grid before the argmax (for 20 classes on 512×512×200 that is 2 GB of
+float16, plus float64 scratch per class) and caps torch at ``nnUNet_def_n_proc``
+threads while it predicts. Here the same preprocessing and sliding window run on
+the threads torch is given, and the logits are interpolated a slab of output
+slices at a time, with nnU-Net's own rule (linear in-plane, linear or nearest
+along z as its resampling settings say, half-pixel centres, clamped edges), and
+reduced to labels at once. Anything this path does not cover (region-based
+labels, other resampling functions) goes through nnU-Net's own conversion.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+if TYPE_CHECKING:
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+log = logging.getLogger(__name__)
+
+SLAB_SLICES = 8  # output slices interpolated at once: ~20 classes × 8 × 512² float32 ≈ 170 MB
+
+
+@dataclass(frozen=True, eq=False)
+class Prediction:
+    """Canonical ``[z, y, x]`` labels and the seconds each phase took."""
+
+    labels: npt.NDArray[np.uint8]
+    phases: dict[str, float] = field(default_factory=dict)
+
+
+def predict_labels(
+    predictor: nnUNetPredictor, image: npt.NDArray[np.float32], spacing_zyx: tuple[float, float, float]
+) -> Prediction:
+    """Labels of a ``[1, z, y, x]`` image on its own grid, through nnU-Net's preprocessing and network."""
+    t0 = time.perf_counter()
+    data, properties = preprocess(predictor, image, spacing_zyx)
+    t1 = time.perf_counter()
+    logits = sliding_window_logits(predictor, data)
+    del data
+    t2 = time.perf_counter()
+    labels = labels_on_input_grid(predictor, logits, properties)
+    t3 = time.perf_counter()
+    phases = {"preprocess_s": t1 - t0, "network_s": t2 - t1, "resample_s": t3 - t2}
+    log.info("inference phases: %s", ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
+    return Prediction(labels, phases)
+
+
+def preprocess(
+    predictor: nnUNetPredictor, image: npt.NDArray[np.float32], spacing_zyx: tuple[float, float, float]
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """nnU-Net's own preprocessing (transpose, crop, normalise, resample to the model's spacing)."""
+    import torch
+
+    manager = predictor.configuration_manager
+    preprocessor = manager.preprocessor_class(verbose=False)
+    data, _, properties = preprocessor.run_case_npy(
+        image,
+        None,
+        {"spacing": [float(s) for s in spacing_zyx]},
+        predictor.plans_manager,
+        manager,
+        predictor.dataset_json,
+    )
+    return torch.from_numpy(data), properties
+
+
+def sliding_window_logits(predictor: nnUNetPredictor, data: torch.Tensor) -> torch.Tensor:
+    """Logits ``[class, z, y, x]`` at the model's spacing, averaged over the predictor's folds."""
+    import torch
+
+    network = getattr(predictor.network, "_orig_mod", predictor.network)  # torch.compile wraps it
+    total: torch.Tensor | None = None
+    with torch.inference_mode():
+        for params in predictor.list_of_parameters:
+            network.load_state_dict(params)
+            logits = predictor.predict_sliding_window_return_logits(data).to("cpu")
+            total = logits if total is None else total + logits
+    assert total is not None  # nnU-Net refuses a model folder without folds
+    if len(predictor.list_of_parameters) > 1:
+        total /= len(predictor.list_of_parameters)
+    return total
+
+
+def labels_on_input_grid(
+    predictor: nnUNetPredictor, logits: torch.Tensor, properties: dict[str, Any]
+) -> npt.NDArray[np.uint8]:
+    """Labels on the grid the image came in: interpolate the logits slab by slab, argmax, uncrop."""
+    plans = predictor.plans_manager
+    z_mode = _z_interpolation(predictor, properties)
+    if predictor.label_manager.has_regions or z_mode is None:
+        from nnunetv2.inference.export_prediction import (
+            convert_predicted_logits_to_segmentation_with_correct_shape,
+        )
+
+        labels = convert_predicted_logits_to_segmentation_with_correct_shape(
+            logits, plans, predictor.configuration_manager, predictor.label_manager, properties
+        )
+        return np.asarray(labels).astype(np.uint8, copy=False)
+    from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
+
+    target = tuple(int(s) for s in properties["shape_after_cropping_and_before_resampling"])
+    cropped = upsample_argmax(logits, (target[0], target[1], target[2]), z_mode)
+    full = np.zeros(tuple(properties["shape_before_cropping"]), dtype=np.uint8)
+    full = insert_crop_into_image(full, cropped, properties["bbox_used_for_cropping"])
+    return np.ascontiguousarray(np.asarray(full).transpose(plans.transpose_backward))
+
+
+def _z_interpolation(predictor: nnUNetPredictor, properties: dict[str, Any]) -> str | None:
+    """``"linear"`` or ``"nearest"`` along z as nnU-Net would resample these logits; None if not covered."""
+    from nnunetv2.preprocessing.resampling.default_resampling import determine_do_sep_z_and_axis
+
+    config = predictor.configuration_manager.configuration
+    kwargs = dict(config.get("resampling_fn_probabilities_kwargs") or {})
+    if (
+        config.get("resampling_fn_probabilities") != "resample_data_or_seg_to_shape"
+        or kwargs.get("order") != 1
+    ):
+        return None
+    spacing = predictor.configuration_manager.spacing
+    new_spacing = [properties["spacing"][i] for i in predictor.plans_manager.transpose_forward]
+    if len(spacing) != len(new_spacing):
+        return None  # a 2-D configuration
+    separate, axis = determine_do_sep_z_and_axis(kwargs.get("force_separate_z"), spacing, new_spacing)
+    if not separate:
+        return "linear"
+    if axis != 0 or kwargs.get("order_z", 0) not in (0, 1):
+        return None
+    return "linear" if kwargs.get("order_z", 0) == 1 else "nearest"
+
+
+def _z_taps(n_in: int, n_out: int, mode: str) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], Any]:
+    """Source slices and weights of each output slice (half-pixel centres, edges clamped)."""
+    src = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+    if mode == "nearest":
+        near = np.clip(np.floor(src + 0.5), 0, n_in - 1).astype(np.int64)
+        return near, near, np.zeros(n_out, dtype=np.float32)
+    src = np.clip(src, 0, n_in - 1)
+    lower = np.floor(src).astype(np.int64)
+    upper = np.minimum(lower + 1, n_in - 1)
+    return lower, upper, (src - lower).astype(np.float32)
+
+
+def upsample_argmax(
+    logits: torch.Tensor, shape: tuple[int, int, int], z_mode: str = "linear", slab: int = SLAB_SLICES
+) -> npt.NDArray[np.uint8]:
+    """Argmax of ``logits [class, z, y, x]`` interpolated to ``shape``, ``slab`` output slices at a time."""
+    import torch
+
+    lower, upper, weight = _z_taps(int(logits.shape[1]), shape[0], z_mode)
+    out = np.empty(shape, dtype=np.uint8)
+    for start in range(0, shape[0], slab):
+        stop = min(start + slab, shape[0])
+        needed = np.unique(np.concatenate([lower[start:stop], upper[start:stop]]))
+        planes = _bilinear(logits[:, torch.from_numpy(needed)], (shape[1], shape[2]))
+        where = {int(s): i for i, s in enumerate(needed)}
+        lo = planes[[where[int(s)] for s in lower[start:stop]]]
+        hi = planes[[where[int(s)] for s in upper[start:stop]]]
+        w = torch.from_numpy(weight[start:stop]).view(-1, 1, 1, 1)
+        out[start:stop] = torch.lerp(lo, hi, w).argmax(dim=1).to(torch.uint8).numpy()
+    return out
+
+
+def _bilinear(part: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``[class, n, y, x]`` → ``[n, class, *size]`` float32, bilinear with half-pixel centres."""
+    import torch.nn.functional as F
+
+    planes = part.permute(1, 0, 2, 3).float()
+    if tuple(planes.shape[2:]) == size:
+        return planes
+    return F.interpolate(planes, size=size, mode="bilinear", align_corners=False)
