@@ -19,6 +19,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +67,7 @@ def _send(folder: Path, port: int, aec: str) -> float:
     return time.perf_counter() - started
 
 
+QUIET_S = 5.0  # the node's quiet time per series in the turnaround runs
 DCMTK_FAST = ("-pdu", "131072", "+B")  # dcmtk's largest receive PDU, raw (bit-preserving) writes
 
 
@@ -110,7 +114,53 @@ def throughput(
     return min(dcmtk), min(ours)
 
 
-def turnaround(work: Path, cases: list[Path], model: Path | None) -> list[float]:
+def receive_figures(work: Path, slices: int, matrix: int, repeats: int = 3) -> dict[str, float | int]:
+    """Best-of-``repeats`` seconds receiving one ``slices`` × ``matrix``² series: dcmtk (2 ways), rtseg."""
+    folder = make_series(work, slices, matrix)
+    mb = sum(p.stat().st_size for p in folder.glob("*.dcm")) / 1e6
+    t_dcmtk, t_node = throughput(work, folder, repeats)
+    t_fast, t_node2 = throughput(work, folder, repeats, dcmtk_args=DCMTK_FAST)
+    t_node = min(t_node, t_node2)
+    return {
+        "slices": slices,
+        "matrix": matrix,
+        "mb": mb,
+        "repeats": repeats,
+        "dcmtk_s": t_dcmtk,
+        "dcmtk_fast_s": t_fast,
+        "rtseg_s": t_node,
+        "ratio_vs_dcmtk": t_dcmtk / t_node,
+        "ratio_vs_dcmtk_fast": t_fast / t_node,
+    }
+
+
+@dataclass(frozen=True)
+class NodeUnderTest:
+    """A running ``rtseg serve`` (its process group is ``pgid``) and the folder its destination writes to."""
+
+    port: int
+    dest: Path
+    pgid: int
+
+    def results(self) -> int:
+        return len(list(self.dest.iterdir()))
+
+    def wait_results(
+        self, count: int, timeout: float = 900.0, poll: Callable[[], None] | None = None
+    ) -> None:
+        """Wait until ``count`` RTSTRUCTs have arrived at the destination."""
+        started = time.perf_counter()
+        while self.results() < count:
+            if poll is not None:
+                poll()
+            time.sleep(0.05)
+            if time.perf_counter() - started > timeout:
+                raise TimeoutError(f"only {self.results()} of {count} RTSTRUCTs within {timeout:.0f} s")
+
+
+@contextmanager
+def running_node(work: Path, model: Path | None, quiet_s: float = QUIET_S) -> Iterator[NodeUnderTest]:
+    """``rtseg serve`` with a ``storescp`` destination, both on free loopback ports; stopped on exit."""
     dest = work / "dest"
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
@@ -118,7 +168,7 @@ def turnaround(work: Path, cases: list[Path], model: Path | None) -> list[float]
     config = work / "bench.toml"
     config.write_text(
         f'[dicom]\nport = {nport}\n[[destinations]]\nname = "dest"\nae_title = "STORESCP"\n'
-        f'host = "127.0.0.1"\nport = {dport}\n[node]\nquiet_time_s = 5\nmin_free_disk_mb = 10\n'
+        f'host = "127.0.0.1"\nport = {dport}\n[node]\nquiet_time_s = {quiet_s:g}\nmin_free_disk_mb = 10\n'
         f'[paths]\ndata_dir = "{work / "node-data"}"\n' + (f'[model]\npath = "{model}"\n' if model else "")
     )
     shutil.rmtree(work / "node-data", ignore_errors=True)
@@ -128,25 +178,33 @@ def turnaround(work: Path, cases: list[Path], model: Path | None) -> list[float]
         stdout=subprocess.DEVNULL,
         start_new_session=True,
     )
-    times = []
     try:
         wait_port(dport)
         wait_port(nport)
-        for case in cases:
-            before = len(list(dest.iterdir()))
-            _send(case, nport, "RTSEG")
-            sent = time.perf_counter()
-            while len(list(dest.iterdir())) == before:
-                time.sleep(0.05)
-                if time.perf_counter() - sent > 900:
-                    raise TimeoutError("no RTSTRUCT within 15 min")
-            times.append(time.perf_counter() - sent)
-            print(f"  series {len(times)}: {times[-1]:.1f} s", flush=True)
+        yield NodeUnderTest(nport, dest, node.pid)
     finally:
         os.killpg(node.pid, signal.SIGTERM)
         node.wait(60)
         scp.terminate()
         scp.wait()
+
+
+def send(node: NodeUnderTest, folder: Path) -> float:
+    """Send one series to the node in one association; seconds until the last instance was acknowledged."""
+    return _send(folder, node.port, "RTSEG")
+
+
+def turnaround(work: Path, cases: list[Path], model: Path | None, quiet_s: float = QUIET_S) -> list[float]:
+    """Seconds from each series' last instance acknowledged to its RTSTRUCT at the destination."""
+    times = []
+    with running_node(work, model, quiet_s) as node:
+        for case in cases:
+            before = node.results()
+            send(node, case)
+            sent = time.perf_counter()
+            node.wait_results(before + 1)
+            times.append(time.perf_counter() - sent)
+            print(f"  series {len(times)}: {times[-1]:.1f} s", flush=True)
     return times
 
 
@@ -156,11 +214,8 @@ def run_bench(args: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
     if args.skip_throughput:
         return _turnaround(args, work)
-    folder = make_series(work, args.slices, args.matrix)
-    mb = sum(p.stat().st_size for p in folder.glob("*.dcm")) / 1e6
-    t_dcmtk, t_node = throughput(work, folder)
-    t_fast, t_node2 = throughput(work, folder, dcmtk_args=DCMTK_FAST)
-    t_node = min(t_node, t_node2)
+    fig = receive_figures(work, args.slices, args.matrix)
+    mb, t_dcmtk, t_fast, t_node = fig["mb"], fig["dcmtk_s"], fig["dcmtk_fast_s"], fig["rtseg_s"]
     print(
         f"receive, {args.slices} slices × {args.matrix}², {mb:.0f} MB, one association, storescu (best of 3):"
     )
@@ -173,15 +228,61 @@ def run_bench(args: argparse.Namespace) -> int:
     return _turnaround(args, work)
 
 
-def _turnaround(args: argparse.Namespace, work: Path) -> int:
+def phantom_series(work: Path, count: int, matrix: int) -> list[Path]:
+    """``count`` phantom CT series (center A, seeds 500 …) under ``work/cases``, written once."""
     from rtseg.phantom.cohort import case_id, write_case
 
     cases = []
-    for i in range(args.series):
-        if not (work / "cases" / case_id("A", 500 + i, 0) / "ct").is_dir():
-            write_case("A", 500 + i, 0, work / "cases", matrix=args.case_matrix)
-        cases.append(work / "cases" / case_id("A", 500 + i, 0) / "ct")
+    for i in range(count):
+        folder = work / "cases" / f"m{matrix}" / case_id("A", 500 + i, 0) / "ct"
+        if not folder.is_dir():
+            write_case("A", 500 + i, 0, folder.parent.parent, matrix=matrix)
+        cases.append(folder)
+    return cases
+
+
+def _turnaround(args: argparse.Namespace, work: Path) -> int:
+    cases = phantom_series(work, args.series, args.case_matrix)
     times = turnaround(work, cases, args.model)
     p50, p95 = statistics.median(times), float(np.percentile(times, 95))
     print(f"turnaround over {len(times)} series (5 s quiet time included): p50 {p50:.1f} s, p95 {p95:.1f} s")
     return 0
+
+
+def group_rss_mb(pgid: int) -> float:
+    """Resident memory (MB) summed over process group ``pgid`` (shared pages count in every process)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended while we looked
+        if len(fields) > 21 and int(fields[2]) == pgid:  # fields[2]: pgrp, fields[21]: rss in pages
+            total += int(fields[21]) * page
+    return total / 2**20
+
+
+def concurrent_turnaround(node: NodeUnderTest, folders: list[Path]) -> dict[str, float | int]:
+    """Send ``folders`` at once (one association each); seconds from the last acknowledged instance
+    to the first and the last RTSTRUCT, and the node's peak resident memory meanwhile (sampled)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    before = node.results()
+    peak = [group_rss_mb(node.pgid)]
+
+    def sample() -> None:
+        peak[0] = max(peak[0], group_rss_mb(node.pgid))
+
+    with ThreadPoolExecutor(len(folders)) as pool:
+        list(pool.map(lambda folder: send(node, folder), folders))
+    sent = time.perf_counter()
+    node.wait_results(before + 1, poll=sample)
+    first = time.perf_counter() - sent
+    node.wait_results(before + len(folders), poll=sample)
+    return {
+        "series": len(folders),
+        "first_s": first,
+        "last_s": time.perf_counter() - sent,
+        "peak_rss_mb": peak[0],
+    }

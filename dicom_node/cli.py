@@ -166,7 +166,51 @@ def _node_bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from dicom_node.bench_suite import run_suite
+
+    return run_suite(args)
+
+
+def _count(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _register_bench(sub: Any, handlers: dict[str, Handler]) -> None:
+    from dicom_node.bench_suite import SECTIONS
+
+    p = sub.add_parser(
+        "bench",
+        help="measure inference vs stock nnU-Net, DICOM receive vs dcmtk, RTSTRUCT build, turnaround"
+        " and one federated round; write bench.json and bench.md",
+    )
+    p.add_argument("--out", type=Path, required=True, help="folder for bench.json and bench.md")
+    p.add_argument("--work", type=Path, help="working folder (default OUT/work; reused between runs)")
+    p.add_argument("--quick", action="store_true", help="small sizes: proves it works in a few minutes")
+    p.add_argument("--levers", action="store_true", help="also measure each inference speed lever")
+    p.add_argument(
+        "--scaling", action="store_true", help="also turnaround and memory vs slice count and concurrency"
+    )
+    p.add_argument("--model", type=Path, help="model folder (default: the embedded default model)")
+    p.add_argument("--slices", type=_count(8), help="slices of the benchmark CT (default 200; quick 48)")
+    p.add_argument("--matrix", type=_count(32), help="matrix of the benchmark CT (default 512; quick 128)")
+    p.add_argument("--series", type=_count(1), help="turnaround series (default 10; quick 3)")
+    p.add_argument("--case-matrix", type=_count(32), help="matrix of the turnaround phantoms (default 256)")
+    p.add_argument("--skip", action="append", choices=SECTIONS, help="leave a section out (repeatable)")
+    handlers["bench"] = _cmd_bench
+
+
 def register(sub: Any, handlers: dict[str, Handler]) -> None:
+    _register_bench(sub, handlers)
     p = sub.add_parser("serve", help="run the DICOM node (SCP, segmentation workers, sender)")
     p.add_argument(
         "--config", type=Path, help="TOML settings file (RTSEG_* environment variables override it)"

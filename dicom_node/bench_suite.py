@@ -1,0 +1,241 @@
+"""``rtseg bench``: inference, DICOM receive, RTSTRUCT build, turnaround and one federated round in one run.
+
+The core's measurements come from :mod:`rtseg.benchmarks`, the node's from
+:mod:`dicom_node.bench`; this module plans the run (full or ``--quick``), runs
+each section, keeps going when one fails (its error is recorded) and writes
+``bench.json`` and ``bench.md``. User-facing progress goes to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rtseg.errors import RtsegError
+
+log = logging.getLogger(__name__)
+
+SECTIONS = ("inference", "receive", "rtstruct", "turnaround", "federation", "scaling")
+OPTIONAL = ("scaling",)  # run only when asked for
+CONCURRENCY = (1, 2, 4)
+# What a section may fail with and the run still report the others.
+SECTION_ERRORS = (RtsegError, OSError, subprocess.SubprocessError, TimeoutError, RuntimeError, ValueError)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes of one run. The benchmark CT serves inference, the RTSTRUCT build and one turnaround."""
+
+    mode: str
+    slices: int  # benchmark CT
+    matrix: int
+    receive_slices: int
+    receive_matrix: int
+    repeats: int
+    series: int  # turnaround series (phantom cases)
+    case_matrix: int
+    fed_cases: int  # per site
+    fed_matrix: int
+    fed_iterations: int
+    timeout_s: float  # per inference variant
+    scaling_slices: tuple[int, ...]
+
+
+FULL = Plan("full", 200, 512, 300, 512, 3, 10, 256, 4, 48, 10, 3600.0, (100, 200, 400, 800))
+QUICK = Plan("quick", 48, 128, 60, 256, 1, 3, 64, 2, 32, 2, 600.0, (24, 48))
+
+
+def plan_from_args(args: argparse.Namespace) -> Plan:
+    plan = QUICK if args.quick else FULL
+    overrides = {k: getattr(args, k) for k in ("slices", "matrix", "series", "case_matrix")}
+    return replace(plan, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def run_suite(args: argparse.Namespace) -> int:
+    """Run every section not skipped; write the report; 0 if all ran, 1 if any failed."""
+    from rtseg.benchmarks.machine import describe_machine
+    from rtseg.benchmarks.report import write_report
+
+    plan = plan_from_args(args)
+    out: Path = args.out
+    work: Path = (args.work or out / "work").resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    model = _model_dir(args.model)
+    started = time.monotonic()
+    results: dict[str, Any] = {
+        "mode": plan.mode,
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "plan": asdict(plan),
+        "machine": describe_machine(),
+    }
+    say(f"rtseg bench ({plan.mode}): work in {work}, report to {out}")
+    context = _Context(plan, work, model, bool(args.levers), results)
+    wanted = [s for s in SECTIONS if s not in (args.skip or ()) and (s not in OPTIONAL or args.scaling)]
+    for name in wanted:
+        results[name] = _run_section(name, context)
+    results["total_s"] = time.monotonic() - started
+    json_path, md_path = write_report(results, out)
+    say(f"done in {results['total_s']:.0f} s: {json_path}, {md_path}")
+    failed = [k for k, v in results.items() if isinstance(v, dict) and "error" in v]
+    return 1 if failed else 0
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+@dataclass
+class _Context:
+    plan: Plan
+    work: Path
+    model: Path
+    levers: bool
+    results: dict[str, Any]
+
+
+def _model_dir(model: Path | None) -> Path:
+    from rtseg.model.default import default_model_dir
+    from rtseg.model.manifest import load_manifest
+
+    model_dir = (model or default_model_dir()).resolve()
+    load_manifest(model_dir)  # a wrong folder stops the run before anything is measured
+    return model_dir
+
+
+def _run_section(name: str, ctx: _Context) -> dict[str, Any]:
+    section: Callable[[_Context], dict[str, Any]] = SECTION_FUNCTIONS[name]
+    say(f"== {name}")
+    started = time.monotonic()
+    try:
+        figures = section(ctx)
+    except SECTION_ERRORS as exc:
+        log.debug("section %s failed", name, exc_info=True)  # -v shows the traceback
+        say(f"   FAILED: {exc!r}")
+        return {"error": repr(exc), "seconds_spent": time.monotonic() - started}
+    figures["section_s"] = time.monotonic() - started
+    return figures
+
+
+def _bench_ct(ctx: _Context) -> tuple[Any, Any]:
+    from rtseg.benchmarks.volume import bench_volume
+
+    return bench_volume(ctx.work, ctx.plan.slices, ctx.plan.matrix)
+
+
+def _inference(ctx: _Context) -> dict[str, Any]:
+    from rtseg.benchmarks.inference import LEVERS, OURS, STOCK, compare
+
+    volume, _ = _bench_ct(ctx)
+    variants = (STOCK, OURS, *LEVERS) if ctx.levers else (STOCK, OURS)
+    return compare(ctx.model, volume, ctx.work / "inference", variants, ctx.plan.timeout_s, say)
+
+
+def _receive(ctx: _Context) -> dict[str, Any]:
+    from dicom_node.bench import receive_figures
+
+    fig: dict[str, Any] = receive_figures(
+        ctx.work, ctx.plan.receive_slices, ctx.plan.receive_matrix, ctx.plan.repeats
+    )
+    say(f"   rtseg {fig['rtseg_s']:.2f} s vs dcmtk {fig['dcmtk_s']:.2f} s: {fig['ratio_vs_dcmtk']:.2f}×")
+    return fig
+
+
+def _rtstruct(ctx: _Context) -> dict[str, Any]:
+    from rtseg.benchmarks.rtstruct import rtstruct_build
+
+    volume, labels = _bench_ct(ctx)
+    fig = rtstruct_build(volume, labels)
+    say(f"   {fig['structures']} structures on {volume.shape}: {fig['seconds']:.2f} s")
+    return fig
+
+
+def _turnaround(ctx: _Context) -> dict[str, Any]:
+    from dicom_node.bench import QUIET_S, phantom_series, turnaround
+    from rtseg.benchmarks.volume import bench_series
+
+    cases = phantom_series(ctx.work, ctx.plan.series, ctx.plan.case_matrix)
+    full_ct = bench_series(ctx.work, ctx.plan.slices, ctx.plan.matrix) / "ct"
+    times = turnaround(ctx.work / "turnaround", [*cases, full_ct], ctx.model, QUIET_S)
+    series_times = times[:-1]
+    ctx.results["turnaround_full_ct"] = {
+        "shape": [ctx.plan.slices, ctx.plan.matrix, ctx.plan.matrix],
+        "seconds": times[-1],
+        "quiet_s": QUIET_S,
+    }
+    p50, p95 = statistics.median(series_times), float(np.percentile(series_times, 95))
+    say(f"   p50 {p50:.1f} s, p95 {p95:.1f} s; benchmark CT {times[-1]:.1f} s")
+    return {
+        "series": len(series_times),
+        "matrix": ctx.plan.case_matrix,
+        "quiet_s": QUIET_S,
+        "times_s": series_times,
+        "p50_s": p50,
+        "p95_s": p95,
+    }
+
+
+def _federation(ctx: _Context) -> dict[str, Any]:
+    import shutil
+
+    from rtseg.benchmarks.federation import model_update_bytes, one_round
+
+    root = ctx.work / "federation"
+    shutil.rmtree(root, ignore_errors=True)  # a fresh coordinator database every run
+    plan = ctx.plan
+    fig = one_round(
+        root, cases_per_site=plan.fed_cases, matrix=plan.fed_matrix, iterations=plan.fed_iterations
+    )
+    fig["default_model_update_bytes"] = model_update_bytes(ctx.model)
+    say(f"   round {fig['round_s']:.1f} s: training {fig['training_s']:.1f} s, other {fig['other_s']:.1f} s")
+    return fig
+
+
+def _scaling(ctx: _Context) -> dict[str, Any]:
+    from dicom_node.bench import QUIET_S, concurrent_turnaround, running_node
+    from rtseg.benchmarks.volume import bench_series
+
+    plan = ctx.plan
+    by_slices = {n: bench_series(ctx.work, n, plan.matrix) / "ct" for n in plan.scaling_slices}
+    copies = iter(range(1, 1 + sum(CONCURRENCY)))  # a new series (new UIDs) for every send
+    groups = {
+        k: [bench_series(ctx.work, plan.slices, plan.matrix, next(copies)) / "ct" for _ in range(k)]
+        for k in CONCURRENCY
+    }
+    figures: dict[str, Any] = {
+        "matrix": plan.matrix,
+        "quiet_s": QUIET_S,
+        "by_slices": [],
+        "by_concurrency": [],
+    }
+    with running_node(ctx.work / "scaling", ctx.model, QUIET_S) as node:
+        for n, folder in by_slices.items():
+            fig = {"slices": n, **concurrent_turnaround(node, [folder])}
+            say(f"   {n} slices: {fig['last_s']:.1f} s, node peak RSS {fig['peak_rss_mb']:.0f} MB")
+            figures["by_slices"].append(fig)
+        for k, folders in groups.items():
+            fig = {"slices": plan.slices, **concurrent_turnaround(node, folders)}
+            say(
+                f"   {k} at once: last after {fig['last_s']:.1f} s, node peak RSS {fig['peak_rss_mb']:.0f} MB"
+            )
+            figures["by_concurrency"].append(fig)
+    return figures
+
+
+SECTION_FUNCTIONS: dict[str, Callable[[_Context], dict[str, Any]]] = {
+    "inference": _inference,
+    "receive": _receive,
+    "rtstruct": _rtstruct,
+    "turnaround": _turnaround,
+    "federation": _federation,
+    "scaling": _scaling,
+}

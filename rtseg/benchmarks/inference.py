@@ -1,0 +1,252 @@
+"""Inference side by side: rtseg's path and stock ``nnUNetPredictor``, each in its own child process.
+
+A child loads the model, predicts the canonical volume once and reports its
+load and predict seconds and its own peak resident memory (``ru_maxrss``), so
+that one variant's memory never counts against another. The parent compares
+the label maps structure by structure (Dice).
+
+Run as ``python -m rtseg.benchmarks.inference SPEC.json`` (the child's side).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from rtseg.errors import ModelError
+from rtseg.metrics import dice
+from rtseg.structures import Structure
+from rtseg.volume import CTVolume, Orientation
+
+log = logging.getLogger(__name__)
+
+NNUNET_THREAD_CAPS = ("nnUNet_def_n_proc", "nnUNet_n_proc_DA")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to run inference. ``stock``: ``nnUNetPredictor`` with its defaults (device CPU)."""
+
+    name: str
+    stock: bool = False
+    tile_step_size: float = 0.5
+    use_mirroring: bool = False
+    engine: str = "rtseg"
+    threads: int | None = None
+    channels_last: bool = False
+    bf16: bool = False
+
+
+STOCK = Variant("stock nnU-Net (defaults)", stock=True, use_mirroring=True)
+OURS = Variant("rtseg")
+
+LEVERS = (
+    Variant("rtseg, nnU-Net's export path", engine="nnunet"),
+    Variant("rtseg + mirroring", use_mirroring=True),
+    Variant("rtseg, tile step 0.75", tile_step_size=0.75),
+    Variant("rtseg, tile step 1.0", tile_step_size=1.0),
+    Variant("rtseg, 1 thread", threads=1),
+    Variant("rtseg, channels-last", channels_last=True),
+    Variant("rtseg, bf16 autocast", bf16=True),
+)
+
+
+@dataclass(frozen=True)
+class Run:
+    """What one child measured; ``labels`` is the ``.npy`` file of its label map."""
+
+    variant: str
+    load_s: float
+    predict_s: float
+    peak_rss_mb: float
+    phases: dict[str, float]
+    labels: str
+
+
+def save_input(volume_hu: npt.NDArray[Any], spacing_zyx: tuple[float, float, float], path: Path) -> Path:
+    """The canonical ``[z, y, x]`` HU array and spacing every child reads."""
+    np.savez(path, hu=np.asarray(volume_hu, dtype=np.float32), spacing=np.asarray(spacing_zyx))
+    return path
+
+
+def run_variant(variant: Variant, model_dir: Path, volume_npz: Path, out: Path, timeout: float) -> Run:
+    """Measure ``variant`` in a fresh child process; raise :class:`ModelError` if the child fails."""
+    out.mkdir(parents=True, exist_ok=True)
+    slug = "".join(c if c.isalnum() else "-" for c in variant.name).strip("-")
+    spec = {
+        "variant": asdict(variant),
+        "model": str(model_dir),
+        "input": str(volume_npz),
+        "out": str(out / slug),
+    }
+    spec_file = out / f"{slug}.json"
+    spec_file.write_text(json.dumps(spec))
+    env = dict(os.environ)
+    for name in NNUNET_THREAD_CAPS if variant.stock else ():
+        env.pop(name, None)  # stock means nnU-Net as a user runs it: none of rtseg's settings
+    proc = subprocess.run(
+        [sys.executable, "-m", "rtseg.benchmarks.inference", str(spec_file)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise ModelError(f"inference variant {variant.name!r} failed: {' | '.join(tail)}")
+    result = json.loads((out / slug).with_suffix(".result.json").read_text())
+    return Run(**result)
+
+
+def agreement(
+    a: npt.NDArray[np.integer], b: npt.NDArray[np.integer], structures: tuple[Structure, ...]
+) -> dict[str, float | None]:
+    """Dice per structure between two label maps (None where both are empty)."""
+    return {s.name: dice(a == s.label, b == s.label) for s in structures}
+
+
+def compare(
+    model_dir: Path,
+    volume: CTVolume,
+    work: Path,
+    variants: tuple[Variant, ...] = (STOCK, OURS),
+    timeout: float = 3600.0,
+    say: Callable[[str], None] = log.info,
+) -> dict[str, Any]:
+    """Run ``variants`` (the first is the reference) on ``volume``; times, memory and Dice vs the first."""
+    from rtseg.model.manifest import load_manifest
+
+    work.mkdir(parents=True, exist_ok=True)
+    orientation = Orientation.from_affine(volume.affine)
+    spacing = orientation.canonical_spacing(volume.spacing)
+    npz = save_input(orientation.to_canonical(np.asarray(volume.hu)), spacing, work / "input.npz")
+    structures = load_manifest(model_dir).structures
+    runs: list[dict[str, Any]] = []
+    reference: npt.NDArray[np.uint8] | None = None
+    for variant in variants:
+        say(f"inference: {variant.name} ...")
+        run = run_variant(variant, model_dir, npz, work, timeout)
+        labels = np.load(run.labels)
+        entry: dict[str, Any] = asdict(run)
+        if reference is None:
+            reference, base = labels, run.predict_s
+        dice_vs = agreement(labels, reference, structures)
+        entry["speedup"] = base / run.predict_s if run.predict_s > 0 else None
+        entry["min_dice"] = _min(dice_vs)
+        entry["dice"] = dice_vs
+        runs.append(entry)
+        say(
+            f"  predict {run.predict_s:.1f} s, peak RSS {run.peak_rss_mb:.0f} MB,"
+            f" min Dice {_f4(entry['min_dice'])}"
+        )
+    ours = runs[1] if len(runs) > 1 else runs[0]
+    return {
+        "shape": list(volume.shape),
+        "spacing_zyx": [round(s, 3) for s in spacing],
+        "model": str(model_dir),
+        "runs": runs,
+        "stock": runs[0],
+        "ours": ours,
+        "speedup": ours["speedup"],
+        "min_dice": ours["min_dice"],
+        "dice_vs_stock": ours["dice"],
+    }
+
+
+def _min(values: dict[str, float | None]) -> float | None:
+    present = [v for v in values.values() if v is not None]
+    return min(present) if present else None
+
+
+def _f4(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4f}"
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kB
+
+
+def _child(spec: dict[str, Any]) -> dict[str, Any]:
+    variant = Variant(**spec["variant"])
+    data = np.load(spec["input"])
+    image = data["hu"][None].astype(np.float32)
+    spacing = tuple(float(s) for s in data["spacing"])
+    started = time.perf_counter()
+    predict = _load_stock(spec["model"]) if variant.stock else _load_ours(spec["model"], variant)
+    loaded = time.perf_counter()
+    labels, phases = predict(image, spacing)
+    done = time.perf_counter()
+    np.save(spec["out"] + ".npy", labels.astype(np.uint8))
+    return {
+        "variant": variant.name,
+        "load_s": loaded - started,
+        "predict_s": done - loaded,
+        "peak_rss_mb": _peak_rss_mb(),
+        "phases": phases,
+        "labels": spec["out"] + ".npy",
+    }
+
+
+def _load_stock(model: str) -> Any:
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    predictor = nnUNetPredictor(device=torch.device("cpu"), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(model, use_folds=None)
+
+    def predict(image: Any, spacing: tuple[float, ...]) -> tuple[Any, dict[str, float]]:
+        return np.asarray(predictor.predict_single_npy_array(image, {"spacing": list(spacing)})), {}
+
+    return predict
+
+
+def _load_ours(model: str, variant: Variant) -> Any:
+    import torch
+
+    from rtseg.model.inference import predict_labels
+    from rtseg.model.segmenter import NnunetSegmenter
+
+    segmenter = NnunetSegmenter(
+        Path(model),
+        device="cpu",
+        threads=variant.threads,
+        tile_step_size=variant.tile_step_size,
+        use_mirroring=variant.use_mirroring,
+        engine=variant.engine,
+    )
+    predictor = segmenter._predictor  # the bench tunes the loaded network in place
+    if variant.channels_last:
+        predictor.network = predictor.network.to(memory_format=torch.channels_last_3d)
+
+    def predict(image: Any, spacing: tuple[float, float, float]) -> tuple[Any, dict[str, float]]:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant.bf16):
+            if variant.engine == "rtseg":
+                prediction = predict_labels(predictor, image, spacing)
+                return prediction.labels, prediction.phases
+            return segmenter.predict_canonical(image[0], spacing), {}
+
+    return predict
+
+
+def main(argv: list[str]) -> int:
+    spec = json.loads(Path(argv[0]).read_text())
+    result = _child(spec)
+    Path(spec["out"] + ".result.json").write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,243 @@
+"""``bench.json`` and ``bench.md``: the figures of one ``rtseg bench`` run, and the targets of issue 6."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+Results = dict[str, Any]
+
+TARGET_TEXT = {
+    "inference_speedup": "inference ≥ 5× faster than stock nnU-Net defaults",
+    "inference_dice": "Dice agreement with stock ≥ 0.99 (every structure)",
+    "turnaround": "end-to-end turnaround ≤ 20 s (512×512×200 CT)",
+    "peak_rss": "peak RSS of inference ≤ 3 GB",
+    "rtstruct": "RTSTRUCT build ≤ 3 s",
+    "receive": "receive throughput ≥ 0.7× dcmtk storescp",
+}
+
+
+def write_report(results: Results, out: Path) -> tuple[Path, Path]:
+    """Write ``bench.json`` and ``bench.md`` into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    results["targets"] = targets(results)
+    json_path, md_path = out / "bench.json", out / "bench.md"
+    json_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    md_path.write_text(markdown(results))
+    return json_path, md_path
+
+
+def _get(results: Results, *keys: str) -> Any:
+    node: Any = results
+    for key in keys:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def targets(results: Results) -> dict[str, dict[str, Any]]:
+    """Each target: the measured figure and whether it is met (None: not measured in this run)."""
+    speedup = _get(results, "inference", "speedup")
+    dice = _get(results, "inference", "min_dice")
+    rss = _get(results, "inference", "ours", "peak_rss_mb")
+    turn = _get(results, "turnaround_full_ct", "seconds")
+    build = _get(results, "rtstruct", "seconds")
+    ratio = _get(results, "receive", "ratio_vs_dcmtk")
+    checks: dict[str, tuple[Any, Callable[[Any], bool]]] = {
+        "inference_speedup": (speedup, lambda v: v >= 5.0),
+        "inference_dice": (dice, lambda v: v >= 0.99),
+        "turnaround": (turn, lambda v: v <= 20.0),
+        "peak_rss": (rss, lambda v: v <= 3072.0),
+        "rtstruct": (build, lambda v: v <= 3.0),
+        "receive": (ratio, lambda v: v >= 0.7),
+    }
+    return {
+        key: {"target": TARGET_TEXT[key], "value": value, "met": None if value is None else bool(test(value))}
+        for key, (value, test) in checks.items()
+    }
+
+
+def _f(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown(results: Results) -> str:
+    lines = [f"# rtseg bench ({results.get('mode', 'full')})", "", f"Run {results.get('started', '')}.", ""]
+    sections = (
+        _machine,
+        _inference,
+        _receive,
+        _rtstruct,
+        _turnaround,
+        _federation,
+        _scaling,
+        _targets,
+        _errors,
+    )
+    for section in sections:
+        lines += section(results)
+    return "\n".join(lines) + "\n"
+
+
+def _machine(r: Results) -> list[str]:
+    m = r.get("machine", {})
+    versions = ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items())
+    return [
+        "## Machine",
+        "",
+        f"{m.get('cpu')}, {m.get('cores')} logical cores ({m.get('usable_cores')} usable), "
+        f"{m.get('ram_gb')} GB RAM; {m.get('os')}; Python {m.get('python')}; {versions}.",
+        "",
+    ]
+
+
+def _inference(r: Results) -> list[str]:
+    inf = r.get("inference")
+    if not isinstance(inf, dict) or "runs" not in inf:
+        return []
+    lines = [
+        "## Inference",
+        "",
+        f"CT {inf['shape']} voxels, spacing {inf['spacing_zyx']} mm (z, y, x); model {inf['model']}.",
+        "Each variant in its own process; predict time excludes model loading; peak RSS is the process's.",
+        "",
+        "| variant | load s | predict s | × faster than stock | peak RSS MB | min Dice vs stock | phases s |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for run in inf["runs"]:
+        phases = ", ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in run.get("phases", {}).items())
+        lines.append(
+            f"| {run['variant']} | {_f(run['load_s'])} | {_f(run['predict_s'])} | {_f(run.get('speedup'), 2)}"
+            f" | {_f(run['peak_rss_mb'], 0)} | {_f(run.get('min_dice'), 4)} | {phases} |"
+        )
+    lines += ["", "Dice between rtseg's path and stock, per structure:", ""]
+    dice = inf.get("dice_vs_stock", {})
+    lines += ["| " + " | ".join(dice) + " |", "|" + "---:|" * len(dice)]
+    lines += ["| " + " | ".join(_f(v, 4) for v in dice.values()) + " |", ""]
+    return lines
+
+
+def _receive(r: Results) -> list[str]:
+    rec = r.get("receive")
+    if not isinstance(rec, dict) or "rtseg_s" not in rec:
+        return []
+    return [
+        "## DICOM receive",
+        "",
+        f"{rec['slices']} slices × {rec['matrix']}², {rec['mb']:.0f} MB, one storescu association"
+        f" on loopback, best of {rec['repeats']}.",
+        "",
+        "| receiver | seconds | MB/s |",
+        "|---|---:|---:|",
+        f"| dcmtk storescp (defaults) | {rec['dcmtk_s']:.2f} | {rec['mb'] / rec['dcmtk_s']:.0f} |",
+        f"| dcmtk storescp -pdu 131072 +B | {rec['dcmtk_fast_s']:.2f}"
+        f" | {rec['mb'] / rec['dcmtk_fast_s']:.0f} |",
+        f"| rtseg SCP (fsync'd, atomic) | {rec['rtseg_s']:.2f} | {rec['mb'] / rec['rtseg_s']:.0f} |",
+        "",
+        f"rtseg / dcmtk throughput: {rec['ratio_vs_dcmtk']:.2f}× (defaults), "
+        f"{rec['ratio_vs_dcmtk_fast']:.2f}× (fastest dcmtk).",
+        "",
+    ]
+
+
+def _rtstruct(r: Results) -> list[str]:
+    rs = r.get("rtstruct")
+    if not isinstance(rs, dict) or "seconds" not in rs:
+        return []
+    return [
+        "## RTSTRUCT build",
+        "",
+        f"{rs['structures']} structures, {rs['contours']} contours on a {rs['shape']} CT: "
+        f"{rs['seconds']:.2f} s (best of 2; building the dataset, not writing it).",
+        "",
+    ]
+
+
+def _turnaround(r: Results) -> list[str]:
+    lines: list[str] = []
+    t = r.get("turnaround")
+    if isinstance(t, dict) and "p50_s" in t:
+        lines += [
+            "## Turnaround",
+            "",
+            f"Last instance acknowledged → RTSTRUCT at the destination, through `rtseg serve`, "
+            f"{t['series']} phantom series ({t['matrix']}² matrix), quiet time {t['quiet_s']:g} s included:",
+            f"p50 {t['p50_s']:.1f} s, p95 {t['p95_s']:.1f} s"
+            f" (each: {', '.join(f'{s:.1f}' for s in t['times_s'])}).",
+            "",
+        ]
+    full = r.get("turnaround_full_ct")
+    if isinstance(full, dict) and "seconds" in full:
+        lines += [
+            f"The benchmark CT ({full['shape']}) through the same node: {full['seconds']:.1f} s, "
+            f"of which {full['quiet_s']:g} s quiet time.",
+            "",
+        ]
+    return lines
+
+
+def _federation(r: Results) -> list[str]:
+    fed = r.get("federation")
+    if not isinstance(fed, dict) or "round_s" not in fed:
+        return []
+    sent = ", ".join(f"{k} {v / 1e3:.1f} kB" for k, v in fed["bytes_per_site"].items())
+    lines = [
+        "## One federated round",
+        "",
+        f"{fed['sites']} sites × {fed['cases_per_site']} phantom cases ({fed['matrix']}²), network "
+        f"{fed['config']}, TLS + node authentication, loopback.",
+        f"Round {fed['round_s']:.1f} s: local training {fed['training_s']:.1f} s (slowest site), "
+        f"everything else {fed['other_s']:.1f} s. Sent per site: {sent}; "
+        f"to each site: {_f(fed.get('bytes_to_each_site'))} B.",
+        f"(Process start-up and cohorts: {fed['setup_s']:.0f} s;"
+        f" run including the plans round: {fed['run_s']:.0f} s.)",
+    ]
+    if fed.get("default_model_update_bytes"):
+        lines.append(
+            f"The default model's update would be {fed['default_model_update_bytes'] / 1e6:.1f} MB per site "
+            "per round (its float32 weights)."
+        )
+    return lines + [""]
+
+
+def _scaling(r: Results) -> list[str]:
+    sc = r.get("scaling")
+    if not isinstance(sc, dict) or "by_slices" not in sc:
+        return []
+    lines = [
+        "## Scaling",
+        "",
+        f"Through `rtseg serve` ({sc['matrix']}² matrix, quiet time {sc['quiet_s']:g} s included); "
+        "memory: the node's whole process tree, sampled, shared pages counted per process.",
+        "",
+        "| slices | series at once | first RTSTRUCT s | last RTSTRUCT s | node peak RSS MB |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for fig in [*sc["by_slices"], *sc["by_concurrency"]]:
+        lines.append(
+            f"| {fig['slices']} | {fig['series']} | {fig['first_s']:.1f} | {fig['last_s']:.1f}"
+            f" | {fig['peak_rss_mb']:.0f} |"
+        )
+    return lines + [""]
+
+
+def _targets(r: Results) -> list[str]:
+    lines = ["## Targets (issue 6)", "", "| target | measured | met |", "|---|---:|---|"]
+    for t in r.get("targets", {}).values():
+        met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
+        lines.append(f"| {t['target']} | {_f(t['value'], 3)} | {met} |")
+    return lines + [""]
+
+
+def _errors(r: Results) -> list[str]:
+    errors = {k: v["error"] for k, v in r.items() if isinstance(v, dict) and "error" in v}
+    if not errors:
+        return []
+    return ["## Sections that failed", ""] + [f"- {k}: {v}" for k, v in errors.items()] + [""]

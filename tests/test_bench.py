@@ -1,0 +1,72 @@
+"""``rtseg bench --quick`` through the real command line: every section, sane figures, both reports."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+SECTIONS = ("machine", "inference", "receive", "rtstruct", "turnaround", "turnaround_full_ct", "federation")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    if shutil.which("storescp") is None or shutil.which("storescu") is None:
+        pytest.skip("dcmtk (storescp, storescu) is not installed")
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run(
+        [sys.executable, "-m", "rtseg.cli", "bench", "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (out / "bench.md").is_file() and "# rtseg bench (quick)" in (out / "bench.md").read_text()
+    return dict(json.loads((out / "bench.json").read_text()))
+
+
+@pytest.mark.slow
+def test_every_section_ran(report: dict) -> None:
+    for name in SECTIONS:
+        assert isinstance(report[name], dict) and "error" not in report[name], name
+    machine = report["machine"]
+    assert machine["cores"] >= 1 and machine["versions"]["torch"] and machine["versions"]["nnunetv2"]
+
+
+@pytest.mark.slow
+def test_inference_figures_are_sane(report: dict) -> None:
+    inference = report["inference"]
+    assert [r["variant"] for r in inference["runs"]][:2] == ["stock nnU-Net (defaults)", "rtseg"]
+    for run in inference["runs"]:
+        assert run["predict_s"] > 0 and run["load_s"] > 0 and run["peak_rss_mb"] > 100
+    assert inference["speedup"] > 0
+    dice = [v for v in inference["dice_vs_stock"].values() if v is not None]
+    assert dice and all(0.0 <= v <= 1.0 for v in dice)
+
+
+@pytest.mark.slow
+def test_node_core_and_federation_figures_are_sane(report: dict) -> None:
+    receive = report["receive"]
+    assert receive["rtseg_s"] > 0 and receive["dcmtk_s"] > 0 and receive["ratio_vs_dcmtk"] > 0
+    assert report["rtstruct"]["seconds"] > 0 and report["rtstruct"]["structures"] >= 1
+    turnaround = report["turnaround"]
+    assert len(turnaround["times_s"]) == turnaround["series"] >= 1
+    assert 0 < turnaround["p50_s"] <= turnaround["p95_s"]
+    assert report["turnaround_full_ct"]["seconds"] > 0
+    federation = report["federation"]
+    assert federation["round_s"] > 0 and 0 <= federation["training_s"] <= federation["round_s"]
+    assert federation["sites"] == 2 and all(b > 0 for b in federation["bytes_per_site"].values())
+    assert set(report["targets"]) >= {"inference_speedup", "receive", "rtstruct", "turnaround"}
+
+
+def test_bad_arguments_are_refused_with_a_message() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "rtseg.cli", "bench", "--out", "x", "--slices", "3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "must be at least 8" in proc.stderr
