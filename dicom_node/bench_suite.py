@@ -25,8 +25,8 @@ from rtseg.errors import RtsegError
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("inference", "receive", "rtstruct", "turnaround", "federation", "scaling")
-OPTIONAL = ("scaling",)  # run only when asked for
+SECTIONS = ("inference", "receive", "rtstruct", "turnaround", "federation", "levers", "scaling")
+OPTIONAL = ("levers", "scaling")  # run only when asked for
 CONCURRENCY = (1, 2, 4)
 # What a section may fail with and the run still report the others.
 SECTION_ERRORS = (RtsegError, OSError, subprocess.SubprocessError, TimeoutError, RuntimeError, ValueError)
@@ -80,9 +80,11 @@ def run_suite(args: argparse.Namespace) -> int:
     }
     say(f"rtseg bench ({plan.mode}): work in {work}, report to {out}")
     context = _Context(plan, work, model, bool(args.levers), results)
-    wanted = [s for s in SECTIONS if s not in (args.skip or ()) and (s not in OPTIONAL or args.scaling)]
+    asked = {"levers": args.levers, "scaling": args.scaling}
+    wanted = [s for s in SECTIONS if s not in (args.skip or ()) and asked.get(s, True)]
     for name in wanted:
         results[name] = _run_section(name, context)
+        write_report(results, out)  # a long run leaves its figures so far
     results["total_s"] = time.monotonic() - started
     json_path, md_path = write_report(results, out)
     say(f"done in {results['total_s']:.0f} s: {json_path}, {md_path}")
@@ -133,11 +135,18 @@ def _bench_ct(ctx: _Context) -> tuple[Any, Any]:
 
 
 def _inference(ctx: _Context) -> dict[str, Any]:
-    from rtseg.benchmarks.inference import LEVERS, OURS, STOCK, compare
+    from rtseg.benchmarks.inference import OURS, STOCK, compare
 
     volume, _ = _bench_ct(ctx)
-    variants = (STOCK, OURS, *LEVERS) if ctx.levers else (STOCK, OURS)
-    return compare(ctx.model, volume, ctx.work / "inference", variants, ctx.plan.timeout_s, say)
+    return compare(ctx.model, volume, ctx.work / "inference", (STOCK, OURS), ctx.plan.timeout_s, say)
+
+
+def _levers(ctx: _Context) -> dict[str, Any]:
+    """rtseg's path with one change at a time; speed and Dice relative to rtseg's path itself."""
+    from rtseg.benchmarks.inference import LEVERS, OURS, compare
+
+    volume, _ = _bench_ct(ctx)
+    return compare(ctx.model, volume, ctx.work / "levers", (OURS, *LEVERS), ctx.plan.timeout_s, say)
 
 
 def _receive(ctx: _Context) -> dict[str, Any]:
@@ -237,5 +246,6 @@ SECTION_FUNCTIONS: dict[str, Callable[[_Context], dict[str, Any]]] = {
     "rtstruct": _rtstruct,
     "turnaround": _turnaround,
     "federation": _federation,
+    "levers": _levers,
     "scaling": _scaling,
 }

@@ -203,8 +203,11 @@ def _load_stock(model: str) -> Any:
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
+    from rtseg.model.manifest import load_manifest
+
     predictor = nnUNetPredictor(device=torch.device("cpu"), allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(model, use_folds=None)
+    folds = load_manifest(Path(model)).folds  # the folder's own folds (auto-detection skips fold_all)
+    predictor.initialize_from_trained_model_folder(model, use_folds=folds)
 
     def predict(image: Any, spacing: tuple[float, ...]) -> tuple[Any, dict[str, float]]:
         return np.asarray(predictor.predict_single_npy_array(image, {"spacing": list(spacing)})), {}

@@ -73,6 +73,7 @@ def markdown(results: Results) -> str:
     sections = (
         _machine,
         _inference,
+        _levers,
         _receive,
         _rtstruct,
         _turnaround,
@@ -99,16 +100,24 @@ def _machine(r: Results) -> list[str]:
 
 
 def _inference(r: Results) -> list[str]:
-    inf = r.get("inference")
+    return _runs(r.get("inference"), "## Inference", "stock")
+
+
+def _levers(r: Results) -> list[str]:
+    return _runs(r.get("levers"), "## Inference speed levers (relative to rtseg's path)", "rtseg")
+
+
+def _runs(inf: Any, title: str, reference: str) -> list[str]:
     if not isinstance(inf, dict) or "runs" not in inf:
         return []
     lines = [
-        "## Inference",
+        title,
         "",
         f"CT {inf['shape']} voxels, spacing {inf['spacing_zyx']} mm (z, y, x); model {inf['model']}.",
         "Each variant in its own process; predict time excludes model loading; peak RSS is the process's.",
         "",
-        "| variant | load s | predict s | × faster than stock | peak RSS MB | min Dice vs stock | phases s |",
+        f"| variant | load s | predict s | × faster than {reference} | peak RSS MB"
+        f" | min Dice vs {reference} | phases s |",
         "|---|---:|---:|---:|---:|---:|---|",
     ]
     for run in inf["runs"]:
@@ -117,7 +126,7 @@ def _inference(r: Results) -> list[str]:
             f"| {run['variant']} | {_f(run['load_s'])} | {_f(run['predict_s'])} | {_f(run.get('speedup'), 2)}"
             f" | {_f(run['peak_rss_mb'], 0)} | {_f(run.get('min_dice'), 4)} | {phases} |"
         )
-    lines += ["", "Dice between rtseg's path and stock, per structure:", ""]
+    lines += ["", f"Dice of the second row against {reference}, per structure:", ""]
     dice = inf.get("dice_vs_stock", {})
     lines += ["| " + " | ".join(dice) + " |", "|" + "---:|" * len(dice)]
     lines += ["| " + " | ".join(_f(v, 4) for v in dice.values()) + " |", ""]
