@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 Handler = Callable[[argparse.Namespace], int]
-FACE_MODULES = ("dicom_node.cli", "service.cli", "rtseg.federation.cli")
+FACE_MODULES = ("dicom_node.cli", "service.cli", "rtseg.federation.cli", "rtseg.study.cli")
 
 
 def _load_segmenter(model: Path | None, threads: int | None = None) -> Any:

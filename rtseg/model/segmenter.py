@@ -115,9 +115,7 @@ class NnunetSegmenter:
         self, array_zyx: npt.NDArray[Any], spacing_zyx: tuple[float, float, float]
     ) -> npt.NDArray[np.uint8]:
         """Labels for a canonical ``[z, y, x]`` HU array with spacing ``(z, y, x)`` in mm."""
-        if array_zyx.ndim != 3 or min(array_zyx.shape) < 1:
-            raise InputError(f"expected a 3-D [z, y, x] array, got shape {array_zyx.shape}")
-        image = np.asarray(array_zyx, dtype=np.float32)[None]
+        image = _model_input(array_zyx)
         with self._lock:
             if self.engine == "rtseg":
                 return predict_labels(self._predictor, image, spacing_zyx).labels
@@ -125,6 +123,17 @@ class NnunetSegmenter:
                 image, {"spacing": [float(s) for s in spacing_zyx]}, None, None, False
             )
         return np.asarray(labels).astype(np.uint8, copy=False)
+
+    def probabilities_canonical(
+        self, array_zyx: npt.NDArray[Any], spacing_zyx: tuple[float, float, float]
+    ) -> npt.NDArray[np.float32]:
+        """Class probabilities ``[class, z, y, x]`` of a canonical HU array (class index = label id)."""
+        image = _model_input(array_zyx)
+        with self._lock:
+            _, probabilities = self._predictor.predict_single_npy_array(
+                image, {"spacing": [float(s) for s in spacing_zyx]}, None, None, True
+            )
+        return np.asarray(probabilities, dtype=np.float32)
 
     def _load(self, tile_step_size: float, use_mirroring: bool) -> nnUNetPredictor:
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -161,6 +170,43 @@ class NnunetSegmenter:
             self.device,
         )
         return predictor
+
+
+class EnsembleSegmenter:
+    """Several model folders, each with its own plans, averaged on their class probabilities.
+
+    Unlike the folds of one model folder (which share plans and ensemble inside
+    nnU-Net), the members may differ in normalisation and spacing; they must
+    predict the same label table. The first member's manifest names the ensemble.
+    """
+
+    def __init__(self, members: list[NnunetSegmenter], name: str) -> None:
+        if not members:
+            raise ModelError("an ensemble needs at least one model")
+        labels = members[0].manifest.labels()
+        if any(m.manifest.labels() != labels for m in members):
+            raise ModelError("ensemble members predict different label tables")
+        if list(labels.values()) != list(range(len(labels))):
+            raise ModelError("ensembling needs consecutive label ids (class index = label id)")
+        self.members = members
+        self.manifest = replace(members[0].manifest, name=name)
+
+    def segment(self, volume: CTVolume) -> Segmentation:
+        start = time.perf_counter()
+        orientation = Orientation.from_affine(volume.affine)
+        canonical = orientation.to_canonical(np.asarray(volume.hu))
+        spacing = orientation.canonical_spacing(volume.spacing)
+        mean = self.members[0].probabilities_canonical(canonical, spacing)
+        for member in self.members[1:]:
+            mean += member.probabilities_canonical(canonical, spacing)
+        labels = orientation.from_canonical(np.argmax(mean, axis=0).astype(np.uint8))
+        return Segmentation(labels, self.manifest, time.perf_counter() - start)
+
+
+def _model_input(array_zyx: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+    if array_zyx.ndim != 3 or min(array_zyx.shape) < 1:
+        raise InputError(f"expected a 3-D [z, y, x] array, got shape {array_zyx.shape}")
+    return np.asarray(array_zyx, dtype=np.float32)[None]
 
 
 def _initialize_from_plans(predictor: nnUNetPredictor, model_dir: Path, manifest: ModelManifest) -> None:

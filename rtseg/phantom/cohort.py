@@ -131,6 +131,25 @@ def _choice(rng: np.random.Generator, weights: dict[str, float]) -> str:
     return str(rng.choice(keys, p=p / p.sum()))
 
 
+def _draw(
+    center: str, seed: int, index: int, position: str | None
+) -> tuple[np.random.Generator, Patient, str]:
+    """The first draws of a case: (generator after them, patient, patient position)."""
+    spec = CENTERS[center]
+    rng = _rng(center, seed, index)
+    drawn = _choice(rng, spec.positions)
+    position = position or drawn
+    patient = draw_patient(rng, spec.variants, spec.phases, spec.oral_contrast, prone=position.endswith("P"))
+    return rng, patient, position
+
+
+def case_variant(center: str, seed: int, index: int) -> str:
+    """The variant (normal, nephrectomy_L, ...) case ``index`` will have, without building it."""
+    if center not in CENTERS:
+        raise InputError(f"unknown center {center!r}: choose one of {', '.join(CENTERS)}")
+    return _draw(center, seed, index, None)[1].variant
+
+
 def make_case(
     center: str, seed: int, index: int, matrix: int = 256, position: str | None = None
 ) -> tuple[Patient, Grid, Body, dict[str, Any]]:
@@ -139,10 +158,7 @@ def make_case(
     ``position`` overrides the drawn patient position (same anatomy otherwise).
     """
     spec = CENTERS[center]
-    rng = _rng(center, seed, index)
-    drawn = _choice(rng, spec.positions)
-    position = position or drawn
-    patient = draw_patient(rng, spec.variants, spec.phases, spec.oral_contrast, prone=position.endswith("P"))
+    rng, patient, position = _draw(center, seed, index, position)
     thickness = float(rng.choice(spec.slice_thickness))
     fov = max(spec.min_fov, 2.0 * patient.width * spec.fov_margin * rng.uniform(0.97, 1.05))
     pixel = round(fov / matrix, 4)

@@ -1,0 +1,10 @@
+"""The two-center study on the phantom cohort (``rtseg evaluate``).
+
+Five models trained with the same budget — local-A, local-B, federated A+B
+(real Flower processes), centralised (pooled data) and the ensemble of the
+two local models — scored on held-out cases of both centers, in-center and
+cross-center, for orientation robustness and for false-positive kidneys after
+nephrectomy. :mod:`.design` holds the settings, :mod:`.data` the cohorts,
+:mod:`.arms` the training, :mod:`.scoring` the inference and metrics,
+:mod:`.findings` the pure summary and conclusion, :mod:`.report` the files.
+"""

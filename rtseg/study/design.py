@@ -1,0 +1,145 @@
+"""Settings of the study: cohorts, the common training budget, the arms and the test sets."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from rtseg.errors import InputError
+from rtseg.model.training import CpuConfig
+
+CENTERS = ("A", "B")
+LOCAL_ARMS = {"A": "local-A", "B": "local-B"}
+FEDERATED = "federated"
+CENTRALISED = "centralised"
+ENSEMBLE = "ensemble"
+ARMS = ("local-A", "local-B", FEDERATED, CENTRALISED, ENSEMBLE)
+POSITIONS = ("HFS", "FFS", "HFP")  # the orientation test: the same cases stored in each position
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """Everything that determines a study run (recorded in the work folder to resume safely).
+
+    Every trained model gets the same budget: ``rounds × local_epochs`` epochs of
+    ``cpu.iterations_per_epoch`` iterations. The federated sites train that many
+    epochs each, from the global weights of every round; the local and the
+    centralised models train that many epochs in one go.
+    """
+
+    mode: str
+    matrix: int
+    train_cases: int  # per center
+    test_cases: int  # per center, before nephrectomy cases are added
+    nephrectomy_cases: int  # per center: at least this many nephrectomy cases in the test set
+    orientation_cases: int  # per center: first test cases, stored again as each of POSITIONS
+    curve_cases: int  # per center: test cases scored after every federated round
+    rounds: int
+    local_epochs: int
+    cpu: CpuConfig
+    train_seed: int = 2000  # the default model uses 1000; test cases use yet another seed
+    test_seed: int = 3000
+
+    @property
+    def epochs(self) -> int:
+        return self.rounds * self.local_epochs
+
+    @property
+    def iterations(self) -> int:
+        """Training iterations of each model (each federated site does as many)."""
+        return self.epochs * self.cpu.iterations_per_epoch
+
+    def local_config(self) -> CpuConfig:
+        """The settings of the local and centralised models: the whole budget in one schedule."""
+        return replace(self.cpu, epochs=self.epochs)
+
+    def budget(self) -> str:
+        return (
+            f"{self.epochs} epochs × {self.cpu.iterations_per_epoch} iterations (batch {self.cpu.batch_size})"
+            f" per model; federated: {self.rounds} rounds × {self.local_epochs} local epoch(s) at each site"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def check_work_dir(self, work: Path) -> None:
+        """Record this spec in ``work``; refuse a folder that holds a run with other settings."""
+        path = work / "spec.json"
+        mine = json.loads(json.dumps(self.to_dict()))  # tuples → lists, as read back
+        if path.is_file():
+            theirs = json.loads(path.read_text())
+            if theirs != mine:
+                raise InputError(
+                    "this work folder holds a study run with other settings; use another --work",
+                    source=str(work),
+                )
+            return
+        work.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(mine, indent=1) + "\n")
+
+
+QUICK = StudySpec(
+    mode="quick",
+    matrix=48,
+    train_cases=3,
+    test_cases=2,
+    nephrectomy_cases=1,
+    orientation_cases=1,
+    curve_cases=1,
+    rounds=2,
+    local_epochs=1,
+    cpu=CpuConfig(
+        target_spacing_zyx=(6.0, 6.0, 6.0),
+        patch_size_zyx=(32, 48, 48),
+        batch_size=2,
+        base_features=4,
+        n_stages=3,
+        max_features=32,
+        epochs=1,
+        iterations_per_epoch=3,
+        val_iterations_per_epoch=1,
+        learning_rate=1e-2,
+        da_workers=0,
+        preprocess_workers=1,
+        seed=0,
+        threads=1,
+    ),
+)
+
+FULL = StudySpec(
+    mode="full",
+    matrix=96,
+    train_cases=8,
+    test_cases=4,
+    nephrectomy_cases=2,
+    orientation_cases=2,
+    curve_cases=2,
+    rounds=5,
+    local_epochs=2,
+    cpu=CpuConfig(
+        target_spacing_zyx=(4.0, 3.0, 3.0),
+        patch_size_zyx=(32, 64, 64),
+        batch_size=2,
+        base_features=8,
+        n_stages=4,
+        max_features=64,
+        epochs=1,
+        iterations_per_epoch=20,
+        val_iterations_per_epoch=1,
+        learning_rate=1e-2,
+        da_workers=0,
+        preprocess_workers=1,
+        seed=0,
+        threads=1,
+    ),
+)
+
+
+def relation(arm: str, test_center: str) -> str:
+    """How a test center relates to an arm's training data: in-center, cross-center or both."""
+    for center, name in LOCAL_ARMS.items():
+        if arm == name:
+            return "in-center" if test_center == center else "cross-center"
+    return "both centers"

@@ -1,0 +1,222 @@
+"""``rtseg evaluate``: the two-center study. Fast tests of the summary logic; one slow end-to-end run."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rtseg.phantom.cohort import case_variant
+from rtseg.structures import STRUCTURES
+from rtseg.study.data import NEPHRECTOMY, held_out_indices
+from rtseg.study.design import ARMS, QUICK, relation
+from rtseg.study.findings import (
+    FalsePositive,
+    OrientationCell,
+    aggregate,
+    conclusion,
+    false_positive_summary,
+    findings,
+    nephrectomy_false_positives,
+    orientation,
+    orientation_summary,
+)
+from rtseg.study.report import in_cross_table, write_report
+from rtseg.study.scoring import CurvePoint, ScoreRow
+
+RTSEG = [sys.executable, "-m", "rtseg.cli"]
+OARS = ("Liver", "Spleen", "Kidney_L")
+
+
+def rows(arm: str, center: str, dice: float, kind: str = "test", position: str = "HFS") -> list[ScoreRow]:
+    """Two cases of ``center`` scored by ``arm`` with the same Dice on every OAR."""
+    out = []
+    for case in (f"{center}_0", f"{center}_1"):
+        for s in (*OARS, "External"):
+            out.append(
+                ScoreRow(
+                    arm, kind, case, center, position, "normal", s, dice, 5.0, 1.0, 100.0, 100.0, 0.99, False
+                )
+            )
+    return out
+
+
+def study(table: dict[str, tuple[float, float]]) -> list[ScoreRow]:
+    """``arm → (Dice on center A, Dice on center B)`` as score rows."""
+    return [r for arm, (a, b) in table.items() for r in rows(arm, "A", a) + rows(arm, "B", b)]
+
+
+STUDY_PATTERN = {  # local drops cross-center, federated ≈ local in-center and best cross-center
+    "local-A": (0.90, 0.78),
+    "local-B": (0.80, 0.88),
+    "federated": (0.90, 0.885),
+    "centralised": (0.93, 0.91),
+    "ensemble": (0.85, 0.84),
+}
+
+
+def test_the_study_pattern_is_recognised_and_the_gap_to_centralised_computed() -> None:
+    f = findings(aggregate(study(STUDY_PATTERN)))
+    assert f.local_drop["A"].diff == pytest.approx(0.10) and f.local_drop["B"].diff == pytest.approx(0.10)
+    assert f.fed_vs_in["B"].diff == pytest.approx(0.005) and f.fed_vs_in["B"].matched == 3
+    assert f.fed_vs_cross["A"].diff == pytest.approx(0.10)
+    assert f.overall["federated"] == pytest.approx(0.8925)
+    assert f.gap_to_centralised == pytest.approx(0.0275)
+    text = " ".join(conclusion(f, "full"))
+    assert "Local models drop cross-center" in text
+    assert "matches or beats the in-center local model" in text
+    assert "the federated model is the best" in text
+    assert "trails centralised training on pooled data by 0.02" in text and "(centralised 0.920" in text
+    assert "reproduces the study's finding" in text and "partly" not in text
+    assert "quick" not in text and "not learned" not in text
+
+
+def test_a_federated_model_behind_the_local_models_is_reported_as_not_reproducing() -> None:
+    table = {**STUDY_PATTERN, "federated": (0.70, 0.70)}  # worse than every local model
+    text = " ".join(conclusion(findings(aggregate(study(table))), "full"))
+    assert "The federated model trails the in-center local model" in text
+    assert "the federated model is not the best" in text
+    assert "partly reproduces (1 of 3 claims)" in text
+    assert "trails centralised training on pooled data by 0.220" in text
+
+
+def test_untrained_models_and_quick_mode_are_said_to_mean_nothing() -> None:
+    table = {arm: (0.02, 0.01) for arm in ARMS}
+    text = " ".join(conclusion(findings(aggregate(study(table))), "quick"))
+    assert "quick-mode run" in text and "have not learned the task" in text
+    assert "cannot tell whether it reproduces" in text
+
+
+def test_in_cross_table_marks_in_and_cross_center_columns() -> None:
+    table = in_cross_table(aggregate(study(STUDY_PATTERN)))
+    assert "| local-A | A | 0.900 (in) | 5.0 | 1.00 | 0.780 (cross) |" in table
+    assert "| ensemble | local-A + local-B | 0.850 |" in table
+    assert relation("local-B", "A") == "cross-center" and relation("federated", "A") == "both centers"
+
+
+def test_cells_average_only_cases_that_hold_the_structure() -> None:
+    absent = ScoreRow("local-A", "test", "A_9", "A", "HFS", "nephrectomy_L", "Kidney_L",
+                      0.0, None, None, 0.0, 12.5, None, False)  # fmt: skip
+    cells = aggregate(rows("local-A", "A", 0.8) + [absent])
+    kidney = next(c for c in cells if c.structure == "Kidney_L")
+    assert kidney.n_cases == 2 and kidney.dice_mean == pytest.approx(0.8)
+    assert kidney.fp_cases == 1 and kidney.fp_ml == pytest.approx(12.5)
+    assert nephrectomy_false_positives([absent]) == [FalsePositive("local-A", "A_9", "A", "Kidney_L", 12.5)]
+    assert "local-A 1 of 1 (mean 12.5 ml)" in false_positive_summary(nephrectomy_false_positives([absent]))
+
+
+def test_orientation_spread_is_the_largest_change_between_positions() -> None:
+    scored = [
+        r
+        for position, dice in (("HFS", 0.8), ("FFS", 0.8), ("HFP", 0.7))
+        for r in rows("federated", "A", dice, kind="orientation", position=position)
+    ]
+    cells = orientation(scored)
+    assert [c.position for c in cells] == ["FFS", "HFP", "HFS"]
+    assert cells[1] == OrientationCell("federated", "HFP", 2, pytest.approx(0.7), pytest.approx(0.99), 0)
+    assert "by at most 0.100 (federated)" in orientation_summary(cells)
+
+
+def test_test_sets_hold_the_asked_nephrectomy_cases() -> None:
+    for center in ("A", "B"):
+        chosen = held_out_indices(center, 3000, 2, 2)
+        assert chosen[:2] == [0, 1]
+        assert sum(case_variant(center, 3000, i) in NEPHRECTOMY for i in chosen) >= 2
+
+
+def test_the_quick_budget_is_the_same_for_every_arm() -> None:
+    assert QUICK.local_config().epochs == QUICK.rounds * QUICK.local_epochs
+    assert QUICK.iterations == QUICK.epochs * QUICK.cpu.iterations_per_epoch
+
+
+def test_the_report_writes_tables_and_valid_pngs_from_made_up_scores(tmp_path: Path) -> None:
+    scored = study(STUDY_PATTERN) + [
+        r for arm in ARMS for p in ("HFS", "FFS", "HFP") for r in rows(arm, "A", 0.8, "orientation", p)
+    ]
+    curve = [CurvePoint(r, c, f"{c}_0", 0.2 + 0.3 * r) for r in range(3) for c in ("A", "B")]
+    report = write_report(QUICK, tmp_path / "out", tmp_path / "work", scored, curve, {"total": 60.0})
+    md = report.results_md.read_text()
+    assert "reproduces the study's finding" in md and "| federated | HFP | 2 | 0.800 |" in md
+    assert "| 2 | 0.800 | 0.800 |" in md  # federated round 2, held-out Dice on A and on B
+    for png in report.figures:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- the real command, end to end --------------------------------------------------------------
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_evaluate_quick_writes_the_study_tables_and_figures(tmp_path: Path) -> None:
+    out, work = tmp_path / "results", tmp_path / "work"
+    started = time.monotonic()
+    run = subprocess.run(
+        [*RTSEG, "evaluate", "--quick", "--out", str(out), "--work", str(work)],
+        capture_output=True,
+        text=True,
+        timeout=1700,
+    )
+    first = time.monotonic() - started
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "| model | trained on |" in run.stdout and "In short, the phantom benchmark" in run.stdout
+
+    md = (out / "results.md").read_text()
+    headings = ["## Conclusion", "## In-center and cross-center", "## Dice per structure", "## HD95"]
+    headings += [
+        "## Mean surface distance",
+        "## Orientation robustness",
+        "## False positives after nephrectomy",
+    ]
+    for heading in [*headings, "## Federated rounds"]:
+        assert heading in md
+    for arm in ARMS:
+        assert f"| {arm} |" in md
+    assert "(in)" in md and "(cross)" in md and "quick-mode run" in md
+    for position in ("HFS", "FFS", "HFP"):
+        assert f"| federated | {position} |" in md
+
+    results = _csv(out / "results.csv")
+    keys = {(r["arm"], r["test_center"], r["structure"]) for r in results}
+    assert keys == {(a, c, s.name) for a in ARMS for c in ("A", "B") for s in STRUCTURES}
+    assert len(results) == len(keys)
+    for r in results:
+        assert r["relation"] == relation(r["arm"], r["test_center"])
+        if r["dice_mean"]:
+            assert 0.0 <= float(r["dice_mean"]) <= 1.0
+        for key in ("hd95_mm", "msd_mm", "fp_ml"):
+            if r[key]:
+                assert 0.0 <= float(r[key]) < 1000.0
+    scores = _csv(out / "scores.csv")
+    assert {r["kind"] for r in scores} == {"test", "orientation"}
+    assert any(r["variant"].startswith("nephrectomy") for r in scores)
+    rounds = {int(r["round"]) for r in _csv(out / "federated_rounds.csv")}
+    assert rounds == set(range(QUICK.rounds + 1))
+
+    for name in ("dice_by_structure", "dice_by_model", "learning_curves", "orientation"):
+        png = out / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        import matplotlib.image
+
+        assert matplotlib.image.imread(png).shape[0] > 100  # decodes, and is a real figure
+        assert f"]({name}.png)" in md
+
+    # The work folder resumes: nothing is trained or predicted again, the results are the same.
+    started = time.monotonic()
+    again = subprocess.run(
+        [*RTSEG, "evaluate", "--quick", "--out", str(out), "--work", str(work)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert time.monotonic() - started < first / 2
+    assert _csv(out / "results.csv") == results
