@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 DATASET_ID = 701
 MODEL_NAME = "rtseg-study"
+RUN_ATTEMPTS = 3  # federated runs started before giving up
 Advance = Callable[[], None]
 
 
@@ -175,11 +176,25 @@ def train_federated(
         for i in range(len(CENTERS)):
             fed.start_site(i)
         with _watch_rounds(fed.state_dir, advance):
-            run_id, status = fed.run(timeout=6 * 3600.0)
-        if status != "finished:completed":
-            raise FederationError(f"run {run_id} ended {status}; see {fed.state_dir / 'coordinator.log'}")
+            _run_to_completion(fed)
         _keep_rounds(fed.state_dir, work)
     return model_dir(work, FEDERATED)
+
+
+def _run_to_completion(fed: Any, attempts: int = RUN_ATTEMPTS) -> None:
+    """Start runs until one completes; each new run resumes after the last completed round.
+
+    A site's reply can be lost in transport (Flower's object store expires it on a starved
+    machine); the coordinator's state keeps every finished round, so nothing is trained twice.
+    """
+    for attempt in range(1, attempts + 1):
+        run_id, status = fed.run(timeout=6 * 3600.0)
+        if status == "finished:completed":
+            return
+        log.warning("federated run %d ended %s (attempt %d of %d)", run_id, status, attempt, attempts)
+    raise FederationError(
+        f"run {run_id} ended {status} after {attempts} attempts; see {fed.state_dir / 'coordinator.log'}"
+    )
 
 
 def _keep_rounds(state_dir: Path, work: Path) -> None:
