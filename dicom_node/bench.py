@@ -85,7 +85,8 @@ def throughput(
     dcmtk, ours = [], []
     for i in range(repeats):
         out = work / f"storescp_{i}"
-        out.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(out, ignore_errors=True)  # an interrupted run leaves files behind
+        out.mkdir(parents=True)
         port = free_port()
         proc = subprocess.Popen(["storescp", *dcmtk_args, "-od", str(out), "-aet", "STORESCP", str(port)])
         try:
@@ -96,6 +97,7 @@ def throughput(
             proc.wait()
         shutil.rmtree(out)
         data = work / f"node_{i}"
+        shutil.rmtree(data, ignore_errors=True)
         env = {"RTSEG_DATA_DIR": str(data), "RTSEG_DICOM_PORT": "0", "RTSEG_NODE_MIN_FREE_DISK_MB": "10"}
         settings = load_settings(environ=env)
         store, deliveries = open_stores(data)
