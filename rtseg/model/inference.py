@@ -87,7 +87,7 @@ def sliding_window_logits(predictor: nnUNetPredictor, data: torch.Tensor) -> tor
             total = logits if total is None else total + logits
     assert total is not None  # nnU-Net refuses a model folder without folds
     if len(predictor.list_of_parameters) > 1:
-        total /= len(predictor.list_of_parameters)
+        total = total / len(predictor.list_of_parameters)  # not in place: an inference tensor
     return total
 
 
