@@ -155,6 +155,7 @@ def _csv(path: Path) -> list[dict[str, str]]:
 
 
 @pytest.mark.slow
+@pytest.mark.study  # > 10 min on 2 cores: run by hand, not in CI (see .ci/run)
 @pytest.mark.timeout(1800)
 def test_evaluate_quick_writes_the_study_tables_and_figures(tmp_path: Path) -> None:
     out, work = tmp_path / "results", tmp_path / "work"
