@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from rtseg.federation import FederationError
+from rtseg.errors import FederationError
 from rtseg.model.dataset import Case, write_raw_dataset
 from rtseg.model.manifest import MANIFEST_NAME, ModelManifest, default_provenance
 from rtseg.model.training import (

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from rtseg.errors import InputError
+from rtseg.federation.simulate import TINY
 from rtseg.model.training import CpuConfig
 
 CENTERS = ("A", "B")
@@ -90,23 +91,9 @@ QUICK = StudySpec(
     curve_cases=1,
     rounds=2,
     local_epochs=1,
-    cpu=CpuConfig(
-        target_spacing_zyx=(6.0, 6.0, 6.0),
-        patch_size_zyx=(32, 48, 48),
-        batch_size=2,
-        base_features=4,
-        n_stages=3,
-        max_features=32,
-        epochs=1,
-        iterations_per_epoch=3,
-        val_iterations_per_epoch=1,
-        learning_rate=1e-2,
-        da_workers=0,
-        preprocess_workers=1,
-        seed=0,
-        threads=1,
-    ),
+    cpu=TINY,  # the configuration `rtseg federation simulate` trains with
 )
+
 
 FULL = StudySpec(
     mode="full",
