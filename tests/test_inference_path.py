@@ -36,3 +36,31 @@ def test_labels_match_nnunet_resampling(
     stock = _stock_labels(logits, shape, model_spacing, ct_spacing)
     assert ours.shape == shape and ours.dtype == np.uint8
     assert (ours == stock).mean() > 0.999
+
+
+def _smooth_logits(classes: int, shape: tuple[int, int, int], seed: int) -> np.ndarray:
+    """Logits of blob-like structures: most cells agree on a label, boundaries are thin."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(0, 1, n) for n in shape], indexing="ij"))
+    centres = rng.uniform(0.15, 0.85, size=(classes, 3))
+    return np.stack(
+        [-np.sum((grid - c.reshape(3, 1, 1, 1)) ** 2, axis=0) * rng.uniform(20, 40) for c in centres]
+    ).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    ("model_spacing", "ct_spacing", "z_mode"),
+    [
+        ([4.0, 3.0, 3.0], [1.6, 1.05, 1.1], "linear"),  # the default model's spacing: trilinear
+        ([6.0, 1.0, 1.0], [1.0, 0.35, 0.37], "nearest"),  # anisotropic model: z nearest
+    ],
+)
+def test_boundary_only_interpolation_equals_full_interpolation_on_organ_like_logits(
+    model_spacing: list[float], ct_spacing: list[float], z_mode: str
+) -> None:
+    logits = _smooth_logits(8, (12, 40, 36), seed=3)
+    shape = (29, 113, 97)
+    ours = upsample_argmax(torch.from_numpy(logits), shape, z_mode, slab=5)
+    stock = _stock_labels(logits, shape, model_spacing, ct_spacing)
+    assert len(np.unique(stock)) == 8  # every structure shows up
+    assert (ours == stock).mean() > 0.9999
