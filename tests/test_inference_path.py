@@ -64,3 +64,25 @@ def test_boundary_only_interpolation_equals_full_interpolation_on_organ_like_log
     stock = _stock_labels(logits, shape, model_spacing, ct_spacing)
     assert len(np.unique(stock)) == 8  # every structure shows up
     assert (ours == stock).mean() > 0.9999
+
+
+def test_specks_of_a_structure_give_way_to_the_next_likely_class_and_real_pieces_stay() -> None:
+    from rtseg.model.inference import suppress_islands
+
+    scores = np.zeros((4, 20, 20, 20), dtype=np.float32)
+    scores[0] = 1.0  # background
+    scores[2, 2:18, 2:18, 2:10] = 3.0  # a big organ (class 2) ...
+    scores[2, 2:18, 2:18, 12:18] = 3.0  # ... in two real pieces
+    scores[3, 5, 5, 5] = 4.0  # a one-voxel speck of class 3 inside the organ
+    scores[3, 10:14, 10:14, 13:17] = 4.0  # a real piece of class 3 (64 voxels)
+    scores[1, 0, 0, 0] = 5.0  # a one-voxel body-outline piece: kept
+    voxel_ml = 0.027  # 3 mm voxels; 0.2 ml ≈ 7.4 voxels
+    labels_before = scores.argmax(0)
+    out = suppress_islands(torch.from_numpy(scores), voxel_ml, 0.2, keep=frozenset({1})).argmax(0).numpy()
+    assert labels_before[5, 5, 5] == 3 and out[5, 5, 5] == 2  # the speck took the organ's label
+    assert (out[10:14, 10:14, 13:17] == 3).all()  # the real piece stays
+    assert out[0, 0, 0] == 1  # the outline is never cut
+    changed = out != labels_before
+    assert changed.sum() == 1  # nothing else moved
+    unchanged = suppress_islands(torch.from_numpy(scores), voxel_ml, 0.01, keep=frozenset({1}))
+    assert (unchanged.argmax(0).numpy() == labels_before).all()  # below the threshold nothing is dropped

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+MIN_ISLAND_ML = 0.2  # smaller connected pieces of a structure are dropped (never an organ, only noise)
 SLAB_SLICES = 16  # output slices labelled at once; only boundary voxels hold class scores
 
 
@@ -40,20 +41,82 @@ class Prediction:
 
 
 def predict_labels(
-    predictor: nnUNetPredictor, image: npt.NDArray[np.float32], spacing_zyx: tuple[float, float, float]
+    predictor: nnUNetPredictor,
+    image: npt.NDArray[np.float32],
+    spacing_zyx: tuple[float, float, float],
+    min_island_ml: float = MIN_ISLAND_ML,
 ) -> Prediction:
-    """Labels of a ``[1, z, y, x]`` image on its own grid, through nnU-Net's preprocessing and network."""
+    """Labels of a ``[1, z, y, x]`` image on its own grid, through nnU-Net's preprocessing and network.
+
+    Connected pieces of a structure smaller than ``min_island_ml`` at the
+    model's spacing give way to the next most likely class (see
+    :func:`suppress_islands`); 0 keeps them.
+    """
     t0 = time.perf_counter()
     data, properties = preprocess(predictor, image, spacing_zyx)
     t1 = time.perf_counter()
     logits = sliding_window_logits(predictor, data)
     del data
+    if min_island_ml > 0:
+        voxel_ml = float(np.prod(predictor.configuration_manager.spacing)) / 1000.0
+        logits = suppress_islands(logits, voxel_ml, min_island_ml, keep=_external_labels(predictor))
     t2 = time.perf_counter()
     labels = labels_on_input_grid(predictor, logits, properties)
     t3 = time.perf_counter()
     phases = {"preprocess_s": t1 - t0, "network_s": t2 - t1, "resample_s": t3 - t2}
     log.info("inference phases: %s", ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
     return Prediction(labels, phases)
+
+
+def suppress_islands(
+    scores: torch.Tensor, voxel_ml: float, min_ml: float, keep: frozenset[int] = frozenset()
+) -> torch.Tensor:
+    """``scores [class, z, y, x]`` where the argmax's connected pieces under ``min_ml`` lose their class.
+
+    An undertrained or out-of-distribution model scatters one-voxel specks of
+    a structure through the body: clinically meaningless, and thousands of
+    contours that make the RTSTRUCT huge and slow in the TPS. Every connected
+    piece (6-neighbourhood, as the contours see it) of a class smaller than ``min_ml`` gets that
+    class's score pushed below every other score there, so the next most
+    likely class takes it. Background (0) and the ``keep`` classes (the body
+    outline, which legitimately fills thin gaps between organs) are left alone.
+    """
+    import torch
+    from scipy import ndimage
+
+    labels = scores.argmax(dim=0).numpy()
+    present = [int(c) for c in np.unique(labels) if c != 0 and int(c) not in keep]
+    boxes = ndimage.find_objects(labels)
+    small_at: list[tuple[npt.NDArray[np.intp], ...]] = []
+    small_class: list[int] = []
+    for c in present:
+        box = boxes[c - 1]
+        if box is None:
+            continue
+        pieces, n = ndimage.label(labels[box] == c)  # face neighbours: a checkerboard is all specks
+        sizes = np.bincount(pieces.ravel(), minlength=n + 1) * voxel_ml
+        small = sizes < min_ml
+        small[0] = False
+        if not small.any():
+            continue
+        where = np.nonzero(small[pieces])
+        small_at.append(tuple(w + b.start for w, b in zip(where, box, strict=True)))
+        small_class.append(c)
+    if not small_at:
+        return scores
+    out = scores.clone()
+    floor = float(out.min()) - 1.0  # finite: interpolation weights of 0 must not meet infinities
+    for c, (z, y, x) in zip(small_class, small_at, strict=True):
+        out[c, torch.from_numpy(z), torch.from_numpy(y), torch.from_numpy(x)] = floor
+    log.info("dropped islands under %.2f ml of %d structure(s)", min_ml, len(small_class))
+    return out
+
+
+def _external_labels(predictor: nnUNetPredictor) -> frozenset[int]:
+    """Label ids of the body outline (TG-263 ``External``), kept whole by :func:`suppress_islands`."""
+    labels = predictor.dataset_json.get("labels", {})
+    names = {"external", "body"}
+    return frozenset(v for k, v in labels.items() if str(k).lower() in names and isinstance(v, int))
 
 
 def preprocess(

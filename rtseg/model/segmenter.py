@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from rtseg.errors import InputError, ModelError
-from rtseg.model.inference import predict_labels
+from rtseg.model.inference import MIN_ISLAND_ML, predict_labels, suppress_islands
 from rtseg.model.manifest import CANONICAL_ORIENTATION, ModelManifest, load_manifest, read_json
 from rtseg.volume import CTVolume, Orientation
 
@@ -59,9 +59,11 @@ class NnunetSegmenter:
     tile_step_size, use_mirroring
         Sliding-window overlap and test-time mirroring (mirroring costs up to 8×).
     engine
-        ``"rtseg"`` (:mod:`rtseg.model.inference`: all torch threads, logits
-        interpolated slab by slab) or ``"nnunet"`` (``predict_single_npy_array``:
-        all logits at full resolution at once); both give the same labels.
+        ``"rtseg"`` (:mod:`rtseg.model.inference`: all torch threads, argmax at
+        the model's spacing with only boundary voxels interpolated, structure
+        islands under ``MIN_ISLAND_ML`` dropped) or ``"nnunet"``
+        (``predict_single_npy_array``: all logits at full resolution at once,
+        nnU-Net's labels unchanged).
     folds
         Subset of the manifest's folds to ensemble; default all of them.
     """
@@ -199,7 +201,12 @@ class EnsembleSegmenter:
         mean = self.members[0].probabilities_canonical(canonical, spacing)
         for member in self.members[1:]:
             mean += member.probabilities_canonical(canonical, spacing)
-        labels = orientation.from_canonical(np.argmax(mean, axis=0).astype(np.uint8))
+        import torch
+
+        external = frozenset(s.label for s in self.manifest.structures if s.name == "External")
+        voxel_ml = float(np.prod(spacing)) / 1000.0
+        scores = suppress_islands(torch.from_numpy(mean), voxel_ml, MIN_ISLAND_ML, keep=external)
+        labels = orientation.from_canonical(scores.argmax(dim=0).numpy().astype(np.uint8))
         return Segmentation(labels, self.manifest, time.perf_counter() - start)
 
 
