@@ -139,10 +139,10 @@ def _node_echo(args: argparse.Namespace) -> int:
 
 def _node_status(args: argparse.Namespace) -> int:
     from dicom_node.node import open_stores
-    from rtseg.jobs import JobState
+    from rtseg.jobs import JobState, state_db
 
     settings = load_settings(args.config)
-    db = Path(settings.data_dir) / "state.db"
+    db = state_db(settings.data_dir)
     if not db.is_file():
         print(f"no node state in {Path(settings.data_dir).resolve()} (never started?)")
         return 1

@@ -54,29 +54,8 @@ def plan(args: dict[str, Any], config: CpuConfig, emit: Callable[..., None]) -> 
 
 
 def train(args: dict[str, Any], config: CpuConfig, emit: Callable[..., None]) -> None:
-    import torch
-    from nnunetv2.paths import nnUNet_preprocessed
-    from nnunetv2.utilities.dataset_name_id_conversion import convert_id_to_dataset_name
-
-    from rtseg.model.trainer import RtsegTrainer, seed_everything
-
-    seed_everything(config.seed)
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-    folder = Path(nnUNet_preprocessed.require()) / convert_id_to_dataset_name(int(args["dataset_id"]))
-    plans = json.loads((folder / f"{PLANS_IDENTIFIER}.json").read_text())
-    plans["continue_training"] = False  # nnU-Net's run_training adds this key; the trainer pops it
-    dataset_json = json.loads((folder / "dataset.json").read_text())
     fold = args["fold"] if args["fold"] == "all" else int(args["fold"])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    trainer = RtsegTrainer(plans, CONFIGURATION, fold, dataset_json, device)
-    trainer.configure_schedule(
-        epochs=config.epochs,
-        iterations_per_epoch=config.iterations_per_epoch,
-        val_iterations_per_epoch=config.val_iterations_per_epoch,
-        learning_rate=config.learning_rate,
-        epoch_report=lambda report: emit("epoch", **report),
-    )
+    trainer = _make_trainer(args, config, emit, fold)
     trainer.run_training()  # no perform_actual_validation: pseudo Dice per epoch is enough here
     emit("done", results_dir=str(trainer.output_folder_base))
 
@@ -181,7 +160,10 @@ def train_round(args: dict[str, Any], config: CpuConfig, emit: Callable[..., Non
 
     schedule = args["schedule"]
     os.nice(int(schedule["nice"]))  # below DICOM receiving and inference
-    round_config = replace(config, epochs=int(schedule["epochs"]))
+    # seeded per round: the same seed every round would draw the same patches every round
+    round_config = replace(
+        config, epochs=int(schedule["epochs"]), seed=config.seed + int(schedule["epoch_offset"])
+    )
     trainer = _make_trainer(args, round_config, emit)
     trainer.initialize()
     load_network_arrays(trainer.network, load_arrays(Path(args["weights_in"])))
@@ -202,7 +184,10 @@ def train_round(args: dict[str, Any], config: CpuConfig, emit: Callable[..., Non
     emit("done", seconds=seconds)
 
 
-def _make_trainer(args: dict[str, Any], config: CpuConfig, emit: Callable[..., None]) -> Any:
+def _make_trainer(
+    args: dict[str, Any], config: CpuConfig, emit: Callable[..., None], fold: int | str = "all"
+) -> Any:
+    """nnU-Net's trainer for the preprocessed dataset, seeded, on CUDA when this torch has it."""
     import torch
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.dataset_name_id_conversion import convert_id_to_dataset_name
@@ -214,9 +199,10 @@ def _make_trainer(args: dict[str, Any], config: CpuConfig, emit: Callable[..., N
         torch.set_num_threads(config.threads)
     folder = Path(nnUNet_preprocessed.require()) / convert_id_to_dataset_name(int(args["dataset_id"]))
     plans = json.loads((folder / f"{PLANS_IDENTIFIER}.json").read_text())
-    plans["continue_training"] = False
+    plans["continue_training"] = False  # nnU-Net's run_training adds this key; the trainer pops it
     dataset_json = json.loads((folder / "dataset.json").read_text())
-    trainer = RtsegTrainer(plans, CONFIGURATION, "all", dataset_json, torch.device("cpu"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    trainer = RtsegTrainer(plans, CONFIGURATION, fold, dataset_json, device)
     trainer.configure_schedule(
         epochs=config.epochs,
         iterations_per_epoch=config.iterations_per_epoch,
