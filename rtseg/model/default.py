@@ -43,18 +43,18 @@ DATASET_NAME = "RtsegPhantom"
 class Recipe:
     """Everything that determines the default model."""
 
-    version: str = "0.2.0"
+    version: str = "0.3.0"
     seed: int = 1000  # training cohort seed; evaluation uses other seeds
     cases_per_center: int = 30
     matrix: int = 256
     config: CpuConfig = CpuConfig(
-        target_spacing_zyx=(3.0, 1.5, 1.5),
-        patch_size_zyx=(48, 96, 96),
+        target_spacing_zyx=(4.0, 3.0, 3.0),
+        patch_size_zyx=(48, 80, 80),
         batch_size=2,
         base_features=8,
         n_stages=5,
         max_features=128,
-        epochs=26,
+        epochs=32,
         iterations_per_epoch=50,
         val_iterations_per_epoch=2,
         learning_rate=1e-2,
