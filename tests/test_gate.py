@@ -21,7 +21,7 @@ def candidate(out: Path, round_: int, bias_shift: dict[int, float] | None = None
     """The default model as "round ``round_``" of federation fed-test, its weights changed with numpy.
 
     All weights get a negligible nudge (a new hash, the same predictions);
-    ``bias_shift`` adds to the output bias of labels (-50: never predicted).
+    ``bias_shift`` adds to the output bias of labels (-1000: never predicted; fp16 logits overflow near -1e4).
     """
     import torch
 
@@ -65,7 +65,7 @@ def test_worse_candidate_is_refused_with_the_structures_that_dropped(
     site: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     labels = [s.label for s in load_manifest(default_model_dir()).structures]
-    worse = candidate(site["root"] / "worse", 2, dict.fromkeys(labels, -50.0))  # predicts background only
+    worse = candidate(site["root"] / "worse", 2, dict.fromkeys(labels, -1000.0))  # predicts background only
     assert main(_gate(site, worse, "--promote")) == 1
     out = capsys.readouterr().out
     version = f"fed-test/r2/{model_hash(worse)}"
