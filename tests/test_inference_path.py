@@ -86,3 +86,14 @@ def test_specks_of_a_structure_give_way_to_the_next_likely_class_and_real_pieces
     assert changed.sum() == 1  # nothing else moved
     unchanged = suppress_islands(torch.from_numpy(scores), voxel_ml, 0.01, keep=frozenset({1}))
     assert (unchanged.argmax(0).numpy() == labels_before).all()  # below the threshold nothing is dropped
+
+
+def test_a_speck_left_behind_by_a_dropped_speck_is_dropped_too() -> None:
+    from rtseg.model.inference import suppress_islands
+
+    scores = np.zeros((4, 12, 12, 12), dtype=np.float32)
+    scores[2] = 3.0  # an organ fills the block
+    scores[3, 6, 6, 6] = 5.0  # a speck of class 3 ...
+    scores[1, 6, 6, 6] = 4.0  # ... whose runner-up, class 1, would be a speck as well
+    out = suppress_islands(torch.from_numpy(scores), 0.027, 0.2).argmax(0).numpy()
+    assert out[6, 6, 6] == 2 and (out == 2).all()

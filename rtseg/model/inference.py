@@ -80,7 +80,24 @@ def suppress_islands(
     class's score pushed below every other score there, so the next most
     likely class takes it. Background (0) and the ``keep`` classes (the body
     outline, which legitimately fills thin gaps between organs) are left alone.
+    A class that takes over a speck may form a new speck itself, so this
+    repeats (at most ``ISLAND_PASSES`` times) until no piece is too small.
     """
+    for _ in range(ISLAND_PASSES):
+        cleaned = _suppress_once(scores, voxel_ml, min_ml, keep)
+        if cleaned is None:
+            break
+        scores = cleaned
+    return scores
+
+
+ISLAND_PASSES = 3
+
+
+def _suppress_once(
+    scores: torch.Tensor, voxel_ml: float, min_ml: float, keep: frozenset[int]
+) -> torch.Tensor | None:
+    """One pass of :func:`suppress_islands`; None when no piece is too small."""
     import torch
     from scipy import ndimage
 
@@ -103,7 +120,7 @@ def suppress_islands(
         small_at.append(tuple(w + b.start for w, b in zip(where, box, strict=True)))
         small_class.append(c)
     if not small_at:
-        return scores
+        return None
     out = scores.clone()
     floor = float(out.min()) - 1.0  # finite: interpolation weights of 0 must not meet infinities
     for c, (z, y, x) in zip(small_class, small_at, strict=True):
