@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from rtseg.structures import EXTERNAL
+
 if TYPE_CHECKING:
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -132,7 +134,7 @@ def _suppress_once(
 def _external_labels(predictor: nnUNetPredictor) -> frozenset[int]:
     """Label ids of the body outline (TG-263 ``External``), kept whole by :func:`suppress_islands`."""
     labels = predictor.dataset_json.get("labels", {})
-    names = {"external", "body"}
+    names = {EXTERNAL.lower(), "body"}  # a foreign model may call it BODY
     return frozenset(v for k, v in labels.items() if str(k).lower() in names and isinstance(v, int))
 
 

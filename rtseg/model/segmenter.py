@@ -17,6 +17,7 @@ import numpy.typing as npt
 from rtseg.errors import InputError, ModelError
 from rtseg.model.inference import MIN_ISLAND_ML, predict_labels, suppress_islands
 from rtseg.model.manifest import CANONICAL_ORIENTATION, ModelManifest, load_manifest, read_json
+from rtseg.structures import EXTERNAL
 from rtseg.volume import CTVolume, Orientation
 
 if TYPE_CHECKING:
@@ -203,7 +204,7 @@ class EnsembleSegmenter:
             mean += member.probabilities_canonical(canonical, spacing)
         import torch
 
-        external = frozenset(s.label for s in self.manifest.structures if s.name == "External")
+        external = frozenset(s.label for s in self.manifest.structures if s.name == EXTERNAL)
         voxel_ml = float(np.prod(spacing)) / 1000.0
         scores = suppress_islands(torch.from_numpy(mean), voxel_ml, MIN_ISLAND_ML, keep=external)
         labels = orientation.from_canonical(scores.argmax(dim=0).numpy().astype(np.uint8))
