@@ -135,10 +135,11 @@ def _bench_ct(ctx: _Context) -> tuple[Any, Any]:
 
 
 def _inference(ctx: _Context) -> dict[str, Any]:
-    from rtseg.benchmarks.inference import OURS, STOCK, compare
+    from rtseg.benchmarks.inference import OURS, STOCK, UNFILTERED, compare
 
     volume, _ = _bench_ct(ctx)
-    return compare(ctx.model, volume, ctx.work / "inference", (STOCK, OURS), ctx.plan.timeout_s, say)
+    variants = (STOCK, OURS, UNFILTERED)
+    return compare(ctx.model, volume, ctx.work / "inference", variants, ctx.plan.timeout_s, say)
 
 
 def _levers(ctx: _Context) -> dict[str, Any]:

@@ -97,7 +97,9 @@ class Node:
             self.audit,
         )
         n = settings.node
-        self.pool = WorkerPool(self.store, self.data_dir, model_dir, n.workers, n.inference_threads)
+        self.pool = WorkerPool(
+            self.store, self.data_dir, model_dir, n.workers, n.inference_threads, n.min_island_ml
+        )
         self.closed_loop = ClosedLoop(self.data_dir, self.store, config_from_settings(settings.federation))
         self._loops = [
             Loop("rtseg-assembly", self.assembler.tick, TICK_S),

@@ -102,6 +102,7 @@ class NodeSettings:
     late_instance_policy: str = "ignore"  # ignore: acknowledge and discard; reject: failure status
     workers: int = 1
     inference_threads: int | None = None
+    min_island_ml: float = 0.2  # = rtseg.model.inference.MIN_ISLAND_ML (not imported: no numpy here)
     retention_h: float = 24.0
     min_free_disk_mb: int = 1024
     retry_limit: int = 8
@@ -246,6 +247,7 @@ _NODE: dict[str, Callable[[Any], Any]] = {
     "late_instance_policy": _late_policy,
     "workers": _int(1, 64),
     "inference_threads": _optional(_int(1, 256)),
+    "min_island_ml": _float(0.0, 1000.0),
     "retention_h": _float(0.0),
     "min_free_disk_mb": _int(0, 10**9),
     "retry_limit": _int(1, 1000),

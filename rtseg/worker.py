@@ -66,6 +66,7 @@ class WorkerConfig:
     model_dir: Path
     threads: int | None
     log_level: int
+    min_island_ml: float = 0.2
 
 
 class WorkerPool:
@@ -83,6 +84,8 @@ class WorkerPool:
         Number of processes (each holds a model in memory).
     threads
         Torch CPU threads per worker; default: CPU count divided by workers.
+    min_island_ml
+        Structure pieces under this volume (ml) are dropped; 0 keeps every voxel the model labels.
     """
 
     def __init__(
@@ -92,11 +95,14 @@ class WorkerPool:
         model_dir: Path,
         workers: int = 1,
         threads: int | None = None,
+        min_island_ml: float = 0.2,
     ) -> None:
         self.store = store
         threads = threads or max(1, (os.cpu_count() or 1) // max(workers, 1))
         level = logging.getLogger().getEffectiveLevel()
-        self.config = WorkerConfig(store.db_path, Path(data_dir), Path(model_dir), threads, level)
+        self.config = WorkerConfig(
+            store.db_path, Path(data_dir), Path(model_dir), threads, level, min_island_ml
+        )
         self.workers = workers
         self._ctx = mp.get_context("spawn")
         self._stopping = False
@@ -192,7 +198,7 @@ def load_runner(store: JobStore, config: WorkerConfig) -> JobRunner | None:
 
     model_dir = config.model_dir.resolve()
     try:
-        segmenter = NnunetSegmenter(model_dir, device="cpu", threads=config.threads)
+        segmenter = NnunetSegmenter(model_dir, threads=config.threads, min_island_ml=config.min_island_ml)
     except RtsegError as exc:
         log.error("worker cannot load the model: %s", exc)
         return None

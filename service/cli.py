@@ -96,7 +96,8 @@ def _serve(settings: Settings, http: HttpSettings) -> int:
     # model.path, else the registry's current model (workers follow promotions)
     model_dir = serving_model_dir(settings.model_path, settings.data_dir)
     store = JobStore(state_db(data_dir))
-    pool = WorkerPool(store, data_dir, model_dir, settings.node.workers, settings.node.inference_threads)
+    n = settings.node
+    pool = WorkerPool(store, data_dir, model_dir, n.workers, n.inference_threads, n.min_island_ml)
     app = create_app(http, store, data_dir, model_dir, worker_alive=lambda: pool.alive() > 0)
     server = HttpServer(app, http)
     janitor = Janitor(store, data_dir, http.job_expiry_s)

@@ -86,6 +86,8 @@ def test_specks_of_a_structure_give_way_to_the_next_likely_class_and_real_pieces
     assert changed.sum() == 1  # nothing else moved
     unchanged = suppress_islands(torch.from_numpy(scores), voxel_ml, 0.01, keep=frozenset({1}))
     assert (unchanged.argmax(0).numpy() == labels_before).all()  # below the threshold nothing is dropped
+    kept = suppress_islands(torch.from_numpy(scores), voxel_ml, 0.0, keep=frozenset({1}))
+    assert (kept.argmax(0).numpy() == labels_before).all()  # min_island_ml 0 (node setting): keep every speck
 
 
 def test_a_speck_left_behind_by_a_dropped_speck_is_dropped_too() -> None:

@@ -37,6 +37,7 @@ quiet_time_s = 20
 late_instance_policy = "reject"
 workers = 2
 inference_threads = 2
+min_island_ml = 0
 retention_h = 48
 min_free_disk_mb = 2048
 retry_limit = 5
@@ -71,6 +72,9 @@ def test_defaults_are_the_embedded_node() -> None:
     assert s.data_dir == Path("rtseg-data")
     assert s.selection.image_type_exclude == ("LOCALIZER", "SCOUT", "TOPOGRAM")
     assert s.node.late_instance_policy == "ignore" and not s.dicom.tls.enabled
+    from rtseg.model.inference import MIN_ISLAND_ML
+
+    assert s.node.min_island_ml == MIN_ISLAND_ML  # settings keep their own copy of the default
 
 
 def test_full_file(tmp_path: Path) -> None:
@@ -81,6 +85,7 @@ def test_full_file(tmp_path: Path) -> None:
     assert s.selection.body_parts == ("ABDOMEN",) and s.selection.slice_count == (30, 1500)
     assert s.selection.slice_thickness_mm == (0.5, 5.0)
     assert s.node.workers == 2 and s.node.late_instance_policy == "reject"
+    assert s.node.min_island_ml == 0.0
     assert s.data_dir == Path("/srv/rtseg") and s.model_path == Path("/srv/models/abdomen")
     assert s.http == {"port": 8080, "anything": {"nested": True}}  # kept raw for service/
     assert s.federation == {"site": "a"}

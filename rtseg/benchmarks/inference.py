@@ -27,6 +27,7 @@ import numpy.typing as npt
 
 from rtseg.errors import ModelError
 from rtseg.metrics import dice
+from rtseg.model.inference import MIN_ISLAND_ML
 from rtseg.structures import Structure
 from rtseg.volume import CTVolume, Orientation
 
@@ -47,10 +48,13 @@ class Variant:
     threads: int | None = None
     channels_last: bool = False
     bf16: bool = False
+    min_island_ml: float = MIN_ISLAND_ML  # rtseg's speck removal; 0: nnU-Net's labels as they are
 
 
 STOCK = Variant("stock nnU-Net (defaults)", stock=True, use_mirroring=True)
 OURS = Variant("rtseg")
+# the same fast path without the speck removal stock nnU-Net does not have: the agreement of the path itself
+UNFILTERED = Variant("rtseg, speck removal off (min_island_ml 0)", min_island_ml=0.0)
 
 LEVERS = (
     Variant("rtseg, nnU-Net's export path", engine="nnunet"),
@@ -152,6 +156,7 @@ def compare(
             f" min Dice {_f4(entry['min_dice'])}"
         )
     ours = runs[1] if len(runs) > 1 else runs[0]
+    unfiltered = next((r for r in runs[1:] if r["variant"] == UNFILTERED.name), None)
     return {
         "shape": list(volume.shape),
         "spacing_zyx": [round(s, 3) for s in spacing],
@@ -162,6 +167,7 @@ def compare(
         "speedup": ours["speedup"],
         "min_dice": ours["min_dice"],
         "dice_vs_stock": ours["dice"],
+        "min_dice_unfiltered": unfiltered["min_dice"] if unfiltered else None,
     }
 
 
@@ -228,6 +234,7 @@ def _load_ours(model: str, variant: Variant) -> Any:
         tile_step_size=variant.tile_step_size,
         use_mirroring=variant.use_mirroring,
         engine=variant.engine,
+        min_island_ml=variant.min_island_ml,
     )
     predictor = segmenter._predictor  # the bench tunes the loaded network in place
     if variant.channels_last:
@@ -236,7 +243,7 @@ def _load_ours(model: str, variant: Variant) -> Any:
     def predict(image: Any, spacing: tuple[float, float, float]) -> tuple[Any, dict[str, float]]:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant.bf16):
             if variant.engine == "rtseg":
-                prediction = predict_labels(predictor, image, spacing)
+                prediction = predict_labels(predictor, image, spacing, variant.min_island_ml)
                 return prediction.labels, prediction.phases
             return segmenter.predict_canonical(image[0], spacing), {}
 

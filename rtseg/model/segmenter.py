@@ -65,6 +65,9 @@ class NnunetSegmenter:
         islands under ``MIN_ISLAND_ML`` dropped) or ``"nnunet"``
         (``predict_single_npy_array``: all logits at full resolution at once,
         nnU-Net's labels unchanged).
+    min_island_ml
+        With the rtseg engine: pieces of a structure smaller than this (ml, on
+        the model's grid) give way to the next most likely class; 0 keeps them.
     folds
         Subset of the manifest's folds to ensemble; default all of them.
     """
@@ -79,10 +82,12 @@ class NnunetSegmenter:
         use_mirroring: bool = False,
         folds: tuple[str, ...] | None = None,
         engine: str = "rtseg",
+        min_island_ml: float = MIN_ISLAND_ML,
     ) -> None:
         if engine not in ENGINES:
             raise ModelError(f"unknown inference engine {engine!r}: choose one of {', '.join(ENGINES)}")
         self.engine = engine
+        self.min_island_ml = min_island_ml
         self.model_dir = Path(model_dir)
         manifest = load_manifest(self.model_dir)
         if folds is not None:
@@ -121,7 +126,7 @@ class NnunetSegmenter:
         image = _model_input(array_zyx)
         with self._lock:
             if self.engine == "rtseg":
-                return predict_labels(self._predictor, image, spacing_zyx).labels
+                return predict_labels(self._predictor, image, spacing_zyx, self.min_island_ml).labels
             labels = self._predictor.predict_single_npy_array(
                 image, {"spacing": [float(s) for s in spacing_zyx]}, None, None, False
             )
@@ -206,7 +211,8 @@ class EnsembleSegmenter:
 
         external = frozenset(s.label for s in self.manifest.structures if s.name == EXTERNAL)
         voxel_ml = float(np.prod(spacing)) / 1000.0
-        scores = suppress_islands(torch.from_numpy(mean), voxel_ml, MIN_ISLAND_ML, keep=external)
+        min_ml = self.members[0].min_island_ml
+        scores = suppress_islands(torch.from_numpy(mean), voxel_ml, min_ml, keep=external)
         labels = orientation.from_canonical(scores.argmax(dim=0).numpy().astype(np.uint8))
         return Segmentation(labels, self.manifest, time.perf_counter() - start)
 
