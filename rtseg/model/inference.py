@@ -141,18 +141,27 @@ def _external_labels(predictor: nnUNetPredictor) -> frozenset[int]:
 def preprocess(
     predictor: nnUNetPredictor, image: npt.NDArray[np.float32], spacing_zyx: tuple[float, float, float]
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """nnU-Net's own preprocessing (transpose, crop, normalise, resample to the model's spacing)."""
+    """nnU-Net's own preprocessing (transpose, crop, normalise, resample to the model's spacing).
+
+    Where :func:`rtseg.model.preprocess.fast_path_applies` holds (nnU-Net's
+    default preprocessor and cubic resampling), the same result comes from
+    :func:`rtseg.model.preprocess.preprocess_fast` several times faster;
+    anything else runs nnU-Net's ``run_case_npy``.
+    """
     import torch
 
+    from rtseg.model.preprocess import fast_path_applies, preprocess_fast
+
     manager = predictor.configuration_manager
-    preprocessor = manager.preprocessor_class(verbose=False)
+    preprocessor_class = manager.preprocessor_class
+    spacing = [float(s) for s in spacing_zyx]
+    if fast_path_applies(predictor, preprocessor_class, image):
+        fast = preprocess_fast(predictor, image, {"spacing": list(spacing)})
+        if fast is not None:
+            return torch.from_numpy(fast[0]), fast[1]
+    preprocessor = preprocessor_class(verbose=False)
     data, _, properties = preprocessor.run_case_npy(
-        image,
-        None,
-        {"spacing": [float(s) for s in spacing_zyx]},
-        predictor.plans_manager,
-        manager,
-        predictor.dataset_json,
+        image, None, {"spacing": spacing}, predictor.plans_manager, manager, predictor.dataset_json
     )
     return torch.from_numpy(data), properties
 
