@@ -84,7 +84,10 @@ def suppress_islands(
     outline, which legitimately fills thin gaps between organs) are left alone.
     A class that takes over a speck may form a new speck itself, so this
     repeats (at most ``ISLAND_PASSES`` times) until no piece is too small.
+    ``min_ml`` 0 leaves ``scores`` as they are.
     """
+    if min_ml <= 0:
+        return scores
     for _ in range(ISLAND_PASSES):
         cleaned = _suppress_once(scores, voxel_ml, min_ml, keep)
         if cleaned is None:
