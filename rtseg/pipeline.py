@@ -76,18 +76,26 @@ def model_identity(manifest: ModelManifest, model_dir: Path | None = None) -> Mo
     return ModelIdentity(manifest.name, version[:64], description)
 
 
-def plausibility(report: StructureReport, labels: npt.NDArray[np.uint8], volume: CTVolume) -> tuple[str, ...]:
-    """Flags a reviewer should see: implausible volume, structure on the wrong side."""
+def plausibility(
+    report: StructureReport,
+    labels: npt.NDArray[np.uint8],
+    volume: CTVolume,
+    body_centre: tuple[float, float, float] | None = None,
+) -> tuple[str, ...]:
+    """Flags a reviewer should see: implausible volume, structure on the wrong side.
+
+    ``body_centre`` is the ``(k, j, i)`` centroid of every labelled voxel
+    (computed here when not given; :func:`summarize` computes it once).
+    """
     flags: list[str] = []
     lo, hi = PLAUSIBLE_ML.get(report.name, (0.0, float("inf")))
     if not lo <= report.volume_ml <= hi:
         flags.append(f"volume {report.volume_ml:.1f} ml outside the expected {lo:g}–{hi:g} ml")
     side = LATERALITY.get(report.name)
     if side is not None:
-        k, j, i = (float(v.mean()) for v in np.nonzero(labels == report.label))
+        k, j, i = _centroid(labels == report.label)
         x = float((volume.affine @ np.array([i, j, k, 1.0]))[0])
-        body = np.nonzero(labels > 0)
-        bk, bj, bi = (float(v.mean()) for v in body)
+        bk, bj, bi = body_centre or _centroid(labels > 0)
         x_body = float((volume.affine @ np.array([bi, bj, bk, 1.0]))[0])
         if (x - x_body) * side < 0:
             where = "left" if x > x_body else "right"
@@ -95,11 +103,24 @@ def plausibility(report: StructureReport, labels: npt.NDArray[np.uint8], volume:
     return tuple(flags)
 
 
+def _centroid(mask: npt.NDArray[np.bool_]) -> tuple[float, float, float]:
+    """Mean ``(k, j, i)`` index of a non-empty mask, from its projections (no index arrays of every voxel)."""
+    total = float(np.count_nonzero(mask))
+    centre = []
+    for axis in range(3):
+        others = tuple(a for a in range(3) if a != axis)
+        profile = np.count_nonzero(mask, axis=others)
+        centre.append(float(np.dot(np.arange(profile.size), profile)) / total)
+    return centre[0], centre[1], centre[2]
+
+
 def summarize(
     result: RTStructResult, labels: npt.NDArray[np.uint8], volume: CTVolume
 ) -> tuple[StructureSummary, ...]:
+    lateral = any(r.name in LATERALITY for r in result.included)
+    body = _centroid(labels > 0) if lateral else None
     return tuple(
-        StructureSummary(r.name, round(r.volume_ml, 2), r.n_contours, plausibility(r, labels, volume))
+        StructureSummary(r.name, round(r.volume_ml, 2), r.n_contours, plausibility(r, labels, volume, body))
         for r in result.included
     )
 

@@ -175,3 +175,24 @@ def test_cli_missing_model_names_the_folder(tmp_path: Path) -> None:
     )
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert str(missing) in run.stderr
+
+
+def test_wrong_side_flag_follows_the_patient_axes_and_the_centroid_is_exact() -> None:
+    from rtseg.pipeline import _centroid, plausibility
+    from rtseg.rtstruct.builder import StructureReport
+    from rtseg.volume import CTVolume, SeriesInfo
+
+    rng = np.random.default_rng(4)
+    mask = rng.random((7, 9, 11)) > 0.6
+    assert np.allclose(_centroid(mask), [float(v.mean()) for v in np.nonzero(mask)])
+
+    labels = np.zeros((4, 10, 10), dtype=np.uint8)
+    labels[:, 2:8, 1:9] = 1  # body
+    labels[:, 4:6, 6:8] = 3  # a "Kidney_L" at high column index i
+    info = SeriesInfo("1.2", "1.2.3", "1.2.4", "1.2.840.10008.5.1.4.1.1.2", ("1",) * 4, "HFS")
+    hfs = np.diag([1.0, 1.0, 1.0, 1.0])  # +i → +x: patient left (LPS)
+    ffs = np.diag([-1.0, 1.0, 1.0, 1.0])  # +i → -x: patient right
+    report = StructureReport("Kidney_L", 3, 1.0, 4)
+    assert not any("centre lies" in f for f in plausibility(report, labels, CTVolume(labels, hfs, info)))
+    flags = plausibility(report, labels, CTVolume(labels, ffs, info))
+    assert any("centre lies on the patient's right" in f for f in flags)
