@@ -89,8 +89,8 @@ QUICK = StudySpec(
     nephrectomy_cases=1,
     orientation_cases=1,
     curve_cases=1,
-    rounds=2,
-    local_epochs=1,
+    rounds=1,  # Flower's fixed cost per round (polling, process starts) is the critical path here
+    local_epochs=2,
     # the network `rtseg federation simulate` trains, with enough iterations to tell body from air:
     # with TINY's 3 a model labels every voxel at random and its RTSTRUCTs hold tens of thousands of contours
     cpu=replace(TINY, iterations_per_epoch=20),
@@ -115,7 +115,7 @@ FULL = StudySpec(
         n_stages=4,
         max_features=64,
         epochs=1,
-        iterations_per_epoch=20,
+        iterations_per_epoch=40,
         val_iterations_per_epoch=1,
         learning_rate=1e-2,
         da_workers=0,
