@@ -6,6 +6,7 @@ import csv
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -221,3 +222,27 @@ def test_evaluate_quick_writes_the_study_tables_and_figures(tmp_path: Path) -> N
     assert again.returncode == 0, again.stderr[-3000:]
     assert time.monotonic() - started < first / 2
     assert _csv(out / "results.csv") == results
+
+
+def test_when_few_oars_are_learned_the_claims_are_read_again_on_those() -> None:
+    from rtseg.study.findings import learned_conclusion, learned_oars
+
+    def liver_only(arm: str, center: str, dice: float) -> list[ScoreRow]:
+        return [
+            replace(r, dice=dice if r.structure in ("Liver", "External") else 0.0)
+            for r in rows(arm, center, dice)
+        ]
+
+    scored = [
+        r for arm, (a, b) in STUDY_PATTERN.items() for r in liver_only(arm, "A", a) + liver_only(arm, "B", b)
+    ]
+    cells = aggregate(scored)
+    assert learned_oars(cells) == ["Liver"]
+    overall = " ".join(conclusion(findings(cells), "full"))
+    assert "have not learned the task" not in overall  # the Liver alone lifts the mean over 3 OARs to 0.3
+    text = " ".join(learned_conclusion(cells, "full"))
+    assert "Restricted to the OARs some model learned (best Dice ≥ 0.2: Liver; 1 of 3 OARs)" in text
+    assert "Local models drop cross-center" in text and "reproduces the study's finding" in text
+    assert (
+        learned_conclusion(aggregate(study(STUDY_PATTERN)), "full") == []
+    )  # every OAR learned: nothing to add

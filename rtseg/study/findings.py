@@ -21,6 +21,7 @@ from rtseg.study.scoring import ScoreRow
 DICE_TOL = 0.02  # Dice differences within this are "matched", beyond it a "drop"
 FP_ML = 1.0  # predicted kidney volume (ml) that counts as a false positive where there is none
 LEARNED = 0.1  # below this best mean OAR Dice the models have not learned: comparisons are noise
+LEARNED_OAR = 0.2  # an OAR some model reaches this Dice on (either center) counts as learned
 
 
 @dataclass(frozen=True)
@@ -172,6 +173,37 @@ def _by_center(
         if got is not None:
             out[x] = got
     return out
+
+
+def learned_oars(cells: Iterable[Cell]) -> list[str]:
+    """OARs that some model segments with mean Dice ≥ ``LEARNED_OAR`` on some test center."""
+    best: dict[str, float] = defaultdict(float)
+    for c in cells:
+        if c.structure != EXTERNAL and c.dice_mean is not None:
+            best[c.structure] = max(best[c.structure], c.dice_mean)
+    return sorted(s for s, d in best.items() if d >= LEARNED_OAR)
+
+
+def learned_conclusion(cells: Sequence[Cell], mode: str) -> list[str]:
+    """The study's claims again, on the OARs some model learned, when the models learned only a few.
+
+    The mean over all OARs is then mostly zeros of structures no model can
+    segment yet; the few it learned still show how the arms compare.
+    """
+    learned = learned_oars(cells)
+    all_oars = {c.structure for c in cells if c.structure != EXTERNAL}
+    if not learned or len(learned) == len(all_oars):
+        return []
+    sub = findings([c for c in cells if c.structure in learned])
+    names = ", ".join(learned)
+    head = (
+        f"Restricted to the OARs some model learned (best Dice ≥ {LEARNED_OAR}: {names}; "
+        f"{len(learned)} of {len(all_oars)} OARs), the comparison reads:"
+    )
+    paragraphs = conclusion(sub, mode)
+    if mode != "full":
+        paragraphs = paragraphs[1:]  # the quick-mode warning is said once, above
+    return [head, *paragraphs]
 
 
 def conclusion(f: Findings, mode: str) -> list[str]:

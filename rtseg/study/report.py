@@ -23,6 +23,7 @@ from rtseg.study.findings import (
     conclusion,
     false_positive_summary,
     findings,
+    learned_conclusion,
     nephrectomy_false_positives,
     oar_means,
     orientation,
@@ -56,7 +57,7 @@ def write_report(
     write_rows(out / "scores.csv", rows, ScoreRow)
     write_rows(out / "federated_rounds.csv", curve, CurvePoint)
     found = findings(cells)
-    text = conclusion(found, spec.mode)
+    text = conclusion(found, spec.mode) + learned_conclusion(cells, spec.mode)
     orient = orientation(rows)
     fps = nephrectomy_false_positives(rows)
     epochs = {arm: read_epochs(work, arm) for arm in ARMS}
