@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import pickle
@@ -146,16 +148,20 @@ class NnunetSegmenter:
     def _load(self, tile_step_size: float, use_mirroring: bool) -> nnUNetPredictor:
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-        predictor = nnUNetPredictor(
-            tile_step_size=tile_step_size,
-            use_gaussian=True,
-            use_mirroring=use_mirroring,
-            perform_everything_on_device=self.device.type == "cuda",
-            device=self.device,
-            verbose=False,
-            verbose_preprocessing=False,
-            allow_tqdm=False,
-        )
+        chatter = io.StringIO()  # on CPU nnU-Net prints a CUDA notice to stdout, whatever it is given
+        with contextlib.redirect_stdout(chatter):
+            predictor = nnUNetPredictor(
+                tile_step_size=tile_step_size,
+                use_gaussian=True,
+                use_mirroring=use_mirroring,
+                perform_everything_on_device=self.device.type == "cuda",
+                device=self.device,
+                verbose=False,
+                verbose_preprocessing=False,
+                allow_tqdm=False,
+            )
+        if chatter.getvalue().strip():
+            log.debug("nnU-Net: %s", chatter.getvalue().strip())
         try:
             predictor.initialize_from_trained_model_folder(
                 str(self.model_dir), use_folds=self.manifest.folds, checkpoint_name=self.manifest.checkpoint
