@@ -156,7 +156,7 @@ def _csv(path: Path) -> list[dict[str, str]]:
 
 
 @pytest.mark.slow
-@pytest.mark.study  # > 10 min on 2 cores: run by hand, not in CI (see .ci/run)
+@pytest.mark.study  # about 5 min on 2 cores (in CI with the slow tests)
 @pytest.mark.timeout(1800)
 def test_evaluate_quick_writes_the_study_tables_and_figures(tmp_path: Path) -> None:
     out, work = tmp_path / "results", tmp_path / "work"
