@@ -99,3 +99,18 @@ def test_a_speck_left_behind_by_a_dropped_speck_is_dropped_too() -> None:
     scores[1, 6, 6, 6] = 4.0  # ... whose runner-up, class 1, would be a speck as well
     out = suppress_islands(torch.from_numpy(scores), 0.027, 0.2).argmax(0).numpy()
     assert out[6, 6, 6] == 2 and (out == 2).all()
+
+
+def test_half_precision_logits_tie_like_nnunet() -> None:
+    """Two classes with nearly equal fp16 logits over a region: nnU-Net casts the resampled
+    logits back to fp16, so they tie and the lower label wins; the boundary cells do the same."""
+    rng = np.random.default_rng(5)
+    base = _smooth_logits(4, (10, 16, 16), seed=7)
+    logits = np.concatenate([base, base[3:4] + rng.normal(scale=1e-3, size=(1, 10, 16, 16))]).astype(
+        np.float16
+    )
+    shape = (23, 41, 39)
+    ours = upsample_argmax(torch.from_numpy(logits), shape, "linear", slab=5)
+    stock = _stock_labels(logits, shape, [4.0, 3.0, 3.0], [1.7, 1.17, 1.23])
+    assert {3, 4} <= set(np.unique(stock))  # the near-tie is real
+    assert (ours == stock).mean() > 0.9999

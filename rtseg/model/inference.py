@@ -256,7 +256,14 @@ def upsample_argmax(
     time). Only cells whose corners disagree (label boundaries, ~10 % of cells)
     are interpolated over all classes, cell by cell with the separable weights.
     The result is the argmax of the full interpolation (up to float ties).
+    Like nnU-Net, which casts the resampled logits back to their dtype before
+    the argmax, interpolated half-precision logits are rounded to half
+    precision first: where two classes then tie, the lower label wins in both
+    (an undertrained model's left and right lung logits can agree that closely
+    over whole regions).
     """
+    import torch
+
     taps = [
         _z_taps(int(logits.shape[1]), shape[0], z_mode),
         _z_taps(int(logits.shape[2]), shape[1], "linear"),
@@ -269,8 +276,9 @@ def upsample_argmax(
         out[start:stop] = coarse[np.ix_(taps[0][0][start:stop], taps[1][0], taps[2][0])]
     mixed = np.argwhere(~_uniform_cells(coarse, z_pairs=z_mode == "linear"))
     scores = logits.float()
+    rounding = logits.dtype if logits.dtype in (torch.float16, torch.bfloat16) else None
     for first in range(0, len(mixed), CELL_BATCH):
-        _label_mixed_cells(scores, mixed[first : first + CELL_BATCH], taps, out)
+        _label_mixed_cells(scores, mixed[first : first + CELL_BATCH], taps, out, rounding)
     return out
 
 
@@ -295,8 +303,12 @@ def _label_mixed_cells(
     cells: npt.NDArray[np.intp],
     taps: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], Any]],
     out: npt.NDArray[np.uint8],
+    rounding: torch.dtype | None = None,
 ) -> None:
-    """Write the argmax of the interpolated scores at every output voxel inside ``cells`` (``[n, 3]``)."""
+    """Write the argmax of the interpolated scores at every output voxel inside ``cells`` (``[n, 3]``).
+
+    ``rounding``: the dtype the interpolated scores are cast to before the argmax (ties → lower label).
+    """
     import torch
 
     corner_index: list[npt.NDArray[np.int64]] = []
@@ -320,6 +332,8 @@ def _label_mixed_cells(
     along_x = torch.einsum("cnijk,nxk->nijxc", corners, weights[2])
     along_y = torch.einsum("nijxc,nyj->niyxc", along_x, weights[1])
     scored = torch.einsum("niyxc,nzi->nzyxc", along_y, weights[0])
+    if rounding is not None:
+        scored = scored.to(rounding)
     labels = scored.argmax(dim=-1).to(torch.uint8).numpy()
     keep = valid[0][:, :, None, None] & valid[1][:, None, :, None] & valid[2][:, None, None, :]
     shape = keep.shape
