@@ -31,6 +31,7 @@ from types import MappingProxyType
 from typing import Any
 
 from rtseg.errors import InputError
+from rtseg.structures import MIN_ISLAND_ML
 
 ENV_PREFIX = "RTSEG_"
 LATE_POLICIES = ("ignore", "reject")
@@ -102,7 +103,7 @@ class NodeSettings:
     late_instance_policy: str = "ignore"  # ignore: acknowledge and discard; reject: failure status
     workers: int = 1
     inference_threads: int | None = None
-    min_island_ml: float = 0.2  # = rtseg.model.inference.MIN_ISLAND_ML (not imported: no numpy here)
+    min_island_ml: float = MIN_ISLAND_ML
     retention_h: float = 24.0
     min_free_disk_mb: int = 1024
     retry_limit: int = 8

@@ -45,6 +45,9 @@ STRUCTURES: tuple[Structure, ...] = (
 
 BY_NAME: dict[str, Structure] = {s.name: s for s in STRUCTURES}
 EXTERNAL = "External"
+# Connected pieces of a structure smaller than this (ml) are specks, never anatomy: inference drops
+# them (rtseg.model.inference.suppress_islands); the node's default for node.min_island_ml.
+MIN_ISLAND_ML = 0.2
 OAR_NAMES: tuple[str, ...] = tuple(s.name for s in STRUCTURES if s.name != EXTERNAL)
 
 

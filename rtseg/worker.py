@@ -36,6 +36,7 @@ from typing import Any
 
 from rtseg.errors import InputError, RtsegError
 from rtseg.jobs import Job, JobState, JobStore
+from rtseg.structures import MIN_ISLAND_ML
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class WorkerConfig:
     model_dir: Path
     threads: int | None
     log_level: int
-    min_island_ml: float = 0.2
+    min_island_ml: float = MIN_ISLAND_ML
 
 
 class WorkerPool:
@@ -95,7 +96,7 @@ class WorkerPool:
         model_dir: Path,
         workers: int = 1,
         threads: int | None = None,
-        min_island_ml: float = 0.2,
+        min_island_ml: float = MIN_ISLAND_ML,
     ) -> None:
         self.store = store
         threads = threads or max(1, (os.cpu_count() or 1) // max(workers, 1))

@@ -74,7 +74,7 @@ def test_defaults_are_the_embedded_node() -> None:
     assert s.node.late_instance_policy == "ignore" and not s.dicom.tls.enabled
     from rtseg.model.inference import MIN_ISLAND_ML
 
-    assert s.node.min_island_ml == MIN_ISLAND_ML  # settings keep their own copy of the default
+    assert s.node.min_island_ml == MIN_ISLAND_ML  # the node's default is the inference path's
 
 
 def test_full_file(tmp_path: Path) -> None:
