@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from rtseg.structures import EXTERNAL
+from rtseg.model.preprocess import resampling_taps
+from rtseg.structures import EXTERNAL, MIN_ISLAND_ML
 
 if TYPE_CHECKING:
     import torch
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MIN_ISLAND_ML = 0.2  # smaller connected pieces of a structure are dropped (never an organ, only noise)
 SLAB_SLICES = 16  # output slices labelled at once; only boundary voxels hold class scores
 
 
@@ -159,7 +159,7 @@ def preprocess(
     preprocessor_class = manager.preprocessor_class
     spacing = [float(s) for s in spacing_zyx]
     if fast_path_applies(predictor, preprocessor_class, image):
-        fast = preprocess_fast(predictor, image, {"spacing": list(spacing)})
+        fast = preprocess_fast(predictor, image, {"spacing": spacing})
         if fast is not None:
             return torch.from_numpy(fast[0]), fast[1]
     preprocessor = preprocessor_class(verbose=False)
@@ -233,18 +233,6 @@ def _z_interpolation(predictor: nnUNetPredictor, properties: dict[str, Any]) -> 
     return "linear" if kwargs.get("order_z", 0) == 1 else "nearest"
 
 
-def _z_taps(n_in: int, n_out: int, mode: str) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], Any]:
-    """Source slices and weights of each output slice (half-pixel centres, edges clamped)."""
-    src = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
-    if mode == "nearest":
-        near = np.clip(np.floor(src + 0.5), 0, n_in - 1).astype(np.int64)
-        return near, near, np.zeros(n_out, dtype=np.float32)
-    src = np.clip(src, 0, n_in - 1)
-    lower = np.floor(src).astype(np.int64)
-    upper = np.minimum(lower + 1, n_in - 1)
-    return lower, upper, (src - lower).astype(np.float32)
-
-
 def upsample_argmax(
     logits: torch.Tensor, shape: tuple[int, int, int], z_mode: str = "linear", slab: int = SLAB_SLICES
 ) -> npt.NDArray[np.uint8]:
@@ -265,9 +253,9 @@ def upsample_argmax(
     import torch
 
     taps = [
-        _z_taps(int(logits.shape[1]), shape[0], z_mode),
-        _z_taps(int(logits.shape[2]), shape[1], "linear"),
-        _z_taps(int(logits.shape[3]), shape[2], "linear"),
+        resampling_taps(int(logits.shape[1]), shape[0], z_mode),
+        resampling_taps(int(logits.shape[2]), shape[1], "linear"),
+        resampling_taps(int(logits.shape[3]), shape[2], "linear"),
     ]
     coarse = logits.argmax(dim=0).numpy().astype(np.uint8)
     out = np.empty(shape, dtype=np.uint8)

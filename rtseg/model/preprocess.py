@@ -224,17 +224,33 @@ def _resample_separate_z(
         planar = _clip_to_range(_cubic_passes(volume, target, in_plane), volume, axis)
     if volume.shape[axis] == target[axis]:
         return planar
-    # nnU-Net's own coordinates ("copied from sklearn's resize"): other axes map onto themselves
-    n_in, n_out = volume.shape[axis], target[axis]
-    src = float(n_in) / n_out * (np.arange(n_out) + 0.5) - 0.5
-    if order_z == 0:  # map_coordinates order 0, mode "nearest": round half up, clamp
+    lower, upper, weight = resampling_taps(
+        volume.shape[axis], target[axis], "nearest" if order_z == 0 else "linear"
+    )
+    if order_z == 0:
+        return planar.take(lower, axis=axis)
+    frac = _along(weight, axis)
+    return planar.take(lower, axis=axis) * (1.0 - frac) + planar.take(upper, axis=axis) * frac
+
+
+def resampling_taps(
+    n_in: int, n_out: int, mode: str
+) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp], F64]:
+    """nnU-Net's order-0/1 rule along one axis: source samples and weight of each output sample.
+
+    Output ``i`` sits at ``(i + 0.5) · n_in / n_out − 0.5`` (half-pixel centres,
+    as in nnU-Net's ``map_coordinates`` path and skimage), edges clamped.
+    ``"nearest"`` rounds half up (``lower == upper``, weight 0); ``"linear"``
+    gives ``lower · (1 − weight) + upper · weight``.
+    """
+    src = (np.arange(n_out) + 0.5) * (float(n_in) / n_out) - 0.5
+    if mode == "nearest":
         near = np.clip(np.floor(src + 0.5), 0, n_in - 1).astype(np.intp)
-        return np.take(planar, near, axis=axis)
-    lower = np.floor(src)
-    frac = _along(src - lower, axis)
-    first = np.clip(lower, 0, n_in - 1).astype(np.intp)
-    second = np.clip(lower + 1, 0, n_in - 1).astype(np.intp)
-    return np.take(planar, first, axis=axis) * (1.0 - frac) + np.take(planar, second, axis=axis) * frac
+        return near, near, np.zeros(n_out, dtype=np.float64)
+    src = np.clip(src, 0, n_in - 1)
+    lower = np.floor(src).astype(np.intp)
+    upper = np.minimum(lower + 1, n_in - 1)
+    return lower, upper, src - lower
 
 
 def _cubic_passes(volume: npt.NDArray[Any], target: tuple[int, ...], axes: tuple[int, ...]) -> F64:
