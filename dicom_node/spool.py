@@ -9,21 +9,17 @@ or a patient field, so a crafted UID cannot name a path.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
 import uuid
 from pathlib import Path
 
+from rtseg.privacy import uid_key
+
+__all__ = ["Spool", "uid_key"]
+
 log = logging.getLogger(__name__)
-
-KEY_CHARS = 24  # hex characters of a SHA-256: 96 bits, no collisions in practice
-
-
-def uid_key(uid: str) -> str:
-    """Stable, path-safe key of a UID (also what logs show instead of the UID)."""
-    return hashlib.sha256(f"rtseg-uid/{uid}".encode()).hexdigest()[:KEY_CHARS]
 
 
 class Spool:

@@ -51,6 +51,7 @@ from rtseg.ct import load_series
 from rtseg.errors import InputError, RtsegError
 from rtseg.jobs import Job, JobState, JobStore
 from rtseg.metrics import score
+from rtseg.privacy import uid_key
 from rtseg.rtstruct import rasterize_rtstruct
 from rtseg.structures import Structure
 from rtseg.volume import CTVolume
@@ -143,7 +144,7 @@ def handle_rtstruct(
         ds = pydicom.dcmread(path)
     except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
         return _finish(store, Outcome("failed", f"unreadable RTSTRUCT ({type(exc).__name__})"), path)
-    key = _key(str(ds.get("SOPInstanceUID", path.name)))
+    key = uid_key(str(ds.get("SOPInstanceUID", path.name)))
     outcome = _process(ds, key, data_dir, store, config)
     return _finish(store, outcome, path)
 
@@ -364,12 +365,8 @@ def _write_json(path: Path, doc: Mapping[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _key(uid: str) -> str:
-    return hashlib.sha256(f"rtseg-uid/{uid}".encode()).hexdigest()[:24]
-
-
 def _finish(store: JobStore, outcome: Outcome, path: Path) -> Outcome:
-    key = outcome.instance_key or _key(str(path))
+    key = outcome.instance_key or uid_key(str(path))
     outcome = outcome if outcome.instance_key else replace(outcome, instance_key=key)
     detail = {
         "message": outcome.message,

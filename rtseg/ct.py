@@ -35,6 +35,7 @@ from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import UID
 
 from rtseg.errors import InputError
+from rtseg.privacy import uid_key
 from rtseg.volume import PATIENT_STUDY_KEYWORDS, CTVolume, SeriesInfo, affine_from_geometry
 
 logger = logging.getLogger(__name__)
@@ -246,8 +247,8 @@ def load_series(
     hu = _read_volume(geometry)
     volume = CTVolume(hu=hu, affine=_affine(geometry), info=_series_info(geometry))
     logger.info(
-        "loaded CT series %s: %d slices of %dx%d, %s, headers %.2f s, pixels %.2f s",
-        _short(volume.info.series_instance_uid),
+        "loaded CT series key %s: %d slices of %dx%d, %s, headers %.2f s, pixels %.2f s",
+        uid_key(volume.info.series_instance_uid),
         volume.shape[0],
         geometry.rows,
         geometry.columns,

@@ -39,6 +39,7 @@ from pydicom.uid import (
 from rtseg.ct import CT_IMAGE_STORAGE, SeriesSummary, find_series, load_series
 from rtseg.errors import InputError
 from rtseg.phantom.dicom_io import SeriesSpec, deterministic_uid, write_ct_series
+from rtseg.privacy import uid_key
 from rtseg.volume import CTVolume, Orientation, SeriesInfo, affine_from_geometry
 
 SPACING = (2.5, 0.8, 0.9)  # z, y, x: all different so swapped axes are caught
@@ -737,7 +738,9 @@ def test_logs_hold_no_patient_data(tmp_path: Path, caplog: pytest.LogCaptureFixt
     load_series(tmp_path)
     _error(tmp_path / "nope")
     rtseg_records = [r.getMessage() for r in caplog.records if r.name.startswith("rtseg")]
-    assert any("loaded CT series" in m and "6 slices" in m for m in rtseg_records)
+    key = uid_key(expected.info.series_instance_uid)  # the key the node's spool and audit use
+    assert any(f"loaded CT series key {key}: 6 slices" in m for m in rtseg_records)
+    uids = (expected.info.series_instance_uid, expected.info.study_instance_uid)
     for message in rtseg_records:
-        for private in (*PATIENT, expected.info.series_instance_uid, expected.info.study_instance_uid):
+        for private in (*PATIENT, *uids, *(uid[-12:] for uid in uids)):
             assert private not in message
