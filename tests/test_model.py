@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,8 @@ TINY = CpuConfig(
     da_workers=1,
     preprocess_workers=1,
 )
+# the module's model trains with the options the default recipe uses (federation tests cover SGD)
+TINY_TRAIN = replace(TINY, optimizer="adamw", learning_rate=1e-3, rotation_deg=10.0)
 
 
 def synthetic_case(seed: int, shape: tuple[int, int, int] = (32, 48, 48)) -> tuple[npt.NDArray[Any], ...]:
@@ -77,7 +80,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     raw = write_raw_dataset(nnunet_dirs(work).raw, DATASET_ID, "Synth", cases, LABELS)
     plan_and_preprocess(work, DATASET_ID, TINY)
     epochs: list[EpochProgress] = []
-    results = train(work, DATASET_ID, TINY, progress=epochs.append)
+    results = train(work, DATASET_ID, TINY_TRAIN, progress=epochs.append)
     manifest = ModelManifest(
         name="synthetic-ellipsoids",
         version="0.0.1",
@@ -150,6 +153,25 @@ def test_training_reports_every_epoch(trained: dict[str, Any]) -> None:
     epochs = trained["epochs"]
     assert [e.epoch for e in epochs] == [0, 1]
     assert all(np.isfinite(e.train_loss) and len(e.pseudo_dice) == 2 for e in epochs)
+
+
+def test_training_uses_configured_optimizer_and_rotation(trained: dict[str, Any]) -> None:
+    import torch
+
+    checkpoint = torch.load(
+        trained["results"] / "fold_all" / "checkpoint_final.pth", map_location="cpu", weights_only=False
+    )
+    group = checkpoint["optimizer_state"]["param_groups"][0]
+    assert group["amsgrad"] is True and "momentum" not in group  # AdamW, not nnU-Net's SGD
+    logs = "".join(p.read_text() for p in (trained["results"] / "fold_all").glob("training_log_*.txt"))
+    assert "rotation for augmentation: ±10.0°" in logs
+
+
+def test_unknown_optimizer_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="optimizer must be one of"):
+        plan_and_preprocess(tmp_path, 998, replace(TINY, optimizer="lion"))
+    with pytest.raises(InputError, match="rotation_deg"):
+        plan_and_preprocess(tmp_path, 998, replace(TINY, rotation_deg=270.0))
 
 
 def test_exported_checkpoint_is_stock_and_small(trained: dict[str, Any]) -> None:

@@ -208,6 +208,8 @@ def _make_trainer(
         iterations_per_epoch=config.iterations_per_epoch,
         val_iterations_per_epoch=config.val_iterations_per_epoch,
         learning_rate=config.learning_rate,
+        optimizer=config.optimizer,
+        rotation_deg=config.rotation_deg,
         epoch_report=lambda report: emit("epoch", **report),
     )
     return trainer

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 CONFIGURATION = "3d_fullres"
 PLANS_IDENTIFIER = "nnUNetPlans"
+OPTIMIZERS = frozenset({"sgd", "adamw"})
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ class CpuConfig:
     iterations_per_epoch: int = 50
     val_iterations_per_epoch: int = 5
     learning_rate: float = 1e-2
+    optimizer: str = "sgd"  # "sgd": nnU-Net's SGD (Nesterov, momentum 0.99); "adamw": AdamW (amsgrad)
+    rotation_deg: float = 30.0  # augmentation: rotation range about each axis (nnU-Net's 3-D default 30°)
     da_workers: int = 1  # data-augmentation processes (0: in the training process)
     preprocess_workers: int = 1
     seed: int = 0
@@ -215,6 +218,10 @@ def validate_config(config: CpuConfig) -> None:
         raise InputError("batch_size, epochs and iterations_per_epoch must be positive")
     if config.val_iterations_per_epoch < 1:
         raise InputError("val_iterations_per_epoch must be positive")
+    if config.optimizer not in OPTIMIZERS:
+        raise InputError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {config.optimizer!r}")
+    if not 0 <= config.rotation_deg <= 180:
+        raise InputError(f"rotation_deg must be within 0–180, got {config.rotation_deg}")
     if any(s <= 0 for s in config.target_spacing_zyx):
         raise InputError(f"target spacing must be positive, got {config.target_spacing_zyx}")
     network_topology(config.target_spacing_zyx, config.patch_size_zyx, config.n_stages)
