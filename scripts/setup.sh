@@ -35,7 +35,7 @@ install_python() {
         # upgrades torch to a CUDA build. On a CPU machine pip takes the CPU wheel.
         "${pip[@]}" torch==2.13.0 torchvision==0.28.0
     fi
-    "${pip[@]}" -e ".[test]"
+    "${pip[@]}" -e ".[${1:-test}]"
 }
 
 case "$job" in
@@ -45,7 +45,7 @@ case "$job" in
         ;;
     test)
         install_test_peers
-        install_python
+        install_python "test,levers"  # levers: the other network runtimes the bench's tests cover
         # the fast suite by default; "-m slow" (a later -m wins) runs the long scenarios
         exec "$VENV/bin/python" -m pytest -m "not slow" "$@"
         ;;

@@ -318,3 +318,24 @@ def test_cross_validation_folder_loads_as_ensemble(
     assert np.array_equal(
         ensemble.predict_canonical(probe, SPACING), segmenter.predict_canonical(probe, SPACING)
     )
+
+
+@pytest.mark.parametrize(
+    "runtime",
+    # torch's inductor compiles for about a minute: slow
+    [pytest.param("compile", marks=pytest.mark.slow), "onnxruntime", "openvino"],
+)
+def test_bench_runtime_levers_give_the_same_labels(
+    trained: dict[str, Any], probe: npt.NDArray[Any], runtime: str
+) -> None:
+    """`rtseg bench --levers` swaps the network's runtime; the labels must not change."""
+    from rtseg.benchmarks.inference import runtime_network
+
+    reference = NnunetSegmenter(trained["model"], device="cpu", threads=2, min_island_ml=0.0)
+    expected = reference.predict_canonical(probe, SPACING)
+    swapped = NnunetSegmenter(trained["model"], device="cpu", threads=2, min_island_ml=0.0)
+    swapped._predictor.network = runtime_network(swapped._predictor, runtime)
+    assert type(swapped._predictor.network).__name__ != type(reference._predictor.network).__name__
+    labels = swapped.predict_canonical(probe, SPACING)
+    assert labels.shape == expected.shape
+    assert (labels == expected).mean() > 0.999

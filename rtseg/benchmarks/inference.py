@@ -49,6 +49,7 @@ class Variant:
     channels_last: bool = False
     bf16: bool = False
     min_island_ml: float = MIN_ISLAND_ML  # rtseg's speck removal; 0: nnU-Net's labels as they are
+    runtime: str = "torch"  # the network's runtime: torch, compile (torch.compile), onnxruntime, openvino
 
 
 STOCK = Variant("stock nnU-Net (defaults)", stock=True, use_mirroring=True)
@@ -64,7 +65,12 @@ LEVERS = (
     Variant("rtseg, 1 thread", threads=1),
     Variant("rtseg, channels-last", channels_last=True),
     Variant("rtseg, bf16 autocast", bf16=True),
+    Variant("rtseg, torch.compile", runtime="compile"),
+    Variant("rtseg, ONNX Runtime", runtime="onnxruntime"),
+    Variant("rtseg, OpenVINO (f32)", runtime="openvino"),
 )
+# what a runtime needs beyond rtseg's own dependencies (pip install -e ".[levers]")
+RUNTIME_MODULES = {"onnxruntime": ("onnx", "onnxruntime"), "openvino": ("openvino",)}
 
 
 @dataclass(frozen=True)
@@ -140,6 +146,11 @@ def compare(
     runs: list[dict[str, Any]] = []
     reference: npt.NDArray[np.uint8] | None = None
     for variant in variants:
+        missing = missing_modules(variant)
+        if missing:
+            say(f"inference: {variant.name}: not measured, {', '.join(missing)} not installed")
+            runs.append({"variant": variant.name, "skipped": f"{', '.join(missing)} not installed"})
+            continue
         say(f"inference: {variant.name} ...")
         run = run_variant(variant, model_dir, npz, work, timeout)
         labels = np.load(run.labels)
@@ -169,6 +180,13 @@ def compare(
         "dice_vs_stock": ours["dice"],
         "min_dice_unfiltered": unfiltered["min_dice"] if unfiltered else None,
     }
+
+
+def missing_modules(variant: Variant) -> list[str]:
+    """The modules ``variant``'s runtime needs that this environment lacks."""
+    import importlib.util
+
+    return [m for m in RUNTIME_MODULES.get(variant.runtime, ()) if importlib.util.find_spec(m) is None]
 
 
 def _min(values: dict[str, float | None]) -> float | None:
@@ -239,6 +257,8 @@ def _load_ours(model: str, variant: Variant) -> Any:
     predictor = segmenter._predictor  # the bench tunes the loaded network in place
     if variant.channels_last:
         predictor.network = predictor.network.to(memory_format=torch.channels_last_3d)
+    if variant.runtime != "torch":
+        predictor.network = runtime_network(predictor, variant.runtime)
 
     def predict(image: Any, spacing: tuple[float, float, float]) -> tuple[Any, dict[str, float]]:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant.bf16):
@@ -248,6 +268,81 @@ def _load_ours(model: str, variant: Variant) -> Any:
             return segmenter.predict_canonical(image[0], spacing), {}
 
     return predict
+
+
+def runtime_network(predictor: Any, runtime: str) -> Any:
+    """The predictor's network run by ``runtime``, warmed up on one patch (compiling is loading).
+
+    The result is an ``nn.Module`` whose ``_orig_mod`` is the torch network, as
+    ``torch.compile`` leaves it, so nnU-Net's and rtseg's weight loading still
+    reach the torch module. Exported runtimes (ONNX Runtime, OpenVINO) hold the
+    weights they were exported with: one fold only.
+    """
+    import tempfile
+
+    import torch
+
+    network = getattr(predictor.network, "_orig_mod", predictor.network)
+    if runtime != "compile" and len(predictor.list_of_parameters) != 1:
+        raise ModelError(f"the {runtime} lever handles single-fold models only")
+    if runtime != "compile":
+        network.load_state_dict(predictor.list_of_parameters[0])
+    channels = len(predictor.dataset_json["channel_names"])
+    example = torch.zeros((1, channels, *predictor.configuration_manager.patch_size))
+    threads = torch.get_num_threads()
+    run: Callable[[Any], Any]
+    if runtime == "compile":
+        wrapped = torch.compile(network)
+    elif runtime == "onnxruntime":
+        import onnxruntime as ort
+
+        path = Path(tempfile.mkdtemp(prefix="rtseg-onnx-")) / "network.onnx"
+        with torch.no_grad():
+            torch.onnx.export(
+                network, (example,), str(path), dynamo=False, input_names=["x"], output_names=["y"]
+            )
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+        def run(x: Any) -> Any:
+            return torch.from_numpy(session.run(None, {"x": x.detach().numpy()})[0])
+
+        wrapped = _wrap(network, run)
+    elif runtime == "openvino":
+        import openvino as ov
+
+        with torch.no_grad():
+            model = ov.convert_model(network, example_input=example)
+        # f32: on CPUs with native bf16 OpenVINO would otherwise lower precision and change labels
+        config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads}
+        compiled = ov.Core().compile_model(model, "CPU", config)
+
+        def run(x: Any) -> Any:
+            return torch.from_numpy(compiled(x.detach().numpy())[0].copy())
+
+        wrapped = _wrap(network, run)
+    else:
+        raise ModelError(f"unknown runtime {runtime!r}")
+    with torch.inference_mode():
+        wrapped(example)
+    return wrapped
+
+
+def _wrap(network: Any, run: Callable[[Any], Any]) -> Any:
+    """An ``nn.Module`` whose forward is ``run``; ``_orig_mod`` keeps the torch module."""
+    import torch
+
+    class RuntimeNetwork(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self._orig_mod = network
+            self._run = run
+
+        def forward(self, x: Any) -> Any:
+            return self._run(x)
+
+    return RuntimeNetwork()
 
 
 def main(argv: list[str]) -> int:

@@ -129,6 +129,9 @@ def _runs(inf: Any, title: str, reference: str) -> list[str]:
         "|---|---:|---:|---:|---:|---:|---|",
     ]
     for run in inf["runs"]:
+        if "skipped" in run:
+            lines.append(f"| {run['variant']} | not measured: {run['skipped']} | | | | | |")
+            continue
         phases = ", ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in run.get("phases", {}).items())
         lines.append(
             f"| {run['variant']} | {_f(run['load_s'])} | {_f(run['predict_s'])} | {_f(run.get('speedup'), 2)}"
@@ -138,6 +141,8 @@ def _runs(inf: Any, title: str, reference: str) -> list[str]:
     names = list(inf["runs"][0].get("dice", {}))
     lines += ["| variant | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for run in inf["runs"][1:]:
+        if "skipped" in run:
+            continue
         dice = run.get("dice", {})
         lines.append(f"| {run['variant']} | " + " | ".join(_f(dice.get(n), 4) for n in names) + " |")
     return [*lines, ""]
