@@ -64,18 +64,20 @@ def fresh_case(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_default_model_segments_a_fresh_case(segmenter: NnunetSegmenter, fresh_case: Path) -> None:
-    """A regression guard at what model 0.3.0 (32 short CPU epochs) measurably does on a fresh case.
+    """A regression guard at what model 0.4.0 (28 short CPU epochs) measurably does on a fresh case.
 
-    0.3.0 outlines the body well but finds few organs (seen here: body 0.989,
-    Liver 0.645, Lung_L 0.646, Lung_R 0.761; issue 2's target, mean OAR Dice
-    ≥ 0.85, needs a longer schedule); raise these bounds with the model.
+    0.4.0 outlines the body and finds the large organs (seen here: body 0.996,
+    Liver 0.911, Heart 0.869, Lung_L 0.815, Lung_R 0.956, V_Venacava_I 0.750)
+    but not the small ones (issue 2's target, mean OAR Dice ≥ 0.85, needs a
+    longer schedule); raise these bounds with the model.
     """
     case = load_case(fresh_case)
     predicted = segmenter.segment(case.volume).labels
     assert predicted.shape == case.labels.shape
     body = dice(predicted > 0, case.labels > 0)
-    assert body is not None and body > 0.95, f"External Dice {body}"
-    for name, floor in (("Liver", 0.5), ("Lung_L", 0.5), ("Lung_R", 0.6)):
+    assert body is not None and body > 0.97, f"External Dice {body}"
+    floors = (("Liver", 0.8), ("Heart", 0.75), ("Lung_L", 0.7), ("Lung_R", 0.85), ("V_Venacava_I", 0.5))
+    for name, floor in floors:
         label = next(s.label for s in STRUCTURES if s.name == name)
         d = dice(predicted == label, case.labels == label)
         assert d is not None and d > floor, f"{name} Dice {d}"

@@ -43,7 +43,7 @@ DATASET_NAME = "RtsegPhantom"
 class Recipe:
     """Everything that determines the default model."""
 
-    version: str = "0.3.0"
+    version: str = "0.4.0"
     seed: int = 1000  # training cohort seed; evaluation uses other seeds
     cases_per_center: int = 30
     matrix: int = 256
@@ -54,10 +54,12 @@ class Recipe:
         base_features=8,
         n_stages=5,
         max_features=128,
-        epochs=32,
+        epochs=28,
         iterations_per_epoch=50,
         val_iterations_per_epoch=2,
-        learning_rate=1e-2,
+        learning_rate=1e-3,
+        optimizer="adamw",
+        rotation_deg=10.0,
         da_workers=2,
         preprocess_workers=2,
         seed=0,
