@@ -296,14 +296,12 @@ def runtime_network(predictor: Any, runtime: str) -> Any:
     elif runtime == "onnxruntime":
         import onnxruntime as ort
 
-        path = Path(tempfile.mkdtemp(prefix="rtseg-onnx-")) / "network.onnx"
-        with torch.no_grad():
-            torch.onnx.export(
-                network, (example,), str(path), dynamo=False, input_names=["x"], output_names=["y"]
-            )
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        with tempfile.TemporaryDirectory(prefix="rtseg-onnx-") as tmp, torch.no_grad():
+            path = str(Path(tmp) / "network.onnx")
+            torch.onnx.export(network, (example,), path, dynamo=False, input_names=["x"], output_names=["y"])
+            session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
         def run(x: Any) -> Any:
             return torch.from_numpy(session.run(None, {"x": x.detach().numpy()})[0])

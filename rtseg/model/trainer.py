@@ -20,6 +20,8 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch._dynamo import OptimizedModule
 
+from rtseg.model.training import OPTIMIZERS
+
 SAVED_TRAINER_NAME = "nnUNetTrainer"  # the network is the stock one built from the plans
 
 EpochReport = Callable[[dict[str, Any]], None]
@@ -57,7 +59,7 @@ class RtsegTrainer(nnUNetTrainer):  # type: ignore[misc]  # nnU-Net is untyped
         """Set the schedule; must come before training starts (the LR scheduler reads it)."""
         if self.was_initialized:
             raise RuntimeError("configure_schedule() after the trainer was initialized")
-        if optimizer not in ("sgd", "adamw"):
+        if optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {optimizer!r}")
         self.num_epochs = epochs
         self.num_iterations_per_epoch = iterations_per_epoch
@@ -93,9 +95,9 @@ class RtsegTrainer(nnUNetTrainer):  # type: ignore[misc]  # nnU-Net is untyped
         configure = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size
         rotation, dummy_2d, initial_patch_size, _ = configure()
         self.inference_allowed_mirroring_axes = None
-        if not dummy_2d and self.rotation_deg != 30.0:
-            # nnU-Net's 3-D range is ±30°; the canonical orientation of rtseg's inputs
-            # makes large tilts unnecessary, and smaller ones train faster.
+        if not dummy_2d:
+            # nnU-Net's 3-D range is ±30° (the default); the canonical orientation of
+            # rtseg's inputs makes large tilts unnecessary, and smaller ones train faster.
             from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
 
             limit = np.deg2rad(self.rotation_deg)
