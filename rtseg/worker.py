@@ -36,6 +36,7 @@ from typing import Any
 
 from rtseg.errors import InputError, RtsegError
 from rtseg.jobs import Job, JobState, JobStore
+from rtseg.privacy import redact_uids
 from rtseg.structures import MIN_ISLAND_ML
 
 log = logging.getLogger(__name__)
@@ -273,7 +274,7 @@ class JobRunner:
         return done
 
     def _fail(self, job: Job, message: str) -> Job:
-        log.warning("job %s failed: %s", job.id, message)
+        log.warning("job %s failed: %s", job.id, redact_uids(message))  # the job keeps the whole message
         return self.store.transition(job.id, JobState.RUNNING, JobState.FAILED, error=message)
 
     def _out(self, job: Job, name: str) -> tuple[str, Path]:

@@ -39,7 +39,7 @@ from pydicom.uid import (
 from rtseg.ct import CT_IMAGE_STORAGE, SeriesSummary, find_series, load_series
 from rtseg.errors import InputError
 from rtseg.phantom.dicom_io import SeriesSpec, deterministic_uid, write_ct_series
-from rtseg.privacy import uid_key
+from rtseg.privacy import redact_uids, uid_key
 from rtseg.volume import CTVolume, Orientation, SeriesInfo, affine_from_geometry
 
 SPACING = (2.5, 0.8, 0.9)  # z, y, x: all different so swapped axes are caught
@@ -744,3 +744,17 @@ def test_logs_hold_no_patient_data(tmp_path: Path, caplog: pytest.LogCaptureFixt
     for message in rtseg_records:
         for private in (*PATIENT, *uids, *(uid[-12:] for uid in uids)):
             assert private not in message
+
+
+def test_error_messages_name_series_the_user_can_ask_for_but_logs_redact_them(tmp_path: Path) -> None:
+    """The CLI user needs the UID tail (``--series``); the node logs the message through redact_uids."""
+    expected = _write(tmp_path / "mr", seed="mr-redact")
+    for path in (tmp_path / "mr").glob("*.dcm"):
+        _edit(path, _as_mr)
+    uid = expected.info.series_instance_uid
+    message = str(_error(tmp_path, "is MR, not CT", uid[-12:]))
+    logged = redact_uids(message)
+    assert uid[-12:] not in logged and "series <uid> is MR, not CT" in logged
+    assert redact_uids(f"series {uid} not found; slice 2.5 mm, rtseg 0.5.0") == (
+        "series <uid> not found; slice 2.5 mm, rtseg 0.5.0"
+    )
