@@ -288,6 +288,40 @@ def test_progress_callback_can_stop_training(trained: dict[str, Any]) -> None:
     assert not (trained["results"] / "fold_0" / "checkpoint_final.pth").exists()
 
 
+@pytest.mark.slow  # a second training run
+def test_training_can_start_from_a_checkpoint(trained: dict[str, Any]) -> None:
+    """The default recipe's stage 2: the network starts from stage 1's weights, not from random ones."""
+    import torch
+
+    start = trained["results"] / "fold_all" / "checkpoint_final.pth"
+    barely = replace(TINY_TRAIN, epochs=1, iterations_per_epoch=1, learning_rate=1e-8)
+    results = train(trained["work"], DATASET_ID, barely, fold="1", start_from=start)
+    before = torch.load(start, map_location="cpu", weights_only=False)["network_weights"]
+    after = torch.load(results / "fold_1" / "checkpoint_final.pth", map_location="cpu", weights_only=False)[
+        "network_weights"
+    ]
+    assert before.keys() == after.keys()
+    drift = max(float((before[k].float() - v.float()).abs().max()) for k, v in after.items())
+    assert drift < 1e-5  # one step at lr 1e-8; random initial weights would differ by ~0.1
+
+
+@pytest.mark.slow  # a child process that imports torch and nnU-Net
+def test_start_checkpoint_of_another_network_is_refused(trained: dict[str, Any], tmp_path: Path) -> None:
+    import torch
+
+    checkpoint = torch.load(
+        trained["results"] / "fold_all" / "checkpoint_final.pth", map_location="cpu", weights_only=False
+    )
+    key = next(k for k in checkpoint["network_weights"] if k.endswith(".weight"))
+    checkpoint["network_weights"][key] = torch.zeros(3, 3)  # another network's shape
+    foreign = tmp_path / "foreign.pth"
+    torch.save(checkpoint, foreign)
+    with pytest.raises(ModelError, match="does not fit the network of these plans"):
+        train(trained["work"], DATASET_ID, TINY_TRAIN, fold="2", start_from=foreign)
+    with pytest.raises(InputError, match="no checkpoint to start training from"):
+        train(trained["work"], DATASET_ID, TINY_TRAIN, start_from=tmp_path / "missing.pth")
+
+
 def test_steps_out_of_order_are_input_errors(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="no raw dataset"):
         plan_and_preprocess(tmp_path, 998, TINY)

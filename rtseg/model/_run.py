@@ -56,8 +56,25 @@ def plan(args: dict[str, Any], config: CpuConfig, emit: Callable[..., None]) -> 
 def train(args: dict[str, Any], config: CpuConfig, emit: Callable[..., None]) -> None:
     fold = args["fold"] if args["fold"] == "all" else int(args["fold"])
     trainer = _make_trainer(args, config, emit, fold)
+    if args.get("start_from"):
+        _load_start_weights(trainer, Path(args["start_from"]))
     trainer.run_training()  # no perform_actual_validation: pseudo Dice per epoch is enough here
     emit("done", results_dir=str(trainer.output_folder_base))
+
+
+def _load_start_weights(trainer: Any, checkpoint_file: Path) -> None:
+    """Start from the network weights of an nnU-Net checkpoint of the same plans (fresh optimizer)."""
+    import torch
+    from torch._dynamo import OptimizedModule
+
+    trainer.initialize()
+    # weights_only=False: nnU-Net checkpoints pickle their init args; the caller names its own model.
+    checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=False)
+    network = trainer.network._orig_mod if isinstance(trainer.network, OptimizedModule) else trainer.network
+    try:
+        network.load_state_dict(checkpoint["network_weights"])
+    except (KeyError, RuntimeError) as exc:
+        raise ValueError(f"{checkpoint_file} does not fit the network of these plans: {exc}") from exc
 
 
 def _dataset_name(dataset_id: int, dataset_json: dict[str, Any]) -> str:

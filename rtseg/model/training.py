@@ -137,22 +137,30 @@ def train(
     config: CpuConfig = CpuConfig(),
     fold: str = "all",
     progress: ProgressCallback | None = None,
+    start_from: Path | None = None,
 ) -> Path:
     """Train one fold with :class:`rtseg.model.trainer.RtsegTrainer`; returns the results folder.
 
     The results folder is nnU-Net's ``Trainer__Plans__configuration`` folder
     holding ``fold_<fold>/checkpoint_final.pth``. No final validation is run.
     ``progress`` is called after every epoch; if it raises, training is stopped
-    and the exception propagates.
+    and the exception propagates. With ``start_from`` (a checkpoint of a network
+    of the same plans) training starts from its weights, with a fresh optimizer
+    and learning-rate schedule.
     """
     if fold != "all" and not fold.isdigit():
         raise InputError(f"fold must be 'all' or a number, got {fold!r}")
+    if start_from is not None and not Path(start_from).is_file():
+        raise InputError(f"{start_from}: no checkpoint to start training from")
     preprocessed = _dataset_folder(nnunet_dirs(work_dir).preprocessed, dataset_id)
     if preprocessed is None or not (preprocessed / f"{PLANS_IDENTIFIER}.json").is_file():
         raise InputError(
             f"dataset {dataset_id} is not preprocessed in {work_dir}; run plan_and_preprocess first"
         )
-    done = _run_child("train", {"dataset_id": dataset_id, "fold": fold}, work_dir, config, progress)
+    args: dict[str, Any] = {"dataset_id": dataset_id, "fold": fold}
+    if start_from is not None:
+        args["start_from"] = str(Path(start_from).resolve())
+    done = _run_child("train", args, work_dir, config, progress)
     return Path(done["results_dir"])
 
 
