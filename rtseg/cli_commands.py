@@ -134,6 +134,16 @@ def _model_build_default(args: argparse.Namespace) -> int:
     recipe = DEFAULT_RECIPE
     if args.epochs:
         recipe = replace(recipe, config=replace(recipe.config, epochs=args.epochs))
+    if args.refine_epochs is not None:
+        refine = [e for e in args.refine_epochs if e > 0]
+        template = recipe.refine[0] if recipe.refine else recipe.config
+        recipe = replace(
+            recipe,
+            refine=tuple(
+                replace(template, epochs=e, seed=recipe.config.seed + i)
+                for i, e in enumerate(refine, start=1)
+            ),
+        )
     if args.cases:
         recipe = replace(recipe, cases_per_center=args.cases)
     started = time.monotonic()
@@ -146,7 +156,14 @@ def _model_build_default(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    out = build_default(args.work, args.out or DEFAULT_MODEL_DIR, recipe, progress=progress)
+    out = build_default(
+        args.work,
+        args.out or DEFAULT_MODEL_DIR,
+        recipe,
+        progress=progress,
+        from_model=args.from_model,
+        stages_done=args.stages_done,
+    )
     print(f"default model written to {out} in {time.monotonic() - started:.0f} s")
     return 0
 
@@ -267,7 +284,25 @@ def _register_core(sub: Any, handlers: dict[str, Handler]) -> None:
         "--work", type=Path, default=Path("rtseg-build"), help="working folder (default rtseg-build)"
     )
     q.add_argument("--out", type=Path, help="model folder to write (default: the package's default model)")
-    q.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    q.add_argument("--epochs", type=int, help="override the recipe's stage-1 epochs")
+    q.add_argument(
+        "--refine-epochs",
+        type=int,
+        nargs="+",
+        metavar="E",
+        help="override the refinement stages: one epoch count per stage (0: stage 1 only)",
+    )
+    q.add_argument(
+        "--from-model",
+        type=Path,
+        help="start from this model folder's weights (same plans) instead of training the first stages",
+    )
+    q.add_argument(
+        "--stages-done",
+        type=int,
+        default=1,
+        help="how many of the recipe's stages --from-model stands for (default 1)",
+    )
     q.add_argument("--cases", type=int, help="override the recipe's cases per center")
     q.set_defaults(model_action=_model_build_default)
     _register_registry(msub)

@@ -15,7 +15,7 @@ import torch
 
 from rtseg.cases import load_case
 from rtseg.metrics import dice
-from rtseg.model.default import MODEL_NAME, default_model_dir
+from rtseg.model.default import DEFAULT_RECIPE, MODEL_NAME, default_model_dir
 from rtseg.model.manifest import load_manifest
 from rtseg.model.segmenter import NnunetSegmenter
 from rtseg.phantom.cohort import write_case
@@ -64,23 +64,43 @@ def fresh_case(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_default_model_segments_a_fresh_case(segmenter: NnunetSegmenter, fresh_case: Path) -> None:
-    """A regression guard at what model 0.4.0 (28 short CPU epochs) measurably does on a fresh case.
+    """A regression guard at what model 0.5.0 measurably does on a fresh case (not in training).
 
-    0.4.0 outlines the body and finds the large organs (seen here: body 0.996,
-    Liver 0.911, Heart 0.869, Lung_L 0.815, Lung_R 0.956, V_Venacava_I 0.750)
-    but not the small ones (issue 2's target, mean OAR Dice ≥ 0.85, needs a
-    longer schedule); raise these bounds with the model.
+    The case (center B, seed 9001) is a 10-year-old after a right nephrectomy, scanned feet first
+    prone. 0.5.0 saw: body 0.996, Liver 0.937, Heart 0.954, Lung_L 0.955, Lung_R 0.965, A_Aorta
+    0.945, V_Venacava_I 0.883, Colon 0.853, Esophagus 0.819, VBs 0.812, Kidney_L 0.800, Pancreas
+    0.778, SpinalCord 0.773, Bowel_Small 0.758, Stomach 0.755, Duodenum 0.686, Gallbladder 0.644,
+    Spleen 0.488 and 2 voxels of Kidney_R. Issue 2's target (mean OAR Dice ≥ 0.85, none below 0.6)
+    is not reached yet; raise these bounds with the model.
     """
     case = load_case(fresh_case)
     predicted = segmenter.segment(case.volume).labels
     assert predicted.shape == case.labels.shape
     body = dice(predicted > 0, case.labels > 0)
     assert body is not None and body > 0.97, f"External Dice {body}"
-    floors = (("Liver", 0.8), ("Heart", 0.75), ("Lung_L", 0.7), ("Lung_R", 0.85), ("V_Venacava_I", 0.5))
-    for name, floor in floors:
-        label = next(s.label for s in STRUCTURES if s.name == name)
-        d = dice(predicted == label, case.labels == label)
+    floors = {
+        "Liver": 0.85,
+        "Heart": 0.85,
+        "Lung_L": 0.85,
+        "Lung_R": 0.85,
+        "A_Aorta": 0.8,
+        "V_Venacava_I": 0.75,
+        "Colon": 0.7,
+        "Kidney_L": 0.65,
+        "VBs": 0.65,
+        "Esophagus": 0.6,
+        "SpinalCord": 0.6,
+        "Pancreas": 0.6,
+        "Bowel_Small": 0.6,
+        "Stomach": 0.6,
+    }
+    labels = {s.name: s.label for s in STRUCTURES}
+    for name, floor in floors.items():
+        d = dice(predicted == labels[name], case.labels == labels[name])
         assert d is not None and d > floor, f"{name} Dice {d}"
+    # no kidney drawn where it was removed
+    assert not (case.labels == labels["Kidney_R"]).any()
+    assert (predicted == labels["Kidney_R"]).sum() * case.volume.voxel_volume_ml < 1.0
 
 
 @pytest.mark.skipif(not GOLDEN.is_file(), reason="golden prediction not generated for this model yet")
@@ -97,3 +117,22 @@ def test_prediction_matches_the_golden_output(segmenter: NnunetSegmenter, tmp_pa
             continue
         d = dice(a, b)
         assert d is not None and d > 0.99, f"{s.name}: Dice {d:.4f} against the golden output"
+
+
+def test_build_default_refuses_a_start_model_it_cannot_use(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Checked before the cohort is generated: nothing is written to the work folder."""
+    from rtseg.cli import main
+
+    work, empty = tmp_path / "work", tmp_path / "not-a-model"
+    empty.mkdir()
+    argv = ["model", "build-default", "--work", str(work), "--out", str(tmp_path / "out")]
+    assert main([*argv, "--from-model", str(empty)]) == 2
+    assert "no fold_all/checkpoint_final.pth" in capsys.readouterr().err
+    assert main([*argv, "--from-model", str(default_model_dir()), "--refine-epochs", "0"]) == 2
+    assert "no later stage to start from a model" in capsys.readouterr().err
+    stages = len(DEFAULT_RECIPE.stages)
+    assert main([*argv, "--from-model", str(default_model_dir()), "--stages-done", str(stages)]) == 2
+    assert f"the recipe has {stages} training stages" in capsys.readouterr().err
+    assert not work.exists()

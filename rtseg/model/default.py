@@ -8,6 +8,7 @@ train → export into the package. The recipe's numbers live here and only here.
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,9 +18,9 @@ import numpy as np
 import numpy.typing as npt
 from scipy.ndimage import zoom
 
-from rtseg.errors import ModelError
+from rtseg.errors import InputError, ModelError
 from rtseg.model.dataset import Case, write_raw_dataset
-from rtseg.model.manifest import ModelManifest, default_provenance
+from rtseg.model.manifest import ModelManifest, default_provenance, load_manifest
 from rtseg.model.training import (
     CpuConfig,
     EpochProgress,
@@ -39,32 +40,45 @@ DATASET_ID = 501
 DATASET_NAME = "RtsegPhantom"
 
 
+STAGE1 = CpuConfig(
+    target_spacing_zyx=(4.0, 3.0, 3.0),
+    patch_size_zyx=(48, 80, 80),
+    batch_size=2,
+    base_features=8,
+    n_stages=5,
+    max_features=128,
+    epochs=28,
+    iterations_per_epoch=50,
+    val_iterations_per_epoch=2,
+    learning_rate=1e-3,
+    optimizer="adamw",
+    rotation_deg=10.0,
+    da_workers=2,
+    preprocess_workers=2,
+    seed=0,
+    threads=2,
+)
+
+
 @dataclass(frozen=True)
 class Recipe:
-    """Everything that determines the default model."""
+    """Everything that determines the default model.
 
-    version: str = "0.4.0"
+    Training runs in stages: ``config`` from random weights, then each of
+    ``refine`` from the previous stage's weights with a fresh optimizer and
+    learning-rate schedule (a warm restart; another seed draws other patches).
+    """
+
+    version: str = "0.5.0"
     seed: int = 1000  # training cohort seed; evaluation uses other seeds
     cases_per_center: int = 30
     matrix: int = 256
-    config: CpuConfig = CpuConfig(
-        target_spacing_zyx=(4.0, 3.0, 3.0),
-        patch_size_zyx=(48, 80, 80),
-        batch_size=2,
-        base_features=8,
-        n_stages=5,
-        max_features=128,
-        epochs=28,
-        iterations_per_epoch=50,
-        val_iterations_per_epoch=2,
-        learning_rate=1e-3,
-        optimizer="adamw",
-        rotation_deg=10.0,
-        da_workers=2,
-        preprocess_workers=2,
-        seed=0,
-        threads=2,
-    )
+    config: CpuConfig = STAGE1
+    refine: tuple[CpuConfig, ...] = (replace(STAGE1, epochs=40, seed=1),)
+
+    @property
+    def stages(self) -> tuple[CpuConfig, ...]:
+        return (self.config, *self.refine)
 
 
 DEFAULT_RECIPE = Recipe()
@@ -121,10 +135,14 @@ def build_default(
     recipe: Recipe = DEFAULT_RECIPE,
     say: Callable[[str], None] = print,
     progress: Callable[[EpochProgress], None] | None = None,
+    from_model: Path | None = None,
+    stages_done: int = 1,
 ) -> Path:
     """Run the whole recipe in ``work_dir`` and export the model to ``out_dir``."""
+    if from_model is not None:
+        _start_checkpoint(from_model, stages_done, recipe)  # refuse before the hour of data preparation
     prepare_default(work_dir, recipe, say)
-    return train_default(work_dir, out_dir, recipe, say, progress)
+    return train_default(work_dir, out_dir, recipe, say, progress, from_model, stages_done)
 
 
 def prepare_default(
@@ -150,10 +168,43 @@ def train_default(
     recipe: Recipe = DEFAULT_RECIPE,
     say: Callable[[str], None] = print,
     progress: Callable[[EpochProgress], None] | None = None,
+    from_model: Path | None = None,
+    stages_done: int = 1,
 ) -> Path:
-    """Train on the data :func:`prepare_default` left in ``work_dir`` and export the model."""
-    say(f"training {recipe.config.epochs} epochs × {recipe.config.iterations_per_epoch} iterations")
-    results = train(work_dir, DATASET_ID, recipe.config, fold="all", progress=progress)
+    """Train on the data :func:`prepare_default` left in ``work_dir`` and export the model.
+
+    ``from_model``: a model folder (same plans) whose ``fold_all`` checkpoint is
+    the result of the recipe's first ``stages_done`` stages (for example the
+    previous default model); only the remaining stages run.
+    """
+    start = Path(work_dir) / "start_checkpoint_final.pth"
+    started_from = None
+    first = 0
+    if from_model is not None:
+        shutil.copyfile(_start_checkpoint(from_model, stages_done, recipe), start)
+        done = "stage 1" if stages_done == 1 else f"stages 1-{stages_done}"
+        started_from = f"{_model_label(Path(from_model))} ({done})"
+        say(f"{done}: the weights of {started_from}")
+        first = stages_done
+    results = None
+    for number, config in enumerate(recipe.stages[first:], start=first + 1):
+        how = "from random weights" if number == 1 else f"from stage {number - 1}'s weights"
+        say(f"stage {number} ({how}): {config.epochs} epochs × {config.iterations_per_epoch} iterations")
+        results = train(
+            work_dir,
+            DATASET_ID,
+            config,
+            fold="all",
+            progress=progress,
+            start_from=start if number > 1 else None,
+        )
+        shutil.copyfile(results / "fold_all" / "checkpoint_final.pth", start)
+    assert results is not None  # _start_checkpoint leaves at least one stage to run
+    return export_default(results, out_dir, recipe, started_from)
+
+
+def export_default(results: Path, out_dir: Path, recipe: Recipe, started_from: str | None = None) -> Path:
+    """Export a training result of ``recipe`` with the default model's manifest."""
     manifest = ModelManifest(
         name=MODEL_NAME,
         version=recipe.version,
@@ -165,9 +216,39 @@ def train_default(
                 "cases_per_center": recipe.cases_per_center,
                 "matrix": recipe.matrix,
             },
-            seeds={"cohort": recipe.seed, "training": recipe.config.seed},
+            seeds={"cohort": recipe.seed, "training": recipe.config.seed},  # refine stages: their configs
             command="rtseg model build-default",
         ),
     )
-    manifest = replace(manifest, provenance={**manifest.provenance, "config": recipe.config.to_dict()})
+    stages: dict[str, Any] = {"config": recipe.config.to_dict()}
+    if recipe.refine:
+        stages["refine"] = [stage.to_dict() for stage in recipe.refine]
+    if started_from is not None:
+        stages["started_from"] = started_from
+    manifest = replace(manifest, provenance={**manifest.provenance, **stages})
     return export_model(results, out_dir, manifest, strip_optimizer=True)
+
+
+def _start_checkpoint(from_model: Path, stages_done: int, recipe: Recipe) -> Path:
+    if len(recipe.stages) == 1:
+        raise InputError(
+            "the recipe has one training stage only: there is no later stage to start from a model"
+        )
+    if not 1 <= stages_done < len(recipe.stages):
+        raise InputError(
+            f"the recipe has {len(recipe.stages)} training stages; a model can stand for the first 1 to"
+            f" {len(recipe.stages) - 1} of them, not {stages_done}"
+        )
+    checkpoint = Path(from_model) / "fold_all" / "checkpoint_final.pth"
+    if not checkpoint.is_file():
+        raise InputError(f"{from_model}: no fold_all/checkpoint_final.pth to start training from")
+    return checkpoint
+
+
+def _model_label(model_dir: Path) -> str:
+    """``name version`` of a model folder, or its path when it has no manifest."""
+    try:
+        manifest = load_manifest(model_dir)
+    except ModelError:
+        return str(model_dir)
+    return f"{manifest.name} {manifest.version}"
