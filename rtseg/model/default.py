@@ -69,12 +69,12 @@ class Recipe:
     learning-rate schedule (a warm restart; another seed draws other patches).
     """
 
-    version: str = "0.5.0"
+    version: str = "0.6.0"
     seed: int = 1000  # training cohort seed; evaluation uses other seeds
     cases_per_center: int = 30
     matrix: int = 256
     config: CpuConfig = STAGE1
-    refine: tuple[CpuConfig, ...] = (replace(STAGE1, epochs=40, seed=1),)
+    refine: tuple[CpuConfig, ...] = (replace(STAGE1, epochs=40, seed=1), replace(STAGE1, epochs=20, seed=2))
 
     @property
     def stages(self) -> tuple[CpuConfig, ...]:
