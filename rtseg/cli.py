@@ -16,6 +16,7 @@ from pathlib import Path
 
 from rtseg import __version__
 from rtseg.errors import RtsegError
+from rtseg.privacy import configure_logging
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -80,10 +81,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser, handlers = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(logging.INFO if args.verbose else logging.WARNING)
     try:
         return handlers[args.command](args)
     except RtsegError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 
 KEY_CHARS = 24  # hex characters of a SHA-256: 96 bits, no collisions in practice
@@ -21,3 +22,30 @@ _UID_TEXT = re.compile(r"(?<![\w.])(?:(?=[\d.]{12,})\d+(?:\.\d+){2,}|…[\d.]{6,
 def redact_uids(text: str) -> str:
     """``text`` with every DICOM UID (or printed UID tail) replaced by ``<uid>``, for logs."""
     return _UID_TEXT.sub("<uid>", text)
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class RedactingFormatter(logging.Formatter):
+    """A log formatter whose whole output, tracebacks included, passes through :func:`redact_uids`.
+
+    Every handler rtseg installs uses it, so a UID that reaches a log line by
+    way of an exception message (a failed job, an unexpected error) is still
+    replaced by ``<uid>``.
+    """
+
+    def __init__(self, fmt: str = LOG_FORMAT) -> None:
+        super().__init__(fmt)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_uids(super().format(record))
+
+
+def configure_logging(level: int | str) -> None:
+    """Root logging to stderr through :class:`RedactingFormatter`, unless the process already has handlers."""
+    if logging.getLogger().handlers:  # e.g. a host application or pytest: leave its logging alone
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(RedactingFormatter())
+    logging.basicConfig(level=level, handlers=[handler])

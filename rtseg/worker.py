@@ -36,7 +36,7 @@ from typing import Any
 
 from rtseg.errors import InputError, RtsegError
 from rtseg.jobs import Job, JobState, JobStore
-from rtseg.privacy import redact_uids
+from rtseg.privacy import configure_logging, redact_uids
 from rtseg.structures import MIN_ISLAND_ML
 
 log = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ class WorkerPool:
 
 def worker_main(config: WorkerConfig, parent_pid: int) -> None:
     """Entry point of a worker process: claim and run jobs until SIGTERM or the parent is gone."""
-    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(config.log_level)
     stopping: list[int] = []
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
     signal.signal(signal.SIGTERM, lambda signum, _frame: stopping.append(signum))  # finish the job first

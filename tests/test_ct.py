@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -758,3 +759,31 @@ def test_error_messages_name_series_the_user_can_ask_for_but_logs_redact_them(tm
     assert redact_uids(f"series {uid} not found; slice 2.5 mm, rtseg 0.5.0") == (
         "series <uid> not found; slice 2.5 mm, rtseg 0.5.0"
     )
+
+
+def test_rtseg_log_output_redacts_uids_in_messages_and_tracebacks() -> None:
+    """What the CLI, the node's workers and the federation write to their logs carries no UID.
+
+    A fresh interpreter, as ``rtseg`` starts one: its logging goes through
+    configure_logging; an unexpected error whose message holds a UID is logged
+    with ``log.exception`` (traceback included), as the worker does.
+    """
+    uid = "1.2.826.0.1.3680043.8.498.12345678901234567890"
+    script = (
+        "import logging\n"
+        "from rtseg.privacy import configure_logging\n"
+        "configure_logging(logging.INFO)\n"
+        "log = logging.getLogger('rtseg.worker')\n"
+        f"log.info('series %s received, 2.5 mm', {uid!r})\n"
+        "try:\n"
+        f"    raise KeyError('no such series {uid}')\n"
+        "except KeyError:\n"
+        "    log.exception('job %s: internal error', 7)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert uid not in done.stderr
+    assert "series <uid> received, 2.5 mm" in done.stderr
+    assert "job 7: internal error" in done.stderr
+    assert "KeyError: 'no such series <uid>'" in done.stderr  # the traceback is kept, the UID is not

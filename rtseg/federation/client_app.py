@@ -17,6 +17,7 @@ from rtseg.errors import FederationError
 from rtseg.federation.flower import Payload, SiteContext, client_app
 from rtseg.federation.task import Site, ensure_preprocessed, poison, prepare_data, site_config, train_local
 from rtseg.model.training import CpuConfig, RoundSchedule
+from rtseg.privacy import RedactingFormatter
 from rtseg.structures import dataset_labels
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ def _site(context: SiteContext) -> Site:
     site = Site.from_node_config(context.node_config)
     site.work_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(site.work_dir / "site.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(RedactingFormatter())
     logging.getLogger("rtseg").addHandler(handler)
     logging.getLogger("rtseg").setLevel(logging.INFO)
     return site

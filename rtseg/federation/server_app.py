@@ -40,6 +40,7 @@ from rtseg.model.training import (
     save_arrays,
     write_checkpoint,
 )
+from rtseg.privacy import RedactingFormatter
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ def _log_to(path: Path) -> None:
     root = logging.getLogger("rtseg")
     if not any(isinstance(h, logging.FileHandler) and h.baseFilename == str(path) for h in root.handlers):
         handler = logging.FileHandler(path)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(RedactingFormatter())
         root.addHandler(handler)
     root.setLevel(logging.INFO)
 
