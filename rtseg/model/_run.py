@@ -65,12 +65,13 @@ def train(args: dict[str, Any], config: CpuConfig, emit: Callable[..., None]) ->
 def _load_start_weights(trainer: Any, checkpoint_file: Path) -> None:
     """Start from the network weights of an nnU-Net checkpoint of the same plans (fresh optimizer)."""
     import torch
-    from torch._dynamo import OptimizedModule
+
+    from rtseg.model.trainer import plain_network
 
     trainer.initialize()
     # weights_only=False: nnU-Net checkpoints pickle their init args; the caller names its own model.
     checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=False)
-    network = trainer.network._orig_mod if isinstance(trainer.network, OptimizedModule) else trainer.network
+    network = plain_network(trainer.network)
     try:
         network.load_state_dict(checkpoint["network_weights"])
     except (KeyError, RuntimeError) as exc:

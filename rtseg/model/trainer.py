@@ -131,9 +131,7 @@ class RtsegTrainer(nnUNetTrainer):  # type: ignore[misc]  # nnU-Net is untyped
         if self.disable_checkpointing:
             self.print_to_log_file("No checkpoint written, checkpointing is disabled")
             return
-        module = self.network.module if self.is_ddp else self.network
-        if isinstance(module, OptimizedModule):
-            module = module._orig_mod
+        module = plain_network(self.network.module if self.is_ddp else self.network)
         checkpoint = {
             "network_weights": module.state_dict(),
             "optimizer_state": self.optimizer.state_dict(),
@@ -162,6 +160,11 @@ def seed_everything(seed: int) -> None:
 COMPILE_PREFIX = "_orig_mod."
 
 
+def plain_network(network: torch.nn.Module) -> torch.nn.Module:
+    """The network itself, not ``torch.compile``'s wrapper (whose state-dict keys carry ``_orig_mod.``)."""
+    return network._orig_mod if isinstance(network, OptimizedModule) else network
+
+
 def network_arrays(network: torch.nn.Module) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The network's tensors as NumPy arrays without aliases, and the aliases.
 
@@ -170,8 +173,7 @@ def network_arrays(network: torch.nn.Module) -> tuple[dict[str, np.ndarray], dic
     once, under the first key that names it. ``_orig_mod.`` prefixes added by
     ``torch.compile`` are dropped.
     """
-    if isinstance(network, OptimizedModule):
-        network = network._orig_mod
+    network = plain_network(network)
     arrays: dict[str, np.ndarray] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple[int, tuple[int, ...], tuple[int, ...]], str] = {}
@@ -188,8 +190,7 @@ def network_arrays(network: torch.nn.Module) -> tuple[dict[str, np.ndarray], dic
 
 def load_network_arrays(network: torch.nn.Module, arrays: dict[str, np.ndarray]) -> None:
     """Load arrays from :func:`network_arrays`; every key the network has must be covered."""
-    if isinstance(network, OptimizedModule):
-        network = network._orig_mod
+    network = plain_network(network)
     _, aliases = network_arrays(network)
     state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
     missing, unexpected = network.load_state_dict(state, strict=False)
