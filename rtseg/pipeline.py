@@ -30,6 +30,11 @@ PLAUSIBLE_ML: dict[str, tuple[float, float]] = {
     "Gallbladder": (1, 150),
     "Pancreas": (5, 200),
 }
+# Paired organs: one far smaller than its partner is a partial contour, or a false one where the organ
+# was removed (the default model can draw a small kidney in the fossa after nephrectomy).
+# (Not the lungs: an abdominal scan cuts their bases at any height, and the heart makes the left one small.)
+PAIRED: dict[str, str] = {"Kidney_L": "Kidney_R", "Kidney_R": "Kidney_L"}
+PAIRED_MIN_RATIO = 0.4
 # Structures whose centre must lie on the patient's left (+x) or right (−x) side.
 LATERALITY: dict[str, int] = {
     "Liver": -1,
@@ -81,16 +86,27 @@ def plausibility(
     labels: npt.NDArray[np.uint8],
     volume: CTVolume,
     body_centre: tuple[float, float, float] | None = None,
+    volumes_ml: dict[str, float] | None = None,
 ) -> tuple[str, ...]:
-    """Flags a reviewer should see: implausible volume, structure on the wrong side.
+    """Flags a reviewer should see: implausible volume, far smaller than its partner, wrong side.
 
     ``body_centre`` is the ``(k, j, i)`` centroid of every labelled voxel
     (computed here when not given; :func:`summarize` computes it once).
+    ``volumes_ml``: the volumes of the other structures drawn, for the
+    paired-organ check (a partner that was not drawn, e.g. after nephrectomy,
+    flags nothing).
     """
     flags: list[str] = []
     lo, hi = PLAUSIBLE_ML.get(report.name, (0.0, float("inf")))
     if not lo <= report.volume_ml <= hi:
         flags.append(f"volume {report.volume_ml:.1f} ml outside the expected {lo:g}–{hi:g} ml")
+    partner = PAIRED.get(report.name)
+    other = (volumes_ml or {}).get(partner or "")
+    if partner and other and report.volume_ml < PAIRED_MIN_RATIO * other:
+        flags.append(
+            f"volume {report.volume_ml:.1f} ml is under {PAIRED_MIN_RATIO:.0%} of {partner} "
+            f"({other:.1f} ml): a partial contour, or a false one where the organ was removed"
+        )
     side = LATERALITY.get(report.name)
     if side is not None:
         k, j, i = _centroid(labels == report.label)
@@ -119,8 +135,11 @@ def summarize(
 ) -> tuple[StructureSummary, ...]:
     lateral = any(r.name in LATERALITY for r in result.included)
     body = _centroid(labels > 0) if lateral else None
+    volumes = {r.name: r.volume_ml for r in result.included}
     return tuple(
-        StructureSummary(r.name, round(r.volume_ml, 2), r.n_contours, plausibility(r, labels, volume, body))
+        StructureSummary(
+            r.name, round(r.volume_ml, 2), r.n_contours, plausibility(r, labels, volume, body, volumes)
+        )
         for r in result.included
     )
 

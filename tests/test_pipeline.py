@@ -196,3 +196,27 @@ def test_wrong_side_flag_follows_the_patient_axes_and_the_centroid_is_exact() ->
     assert not any("centre lies" in f for f in plausibility(report, labels, CTVolume(labels, hfs, info)))
     flags = plausibility(report, labels, CTVolume(labels, ffs, info))
     assert any("centre lies on the patient's right" in f for f in flags)
+
+
+def test_a_kidney_far_smaller_than_the_other_is_flagged_for_review() -> None:
+    """The default model can draw a small false kidney after nephrectomy: the reviewer is told."""
+    from rtseg.pipeline import plausibility
+    from rtseg.rtstruct.builder import StructureReport
+    from rtseg.volume import CTVolume, SeriesInfo
+
+    labels = np.zeros((4, 10, 10), dtype=np.uint8)
+    labels[:, 2:8, 1:9] = 1
+    labels[:, 4:6, 6:8] = 4  # Kidney_L on the patient's left (+i → +x)
+    labels[:, 4:6, 2:4] = 5  # Kidney_R
+    info = SeriesInfo("1.2", "1.2.3", "1.2.4", "1.2.840.10008.5.1.4.1.1.2", ("1",) * 4, "HFS")
+    volume = CTVolume(labels, np.eye(4), info)
+    small = StructureReport("Kidney_L", 4, 21.3, 6)
+    flags = plausibility(small, labels, volume, volumes_ml={"Kidney_L": 21.3, "Kidney_R": 118.3})
+    assert any("under 40% of Kidney_R (118.3 ml)" in f for f in flags), flags
+    # a normal asymmetry, a single kidney (the other removed) and the larger kidney are not flagged
+    for report, volumes in (
+        (StructureReport("Kidney_L", 4, 16.3, 6), {"Kidney_L": 16.3, "Kidney_R": 20.1}),
+        (StructureReport("Kidney_L", 4, 65.3, 9), {"Kidney_L": 65.3}),
+        (StructureReport("Kidney_R", 5, 118.3, 9), {"Kidney_L": 21.3, "Kidney_R": 118.3}),
+    ):
+        assert not any("under 40%" in f for f in plausibility(report, labels, volume, volumes_ml=volumes))
