@@ -9,13 +9,10 @@ keeps one instance. RT Structure Sets received by the SCP are recorded here too.
 
 from __future__ import annotations
 
-import sqlite3
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+
+from rtseg.jobs import SqliteTables
 
 PENDING, ACKED, DEAD = "pending", "acked", "dead"
 
@@ -51,32 +48,10 @@ class Delivery:
     last_error: str | None
 
 
-class DeliveryStore:
-    def __init__(self, db_path: Path) -> None:
-        self.db_path = Path(db_path)
-        self._local = threading.local()
-        self._conn().executescript(_SCHEMA)
+class DeliveryStore(SqliteTables):
+    """Delivery rows and received RT objects, beside the job table in the node's state file."""
 
-    def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA busy_timeout=30000")
-            self._local.conn = conn
-        return conn
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+    schema = _SCHEMA
 
     def ensure(self, job_id: str, destinations: list[str]) -> list[Delivery]:
         """The job's delivery rows, creating missing ones as pending."""

@@ -112,16 +112,21 @@ def state_db(data_dir: str | Path) -> Path:
     return Path(data_dir) / STATE_DB
 
 
-class JobStore:
-    """SQLite-backed job table; safe across threads and processes (one connection per thread)."""
+class SqliteTables:
+    """Tables in one SQLite file, safe across threads and processes (one connection per thread).
+
+    WAL journal, durable commits and ``BEGIN IMMEDIATE`` transactions; a
+    subclass names its ``schema`` (``CREATE … IF NOT EXISTS``).
+    """
+
+    schema = ""
 
     def __init__(self, db_path: Path) -> None:
         self.db_path = Path(db_path)
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        self._conn().executescript(_SCHEMA)  # executescript manages its own transaction
+        self._conn().executescript(self.schema)  # executescript manages its own transaction
 
-    # -- connection ---------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
@@ -143,6 +148,12 @@ class JobStore:
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
+
+
+class JobStore(SqliteTables):
+    """SQLite-backed job table; safe across threads and processes (one connection per thread)."""
+
+    schema = _SCHEMA
 
     # -- queries ------------------------------------------------------------------
     def create(
