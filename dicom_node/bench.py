@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dicom_node.dcmtk import require_dcmtk_tool
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -60,7 +62,17 @@ def make_series(out: Path, slices: int, matrix: int) -> Path:
 def _send(folder: Path, port: int, aec: str) -> float:
     started = time.perf_counter()
     subprocess.run(
-        ["storescu", "-aec", aec, "-aet", "BENCH", "127.0.0.1", str(port), "+sd", str(folder)],
+        [
+            require_dcmtk_tool("storescu"),
+            "-aec",
+            aec,
+            "-aet",
+            "BENCH",
+            "127.0.0.1",
+            str(port),
+            "+sd",
+            str(folder),
+        ],
         check=True,
         capture_output=True,
     )
@@ -88,7 +100,9 @@ def throughput(
         shutil.rmtree(out, ignore_errors=True)  # an interrupted run leaves files behind
         out.mkdir(parents=True)
         port = free_port()
-        proc = subprocess.Popen(["storescp", *dcmtk_args, "-od", str(out), "-aet", "STORESCP", str(port)])
+        proc = subprocess.Popen(
+            [require_dcmtk_tool("storescp"), *dcmtk_args, "-od", str(out), "-aet", "STORESCP", str(port)]
+        )
         try:
             wait_port(port)
             dcmtk.append(_send(folder, port, "STORESCP"))
@@ -174,7 +188,7 @@ def running_node(work: Path, model: Path | None, quiet_s: float = QUIET_S) -> It
         f'[paths]\ndata_dir = "{work / "node-data"}"\n' + (f'[model]\npath = "{model}"\n' if model else "")
     )
     shutil.rmtree(work / "node-data", ignore_errors=True)
-    scp = subprocess.Popen(["storescp", "-od", str(dest), "-aet", "STORESCP", str(dport)])
+    scp = subprocess.Popen([require_dcmtk_tool("storescp"), "-od", str(dest), "-aet", "STORESCP", str(dport)])
     node = subprocess.Popen(
         [sys.executable, "-m", "rtseg.cli", "serve", "--config", str(config)],
         stdout=subprocess.DEVNULL,

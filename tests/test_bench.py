@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
 import pytest
+
+from dicom_node.dcmtk import dcmtk_tool
 
 SECTIONS = ("machine", "inference", "receive", "rtstruct", "turnaround", "turnaround_full_ct", "federation")
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    if shutil.which("storescp") is None or shutil.which("storescu") is None:
+    if dcmtk_tool("storescp") is None or dcmtk_tool("storescu") is None:
         pytest.skip("dcmtk (storescp, storescu) is not installed")
     out = tmp_path_factory.mktemp("bench")
     proc = subprocess.run(

@@ -16,6 +16,7 @@ from typing import Any
 
 import pydicom
 
+from dicom_node.dcmtk import require_dcmtk_tool
 from rtseg.jobs import JobStore
 
 PATIENT_WORDS = ("PHANTOM^", "RTSEG-A_", "RTSEG-B_")  # phantom PatientName / PatientID prefixes
@@ -49,7 +50,7 @@ def storescu(
     folder_or_files: Path | list[Path], port: int, aec: str = "RTSEG", aet: str = "MODALITY", *extra: str
 ) -> int:
     files = [str(folder_or_files)] if isinstance(folder_or_files, Path) else [str(f) for f in folder_or_files]
-    args = ["storescu", *extra, "-aec", aec, "-aet", aet, "127.0.0.1", str(port)]
+    args = [require_dcmtk_tool("storescu"), *extra, "-aec", aec, "-aet", aet, "127.0.0.1", str(port)]
     if isinstance(folder_or_files, Path) and folder_or_files.is_dir():
         args.append("+sd")
     return subprocess.run([*args, *files], capture_output=True, timeout=300).returncode
@@ -57,7 +58,7 @@ def storescu(
 
 def echoscu(port: int, aec: str = "RTSEG", aet: str = "MODALITY") -> int:
     return subprocess.run(
-        ["echoscu", "-aec", aec, "-aet", aet, "127.0.0.1", str(port)], capture_output=True
+        [require_dcmtk_tool("echoscu"), "-aec", aec, "-aet", aet, "127.0.0.1", str(port)], capture_output=True
     ).returncode
 
 
@@ -73,7 +74,7 @@ class Storescp:
 
     def start(self) -> Storescp:
         self.proc = subprocess.Popen(
-            ["storescp", "-od", str(self.out), "-aet", self.ae_title, str(self.port)],
+            [require_dcmtk_tool("storescp"), "-od", str(self.out), "-aet", self.ae_title, str(self.port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -24,6 +24,7 @@ from node_helpers import (
     wait_for,
 )
 
+from dicom_node.dcmtk import require_dcmtk_tool
 from dicom_node.scu import echo
 from rtseg.settings import TlsSettings
 from rtseg.worker import rtstruct_uids
@@ -105,7 +106,17 @@ def test_sigkill_while_receiving_segmenting_and_sending_gives_exactly_one_rtstru
 
     # 1. kill -9 while receiving: some instances acknowledged, the association cut off
     modality = subprocess.Popen(
-        ["storescu", "-aec", "RTSEG", "-aet", "MODALITY", "127.0.0.1", str(node.port), "+sd", str(series)],
+        [
+            require_dcmtk_tool("storescu"),
+            "-aec",
+            "RTSEG",
+            "-aet",
+            "MODALITY",
+            "127.0.0.1",
+            str(node.port),
+            "+sd",
+            str(series),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
