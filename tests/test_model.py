@@ -241,6 +241,37 @@ def test_foreign_trainer_name_falls_back_to_plans(
     assert np.array_equal(foreign.predict_canonical(probe, SPACING), expected)
 
 
+class _TouchOnUnpickle:
+    """A pickled object that, unpickled, creates a file: what a crafted checkpoint could do instead."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return (Path.touch, (self.marker,))
+
+
+def test_checkpoint_that_would_run_code_is_refused_unopened(trained: dict[str, Any], tmp_path: Path) -> None:
+    """A model folder from elsewhere (federation, registry, a colleague) cannot run code in the node."""
+    import torch
+
+    from rtseg.model.checkpoints import load_checkpoint
+
+    marker = tmp_path / "code-ran"
+    model = _copy_model(trained["model"], tmp_path / "crafted")
+    path = model / "fold_all" / "checkpoint_final.pth"
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint["init_args"]["payload"] = _TouchOnUnpickle(marker)
+    torch.save(checkpoint, path)
+    with pytest.raises(ModelError, match="could run code") as info:
+        NnunetSegmenter(model, device="cpu")
+    assert info.value.source == str(path)
+    with pytest.raises(ModelError, match="could run code"):
+        load_checkpoint(path)  # also the path of --from-model start weights and model export
+    assert not marker.exists()
+    assert "network_weights" in load_checkpoint(trained["model"] / "fold_all" / "checkpoint_final.pth")
+
+
 def test_plain_nnunet_folder_gets_derived_manifest(trained: dict[str, Any], tmp_path: Path) -> None:
     model = _copy_model(
         trained["model"],

@@ -70,11 +70,10 @@ def _summary(record: dict[str, Any], spec: SimulationSpec, setup_s: float, run_s
 
 def model_update_bytes(model_dir: Path) -> int:
     """Bytes of the float32 weights a site would send for ``model_dir``'s network (no envelope)."""
-    import torch
-
+    from rtseg.model.checkpoints import load_checkpoint
     from rtseg.model.manifest import load_manifest
 
     manifest = load_manifest(model_dir)
-    path = model_dir / f"fold_{manifest.folds[0]}" / manifest.checkpoint
-    weights = torch.load(path, map_location="cpu", weights_only=False)["network_weights"]
+    checkpoint = load_checkpoint(model_dir / f"fold_{manifest.folds[0]}" / manifest.checkpoint)
+    weights = checkpoint["network_weights"]
     return int(sum(t.numel() * 4 for t in weights.values()))

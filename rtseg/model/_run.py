@@ -64,13 +64,11 @@ def train(args: dict[str, Any], config: CpuConfig, emit: Callable[..., None]) ->
 
 def _load_start_weights(trainer: Any, checkpoint_file: Path) -> None:
     """Start from the network weights of an nnU-Net checkpoint of the same plans (fresh optimizer)."""
-    import torch
-
+    from rtseg.model.checkpoints import load_checkpoint
     from rtseg.model.trainer import plain_network
 
     trainer.initialize()
-    # weights_only=False: nnU-Net checkpoints pickle their init args; the caller names its own model.
-    checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=False)
+    checkpoint = load_checkpoint(checkpoint_file)
     network = plain_network(trainer.network)
     try:
         network.load_state_dict(checkpoint["network_weights"])

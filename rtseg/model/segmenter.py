@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from rtseg.errors import InputError, ModelError
+from rtseg.model.checkpoints import load_checkpoint
 from rtseg.model.inference import MIN_ISLAND_ML, predict_labels, suppress_islands
 from rtseg.model.manifest import CANONICAL_ORIENTATION, ModelManifest, load_manifest, read_json
 from rtseg.structures import EXTERNAL
@@ -148,6 +149,8 @@ class NnunetSegmenter:
     def _load(self, tile_step_size: float, use_mirroring: bool) -> nnUNetPredictor:
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
+        for fold in self.manifest.folds:  # plain data only, before nnU-Net unpickles them whole
+            load_checkpoint(self.model_dir / f"fold_{fold}" / self.manifest.checkpoint)
         chatter = io.StringIO()  # on CPU nnU-Net prints a CUDA notice to stdout, whatever it is given
         with contextlib.redirect_stdout(chatter):
             predictor = nnUNetPredictor(
@@ -236,7 +239,7 @@ def _initialize_from_plans(predictor: nnUNetPredictor, model_dir: Path, manifest
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     dataset_json = read_json(model_dir / "dataset.json")
-    checkpoints = [_load_checkpoint(model_dir / f"fold_{f}" / manifest.checkpoint) for f in manifest.folds]
+    checkpoints = [load_checkpoint(model_dir / f"fold_{f}" / manifest.checkpoint) for f in manifest.folds]
     init_args = checkpoints[0].get("init_args") or {}
     configuration = init_args.get("configuration", manifest.configuration)
     try:
@@ -268,19 +271,6 @@ def _initialize_from_plans(predictor: nnUNetPredictor, model_dir: Path, manifest
         "nnUNetTrainer",
         checkpoints[0].get("inference_allowed_mirroring_axes"),
     )
-
-
-def _load_checkpoint(path: Path) -> dict[str, Any]:
-    import torch
-
-    try:
-        # weights_only=False: nnU-Net checkpoints pickle their init args. Load only trusted models.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as exc:
-        raise ModelError(f"unreadable checkpoint ({exc!r})", source=str(path)) from exc
-    if not isinstance(checkpoint, dict) or "network_weights" not in checkpoint:
-        raise ModelError("not an nnU-Net checkpoint (no network_weights)", source=str(path))
-    return checkpoint
 
 
 def _plain_state_dict(state: dict[str, Any]) -> dict[str, Any]:

@@ -211,8 +211,9 @@ def _copy_checkpoint(source: Path, target: Path, strip_optimizer: bool) -> None:
         return
     import torch  # deferred: importing torch costs seconds and export is rare
 
-    # weights_only=False: nnU-Net checkpoints pickle init args; this is our own training output.
-    checkpoint = torch.load(source, map_location="cpu", weights_only=False)
+    from rtseg.model.checkpoints import load_checkpoint
+
+    checkpoint = load_checkpoint(source)
     for key in ("optimizer_state", "grad_scaler_state"):
         checkpoint.pop(key, None)
     torch.save(checkpoint, target)
