@@ -136,11 +136,11 @@ def _model_build_default(args: argparse.Namespace) -> int:
         recipe = replace(recipe, config=replace(recipe.config, epochs=args.epochs))
     if args.refine_epochs is not None:
         refine = [e for e in args.refine_epochs if e > 0]
-        template = recipe.refine[0] if recipe.refine else recipe.config
+        templates = recipe.refine or (recipe.config,)  # stage n keeps the recipe's stage-n settings
         recipe = replace(
             recipe,
             refine=tuple(
-                replace(template, epochs=e, seed=recipe.config.seed + i)
+                replace(templates[min(i, len(templates)) - 1], epochs=e, seed=recipe.config.seed + i)
                 for i, e in enumerate(refine, start=1)
             ),
         )
@@ -290,7 +290,8 @@ def _register_core(sub: Any, handlers: dict[str, Handler]) -> None:
         type=int,
         nargs="+",
         metavar="E",
-        help="override the refinement stages: one epoch count per stage (0: stage 1 only)",
+        help="override the refinement stages' lengths: one epoch count per stage, other settings as"
+        " the recipe's stage (0: stage 1 only)",
     )
     q.add_argument(
         "--from-model",

@@ -69,12 +69,17 @@ class Recipe:
     learning-rate schedule (a warm restart; another seed draws other patches).
     """
 
-    version: str = "0.6.0"
+    version: str = "0.7.0"
     seed: int = 1000  # training cohort seed; evaluation uses other seeds
     cases_per_center: int = 30
     matrix: int = 256
     config: CpuConfig = STAGE1
-    refine: tuple[CpuConfig, ...] = (replace(STAGE1, epochs=40, seed=1), replace(STAGE1, epochs=20, seed=2))
+    refine: tuple[CpuConfig, ...] = (
+        replace(STAGE1, epochs=40, seed=1),
+        replace(STAGE1, epochs=20, seed=2),
+        replace(STAGE1, epochs=30, seed=3, learning_rate=5e-4),
+        replace(STAGE1, epochs=25, seed=4, learning_rate=2.5e-4),
+    )
 
     @property
     def stages(self) -> tuple[CpuConfig, ...]:
