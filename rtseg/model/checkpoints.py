@@ -34,9 +34,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     """An nnU-Net checkpoint as plain data; :class:`ModelError` if it holds anything else or is unreadable."""
     import torch
 
+    # process-wide and idempotent: torch's safe_globals() context manager removes its entries on exit,
+    # which breaks a load running at the same time in another thread (the study trains arms in threads)
+    torch.serialization.add_safe_globals(_numpy_globals())
     try:
-        with torch.serialization.safe_globals(_numpy_globals()):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         why = next((line.strip() for line in str(exc).splitlines() if "Unsupported global" in line), "")
         raise ModelError(
