@@ -14,7 +14,14 @@ import numpy.typing as npt
 from rtseg.ct import load_series
 from rtseg.model.manifest import ModelManifest, model_hash
 from rtseg.model.segmenter import Segmentation, Segmenter
-from rtseg.rtstruct import ModelIdentity, RTStructResult, StructureReport, build_rtstruct, write_rtstruct
+from rtseg.rtstruct import (
+    ModelIdentity,
+    RTStructResult,
+    StructureReport,
+    add_review_notes,
+    build_rtstruct,
+    write_rtstruct,
+)
 from rtseg.volume import CTVolume
 
 log = logging.getLogger(__name__)
@@ -188,12 +195,13 @@ def segment_series(
     segmentation, result = segment_volume(volume, segmenter, identity, rtstruct_uids=rtstruct_uids)
     timings["segment_s"] = segmentation.seconds
     timings["rtstruct_s"] = time.perf_counter() - t1 - segmentation.seconds
+    structures = summarize(result, segmentation.labels, volume)
+    add_review_notes(result.dataset, {s.name: s.flags for s in structures})
     say("writing RTSTRUCT")
     t2 = time.perf_counter()
     write_rtstruct(result.dataset, out_path)
     timings["write_s"] = time.perf_counter() - t2
     timings["total_s"] = time.perf_counter() - t0
-    structures = summarize(result, segmentation.labels, volume)
     log.info(
         "segmented series: %d slices, %d structures, %.1f s",
         volume.shape[0],

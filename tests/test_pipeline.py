@@ -138,6 +138,13 @@ def test_pipeline_reports_volumes_timings_and_flags(tiny_model: Trained, tmp_pat
     assert written | set(result.omitted) == {s.name for s in STRUCTURES}
     ds = pydicom.dcmread(result.rtstruct_path)
     assert identity.version in str(ds.SoftwareVersions) or identity.version in str(ds.StructureSetDescription)
+    # the flags travel with the contours: the TPS shows them on the ROI
+    names = {roi.ROINumber: roi.ROIName for roi in ds.StructureSetROISequence}
+    observations = ds.RTROIObservationsSequence
+    notes = {names[o.ReferencedROINumber]: o.get("ROIObservationDescription") for o in observations}
+    for structure in result.structures:
+        expected = "; ".join(structure.flags).replace("\u2013", "-")
+        assert notes[structure.name] == (f"rtseg review: {expected}" if structure.flags else None)
 
 
 def test_cli_bad_input_is_one_line_without_traceback(tmp_path: Path) -> None:

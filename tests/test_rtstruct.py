@@ -504,3 +504,26 @@ def test_non_axial_slices_are_refused(hfs: Case) -> None:
     volume = dataclasses.replace(hfs.volume, affine=sagittal)
     with pytest.raises(RTStructError, match="not axial"):
         build_rtstruct(volume, hfs.labels, STRUCTURES, MODEL)
+
+
+@needs_tools
+def test_review_flags_are_written_with_the_flagged_roi(hfs: Case, tmp_path: Path) -> None:
+    """The reviewer sees rtseg's flags in the TPS, on the ROI and in the structure set's description."""
+    from rtseg.rtstruct import add_review_notes
+
+    result = build_rtstruct(hfs.volume, hfs.labels, STRUCTURES, MODEL, now=NOW)
+    flagged, clean = result.included[1].name, result.included[2].name
+    flag = "volume 0.4 ml outside the expected 2\u20131000 ml"
+    add_review_notes(result.dataset, {flagged: (flag, "second flag"), clean: ()})
+    path = tmp_path / "flagged.dcm"
+    write_rtstruct(result.dataset, path)
+
+    ds = pydicom.dcmread(path)
+    names = {roi.ROINumber: roi.ROIName for roi in ds.StructureSetROISequence}
+    observations = ds.RTROIObservationsSequence
+    notes = {names[o.ReferencedROINumber]: o.get("ROIObservationDescription") for o in observations}
+    assert notes[flagged] == "rtseg review: volume 0.4 ml outside the expected 2-1000 ml; second flag"
+    assert all(note is None for name, note in notes.items() if name != flagged)
+    assert ds.StructureSetDescription.endswith(f"- check flagged: {flagged}")
+    assert ds.StructureSetDescription.startswith("AI-generated contours for clinical review")
+    assert [line for line in dciodvfy(path) if "Error" in line or "Warning" in line] == []

@@ -4,6 +4,7 @@ from rtseg.rtstruct.builder import (
     ModelIdentity,
     RTStructResult,
     StructureReport,
+    add_review_notes,
     build_rtstruct,
     write_rtstruct,
 )
@@ -13,6 +14,7 @@ __all__ = [
     "ModelIdentity",
     "RTStructResult",
     "StructureReport",
+    "add_review_notes",
     "build_rtstruct",
     "rasterize_rtstruct",
     "write_rtstruct",

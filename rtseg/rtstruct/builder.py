@@ -12,7 +12,7 @@ import math
 import os
 import struct
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -159,6 +159,33 @@ def build_rtstruct(
         for s, contours, count in rois
     )
     return RTStructResult(dataset, included, tuple(omitted))
+
+
+def add_review_notes(dataset: pydicom.Dataset, notes: Mapping[str, Sequence[str]]) -> None:
+    """Put each structure's review flags where the reviewer's software shows them with the ROI.
+
+    ``notes``: structure name → flags (e.g. :func:`rtseg.pipeline.plausibility`'s).
+    A flagged ROI's observation gets ``ROIObservationDescription`` ("rtseg review:
+    …"), and the structure set's description names the flagged structures. Text
+    is kept to ASCII so that it fits the character set already chosen.
+    """
+    names = {int(roi.ROINumber): str(roi.ROIName) for roi in dataset.StructureSetROISequence}
+    flagged = []
+    for observation in dataset.RTROIObservationsSequence:
+        name = names.get(int(observation.ReferencedROINumber), "")
+        flags = notes.get(name, ())
+        if flags:
+            observation.ROIObservationDescription = _st("rtseg review: " + "; ".join(flags))
+            flagged.append(name)
+    if flagged:
+        description = f"{dataset.StructureSetDescription} - check flagged: {', '.join(flagged)}"
+        dataset.StructureSetDescription = _st(description)
+
+
+def _st(text: str) -> str:
+    """An ST value of ASCII text: at most 1024 characters."""
+    ascii_text = text.replace("\u2013", "-").encode("ascii", "replace").decode("ascii")
+    return ascii_text[:1024]
 
 
 def write_rtstruct(dataset: pydicom.Dataset, path: Path) -> None:
