@@ -227,3 +227,13 @@ def test_a_kidney_far_smaller_than_the_other_is_flagged_for_review() -> None:
         (StructureReport("Kidney_R", 5, 118.3, 9), {"Kidney_L": 21.3, "Kidney_R": 118.3}),
     ):
         assert not any("under 40%" in f for f in plausibility(report, labels, volume, volumes_ml=volumes))
+
+
+def test_cli_output_into_a_closed_pipe_is_not_a_traceback() -> None:
+    """`rtseg model info | head -1`: the reader leaves early; rtseg stops without a traceback."""
+    proc = subprocess.Popen([*RTSEG, "model", "info"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert err.decode() == ""
+    assert proc.returncode == 141
