@@ -145,7 +145,7 @@ def _model_build_default(args: argparse.Namespace) -> int:
             ),
         )
     if args.cases:
-        recipe = replace(recipe, cases_per_center=args.cases)
+        recipe = replace(recipe, cases_per_center=args.cases, more_cases=None)  # every stage
     started = time.monotonic()
 
     def progress(p: Any) -> None:
@@ -304,7 +304,7 @@ def _register_core(sub: Any, handlers: dict[str, Handler]) -> None:
         default=1,
         help="how many of the recipe's stages --from-model stands for (default 1)",
     )
-    q.add_argument("--cases", type=int, help="override the recipe's cases per center")
+    q.add_argument("--cases", type=int, help="cases per center for every stage (overrides the recipe's)")
     q.set_defaults(model_action=_model_build_default)
     _register_registry(msub)
     handlers["model"] = _cmd_model

@@ -7,9 +7,10 @@ train → export into the package. The recipe's numbers live here and only here.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -19,14 +20,16 @@ import numpy.typing as npt
 from scipy.ndimage import zoom
 
 from rtseg.errors import InputError, ModelError
-from rtseg.model.dataset import Case, write_raw_dataset
+from rtseg.model.dataset import Case, dataset_folder_name, write_raw_dataset
 from rtseg.model.manifest import ModelManifest, default_provenance, load_manifest
 from rtseg.model.training import (
+    PLANS_IDENTIFIER,
     CpuConfig,
     EpochProgress,
     export_model,
     nnunet_dirs,
     plan_and_preprocess,
+    preprocess_with_plans,
     train,
 )
 from rtseg.structures import STRUCTURES, dataset_labels
@@ -69,9 +72,12 @@ class Recipe:
     learning-rate schedule (a warm restart; another seed draws other patches).
     """
 
-    version: str = "0.7.0"
+    version: str = "0.8.0"
     seed: int = 1000  # training cohort seed; evaluation uses other seeds
     cases_per_center: int = 30
+    # (stage, cases per center): from that stage on the cohort has more cases
+    # (the same seed's next indices), preprocessed with the first cases' plans.
+    more_cases: tuple[int, int] | None = (6, 60)
     matrix: int = 256
     config: CpuConfig = STAGE1
     refine: tuple[CpuConfig, ...] = (
@@ -79,11 +85,18 @@ class Recipe:
         replace(STAGE1, epochs=20, seed=2),
         replace(STAGE1, epochs=30, seed=3, learning_rate=5e-4),
         replace(STAGE1, epochs=25, seed=4, learning_rate=2.5e-4),
+        replace(STAGE1, epochs=30, seed=5, learning_rate=5e-4),
     )
 
     @property
     def stages(self) -> tuple[CpuConfig, ...]:
         return (self.config, *self.refine)
+
+    def cases_for(self, stage: int) -> int:
+        """Cases per center that stage ``stage`` (1-based) trains on."""
+        if self.more_cases is not None and stage >= self.more_cases[0]:
+            return self.more_cases[1]
+        return self.cases_per_center
 
 
 DEFAULT_RECIPE = Recipe()
@@ -100,17 +113,21 @@ def default_model_dir() -> Path:
 
 
 def canonical_cases(
-    cohort_dir: Path, spacing_zyx: tuple[float, float, float] | None = None
+    cohort_dir: Path,
+    spacing_zyx: tuple[float, float, float] | None = None,
+    only: Collection[str] | None = None,
 ) -> Iterator[Case]:
     """Cases of a cohort folder in the canonical orientation, read through the DICOM loader.
 
     With ``spacing_zyx`` each case is resampled to (nearly) that spacing here,
     once, so that nnU-Net's fingerprinting and preprocessing work on small
-    arrays and do not resample again.
+    arrays and do not resample again. ``only``: these case ids, no others.
     """
     from rtseg.cases import case_dirs, load_case
 
     for case_dir in case_dirs(cohort_dir):
+        if only is not None and case_dir.name not in only:
+            continue
         case = load_case(case_dir)
         image, spacing, labels = case.canonical()
         if spacing_zyx is not None:
@@ -157,14 +174,43 @@ def prepare_default(
     from rtseg.phantom.cohort import generate_cohort
 
     cohort = work_dir / "cohort"
+    most = max(recipe.cases_for(n) for n in range(1, len(recipe.stages) + 1))
     for center in ("A", "B"):
-        say(f"phantom cohort: center {center}, {recipe.cases_per_center} cases, seed {recipe.seed}")
-        generate_cohort(center, recipe.cases_per_center, recipe.seed, cohort, matrix=recipe.matrix, workers=2)
-    say("writing the nnU-Net raw dataset")
-    cases = canonical_cases(cohort, recipe.config.target_spacing_zyx)
-    write_raw_dataset(nnunet_dirs(work_dir).raw, DATASET_ID, DATASET_NAME, cases, dataset_labels())
+        say(f"phantom cohort: center {center}, {most} cases, seed {recipe.seed}")
+        generate_cohort(center, most, recipe.seed, cohort, matrix=recipe.matrix, workers=2)
+    say(f"writing the nnU-Net raw dataset ({recipe.cases_for(1)} cases per center)")
+    _write_raw(work_dir, recipe, recipe.cases_for(1))
     say("planning and preprocessing")
     plan_and_preprocess(work_dir, DATASET_ID, recipe.config)
+
+
+def _cohort_ids(recipe: Recipe, per_center: int) -> set[str]:
+    from rtseg.phantom.cohort import case_id
+
+    return {case_id(center, recipe.seed, i) for center in ("A", "B") for i in range(per_center)}
+
+
+def _write_raw(work_dir: Path, recipe: Recipe, per_center: int) -> int:
+    """Write the cohort's first ``per_center`` cases per center that the raw dataset lacks."""
+    raw = nnunet_dirs(work_dir).raw / dataset_folder_name(DATASET_ID, DATASET_NAME)
+    have = {p.name.removesuffix(".nii.gz") for p in (raw / "labelsTr").glob("*.nii.gz")}
+    wanted = _cohort_ids(recipe, per_center) - have
+    if wanted:
+        cases = canonical_cases(work_dir / "cohort", recipe.config.target_spacing_zyx, only=wanted)
+        write_raw_dataset(nnunet_dirs(work_dir).raw, DATASET_ID, DATASET_NAME, cases, dataset_labels())
+    return len(wanted)
+
+
+def _grow_cohort(work_dir: Path, recipe: Recipe, stage: int, say: Callable[[str], None]) -> None:
+    """Before ``stage``: add the cases it trains on, preprocessed with the plans made for stage 1."""
+    per_center = recipe.cases_for(stage)
+    if not _write_raw(work_dir, recipe, per_center):
+        return
+    say(f"stage {stage} trains on {per_center} cases per center: preprocessing them with the same plans")
+    folder = nnunet_dirs(work_dir).preprocessed / dataset_folder_name(DATASET_ID, DATASET_NAME)
+    plans = json.loads((folder / f"{PLANS_IDENTIFIER}.json").read_text())
+    fingerprint = json.loads((folder / "dataset_fingerprint.json").read_text())
+    preprocess_with_plans(work_dir, DATASET_ID, plans, fingerprint, recipe.config)
 
 
 def train_default(
@@ -193,6 +239,7 @@ def train_default(
         first = stages_done
     results = None
     for number, config in enumerate(recipe.stages[first:], start=first + 1):
+        _grow_cohort(work_dir, recipe, number, say)
         how = "from random weights" if number == 1 else f"from stage {number - 1}'s weights"
         say(f"stage {number} ({how}): {config.epochs} epochs × {config.iterations_per_epoch} iterations")
         results = train(
@@ -218,7 +265,7 @@ def export_default(results: Path, out_dir: Path, recipe: Recipe, started_from: s
             training_data={
                 "kind": "rtseg phantom",
                 "centers": ["A", "B"],
-                "cases_per_center": recipe.cases_per_center,
+                "cases_per_center": recipe.cases_for(len(recipe.stages)),
                 "matrix": recipe.matrix,
             },
             seeds={"cohort": recipe.seed, "training": recipe.config.seed},  # refine stages: their configs
@@ -228,6 +275,7 @@ def export_default(results: Path, out_dir: Path, recipe: Recipe, started_from: s
     stages: dict[str, Any] = {"config": recipe.config.to_dict()}
     if recipe.refine:
         stages["refine"] = [stage.to_dict() for stage in recipe.refine]
+    stages["cases_per_center"] = [recipe.cases_for(n) for n in range(1, len(recipe.stages) + 1)]
     if started_from is not None:
         stages["started_from"] = started_from
     manifest = replace(manifest, provenance={**manifest.provenance, **stages})
