@@ -98,6 +98,10 @@ class Recipe:
             return self.more_cases[1]
         return self.cases_per_center
 
+    @property
+    def cases_per_stage(self) -> tuple[int, ...]:
+        return tuple(self.cases_for(n) for n in range(1, len(self.stages) + 1))
+
 
 DEFAULT_RECIPE = Recipe()
 
@@ -174,7 +178,7 @@ def prepare_default(
     from rtseg.phantom.cohort import generate_cohort
 
     cohort = work_dir / "cohort"
-    most = max(recipe.cases_for(n) for n in range(1, len(recipe.stages) + 1))
+    most = max(recipe.cases_per_stage)
     for center in ("A", "B"):
         say(f"phantom cohort: center {center}, {most} cases, seed {recipe.seed}")
         generate_cohort(center, most, recipe.seed, cohort, matrix=recipe.matrix, workers=2)
@@ -265,7 +269,7 @@ def export_default(results: Path, out_dir: Path, recipe: Recipe, started_from: s
             training_data={
                 "kind": "rtseg phantom",
                 "centers": ["A", "B"],
-                "cases_per_center": recipe.cases_for(len(recipe.stages)),
+                "cases_per_center": recipe.cases_per_stage[-1],
                 "matrix": recipe.matrix,
             },
             seeds={"cohort": recipe.seed, "training": recipe.config.seed},  # refine stages: their configs
@@ -275,7 +279,7 @@ def export_default(results: Path, out_dir: Path, recipe: Recipe, started_from: s
     stages: dict[str, Any] = {"config": recipe.config.to_dict()}
     if recipe.refine:
         stages["refine"] = [stage.to_dict() for stage in recipe.refine]
-    stages["cases_per_center"] = [recipe.cases_for(n) for n in range(1, len(recipe.stages) + 1)]
+    stages["cases_per_center"] = list(recipe.cases_per_stage)
     if started_from is not None:
         stages["started_from"] = started_from
     manifest = replace(manifest, provenance={**manifest.provenance, **stages})
