@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import numpy.typing as npt
@@ -262,7 +262,7 @@ def load_series(
     return volume
 
 
-def check_instance_size(stream: IO[bytes], max_bytes: int, *, source: str) -> None:
+def check_instance_size(stream: BinaryIO, max_bytes: int, *, source: str) -> None:
     """Refuse one DICOM instance that is, inflates or decodes to more than ``max_bytes``.
 
     Checked without holding the instance in memory: the stream's length, a
@@ -309,7 +309,7 @@ def check_instance_size(stream: IO[bytes], max_bytes: int, *, source: str) -> No
         )
 
 
-def _check_inflated(stream: IO[bytes], max_bytes: int, source: str) -> None:
+def _check_inflated(stream: BinaryIO, max_bytes: int, source: str) -> None:
     inflate = zlib.decompressobj(-zlib.MAX_WBITS)  # DICOM Deflate: raw, no zlib header
     total = 0
     while chunk := stream.read(_INFLATE_STEP):

@@ -72,6 +72,8 @@ class TokenCheckingParser(HTTPRequestParser):  # type: ignore[misc]
     """
 
     digests: tuple[str, ...] = ()
+    completed: bool
+    headers_finished: bool
 
     def received(self, data: bytes) -> int:
         in_headers = not self.headers_finished
