@@ -85,7 +85,12 @@ class Node:
         self.spool = Spool(self.data_dir / "spool", settings.node.min_free_disk_mb)
         self.assembler = Assembler(self.store, self.spool, settings, self.audit)
         self.receiver = Receiver(
-            self.spool, self.assembler, self.deliveries, self.audit, settings.dicom.accept_rtstruct
+            self.spool,
+            self.assembler,
+            self.deliveries,
+            self.audit,
+            settings.dicom.accept_rtstruct,
+            settings.dicom.max_instance_bytes,
         )
         self.sender = Sender(
             self.store,

@@ -4,7 +4,10 @@ Event handlers stay thin: they pass the raw encoded dataset to
 :class:`Receiver`, the one place that turns what happened into a DIMSE status.
 Associations from callers not on the allow-list are rejected; PDUs longer than
 the advertised maximum are refused by closing the connection; pynetdicom's
-identifier logging is off.
+identifier logging is off. One instance is bounded (``dicom.max_instance_mb``)
+as it arrives: the bytes of a C-STORE data set beyond the bound are counted and
+dropped, not buffered, and the instance is refused "out of resources" once it is
+complete; a Deflate data set is inflated in bounded steps, never whole.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, _config, evt
+from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import CTImageStorage, RTStructureSetStorage, Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
@@ -45,6 +49,8 @@ from dicom_node.assembly import CT_KIND, Assembler, LateInstance, Peer, SeriesHe
 from dicom_node.audit import AuditLog
 from dicom_node.deliveries import DeliveryStore
 from dicom_node.spool import Spool, uid_key
+from rtseg.ct import check_instance_size
+from rtseg.errors import InputError, TooLargeError
 from rtseg.settings import DicomSettings
 
 log = logging.getLogger(__name__)
@@ -83,6 +89,7 @@ _HEADER_TAGS = [
 ]
 _PARSE_ERRORS = (InvalidDicomError, ValueError, TypeError, KeyError, AttributeError, EOFError, OverflowError)
 UNLIMITED_PDU_READ = 64 * 1024 * 1024
+UNLIMITED_INSTANCE_READ = 4096 * 1024 * 1024  # the largest dicom.max_instance_mb
 
 
 def conformant_uid(uid: object) -> bool:
@@ -106,17 +113,34 @@ class Receiver:
         records: DeliveryStore,
         audit: AuditLog,
         accept_rtstruct: bool = True,
+        max_instance_bytes: int = DicomSettings().max_instance_bytes,
     ) -> None:
         self.spool = spool
         self.assembler = assembler
         self.records = records
         self.audit = audit
         self.accept_rtstruct = accept_rtstruct
+        self.max_instance_bytes = max_instance_bytes
+
+    def too_large(self, n_bytes: int, peer: Peer) -> Dataset:
+        """The status of an instance whose data set outgrew the bound while it arrived."""
+        log.warning(
+            "C-STORE from %s refused: %d bytes or more, larger than the limit of %d MB",
+            peer.ae_title,
+            n_bytes,
+            self.max_instance_bytes >> 20,
+        )
+        return _status(
+            OUT_OF_RESOURCES, f"Out of resources: instance over {self.max_instance_bytes >> 20} MB"
+        )
 
     def store(self, data: bytes, sop_class: str, sop_instance: str, peer: Peer) -> int | Dataset:
         if not self.spool.has_space():
             log.error("C-STORE refused: free disk below the threshold")
             return _status(OUT_OF_RESOURCES, "Out of resources: disk space low")
+        refused = self._check_size(data, peer)
+        if refused is not None:
+            return refused
         try:
             ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
             header, uids = _header(ds)
@@ -132,6 +156,21 @@ class Receiver:
         if sop_class == RTStructureSetStorage:
             return self._store_rt(data, series_key, instance_key, peer)
         return self._store_ct(data, header, series_key, instance_key, peer)
+
+    def _check_size(self, data: bytes, peer: Peer) -> Dataset | None:
+        try:
+            check_instance_size(BytesIO(data), self.max_instance_bytes, source="instance")
+        except TooLargeError as exc:
+            log.warning("C-STORE from %s refused: %s", peer.ae_title, exc.message)
+            if exc.inflated:  # a decompression bomb is malformed input, not a resource shortage
+                return _status(CANNOT_UNDERSTAND, "Cannot understand: Deflate data set too large")
+            return _status(
+                OUT_OF_RESOURCES, f"Out of resources: instance over {self.max_instance_bytes >> 20} MB"
+            )
+        except InputError as exc:
+            log.warning("C-STORE from %s refused: %s", peer.ae_title, exc.message)
+            return _status(CANNOT_UNDERSTAND, "Cannot understand: malformed dataset")
+        return None
 
     def _store_ct(
         self, data: bytes, header: SeriesHeader, series_key: str, instance_key: str, peer: Peer
@@ -214,6 +253,9 @@ def handle_echo(event: evt.Event) -> int:
 
 def handle_store(event: evt.Event, receiver: Receiver) -> int | Dataset:
     request = cast(C_STORE, event.request)
+    received = request.DataSet
+    if isinstance(received, _CappedBuffer) and received.overflowed:
+        return receiver.too_large(received.received, _peer(event.assoc))
     data = event.encoded_dataset(include_meta=True)
     return receiver.store(
         data, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID), _peer(event.assoc)
@@ -257,11 +299,54 @@ def caller_allowed(settings: DicomSettings, peer: Peer) -> bool:
     )
 
 
+class _CappedBuffer(BytesIO):
+    """A C-STORE data set buffer that keeps at most ``limit`` bytes and counts the rest.
+
+    pynetdicom appends every P-DATA fragment of a message to the message's data
+    set buffer; past the limit this one drops what it held and what comes, so
+    an oversize instance costs no memory and is refused once complete (the
+    association goes on).
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.received = 0
+
+    @property
+    def overflowed(self) -> bool:
+        return self.received > self.limit
+
+    def write(self, data: Any) -> int:
+        self.received += len(data)
+        if not self.overflowed:
+            return super().write(data)
+        if self.tell():
+            self.seek(0)
+            self.truncate()
+        return len(data)
+
+
+def _cap_data_sets(assoc: Any, limit: int) -> None:
+    """Give every DIMSE message this association receives a :class:`_CappedBuffer`."""
+    dimse = assoc.dimse
+    receive = dimse.receive_primitive
+
+    def capped_receive(primitive: Any) -> None:
+        if dimse.message is None:  # a new message starts: pynetdicom would make one with a BytesIO
+            dimse.message = DIMSEMessage()
+            dimse.message.data_set = _CappedBuffer(limit)
+        receive(primitive)
+
+    dimse.receive_primitive = capped_receive
+
+
 class _BoundedRequestHandler(RequestHandler):
-    """Refuses (closes the connection on) a PDU longer than the server allows."""
+    """Refuses (closes the connection on) a PDU longer than the server allows; caps data sets."""
 
     def _create_association(self) -> Any:
         assoc = super()._create_association()
+        _cap_data_sets(assoc, getattr(self.server, "max_instance_read", UNLIMITED_INSTANCE_READ))
         sock: Any = assoc.dul.socket
         read = sock.recv
         limit: int = getattr(self.server, "max_pdu_read", UNLIMITED_PDU_READ)
@@ -334,6 +419,7 @@ def start_scp(
         request_handler=_BoundedRequestHandler,
     )
     server.max_pdu_read = max(settings.max_pdu + 6, 1024 * 1024) if settings.max_pdu else UNLIMITED_PDU_READ  # type: ignore[attr-defined]
+    server.max_instance_read = receiver.max_instance_bytes  # type: ignore[attr-defined]
     ae._servers.append(server)  # as AE.start_server does: server.shutdown() expects it there
     thread = threading.Thread(target=server.serve_forever, name="rtseg-scp", daemon=True)
     thread.start()

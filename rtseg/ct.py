@@ -24,17 +24,18 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import numpy.typing as npt
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.pixels.decoders.base import get_decoder
-from pydicom.uid import UID
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
-from rtseg.errors import InputError
+from rtseg.errors import InputError, TooLargeError
 from rtseg.privacy import uid_key
 from rtseg.volume import PATIENT_STUDY_KEYWORDS, CTVolume, SeriesInfo, affine_from_geometry
 
@@ -97,6 +98,8 @@ _HEADER_KEYWORDS = (
     *PATIENT_STUDY_KEYWORDS,
 )
 _META_KEYWORDS = ("TransferSyntaxUID", "MediaStorageSOPClassUID")
+_PIXEL_SIZE_KEYWORDS = ["Rows", "Columns", "NumberOfFrames", "SamplesPerPixel", "BitsAllocated"]
+_INFLATE_STEP = 1 << 20  # bytes inflated (and dropped) at a time while measuring a Deflate stream
 
 
 @dataclass(frozen=True)
@@ -257,6 +260,85 @@ def load_series(
         time.perf_counter() - scanned,
     )
     return volume
+
+
+def check_instance_size(stream: BinaryIO, max_bytes: int, *, source: str) -> None:
+    """Refuse one DICOM instance that is, inflates or decodes to more than ``max_bytes``.
+
+    Checked without holding the instance in memory: the stream's length, a
+    Deflate data set inflated in 1 MiB steps that are counted and dropped, and
+    the pixel data size its header declares (rows x columns x frames x samples
+    x bytes per sample), read with every other element skipped.
+
+    Parameters
+    ----------
+    stream
+        A seekable DICOM file (preamble and file meta) at any position.
+    max_bytes
+        The bound on the encoded, the inflated and the decoded size.
+    source
+        Names the instance in the error.
+
+    Raises
+    ------
+    TooLargeError
+        Over the bound; ``inflated`` is true for a Deflate stream that grows beyond it.
+    InputError
+        Not a readable DICOM file, or a damaged Deflate stream.
+    """
+    size = stream.seek(0, os.SEEK_END)
+    if size > max_bytes:
+        raise TooLargeError(
+            f"the instance is {size} bytes, larger than the limit of {_mb(max_bytes)}", source=source
+        )
+    stream.seek(0)
+    try:
+        read_preamble(stream, False)
+        syntax = str(_read_file_meta_info(stream).get("TransferSyntaxUID", ""))
+        if syntax == DeflatedExplicitVRLittleEndian:
+            _check_inflated(stream, max_bytes, source)
+        stream.seek(0)
+        ds = pydicom.dcmread(stream, stop_before_pixels=True, specific_tags=_PIXEL_SIZE_KEYWORDS)
+        pixels = _declared_pixel_bytes(ds)
+    except _READ_ERRORS as exc:
+        raise InputError("unreadable or truncated DICOM file", source=source) from exc
+    if pixels > max_bytes:
+        raise TooLargeError(
+            f"the pixel data decodes to {pixels} bytes, larger than the limit of {_mb(max_bytes)}",
+            source=source,
+        )
+
+
+def _check_inflated(stream: BinaryIO, max_bytes: int, source: str) -> None:
+    inflate = zlib.decompressobj(-zlib.MAX_WBITS)  # DICOM Deflate: raw, no zlib header
+    total = 0
+    while chunk := stream.read(_INFLATE_STEP):
+        while chunk:
+            total += len(inflate.decompress(chunk, _INFLATE_STEP))
+            if total > max_bytes:
+                raise TooLargeError(
+                    f"the Deflate data set inflates to more than {_mb(max_bytes)}",
+                    source=source,
+                    inflated=True,
+                )
+            chunk = inflate.unconsumed_tail
+    if total + len(inflate.flush()) > max_bytes:  # at most the rest of one match
+        raise TooLargeError(
+            f"the Deflate data set inflates to more than {_mb(max_bytes)}", source=source, inflated=True
+        )
+
+
+def _declared_pixel_bytes(ds: Dataset) -> int:
+    values = [int(ds.get(k) or 1) for k in _PIXEL_SIZE_KEYWORDS[:4]]
+    bits = int(ds.get("BitsAllocated") or 8)
+    size = (bits + 7) // 8
+    for value in values:
+        size *= max(value, 1)
+    return size if "Rows" in ds and "Columns" in ds else 0
+
+
+def _mb(n_bytes: int) -> str:
+    return f"{n_bytes / (1 << 20):g} MB"
 
 
 # ---------------------------------------------------------------------------

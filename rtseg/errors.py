@@ -34,3 +34,15 @@ class RTStructError(RtsegError):
 
 class FederationError(RtsegError):
     """A federation cannot start, a round cannot complete, or a site's data does not fit."""
+
+
+class TooLargeError(InputError):
+    """One input object is, inflates or decodes to more than a configured size bound.
+
+    ``inflated`` tells a Deflate stream that grows beyond the bound (a decompression
+    bomb) from an object that is simply too large.
+    """
+
+    def __init__(self, message: str, *, source: str | None = None, inflated: bool = False) -> None:
+        super().__init__(message, source=source)
+        self.inflated = inflated

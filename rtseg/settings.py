@@ -81,7 +81,12 @@ class DicomSettings:
     return_to_sender: bool = False
     accept_rtstruct: bool = True
     network_timeout_s: float = 60.0
+    max_instance_mb: int = 64  # one received instance: as sent, inflated (Deflate) and decoded
     tls: TlsSettings = field(default_factory=TlsSettings)
+
+    @property
+    def max_instance_bytes(self) -> int:
+        return self.max_instance_mb << 20
 
 
 @dataclass(frozen=True)
@@ -228,6 +233,7 @@ _DICOM: dict[str, Callable[[Any], Any]] = {
     "return_to_sender": _bool,
     "accept_rtstruct": _bool,
     "network_timeout_s": _float(1.0, 3600.0),
+    "max_instance_mb": _int(1, 4096),
 }
 _TLS: dict[str, Callable[[Any], Any]] = {
     "cert": _optional(_path),

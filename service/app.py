@@ -67,7 +67,7 @@ class ServiceContext:
     @property
     def limits(self) -> UploadLimits:
         s = self.settings
-        return UploadLimits(s.max_files, s.max_uncompressed_bytes, s.max_zip_ratio)
+        return UploadLimits(s.max_files, s.max_uncompressed_bytes, s.max_zip_ratio, s.max_instance_bytes)
 
     def job_dir(self, job_id: str) -> Path:
         return self.data_dir / JOBS_FOLDER / job_id

@@ -33,18 +33,25 @@ def token_matches(token: str, digests: tuple[str, ...]) -> bool:
     return found
 
 
-def require_token(digests: tuple[str, ...]) -> None:
-    """Raise a 401 problem unless the request carries one of the configured tokens."""
-    header = request.headers.get("Authorization", "")
+def authorization_problem(header: str, digests: tuple[str, ...]) -> tuple[str, str] | None:
+    """Why an ``Authorization`` header value does not authenticate, or ``None`` when it does.
+
+    Returns
+    -------
+    tuple[str, str] | None
+        The problem's detail and the ``WWW-Authenticate`` value of the 401.
+    """
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise HttpProblem(
-            401, "unauthorized", "send 'Authorization: Bearer <token>'", headers={"WWW-Authenticate": REALM}
-        )
+        return "send 'Authorization: Bearer <token>'", REALM
     if not token_matches(token.strip(), digests):
-        raise HttpProblem(
-            401,
-            "unauthorized",
-            "the bearer token is not valid",
-            headers={"WWW-Authenticate": REALM + ', error="invalid_token"'},
-        )
+        return "the bearer token is not valid", REALM + ', error="invalid_token"'
+    return None
+
+
+def require_token(digests: tuple[str, ...]) -> None:
+    """Raise a 401 problem unless the request carries one of the configured tokens."""
+    refused = authorization_problem(request.headers.get("Authorization", ""), digests)
+    if refused is not None:
+        detail, challenge = refused
+        raise HttpProblem(401, "unauthorized", detail, headers={"WWW-Authenticate": challenge})

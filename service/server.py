@@ -2,8 +2,11 @@
 
 waitress answers some requests itself before the app sees them (a declared
 body over the limit, malformed HTTP); :class:`ProblemErrorTask` makes those
-answers problem JSON too. waitress does not speak TLS: put a reverse proxy in
-front (README, "HTTP API") and name it in ``[http] trusted_proxy``.
+answers problem JSON too. waitress reads a whole request body (into a temp file)
+before it calls the app, so :class:`TokenCheckingParser` checks the bearer token
+of a request with a body as soon as its headers are in: without a valid token it
+is answered 401 and closed, its body never read. waitress does not speak TLS: put
+a reverse proxy in front (README, "HTTP API") and name it in ``[http] trusted_proxy``.
 """
 
 from __future__ import annotations
@@ -16,10 +19,13 @@ from typing import Any
 from flask import Flask
 from waitress import wasyncore
 from waitress.channel import HTTPChannel
+from waitress.parser import HTTPRequestParser
 from waitress.server import BaseWSGIServer, create_server
 from waitress.task import ErrorTask
+from waitress.utilities import Error
 
-from service.problems import PROBLEM_JSON
+from service.auth import authorization_problem
+from service.problems import PROBLEM_JSON, TYPE_PREFIX
 from service.settings import HttpSettings
 
 log = logging.getLogger(__name__)
@@ -30,18 +36,64 @@ class ProblemErrorTask(ErrorTask):  # type: ignore[misc]
 
     def execute(self) -> None:
         error = self.request.error
+        slug = getattr(error, "slug", None)
         body = json.dumps(
-            {"type": "about:blank", "title": error.reason, "status": error.code, "detail": str(error.body)}
+            {
+                "type": TYPE_PREFIX + slug if slug else "about:blank",
+                "title": error.reason,
+                "status": error.code,
+                "detail": str(error.body),
+            }
         ).encode()
         self.status = f"{error.code} {error.reason}"
         self.response_headers.append(("Content-Type", PROBLEM_JSON))
+        self.response_headers.extend(getattr(error, "headers", ()))
         self.set_close_on_finish()
         self.content_length = len(body)
         self.write(body)
 
 
+class Unauthorized(Error):  # type: ignore[misc]
+    code = 401
+    reason = "Unauthorized"
+    slug = "unauthorized"  # the same problem type as the app's own 401
+
+    def __init__(self, detail: str, challenge: str) -> None:
+        super().__init__(detail)
+        self.headers = [("WWW-Authenticate", challenge)]
+
+
+class TokenCheckingParser(HTTPRequestParser):  # type: ignore[misc]
+    """Refuses a request with a body but without a valid token once its headers are in.
+
+    Whatever the path: the endpoints open without a token (health, metrics,
+    OpenAPI) take no body, and anything else would otherwise be read up to
+    ``max_body_mb`` into a temp file first. ``digests`` is set per server.
+    """
+
+    digests: tuple[str, ...] = ()
+    completed: bool
+    headers_finished: bool
+
+    def received(self, data: bytes) -> int:
+        in_headers = not self.headers_finished
+        consumed: int = super().received(data)
+        if in_headers and self.headers_finished and not self.completed:  # a body is announced
+            refused = authorization_problem(self.headers.get("AUTHORIZATION", ""), self.digests)
+            if refused is not None:
+                self.error = Unauthorized(*refused)
+                self.completed = True  # the channel answers with the error task and closes
+        return consumed
+
+
 class ProblemChannel(HTTPChannel):  # type: ignore[misc]
     error_task_class = ProblemErrorTask
+    parser_class = TokenCheckingParser
+
+
+def _channel_class(digests: tuple[str, ...]) -> type[ProblemChannel]:
+    parser = type("TokenCheckingParser", (TokenCheckingParser,), {"digests": digests})
+    return type("ProblemChannel", (ProblemChannel,), {"parser_class": parser})
 
 
 class HttpServer:
@@ -61,7 +113,7 @@ class HttpServer:
             options["trusted_proxy"] = settings.trusted_proxy
             options["trusted_proxy_headers"] = set(settings.trusted_proxy_headers)
         self._server: BaseWSGIServer = create_server(app, **options)
-        self._server.channel_class = ProblemChannel
+        self._server.channel_class = _channel_class(settings.token_sha256)
         self._thread: threading.Thread | None = None
         self._closing = False
 

@@ -11,6 +11,7 @@ The core :class:`rtseg.settings.Settings` passes the table through untouched as
     max_files = 5000            # files in one upload (zip entries or multipart parts)
     max_uncompressed_mb = 8192  # total size of an upload once unpacked → 413
     max_zip_ratio = 200         # uncompressed / compressed size of a zip or its entries → 413
+    max_instance_mb = 64        # one DICOM file as sent, inflated (Deflate) or decoded → 413
     queue_max = 20              # HTTP jobs received or queued at once; beyond → 429
     retry_after_s = 30          # Retry-After of a 429
     max_wait_s = 600            # upper bound of ?wait=SECONDS
@@ -48,6 +49,7 @@ class HttpSettings:
     max_files: int = 5000
     max_uncompressed_bytes: int = 8192 * _MB
     max_zip_ratio: float = 200.0
+    max_instance_bytes: int = 64 * _MB
     queue_max: int = 20
     retry_after_s: int = 30
     max_wait_s: float = 600.0
@@ -79,7 +81,14 @@ class HttpSettings:
         for digest in self.token_sha256:
             if not _HEX64.match(digest):
                 raise InputError("[http] token_sha256 entries must be 64 lower-case hex digits (SHA-256)")
-        positive = ("max_body_bytes", "max_files", "max_uncompressed_bytes", "queue_max", "threads")
+        positive = (
+            "max_body_bytes",
+            "max_files",
+            "max_uncompressed_bytes",
+            "max_instance_bytes",
+            "queue_max",
+            "threads",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise InputError(f"[http] {name} must be at least 1")
@@ -125,6 +134,7 @@ _KEYS: dict[str, tuple[str, Any]] = {
     "max_files": ("max_files", int),
     "max_uncompressed_mb": ("max_uncompressed_bytes", _mb),
     "max_zip_ratio": ("max_zip_ratio", float),
+    "max_instance_mb": ("max_instance_bytes", _mb),
     "queue_max": ("queue_max", int),
     "retry_after_s": ("retry_after_s", int),
     "max_wait_s": ("max_wait_s", float),

@@ -6,8 +6,9 @@ only in error messages back to that client, never as paths and never in logs.
 Zip archives are checked before anything is unpacked (entry count, declared
 sizes, compression ratio, ``..``/absolute names, symlinks) and the bytes really
 unpacked are counted again while copying. A DICOM upload must hold exactly one
-CT image series with no missing slice: it is loaded once here (one at a time,
-see ``validate``), so the client learns at once what is wrong.
+CT image series with no missing slice: every file's size (as sent, inflated and
+decoded) is checked, its headers scanned and the series loaded once here, all
+one upload at a time (see ``validate``), so the client learns at once what is wrong.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from rtseg.ct import find_series, load_series
-from rtseg.errors import InputError
+from rtseg.ct import SeriesSummary, check_instance_size, find_series, load_series
+from rtseg.errors import InputError, TooLargeError
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class UploadLimits:
     max_files: int
     max_uncompressed_bytes: int
     max_zip_ratio: float
+    max_instance_bytes: int = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,7 @@ def receive(parts: list[Part], dest: Path, limits: UploadLimits, validate: threa
         return _receive_nifti(parts[0], dest, limits)
     else:
         names = _store_dicom_parts(parts, kinds, dest, limits)
-    return _check_dicom(dest, names, validate)
+    return _check_dicom(dest, names, limits, validate)
 
 
 # -- DICOM files sent as multipart parts ------------------------------------------------------
@@ -220,23 +222,33 @@ def _copy_bounded(src: IO[bytes], out: IO[bytes], budget: int, declared: int) ->
 # -- DICOM series check -----------------------------------------------------------------------
 
 
-def _check_dicom(dest: Path, names: dict[str, str], validate: threading.Semaphore) -> Intake:
+def _check_dicom(
+    dest: Path, names: dict[str, str], limits: UploadLimits, validate: threading.Semaphore
+) -> Intake:
     try:
-        series = find_series(dest)
-        images = [s for s in series if _is_image(s.modality)]
-        if len(images) != 1:
-            listing = ", ".join(f"{s.modality} ({s.n_files} files)" for s in images) or "none"
-            raise UploadError(f"the upload must hold exactly one CT series; found {len(images)}: {listing}")
-        if images[0].modality != "CT":
-            raise UploadError(f"the series is {images[0].modality}, not CT", slug="not-ct")
-        with validate:  # one full load at a time: a burst of uploads waits instead of filling memory
+        with validate:  # one upload read at a time: a burst of uploads waits instead of filling memory
+            for name in names:
+                with (dest / name).open("rb") as stream:
+                    check_instance_size(stream, limits.max_instance_bytes, source=str(dest / name))
+            _check_one_ct_series(find_series(dest))
             volume = load_series(dest)
     except UploadError:
         raise
+    except TooLargeError as exc:
+        raise UploadError(_client_message(exc, dest, names), status=413, slug="too-large") from exc
     except InputError as exc:
         raise UploadError(_client_message(exc, dest, names), slug="invalid-series") from exc
     key = hashlib.sha256(volume.info.series_instance_uid.encode()).hexdigest()
     return Intake("dicom", len(names), int(volume.shape[0]), key)
+
+
+def _check_one_ct_series(series: list[SeriesSummary]) -> None:
+    images = [s for s in series if _is_image(s.modality)]
+    if len(images) != 1:
+        listing = ", ".join(f"{s.modality} ({s.n_files} files)" for s in images) or "none"
+        raise UploadError(f"the upload must hold exactly one CT series; found {len(images)}: {listing}")
+    if images[0].modality != "CT":
+        raise UploadError(f"the series is {images[0].modality}, not CT", slug="not-ct")
 
 
 def _is_image(modality: str) -> bool:

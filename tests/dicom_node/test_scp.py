@@ -21,7 +21,7 @@ from node_helpers import echoscu, no_patient_data, storescu, subset_series, wait
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
-from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, JPEGLSLossless
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, RTStructureSetStorage  # type: ignore[attr-defined]
 
@@ -46,7 +46,13 @@ class InProcessScp:
         self.audit = AuditLog(data_dir / "audit" / "audit.log")
         self.spool = Spool(data_dir / "spool", self.settings.node.min_free_disk_mb)
         self.assembler = Assembler(self.store, self.spool, self.settings, self.audit)
-        receiver = Receiver(self.spool, self.assembler, self.deliveries, self.audit)
+        receiver = Receiver(
+            self.spool,
+            self.assembler,
+            self.deliveries,
+            self.audit,
+            max_instance_bytes=self.settings.dicom.max_instance_bytes,
+        )
         self.outcomes: list[str] = []  # association outcomes as the metrics observer sees them
         self.server = start_scp(self.settings.dicom, receiver, self.audit, self.outcomes.append)
         self.port = int(self.server.server_address[1])
@@ -351,3 +357,69 @@ def test_association_outcomes_reach_the_prometheus_counter(scp: Any) -> None:
     text = generate_latest(telemetry.registry).decode()
     assert 'rtseg_dicom_associations_total{outcome="accepted"} 1.0' in text
     assert 'rtseg_dicom_associations_total{outcome="rejected"} 1.0' in text
+
+
+# -- memory bounds on one instance ---------------------------------------------------------------
+BOMB_MB = 256  # what the Deflate bomb inflates to; the node's bound is set to 8 MB below
+
+
+def _peak_rss_mb() -> float:
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status)[1]) / 1024  # type: ignore[index]
+
+
+def _reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM starts again from the current RSS
+
+
+def _send_files(port: int, files: list[tuple[Path, str]], monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """C-STORE each (file, transfer syntax) as encoded, on one association; the statuses."""
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # sends the bytes, never decodes
+    ae = AE(ae_title="MODALITY")
+    for syntax in {s for _, s in files}:
+        ae.add_requested_context(CTImageStorage, syntax)
+    assoc = ae.associate("127.0.0.1", port, ae_title="RTSEG")
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(path).Status) for path, _ in files]
+    finally:
+        assoc.release()
+
+
+def test_deflate_bomb_is_refused_in_bounded_memory_and_the_node_carries_on(
+    scp: Any, small_series: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    from dicom_bombs import write_deflate_bomb
+
+    node = scp(RTSEG_DICOM_MAX_INSTANCE_MB="8")
+    bomb = write_deflate_bomb(tmp_path / "bomb.dcm", BOMB_MB, "1.2.826.0.1.3680043.10.1234.2.1", "1.2.3.9")
+    normal = next(small_series.iterdir())
+    assert bomb.stat().st_size < 1 << 20
+    _reset_peak_rss()
+    before = _peak_rss_mb()
+    sent = [(bomb, DeflatedExplicitVRLittleEndian), (normal, ExplicitVRLittleEndian)]
+    statuses = _send_files(node.port, sent, monkeypatch)
+    grown = _peak_rss_mb() - before
+    assert grown < 64, f"peak memory grew by {grown:.0f} MB receiving a {BOMB_MB} MB Deflate bomb"
+    assert statuses == [0xC000, 0x0000]
+    assert len(node.spooled()) == 1  # the normal slice only
+    assert "inflates to more than 8 MB" in caplog.text
+
+
+def test_plain_instance_over_the_bound_is_out_of_resources_and_the_next_is_stored(
+    scp: Any, small_series: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    from dicom_bombs import write_plain_instance
+
+    node = scp(RTSEG_DICOM_MAX_INSTANCE_MB="8", RTSEG_DICOM_MAX_PDU="262144")  # PDUs: small next to 8 MB
+    big = write_plain_instance(tmp_path / "big.dcm", 40, "1.2.826.0.1.3680043.10.1234.3.1", "1.2.3.10")
+    normal = next(small_series.iterdir())
+    _reset_peak_rss()
+    before = _peak_rss_mb()
+    sent = [(big, ExplicitVRLittleEndian), (normal, ExplicitVRLittleEndian)]
+    statuses = _send_files(node.port, sent, monkeypatch)
+    grown = _peak_rss_mb() - before
+    assert grown < 32, f"peak memory grew by {grown:.0f} MB receiving a 40 MB instance (bound 8 MB)"
+    assert statuses == [0xA700, 0x0000]
+    assert len(node.spooled()) == 1
+    assert "larger than the limit of 8 MB" in caplog.text
