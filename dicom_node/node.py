@@ -100,7 +100,9 @@ class Node:
         self.pool = WorkerPool(
             self.store, self.data_dir, model_dir, n.workers, n.inference_threads, n.min_island_ml
         )
-        self.closed_loop = ClosedLoop(self.data_dir, self.store, config_from_settings(settings.federation))
+        self.closed_loop = ClosedLoop(
+            self.data_dir, self.store, config_from_settings(settings.federation), self.audit.record
+        )
         self._loops = [
             Loop("rtseg-assembly", self.assembler.tick, TICK_S),
             Loop("rtseg-sender", self.sender.run_once, SEND_POLL_S),

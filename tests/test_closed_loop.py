@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -157,3 +158,60 @@ def test_configured_label_counts_as_approved_and_cases_stay_off_by_default(
     assert outcome.status == "recorded" and outcome.case_id is None  # add_cases is off by default
     with pytest.raises(InputError, match="unknown setting federation.closed_loop.add_case"):
         config_from_settings({"closed_loop": {"add_case": True}})
+
+
+def _counting_ct_loads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the closed loop's CT loads (the real loader still runs)."""
+    import rtseg.closed_loop as closed_loop
+
+    loads: list[int] = []
+    real = closed_loop.load_series
+
+    def load_series(*args: object, **kwargs: object) -> object:
+        loads.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(closed_loop, "load_series", load_series)
+    return loads
+
+
+def test_malformed_approved_rtstruct_is_quarantined_and_the_next_one_processed(
+    node: dict[str, object], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dicom_node.audit import AuditLog
+    from dicom_node.node import Loop
+
+    data, store, truth = node["data"], node["store"], node["truth"]
+    assert isinstance(data, Path) and isinstance(store, JobStore)
+    spool = data / "spool" / "rtstruct"
+    bad = approved_rtstruct(truth, spool / "0-bad" / "0.dcm")  # sorted first: met first every cycle
+    ds = pydicom.dcmread(bad)
+    del ds.ROIContourSequence[0].ReferencedROINumber
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.save_as(bad)
+    good = approved_rtstruct(truth, spool / "1-good" / "1.dcm")
+    ds = pydicom.dcmread(good)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.save_as(good)
+    loads = _counting_ct_loads(monkeypatch)
+    audit = AuditLog(tmp_path / "audit.log")
+    loop = Loop("closed-loop-test", ClosedLoop(data, store, audit=audit.record).run_once, 0.05)
+    loop.start()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(str(good) == r["source"] for r in recorded(store)):
+            time.sleep(0.1)
+        time.sleep(0.5)  # several more cycles: the bad one must not come back
+    finally:
+        loop.stop()
+    rows = {r["source"]: r for r in recorded(store)}
+    assert rows.get(str(good), {}).get("status") == "recorded", "the valid RTSTRUCT was never processed"
+    quarantined = rows[str(bad)]
+    assert quarantined["status"] == "quarantined"
+    assert "ReferencedROINumber" in quarantined["detail"]["message"]
+    assert not bad.exists()
+    kept = data / quarantined["detail"]["quarantine"]
+    assert kept.is_file() and kept.is_relative_to(data / "quarantine")
+    assert len(loads) == 2  # one CT load per structure set, not one per cycle
+    (event,) = [e for e in audit.entries() if e["event"] == "rtstruct_quarantined"]
+    assert event["instance"] == quarantined["instance_key"] and "ReferencedROINumber" in event["reason"]
