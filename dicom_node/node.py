@@ -146,6 +146,7 @@ class Node:
             self.server.server_close()  # type: ignore[attr-defined]
         for loop in self._loops:
             loop.stop()
+        self.sender.stop()
         self.pool.stop(timeout=10.0)
         self.audit.record("node_stopped")
         self.store.close()

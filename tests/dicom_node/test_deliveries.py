@@ -1,0 +1,89 @@
+"""Deliveries: one destination's trouble never delays another's; dead letters are retried by the operator."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from node_helpers import Storescp, wait_for
+from pynetdicom.sop_class import RTStructureSetStorage  # type: ignore[attr-defined]
+from test_scp import _dataset
+
+from dicom_node.audit import AuditLog
+from dicom_node.deliveries import PENDING
+from dicom_node.node import Loop, open_stores
+from dicom_node.scu import Sender
+from rtseg.jobs import Job, JobState, JobStore
+from rtseg.settings import NodeSettings, TlsSettings
+
+
+class HungListener:
+    """A loopback TCP server that accepts every connection and never answers (a hung destination)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
+        self.accepted: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # closed by close()
+                return
+            self.accepted.append(conn)  # read nothing, answer nothing
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.accepted:
+            conn.close()
+
+
+def _sending_job(store: JobStore, data_dir: Path, n: int, destinations: list[dict[str, Any]]) -> Job:
+    """A job whose RTSTRUCT is written and waits for its deliveries."""
+    job = store.create("dicom", f"series{n}", f"spool/ct/series{n}", state=JobState.SENDING)
+    out = Path("jobs") / job.id / "rtstruct.dcm"
+    (data_dir / out).parent.mkdir(parents=True)
+    ds = _dataset(RTStructureSetStorage, f"1.2.3.4.4{n}", f"1.2.3.4{n}")
+    ds.Modality = "RTSTRUCT"
+    ds.save_as(data_dir / out, enforce_file_format=True)
+    return store.update(job.id, output_path=str(out), meta={"destinations": destinations})
+
+
+def _sender(data_dir: Path, **node: Any) -> tuple[Sender, JobStore, Any, AuditLog]:
+    store, deliveries = open_stores(data_dir)
+    audit = AuditLog(data_dir / "audit" / "audit.log")
+    sender = Sender(store, deliveries, data_dir, "RTSEG", NodeSettings(**node), TlsSettings(), audit)
+    return sender, store, deliveries, audit
+
+
+def test_a_hung_destination_does_not_delay_the_others(tmp_path: Path) -> None:
+    hung = HungListener()
+    good = Storescp(tmp_path / "received").start()
+    sender, store, deliveries, _ = _sender(tmp_path / "data")
+    destinations = [
+        {"name": "a-hung", "ae_title": "HUNG", "host": "127.0.0.1", "port": hung.port, "tls": False},
+        {"name": "b-good", "ae_title": "DEST", "host": "127.0.0.1", "port": good.port, "tls": False},
+    ]
+    jobs = [_sending_job(store, tmp_path / "data", n, destinations) for n in (1, 2)]
+    loop = Loop("sender-test", sender.run_once, 0.2)
+    started = time.monotonic()
+    loop.start()
+    try:
+        wait_for(lambda: len(good.received()) == 2, 5, "both RTSTRUCTs at the good destination")
+        elapsed = time.monotonic() - started
+        hung_rows = [r for job in jobs for r in deliveries.for_job(job.id) if r.destination == "a-hung"]
+        still_stuck = bool(hung.accepted) and all(r.state == PENDING and r.attempts == 0 for r in hung_rows)
+    finally:
+        loop.stop()
+        hung.close()
+        sender.stop()
+        good.stop()
+    assert elapsed < 5
+    assert still_stuck  # the hung destination had the first association and is still waiting
+    assert [s.SOPInstanceUID for s in good.received()] == ["1.2.3.4.41", "1.2.3.4.42"]
