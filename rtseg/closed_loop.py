@@ -21,6 +21,8 @@ Configuration: ``[federation.closed_loop]`` in the node's TOML file::
     approved_labels = []         # StructureSetLabel values that also count as approved
     site_data = "..."            # default: federation.data_dir (the site's training cases),
                                  # else <data_dir>/site-data
+    window_h = 0                 # a segmented CT is kept at least this long for late approvals,
+                                 # whatever node.retention_h says (0: retention_h alone)
 
 Nothing here logs or stores patient data: series and instances appear as
 hashes, the case folder name is a hash of the series UID.
@@ -86,13 +88,17 @@ class ClosedLoopConfig:
     approved_labels: tuple[str, ...] = ()
     site_data: Path | None = None  # default <data_dir>/site-data
     structures: tuple[Structure, ...] | None = None  # label ids of the model (default: rtseg's table)
+    window_h: float = 0.0  # the node keeps a segmented CT at least this long (pairing needs it)
 
     @classmethod
     def from_mapping(cls, table: Mapping[str, Any]) -> ClosedLoopConfig:
         """From the ``[federation.closed_loop]`` table; unknown keys are an :class:`InputError`."""
-        unknown = sorted(set(table) - {"add_cases", "approved_labels", "site_data"})
+        unknown = sorted(set(table) - {"add_cases", "approved_labels", "site_data", "window_h"})
         if unknown:
             raise InputError(f"unknown setting federation.closed_loop.{unknown[0]}")
+        window = table.get("window_h", 0.0)
+        if isinstance(window, bool) or not isinstance(window, int | float) or not 0 <= window < 1e6:
+            raise InputError("federation.closed_loop.window_h must be a number of hours, 0 or more")
         add = table.get("add_cases", False)
         labels = table.get("approved_labels", [])
         if not isinstance(add, bool):
@@ -100,7 +106,8 @@ class ClosedLoopConfig:
         if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
             raise InputError("federation.closed_loop.approved_labels must be a list of strings")
         site = table.get("site_data")
-        return cls(add, tuple(x.strip() for x in labels), Path(site).expanduser() if site else None)
+        site_dir = Path(site).expanduser() if site else None
+        return cls(add, tuple(x.strip() for x in labels), site_dir, window_h=float(window))
 
     def site_dir(self, data_dir: Path) -> Path:
         return self.site_data if self.site_data is not None else Path(data_dir) / "site-data"

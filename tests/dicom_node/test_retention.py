@@ -1,0 +1,82 @@
+"""Retention of patient data on the node: received CTs, dead letters, the RT spool, quarantine."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+from dicom_node.audit import AuditLog
+from dicom_node.node import Node
+from dicom_node.spool import Spool, uid_key
+from rtseg.jobs import JobState
+from rtseg.settings import load_settings
+
+
+def _node(data_dir: Path, retention_h: str) -> Node:
+    settings = load_settings(
+        environ={
+            "RTSEG_DATA_DIR": str(data_dir),
+            "RTSEG_NODE_RETENTION_H": retention_h,
+            "RTSEG_NODE_MIN_FREE_DISK_MB": "0",
+        }
+    )
+    return Node(settings, data_dir / "model")  # not started: no SCP, no workers
+
+
+def _age(node: Node, job_id: str, hours: float) -> None:
+    """The job last changed ``hours`` ago."""
+    with sqlite3.connect(node.store.db_path) as db:
+        db.execute("UPDATE jobs SET updated = ? WHERE id = ?", (time.time() - hours * 3600, job_id))
+
+
+def _purged(node: Node) -> list[dict[str, object]]:
+    return [e for e in node.audit.entries() if e["event"] == "retention_purged"]
+
+
+def test_dead_letters_rt_spool_and_quarantine_are_purged_after_retention(tmp_path: Path) -> None:
+    node = _node(tmp_path, "2")
+    keys = {"dead": uid_key("1.2.9.1"), "fresh": uid_key("1.2.9.2")}
+    jobs = {}
+    for name, key in keys.items():
+        node.spool.write("ct", key, uid_key(f"{name}.1"), b"ct")
+        job = node.store.create("dicom", key, f"spool/ct/{key}", state=JobState.SENDING)
+        jobs[name] = node.store.transition(job.id, JobState.SENDING, JobState.DEAD_LETTER, error="x")
+    _age(node, jobs["dead"].id, 3)  # dead-lettered 3 h ago, retention 2 h
+    old_rt = node.spool.write("rtstruct", uid_key("1.2.9.3"), uid_key("1.2.9.3.1"), b"rt")
+    new_rt = node.spool.write("rtstruct", uid_key("1.2.9.4"), uid_key("1.2.9.4.1"), b"rt")
+    quarantined = tmp_path / "quarantine" / "rtstruct" / uid_key("1.2.9.5") / f"{uid_key('1.2.9.5.1')}.dcm"
+    quarantined.parent.mkdir(parents=True)
+    quarantined.write_bytes(b"rt")
+    three_hours_ago = time.time() - 3 * 3600
+    for path in (old_rt, quarantined):
+        os.utime(path, (three_hours_ago, three_hours_ago))
+
+    assert node.purge() == 3
+    assert node.spool.instances("ct", keys["dead"]) == []
+    assert len(node.spool.instances("ct", keys["fresh"])) == 1  # dead-lettered just now: kept
+    assert not old_rt.exists() and not quarantined.exists() and new_rt.exists()
+    assert node.store.get(jobs["dead"].id).meta["purged"] is True
+    events = {(e["kind"], e["series"]) for e in _purged(node)}
+    assert events == {
+        ("ct", keys["dead"]),
+        ("rtstruct", uid_key("1.2.9.3")),
+        ("rtstruct", uid_key("1.2.9.5")),
+    }
+    assert node.purge() == 0  # done once
+    assert "1.2.9" not in node.audit.path.read_text()  # hashed keys only
+
+
+def test_identical_duplicate_is_silent_a_different_one_is_audited(tmp_path: Path) -> None:
+    audit = AuditLog(tmp_path / "audit.log")
+    spool = Spool(tmp_path / "spool", 0, audit)
+    series, instance = uid_key("1.2.7"), uid_key("1.2.7.1")
+    path = spool.write("ct", series, instance, b"DICM first")
+    assert spool.write("ct", series, instance, b"DICM first") == path
+    assert audit.entries() == []  # the same instance sent twice: nothing to say
+    spool.write("ct", series, instance, b"DICM other content")
+    (event,) = audit.entries()
+    assert event["event"] == "duplicate_instance_differs"
+    assert (event["series"], event["instance"], event["kind"]) == (series, instance, "ct")
+    assert "1.2.7" not in audit.path.read_text()
