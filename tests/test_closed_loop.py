@@ -215,3 +215,45 @@ def test_malformed_approved_rtstruct_is_quarantined_and_the_next_one_processed(
     assert len(loads) == 2  # one CT load per structure set, not one per cycle
     (event,) = [e for e in audit.entries() if e["event"] == "rtstruct_quarantined"]
     assert event["instance"] == quarantined["instance_key"] and "ReferencedROINumber" in event["reason"]
+
+
+def test_late_approval_is_paired_within_the_window_after_retention(
+    node: dict[str, object], tmp_path: Path
+) -> None:
+    import sqlite3
+    import time as clock
+    from dataclasses import replace as with_values
+    from types import MappingProxyType
+
+    from dicom_node.node import Node
+    from rtseg.settings import load_settings
+
+    data = tmp_path / "data"
+    shutil.copytree(node["data"], data, ignore=shutil.ignore_patterns("rtstruct", "quarantine"))  # type: ignore[arg-type]
+    job = node["job"]
+    settings = load_settings(
+        environ={
+            "RTSEG_DATA_DIR": str(data),
+            "RTSEG_NODE_RETENTION_H": "1",
+            "RTSEG_NODE_MIN_FREE_DISK_MB": "0",
+        }
+    )
+    settings = with_values(settings, federation=MappingProxyType({"closed_loop": {"window_h": 48}}))
+    janitor = Node(settings, tmp_path / "model")  # not started: the retention janitor and the closed loop
+
+    def finished_hours_ago(hours: float) -> None:
+        with sqlite3.connect(data / "state.db") as db:
+            db.execute("UPDATE jobs SET updated = ? WHERE id = ?", (clock.time() - hours * 3600, job.id))  # type: ignore[attr-defined]
+
+    finished_hours_ago(30)  # past retention_h (1 h), within the closed-loop window (48 h)
+    janitor.purge()
+    approved = approved_rtstruct(node["truth"], data / "spool" / "rtstruct" / "late" / "late.dcm")
+    (outcome,) = janitor.closed_loop.run_once()
+    assert outcome.status == "recorded", outcome.message
+    assert outcome.job_id == job.id  # type: ignore[attr-defined]
+    assert approved.exists()
+
+    finished_hours_ago(49)  # the window is over: the CT goes
+    janitor.purge()
+    assert not (data / job.input_dir).exists()  # type: ignore[attr-defined]
+    assert [e["job"] for e in janitor.audit.entries() if e["event"] == "retention_purged"] == [job.id]  # type: ignore[attr-defined]

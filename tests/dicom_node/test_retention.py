@@ -1,25 +1,32 @@
-"""Retention of patient data on the node: received CTs, dead letters, the RT spool, quarantine."""
+"""Patient data on the node: retention (CTs, dead letters, RT spool, quarantine) and duplicate instances."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 import time
 from pathlib import Path
 
-from dicom_node.audit import AuditLog
+import pydicom
+from node_helpers import storescu
+from pynetdicom.sop_class import RTStructureSetStorage  # type: ignore[attr-defined]
+from test_scp import _dataset
+
 from dicom_node.node import Node
-from dicom_node.spool import Spool, uid_key
+from dicom_node.scp import start_scp
+from dicom_node.spool import uid_key
 from rtseg.jobs import JobState
 from rtseg.settings import load_settings
 
 
-def _node(data_dir: Path, retention_h: str) -> Node:
+def _node(data_dir: Path, retention_h: str, **env: str) -> Node:
     settings = load_settings(
         environ={
             "RTSEG_DATA_DIR": str(data_dir),
             "RTSEG_NODE_RETENTION_H": retention_h,
             "RTSEG_NODE_MIN_FREE_DISK_MB": "0",
+            **env,
         }
     )
     return Node(settings, data_dir / "model")  # not started: no SCP, no workers
@@ -68,15 +75,26 @@ def test_dead_letters_rt_spool_and_quarantine_are_purged_after_retention(tmp_pat
     assert "1.2.9" not in node.audit.path.read_text()  # hashed keys only
 
 
-def test_identical_duplicate_is_silent_a_different_one_is_audited(tmp_path: Path) -> None:
-    audit = AuditLog(tmp_path / "audit.log")
-    spool = Spool(tmp_path / "spool", 0, audit)
-    series, instance = uid_key("1.2.7"), uid_key("1.2.7.1")
-    path = spool.write("ct", series, instance, b"DICM first")
-    assert spool.write("ct", series, instance, b"DICM first") == path
-    assert audit.entries() == []  # the same instance sent twice: nothing to say
-    spool.write("ct", series, instance, b"DICM other content")
-    (event,) = audit.entries()
-    assert event["event"] == "duplicate_instance_differs"
-    assert (event["series"], event["instance"], event["kind"]) == (series, instance, "ct")
-    assert "1.2.7" not in audit.path.read_text()
+def test_duplicate_sop_instance_with_other_content_is_audited(tmp_path: Path) -> None:
+    node = _node(tmp_path / "data", "24", RTSEG_DICOM_PORT="0", RTSEG_DICOM_HOST="127.0.0.1")
+    server = start_scp(node.settings.dicom, node.receiver, node.audit)
+    port = int(server.server_address[1])
+    ds = _dataset(RTStructureSetStorage, "1.2.3.4.70", "1.2.3.71")
+    ds.Modality, ds.StructureSetLabel = "RTSTRUCT", "FIRST"
+    ds.save_as(tmp_path / "first.dcm", enforce_file_format=True)
+    shutil.copy(tmp_path / "first.dcm", tmp_path / "again.dcm")
+    ds.StructureSetLabel = "CHANGED"  # same SOP Instance UID, other content
+    ds.save_as(tmp_path / "changed.dcm", enforce_file_format=True)
+    try:
+        codes = [storescu([tmp_path / name], port) for name in ("first.dcm", "again.dcm")]
+        assert [e for e in node.audit.entries() if e["event"] == "duplicate_instance_differs"] == []
+        codes.append(storescu([tmp_path / "changed.dcm"], port))
+    finally:
+        server.shutdown()
+    assert codes == [0, 0, 0]
+    (event,) = [e for e in node.audit.entries() if e["event"] == "duplicate_instance_differs"]
+    assert (event["kind"], event["series"]) == ("rtstruct", uid_key("1.2.3.71"))
+    assert event["instance"] == uid_key("1.2.3.4.70") and event["action"] == "replaced"
+    (kept,) = node.spool.instances("rtstruct", uid_key("1.2.3.71"))
+    assert pydicom.dcmread(kept).StructureSetLabel == "CHANGED"
+    assert "1.2.3.4.70" not in node.audit.path.read_text()  # hashed keys only
