@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from node_helpers import Storescp, wait_for
+from node_helpers import Storescp, free_port, wait_for
 from pynetdicom.sop_class import RTStructureSetStorage  # type: ignore[attr-defined]
 from test_scp import _dataset
 
@@ -87,3 +89,49 @@ def test_a_hung_destination_does_not_delay_the_others(tmp_path: Path) -> None:
     assert elapsed < 5
     assert still_stuck  # the hung destination had the first association and is still waiting
     assert [s.SOPInstanceUID for s in good.received()] == ["1.2.3.4.41", "1.2.3.4.42"]
+
+
+def _rtseg(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "rtseg.cli", *args], capture_output=True, text=True)
+
+
+def test_node_retry_requeues_dead_letters_and_the_delivery_then_succeeds(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    port = free_port()  # nothing listens here yet
+    config = tmp_path / "node.toml"
+    config.write_text(f'[paths]\ndata_dir = "{data}"\n')
+    sender, store, deliveries, audit = _sender(data, retry_limit=1)
+    dest = {"name": "tps", "ae_title": "DEST", "host": "127.0.0.1", "port": port, "tls": False}
+    jobs = [_sending_job(store, data, n, [dest]) for n in (1, 2)]
+    sender.run_once()
+    sender.stop()
+    sender.run_once()  # settles: both jobs are dead letters
+    assert [store.get(j.id).state for j in jobs] == [JobState.DEAD_LETTER] * 2
+
+    unknown = _rtseg("node", "retry", "--config", str(config), "nosuchjob")
+    assert unknown.returncode == 2 and "no job 'nosuchjob'" in unknown.stdout + unknown.stderr
+    one = _rtseg("node", "retry", "--config", str(config), jobs[0].id)
+    assert one.returncode == 0, one.stdout + one.stderr
+    assert f"requeued job {jobs[0].id} → tps" in one.stdout
+    assert [store.get(j.id).state for j in jobs] == [JobState.SENDING, JobState.DEAD_LETTER]
+
+    dest_scp = Storescp(tmp_path / "received")
+    dest_scp.port = port
+    dest_scp.start()
+    try:
+        rest = _rtseg("node", "retry", "--config", str(config))  # all the others
+        assert rest.returncode == 0 and f"requeued job {jobs[1].id} → tps" in rest.stdout
+        assert jobs[0].id not in rest.stdout  # already requeued: nothing left to retry for it
+        loop = Loop("sender-test", sender.run_once, 0.2)
+        loop.start()
+        try:
+            wait_for(lambda: all(store.get(j.id).state == JobState.DONE for j in jobs), 20, "both jobs done")
+        finally:
+            loop.stop()
+            sender.stop()
+        assert len(dest_scp.received()) == 2
+    finally:
+        dest_scp.stop()
+    assert [e["job"] for e in audit.entries() if e["event"] == "delivery_requeued"] == [j.id for j in jobs]
+    nothing = _rtseg("node", "retry", "--config", str(config))
+    assert nothing.returncode == 0 and "nothing to retry" in nothing.stdout
