@@ -98,3 +98,15 @@ def test_duplicate_sop_instance_with_other_content_is_audited(tmp_path: Path) ->
     (kept,) = node.spool.instances("rtstruct", uid_key("1.2.3.71"))
     assert pydicom.dcmread(kept).StructureSetLabel == "CHANGED"
     assert "1.2.3.4.70" not in node.audit.path.read_text()  # hashed keys only
+
+
+def test_a_series_sent_again_keeps_its_ct_while_the_new_job_needs_it(tmp_path: Path) -> None:
+    node = _node(tmp_path, "1")
+    key = uid_key("1.2.9.8")
+    node.spool.write("ct", key, uid_key("1.2.9.8.1"), b"ct")
+    old = node.store.create("dicom", key, f"spool/ct/{key}", state=JobState.RECEIVED)
+    old = node.store.transition(old.id, JobState.RECEIVED, JobState.FAILED, error="missing slices")
+    _age(node, old.id, 5)  # failed long ago; the rest of the series came later and opened a new job
+    node.store.create("dicom", key, f"spool/ct/{key}", state=JobState.QUEUED)
+    assert node.purge() == 0
+    assert len(node.spool.instances("ct", key)) == 1
