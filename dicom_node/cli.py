@@ -1,4 +1,4 @@
-"""``rtseg serve`` and ``rtseg node echo|status|bench``: the DICOM face's commands.
+"""``rtseg serve`` and ``rtseg node echo|status|retry|bench``: the DICOM face's commands.
 
 Registered into the ``rtseg`` command line by :func:`register`. User-facing
 output is printed here; nothing printed carries patient data.
@@ -160,6 +160,27 @@ def _node_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _node_retry(args: argparse.Namespace) -> int:
+    from dicom_node.audit import AuditLog
+    from dicom_node.node import open_stores
+    from dicom_node.scu import requeue_dead_letters
+    from rtseg.jobs import state_db
+
+    settings = load_settings(args.config)
+    data_dir = Path(settings.data_dir)
+    if not state_db(data_dir).is_file():
+        print(f"no node state in {data_dir.resolve()} (never started?)")
+        return 1
+    store, deliveries = open_stores(data_dir)
+    audit = AuditLog(data_dir / "audit" / "audit.log")
+    requeued = requeue_dead_letters(store, deliveries, audit, args.jobs)
+    for job_id, names in requeued.items():
+        print(f"requeued job {job_id} → {', '.join(names)}")
+    if not requeued:
+        print("nothing to retry (no dead letters)")
+    return 0
+
+
 def _node_bench(args: argparse.Namespace) -> int:
     from dicom_node.bench import run_bench
 
@@ -229,6 +250,10 @@ def register(sub: Any, handlers: dict[str, Handler]) -> None:
     q.add_argument("--config", type=Path)
     q.add_argument("--limit", type=int, default=10, help="rows of dead letters and failures to show")
     q.set_defaults(node_action=_node_status)
+    q = nsub.add_parser("retry", help="send dead-lettered deliveries again (all, or the given jobs)")
+    q.add_argument("--config", type=Path)
+    q.add_argument("jobs", nargs="*", metavar="JOB_ID", help="jobs to retry (default: every dead letter)")
+    q.set_defaults(node_action=_node_retry)
     q = nsub.add_parser("bench", help="receive throughput vs dcmtk storescp, turnaround p50/p95")
     q.add_argument("--work", type=Path, default=Path("rtseg-bench"), help="working folder")
     q.add_argument("--slices", type=int, default=300, help="slices of the throughput series (default 300)")

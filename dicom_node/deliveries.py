@@ -89,6 +89,20 @@ class DeliveryStore(SqliteTables):
                 (*args, time.time(), job_id, destination),
             )
 
+    def requeue(self, job_id: str) -> list[str]:
+        """The job's dead deliveries back to pending, due now, tries counted afresh; their names."""
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT destination FROM deliveries WHERE job_id = ? AND state = ? ORDER BY destination",
+                (job_id, DEAD),
+            ).fetchall()
+            db.execute(
+                "UPDATE deliveries SET state = ?, attempts = 0, next_attempt = 0, last_error = NULL,"
+                " updated = ? WHERE job_id = ? AND state = ?",
+                (PENDING, time.time(), job_id, DEAD),
+            )
+        return [str(r[0]) for r in rows]
+
     def dead(self, limit: int = 100) -> list[Delivery]:
         rows = self._conn().execute(
             "SELECT job_id, destination, state, attempts, next_attempt, last_error FROM deliveries"

@@ -17,11 +17,11 @@ from pathlib import Path
 from dicom_node.assembly import CT_KIND, Assembler
 from dicom_node.audit import AuditLog
 from dicom_node.deliveries import DeliveryStore
-from dicom_node.scp import Receiver, start_scp
+from dicom_node.scp import RT_KIND, Receiver, start_scp
 from dicom_node.scu import Sender
 from dicom_node.spool import Spool
-from rtseg.closed_loop import ClosedLoop, config_from_settings
-from rtseg.jobs import JobState, JobStore, state_db
+from rtseg.closed_loop import SEGMENTED, ClosedLoop, config_from_settings
+from rtseg.jobs import FINAL, Job, JobState, JobStore, state_db
 from rtseg.settings import Settings
 from rtseg.worker import WorkerPool
 
@@ -32,6 +32,7 @@ SEND_POLL_S = 0.5
 JANITOR_S = 60.0
 WATCHDOG_S = 5.0
 CLOSED_LOOP_S = 5.0  # approved RTSTRUCTs back from the TPS: paired and scored off the SCP thread
+RETAINED = frozenset({JobState.DONE, JobState.FAILED, JobState.DEAD_LETTER})  # whose CT retention deletes
 
 
 def open_stores(data_dir: Path) -> tuple[JobStore, DeliveryStore]:
@@ -82,7 +83,7 @@ class Node:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.store, self.deliveries = open_stores(self.data_dir)
         self.audit = AuditLog(self.data_dir / "audit" / "audit.log")
-        self.spool = Spool(self.data_dir / "spool", settings.node.min_free_disk_mb)
+        self.spool = Spool(self.data_dir / "spool", settings.node.min_free_disk_mb, self.audit)
         self.assembler = Assembler(self.store, self.spool, settings, self.audit)
         self.receiver = Receiver(
             self.spool,
@@ -105,7 +106,9 @@ class Node:
         self.pool = WorkerPool(
             self.store, self.data_dir, model_dir, n.workers, n.inference_threads, n.min_island_ml
         )
-        self.closed_loop = ClosedLoop(self.data_dir, self.store, config_from_settings(settings.federation))
+        self.closed_loop = ClosedLoop(
+            self.data_dir, self.store, config_from_settings(settings.federation), self.audit.record
+        )
         self._loops = [
             Loop("rtseg-assembly", self.assembler.tick, TICK_S),
             Loop("rtseg-sender", self.sender.run_once, SEND_POLL_S),
@@ -149,22 +152,65 @@ class Node:
             self.server.server_close()  # type: ignore[attr-defined]
         for loop in self._loops:
             loop.stop()
+        self.sender.stop()
         self.pool.stop(timeout=10.0)
         self.audit.record("node_stopped")
         self.store.close()
         self.deliveries.close()
 
     def purge(self) -> int:
-        """Retention: delete received CT of finished jobs older than ``node.retention_h``."""
-        cutoff = time.time() - self.settings.node.retention_h * 3600
-        purged = 0
-        finished = {JobState.DONE, JobState.FAILED}
-        for job in self.store.list(finished, source="dicom", limit=100_000):
-            if job.updated > cutoff or job.meta.get("purged"):
-                continue
-            self.spool.remove_series(CT_KIND, job.series_key)
-            self.store.update(job.id, meta={**job.meta, "purged": True})
-            purged += 1
+        """Retention: delete patient data the node no longer needs; returns how much was deleted.
+
+        The received CT of finished and dead-lettered jobs ``node.retention_h``
+        after they finished (a segmented CT at least ``[federation.closed_loop]
+        window_h``, for late approvals), and received RT Structure Sets (spool and
+        quarantine) ``node.retention_h`` after they arrived. Each deletion is audited.
+        """
+        now = time.time()
+        purged = sum(self._purge_ct(job) for job in self._expired_jobs(now))
+        purged += self._purge_rt(now - self.settings.node.retention_h * 3600)
         if purged:
-            log.info("retention: deleted the CT of %d finished job(s)", purged)
+            log.info("retention: deleted %d CT series and RT object(s)", purged)
+        return purged
+
+    def _keep_until(self, job: Job) -> float:
+        hours = self.settings.node.retention_h
+        if job.state in SEGMENTED:  # an approved structure set may still come back for it
+            hours = max(hours, self.closed_loop.config.window_h)
+        return job.updated + hours * 3600
+
+    def _expired_jobs(self, now: float) -> list[Job]:
+        """Finished DICOM jobs past their retention whose series no other job still needs."""
+        jobs = self.store.list(source="dicom", limit=1_000_000)
+        needed = {  # a later job of the same series (sent again) shares its spool folder
+            j.series_key
+            for j in jobs
+            if j.state not in FINAL or (j.state in RETAINED and self._keep_until(j) > now)
+        }
+        return [
+            j for j in jobs if j.state in RETAINED and not j.meta.get("purged") and j.series_key not in needed
+        ]
+
+    def _purge_ct(self, job: Job) -> int:
+        self.spool.remove_series(CT_KIND, job.series_key)
+        self.store.update(job.id, meta={**job.meta, "purged": True})
+        self.audit.record("retention_purged", kind=CT_KIND, job=job.id, series=job.series_key)
+        return 1
+
+    def _purge_rt(self, cutoff: float) -> int:
+        purged = 0
+        for root, where in (
+            (self.data_dir / "spool" / RT_KIND, "spool"),
+            (self.closed_loop.quarantine, "quarantine"),
+        ):
+            for path in sorted(root.glob("*/*.dcm")):
+                if path.stat().st_mtime > cutoff:
+                    continue
+                path.unlink()
+                if not any(path.parent.iterdir()):
+                    path.parent.rmdir()
+                self.audit.record(
+                    "retention_purged", kind=RT_KIND, where=where, series=path.parent.name, instance=path.stem
+                )
+                purged += 1
         return purged

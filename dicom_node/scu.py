@@ -1,7 +1,9 @@
 """The C-STORE SCU: sends each job's RTSTRUCT to its destinations, exactly once per destination.
 
 :class:`Sender` polls jobs in ``sending``. For each destination without an
-acknowledgement it tries a C-STORE when the delivery is due; a failure
+acknowledgement it tries a C-STORE when the delivery is due, in that
+destination's own lane (a thread per destination, one store at a time), so a
+destination that hangs until the timeout never delays another's; a failure
 schedules the next try with exponential backoff, and after ``node.retry_limit``
 tries the delivery is dead. When every destination acknowledged, the job is
 ``done``; when the rest acknowledged and some are dead, ``dead_letter``. The
@@ -13,8 +15,9 @@ from __future__ import annotations
 
 import logging
 import ssl
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +103,43 @@ def echo(
     return getattr(status, "Status", None) == 0x0000, time.perf_counter() - started
 
 
+def requeue_dead_letters(
+    store: JobStore, deliveries: DeliveryStore, audit: AuditLog, job_ids: Sequence[str] = ()
+) -> dict[str, list[str]]:
+    """An operator's retry: dead deliveries (of ``job_ids``, else all) go back to the sender.
+
+    Each dead delivery is pending again with its tries counted afresh, and a
+    dead-lettered job is ``sending`` again; a running node's sender picks them up.
+
+    Returns
+    -------
+    dict
+        Requeued destination names by job id (empty: nothing was dead).
+
+    Raises
+    ------
+    JobError
+        A given job does not exist or has no dead delivery (checked before anything changes).
+    """
+    jobs = [store.get(job_id) for job_id in job_ids]
+    for job in jobs:
+        if not any(d.state == DEAD for d in deliveries.for_job(job.id)):
+            raise JobError(f"job {job.id} is {job.state}, with no dead delivery to retry")
+    if not job_ids:
+        dead = {d.job_id for d in deliveries.dead(limit=1_000_000)}
+        jobs = [job for job in store.list({JobState.DEAD_LETTER, JobState.SENDING}) if job.id in dead]
+    return {job.id: _requeue(store, deliveries, audit, job) for job in jobs}
+
+
+def _requeue(store: JobStore, deliveries: DeliveryStore, audit: AuditLog, job: Job) -> list[str]:
+    names = deliveries.requeue(job.id)  # first, or the sender would settle the job as dead again
+    if job.state == JobState.DEAD_LETTER:
+        store.transition(job.id, JobState.DEAD_LETTER, JobState.SENDING, error=None)
+    audit.record("delivery_requeued", job=job.id, destinations=names)
+    log.info("job %s: deliveries to %s requeued by the operator", job.id, ", ".join(names))
+    return names
+
+
 class Sender:
     """Delivers the RTSTRUCTs of ``sending`` jobs, one delivery per (job, destination)."""
 
@@ -122,28 +162,60 @@ class Sender:
         self.tls = tls
         self.audit = audit
         self._send = send
+        self._lanes: dict[str, threading.Thread] = {}  # destination name -> its busy lane
+        self._settling = threading.Lock()
 
     def run_once(self) -> int:
-        """Try every due delivery once; returns how many attempts were made."""
-        attempts = 0
-        for job in self.store.list({JobState.SENDING}):
-            attempts += self._deliver(job)
-        return attempts
+        """Start every due delivery in its destination's lane; returns how many were started.
 
-    def _deliver(self, job: Job) -> int:
+        A destination whose lane is still busy (e.g. a peer that accepts and never
+        answers, until the timeout) is skipped until the lane is free again.
+        """
+        due: dict[str, list[tuple[Job, Delivery, Mapping[str, Any]]]] = {}
+        for job in self.store.list({JobState.SENDING}):
+            for row, dest in self._due(job):
+                due.setdefault(row.destination, []).append((job, row, dest))
+            self._settle(job)
+        started = 0
+        for name, items in due.items():
+            lane = self._lanes.get(name)
+            if lane is not None and lane.is_alive():
+                continue
+            lane = threading.Thread(
+                target=self._run_lane, args=(items,), name=f"rtseg-send-{name}", daemon=True
+            )
+            self._lanes[name] = lane
+            lane.start()
+            started += len(items)
+        return started
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Wait up to ``timeout`` seconds for the lanes in flight (a hung store is left to its timeout)."""
+        deadline = time.monotonic() + timeout
+        for lane in list(self._lanes.values()):
+            lane.join(max(0.0, deadline - time.monotonic()))
+
+    def _due(self, job: Job) -> list[tuple[Delivery, Mapping[str, Any]]]:
         destinations = {str(d["name"]): d for d in job.meta.get("destinations", [])}
         rows = self.deliveries.ensure(job.id, list(destinations))
-        attempts = 0
-        for row in rows:
-            if row.state == ACKED or row.state == DEAD or row.next_attempt > time.time():
-                continue
-            dest = destinations.get(row.destination)
-            if dest is None:
-                continue
-            self._attempt(job, row, dest)
-            attempts += 1
-        self._settle(job)
-        return attempts
+        now = time.time()
+        return [
+            (row, destinations[row.destination])
+            for row in rows
+            if row.state not in (ACKED, DEAD) and row.next_attempt <= now and row.destination in destinations
+        ]
+
+    def _run_lane(self, items: list[tuple[Job, Delivery, Mapping[str, Any]]]) -> None:
+        """One destination's due deliveries, one after the other, in this lane's own thread."""
+        try:
+            for job, row, dest in items:
+                self._attempt(job, row, dest)
+                self._settle(job)
+        except Exception:  # noqa: BLE001 - a lane logs (redacted) and the next poll starts it again
+            log.exception("delivery lane %s: unexpected error", items[0][1].destination)
+        finally:
+            self.deliveries.close()  # this thread's connection
+            self.store.close()
 
     def _attempt(self, job: Job, row: Delivery, dest: Mapping[str, Any]) -> None:
         path = self.data_dir / str(job.output_path)
@@ -186,9 +258,16 @@ class Sender:
             )
 
     def _settle(self, job: Job) -> None:
-        rows = self.deliveries.for_job(job.id)
-        if any(r.state not in (ACKED, DEAD) for r in rows):
-            return
+        with self._settling:  # two lanes may finish the same job's last deliveries together
+            rows = self.deliveries.for_job(job.id)
+            if any(r.state not in (ACKED, DEAD) for r in rows):
+                return
+            current = self.store.find(job.id)
+            if current is None or current.state != JobState.SENDING:
+                return
+            self._finish(job, rows)
+
+    def _finish(self, job: Job, rows: list[Delivery]) -> None:
         dead = [r for r in rows if r.state == DEAD]
         try:
             if dead:

@@ -4,18 +4,25 @@ A received instance is written as the raw bytes the peer sent (file meta +
 encoded dataset, never decoded and re-encoded) to a temporary file, fsync'd,
 renamed into place and the directory fsync'd: only then may the SCP answer
 Success. Paths come from hashes of UIDs (:func:`uid_key`), never from a raw UID
-or a patient field, so a crafted UID cannot name a path.
+or a patient field, so a crafted UID cannot name a path. An instance received
+again with the same bytes is left as it is; with other bytes it replaces the
+first copy and the audit log records it (``duplicate_instance_differs``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rtseg.privacy import uid_key
+
+if TYPE_CHECKING:
+    from dicom_node.audit import AuditLog
 
 __all__ = ["Spool", "uid_key"]
 
@@ -31,12 +38,15 @@ class Spool:
         The spool folder (inside the data directory).
     min_free_mb
         Below this much free disk space :meth:`has_space` is false.
+    audit
+        Told when an instance is received again with different content.
     """
 
-    def __init__(self, root: Path, min_free_mb: int) -> None:
+    def __init__(self, root: Path, min_free_mb: int, audit: AuditLog | None = None) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.min_free = min_free_mb * 1024 * 1024
+        self.audit = audit
 
     def has_space(self) -> bool:
         return shutil.disk_usage(self.root).free >= self.min_free
@@ -47,14 +57,16 @@ class Spool:
         return self.root / kind / series_key
 
     def write(self, kind: str, series_key: str, instance_key: str, data: bytes) -> Path:
-        """Write ``data`` durably; an instance sent twice replaces itself."""
+        """Write ``data`` durably; an instance sent again with other content replaces it, audited."""
         _check_key(instance_key)
         folder = self.series_dir(kind, series_key)
+        final = folder / f"{instance_key}.dcm"
+        if final.is_file() and self._same(final, data, kind, series_key, instance_key):
+            return final
         if not folder.is_dir():
             folder.mkdir(parents=True, exist_ok=True)
             _fsync_dir(folder.parent)
             _fsync_dir(folder.parent.parent)
-        final = folder / f"{instance_key}.dcm"
         tmp = folder / f".{instance_key}.{uuid.uuid4().hex}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
@@ -70,6 +82,29 @@ class Spool:
         os.replace(tmp, final)
         _fsync_dir(folder)
         return final
+
+    def _same(self, final: Path, data: bytes, kind: str, series_key: str, instance_key: str) -> bool:
+        """Whether ``final`` already holds ``data``; if not, the replacement is audited."""
+        old = final.read_bytes()
+        if old == data:
+            return True
+        log.warning(
+            "%s instance %s of series %s received again with different content",
+            kind,
+            instance_key,
+            series_key,
+        )
+        if self.audit is not None:
+            self.audit.record(
+                "duplicate_instance_differs",
+                kind=kind,
+                series=series_key,
+                instance=instance_key,
+                old_sha256=hashlib.sha256(old).hexdigest(),
+                new_sha256=hashlib.sha256(data).hexdigest(),
+                action="replaced",
+            )
+        return False
 
     def instances(self, kind: str, series_key: str) -> list[Path]:
         folder = self.series_dir(kind, series_key)

@@ -21,6 +21,8 @@ Configuration: ``[federation.closed_loop]`` in the node's TOML file::
     approved_labels = []         # StructureSetLabel values that also count as approved
     site_data = "..."            # default: federation.data_dir (the site's training cases),
                                  # else <data_dir>/site-data
+    window_h = 0                 # a segmented CT is kept at least this long for late approvals,
+                                 # whatever node.retention_h says (0: retention_h alone)
 
 Nothing here logs or stores patient data: series and instances appear as
 hashes, the case folder name is a hash of the series UID.
@@ -36,7 +38,7 @@ import shutil
 import sqlite3
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -48,10 +50,10 @@ from pydicom.errors import InvalidDicomError
 
 from rtseg.cases import CT_DIR, LABELS_FILE, load_case
 from rtseg.ct import load_series
-from rtseg.errors import InputError, RtsegError
+from rtseg.errors import InputError, RtsegError, RTStructError
 from rtseg.jobs import Job, JobState, JobStore
 from rtseg.metrics import score
-from rtseg.privacy import uid_key
+from rtseg.privacy import redact_uids, uid_key
 from rtseg.rtstruct import rasterize_rtstruct
 from rtseg.structures import Structure
 from rtseg.volume import CTVolume
@@ -61,6 +63,9 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "edit-metrics.json"
 SEGMENTED = frozenset({JobState.SENDING, JobState.DONE, JobState.DEAD_LETTER})
 RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
+QUARANTINE_DIR = Path("quarantine") / "rtstruct"  # under the data directory
+# what pydicom raises when a received structure set lacks an element or holds a bad value
+_PARSE_ERRORS = (AttributeError, KeyError, IndexError, TypeError, ValueError)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS closed_loop (
     instance_key TEXT PRIMARY KEY,
@@ -83,13 +88,17 @@ class ClosedLoopConfig:
     approved_labels: tuple[str, ...] = ()
     site_data: Path | None = None  # default <data_dir>/site-data
     structures: tuple[Structure, ...] | None = None  # label ids of the model (default: rtseg's table)
+    window_h: float = 0.0  # the node keeps a segmented CT at least this long (pairing needs it)
 
     @classmethod
     def from_mapping(cls, table: Mapping[str, Any]) -> ClosedLoopConfig:
         """From the ``[federation.closed_loop]`` table; unknown keys are an :class:`InputError`."""
-        unknown = sorted(set(table) - {"add_cases", "approved_labels", "site_data"})
+        unknown = sorted(set(table) - {"add_cases", "approved_labels", "site_data", "window_h"})
         if unknown:
             raise InputError(f"unknown setting federation.closed_loop.{unknown[0]}")
+        window = table.get("window_h", 0.0)
+        if isinstance(window, bool) or not isinstance(window, int | float) or not 0 <= window < 1e6:
+            raise InputError("federation.closed_loop.window_h must be a number of hours, 0 or more")
         add = table.get("add_cases", False)
         labels = table.get("approved_labels", [])
         if not isinstance(add, bool):
@@ -97,7 +106,8 @@ class ClosedLoopConfig:
         if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
             raise InputError("federation.closed_loop.approved_labels must be a list of strings")
         site = table.get("site_data")
-        return cls(add, tuple(x.strip() for x in labels), Path(site).expanduser() if site else None)
+        site_dir = Path(site).expanduser() if site else None
+        return cls(add, tuple(x.strip() for x in labels), site_dir, window_h=float(window))
 
     def site_dir(self, data_dir: Path) -> Path:
         return self.site_data if self.site_data is not None else Path(data_dir) / "site-data"
@@ -107,7 +117,7 @@ class ClosedLoopConfig:
 class Outcome:
     """What happened to one received structure set (``status`` says which branch)."""
 
-    status: str  # "ignored" | "unpaired" | "recorded" | "failed"
+    status: str  # "ignored" | "unpaired" | "recorded" | "failed" | "quarantined"
     message: str
     instance_key: str = ""
     job_id: str | None = None
@@ -116,6 +126,8 @@ class Outcome:
     unknown_rois: tuple[str, ...] = ()
     not_approved_structures: tuple[str, ...] = ()  # node structures absent from the approved set
     case_id: str | None = None
+    malformed: bool = False  # the received file itself cannot be parsed: quarantine it
+    quarantine: str | None = None  # where it was moved, relative to the data directory
 
 
 def config_from_settings(federation: Mapping[str, Any]) -> ClosedLoopConfig:
@@ -135,18 +147,60 @@ def config_from_settings(federation: Mapping[str, Any]) -> ClosedLoopConfig:
 
 
 def handle_rtstruct(
-    path: Path, data_dir: Path, store: JobStore, config: ClosedLoopConfig | None = None
+    path: Path,
+    data_dir: Path,
+    store: JobStore,
+    config: ClosedLoopConfig | None = None,
+    quarantine: Path | None = None,
 ) -> Outcome:
-    """Process one received RTSTRUCT file; never raises for bad input (the outcome says why)."""
+    """Process one received RTSTRUCT file; never raises for bad input (the outcome says why).
+
+    Parameters
+    ----------
+    path
+        The received file.
+    data_dir
+        The node's data directory.
+    store
+        The node's job store (its database also holds the ``closed_loop`` table).
+    config
+        The closed loop's configuration.
+    quarantine
+        A folder under ``data_dir``: a file that cannot be parsed is moved there
+        (status ``quarantined``) instead of staying where it was (status ``failed``).
+    """
     config = config or ClosedLoopConfig()
     data_dir = Path(data_dir)
     try:
         ds = pydicom.dcmread(path)
     except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-        return _finish(store, Outcome("failed", f"unreadable RTSTRUCT ({type(exc).__name__})"), path)
-    key = uid_key(str(ds.get("SOPInstanceUID", path.name)))
-    outcome = _process(ds, key, data_dir, store, config)
+        outcome = Outcome("failed", f"unreadable RTSTRUCT ({type(exc).__name__})", malformed=True)
+    else:
+        key = uid_key(str(ds.get("SOPInstanceUID", path.name)))
+        outcome = _process(ds, key, data_dir, store, config)
+    if outcome.malformed and quarantine is not None:
+        outcome = _quarantine(path, outcome, data_dir, quarantine)
     return _finish(store, outcome, path)
+
+
+def _quarantine(path: Path, outcome: Outcome, data_dir: Path, folder: Path) -> Outcome:
+    """Move an unparseable file out of the queue, under ``folder/<series key>/``."""
+    target = folder / path.parent.name / path.name
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+    except OSError as exc:  # stays where it is; its row still keeps it from being retried
+        log.error("closed loop: cannot quarantine an RTSTRUCT (%s)", exc.strerror)
+        return outcome
+    return replace(outcome, status="quarantined", quarantine=str(target.relative_to(data_dir)))
+
+
+def _parsed(what: str, parse: Callable[[], Any]) -> Any:
+    """``parse()``, with pydicom's errors on a malformed received structure set as one RTStructError."""
+    try:
+        return parse()
+    except _PARSE_ERRORS as exc:
+        raise RTStructError(f"malformed structure set: {what} ({redact_uids(str(exc))})") from exc
 
 
 def _process(
@@ -157,7 +211,10 @@ def _process(
     if not _approved(ds, config):
         status = str(ds.get("ApprovalStatus", "")) or "no approval status"
         return Outcome("ignored", f"not approved ({status})", key)
-    series, frames = _references(ds)
+    try:
+        series, frames = _parsed("its references", lambda: _references(ds))
+    except RTStructError as exc:
+        return Outcome("failed", exc.message, key, malformed=True)
     job = find_job(store, data_dir, series, frames)
     if job is None:
         return Outcome("unpaired", "no segmentation job of this node matches the referenced CT", key)
@@ -224,7 +281,11 @@ def _compare(
     volume = load_series(input_dir, series_uid=series_uid)
     structures = _model_structures(config.structures)
     node_masks = rasterize_rtstruct(mine, volume)
-    approved_raw = rasterize_rtstruct(ds, volume)
+    try:
+        approved_raw = _parsed("its contours", lambda: rasterize_rtstruct(ds, volume))
+    except RTStructError as exc:
+        message = redact_uids(exc.message)
+        return Outcome("failed", f"cannot read the approved contours: {message}", key, job.id, malformed=True)
     approved, unknown = _map_names(approved_raw, structures)
     metrics = edit_metrics(node_masks, approved, volume)
     model_version = job.model_version or str((job.result.get("model") or {}).get("version", ""))
@@ -374,6 +435,8 @@ def _finish(store: JobStore, outcome: Outcome, path: Path) -> Outcome:
         "unknown_rois": list(outcome.unknown_rois),
         "not_approved_structures": list(outcome.not_approved_structures),
     }
+    if outcome.quarantine is not None:
+        detail["quarantine"] = outcome.quarantine
     with _Db(store) as db:
         db.execute(
             "INSERT OR REPLACE INTO closed_loop VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -432,11 +495,19 @@ class ClosedLoop:
     happens inside the C-STORE handler.
     """
 
-    def __init__(self, data_dir: Path, store: JobStore, config: ClosedLoopConfig | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        store: JobStore,
+        config: ClosedLoopConfig | None = None,
+        audit: Callable[..., None] | None = None,
+    ) -> None:
         self.data_dir = Path(data_dir)
         self.store = store
         self.config = config or ClosedLoopConfig()
         self.spool = self.data_dir / "spool" / "rtstruct"
+        self.quarantine = self.data_dir / QUARANTINE_DIR
+        self.audit = audit  # e.g. the node's AuditLog.record: told about every quarantined file
 
     def pending(self) -> list[Path]:
         if not self.spool.is_dir():
@@ -446,4 +517,16 @@ class ClosedLoop:
         return sorted(p for p in self.spool.glob("*/*.dcm") if str(p) not in done)
 
     def run_once(self) -> list[Outcome]:
-        return [handle_rtstruct(p, self.data_dir, self.store, self.config) for p in self.pending()]
+        """Each pending file once; one that cannot be parsed is quarantined, and the queue moves on."""
+        outcomes = []
+        for path in self.pending():
+            outcome = handle_rtstruct(path, self.data_dir, self.store, self.config, self.quarantine)
+            if outcome.status == "quarantined" and self.audit is not None:
+                self.audit(
+                    "rtstruct_quarantined",
+                    instance=outcome.instance_key,
+                    reason=outcome.message,
+                    path=outcome.quarantine,
+                )
+            outcomes.append(outcome)
+        return outcomes

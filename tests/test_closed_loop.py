@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -157,3 +158,102 @@ def test_configured_label_counts_as_approved_and_cases_stay_off_by_default(
     assert outcome.status == "recorded" and outcome.case_id is None  # add_cases is off by default
     with pytest.raises(InputError, match="unknown setting federation.closed_loop.add_case"):
         config_from_settings({"closed_loop": {"add_case": True}})
+
+
+def _counting_ct_loads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the closed loop's CT loads (the real loader still runs)."""
+    import rtseg.closed_loop as closed_loop
+
+    loads: list[int] = []
+    real = closed_loop.load_series
+
+    def load_series(*args: object, **kwargs: object) -> object:
+        loads.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(closed_loop, "load_series", load_series)
+    return loads
+
+
+def test_malformed_approved_rtstruct_is_quarantined_and_the_next_one_processed(
+    node: dict[str, object], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dicom_node.audit import AuditLog
+    from dicom_node.node import Loop
+
+    data, store, truth = node["data"], node["store"], node["truth"]
+    assert isinstance(data, Path) and isinstance(store, JobStore)
+    spool = data / "spool" / "rtstruct"
+    bad = approved_rtstruct(truth, spool / "0-bad" / "0.dcm")  # sorted first: met first every cycle
+    ds = pydicom.dcmread(bad)
+    del ds.ROIContourSequence[0].ReferencedROINumber
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.save_as(bad)
+    good = approved_rtstruct(truth, spool / "1-good" / "1.dcm")
+    ds = pydicom.dcmread(good)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.save_as(good)
+    loads = _counting_ct_loads(monkeypatch)
+    audit = AuditLog(tmp_path / "audit.log")
+    loop = Loop("closed-loop-test", ClosedLoop(data, store, audit=audit.record).run_once, 0.05)
+    loop.start()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(str(good) == r["source"] for r in recorded(store)):
+            time.sleep(0.1)
+        time.sleep(0.5)  # several more cycles: the bad one must not come back
+    finally:
+        loop.stop()
+    rows = {r["source"]: r for r in recorded(store)}
+    assert rows.get(str(good), {}).get("status") == "recorded", "the valid RTSTRUCT was never processed"
+    quarantined = rows[str(bad)]
+    assert quarantined["status"] == "quarantined"
+    assert "ReferencedROINumber" in quarantined["detail"]["message"]
+    assert not bad.exists()
+    kept = data / quarantined["detail"]["quarantine"]
+    assert kept.is_file() and kept.is_relative_to(data / "quarantine")
+    assert len(loads) == 2  # one CT load per structure set, not one per cycle
+    (event,) = [e for e in audit.entries() if e["event"] == "rtstruct_quarantined"]
+    assert event["instance"] == quarantined["instance_key"] and "ReferencedROINumber" in event["reason"]
+
+
+def test_late_approval_is_paired_within_the_window_after_retention(
+    node: dict[str, object], tmp_path: Path
+) -> None:
+    import sqlite3
+    import time as clock
+    from dataclasses import replace as with_values
+    from types import MappingProxyType
+
+    from dicom_node.node import Node
+    from rtseg.settings import load_settings
+
+    data = tmp_path / "data"
+    shutil.copytree(node["data"], data, ignore=shutil.ignore_patterns("rtstruct", "quarantine"))  # type: ignore[arg-type]
+    job = node["job"]
+    settings = load_settings(
+        environ={
+            "RTSEG_DATA_DIR": str(data),
+            "RTSEG_NODE_RETENTION_H": "1",
+            "RTSEG_NODE_MIN_FREE_DISK_MB": "0",
+        }
+    )
+    settings = with_values(settings, federation=MappingProxyType({"closed_loop": {"window_h": 48}}))
+    janitor = Node(settings, tmp_path / "model")  # not started: the retention janitor and the closed loop
+
+    def finished_hours_ago(hours: float) -> None:
+        with sqlite3.connect(data / "state.db") as db:
+            db.execute("UPDATE jobs SET updated = ? WHERE id = ?", (clock.time() - hours * 3600, job.id))  # type: ignore[attr-defined]
+
+    finished_hours_ago(30)  # past retention_h (1 h), within the closed-loop window (48 h)
+    janitor.purge()
+    approved = approved_rtstruct(node["truth"], data / "spool" / "rtstruct" / "late" / "late.dcm")
+    (outcome,) = janitor.closed_loop.run_once()
+    assert outcome.status == "recorded", outcome.message
+    assert outcome.job_id == job.id  # type: ignore[attr-defined]
+    assert approved.exists()
+
+    finished_hours_ago(49)  # the window is over: the CT goes
+    janitor.purge()
+    assert not (data / job.input_dir).exists()  # type: ignore[attr-defined]
+    assert [e["job"] for e in janitor.audit.entries() if e["event"] == "retention_purged"] == [job.id]  # type: ignore[attr-defined]
