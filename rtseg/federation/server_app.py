@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -312,8 +313,10 @@ def update_from_reply(payload: Payload, site: str, plans_hash: str, r: int) -> U
         return None
     problem = cases_problem(c.get("cases"))
     seconds = c.get("train-seconds")
-    if problem is None and (isinstance(seconds, bool) or not isinstance(seconds, int | float)):
-        problem = f"train-seconds must be a number, got {type(seconds).__name__}"
+    if problem is None and (
+        isinstance(seconds, bool) or not isinstance(seconds, int | float) or not math.isfinite(seconds)
+    ):
+        problem = f"train-seconds must be a finite number, got {str(seconds)[:20]!r}"
     if problem:
         return Rejection(site, problem)
     return Update(site, payload.arrays, int(c["cases"]))

@@ -81,6 +81,7 @@ BAD_CONFIG: dict[str, tuple[dict[str, Any], str]] = {
     "list cases": ({"cases": [1, 2]}, "cases"),
     "string round": ({"round": "one"}, "round"),
     "string train-seconds": ({"train-seconds": "fast"}, "train-seconds"),
+    "NaN train-seconds": ({"train-seconds": math.nan}, "train-seconds"),
 }
 
 
