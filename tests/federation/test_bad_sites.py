@@ -125,15 +125,34 @@ def test_an_update_with_bad_arrays_is_dropped_with_its_reason_and_the_round_comp
     assert "update of site 3 rejected" in caplog.text
 
 
-def test_an_object_array_on_the_wire_becomes_a_failed_reply_not_an_exception() -> None:
-    from rtseg.federation.flower import payload_from_content
+def test_an_object_array_on_the_wire_becomes_a_failed_reply_not_an_exception(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flwr.app import Message
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from rtseg.federation.flower import Grid, payload_from_content
 
     buf = io.BytesIO()
-    np.save(buf, np.array([{"a": 1}, 2], dtype=object), allow_pickle=True)
+    np.save(buf, np.array([{"a": 1}, 2], dtype=object), allow_pickle=True)  # a site can send this
     pickled = Array(dtype="object", shape=(2,), stype="numpy.ndarray", data=buf.getvalue())
     content = RecordDict({"arrays": ArrayRecord({"w": pickled}), "config": ConfigRecord({"cases": 1})})
     with pytest.raises(FederationError, match=r"array 'w' \(dtype object\) is unreadable"):
         payload_from_content(content)
+    # real Flower messages need the identity Flower's runtime sets in its processes
+    for name in ("run_id", "node_id", "task_id"):
+        monkeypatch.setattr(TaskIdentity, f"_{name}", 1)
+    sent = Message(RecordDict({"config": ConfigRecord({"round": 1})}), dst_node_id=5, message_type="train")
+    good = Message(RecordDict({"config": ConfigRecord({"cases": 1})}), reply_to=sent)
+    bad = Message(content, reply_to=sent)
+
+    class Network:  # what Flower's grid hands back: one readable reply, one with a pickled array
+        def send_and_receive(self, messages: list[Message], timeout: float) -> list[Message]:
+            return [good, bad]
+
+    ok, failed = Grid(Network()).send("train", {5: Payload()}, 1.0)  # type: ignore[arg-type]
+    assert ok.payload is not None and ok.payload.config == {"cases": 1}
+    assert failed.node_id == 5 and failed.payload is None and "unreadable" in str(failed.error)
 
 
 @pytest.mark.parametrize(
