@@ -89,6 +89,7 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
             cpu=cpu,
             min_sites=args.min_sites,
             aggregation=args.aggregation,
+            max_share=args.max_share,
             round_timeout=args.round_timeout,
             federation=args.federation,
             sites=args.wait_sites or args.min_sites,
@@ -159,6 +160,12 @@ def register(sub: Any, handlers: dict[str, Handler]) -> None:
     q.add_argument("--min-sites", type=int, default=2)
     q.add_argument("--wait-sites", type=int, help="sites to wait for before starting (default min-sites)")
     q.add_argument("--aggregation", default="fedavg", choices=["fedavg", "fedprox", "trimmed-mean", "median"])
+    q.add_argument(
+        "--max-share",
+        type=float,
+        default=0.5,
+        help="largest share of the FedAvg weight any one site gets, whatever it reports (default 0.5)",
+    )
     q.add_argument("--round-timeout", type=float, default=6 * 3600.0)
     q.add_argument("--federation", default="rtseg")
     q.add_argument("--cpu-config", type=Path, help="JSON of rtseg's CpuConfig (default: its defaults)")

@@ -24,6 +24,8 @@ from flwr.clientapp.mod import LocalDpMod
 from flwr.serverapp import Grid as FlowerGrid
 from flwr.serverapp import ServerApp
 
+from rtseg.errors import FederationError
+
 log = logging.getLogger(__name__)
 
 ARRAYS, CONFIG = "arrays", "config"
@@ -64,10 +66,19 @@ def _to_content(payload: Payload) -> RecordDict:
     return RecordDict(records)
 
 
-def _from_content(content: RecordDict) -> Payload:
+def payload_from_content(content: RecordDict) -> Payload:
+    """The arrays and config of a message; :class:`FederationError` naming an unreadable array.
+
+    ``Array.numpy`` refuses pickled (object) arrays and malformed bytes with a
+    ``ValueError``/``TypeError``; from a peer that is bad input, not a crash.
+    """
     arrays = {}
-    if ARRAYS in content.array_records:
-        arrays = {k: a.numpy() for k, a in content.array_records[ARRAYS].items()}
+    records = content.array_records[ARRAYS] if ARRAYS in content.array_records else ArrayRecord()
+    for key, array in records.items():
+        try:
+            arrays[key] = array.numpy()
+        except (ValueError, TypeError, EOFError, OSError) as exc:
+            raise FederationError(f"array {key!r} (dtype {array.dtype}) is unreadable: {exc}") from exc
     config = dict(content.config_records[CONFIG]) if CONFIG in content.config_records else {}
     return Payload(arrays, config)
 
@@ -82,7 +93,7 @@ def content_bytes(content: RecordDict) -> int:
 def _handler_fn(handler: Handler) -> Callable[[Message, Context], Message]:
     def handle(msg: Message, context: Context) -> Message:
         site = SiteContext(dict(context.node_config), dict(context.run_config), context.run_id)
-        return Message(_to_content(handler(_from_content(msg.content), site)), reply_to=msg)
+        return Message(_to_content(handler(payload_from_content(msg.content), site)), reply_to=msg)
 
     return handle
 
@@ -181,8 +192,13 @@ class Grid:
             node = int(msg.metadata.src_node_id)
             if msg.has_error():
                 replies.append(Reply(node, None, str(msg.error.reason), 0))
-            else:
-                replies.append(Reply(node, _from_content(msg.content), None, content_bytes(msg.content)))
+                continue
+            try:
+                payload = payload_from_content(msg.content)
+            except FederationError as exc:  # this site's reply is dropped, the others' are not
+                replies.append(Reply(node, None, str(exc), content_bytes(msg.content)))
+                continue
+            replies.append(Reply(node, payload, None, content_bytes(msg.content)))
         return replies
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -21,7 +22,16 @@ from typing import Any
 import numpy as np
 
 from rtseg.errors import FederationError
-from rtseg.federation.aggregate import AggregationPolicy, Update, aggregate, screen, site_weights
+from rtseg.federation.aggregate import (
+    AggregationPolicy,
+    Rejection,
+    Update,
+    aggregate,
+    bounded_shares,
+    cases_problem,
+    screen,
+    site_weights,
+)
 from rtseg.federation.fingerprint import SiteFingerprint, check_labels, pooled_fingerprint
 from rtseg.federation.flower import Grid, Payload, server_app
 from rtseg.federation.task import DATASET_NAME, plans_hash
@@ -82,6 +92,7 @@ class CoordinatorConfig:
                 trim_fraction=float(rc.get("trim-fraction", 0.2)),
                 norm_factor=float(rc.get("norm-factor", 5.0)),
                 max_cases=int(rc.get("max-cases", 10_000)),
+                max_share=float(rc.get("max-share", 0.5)),
             ),
             prox_mu=float(rc.get("prox-mu", 0.01 if method == "fedprox" else 0.0)),
         )
@@ -114,7 +125,12 @@ def run(grid: Grid, rc: dict[str, Any]) -> None:
         log.info("resuming after round %d (plans %s)", done, plan.hash)
     arrays = load_arrays(round_file(cfg.state_dir, done))
     for r in range(done + 1, cfg.rounds + 1):
-        arrays = run_round(grid, cfg, plan, arrays, r)
+        try:
+            arrays = run_round(grid, cfg, plan, arrays, r)
+        except FederationError as exc:
+            # the reason goes to coordinator.log here and, with the exception, into the run's status
+            log.error("federation %s stopped: %s", cfg.federation, exc)
+            raise
     log.info("federation %s finished: %d rounds", cfg.federation, cfg.rounds)
 
 
@@ -154,7 +170,11 @@ def initialise(grid: Grid, nodes: list[int], cfg: CoordinatorConfig) -> Plan:
         if reply.payload is None:
             log.warning("site %d sent no fingerprint: %s", reply.node_id, reply.error)
             continue
-        fingerprints.append((str(reply.node_id), SiteFingerprint.from_record(reply.payload.config)))
+        got = fingerprint_from_reply(reply.payload, str(reply.node_id))
+        if isinstance(got, Rejection):
+            log.warning("site %s: fingerprint rejected: %s", got.site, got.reason)
+        else:
+            fingerprints.append((str(reply.node_id), got))
     if len(fingerprints) < cfg.min_sites:
         raise FederationError(f"{len(fingerprints)} fingerprints, fewer than min-sites {cfg.min_sites}")
     labels = check_labels(fingerprints)
@@ -203,6 +223,18 @@ def initialise(grid: Grid, nodes: list[int], cfg: CoordinatorConfig) -> Plan:
     return plan
 
 
+def fingerprint_from_reply(payload: Payload, site: str) -> SiteFingerprint | Rejection:
+    """The site's fingerprint, or why it cannot be read (missing keys, wrong types, bad JSON)."""
+    try:
+        return SiteFingerprint.from_record(payload.config)
+    except FederationError as exc:
+        return Rejection(site, exc.message)
+    except KeyError as exc:
+        return Rejection(site, f"malformed fingerprint: no {exc}")
+    except (TypeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+        return Rejection(site, f"malformed fingerprint: {exc}")
+
+
 def run_round(grid: Grid, cfg: CoordinatorConfig, plan: Plan, arrays: Arrays, r: int) -> Arrays:
     nodes = grid.wait_for_nodes(cfg.min_sites, cfg.join_timeout)
     if len(nodes) < cfg.min_sites:
@@ -212,32 +244,44 @@ def run_round(grid: Grid, cfg: CoordinatorConfig, plan: Plan, arrays: Arrays, r:
     payload = Payload(arrays=arrays, config=_round_config(cfg, plan, r))
     started = time.monotonic()
     replies = grid.send("train", {n: payload for n in nodes}, cfg.round_timeout)
-    updates, stats = [], {}
+    updates, stats, refused = [], {}, []
     for reply in replies:
         site = str(reply.node_id)
         if reply.payload is None:
             log.warning("round %d: site %s failed: %s", r, site, reply.error)
             continue
-        c = reply.payload.config
-        if c.get("plans-hash") != plan.hash or int(c.get("round", -1)) != r:
+        got = update_from_reply(reply.payload, site, plan.hash, r)
+        if got is None:
             log.warning("round %d: site %s answered for another round or plans; ignored", r, site)
-            continue
-        updates.append(Update(site, reply.payload.arrays, int(c.get("cases", 0))))
-        stats[site] = {"bytes_sent": reply.nbytes, "train_seconds": float(c.get("train-seconds", 0.0))}
-    missing = sorted(set(map(str, nodes)) - {u.site for u in updates})
+        elif isinstance(got, Rejection):
+            refused.append(got)
+            log.warning("round %d: site %s rejected: %s", r, site, got.reason)
+        else:
+            updates.append(got)
+            seconds = float(reply.payload.config["train-seconds"])
+            stats[site] = {"bytes_sent": reply.nbytes, "train_seconds": seconds}
+    missing = sorted(set(map(str, nodes)) - {u.site for u in updates} - {x.site for x in refused})
     if missing:
         log.warning("round %d: no usable reply from sites %s", r, missing)
     fit, rejected = screen(updates, arrays, cfg.policy)
+    rejected = refused + rejected
     if len(fit) < cfg.min_sites:
-        raise FederationError(f"round {r}: {len(fit)} usable updates, fewer than min-sites {cfg.min_sites}")
+        reasons = "; ".join(f"site {x.site}: {x.reason}" for x in rejected) or "none rejected"
+        raise FederationError(
+            f"round {r}: {len(fit)} usable updates, fewer than min-sites {cfg.min_sites} ({reasons})"
+        )
     weights = site_weights(fit, plan.declared, cfg.policy)
+    shares = bounded_shares(weights, cfg.policy.max_share)
     new = aggregate(fit, weights, arrays, cfg.policy)
     seconds = time.monotonic() - started
     _save_round(cfg, plan, r, new)
     record = {
         "round": r,
         "seconds": round(seconds, 2),
-        "sites": {u.site: {**stats[u.site], "weight": w} for u, w in zip(fit, weights, strict=True)},
+        "sites": {
+            u.site: {**stats[u.site], "weight": w, "share": round(f, 6)}
+            for u, w, f in zip(fit, weights, shares, strict=True)
+        },
         "rejected": {x.site: x.reason for x in rejected},
         "missing": missing,
         "bytes_to_each_site": payload_bytes(payload),
@@ -253,6 +297,29 @@ def run_round(grid: Grid, cfg: CoordinatorConfig, plan: Plan, arrays: Arrays, r:
         len(rejected),
     )
     return new
+
+
+def update_from_reply(payload: Payload, site: str, plans_hash: str, r: int) -> Update | Rejection | None:
+    """The site's update, why it cannot be used, or None when it answers another round or plans.
+
+    Flower delivers whatever a site sends: every value read here is checked for
+    its type before use, so a malformed reply drops that site, never the round.
+    """
+    c = payload.config
+    number = c.get("round")
+    if isinstance(number, bool) or not isinstance(number, int):
+        return Rejection(site, f"round must be a whole number, got {type(number).__name__}")
+    if number != r or c.get("plans-hash") != plans_hash:
+        return None
+    problem = cases_problem(c.get("cases"))
+    seconds = c.get("train-seconds")
+    if problem is None and (
+        isinstance(seconds, bool) or not isinstance(seconds, int | float) or not math.isfinite(seconds)
+    ):
+        problem = f"train-seconds must be a finite number, got {str(seconds)[:20]!r}"
+    if problem:
+        return Rejection(site, problem)
+    return Update(site, payload.arrays, int(c["cases"]))
 
 
 def payload_bytes(payload: Payload) -> int:

@@ -73,6 +73,7 @@ class SimulationSpec:
     secure: bool = True  # TLS with a private CA and SuperNode authentication
     min_sites: int = 1
     aggregation: str = "fedavg"
+    max_share: float = 0.5  # no site above this share of the FedAvg weight
     round_timeout: float = 900.0
     dp_clip: float = 0.0
     dp_epsilon: float = 10.0
@@ -94,6 +95,7 @@ class SimulationSpec:
             "trim-fraction": 0.2,
             "norm-factor": 5.0,
             "max-cases": 10_000,
+            "max-share": self.max_share,
             "prox-mu": 0.01 if self.aggregation == "fedprox" else 0.0,
             "cpu-config": json.dumps(self.cpu.to_dict()),
             "dp-clip": self.dp_clip,

@@ -88,8 +88,10 @@ def test_weighted_fedavg_caps_self_reported_counts_median_and_trimmed_mean() -> 
     updates = [Update("a", _arrays(1.0), 3), Update("b", _arrays(4.0), 1_000_000)]
     weights = site_weights(updates, {"a": 3, "b": 1}, AggregationPolicy())
     assert weights == [3.0, 1.0]  # b declared 1 case in the fingerprint round
-    avg = aggregate(updates, weights, reference, AggregationPolicy())
+    avg = aggregate(updates, weights, reference, AggregationPolicy(max_share=1.0))
     assert np.allclose(avg["w"], (3 * 1.0 + 1 * 4.0) / 4) and avg["w"].dtype == np.float32
+    bounded = aggregate(updates, weights, reference, AggregationPolicy())  # default max-share 0.5
+    assert np.allclose(bounded["w"], (1.0 + 4.0) / 2)
     three = [*updates, Update("c", _arrays(2.0), 1)]
     assert np.allclose(aggregate(three, [1, 1, 1], reference, AggregationPolicy("median"))["b"], 2.0)
     trimmed = aggregate(three, [1, 1, 1], reference, AggregationPolicy("trimmed-mean", trim_fraction=0.34))
