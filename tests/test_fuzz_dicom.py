@@ -262,3 +262,16 @@ def test_scp_unknown_vr_in_a_header_element_is_cannot_understand(
     assert _store_one(node.port, case, tmp_path / "vr.dcm") == 0xC000
     assert "unreadable dataset (NotImplementedError)" in node.log()
     assert "Exception in handler" not in node.log()
+
+
+def test_scp_never_logs_a_patient_name_pydicom_found_in_a_malformed_value(
+    running_node: Any, bases: list[Instance], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # pydicom warns "Invalid value for VR UI: '<the value>'" through its logger; a wrong length
+    # can make that value swallow the patient's name. The node's log carried it.
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+    node = running_node()
+    case = set_element(bases[0], 0x0020000E, b"UI", b"1.2.3\\PHANTOM^LEAKED ")  # SeriesInstanceUID
+    assert _store_one(node.port, case, tmp_path / "leak.dcm") == 0xC000
+    assert "Invalid value for VR UI" in node.log()  # pydicom's warning is kept ...
+    assert "PHANTOM^LEAKED" not in node.log()  # ... without the value
