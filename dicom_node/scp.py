@@ -16,7 +16,9 @@ import errno
 import logging
 import re
 import ssl
+import struct
 import threading
+import zlib
 from collections.abc import Callable
 from io import BytesIO
 from typing import Any, cast
@@ -87,7 +89,20 @@ _HEADER_TAGS = [
     "ImageType",
     "SliceThickness",
 ]
-_PARSE_ERRORS = (InvalidDicomError, ValueError, TypeError, KeyError, AttributeError, EOFError, OverflowError)
+# What pydicom raises for a dataset it cannot parse: zlib.error for data that is not
+# deflated under the Deflate syntax, NotImplementedError for an unknown VR.
+_PARSE_ERRORS = (
+    InvalidDicomError,
+    ValueError,
+    TypeError,
+    KeyError,
+    AttributeError,
+    EOFError,
+    OverflowError,
+    NotImplementedError,
+    struct.error,
+    zlib.error,
+)
 UNLIMITED_PDU_READ = 64 * 1024 * 1024
 UNLIMITED_INSTANCE_READ = 4096 * 1024 * 1024  # the largest dicom.max_instance_mb
 

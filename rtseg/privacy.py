@@ -42,10 +42,38 @@ class RedactingFormatter(logging.Formatter):
         return redact_uids(super().format(record))
 
 
+# a value as repr() prints it ('…', "…", b'…'), as pydicom quotes an invalid value in a warning
+_QUOTED = re.compile(r"b?'(?:[^'\\\n]|\\.)*'" r'|b?"(?:[^"\\\n]|\\.)*"')
+# pydicom's own logger and Python's warnings (pydicom warns through both)
+_VALUE_LOGGERS = ("pydicom", "py.warnings")
+
+
+class QuotedValueFilter(logging.Filter):
+    """Replaces every quoted value in a record's message by ``<value>``.
+
+    pydicom's warnings about an invalid value quote the value, and in a malformed
+    data set that "value" can be any of its bytes, the patient's name included.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = _QUOTED.sub("<value>", record.getMessage())
+        record.args = ()
+        return True
+
+
 def configure_logging(level: int | str) -> None:
-    """Root logging to stderr through :class:`RedactingFormatter`, unless the process already has handlers."""
+    """Root logging to stderr through :class:`RedactingFormatter`, unless the process already has handlers.
+
+    pydicom's log records and Python's warnings lose the values they quote, in
+    every case; warnings go to the log (not straight to stderr) when this sets it up.
+    """
+    for name in _VALUE_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, QuotedValueFilter) for f in logger.filters):
+            logger.addFilter(QuotedValueFilter())
     if logging.getLogger().handlers:  # e.g. a host application or pytest: leave its logging alone
         return
     handler = logging.StreamHandler()
     handler.setFormatter(RedactingFormatter())
     logging.basicConfig(level=level, handlers=[handler])
+    logging.captureWarnings(True)
