@@ -7,6 +7,7 @@ ClientApp's handlers, as Flower would deliver them.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import subprocess
@@ -17,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from test_model_safety import appeared, shell_payloads
 
 from rtseg.errors import FederationError, ModelError
 from rtseg.federation import client_app
@@ -28,7 +30,6 @@ from rtseg.model.dataset import dataset_folder_name, write_raw_dataset
 from rtseg.model.default import default_model_dir
 from rtseg.model.manifest import read_json
 from rtseg.model.training import CpuConfig, nnunet_dirs
-from test_model_safety import appeared, shell_payloads
 
 LABELS = {"background": 0, "Bright": 1}
 CPU = CpuConfig(
@@ -119,8 +120,9 @@ def test_site_never_deletes_a_folder_the_coordinator_names(tmp_path: Path, how: 
 def test_site_refuses_a_plain_but_foreign_dataset_name(tmp_path: Path) -> None:
     """A plain name that is not this site's dataset would make nnU-Net preprocess elsewhere."""
     context = prepared_site(tmp_path / "site")
-    with pytest.raises(FederationError, match="Dataset602_Other; this site prepared Dataset601_RtsegFederated"):
-        client_app.prepare(round_payload(coordinator_plans(dataset_name="Dataset602_Other")), context)
+    plans = coordinator_plans(dataset_name="Dataset602_Other")
+    with pytest.raises(FederationError, match="Dataset602_Other; this site prepared Dataset601"):
+        client_app.prepare(round_payload(plans), context)
 
 
 def _table(tmp_path: Path, **extra: Any) -> dict[str, Any]:
@@ -146,10 +148,11 @@ def test_site_without_tls_needs_insecure_true(tmp_path: Path) -> None:
 
 
 def test_supernode_without_tls_is_not_started_unless_insecure(tmp_path: Path) -> None:
-    from rtseg.federation.processes import start_supernode
+    from rtseg.federation.processes import start_supernode, stop
 
     with pytest.raises(FederationError, match="without TLS"):
-        start_supernode(tmp_path / "home", "127.0.0.1:9", 9, {"site-id": "a"})
+        proc = start_supernode(tmp_path / "home", "127.0.0.1:9", 9, {"site-id": "a"})
+        stop(proc)  # reached only when it was started after all: leave no SuperNode behind
     assert not (tmp_path / "home" / "supernode.log").exists()
 
 
@@ -164,22 +167,29 @@ def test_insecure_site_warns_at_start(tmp_path: Path, caplog: pytest.LogCaptureF
 
 
 def test_site_command_without_tls_is_refused_with_a_message(tmp_path: Path) -> None:
+    # a window that is closed now: refused at start whether or not the SuperNode would run yet
+    opens = (dt.datetime.now() + dt.timedelta(hours=6)).time()
+    window = f"{opens:%H:%M}-{(dt.datetime.combine(dt.date.today(), opens) + dt.timedelta(minutes=1)):%H:%M}"
     result = subprocess.run(
         [sys.executable, "-m", "rtseg.cli", "federation", "site", "--coordinator", "127.0.0.1:9"]
-        + ["--site-id", "site-a", "--data", str(tmp_path / "d"), "--work", str(tmp_path / "w")],
+        + ["--site-id", "site-a", "--data", str(tmp_path / "d"), "--work", str(tmp_path / "w")]
+        + ["--window", window],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=60,
     )
     assert result.returncode == 2, result.stderr
     assert "no `ca`" in result.stderr and "--insecure" in result.stderr
     assert "Traceback" not in result.stderr
     config = tmp_path / "site.toml"
-    config.write_text('[federation]\ncoordinator = "127.0.0.1:9"\nsite_id = "site-a"\ndata_dir = "d"\n')
+    config.write_text(
+        '[federation]\ncoordinator = "127.0.0.1:9"\nsite_id = "site-a"\ndata_dir = "d"\nwork_dir = "w"\n'
+    )
     result = subprocess.run(
         [sys.executable, "-m", "rtseg.cli", "federation", "site", "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert result.returncode == 2 and "lacks 'work_dir'" in result.stderr
+    assert result.returncode == 2 and f"{config}: [federation] no `ca`" in result.stderr
+    assert not (tmp_path / "w").exists()
