@@ -193,3 +193,11 @@ def test_site_command_without_tls_is_refused_with_a_message(tmp_path: Path) -> N
     )
     assert result.returncode == 2 and f"{config}: [federation] no `ca`" in result.stderr
     assert not (tmp_path / "w").exists()
+
+
+def test_site_names_never_leave_the_certificate_folder(tmp_path: Path) -> None:
+    from rtseg.federation.certs import make_certs
+
+    with pytest.raises(FederationError, match="site name '../evil' is not a plain name"):
+        make_certs(tmp_path / "certs", ["site-a", "../evil"])
+    assert not (tmp_path / "certs" / "evil").exists() and not (tmp_path / "certs" / "ca.crt").exists()
