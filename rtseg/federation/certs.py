@@ -18,6 +18,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from rtseg.errors import FederationError
+from rtseg.paths import safe_child, safe_name
+
 
 @dataclass(frozen=True)
 class FederationCerts:
@@ -43,7 +46,13 @@ def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
 def make_certs(
     out: Path, sites: list[str], federation: str = "rtseg", hosts: tuple[str, ...] = (), days: int = 825
 ) -> FederationCerts:
-    """Write ``ca.crt``, ``server.crt``/``server.key`` and ``sites/<site>[.pub]`` into ``out``."""
+    """Write ``ca.crt``, ``server.crt``/``server.key`` and ``sites/<site>[.pub]`` into ``out``.
+
+    Site names become file names: each must be a plain name (:func:`rtseg.paths.safe_name`),
+    checked before anything is written; else :class:`FederationError`.
+    """
+    for site in sites:
+        safe_name(site, "site name", FederationError)
     out.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
@@ -93,7 +102,8 @@ def site_key(folder: Path, site: str) -> tuple[Path, Path]:
     """An ECDSA P-384 key pair in OpenSSH format: ``<site>`` (private) and ``<site>.pub``."""
     folder.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
-    private, public = folder / site, folder / f"{site}.pub"
+    private = safe_child(folder, site, "site name", FederationError)
+    public = folder / f"{private.name}.pub"
     private.write_bytes(
         key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()

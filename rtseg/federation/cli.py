@@ -125,6 +125,7 @@ def _cmd_site(args: argparse.Namespace) -> int:
             window=Window.parse(args.window),
             threads=args.threads,
             nice=args.nice,
+            insecure=args.insecure,
         )
     stop = threading.Event()
     try:
@@ -180,7 +181,7 @@ def register(sub: Any, handlers: dict[str, Handler]) -> None:
     q.add_argument("--work", type=Path, help="the site's working folder")
     q.add_argument("--ca", type=Path, help="the federation's CA certificate")
     q.add_argument("--key", type=Path, help="the site's ECDSA private key")
-    q.add_argument("--insecure", action="store_true")
+    q.add_argument("--insecure", action="store_true", help="no TLS (loopback tests only; else --ca)")
     q.add_argument(
         "--window", default="always", help="daily participation window HH:MM-HH:MM (default always)"
     )

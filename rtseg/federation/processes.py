@@ -95,7 +95,17 @@ def start_supernode(
     node_config: dict[str, Any],
     ca: Path | None = None,
     private_key: Path | None = None,
+    *,
+    insecure: bool = False,
 ) -> subprocess.Popen[bytes]:
+    """A site's SuperNode: over TLS with ``ca``, without TLS only if ``insecure`` says so explicitly."""
+    if ca is None and not insecure:
+        raise FederationError(
+            "a site's SuperNode is not started without TLS: give the federation's CA certificate, or"
+            " insecure = true for a loopback test"
+        )
+    if ca is None:
+        log.warning("SuperNode connects to %s WITHOUT TLS (insecure): loopback tests only", superlink)
     args = [
         str(BIN / "flower-supernode"),
         "--superlink",

@@ -52,11 +52,21 @@ class SiteSettings:
     site_id: str
     data_dir: Path
     work_dir: Path
-    ca: Path | None = None  # None: insecure (tests and demos only)
+    ca: Path | None = None  # the federation's CA certificate: TLS to the coordinator
     key: Path | None = None  # the site's ECDSA private key (SuperNode authentication)
     window: Window = Window(dt.time(0, 0), dt.time(0, 0))
     threads: int = 1
     nice: int = 10
+    insecure: bool = False  # no TLS: only when said explicitly (loopback tests and demos)
+
+    def __post_init__(self) -> None:
+        if self.ca is None and not self.insecure:
+            raise FederationError(
+                "no `ca`: a site joins its coordinator only over TLS; give the federation's CA certificate"
+                " (`ca` in [federation], --ca), or for a loopback test say insecure = true (--insecure)"
+            )
+        if self.ca is not None and self.insecure:
+            raise FederationError("both `ca` and insecure = true: choose TLS, or no TLS for a loopback test")
 
     @classmethod
     def from_toml(cls, path: Path) -> SiteSettings:
@@ -76,6 +86,10 @@ class SiteSettings:
         defaults = {}
         if node_data_dir is not None:
             defaults = {"data_dir": node_data_dir / "site-data", "work_dir": node_data_dir / "federation"}
+        insecure = doc.get("insecure", False)
+        if not isinstance(insecure, bool):
+            bad = f"[federation] insecure must be true or false, got {insecure!r}"
+            raise FederationError(bad, source=source)
         try:
             return cls(
                 coordinator=str(doc["coordinator"]),
@@ -87,7 +101,10 @@ class SiteSettings:
                 window=Window.parse(str(doc.get("window", "always"))),
                 threads=int(doc.get("threads", 1)),
                 nice=int(doc.get("nice", 10)),
+                insecure=insecure,
             )
+        except FederationError as exc:
+            raise FederationError(f"[federation] {exc.message}", source=source) from exc
         except KeyError as exc:
             raise FederationError(f"[federation] lacks {exc}", source=source) from exc
         except (TypeError, ValueError) as exc:
@@ -125,6 +142,13 @@ def run_site(settings: SiteSettings, stop: threading.Event, poll: float = 30.0) 
     from rtseg.federation.processes import stop as stop_process
     from rtseg.federation.simulate import free_port
 
+    if settings.insecure:
+        log.warning(
+            "site %s joins %s WITHOUT TLS (insecure = true in its configuration): for loopback tests only,"
+            " never across a network",
+            settings.site_id,
+            settings.coordinator,
+        )
     node = None
     node_config = {
         "site-id": settings.site_id,
@@ -145,6 +169,7 @@ def run_site(settings: SiteSettings, stop: threading.Event, poll: float = 30.0) 
                     node_config,
                     settings.ca,
                     settings.key,
+                    insecure=settings.insecure,
                 )
             elif not inside and node is not None:
                 log.info("site %s: participation window closed, stopping the SuperNode", settings.site_id)

@@ -183,6 +183,7 @@ class LocalFederation:
             node_config,
             self.certs.ca if self.certs else None,
             private,
+            insecure=self.certs is None,  # `simulate --insecure`: loopback only
         )
         self.nodes[i] = proc
         return proc

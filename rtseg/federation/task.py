@@ -23,6 +23,7 @@ import numpy.typing as npt
 from rtseg.errors import FederationError
 from rtseg.federation.fingerprint import FingerprintAccumulator, SiteFingerprint, pooled_fingerprint
 from rtseg.model.dataset import dataset_folder_name, write_raw_dataset
+from rtseg.model.plans_check import check_plans
 from rtseg.model.training import (
     CpuConfig,
     RoundSchedule,
@@ -32,11 +33,13 @@ from rtseg.model.training import (
     save_arrays,
     train_round,
 )
+from rtseg.paths import safe_child, safe_name
 
 log = logging.getLogger(__name__)
 
 DATASET_ID = 601
 DATASET_NAME = "RtsegFederated"
+PLANS_SOURCE = "plans from the coordinator"
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,8 @@ def prepare_data(site: Site, labels: dict[str, int], spacing: tuple[float, float
     from rtseg.model.default import canonical_cases
 
     raw_root = nnunet_dirs(site.work_dir).raw
-    folder = raw_root / dataset_folder_name(DATASET_ID, DATASET_NAME)
+    name = dataset_folder_name(DATASET_ID, DATASET_NAME)
+    folder = safe_child(raw_root, name, "dataset folder", FederationError)
     if folder.exists():
         shutil.rmtree(folder)  # cases may have been added or removed since the last run
     accumulator = FingerprintAccumulator(labels)
@@ -105,8 +109,25 @@ def local_fingerprint(site: Site) -> SiteFingerprint:
     return SiteFingerprint(**json.loads(path.read_text()))
 
 
+def check_coordinator_plans(plans: Any) -> None:
+    """Plans from the network: for this site's own dataset, naming nothing nnU-Net would import and run.
+
+    A wrong or unsafe dataset name is a :class:`FederationError` (nnU-Net joins
+    it into the folders it writes and deletes); plans naming other code are a
+    :class:`~rtseg.errors.ModelError` from :func:`~rtseg.model.plans_check.check_plans`.
+    """
+    if not isinstance(plans, dict):
+        raise FederationError("the coordinator's plans are not a JSON object")
+    name = safe_name(plans.get("dataset_name"), "dataset name in the coordinator's plans", FederationError)
+    own = dataset_folder_name(DATASET_ID, DATASET_NAME)
+    if name != own:
+        raise FederationError(f"the coordinator's plans are for dataset {name}; this site prepared {own}")
+    check_plans(plans, source=PLANS_SOURCE)
+
+
 def ensure_preprocessed(site: Site, plans: dict[str, Any], expected_hash: str, config: CpuConfig) -> None:
     """Preprocess with the federation's plans unless already done with exactly these plans."""
+    check_coordinator_plans(plans)  # before anything is written, deleted or imported
     if plans_hash(plans) != expected_hash:
         raise FederationError(f"plans hash mismatch: got {plans_hash(plans)}, round says {expected_hash}")
     marker = site.work_dir / "plans.sha256"

@@ -16,7 +16,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
+from rtseg.model.plans_check import check_plans
 from rtseg.model.training import CONFIGURATION, PLANS_IDENTIFIER, CpuConfig, cpu_plans
+from rtseg.paths import safe_child
 
 
 def plan(args: dict[str, Any], config: CpuConfig, emit: Callable[..., None]) -> None:
@@ -112,10 +114,15 @@ def preprocess(args: dict[str, Any], config: CpuConfig, emit: Callable[..., None
     """Preprocess with plans made elsewhere (the federation's coordinator)."""
     from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
+    from nnunetv2.utilities.dataset_name_id_conversion import convert_id_to_dataset_name
 
     dataset_id, plans = int(args["dataset_id"]), dict(args["plans"])
-    raw = Path(nnUNet_raw.require()) / plans["dataset_name"]
-    folder = Path(nnUNet_preprocessed.require()) / plans["dataset_name"]
+    check_plans(plans, "plans to preprocess with")
+    name = convert_id_to_dataset_name(dataset_id)  # this dataset's own folder, never a name from the plans
+    if plans["dataset_name"] != name:
+        raise ValueError(f"the plans are for dataset {plans['dataset_name']}, not {name}")
+    raw = safe_child(Path(nnUNet_raw.require()), name, "dataset folder")
+    folder = safe_child(Path(nnUNet_preprocessed.require()), name, "dataset folder")
     if folder.exists():
         shutil.rmtree(folder)  # data preprocessed with other plans must not mix in
     folder.mkdir(parents=True)
@@ -140,6 +147,7 @@ def init_weights(args: dict[str, Any], config: CpuConfig, emit: Callable[..., No
     from rtseg.model.training import save_arrays
 
     seed_everything(config.seed)
+    check_plans(args["plans"], "plans to initialise weights with")
     plans_manager = PlansManager(dict(args["plans"]))
     configuration = plans_manager.get_configuration(CONFIGURATION)
     dataset_json = dict(args["dataset_json"])
@@ -215,6 +223,7 @@ def _make_trainer(
         torch.set_num_threads(config.threads)
     folder = Path(nnUNet_preprocessed.require()) / convert_id_to_dataset_name(int(args["dataset_id"]))
     plans = json.loads((folder / f"{PLANS_IDENTIFIER}.json").read_text())
+    check_plans(plans, str(folder / f"{PLANS_IDENTIFIER}.json"))  # nnU-Net builds the network from them
     plans["continue_training"] = False  # nnU-Net's run_training adds this key; the trainer pops it
     dataset_json = json.loads((folder / "dataset.json").read_text())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

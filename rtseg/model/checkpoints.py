@@ -5,8 +5,10 @@ unpickles it whole, so a crafted ``checkpoint_final.pth`` in a model folder,
 whether received from a federation, a registry or a colleague, could run
 arbitrary code in the node. rtseg reads every checkpoint first with torch's
 restricted unpickler: tensors, numbers, strings, containers, ``torch.device``
-and the NumPy scalars nnU-Net's logger stores. Only a checkpoint that passes
-is handed to nnU-Net's own loader.
+and the NumPy scalars nnU-Net's logger stores. The names nnU-Net resolves from
+it (the trainer class, the plans in ``init_args``) are checked too
+(:mod:`rtseg.model.plans_check`). Only a checkpoint that passes is handed to
+nnU-Net's own loader.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rtseg.errors import ModelError
+from rtseg.model.plans_check import check_plans, check_trainer_name
 
 
 def _numpy_globals() -> list[Any]:
@@ -50,4 +53,14 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise ModelError(f"unreadable checkpoint ({exc!r})", source=str(path)) from exc
     if not isinstance(checkpoint, dict) or "network_weights" not in checkpoint:
         raise ModelError("not an nnU-Net checkpoint (no network_weights)", source=str(path))
+    _check_names(checkpoint, path)
     return checkpoint
+
+
+def _check_names(checkpoint: dict[str, Any], path: Path) -> None:
+    """nnU-Net looks the trainer up by name and keeps the training plans: both must be harmless."""
+    if "trainer_name" in checkpoint:
+        check_trainer_name(checkpoint["trainer_name"], source=str(path))
+    init_args = checkpoint.get("init_args")
+    if isinstance(init_args, dict) and init_args.get("plans") is not None:
+        check_plans(init_args["plans"], source=f"{path} (init_args.plans)")

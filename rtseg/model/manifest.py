@@ -18,6 +18,7 @@ from typing import Any
 
 import rtseg
 from rtseg.errors import ModelError
+from rtseg.model.plans_check import check_plans
 from rtseg.structures import BY_NAME, Structure, color_for
 
 MANIFEST_NAME = "rtseg-model.json"
@@ -83,10 +84,17 @@ def save_manifest(model_dir: Path, manifest: ModelManifest) -> Path:
 
 
 def load_manifest(model_dir: Path) -> ModelManifest:
-    """The manifest of ``model_dir``: read from ``rtseg-model.json`` or derived from nnU-Net's files."""
+    """The manifest of ``model_dir``: read from ``rtseg-model.json`` or derived from nnU-Net's files.
+
+    Raises :class:`ModelError` for a missing folder, a malformed manifest, and
+    plans that :func:`~rtseg.model.plans_check.check_plans` refuses.
+    """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ModelError("model folder does not exist", source=str(model_dir))
+    # every use of a model folder (segment, registry, gate, hot swap, HTTP, federation) starts here:
+    # plans that could make nnU-Net import and run code are refused before anything reads them
+    check_plans(read_json(model_dir / "plans.json"), source=str(model_dir / "plans.json"))
     path = model_dir / MANIFEST_NAME
     if not path.is_file():
         return derive_manifest(model_dir)

@@ -34,6 +34,7 @@ from typing import Any
 import rtseg
 from rtseg.errors import InputError, ModelError
 from rtseg.model.manifest import ModelManifest, read_json, save_manifest
+from rtseg.model.plans_check import check_plans
 
 log = logging.getLogger(__name__)
 
@@ -459,10 +460,17 @@ def preprocess_with_plans(
     fingerprint: dict[str, Any],
     config: CpuConfig = CpuConfig(),
 ) -> Path:
-    """Preprocess the raw dataset of ``work_dir`` with given plans (no local planning)."""
+    """Preprocess the raw dataset of ``work_dir`` with given plans (no local planning).
+
+    The plans must be for this dataset (``dataset_name``) and pass
+    :func:`~rtseg.model.plans_check.check_plans`; else :class:`ModelError`.
+    """
     raw = _dataset_folder(nnunet_dirs(work_dir).raw, dataset_id)
     if raw is None or not (raw / "dataset.json").is_file():
         raise InputError(f"no raw dataset {dataset_id} in {nnunet_dirs(work_dir).raw}; write it first")
+    check_plans(plans, "plans to preprocess with")
+    if plans.get("dataset_name") != raw.name:
+        raise ModelError(f"the plans are for dataset {plans.get('dataset_name')!r}, not {raw.name}")
     config = replace(config, da_workers=max(1, config.da_workers))
     done = _run_child(
         "preprocess",
@@ -479,6 +487,7 @@ def initial_weights(work_dir: Path, plans: dict[str, Any], dataset_json: dict[st
 
     Also writes ``<out>.aliases.json``: aliased key → the key whose array it shares.
     """
+    check_plans(plans, "plans to initialise weights with")
     _run_child(
         "init_weights",
         {"plans": plans, "dataset_json": dataset_json, "out": str(out)},

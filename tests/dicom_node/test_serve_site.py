@@ -31,10 +31,17 @@ def test_serve_starts_and_stops_the_site_supernode(running_node: Any, tmp_path: 
     superlink = start_superlink(tmp_path / "coordinator", port, tmp_path / "coordinator" / "state.db")
     try:
         wait_port(port, proc=superlink)
-        federation = {"coordinator": f"127.0.0.1:{port}", "site_id": "site-a", "window": "always"}
+        federation = {
+            "coordinator": f"127.0.0.1:{port}",
+            "site_id": "site-a",
+            "window": "always",
+            "insecure": True,  # no TLS only when said: loopback test
+        }
         node = running_node(federation=federation)
         work = node.data_dir / "federation"
         assert f"federation: site site-a joins rounds of 127.0.0.1:{port} (INSECURE (no TLS))" in node.log()
+        warning = f"site site-a joins 127.0.0.1:{port} WITHOUT TLS (insecure = true"
+        wait_for(lambda: warning in node.log(), 60, "the warning that the site joins without TLS")
         assert f"training data {node.data_dir.resolve() / 'site-data'}" in node.log()
         wait_for(lambda: _supernodes(work), 60, "the site's SuperNode")
         supernode_log = work / "flwr-home" / "supernode.log"
@@ -65,4 +72,15 @@ def test_serve_refuses_an_incomplete_federation_table(running_node: Any, tmp_pat
     )
     assert result.returncode == 2
     assert "[federation] lacks 'site_id'" in result.stderr
+    assert "Traceback" not in result.stderr
+    with config.open("a") as toml:  # complete, but neither TLS nor an explicit insecure = true
+        toml.write('site_id = "site-a"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "rtseg.cli", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "[federation] no `ca`: a site joins its coordinator only over TLS" in result.stderr
     assert "Traceback" not in result.stderr
