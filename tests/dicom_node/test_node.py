@@ -169,29 +169,69 @@ def test_sigkill_while_receiving_segmenting_and_sending_gives_exactly_one_rtstru
     assert events.count("rtstruct_delivered") == 1 and "series_skipped" in events
 
 
-def test_late_instances_and_status_after_delivery(running_node: Any, series: Path, tmp_path: Path) -> None:
+def _contoured_slices(rs: pydicom.Dataset) -> set[str]:
+    series = (
+        rs.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
+    )
+    return {str(item.ReferencedSOPInstanceUID) for item in series.ContourImageSequence}
+
+
+def test_the_rest_of_a_series_after_its_rtstruct_makes_a_superseding_one(
+    running_node: Any, series: Path, tmp_path: Path
+) -> None:
     dest = Storescp(tmp_path / "dest").start()
     try:
         node = running_node(
             [{"name": "tps", "ae_title": dest.ae_title, "host": "127.0.0.1", "port": dest.port}]
         )
         files = sorted(series.iterdir())
-        assert storescu(files[:-1], node.port) == 0
-        job = wait_for(lambda: one_job(node), 30, "the job")
-        wait_for(lambda: state_of(node, job.id) == "done", 900, "delivery")
-        assert storescu([files[-1]], node.port) == 0  # late instance: acknowledged and ignored
-        assert storescu(series, node.port) == 0  # the whole series again: still the same job
+        assert storescu(files[:12], node.port) == 0  # the modality pauses past the quiet time
+        first = wait_for(lambda: one_job(node), 30, "the job")
+        wait_for(lambda: state_of(node, first.id) == "done", 900, "the first delivery")
+        assert storescu(files[12:], node.port) == 0  # the rest of the series
+        wait_for(lambda: node.states() == ["done", "done"], 900, "the superseding job")
+        assert storescu(series, node.port) == 0  # the whole series again: nothing new, no third job
+        assert echoscu(node.port) == 0
         status = subprocess.run(
             [*_rtseg(), "node", "status", "--config", str(node.config)], capture_output=True, text=True
         )
-        assert echoscu(node.port) == 0
-        assert node.stop() == 0  # SIGTERM to the process group: a clean exit
+        assert node.stop() == 0
     finally:
         dest.stop()
-    assert node.states() == ["done"]
-    assert len([p for p in dest.out.iterdir() if p.is_file()]) == 1
-    assert "done 1" in status.stdout and "dead letters: 0" in status.stdout
-    assert no_patient_data(status.stdout + node.log()) == []
+    assert node.states() == ["done", "done"] and "done 2" in status.stdout
+    early, complete = sorted(dest.received(), key=lambda rs: len(_contoured_slices(rs)))
+    every_slice = {str(pydicom.dcmread(f).SOPInstanceUID) for f in files}
+    assert len(_contoured_slices(early)) == 12 and _contoured_slices(complete) == every_slice
+    assert (
+        f"SUPERSEDES RTSTRUCT {early.SOPInstanceUID} (rtseg job {first.id})"
+        in complete.StructureSetDescription
+    )
+    (event,) = [e for e in node.audit() if e["event"] == "series_superseded"]
+    assert event["supersedes"] == first.id and (event["instances"], event["earlier_instances"]) == (24, 12)
+    assert no_patient_data(status.stdout + node.log() + node.audit_text()) == []
+
+
+@pytest.mark.slow  # ~40 s: a segmentation on 2 cores
+def test_the_rest_of_a_series_under_policy_flag_marks_the_job_and_rtstruct(
+    running_node: Any, series: Path
+) -> None:
+    node = running_node(node={"late_instance_policy": "flag"})
+    files = sorted(series.iterdir())
+    assert storescu(files[:12], node.port) == 0
+    job = wait_for(lambda: one_job(node), 30, "the job")
+    wait_for(lambda: state_of(node, job.id) == "done", 900, "segmentation")
+    assert storescu(files[12:], node.port) == 0
+    wait_for(lambda: "late_instances_flagged" in node.audit_text(), 30, "the flag")
+    status = subprocess.run(
+        [*_rtseg(), "node", "status", "--config", str(node.config)], capture_output=True, text=True
+    )
+    node.stop()
+    (flagged,) = node.store().list()
+    assert flagged.state == "done" and flagged.meta["late_instances"] == 12
+    rs = pydicom.dcmread(node.data_dir / flagged.output_path)
+    assert "INCOMPLETE SERIES: 12 instance(s) arrived after segmentation" in rs.StructureSetDescription
+    assert f"job {job.id}: 12 instance(s) arrived after segmentation" in status.stdout
+    assert len(list((node.data_dir / "spool" / "ct").rglob("*.dcm"))) == 24  # kept, not lost
 
 
 def test_unreachable_destination_is_dead_lettered(running_node: Any, series: Path) -> None:
