@@ -7,8 +7,13 @@ exactly one RTSTRUCT for the series, dciodvfy-clean, in the CT's study.
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import statistics
 import subprocess
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +21,14 @@ import pydicom
 import pytest
 from node_helpers import (
     Storescp,
+    busiest,
     echoscu,
     free_port,
     no_patient_data,
     storescu,
     subset_series,
     wait_for,
+    worker_pids,
 )
 
 from dicom_node.dcmtk import require_dcmtk_tool
@@ -42,6 +49,12 @@ def scout(phantom_ct96: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Another series (new UIDs) that the selection rules exclude by its description."""
     out = tmp_path_factory.mktemp("scout") / "ct"
     return subset_series(phantom_ct96, out, 12, description="SKIPME topogram", uid_tag="scout")
+
+
+@pytest.fixture(scope="module")
+def poison(phantom_ct96: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another series (new UIDs) whose worker the test kills every time it runs."""
+    return subset_series(phantom_ct96, tmp_path_factory.mktemp("poison") / "ct", 16, uid_tag="poison")
 
 
 def dciodvfy_problems(path: Path) -> list[str]:
@@ -250,6 +263,79 @@ def test_unreachable_destination_is_dead_lettered(running_node: Any, series: Pat
     assert "dead letters: 1" in status.stdout and "nowhere: 2 tries" in status.stdout
     assert (node.data_dir / "jobs" / job.id / "rtstruct.dcm").is_file()  # kept: nobody acknowledged it
     assert "dead after 2 tries" in node.log()
+
+
+def _http(url: str) -> tuple[int, str, str]:
+    """(status, content type, body) of a GET."""
+    try:
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            return resp.status, resp.headers["Content-Type"], resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers["Content-Type"], exc.read().decode()
+
+
+def _running_on(node: Any, job_id: str, not_on: set[int]) -> int | None:
+    store = node.store()
+    try:
+        job = store.get(job_id)
+    finally:
+        store.close()
+    pid = job.meta.get("worker_pid")
+    return pid if job.state == "running" and pid and pid not in not_on else None
+
+
+@pytest.mark.slow  # ~2-3 min: segmentations and worker restarts
+def test_a_killed_worker_is_restarted_its_job_requeued_and_a_poison_job_failed(
+    running_node: Any, series: Path, poison: Path
+) -> None:
+    http_port = free_port()
+    node = running_node(
+        node={"workers": 2, "worker_crash_limit": 2},
+        http={"host": "127.0.0.1", "port": http_port, "min_free_mb": 10},
+    )
+    url = f"http://127.0.0.1:{http_port}"
+    wait_for(lambda: _http(url + "/readyz")[0] == 200, 180, "both workers to be ready")
+    assert storescu(series, node.port) == 0
+    job = wait_for(lambda: one_job(node), 30, "the job")
+    wait_for(lambda: state_of(node, job.id) == "running", 60, "segmentation to start")
+    workers = worker_pids(node.proc.pid)
+    assert len(workers) == 2
+    victim = busiest(workers)
+    os.kill(victim, signal.SIGKILL)  # the busy worker, as the OOM killer would
+
+    status, kind, body = wait_for(
+        lambda: (r := _http(url + "/readyz"))[0] == 503 and r, 20, "/readyz to miss a worker", 0.05
+    )
+    problem = json.loads(body)
+    assert kind == "application/problem+json" and problem["status"] == 503
+    assert "1 of 2 workers running; missing: rtseg-worker-" in problem["detail"]
+    wait_for(lambda: state_of(node, job.id) == "done", 600, "the requeued job to finish")
+    wait_for(lambda: _http(url + "/readyz")[0] == 200, 180, "the pool to be back at 2")
+    assert len(worker_pids(node.proc.pid)) == 2 and victim not in worker_pids(node.proc.pid)
+    metrics = _http(url + "/metrics")[2]
+    assert "rtseg_workers_configured 2.0" in metrics and "rtseg_workers_live 2.0" in metrics
+    assert "rtseg_worker_restarts_total 1.0" in metrics
+    store = node.store()
+    done = store.get(job.id)
+    store.close()
+    assert done.attempts == 2 and done.meta["worker_deaths"] == 1
+
+    # a job that kills its worker every time: failed after worker_crash_limit deaths
+    assert storescu(poison, node.port) == 0
+    poisoned = wait_for(lambda: [j for j in node.store().list() if j.id != job.id], 30, "the job")[0]
+    killed: set[int] = set()
+    for _ in range(2):
+        pid = wait_for(lambda: _running_on(node, poisoned.id, killed), 300, "the job to run")
+        os.kill(pid, signal.SIGKILL)
+        killed.add(pid)
+    wait_for(lambda: state_of(node, poisoned.id) == "failed", 30, "the job to fail")
+    report = subprocess.run(
+        [*_rtseg(), "node", "status", "--config", str(node.config)], capture_output=True, text=True
+    )
+    assert f"job {poisoned.id} (dicom): worker died 2 times on this job" in report.stdout
+    wait_for(lambda: _http(url + "/readyz")[0] == 200, 180, "the pool to be back at 2 again")
+    assert "rtseg_worker_restarts_total 3.0" in _http(url + "/metrics")[2]
+    assert node.stop() == 0
 
 
 def _rtseg() -> list[str]:
