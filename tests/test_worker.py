@@ -103,6 +103,8 @@ def test_bad_model_folder_stops_the_worker_cleanly(tmp_path: Path) -> None:
     pool = WorkerPool(store, tmp_path, model, workers=1, threads=1)
     pool.start()
     wait_for(lambda: pool.alive() == 0, 120, "the worker to give up")
+    assert pool.status().missing == ("rtseg-worker-0",)  # /readyz names it
+    assert pool.supervise() == 0  # no model: not restarted in a tight loop
     pool.stop()
     assert store.get(job.id).state == JobState.QUEUED  # never claimed
 
