@@ -211,6 +211,8 @@ class WorkerPool:
         for i, slot in enumerate(self._slots):
             if slot.proc.is_alive() or self._stopping.is_set():
                 continue
+            if slot.proc.exitcode == 0 and slot.ready.value:
+                continue  # it was told to stop (SIGTERM to the process group): the node is stopping
             self._release_jobs(slot)
             if not slot.ready.value and time.monotonic() - slot.started < min_interval_s:
                 continue

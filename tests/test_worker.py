@@ -58,7 +58,7 @@ def test_workers_segment_dicom_and_nifti_jobs_and_recover(tmp_path: Path, phanto
     pool = WorkerPool(store, data, default_model_dir(), workers=1, threads=1)
     assert [j.id for j in pool.start()] == [crashed.id]
     try:
-        (proc,) = pool._procs
+        (proc,) = [slot.proc for slot in pool._slots]
         niced = min(19, os.getpriority(os.PRIO_PROCESS, 0) + WORKER_NICE)
         wait_for(
             lambda: os.getpriority(os.PRIO_PROCESS, proc.pid) == niced, 60, "the worker to lower its priority"

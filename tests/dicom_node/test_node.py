@@ -297,7 +297,7 @@ def test_a_killed_worker_is_restarted_its_job_requeued_and_a_poison_job_failed(
     wait_for(lambda: _http(url + "/readyz")[0] == 200, 180, "both workers to be ready")
     assert storescu(series, node.port) == 0
     job = wait_for(lambda: one_job(node), 30, "the job")
-    wait_for(lambda: state_of(node, job.id) == "running", 60, "segmentation to start")
+    wait_for(lambda: state_of(node, job.id) == "running", 300, "segmentation to start")
     workers = worker_pids(node.proc.pid)
     assert len(workers) == 2
     victim = busiest(workers)
