@@ -334,12 +334,14 @@ def test_an_instance_arriving_during_completion_strands_no_series(scp: Any, smal
     a_key = node.store.list()[0].series_key
     instances = node.spool.instances
     stored: list[int] = []
+    during: list[list[int]] = []  # what the C-STORE had got while A's completion was in progress
 
     def store_during_completion(kind: str, series_key: str) -> list[Path]:
         if series_key == a_key and not stored:  # A's completion has begun: A's last slice arrives
             sender = threading.Thread(target=lambda: stored.append(_c_store(node.port, files[11])))
             sender.start()
             sender.join(2.0)  # returns at once if nothing waits for the completion to finish
+            during.append(list(stored))
             node.spool.instances = instances  # type: ignore[method-assign]
         return instances(kind, series_key)
 
@@ -360,6 +362,7 @@ def test_an_instance_arriving_during_completion_strands_no_series(scp: Any, smal
         loop.stop()
     by_size = sorted(len(j.meta.get("instances", ())) for j in node.store.list())
     assert by_size == [11, 11, 12]  # A's first generation, B, and A complete with its last slice
+    assert during == [[]]  # the C-STORE waited for A's completion instead of reopening it
 
 
 def test_rtstruct_is_spooled_and_recorded(scp: Any) -> None:
