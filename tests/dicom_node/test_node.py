@@ -295,6 +295,7 @@ def test_a_killed_worker_is_restarted_its_job_requeued_and_a_poison_job_failed(
     )
     url = f"http://127.0.0.1:{http_port}"
     wait_for(lambda: _http(url + "/readyz")[0] == 200, 180, "both workers to be ready")
+    wait_for(lambda: node.log().count("worker: model") == 2, 180, "both models to be loaded")
     assert storescu(series, node.port) == 0
     job = wait_for(lambda: one_job(node), 30, "the job")
     wait_for(lambda: state_of(node, job.id) == "running", 300, "segmentation to start")
