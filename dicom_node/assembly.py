@@ -5,10 +5,17 @@ its last instance arrived; a background tick completes series that have been
 quiet for ``node.quiet_time_s`` and have no store in flight. The job row is
 created (``received``) with the first instance, before that instance is
 acknowledged, so a restart finds every open series and its spool folder, and
-the quiet time starts again. An instance of a series whose job has moved on is
-a *late* instance: ``ignore`` acknowledges and discards it, ``reject`` answers
-a failure; neither makes a second RTSTRUCT. A series that was skipped or failed
-(e.g. cut short: too few or missing slices) made no RTSTRUCT; instances that
+the quiet time starts again.
+
+Completion is atomic with respect to receiving: it runs under the assembler's
+lock and records, in the same transition ``received → queued``, which instances
+make up the series (``meta["instances"]``); the worker segments those only. A
+new instance of a series whose job has moved on is a *late* instance (one sent
+again is acknowledged and not kept twice). ``node.late_instance_policy``:
+``supersede`` opens a new job, the next *generation* of the series, on all its
+instances, whose RTSTRUCT says which one it supersedes; ``flag`` keeps the
+instances and marks the job and its RTSTRUCT incomplete; ``reject`` answers a
+failure. A series that was skipped or failed made no RTSTRUCT; instances that
 arrive for it again open a new job.
 """
 
@@ -24,8 +31,10 @@ from typing import Any
 
 from dicom_node.audit import AuditLog
 from dicom_node.spool import Spool
-from rtseg.jobs import JobState, JobStore
+from rtseg.jobs import Job, JobError, JobState, JobStore
+from rtseg.rtstruct import amend_description
 from rtseg.settings import Caller, NodeSettings, Selection, Settings
+from rtseg.worker import description_note
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +69,7 @@ class _Open:
     job_id: str
     last: float
     inflight: int = 0
+    late: bool = False  # late instances of a finished job under policy "flag"
 
 
 def select(selection: Selection, header: SeriesHeader, n_instances: int) -> str | None:
@@ -108,19 +118,16 @@ class Assembler:
         self._lock = threading.Lock()
 
     # -- receiving ------------------------------------------------------------------
-    def begin(self, series_key: str, header: SeriesHeader, peer: Peer) -> bool:
-        """Register an instance about to be written; False if it is late and to be ignored.
+    def begin(self, series_key: str, header: SeriesHeader, peer: Peer, instance_key: str = "") -> bool:
+        """Register an instance about to be written; False if it is to be acknowledged and not kept.
 
         Raises :class:`LateInstance` when the late-instance policy is ``reject``.
         """
         with self._lock:
             entry = self._open.get(series_key)
             if entry is None:
-                entry = self._open_series(series_key, header, peer)
+                entry = self._open_series(series_key, header, peer, instance_key)
                 if entry is None:
-                    if self.node.late_instance_policy == "reject":
-                        raise LateInstance("the series was already processed")
-                    log.info("late instance for series %s ignored (already processed)", series_key)
                     return False
             entry.inflight += 1
             entry.last = self.clock()
@@ -132,20 +139,51 @@ class Assembler:
             entry.inflight -= 1
             entry.last = self.clock()
 
-    def _open_series(self, series_key: str, header: SeriesHeader, peer: Peer) -> _Open | None:
+    def _open_series(
+        self, series_key: str, header: SeriesHeader, peer: Peer, instance_key: str
+    ) -> _Open | None:
         # A skipped or failed series made no RTSTRUCT: instances arriving again (the rest of a
         # series completed too early, or a complete resend) open a new job on the same spool folder.
         retry = {JobState.SKIPPED, JobState.FAILED}
         existing = [j for j in self.store.list(source="dicom", series_key=series_key) if j.state not in retry]
-        if existing:
-            received = [j for j in existing if j.state == JobState.RECEIVED]
-            if not received:
-                return None
+        received = [j for j in existing if j.state == JobState.RECEIVED]
+        if received:
             entry = _Open(received[0].id, self.clock())
+        elif existing:
+            return self._late(series_key, header, peer, instance_key, existing[-1])
         else:
-            meta = {"calling_ae": peer.ae_title, "peer_host": peer.host, "header": asdict(header)}
-            job = self.store.create("dicom", series_key, f"spool/{CT_KIND}/{series_key}", meta=meta)
-            log.info("series %s: first instance from %s", series_key, peer.ae_title)
+            entry = _Open(self._new_job(series_key, header, peer).id, self.clock())
+        self._open[series_key] = entry
+        return entry
+
+    def _new_job(self, series_key: str, header: SeriesHeader, peer: Peer, **extra: Any) -> Job:
+        meta = {"calling_ae": peer.ae_title, "peer_host": peer.host, "header": asdict(header), **extra}
+        job = self.store.create("dicom", series_key, f"spool/{CT_KIND}/{series_key}", meta=meta)
+        log.info("series %s: first instance from %s", series_key, peer.ae_title)
+        return job
+
+    def _late(
+        self, series_key: str, header: SeriesHeader, peer: Peer, instance_key: str, latest: Job
+    ) -> _Open | None:
+        """An instance for a series whose latest job has moved on: a new generation, a flag, or a refusal."""
+        if instance_key and (self.spool.series_dir(CT_KIND, series_key) / f"{instance_key}.dcm").is_file():
+            log.info("series %s: an instance already received was sent again (not kept twice)", series_key)
+            return None
+        policy = self.node.late_instance_policy
+        if policy == "reject":
+            raise LateInstance("the series was already processed")
+        if policy == "flag":
+            entry = _Open(latest.id, self.clock(), late=True)
+        else:
+            generation = int(latest.meta.get("generation", 1)) + 1
+            job = self._new_job(series_key, header, peer, supersedes=latest.id, generation=generation)
+            log.warning(
+                "series %s: new instances after job %s was %s: job %s will segment the whole series",
+                series_key,
+                latest.id,
+                latest.state,
+                job.id,
+            )
             entry = _Open(job.id, self.clock())
         self._open[series_key] = entry
         return entry
@@ -160,19 +198,38 @@ class Assembler:
         return len(jobs)
 
     def tick(self) -> list[str]:
-        """Complete every series quiet for long enough; returns their job ids."""
-        now = self.clock()
+        """Complete every series quiet for long enough; returns their job ids.
+
+        Holds the lock throughout: an instance arriving meanwhile waits, then finds
+        the job queued (a late instance), never a half-completed series.
+        """
+        done = []
         with self._lock:
+            now = self.clock()
             due = [
                 (key, e)
                 for key, e in self._open.items()
                 if e.inflight == 0 and now - e.last >= self.node.quiet_time_s
             ]
-            for key, _ in due:
-                del self._open[key]
-        for key, entry in due:
-            self._complete(key, entry.job_id)
-        return [e.job_id for _, e in due]
+            for key, entry in due:
+                if self._finish(key, entry):
+                    done.append(entry.job_id)
+        return done
+
+    def _finish(self, series_key: str, entry: _Open) -> bool:
+        # one series' failure must not strand the others due in the same tick
+        try:
+            if entry.late:
+                self._flag(series_key, entry.job_id)
+            else:
+                self._complete(series_key, entry.job_id)
+        except OSError as exc:
+            log.error("series %s: cannot complete it (%s); retrying", series_key, exc.strerror)
+            return False
+        except JobError as exc:
+            log.error("series %s: not completed: %s", series_key, exc)
+        del self._open[series_key]
+        return True
 
     def open_series(self) -> int:
         with self._lock:
@@ -180,7 +237,8 @@ class Assembler:
 
     def _complete(self, series_key: str, job_id: str) -> None:
         job = self.store.get(job_id)
-        n = len(self.spool.instances(CT_KIND, series_key))
+        instances = [p.stem for p in self.spool.instances(CT_KIND, series_key)]
+        n = len(instances)
         header = SeriesHeader(
             **{
                 **job.meta.get("header", {}),
@@ -196,6 +254,7 @@ class Assembler:
             self.audit.record("series_skipped", job=job_id, series=series_key, instances=n, reason=reason)
             return
         meta["destinations"] = self._destinations(job.meta)
+        meta["instances"] = instances  # this generation of the series: what the worker segments
         self.store.transition(job_id, JobState.RECEIVED, JobState.QUEUED, meta=meta)
         names = ", ".join(d["name"] for d in meta["destinations"]) or "none"
         log.info("series %s complete (%d instances): queued, destinations %s", series_key, n, names)
@@ -207,6 +266,40 @@ class Assembler:
             calling_ae=job.meta.get("calling_ae"),
             destinations=[d["name"] for d in meta["destinations"]],
         )
+        if job.meta.get("supersedes"):
+            self._record_superseded(job, n)
+
+    def _record_superseded(self, job: Job, n: int) -> None:
+        earlier = self.store.get(str(job.meta["supersedes"]))
+        before = len(earlier.meta.get("instances", ()))
+        log.warning("job %s supersedes job %s: %d instances instead of %d", job.id, earlier.id, n, before)
+        self.audit.record(
+            "series_superseded",
+            job=job.id,
+            supersedes=earlier.id,
+            series=job.series_key,
+            instances=n,
+            earlier_instances=before,
+            generation=job.meta.get("generation"),
+        )
+
+    def _flag(self, series_key: str, job_id: str) -> None:
+        """Policy ``flag``: the job and its RTSTRUCT say how many instances it did not segment."""
+        job = self.store.get(job_id)
+        segmented = set(job.meta.get("instances", ()))
+        late = [p for p in self.spool.instances(CT_KIND, series_key) if p.stem not in segmented]
+        job = self.store.update(job_id, meta={**job.meta, "late_instances": len(late)})
+        log.warning(
+            "series %s: %d instance(s) after job %s were not segmented", series_key, len(late), job_id
+        )
+        self.audit.record(
+            "late_instances_flagged", job=job_id, series=series_key, late=len(late), segmented=len(segmented)
+        )
+        note = description_note(job.meta)
+        if note and job.output_path and job.state not in (JobState.QUEUED, JobState.RUNNING):
+            amend_description(
+                self.store.db_path.parent / job.output_path, note
+            )  # running: its worker does it
 
     def _destinations(self, meta: Mapping[str, Any]) -> list[dict[str, Any]]:
         out = [asdict(d) for d in self.settings.destinations]

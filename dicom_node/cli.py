@@ -157,6 +157,11 @@ def _node_status(args: argparse.Namespace) -> int:
     print(f"failed jobs: {counts[JobState.FAILED]}")
     for job in failed:
         print(f"  job {job.id} ({job.source}): {job.error}")
+    incomplete = [j for j in store.list(source="dicom", limit=100_000) if j.meta.get("late_instances")]
+    print(f"incomplete series (late_instance_policy flag): {len(incomplete)}")
+    for job in incomplete[-args.limit :]:
+        late = job.meta["late_instances"]
+        print(f"  job {job.id}: {late} instance(s) arrived after segmentation, not contoured")
     return 0
 
 

@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 TICK_S = 0.2
 SEND_POLL_S = 0.5
 JANITOR_S = 60.0
-WATCHDOG_S = 5.0
 CLOSED_LOOP_S = 5.0  # approved RTSTRUCTs back from the TPS: paired and scored off the SCP thread
 RETAINED = frozenset({JobState.DONE, JobState.FAILED, JobState.DEAD_LETTER})  # whose CT retention deletes
 
@@ -104,8 +103,14 @@ class Node:
         )
         n = settings.node
         self.pool = WorkerPool(
-            self.store, self.data_dir, model_dir, n.workers, n.inference_threads, n.min_island_ml
-        )
+            self.store,
+            self.data_dir,
+            model_dir,
+            n.workers,
+            n.inference_threads,
+            n.min_island_ml,
+            n.worker_crash_limit,
+        )  # supervised: a dead worker is restarted by the pool itself
         self.closed_loop = ClosedLoop(
             self.data_dir, self.store, config_from_settings(settings.federation), self.audit.record
         )
@@ -113,7 +118,6 @@ class Node:
             Loop("rtseg-assembly", self.assembler.tick, TICK_S),
             Loop("rtseg-sender", self.sender.run_once, SEND_POLL_S),
             Loop("rtseg-retention", self.purge, JANITOR_S),
-            Loop("rtseg-workers", self.pool.revive, WATCHDOG_S),
             Loop("rtseg-closed-loop", self.closed_loop.run_once, CLOSED_LOOP_S),
         ]
         self.server: object | None = None

@@ -191,8 +191,8 @@ class Receiver:
         self, data: bytes, header: SeriesHeader, series_key: str, instance_key: str, peer: Peer
     ) -> int | Dataset:
         try:
-            if not self.assembler.begin(series_key, header, peer):
-                return SUCCESS  # late instance, policy "ignore": acknowledged, not kept
+            if not self.assembler.begin(series_key, header, peer, instance_key):
+                return SUCCESS  # sent again after its series was completed: acknowledged, kept once
         except LateInstance as exc:
             return _status(CANNOT_UNDERSTAND, f"Refused: {exc}")
         try:

@@ -253,8 +253,12 @@ class JobStore(SqliteTables):
         job = self.get(job_id)
         return self.transition(job_id, job.state, job.state, **fields)
 
-    def claim_next(self, sources: frozenset[str] | None = None) -> Job | None:
-        """Atomically take the oldest queued job (``queued → running``), or None."""
+    def claim_next(self, sources: frozenset[str] | None = None, worker: int | None = None) -> Job | None:
+        """Atomically take the oldest queued job (``queued → running``), or None.
+
+        ``worker`` (the claiming process id) is kept in ``meta["worker_pid"]``, so that
+        the job of a worker that dies can be found and queued again.
+        """
         with self._tx() as db:
             sql, args = "SELECT id FROM jobs WHERE state = ?", [str(JobState.QUEUED)]
             if sources:
@@ -264,10 +268,32 @@ class JobStore(SqliteTables):
             if row is None:
                 return None
             db.execute(
-                "UPDATE jobs SET state = ?, updated = ?, attempts = attempts + 1 WHERE id = ?",
-                (str(JobState.RUNNING), time.time(), row[0]),
+                "UPDATE jobs SET state = ?, updated = ?, attempts = attempts + 1,"
+                " meta = json_set(meta, '$.worker_pid', ?) WHERE id = ?",
+                (str(JobState.RUNNING), time.time(), worker, row[0]),
             )
         return self.get(row[0])
+
+    def recover_worker(self, worker: int, crash_limit: int) -> builtins.list[Job]:
+        """Jobs left ``running`` by the dead worker process ``worker``: queued again, or failed.
+
+        Each such job counts the death in ``meta["worker_deaths"]``; at ``crash_limit``
+        deaths it is failed ("worker died N times on this job") instead of retried forever.
+        """
+        rows = self._conn().execute(
+            "SELECT id FROM jobs WHERE state = ? AND json_extract(meta, '$.worker_pid') = ?",
+            (str(JobState.RUNNING), worker),
+        )
+        return [self._after_worker_death(str(r[0]), crash_limit) for r in rows.fetchall()]
+
+    def _after_worker_death(self, job_id: str, crash_limit: int) -> Job:
+        job = self.get(job_id)
+        deaths = int(job.meta.get("worker_deaths", 0)) + 1
+        meta = {k: v for k, v in job.meta.items() if k != "worker_pid"} | {"worker_deaths": deaths}
+        if deaths >= crash_limit:
+            error = f"worker died {deaths} times on this job"
+            return self.transition(job_id, JobState.RUNNING, JobState.FAILED, meta=meta, error=error)
+        return self.transition(job_id, JobState.RUNNING, JobState.QUEUED, meta=meta)
 
     def recover(self) -> builtins.list[Job]:
         """After a restart: jobs left ``running`` by a dead worker go back to ``queued``."""

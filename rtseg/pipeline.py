@@ -18,6 +18,7 @@ from rtseg.rtstruct import (
     ModelIdentity,
     RTStructResult,
     StructureReport,
+    add_description_note,
     add_review_notes,
     build_rtstruct,
     write_rtstruct,
@@ -181,8 +182,12 @@ def segment_series(
     series_uid: str | None = None,
     rtstruct_uids: tuple[str, str] | None = None,
     progress: Progress | None = None,
+    note: str | None = None,
 ) -> PipelineResult:
-    """Load a CT series (or take a loaded one), segment it, write the RTSTRUCT atomically to ``out_path``."""
+    """Load a CT series (or take a loaded one), segment it, write the RTSTRUCT atomically to ``out_path``.
+
+    ``note`` ends the structure set description (e.g. which earlier RTSTRUCT this one supersedes).
+    """
     say = progress or (lambda _msg: None)
     identity = identity or model_identity(segmenter.manifest)
     timings: dict[str, float] = {}
@@ -197,6 +202,8 @@ def segment_series(
     timings["rtstruct_s"] = time.perf_counter() - t1 - segmentation.seconds
     structures = summarize(result, segmentation.labels, volume)
     add_review_notes(result.dataset, {s.name: s.flags for s in structures})
+    if note:
+        add_description_note(result.dataset, note)
     say("writing RTSTRUCT")
     t2 = time.perf_counter()
     write_rtstruct(result.dataset, out_path)

@@ -34,7 +34,10 @@ from rtseg.errors import InputError
 from rtseg.structures import MIN_ISLAND_ML
 
 ENV_PREFIX = "RTSEG_"
-LATE_POLICIES = ("ignore", "reject")
+# supersede: late instances make a new job on the whole series; flag: kept, the job and its
+# RTSTRUCT say the series was incomplete; reject: failure status. "ignore" (the old default,
+# which dropped them silently) now means "flag".
+LATE_POLICIES = ("supersede", "flag", "reject", "ignore")
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
 
 
@@ -105,8 +108,9 @@ class Selection:
 @dataclass(frozen=True)
 class NodeSettings:
     quiet_time_s: float = 10.0
-    late_instance_policy: str = "ignore"  # ignore: acknowledge and discard; reject: failure status
+    late_instance_policy: str = "supersede"  # see LATE_POLICIES
     workers: int = 1
+    worker_crash_limit: int = 3  # a job whose worker died this often is failed, not retried
     inference_threads: int | None = None
     min_island_ml: float = MIN_ISLAND_ML
     retention_h: float = 24.0
@@ -220,8 +224,8 @@ def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
 def _late_policy(v: Any) -> str:
     s = _str(v).lower()
     if s not in LATE_POLICIES:
-        raise ValueError(f"must be one of {', '.join(LATE_POLICIES)}")
-    return s
+        raise ValueError(f"must be one of {', '.join(LATE_POLICIES[:3])}")
+    return "flag" if s == "ignore" else s
 
 
 _PORT = _int(1, 65535)
@@ -253,6 +257,7 @@ _NODE: dict[str, Callable[[Any], Any]] = {
     "quiet_time_s": _float(0.1, 86400.0),
     "late_instance_policy": _late_policy,
     "workers": _int(1, 64),
+    "worker_crash_limit": _int(1, 100),
     "inference_threads": _optional(_int(1, 256)),
     "min_island_ml": _float(0.0, 1000.0),
     "retention_h": _float(0.0),

@@ -16,9 +16,11 @@ Job contract (paths relative to the data directory; files land in ``jobs/<id>/``
   only (``job.output_path``), no RTSTRUCT.
 * ``job.result``: structures (name, volume_ml, n_contours, flags), omitted,
   n_slices, timings, model {name, version}, files {rtstruct?, labels?}.
-* A :class:`~rtseg.errors.RtsegError` fails the job with its message; a job whose
-  worker died is requeued by :meth:`WorkerPool.start` (``store.recover()``) and
-  failed after :data:`MAX_ATTEMPTS` claims.
+* A :class:`~rtseg.errors.RtsegError` fails the job with its message. The pool
+  supervises its workers: one that dies (``kill -9``, OOM) is restarted and its
+  job queued again, or failed after ``crash_limit`` deaths on it; after a restart
+  of the whole node :meth:`WorkerPool.start` requeues jobs left running
+  (``store.recover()``) and :class:`JobRunner` fails them after :data:`MAX_ATTEMPTS` claims.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import threading
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -42,6 +46,8 @@ from rtseg.structures import MIN_ISLAND_ML
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3  # a job that killed its worker this often is failed, not retried forever
+SUPERVISE_S = 1.0  # how often the pool looks for dead workers
+RESTART_BACKOFF_S = 30.0  # a worker that dies before loading its model is restarted at most this often
 WORKER_NICE = 10
 POLL_S = 0.5
 
@@ -54,6 +60,27 @@ def rtstruct_uids(job_id: str) -> tuple[str, str]:
         return f"2.25.{int.from_bytes(digest[:16], 'big')}"
 
     return uid("series"), uid("instance")
+
+
+def description_note(meta: Mapping[str, Any]) -> str | None:
+    """What a DICOM job's RTSTRUCT must tell the reviewer about its series, from the job's meta.
+
+    ``supersedes``: the job made before the rest of the series arrived;
+    ``late_instances``: instances that arrived after segmentation and are not contoured.
+    """
+    notes = []
+    if meta.get("supersedes"):
+        earlier = str(meta["supersedes"])
+        notes.append(
+            f"SUPERSEDES RTSTRUCT {rtstruct_uids(earlier)[1]} (rtseg job {earlier}),"
+            " made before the rest of the series arrived"
+        )
+    if meta.get("late_instances"):
+        notes.append(
+            f"INCOMPLETE SERIES: {meta['late_instances']} instance(s) arrived after segmentation"
+            " and are not contoured"
+        )
+    return "; ".join(notes) or None
 
 
 def job_dir(job: Job) -> str:
@@ -71,8 +98,31 @@ class WorkerConfig:
     min_island_ml: float = MIN_ISLAND_ML
 
 
+@dataclass(frozen=True)
+class PoolStatus:
+    """What ``/readyz`` and ``/metrics`` say about a pool: configured vs ready workers, restarts."""
+
+    configured: int
+    ready: int
+    missing: tuple[str, ...]  # workers not running with a model loaded (dead, restarting, loading)
+    restarts: int
+
+
+class _Slot:
+    """One configured worker: its current process and the flag it sets once its model is loaded."""
+
+    def __init__(self, name: str, proc: BaseProcess, ready: Any) -> None:
+        self.name = name
+        self.proc = proc
+        self.ready = ready  # a lock-free shared byte: a worker killed mid-write cannot block us
+        self.started = time.monotonic()
+
+    def is_ready(self) -> bool:
+        return self.proc.is_alive() and bool(self.ready.value)
+
+
 class WorkerPool:
-    """Worker processes that segment queued jobs.
+    """Worker processes that segment queued jobs, supervised: a dead worker is restarted.
 
     Parameters
     ----------
@@ -88,6 +138,8 @@ class WorkerPool:
         Torch CPU threads per worker; default: CPU count divided by workers.
     min_island_ml
         Structure pieces under this volume (ml) are dropped; 0 keeps every voxel the model labels.
+    crash_limit
+        A job whose worker died this many times is failed instead of queued again.
     """
 
     def __init__(
@@ -98,6 +150,7 @@ class WorkerPool:
         workers: int = 1,
         threads: int | None = None,
         min_island_ml: float = MIN_ISLAND_ML,
+        crash_limit: int = MAX_ATTEMPTS,
     ) -> None:
         self.store = store
         threads = threads or max(1, (os.cpu_count() or 1) // max(workers, 1))
@@ -106,43 +159,76 @@ class WorkerPool:
             store.db_path, Path(data_dir), Path(model_dir), threads, level, min_island_ml
         )
         self.workers = workers
+        self.crash_limit = crash_limit
+        self.restarts = 0
         self._ctx = mp.get_context("spawn")
-        self._stopping = False
-        self._procs: list[BaseProcess] = []
-        self._started = 0.0
+        self._stopping = threading.Event()
+        self._slots: list[_Slot] = []
+        self._supervisor: threading.Thread | None = None
 
     def start(self) -> list[Job]:
-        """Requeue jobs of dead workers, then start the processes; returns the requeued jobs."""
+        """Requeue jobs of dead workers, start the workers and their supervisor; returns the requeued."""
         recovered = self.store.recover()
         for job in recovered:
             log.warning("job %s was interrupted while segmenting: queued again", job.id)
-        self._stopping = False
-        self._started = time.monotonic()
-        for n in range(self.workers):
-            proc = self._ctx.Process(
-                target=worker_main, args=(self.config, os.getpid()), name=f"rtseg-worker-{n}", daemon=True
-            )
-            proc.start()
-            self._procs.append(proc)
+        self._stopping.clear()
+        self._slots = [self._spawn(f"rtseg-worker-{n}") for n in range(self.workers)]
+        self._supervisor = threading.Thread(target=self._supervise_loop, name="rtseg-workers", daemon=True)
+        self._supervisor.start()
         return recovered
 
+    def _spawn(self, name: str) -> _Slot:
+        ready = self._ctx.RawValue("b", 0)
+        proc = self._ctx.Process(
+            target=worker_main, args=(self.config, os.getpid(), ready), name=name, daemon=True
+        )
+        proc.start()
+        return _Slot(name, proc, ready)
+
     def alive(self) -> int:
-        return sum(p.is_alive() for p in self._procs)
+        return sum(slot.proc.is_alive() for slot in self._slots)
 
-    def revive(self, min_interval_s: float = 30.0) -> bool:
-        """Restart the pool when every worker died (OOM kill, crash); at most every ``min_interval_s``.
+    def status(self) -> PoolStatus:
+        missing = tuple(slot.name for slot in self._slots if not slot.is_ready())
+        if not self._slots:
+            missing = tuple(f"rtseg-worker-{n}" for n in range(self.workers))
+        return PoolStatus(self.workers, self.workers - len(missing), missing, self.restarts)
 
-        Jobs they left ``running`` are queued again (and failed after :data:`MAX_ATTEMPTS`).
+    def _supervise_loop(self) -> None:
+        while not self._stopping.wait(SUPERVISE_S):
+            try:
+                self.supervise()
+            except Exception:  # noqa: BLE001 - the supervisor must outlive a failed check
+                log.exception("worker supervision failed")
+
+    def supervise(self, min_interval_s: float = RESTART_BACKOFF_S) -> int:
+        """Restart dead workers and requeue (or fail) the jobs they were running; returns restarts.
+
+        A worker that died before it loaded its model (e.g. a bad model folder) is
+        restarted at most every ``min_interval_s``; one that died on a job at once.
         """
-        if not self._procs or self.alive() or self._stopping:
-            return False
-        if time.monotonic() - self._started < min_interval_s:
-            return False
-        codes = [p.exitcode for p in self._procs]
-        log.error("all segmentation workers stopped (exit codes %s): restarting them", codes)
-        self._procs.clear()
-        self.start()
-        return True
+        restarted = 0
+        for i, slot in enumerate(self._slots):
+            if slot.proc.is_alive() or self._stopping.is_set():
+                continue
+            if slot.proc.exitcode == 0 and slot.ready.value:
+                continue  # it was told to stop (SIGTERM to the process group): the node is stopping
+            self._release_jobs(slot)
+            if not slot.ready.value and time.monotonic() - slot.started < min_interval_s:
+                continue
+            log.error("worker %s stopped (exit code %s): restarting it", slot.name, slot.proc.exitcode)
+            self._slots[i] = self._spawn(slot.name)
+            self.restarts += 1
+            restarted += 1
+        return restarted
+
+    def _release_jobs(self, slot: _Slot) -> None:
+        pid = slot.proc.pid
+        for job in self.store.recover_worker(pid, self.crash_limit) if pid is not None else []:
+            if job.state == JobState.FAILED:
+                log.error("job %s failed: %s", job.id, job.error)
+            else:
+                log.warning("job %s: its worker %s died: queued again", job.id, slot.name)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Ask workers to stop (SIGTERM: after the current job); kill those still busy after ``timeout``.
@@ -151,22 +237,28 @@ class WorkerPool:
         Event would make ``Event.set()`` block forever (e.g. after a SIGTERM to the
         whole process group, as systemd sends). A killed job is requeued at the next start.
         """
-        self._stopping = True
-        for proc in self._procs:
+        self._stopping.set()
+        if self._supervisor is not None:
+            self._supervisor.join(timeout)
+        procs = [slot.proc for slot in self._slots]
+        for proc in procs:
             if proc.is_alive():
                 proc.terminate()
         deadline = time.monotonic() + timeout
-        for proc in self._procs:
+        for proc in procs:
             proc.join(max(0.0, deadline - time.monotonic()))
             if proc.is_alive():
                 log.warning("worker %s still busy after %.0f s: killing it", proc.name, timeout)
                 proc.kill()
                 proc.join()
-        self._procs.clear()
+        self._slots.clear()
 
 
-def worker_main(config: WorkerConfig, parent_pid: int) -> None:
-    """Entry point of a worker process: claim and run jobs until SIGTERM or the parent is gone."""
+def worker_main(config: WorkerConfig, parent_pid: int, ready: Any = None) -> None:
+    """Entry point of a worker process: claim and run jobs until SIGTERM or the parent is gone.
+
+    ``ready`` (a shared byte) is set once the model is loaded: the pool reports the worker ready.
+    """
     configure_logging(config.log_level)
     stopping: list[int] = []
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
@@ -180,12 +272,14 @@ def worker_main(config: WorkerConfig, parent_pid: int) -> None:
     runner = load_runner(store, config)
     if runner is None:
         return
+    if ready is not None:
+        ready.value = 1
     while not stopping and os.getppid() == parent_pid:  # an orphan stops: a new node will recover
         if registry is not None and registry.generation() != generation:
             # hot swap between jobs: every job runs (and is recorded) with one model
             generation = registry.generation()
             runner = load_runner(store, config) or runner
-        job = store.claim_next()
+        job = store.claim_next(worker=os.getpid())
         if job is None:
             time.sleep(POLL_S)
             continue
@@ -271,7 +365,19 @@ class JobRunner:
             error=None,
         )
         log.info("job %s segmented in %.1f s → %s", job.id, time.perf_counter() - started, target)
+        self._late_note(done, result.get("note"))
         return done
+
+    def _late_note(self, job: Job, written: str | None) -> None:
+        # instances flagged late while this job ran: the node's assembler saw it still running
+        note = description_note(job.meta) if job.meta.get("late_instances") else None
+        if note and note != written and job.output_path and job.output_path.endswith(".dcm"):
+            from rtseg.rtstruct import amend_description
+
+            try:
+                amend_description(self.data_dir / job.output_path, note)
+            except OSError as exc:
+                log.error("job %s: cannot mark its RTSTRUCT incomplete (%s)", job.id, exc.strerror)
 
     def _fail(self, job: Job, message: str) -> Job:
         log.warning("job %s failed: %s", job.id, redact_uids(message))  # the job keeps the whole message
@@ -289,12 +395,13 @@ class JobRunner:
 
         recorder = _Recorder(self.segmenter)
         rel, out = self._out(job, "rtstruct.dcm")
+        folder = self.data_dir / job.input_dir
+        # the instances of the completed series only: later ones belong to a newer job
+        listed = job.meta.get("instances")
+        source = [folder / f"{key}.dcm" for key in listed] if listed else folder
+        note = description_note(self.store.get(job.id).meta)  # fresh: late instances may be flagged
         outcome = segment_series(
-            self.data_dir / job.input_dir,
-            recorder,
-            out,
-            identity=self.identity,
-            rtstruct_uids=rtstruct_uids(job.id),
+            source, recorder, out, identity=self.identity, rtstruct_uids=rtstruct_uids(job.id), note=note
         )
         files = {"rtstruct": rel}
         if job.meta.get("write_labels") and recorder.last is not None:
@@ -309,6 +416,8 @@ class JobRunner:
             "n_slices": outcome.n_slices,
             "timings": {k: round(v, 3) for k, v in outcome.timings.items()},
         }
+        if note:
+            result["note"] = note
         return files, result
 
     def _run_nifti(self, job: Job) -> tuple[dict[str, str], dict[str, Any]]:

@@ -9,11 +9,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from flask import Blueprint, Flask, Request, Response, current_app, g, request
 
 from rtseg.jobs import JobStore
+from rtseg.worker import PoolStatus
 from service.auth import require_token
 from service.housekeeping import JOBS_FOLDER
 from service.problems import register_problem_handlers
@@ -22,6 +23,12 @@ from service.telemetry import Telemetry
 from service.uploads import UploadLimits
 
 RESERVED_THREADS = 4  # server threads never taken by uploads
+
+
+class Workers(Protocol):
+    """A supervised worker pool as ``/readyz`` and ``/metrics`` see it."""
+
+    def status(self) -> PoolStatus: ...
 
 
 class UploadRequest(Request):
@@ -51,6 +58,7 @@ class ServiceContext:
     model_dir: Path | None
     telemetry: Telemetry
     worker_alive: Callable[[], bool] | None = None
+    workers: Workers | None = None
     validate: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(1))
     admit: threading.Lock = field(default_factory=threading.Lock)
     uploads: threading.BoundedSemaphore = field(init=False)
@@ -95,6 +103,7 @@ def create_app(
     *,
     telemetry: Telemetry | None = None,
     worker_alive: Callable[[], bool] | None = None,
+    workers: Workers | None = None,
 ) -> Flask:
     """Build the HTTP face.
 
@@ -112,6 +121,8 @@ def create_app(
         Metrics registry shared with the DICOM node; a fresh one by default.
     worker_alive
         Tells ``/readyz`` whether the worker pool runs.
+    workers
+        The supervised pool: ``/readyz`` names missing workers, ``/metrics`` counts them and their restarts.
     """
     from service import health, metrics, model, openapi, segmentations
 
@@ -122,8 +133,12 @@ def create_app(
         MAX_FORM_MEMORY_SIZE=1 << 20,  # also bounds werkzeug's parse buffer: keep ≥ 500 kB
         MAX_FORM_PARTS=settings.max_files + 16,
     )
-    ctx = ServiceContext(settings, store, Path(data_dir), model_dir, telemetry or Telemetry(), worker_alive)
+    ctx = ServiceContext(
+        settings, store, Path(data_dir), model_dir, telemetry or Telemetry(), worker_alive, workers
+    )
     ctx.telemetry.watch_jobs(store)
+    if workers is not None:
+        ctx.telemetry.watch_workers(workers.status)
     app.extensions["rtseg"] = ctx
     v1 = Blueprint("v1", __name__, url_prefix="/v1")
     v1.before_request(lambda: require_token(ctx.settings.token_sha256))

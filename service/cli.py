@@ -50,7 +50,13 @@ def start_companion(
     if association_observers is not None:
         association_observers.append(lambda outcome: telemetry.dicom_associations.labels(outcome).inc())
     app = create_app(
-        http, store, data_dir, model_dir, telemetry=telemetry, worker_alive=lambda: pool.alive() > 0
+        http,
+        store,
+        data_dir,
+        model_dir,
+        telemetry=telemetry,
+        worker_alive=lambda: pool.alive() > 0,
+        workers=pool,
     )
     server = HttpServer(app, http)
     janitor = Janitor(store, data_dir, http.job_expiry_s)
@@ -97,8 +103,10 @@ def _serve(settings: Settings, http: HttpSettings) -> int:
     model_dir = serving_model_dir(settings.model_path, settings.data_dir)
     store = JobStore(state_db(data_dir))
     n = settings.node
-    pool = WorkerPool(store, data_dir, model_dir, n.workers, n.inference_threads, n.min_island_ml)
-    app = create_app(http, store, data_dir, model_dir, worker_alive=lambda: pool.alive() > 0)
+    pool = WorkerPool(
+        store, data_dir, model_dir, n.workers, n.inference_threads, n.min_island_ml, n.worker_crash_limit
+    )
+    app = create_app(http, store, data_dir, model_dir, worker_alive=lambda: pool.alive() > 0, workers=pool)
     server = HttpServer(app, http)
     janitor = Janitor(store, data_dir, http.job_expiry_s)
     pool.start()

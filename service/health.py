@@ -10,6 +10,7 @@ from flask import Blueprint, Response, jsonify
 from rtseg.errors import RtsegError
 from service.app import ServiceContext, service
 from service.model import model_info
+from service.problems import problem
 
 bp = Blueprint("health", __name__)
 
@@ -23,8 +24,12 @@ def healthz() -> Response:
 def readyz() -> tuple[Response, int]:
     ctx = service()
     checks = {"model": _model(ctx), "disk": _disk(ctx), "worker": _worker(ctx), "jobs": _jobs(ctx)}
-    ready = all(c["ok"] for c in checks.values())
-    return jsonify({"status": "ready" if ready else "not ready", "checks": checks}), 200 if ready else 503
+    failed = [f"{name}: {c['detail']}" for name, c in checks.items() if not c["ok"]]
+    if failed:  # an RFC 9457 problem that says what is missing, with every check
+        return problem(
+            503, "Service Unavailable", "; ".join(failed), slug="not-ready", extra={"checks": checks}
+        ), 503
+    return jsonify({"status": "ready", "checks": checks}), 200
 
 
 def _model(ctx: ServiceContext) -> dict[str, Any]:
@@ -42,6 +47,12 @@ def _disk(ctx: ServiceContext) -> dict[str, Any]:
 
 
 def _worker(ctx: ServiceContext) -> dict[str, Any]:
+    if ctx.workers is not None:
+        status = ctx.workers.status()
+        detail = f"{status.ready} of {status.configured} workers running"
+        if status.missing:
+            detail += f"; missing: {', '.join(status.missing)}"
+        return {"ok": not status.missing, "detail": detail}
     if ctx.worker_alive is None:
         return {"ok": False, "detail": "no worker pool attached to this server"}
     alive = ctx.worker_alive()

@@ -181,10 +181,10 @@ def _open_paths() -> dict[str, Any]:
     return {
         "/healthz": plain("Liveness", "healthz", {"application/json": {"schema": status}}, {}),
         "/readyz": plain(
-            "Readiness: model loadable, disk space, worker alive",
+            "Readiness: model loadable, disk space, every configured worker running",
             "readyz",
             ready,
-            {"503": {"description": "Not ready", "content": ready}},
+            {"503": _problem("Not ready: the detail names what is missing; `checks` has every check")},
         ),
         "/metrics": plain(
             "Prometheus metrics", "metrics", {"text/plain": {"schema": {"type": "string"}}}, {}
@@ -281,7 +281,7 @@ def _schemas() -> dict[str, Any]:
         "Readiness": {
             "type": "object",
             "properties": {
-                "status": {"enum": ["ready", "not ready"]},
+                "status": {"const": "ready"},
                 "checks": {"type": "object", "additionalProperties": check},
             },
             "required": ["status", "checks"],

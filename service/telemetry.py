@@ -7,13 +7,14 @@ this module imports nothing from either face.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from rtseg.jobs import FINAL, JobState, JobStore
+from rtseg.worker import PoolStatus
 
 DURATION_BUCKETS = (5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, float("inf"))
 
@@ -48,6 +49,29 @@ class Telemetry:
         if not self._watched:
             self.registry.register(JobCollector(store))
             self._watched = True
+
+    def watch_workers(self, status: Callable[[], PoolStatus]) -> None:
+        """Expose configured and live workers and worker restarts, read from ``status`` at scrape time."""
+        self.registry.register(WorkerCollector(status))
+
+
+class WorkerCollector(Collector):
+    """The supervised pool: a gap between configured and live workers means one is missing."""
+
+    def __init__(self, status: Callable[[], PoolStatus]) -> None:
+        self.status = status
+
+    def collect(self) -> Iterator[Metric]:
+        now = self.status()
+        yield GaugeMetricFamily(
+            "rtseg_workers_configured", "Worker processes configured", value=now.configured
+        )
+        yield GaugeMetricFamily(
+            "rtseg_workers_live", "Worker processes running with a model loaded", value=now.ready
+        )
+        yield CounterMetricFamily(
+            "rtseg_worker_restarts", "Dead worker processes restarted", value=now.restarts
+        )
 
 
 class JobCollector(Collector):

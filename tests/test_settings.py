@@ -71,7 +71,7 @@ def test_defaults_are_the_embedded_node() -> None:
     assert s.destinations == () and s.model_path is None
     assert s.data_dir == Path("rtseg-data")
     assert s.selection.image_type_exclude == ("LOCALIZER", "SCOUT", "TOPOGRAM")
-    assert s.node.late_instance_policy == "ignore" and not s.dicom.tls.enabled
+    assert s.node.late_instance_policy == "supersede" and not s.dicom.tls.enabled
     from rtseg.model.inference import MIN_ISLAND_ML
 
     assert s.node.min_island_ml == MIN_ISLAND_ML  # the node's default is the inference path's
@@ -124,6 +124,7 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
         ("[dicmo]\n", {}, "unknown setting 'dicmo'"),
         ("[node]\nlate_instance_policy = 'resend'\n", {}, "node.late_instance_policy must be one of"),
         ("[node]\nworkers = 0\n", {}, "node.workers"),
+        ("[node]\nworker_crash_limit = 0\n", {}, "node.worker_crash_limit"),
         ("[selection]\nseries_description_include = '('\n", {}, "selection.series_description_include"),
         ("[selection]\nslice_count = [100, 10]\n", {}, "selection.slice_count min must not exceed max"),
         ("[[destinations]]\nname = 'x'\nhost = 'h'\nport = 1\n", {}, "destinations[0].ae_title is required"),
@@ -153,3 +154,9 @@ def test_settings_are_frozen() -> None:
     s = load_settings(environ={})
     with pytest.raises(AttributeError):
         s.dicom.port = 1  # type: ignore[misc]
+
+
+def test_late_instance_policy_ignore_no_longer_drops_instances() -> None:
+    # "ignore" dropped the rest of a series silently; it now keeps it and flags the job
+    s = load_settings(environ={"RTSEG_NODE_LATE_INSTANCE_POLICY": "ignore"})
+    assert s.node.late_instance_policy == "flag" and s.node.worker_crash_limit == 3

@@ -58,7 +58,7 @@ def test_workers_segment_dicom_and_nifti_jobs_and_recover(tmp_path: Path, phanto
     pool = WorkerPool(store, data, default_model_dir(), workers=1, threads=1)
     assert [j.id for j in pool.start()] == [crashed.id]
     try:
-        (proc,) = pool._procs
+        (proc,) = [slot.proc for slot in pool._slots]
         niced = min(19, os.getpriority(os.PRIO_PROCESS, 0) + WORKER_NICE)
         wait_for(
             lambda: os.getpriority(os.PRIO_PROCESS, proc.pid) == niced, 60, "the worker to lower its priority"
@@ -103,6 +103,8 @@ def test_bad_model_folder_stops_the_worker_cleanly(tmp_path: Path) -> None:
     pool = WorkerPool(store, tmp_path, model, workers=1, threads=1)
     pool.start()
     wait_for(lambda: pool.alive() == 0, 120, "the worker to give up")
+    assert pool.status().missing == ("rtseg-worker-0",)  # /readyz names it
+    assert pool.supervise() == 0  # no model: not restarted in a tight loop
     pool.stop()
     assert store.get(job.id).state == JobState.QUEUED  # never claimed
 

@@ -182,6 +182,26 @@ def add_review_notes(dataset: pydicom.Dataset, notes: Mapping[str, Sequence[str]
         dataset.StructureSetDescription = _st(description)
 
 
+NOTE_SEPARATOR = " -- rtseg: "
+
+
+def add_description_note(dataset: pydicom.Dataset, note: str) -> None:
+    """End the structure set description with ``note`` (replacing an earlier note), where a TPS shows it.
+
+    Used for what the reviewer must know about the whole structure set: that it
+    supersedes an earlier RTSTRUCT, or that its series was incomplete.
+    """
+    base = str(dataset.get("StructureSetDescription", "")).split(NOTE_SEPARATOR)[0]
+    dataset.StructureSetDescription = _st(f"{base}{NOTE_SEPARATOR}{note}")
+
+
+def amend_description(path: Path, note: str) -> None:
+    """Rewrite the RTSTRUCT file at ``path`` with ``note`` in its description (atomically)."""
+    dataset = pydicom.dcmread(path)
+    add_description_note(dataset, note)
+    write_rtstruct(dataset, path)
+
+
 def _st(text: str) -> str:
     """An ST value of ASCII text: at most 1024 characters."""
     ascii_text = text.replace("\u2013", "-").encode("ascii", "replace").decode("ascii")

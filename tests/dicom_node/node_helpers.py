@@ -120,6 +120,8 @@ class NodeProcess:
             lines += ["[selection]", *_toml(self.overrides["selection"])]
         for d in self.destinations:
             lines += ["[[destinations]]", *_toml(d)]
+        if "http" in self.overrides:
+            lines += ["[http]", *_toml(self.overrides["http"])]
         if "federation" in self.overrides:
             lines += ["[federation]", *_toml(self.overrides["federation"])]
         self.config.write_text("\n".join(lines) + "\n")
@@ -237,3 +239,32 @@ def subset_series(
             ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         ds.save_as(out / f"slice{i:03d}.dcm", enforce_file_format=True)
     return out
+
+
+def worker_pids(parent: int) -> list[int]:
+    """Segmentation worker processes (multiprocessing spawn children) of the process ``parent``."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue  # the process ended meanwhile
+        if int(fields[1]) == parent and b"spawn_main" in cmdline:
+            found.append(int(stat.parent.name))
+    return sorted(found)
+
+
+def cpu_ticks(pid: int) -> int:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def busiest(pids: list[int], seconds: float = 1.0) -> int:
+    """The process of ``pids`` that used the most CPU over ``seconds`` (the one segmenting)."""
+    before = {pid: cpu_ticks(pid) for pid in pids}
+    time.sleep(seconds)
+    return max(pids, key=lambda pid: cpu_ticks(pid) - before[pid])

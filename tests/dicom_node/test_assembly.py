@@ -61,7 +61,7 @@ def _assembler(tmp_path: Path, clock: Clock, **env: str) -> Assembler:
 
 def _receive(a: Assembler, series: str, instance: str, header: SeriesHeader = CT) -> None:
     key = uid_key(series)
-    assert a.begin(key, header, PEER)
+    assert a.begin(key, header, PEER, uid_key(instance))
     a.spool.write("ct", key, uid_key(instance), b"DICM" + instance.encode())
     a.end(key)
 
@@ -117,19 +117,22 @@ def test_skipped_series_is_recorded_and_cleaned_up(tmp_path: Path) -> None:
 
 def test_late_instance_policies(tmp_path: Path) -> None:
     clock = Clock()
-    a = _assembler(tmp_path / "ignore", clock)
+    a = _assembler(tmp_path / "supersede", clock)
     _receive(a, "1.2.6", "1.2.6.1")
     _receive(a, "1.2.6", "1.2.6.2")
     clock.now += 11
-    a.tick()
-    assert a.begin(uid_key("1.2.6"), CT, PEER) is False
+    (first,) = a.tick()
+    assert a.begin(uid_key("1.2.6"), CT, PEER, uid_key("1.2.6.1")) is False  # sent again: kept once
+    assert a.begin(uid_key("1.2.6"), CT, PEER, uid_key("1.2.6.3")) is True  # new: the next generation
+    (second,) = a.store.list({JobState.RECEIVED})
+    assert second.meta["supersedes"] == first and second.meta["generation"] == 2
     r = _assembler(tmp_path / "reject", clock, RTSEG_NODE_LATE_INSTANCE_POLICY="reject")
     _receive(r, "1.2.6", "1.2.6.1")
     _receive(r, "1.2.6", "1.2.6.2")
     clock.now += 11
     r.tick()
     with pytest.raises(LateInstance):
-        r.begin(uid_key("1.2.6"), CT, PEER)
+        r.begin(uid_key("1.2.6"), CT, PEER, uid_key("1.2.6.3"))
 
 
 def test_return_to_sender_uses_the_configured_port(tmp_path: Path) -> None:

@@ -7,8 +7,13 @@ exactly one RTSTRUCT for the series, dciodvfy-clean, in the CT's study.
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import statistics
 import subprocess
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +21,14 @@ import pydicom
 import pytest
 from node_helpers import (
     Storescp,
+    busiest,
     echoscu,
     free_port,
     no_patient_data,
     storescu,
     subset_series,
     wait_for,
+    worker_pids,
 )
 
 from dicom_node.dcmtk import require_dcmtk_tool
@@ -42,6 +49,12 @@ def scout(phantom_ct96: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Another series (new UIDs) that the selection rules exclude by its description."""
     out = tmp_path_factory.mktemp("scout") / "ct"
     return subset_series(phantom_ct96, out, 12, description="SKIPME topogram", uid_tag="scout")
+
+
+@pytest.fixture(scope="module")
+def poison(phantom_ct96: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another series (new UIDs) whose worker the test kills every time it runs."""
+    return subset_series(phantom_ct96, tmp_path_factory.mktemp("poison") / "ct", 16, uid_tag="poison")
 
 
 def dciodvfy_problems(path: Path) -> list[str]:
@@ -169,29 +182,69 @@ def test_sigkill_while_receiving_segmenting_and_sending_gives_exactly_one_rtstru
     assert events.count("rtstruct_delivered") == 1 and "series_skipped" in events
 
 
-def test_late_instances_and_status_after_delivery(running_node: Any, series: Path, tmp_path: Path) -> None:
+def _contoured_slices(rs: pydicom.Dataset) -> set[str]:
+    series = (
+        rs.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
+    )
+    return {str(item.ReferencedSOPInstanceUID) for item in series.ContourImageSequence}
+
+
+def test_the_rest_of_a_series_after_its_rtstruct_makes_a_superseding_one(
+    running_node: Any, series: Path, tmp_path: Path
+) -> None:
     dest = Storescp(tmp_path / "dest").start()
     try:
         node = running_node(
             [{"name": "tps", "ae_title": dest.ae_title, "host": "127.0.0.1", "port": dest.port}]
         )
         files = sorted(series.iterdir())
-        assert storescu(files[:-1], node.port) == 0
-        job = wait_for(lambda: one_job(node), 30, "the job")
-        wait_for(lambda: state_of(node, job.id) == "done", 900, "delivery")
-        assert storescu([files[-1]], node.port) == 0  # late instance: acknowledged and ignored
-        assert storescu(series, node.port) == 0  # the whole series again: still the same job
+        assert storescu(files[:12], node.port) == 0  # the modality pauses past the quiet time
+        first = wait_for(lambda: one_job(node), 30, "the job")
+        wait_for(lambda: state_of(node, first.id) == "done", 900, "the first delivery")
+        assert storescu(files[12:], node.port) == 0  # the rest of the series
+        wait_for(lambda: node.states() == ["done", "done"], 900, "the superseding job")
+        assert storescu(series, node.port) == 0  # the whole series again: nothing new, no third job
+        assert echoscu(node.port) == 0
         status = subprocess.run(
             [*_rtseg(), "node", "status", "--config", str(node.config)], capture_output=True, text=True
         )
-        assert echoscu(node.port) == 0
-        assert node.stop() == 0  # SIGTERM to the process group: a clean exit
+        assert node.stop() == 0
     finally:
         dest.stop()
-    assert node.states() == ["done"]
-    assert len([p for p in dest.out.iterdir() if p.is_file()]) == 1
-    assert "done 1" in status.stdout and "dead letters: 0" in status.stdout
-    assert no_patient_data(status.stdout + node.log()) == []
+    assert node.states() == ["done", "done"] and "done 2" in status.stdout
+    early, complete = sorted(dest.received(), key=lambda rs: len(_contoured_slices(rs)))
+    every_slice = {str(pydicom.dcmread(f).SOPInstanceUID) for f in files}
+    assert len(_contoured_slices(early)) == 12 and _contoured_slices(complete) == every_slice
+    assert (
+        f"SUPERSEDES RTSTRUCT {early.SOPInstanceUID} (rtseg job {first.id})"
+        in complete.StructureSetDescription
+    )
+    (event,) = [e for e in node.audit() if e["event"] == "series_superseded"]
+    assert event["supersedes"] == first.id and (event["instances"], event["earlier_instances"]) == (24, 12)
+    assert no_patient_data(status.stdout + node.log() + node.audit_text()) == []
+
+
+@pytest.mark.slow  # ~40 s: a segmentation on 2 cores
+def test_the_rest_of_a_series_under_policy_flag_marks_the_job_and_rtstruct(
+    running_node: Any, series: Path
+) -> None:
+    node = running_node(node={"late_instance_policy": "flag"})
+    files = sorted(series.iterdir())
+    assert storescu(files[:12], node.port) == 0
+    job = wait_for(lambda: one_job(node), 30, "the job")
+    wait_for(lambda: state_of(node, job.id) == "done", 900, "segmentation")
+    assert storescu(files[12:], node.port) == 0
+    wait_for(lambda: "late_instances_flagged" in node.audit_text(), 30, "the flag")
+    status = subprocess.run(
+        [*_rtseg(), "node", "status", "--config", str(node.config)], capture_output=True, text=True
+    )
+    node.stop()
+    (flagged,) = node.store().list()
+    assert flagged.state == "done" and flagged.meta["late_instances"] == 12
+    rs = pydicom.dcmread(node.data_dir / flagged.output_path)
+    assert "INCOMPLETE SERIES: 12 instance(s) arrived after segmentation" in rs.StructureSetDescription
+    assert f"job {job.id}: 12 instance(s) arrived after segmentation" in status.stdout
+    assert len(list((node.data_dir / "spool" / "ct").rglob("*.dcm"))) == 24  # kept, not lost
 
 
 def test_unreachable_destination_is_dead_lettered(running_node: Any, series: Path) -> None:
@@ -210,6 +263,80 @@ def test_unreachable_destination_is_dead_lettered(running_node: Any, series: Pat
     assert "dead letters: 1" in status.stdout and "nowhere: 2 tries" in status.stdout
     assert (node.data_dir / "jobs" / job.id / "rtstruct.dcm").is_file()  # kept: nobody acknowledged it
     assert "dead after 2 tries" in node.log()
+
+
+def _http(url: str) -> tuple[int, str, str]:
+    """(status, content type, body) of a GET."""
+    try:
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            return resp.status, resp.headers["Content-Type"], resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers["Content-Type"], exc.read().decode()
+
+
+def _running_on(node: Any, job_id: str, not_on: set[int]) -> int | None:
+    store = node.store()
+    try:
+        job = store.get(job_id)
+    finally:
+        store.close()
+    pid = job.meta.get("worker_pid")
+    return pid if job.state == "running" and pid and pid not in not_on else None
+
+
+@pytest.mark.slow  # ~2-3 min: segmentations and worker restarts
+def test_a_killed_worker_is_restarted_its_job_requeued_and_a_poison_job_failed(
+    running_node: Any, series: Path, poison: Path
+) -> None:
+    http_port = free_port()
+    node = running_node(
+        node={"workers": 2, "worker_crash_limit": 2},
+        http={"host": "127.0.0.1", "port": http_port, "min_free_mb": 10},
+    )
+    url = f"http://127.0.0.1:{http_port}"
+    wait_for(lambda: _http(url + "/readyz")[0] == 200, 180, "both workers to be ready")
+    wait_for(lambda: node.log().count("worker: model") == 2, 180, "both models to be loaded")
+    assert storescu(series, node.port) == 0
+    job = wait_for(lambda: one_job(node), 30, "the job")
+    wait_for(lambda: state_of(node, job.id) == "running", 300, "segmentation to start")
+    workers = worker_pids(node.proc.pid)
+    assert len(workers) == 2
+    victim = busiest(workers)
+    os.kill(victim, signal.SIGKILL)  # the busy worker, as the OOM killer would
+
+    status, kind, body = wait_for(
+        lambda: (r := _http(url + "/readyz"))[0] == 503 and r, 20, "/readyz to miss a worker", 0.05
+    )
+    problem = json.loads(body)
+    assert kind == "application/problem+json" and problem["status"] == 503
+    assert "1 of 2 workers running; missing: rtseg-worker-" in problem["detail"]
+    wait_for(lambda: state_of(node, job.id) == "done", 600, "the requeued job to finish")
+    wait_for(lambda: _http(url + "/readyz")[0] == 200, 180, "the pool to be back at 2")
+    assert len(worker_pids(node.proc.pid)) == 2 and victim not in worker_pids(node.proc.pid)
+    metrics = _http(url + "/metrics")[2]
+    assert "rtseg_workers_configured 2.0" in metrics and "rtseg_workers_live 2.0" in metrics
+    assert "rtseg_worker_restarts_total 1.0" in metrics
+    store = node.store()
+    done = store.get(job.id)
+    store.close()
+    assert done.attempts == 2 and done.meta["worker_deaths"] == 1
+
+    # a job that kills its worker every time: failed after worker_crash_limit deaths
+    assert storescu(poison, node.port) == 0
+    poisoned = wait_for(lambda: [j for j in node.store().list() if j.id != job.id], 30, "the job")[0]
+    killed: set[int] = set()
+    for _ in range(2):
+        pid = wait_for(lambda: _running_on(node, poisoned.id, killed), 300, "the job to run")
+        os.kill(pid, signal.SIGKILL)
+        killed.add(pid)
+    wait_for(lambda: state_of(node, poisoned.id) == "failed", 30, "the job to fail")
+    report = subprocess.run(
+        [*_rtseg(), "node", "status", "--config", str(node.config)], capture_output=True, text=True
+    )
+    assert f"job {poisoned.id} (dicom): worker died 2 times on this job" in report.stdout
+    wait_for(lambda: _http(url + "/readyz")[0] == 200, 180, "the pool to be back at 2 again")
+    assert "rtseg_worker_restarts_total 3.0" in _http(url + "/metrics")[2]
+    assert node.stop() == 0
 
 
 def _rtseg() -> list[str]:

@@ -9,6 +9,7 @@ import logging
 import re
 import socket
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from io import BytesIO
@@ -284,23 +285,90 @@ def test_low_disk_answers_out_of_resources(scp: Any, small_series: Path) -> None
     assert node.spooled() == []
 
 
-@pytest.mark.parametrize("policy", ["ignore", "reject"])
-def test_late_instances_never_open_a_second_job(scp: Any, small_series: Path, policy: str) -> None:
+def _c_store(port: int, path: Path) -> int:
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="RTSEG")
+    status = assoc.send_c_store(pydicom.dcmread(path))
+    assoc.release()
+    return int(status.Status)
+
+
+def test_the_rest_of_a_completed_series_opens_a_superseding_job(scp: Any, small_series: Path) -> None:
+    node = scp()  # default policy: supersede
+    files = sorted(small_series.iterdir())
+    assert storescu(files[:11], node.port) == 0
+    (first,) = node.complete()
+    assert _c_store(node.port, files[11]) == 0x0000
+    assert _c_store(node.port, files[0]) == 0x0000  # sent again: kept once, opens nothing
+    (second,) = node.complete()
+    first_job, second_job = node.store.get(first), node.store.get(second)
+    assert len(first_job.meta["instances"]) == 11 and len(second_job.meta["instances"]) == 12
+    assert second_job.state == JobState.QUEUED and second_job.meta["supersedes"] == first
+    assert len(node.spooled()) == 12 and len(node.store.list()) == 2
+    (event,) = [e for e in node.audit.entries() if e["event"] == "series_superseded"]
+    assert event["supersedes"] == first and event["instances"] == 12 and event["earlier_instances"] == 11
+
+
+@pytest.mark.parametrize("policy", ["flag", "reject"])
+def test_late_instances_flagged_or_rejected_open_no_second_job(
+    scp: Any, small_series: Path, policy: str
+) -> None:
     node = scp(RTSEG_NODE_LATE_INSTANCE_POLICY=policy)
     files = sorted(small_series.iterdir())
     assert storescu(files[:11], node.port) == 0
     (job_id,) = node.complete()
-    assert (storescu([files[11]], node.port) == 0) == (policy == "ignore")
-    assert node.complete() == []
+    assert _c_store(node.port, files[11]) == (0x0000 if policy == "flag" else 0xC000)
+    node.complete()
     assert len(node.store.list()) == 1
-    assert node.store.get(job_id).meta["n_instances"] == 11
-    assert len(node.spooled()) == 11
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", node.port, ae_title="RTSEG")
-    status = assoc.send_c_store(pydicom.dcmread(files[11]))
-    assoc.release()
-    assert status.Status == (0x0000 if policy == "ignore" else 0xC000)
+    job = node.store.get(job_id)
+    assert job.meta["n_instances"] == 11 and len(job.meta["instances"]) == 11
+    assert len(node.spooled()) == (12 if policy == "flag" else 11)  # flagged: kept, never lost
+    assert job.meta.get("late_instances") == (1 if policy == "flag" else None)
+    events = [e["event"] for e in node.audit.entries()]
+    assert ("late_instances_flagged" in events) == (policy == "flag")
+
+
+def test_an_instance_arriving_during_completion_strands_no_series(scp: Any, small_series: Path) -> None:
+    """Force the interleaving a review found: a C-STORE for series A while A is being completed."""
+    from dicom_node.node import Loop
+
+    node = scp()
+    other = subset_series(small_series, small_series.parent.parent / "other", 11, uid_tag="race-b")
+    files = sorted(small_series.iterdir())
+    assert storescu(files[:11], node.port) == 0
+    a_key = node.store.list()[0].series_key
+    instances = node.spool.instances
+    stored: list[int] = []
+    during: list[list[int]] = []  # what the C-STORE had got while A's completion was in progress
+
+    def store_during_completion(kind: str, series_key: str) -> list[Path]:
+        if series_key == a_key and not stored:  # A's completion has begun: A's last slice arrives
+            sender = threading.Thread(target=lambda: stored.append(_c_store(node.port, files[11])))
+            sender.start()
+            sender.join(2.0)  # returns at once if nothing waits for the completion to finish
+            during.append(list(stored))
+            node.spool.instances = instances  # type: ignore[method-assign]
+        return instances(kind, series_key)
+
+    node.spool.instances = store_during_completion  # type: ignore[method-assign]
+    time.sleep(node.settings.node.quiet_time_s + 0.1)
+    assert [node.store.get(j).series_key for j in node.assembler.tick()] == [a_key]
+    assert storescu(other, node.port) == 0  # series B, due in the same tick as A's reopened entry
+    loop = Loop("test-assembly", node.assembler.tick, 0.1)  # as the node runs it
+    loop.start()
+    try:
+        wait_for(lambda: stored == [0], 10, "the C-STORE during completion")
+        wait_for(
+            lambda: len(node.store.list()) == 3 and not node.store.list({JobState.RECEIVED}),
+            10,
+            "every series to be completed",
+        )
+    finally:
+        loop.stop()
+    by_size = sorted(len(j.meta.get("instances", ())) for j in node.store.list())
+    assert by_size == [11, 11, 12]  # A's first generation, B, and A complete with its last slice
+    assert during == [[]]  # the C-STORE waited for A's completion instead of reopening it
 
 
 def test_rtstruct_is_spooled_and_recorded(scp: Any) -> None:

@@ -14,6 +14,7 @@ from svc_helpers import AUTH, TOKEN, Running, make_settings
 
 from rtseg.errors import InputError
 from rtseg.jobs import JobState
+from rtseg.worker import PoolStatus
 from service.app import create_app
 from service.auth import token_digest, token_matches
 from service.housekeeping import expire
@@ -72,8 +73,10 @@ def test_readyz_reports_each_check(serve: Callable[..., Running]) -> None:
 
 def test_readyz_fails_on_low_disk_and_missing_model(serve: Callable[..., Running], tmp_path: Path) -> None:
     running = serve(worker_alive=lambda: True, min_free_bytes=1 << 60)
-    body = requests.get(f"{running.url}/readyz", timeout=30).json()
-    assert body["status"] == "not ready" and body["checks"]["disk"]["ok"] is False
+    response = requests.get(f"{running.url}/readyz", timeout=30)
+    body = response.json()
+    assert response.headers["Content-Type"] == PROBLEM and body["status"] == 503
+    assert body["checks"]["disk"]["ok"] is False and body["detail"].startswith("disk: ")
     app = create_app(
         make_settings(), running.store, running.data_dir, tmp_path / "no-model", worker_alive=bool
     )
@@ -82,6 +85,30 @@ def test_readyz_fails_on_low_disk_and_missing_model(serve: Callable[..., Running
     assert response.get_json()["checks"]["model"]["ok"] is False
     missing = app.test_client().get("/v1/model", headers=AUTH)
     assert missing.status_code == 503 and missing.content_type == PROBLEM
+
+
+class _Pool:
+    """Stands in for a supervised WorkerPool (the real one is killed and restarted in test_node)."""
+
+    def __init__(self) -> None:
+        self.now = PoolStatus(configured=2, ready=1, missing=("rtseg-worker-1",), restarts=1)
+
+    def status(self) -> PoolStatus:
+        return self.now
+
+
+def test_readyz_names_missing_workers_and_metrics_count_them(serve: Callable[..., Running]) -> None:
+    running = serve()
+    pool = _Pool()
+    client = create_app(make_settings(), running.store, running.data_dir, workers=pool).test_client()
+    response = client.get("/readyz")
+    assert response.status_code == 503 and response.content_type == PROBLEM
+    assert response.get_json()["detail"] == "worker: 1 of 2 workers running; missing: rtseg-worker-1"
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert "rtseg_workers_configured 2.0" in metrics and "rtseg_workers_live 1.0" in metrics
+    assert "rtseg_worker_restarts_total 1.0" in metrics
+    pool.now = PoolStatus(configured=2, ready=2, missing=(), restarts=1)
+    assert client.get("/readyz").status_code == 200
 
 
 def test_model_describes_structures_and_provenance(serve: Callable[..., Running]) -> None:

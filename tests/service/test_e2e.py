@@ -99,6 +99,10 @@ def test_rtseg_http_command_serves_and_stops(tmp_path: Path, free_port: int) -> 
         _wait_until_up(f"{url}/healthz")
         assert requests.get(f"{url}/v1/model", timeout=30).status_code == 401
         assert requests.get(f"{url}/v1/model", headers=AUTH, timeout=30).status_code == 200
+        # ready once the worker has loaded its model (a few seconds after the server answers)
+        deadline = time.monotonic() + 120
+        while requests.get(f"{url}/readyz", timeout=30).status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.5)
         assert requests.get(f"{url}/readyz", timeout=30).json()["checks"]["worker"]["ok"] is True
     finally:
         proc.send_signal(signal.SIGTERM)
