@@ -192,7 +192,10 @@ class Receiver:
     ) -> int | Dataset:
         try:
             if not self.assembler.begin(series_key, header, peer, instance_key):
-                return SUCCESS  # sent again after its series was completed: acknowledged, kept once
+                # sent again after its series was completed: acknowledged, kept once; other
+                # content under the same SOP Instance UID is audited, never silently dropped
+                self.spool.same_as_stored(CT_KIND, series_key, instance_key, data, "ignored")
+                return SUCCESS
         except LateInstance as exc:
             return _status(CANNOT_UNDERSTAND, f"Refused: {exc}")
         try:

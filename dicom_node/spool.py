@@ -61,7 +61,7 @@ class Spool:
         _check_key(instance_key)
         folder = self.series_dir(kind, series_key)
         final = folder / f"{instance_key}.dcm"
-        if final.is_file() and self._same(final, data, kind, series_key, instance_key):
+        if final.is_file() and self.same_as_stored(kind, series_key, instance_key, data, "replaced"):
             return final
         if not folder.is_dir():
             folder.mkdir(parents=True, exist_ok=True)
@@ -83,8 +83,13 @@ class Spool:
         _fsync_dir(folder)
         return final
 
-    def _same(self, final: Path, data: bytes, kind: str, series_key: str, instance_key: str) -> bool:
-        """Whether ``final`` already holds ``data``; if not, the replacement is audited."""
+    def same_as_stored(self, kind: str, series_key: str, instance_key: str, data: bytes, action: str) -> bool:
+        """Whether the stored instance holds ``data``; if not, the difference is audited with ``action``.
+
+        ``action`` says what the node does with the other content: ``replaced`` (the series
+        is still open), ``ignored`` (it was segmented already; the stored copy is kept).
+        """
+        final = self.series_dir(kind, series_key) / f"{instance_key}.dcm"
         old = final.read_bytes()
         if old == data:
             return True
@@ -102,7 +107,7 @@ class Spool:
                 instance=instance_key,
                 old_sha256=hashlib.sha256(old).hexdigest(),
                 new_sha256=hashlib.sha256(data).hexdigest(),
-                action="replaced",
+                action=action,
             )
         return False
 

@@ -45,7 +45,7 @@ class InProcessScp:
         self.data_dir = data_dir
         self.store, self.deliveries = open_stores(data_dir)
         self.audit = AuditLog(data_dir / "audit" / "audit.log")
-        self.spool = Spool(data_dir / "spool", self.settings.node.min_free_disk_mb)
+        self.spool = Spool(data_dir / "spool", self.settings.node.min_free_disk_mb, self.audit)
         self.assembler = Assembler(self.store, self.spool, self.settings, self.audit)
         receiver = Receiver(
             self.spool,
@@ -308,6 +308,25 @@ def test_the_rest_of_a_completed_series_opens_a_superseding_job(scp: Any, small_
     assert len(node.spooled()) == 12 and len(node.store.list()) == 2
     (event,) = [e for e in node.audit.entries() if e["event"] == "series_superseded"]
     assert event["supersedes"] == first and event["instances"] == 12 and event["earlier_instances"] == 11
+
+
+def test_an_instance_resent_with_other_content_after_completion_is_audited(
+    scp: Any, small_series: Path, tmp_path: Path
+) -> None:
+    """Kept once (the segmented copy stays), but other content under its UID is never silent."""
+    node = scp()
+    files = sorted(small_series.iterdir())
+    assert storescu(files, node.port) == 0
+    node.complete()
+    changed = pydicom.dcmread(files[0])
+    changed.SeriesDescription = "CHANGED"  # same SOP Instance UID, other content
+    changed.save_as(tmp_path / "changed.dcm")
+    assert _c_store(node.port, tmp_path / "changed.dcm") == 0x0000
+    assert len(node.store.list()) == 1  # nothing new to segment
+    (event,) = [e for e in node.audit.entries() if e["event"] == "duplicate_instance_differs"]
+    assert event["kind"] == "ct" and event["action"] == "ignored"
+    kept = [p for p in node.spooled() if pydicom.dcmread(p).SOPInstanceUID == changed.SOPInstanceUID]
+    assert [pydicom.dcmread(p).get("SeriesDescription") for p in kept] != ["CHANGED"]
 
 
 @pytest.mark.parametrize("policy", ["flag", "reject"])
