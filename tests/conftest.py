@@ -50,3 +50,15 @@ def running_node(tmp_path: _Path):  # type: ignore[no-untyped-def]
     for node in nodes:
         if node.proc is not None:
             node.stop()
+
+
+# --- real CT series (../shared/realct, never copied into the project) ------------------------
+REALCT = _Path(__file__).resolve().parents[1].parent / "shared" / "realct"
+
+
+@_pytest.fixture
+def realct() -> _Path:
+    """``../shared/realct`` beside the repository (public real series; see its README); skips where absent."""
+    if not (REALCT / "README.md").is_file():
+        _pytest.skip(f"real CT fixtures not found at {REALCT} (the shared folder beside the repository)")
+    return REALCT
