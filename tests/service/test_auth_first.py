@@ -17,26 +17,32 @@ GIVE_UP = 64 << 20  # the old server read this much without answering; enough to
 CHUNK = 64 << 10
 
 
-def _server_temp_bytes() -> int:
-    """Bytes in the temp files this process (the in-process server) holds open in the temp folder.
+def _temp_files() -> dict[str, tuple[str, int]]:
+    """The files this process (the in-process server) holds open in the temp folder: fd → (target, size).
 
     waitress spools a body into an unnamed ``TemporaryFile`` right in that folder (the
     job store's database lies deeper, in pytest's own folders).
     """
     tmp = os.path.realpath(tempfile.gettempdir())
-    total = 0
+    found = {}
     for fd in os.listdir("/proc/self/fd"):
         try:
             target = os.readlink(f"/proc/self/fd/{fd}")
             if os.path.dirname(target) == tmp:
-                total += os.stat(f"/proc/self/fd/{fd}").st_size
+                found[fd] = (target, os.stat(f"/proc/self/fd/{fd}").st_size)
         except OSError:
             continue  # closed while we looked
-    return total
+    return found
+
+
+def _server_temp_bytes(before: dict[str, tuple[str, int]]) -> int:
+    """Bytes in temp files opened since ``before`` (other tests of this process may hold some)."""
+    return sum(size for fd, (target, size) in _temp_files().items() if before.get(fd, ("", 0))[0] != target)
 
 
 def _send_until_answered(running: Running, headers: str) -> tuple[int, bytes, int]:
     """Send ``headers`` and then body bytes until the server answers; (sent, answer, temp bytes)."""
+    before = _temp_files()
     sock = socket.create_connection((running.server.host, running.server.port), timeout=10)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
     sock.sendall(headers.encode())
@@ -49,7 +55,7 @@ def _send_until_answered(running: Running, headers: str) -> tuple[int, bytes, in
             if not writable:
                 pytest.fail(f"the server neither read nor answered after {sent} body bytes")
             sent += sock.send(block)
-        temp = _server_temp_bytes()
+        temp = _server_temp_bytes(before)
         answer = _read_all(sock)
     except (BrokenPipeError, ConnectionResetError):
         answer = _read_all(sock)
