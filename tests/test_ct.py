@@ -37,7 +37,8 @@ from pydicom.uid import (
     RTStructureSetStorage,
 )
 
-from rtseg.ct import CT_IMAGE_STORAGE, SeriesSummary, find_series, load_series
+from rtseg import ct
+from rtseg.ct import CT_IMAGE_STORAGE, MIN_SLICES, SeriesSummary, find_series
 from rtseg.errors import InputError
 from rtseg.phantom.dicom_io import SeriesSpec, deterministic_uid, write_ct_series
 from rtseg.privacy import redact_uids, uid_key
@@ -46,6 +47,9 @@ from rtseg.volume import CTVolume, Orientation, SeriesInfo, affine_from_geometry
 SPACING = (2.5, 0.8, 0.9)  # z, y, x: all different so swapped axes are caught
 ORIGIN = (-20.0, -15.5, 100.0)
 PATIENT = ("PHANTOM^CASE", "PHANTOM-0", "20150101")  # SeriesSpec defaults: must never be logged
+# These tests read small synthetic stacks (6 slices) to test geometry, decoding and refusals;
+# the default minimum (MIN_SLICES) is tested in test_too_few_slices.
+load_series = functools.partial(ct.load_series, min_slices=3)
 
 
 def _canonical(shape: tuple[int, int, int] = (12, 40, 48)) -> npt.NDArray[np.int16]:
@@ -719,10 +723,15 @@ def test_invalid_orientation_vectors(tmp_path: Path) -> None:
 
 
 def test_too_few_slices(tmp_path: Path) -> None:
-    expected = _write(tmp_path, hu=_canonical((2, 20, 24)), seed="few")
-    _error(tmp_path, "has 2 slice(s); at least 3 are needed")
-    assert load_series(tmp_path, min_slices=2).shape == (2, 20, 24)
-    single = _files_in_order(tmp_path, expected)[:1]
+    six = tmp_path / "six"
+    _write(six, seed="six")
+    with pytest.raises(InputError, match=rf"has 6 slice\(s\); at least {MIN_SLICES} are needed"):
+        ct.load_series(six)  # the default minimum
+    two = tmp_path / "two"
+    expected = _write(two, hu=_canonical((2, 20, 24)), seed="few")
+    _error(two, "has 2 slice(s); at least 3 are needed", "send the complete series")
+    assert load_series(two, min_slices=2).shape == (2, 20, 24)
+    single = _files_in_order(two, expected)[:1]
     volume = load_series(single, min_slices=1)
     assert volume.spacing == pytest.approx(SPACING)  # from SliceThickness
 
