@@ -98,7 +98,7 @@ _HEADER_KEYWORDS = (
     "RescaleIntercept",
     *PATIENT_STUDY_KEYWORDS,
 )
-_META_KEYWORDS = ("TransferSyntaxUID", "MediaStorageSOPClassUID")
+_META_KEYWORDS = ("TransferSyntaxUID", "MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID")
 _PIXEL_SIZE_KEYWORDS = ["Rows", "Columns", "NumberOfFrames", "SamplesPerPixel", "BitsAllocated"]
 _INFLATE_STEP = 1 << 20  # bytes inflated (and dropped) at a time while measuring a Deflate stream
 # Fewest slices of a volume to segment: the node's default selection (Selection.slice_count)
