@@ -51,7 +51,7 @@ from dicom_node.assembly import CT_KIND, Assembler, LateInstance, Peer, SeriesHe
 from dicom_node.audit import AuditLog
 from dicom_node.deliveries import DeliveryStore
 from dicom_node.spool import Spool, uid_key
-from rtseg.ct import check_instance_size
+from rtseg.ct import check_instance_size, series_uid_of, sop_uid_of
 from rtseg.errors import InputError, TooLargeError
 from rtseg.settings import DicomSettings
 
@@ -88,6 +88,8 @@ _HEADER_TAGS = [
     "BodyPartExamined",
     "ImageType",
     "SliceThickness",
+    "FrameOfReferenceUID",
+    "SeriesNumber",
 ]
 # What pydicom raises for a dataset it cannot parse: zlib.error for data that is not
 # deflated under the Deflate syntax, NotImplementedError for an unknown VR.
@@ -231,7 +233,9 @@ def _write_failed(exc: OSError) -> Dataset:
 
 
 def _header(ds: Dataset) -> tuple[SeriesHeader, dict[str, str]]:
-    uids = {k: str(ds.get(k, "")) for k in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID")}
+    # an empty SOP UID in the data set falls back to the file meta's (here: the C-STORE request's)
+    uids = {k: sop_uid_of(ds, k) for k in ("SOPClassUID", "SOPInstanceUID")}
+    uids["SeriesInstanceUID"] = series_uid_of(ds)  # an empty one: derived as the loader derives it
     image_type = ds.get("ImageType", [])
     image_type = [image_type] if isinstance(image_type, str) else list(image_type)
     thickness = ds.get("SliceThickness")

@@ -15,6 +15,7 @@ naming the file or folder. Logs carry counts, shortened UIDs and timings only.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import struct
@@ -97,9 +98,23 @@ _HEADER_KEYWORDS = (
     "RescaleIntercept",
     *PATIENT_STUDY_KEYWORDS,
 )
-_META_KEYWORDS = ("TransferSyntaxUID", "MediaStorageSOPClassUID")
+_META_KEYWORDS = ("TransferSyntaxUID", "MediaStorageSOPClassUID", "MediaStorageSOPInstanceUID")
 _PIXEL_SIZE_KEYWORDS = ["Rows", "Columns", "NumberOfFrames", "SamplesPerPixel", "BitsAllocated"]
 _INFLATE_STEP = 1 << 20  # bytes inflated (and dropped) at a time while measuring a Deflate stream
+# Fewest slices of a volume to segment: the node's default selection (Selection.slice_count)
+# skips shorter series too; a shorter "series" is a partial send or a test scan, not a planning CT.
+MIN_SLICES = 10
+# The data set's SOP UIDs, and the file meta elements that stand in for them where a
+# writer (anonymisers, some PET/CT exports) left the data set's empty (PS3.10 7.1).
+_META_FALLBACK = {"SOPClassUID": "MediaStorageSOPClassUID", "SOPInstanceUID": "MediaStorageSOPInstanceUID"}
+# Patient position from the image column direction (towards the table): what ImageOrientationPatient
+# tells; head- or feet-first it cannot tell, as scanners differ in the row direction they write.
+_FACING = {
+    (1, 1.0): ("S", "supine"),
+    (1, -1.0): ("P", "prone"),
+    (0, 1.0): ("DL", "decubitus left"),
+    (0, -1.0): ("DR", "decubitus right"),
+}
 
 
 @dataclass(frozen=True)
@@ -123,11 +138,11 @@ class _Header:
 
     @property
     def series_uid(self) -> str:
-        return str(self.ds.get("SeriesInstanceUID", "") or "")
+        return series_uid_of(self.ds)
 
     @property
     def sop_uid(self) -> str:
-        return str(self.ds.get("SOPInstanceUID", "") or "")
+        return sop_uid_of(self.ds, "SOPInstanceUID")
 
     @property
     def modality(self) -> str:
@@ -135,7 +150,7 @@ class _Header:
 
     @property
     def sop_class(self) -> str:
-        return str(self.ds.get("SOPClassUID", "") or "")
+        return sop_uid_of(self.ds, "SOPClassUID")
 
     @property
     def is_image(self) -> bool:
@@ -209,7 +224,7 @@ def load_series(
     source: Path | Sequence[Path],
     *,
     series_uid: str | None = None,
-    min_slices: int = 3,
+    min_slices: int = MIN_SLICES,
 ) -> CTVolume:
     """Load one axial CT series as a volume in Hounsfield units.
 
@@ -223,14 +238,17 @@ def load_series(
         The SeriesInstanceUID to load (or a unique tail of it, as shown in error
         messages); required when the source holds more than one CT series.
     min_slices
-        Fewest slices accepted.
+        Fewest slices accepted (default :data:`MIN_SLICES`).
 
     Returns
     -------
     CTVolume
         ``hu[k, j, i]`` with slices sorted ascending along the slice normal
         (int16 when every slope is 1 and every intercept integral, else
-        float32), the affine of that layout and the series identity.
+        float32), the affine of that layout and the series identity. An empty
+        or missing PatientPosition is taken from ImageOrientationPatient
+        (supine, prone or decubitus; head-first assumed) and noted in
+        ``info.notes`` for the reviewer; geometry never depends on it.
 
     Raises
     ------
@@ -260,6 +278,58 @@ def load_series(
         time.perf_counter() - scanned,
     )
     return volume
+
+
+def sop_uid_of(ds: Dataset, keyword: str) -> str:
+    """The data set's SOPClassUID or SOPInstanceUID, else the file meta's Media Storage one.
+
+    Real exports (anonymisers, PET/CT consoles) may leave the data set's UID
+    empty while the file meta keeps it; DICOM readers (dcm2niix, GDCM, Slicer)
+    and senders (pynetdicom, dcmtk) then use the file meta's, and so does rtseg.
+
+    Parameters
+    ----------
+    ds
+        A data set, with or without ``file_meta``.
+    keyword
+        ``"SOPClassUID"`` or ``"SOPInstanceUID"``.
+
+    Returns
+    -------
+    str
+        The UID, or ``""`` where neither has one.
+    """
+    value = str(ds.get(keyword, "") or "").strip()
+    meta = getattr(ds, "file_meta", None)
+    if value or meta is None:
+        return value
+    return str(meta.get(_META_FALLBACK[keyword], "") or "").strip()
+
+
+def series_uid_of(ds: Dataset) -> str:
+    """The data set's SeriesInstanceUID, else one derived from its frame of reference and series number.
+
+    Anonymised exports may empty SeriesInstanceUID; their slices still share
+    FrameOfReferenceUID, SeriesNumber and Modality, which group them as
+    dcm2niix does. The derived UID (``2.25.<hash>``) is the same for every
+    slice and every reader of the series, so the node and the loader agree.
+
+    Returns
+    -------
+    str
+        The UID, or ``""`` where the data set has neither a SeriesInstanceUID
+        nor a FrameOfReferenceUID.
+    """
+    value = str(ds.get("SeriesInstanceUID", "") or "").strip()
+    frame = str(ds.get("FrameOfReferenceUID", "") or "").strip()
+    if value or not frame:
+        return value
+    key = "|".join((frame, str(ds.get("SeriesNumber", "") or ""), str(ds.get("Modality", "") or "")))
+    return _derived_uid("series", key)
+
+
+def _derived_uid(kind: str, key: str) -> str:
+    return "2.25." + str(int.from_bytes(hashlib.sha256(f"rtseg/{kind}/{key}".encode()).digest()[:16], "big"))
 
 
 def check_instance_size(stream: BinaryIO, max_bytes: int, *, source: str) -> None:
@@ -428,9 +498,18 @@ def _is_dicomdir(ds: Dataset) -> bool:
 
 def _checked_header(path: Path, ds: Dataset) -> _Header:
     """A header with the identifiers grouping needs (a truncated file often lacks them)."""
-    for keyword in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID"):
-        if not str(ds.get(keyword, "") or ""):
-            raise InputError(f"incomplete or truncated DICOM file (no {keyword})", source=str(path))
+    for keyword in ("SOPClassUID", "SOPInstanceUID"):
+        if not sop_uid_of(ds, keyword):
+            raise InputError(
+                f"incomplete or truncated DICOM file (no {keyword}, in the data set or the file meta)",
+                source=str(path),
+            )
+    if not series_uid_of(ds):
+        raise InputError(
+            "incomplete or truncated DICOM file (no SeriesInstanceUID, and no FrameOfReferenceUID "
+            "to group the slice by)",
+            source=str(path),
+        )
     return _Header(path, ds)
 
 
@@ -607,7 +686,9 @@ def _position(header: _Header) -> npt.NDArray[np.float64]:
 def _geometry(headers: list[_Header], min_slices: int, label: str) -> _Geometry:
     if len(headers) < min_slices:
         raise InputError(
-            f"the CT series has {len(headers)} slice(s); at least {min_slices} are needed", source=label
+            f"the CT series has {len(headers)} slice(s); at least {min_slices} are needed "
+            "(send the complete series)",
+            source=label,
         )
     first = _check_consistent(headers)
     _check_tilt(headers)
@@ -682,7 +763,11 @@ def _mismatch(header: _Header, reference: _Header) -> str:
 def _frame_of_reference(header: _Header) -> str:
     frame = str(header.ds.get("FrameOfReferenceUID", "") or "")
     if not frame:
-        raise InputError("slice has no FrameOfReferenceUID", source=str(header.path))
+        raise InputError(
+            "slice has no FrameOfReferenceUID: contours cannot be placed without it; send the series "
+            "as the scanner or PACS exported it (an anonymiser may have removed it)",
+            source=str(header.path),
+        )
     return frame
 
 
@@ -696,11 +781,14 @@ def _check_tilt(headers: Sequence[_Header]) -> None:
         except (TypeError, ValueError) as exc:
             raise InputError(f"GantryDetectorTilt is not numeric: {tilt!r}", source=str(header.path)) from exc
         if abs(degrees) > _TILT_DEGREES:
-            raise InputError(
-                f"tilted/sheared stack: gantry tilt {degrees:g}°; rtseg needs an untilted axial "
-                "series (resample the series to axial first)",
-                source=str(header.path),
-            )
+            raise InputError(_tilt_message(f"gantry tilt {degrees:g}°"), source=str(header.path))
+
+
+def _tilt_message(what: str) -> str:
+    return (
+        f"tilted/sheared stack: {what}; rtseg needs an untilted axial series: resample the series "
+        "to an axial stack (e.g. dcm2niix, which corrects gantry tilt) or send an untilted reconstruction"
+    )
 
 
 def _axial_directions(header: _Header) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
@@ -716,20 +804,41 @@ def _axial_directions(header: _Header) -> tuple[npt.NDArray[np.float64], npt.NDA
     normal = np.cross(row, col)
     axis = int(np.argmax(np.abs(normal)))
     aligned = all(np.max(np.abs(v)) >= 1 - _COSINE_TOLERANCE for v in (row, col))
+    tilt = _tilt_from_orientation(row, col)
+    if tilt is not None:
+        raise InputError(
+            f"non-axial stack: the slices are tilted {tilt:.1f}° about the left-right axis (gantry tilt "
+            f"or an oblique reconstruction; ImageOrientationPatient {_fmt(iop)}); resample the series to "
+            "an axial stack (e.g. dcm2niix, which corrects gantry tilt) or send an untilted reconstruction",
+            source=source,
+        )
     if not aligned or abs(normal[axis]) < 1 - _COSINE_TOLERANCE:
         raise InputError(
             f"non-axial stack: the image orientation is oblique (ImageOrientationPatient {_fmt(iop)}); "
-            "rtseg needs axial slices with rows and columns along the patient axes",
+            "rtseg needs axial slices with rows and columns along the patient axes: "
+            "send the axial reconstruction of the scan",
             source=source,
         )
     if axis != 2:
         plane = "sagittal" if axis == 0 else "coronal"
         raise InputError(
             f"non-axial stack: the slices are {plane} (ImageOrientationPatient {_fmt(iop)}); "
-            "rtseg needs an axial CT series",
+            "rtseg needs an axial CT series: send the axial reconstruction of the scan",
             source=source,
         )
     return row, col
+
+
+def _tilt_from_orientation(row: npt.NDArray[np.float64], col: npt.NDArray[np.float64]) -> float | None:
+    """The gantry tilt in degrees where the rows run along x and the columns lean out of the axial plane.
+
+    A tilted gantry leaves the rows along the patient's x axis and turns the
+    columns about it, so the column direction is (0, cos t, ±sin t).
+    """
+    if abs(abs(row[0]) - 1) > _COSINE_TOLERANCE or abs(col[0]) > _COSINE_TOLERANCE:
+        return None
+    degrees = float(np.degrees(np.arcsin(min(abs(col[2]), 1.0))))
+    return degrees if _TILT_DEGREES < degrees < 45 else None
 
 
 def _check_collinear(
@@ -741,8 +850,9 @@ def _check_collinear(
     drift = float(np.max(np.linalg.norm(sideways, axis=1)))
     if drift > max(0.02, 0.02 * pixel):
         raise InputError(
-            f"tilted/sheared stack: slice positions shift sideways by up to {drift:.2f} mm across the "
-            "series (gantry tilt?); rtseg needs an untilted axial series (resample to axial first)",
+            _tilt_message(
+                f"slice positions shift sideways by up to {drift:.2f} mm across the series (gantry tilt?)"
+            ),
             source=label,
         )
 
@@ -819,17 +929,58 @@ def _affine(geometry: _Geometry) -> npt.NDArray[np.float64]:
 
 def _series_info(geometry: _Geometry) -> SeriesInfo:
     first = geometry.slices[0].ds
+    position, notes = _patient_position(geometry)
+    study, study_notes = _study_uid(geometry.slices[0])
     return SeriesInfo(
-        study_instance_uid=str(first.get("StudyInstanceUID", "") or ""),
-        series_instance_uid=str(first.SeriesInstanceUID),
+        study_instance_uid=study,
+        series_instance_uid=geometry.slices[0].series_uid,
         frame_of_reference_uid=str(first.FrameOfReferenceUID),
-        sop_class_uid=str(first.SOPClassUID),
+        sop_class_uid=geometry.slices[0].sop_class,
         sop_instance_uids=tuple(h.sop_uid for h in geometry.slices),
-        patient_position=str(first.get("PatientPosition", "") or ""),
+        patient_position=position,
         patient_study={kw: first.get(kw) for kw in PATIENT_STUDY_KEYWORDS if kw in first},
         series_description=str(first.get("SeriesDescription", "") or ""),
         modality=str(first.get("Modality", "CT") or "CT"),
+        notes=(*notes, *study_notes, *_series_notes(geometry.slices[0])),
     )
+
+
+def _study_uid(header: _Header) -> tuple[str, tuple[str, ...]]:
+    """StudyInstanceUID, else one derived from the series (an RTSTRUCT must name a study), with a note."""
+    study = str(header.ds.get("StudyInstanceUID", "") or "").strip()
+    if study:
+        return study, ()
+    note = "StudyInstanceUID empty in the CT: the RTSTRUCT names a study derived from the series"
+    return _derived_uid("study", header.series_uid), (note,)
+
+
+def _series_notes(header: _Header) -> tuple[str, ...]:
+    if str(header.ds.get("SeriesInstanceUID", "") or "").strip():
+        return ()
+    return (
+        "SeriesInstanceUID empty in the CT: slices grouped by frame of reference and series number; "
+        "the RTSTRUCT references a derived series UID, so a TPS may not link it to this CT",
+    )
+
+
+def _patient_position(geometry: _Geometry) -> tuple[str, tuple[str, ...]]:
+    """PatientPosition as written, else from the column direction with head-first assumed, and a note.
+
+    Only a label: rtseg's geometry comes from ImagePositionPatient and
+    ImageOrientationPatient, so an assumed value changes no contour; the note
+    tells the reviewer it was assumed.
+    """
+    stated = str(geometry.slices[0].ds.get("PatientPosition", "") or "").strip().upper()
+    if stated:
+        return stated, ()
+    axis = int(np.argmax(np.abs(geometry.col_dir)))
+    code, facing = _FACING[(axis, float(np.sign(geometry.col_dir[axis])))]
+    position = f"HF{code}"
+    note = (
+        f"PatientPosition empty: {position} assumed ({facing} from ImageOrientationPatient, head-first "
+        "assumed: feet-first cannot be told from it); the contours follow the image positions, not it"
+    )
+    return position, (note,)
 
 
 def _z(header: _Header) -> str:
@@ -899,7 +1050,7 @@ def _decode(header: _Header, rows: int, columns: int) -> npt.NDArray[Any]:
     path = str(header.path)
     try:
         ds = pydicom.dcmread(header.path)
-        sop_uid = str(ds.get("SOPInstanceUID", ""))
+        sop_uid = sop_uid_of(ds, "SOPInstanceUID")
     except _READ_ERRORS as exc:
         raise InputError("unreadable or truncated DICOM file", source=path) from exc
     if sop_uid != header.sop_uid:

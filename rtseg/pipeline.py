@@ -74,10 +74,12 @@ class PipelineResult:
     omitted: tuple[str, ...]
     n_slices: int
     timings: dict[str, float] = field(default_factory=dict)
+    input_notes: tuple[str, ...] = ()  # how the CT was read (CTVolume.info.notes)
 
     @property
     def flags(self) -> tuple[str, ...]:
-        return tuple(f"{s.name}: {flag}" for s in self.structures for flag in s.flags)
+        structures = tuple(f"{s.name}: {flag}" for s in self.structures for flag in s.flags)
+        return (*self.input_notes, *structures)
 
 
 def model_identity(manifest: ModelManifest, model_dir: Path | None = None) -> ModelIdentity:
@@ -215,4 +217,6 @@ def segment_series(
         len(structures),
         timings["total_s"],
     )
-    return PipelineResult(out_path, identity, structures, result.omitted, volume.shape[0], timings)
+    return PipelineResult(
+        out_path, identity, structures, result.omitted, volume.shape[0], timings, volume.info.notes
+    )

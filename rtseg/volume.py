@@ -55,6 +55,9 @@ class SeriesInfo:
     patient_study: Mapping[str, Any] = field(default_factory=dict)  # PATIENT_STUDY_KEYWORDS → value
     series_description: str = ""
     modality: str = "CT"
+    # What the reviewer must know about how the series was read (e.g. an assumed PatientPosition):
+    # carried into the RTSTRUCT's description and the job's flags.
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)

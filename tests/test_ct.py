@@ -37,7 +37,8 @@ from pydicom.uid import (
     RTStructureSetStorage,
 )
 
-from rtseg.ct import CT_IMAGE_STORAGE, SeriesSummary, find_series, load_series
+from rtseg import ct
+from rtseg.ct import CT_IMAGE_STORAGE, MIN_SLICES, SeriesSummary, find_series
 from rtseg.errors import InputError
 from rtseg.phantom.dicom_io import SeriesSpec, deterministic_uid, write_ct_series
 from rtseg.privacy import redact_uids, uid_key
@@ -46,6 +47,9 @@ from rtseg.volume import CTVolume, Orientation, SeriesInfo, affine_from_geometry
 SPACING = (2.5, 0.8, 0.9)  # z, y, x: all different so swapped axes are caught
 ORIGIN = (-20.0, -15.5, 100.0)
 PATIENT = ("PHANTOM^CASE", "PHANTOM-0", "20150101")  # SeriesSpec defaults: must never be logged
+# These tests read small synthetic stacks (6 slices) to test geometry, decoding and refusals;
+# the default minimum (MIN_SLICES) is tested in test_too_few_slices.
+load_series = functools.partial(ct.load_series, min_slices=3)
 
 
 def _canonical(shape: tuple[int, int, int] = (12, 40, 48)) -> npt.NDArray[np.int16]:
@@ -719,10 +723,15 @@ def test_invalid_orientation_vectors(tmp_path: Path) -> None:
 
 
 def test_too_few_slices(tmp_path: Path) -> None:
-    expected = _write(tmp_path, hu=_canonical((2, 20, 24)), seed="few")
-    _error(tmp_path, "has 2 slice(s); at least 3 are needed")
-    assert load_series(tmp_path, min_slices=2).shape == (2, 20, 24)
-    single = _files_in_order(tmp_path, expected)[:1]
+    six = tmp_path / "six"
+    _write(six, seed="six")
+    with pytest.raises(InputError, match=rf"has 6 slice\(s\); at least {MIN_SLICES} are needed"):
+        ct.load_series(six)  # the default minimum
+    two = tmp_path / "two"
+    expected = _write(two, hu=_canonical((2, 20, 24)), seed="few")
+    _error(two, "has 2 slice(s); at least 3 are needed", "send the complete series")
+    assert load_series(two, min_slices=2).shape == (2, 20, 24)
+    single = _files_in_order(two, expected)[:1]
     volume = load_series(single, min_slices=1)
     assert volume.spacing == pytest.approx(SPACING)  # from SliceThickness
 
@@ -787,3 +796,80 @@ def test_rtseg_log_output_redacts_uids_in_messages_and_tracebacks() -> None:
     assert "series <uid> received, 2.5 mm" in done.stderr
     assert "job 7: internal error" in done.stderr
     assert "KeyError: 'no such series <uid>'" in done.stderr  # the traceback is kept, the UID is not
+
+
+# ---------------------------------------------------------------------------
+# real scanners' quirks on synthetic series (the real series: tests/test_realct.py)
+
+
+@pytest.mark.parametrize(
+    ("position", "expected", "facing"),
+    [("HFS", "HFS", "supine"), ("FFS", "HFS", "supine"), ("HFP", "HFP", "prone"), ("FFP", "HFP", "prone")],
+)
+def test_empty_patient_position_is_taken_from_the_orientation(
+    tmp_path: Path, position: str, expected: str, facing: str
+) -> None:
+    """Supine/prone from the column direction; head- or feet-first is assumed (FFS reads as HFS), noted."""
+    written = _write(tmp_path, position=position, seed=f"nopos-{position}")
+    for path in tmp_path.iterdir():
+        _edit(path, lambda ds: setattr(ds, "PatientPosition", ""))
+    volume = load_series(tmp_path)
+    np.testing.assert_array_equal(volume.hu, written.hu)  # the geometry does not depend on it
+    np.testing.assert_allclose(volume.affine, written.affine, atol=1e-4)
+    assert volume.info.patient_position == expected
+    (note,) = volume.info.notes
+    assert f"PatientPosition empty: {expected} assumed ({facing} from ImageOrientationPatient" in note
+
+
+def test_decubitus_without_patient_position(tmp_path: Path, canonical: npt.NDArray[np.int16]) -> None:
+    _write_oriented(tmp_path, canonical, (0, -1, 0), (1, 0, 0))
+    for path in tmp_path.iterdir():
+        _edit(path, lambda ds: ds.__delattr__("PatientPosition"))
+    volume = load_series(tmp_path)
+    assert volume.info.patient_position == "HFDL" and "decubitus left" in volume.info.notes[0]
+
+
+def test_empty_sop_uids_fall_back_to_the_file_meta(tmp_path: Path) -> None:
+    written = _write(tmp_path, seed="anonymised")
+    for path in tmp_path.iterdir():
+        _edit(path, lambda ds: (setattr(ds, "SOPInstanceUID", ""), setattr(ds, "SOPClassUID", "")))
+    volume = load_series(tmp_path)
+    _assert_loaded(volume, written)
+    assert volume.info.sop_instance_uids == written.info.sop_instance_uids
+    assert volume.info.sop_class_uid == CT_IMAGE_STORAGE and volume.info.notes == ()
+
+
+def test_missing_sop_uid_everywhere_names_both_places(tmp_path: Path) -> None:
+    _write(tmp_path, seed="no-uid")
+    path = next(tmp_path.iterdir())
+    ds = pydicom.dcmread(path)
+    ds.SOPInstanceUID = ""
+    del ds.file_meta.MediaStorageSOPInstanceUID
+    ds.save_as(path, enforce_file_format=False)
+    _error(tmp_path, path.name, "no SOPInstanceUID, in the data set or the file meta")
+
+
+def test_empty_series_uid_is_derived_from_the_frame_of_reference(tmp_path: Path) -> None:
+    written = _write(tmp_path, seed="no-series")
+    for path in tmp_path.iterdir():
+        _edit(path, lambda ds: setattr(ds, "SeriesInstanceUID", ""))
+    volume = load_series(tmp_path)
+    np.testing.assert_array_equal(volume.hu, written.hu)
+    assert volume.info.series_instance_uid.startswith("2.25.")
+    assert volume.info.series_instance_uid == load_series(sorted(tmp_path.iterdir())).info.series_instance_uid
+    (note,) = volume.info.notes
+    assert note.startswith("SeriesInstanceUID empty in the CT")
+
+
+def test_slice_thickness_other_than_the_spacing_is_not_used(tmp_path: Path) -> None:
+    written = _write(tmp_path, seed="thick")
+    for path in tmp_path.iterdir():
+        _edit(path, lambda ds: setattr(ds, "SliceThickness", "5.0"))
+    assert load_series(tmp_path).spacing == pytest.approx(written.spacing)
+
+
+def test_no_frame_of_reference_says_what_to_do(tmp_path: Path) -> None:
+    _write(tmp_path, seed="no-frame")
+    for path in tmp_path.iterdir():
+        _edit(path, lambda ds: ds.__delattr__("FrameOfReferenceUID"))
+    _error(tmp_path, "no FrameOfReferenceUID", "send the series as the scanner or PACS exported it")

@@ -400,6 +400,8 @@ def _structure_set(
     description = f"AI-generated contours for clinical review - rtseg {model.name} {model.version}"
     if model.description:
         description += f" ({model.description})"
+    if volume.info.notes:  # how the CT was read, e.g. an assumed PatientPosition
+        description += " - " + "; ".join(volume.info.notes)
     ds.StructureSetDescription = description[:1024]
     ds.InstanceNumber = 1
     ds.StructureSetDate = ds.SeriesDate
