@@ -214,7 +214,7 @@ def write_case(
     position: str | None = None,
     couch: bool = False,
 ) -> CaseInfo:
-    """Generate one case and write it under ``out_root/<case_id>/`` (suffixed by a forced position, a couch)."""
+    """Generate one case and write it under ``out_root/<case_id>/`` (id suffixed: couch, forced position)."""
     if center not in CENTERS:
         raise InputError(f"unknown center {center!r}: choose one of {', '.join(CENTERS)}")
     if position is not None and position not in POSITION_AXES:
