@@ -42,11 +42,11 @@ def test_body_mask_of_a_phantom_on_a_couch_is_its_body(center: str, seed: int, p
     assert d is not None and d >= 0.99, f"body mask Dice {d:.4f}"
 
 
-def test_external_of_a_phantom_on_a_couch_matches_its_body(segmenter: NnunetSegmenter, tmp_path: Path) -> None:
+def test_external_of_a_phantom_on_a_couch_is_its_body(segmenter: NnunetSegmenter, tmp_path: Path) -> None:
     """The default model on a case with couch, mattress and vacuum bag: External Dice ≥ 0.98.
 
-    Before the body outline (model 0.8.0's own External): Dice 0.9960, 3766.9 ml against 3761.6 ml
-    (this model does not paint this couch); with it: see the assertion.
+    Model 0.8.0's own External (before the body outline): Dice 0.9960, 3766.9 ml against 3761.6 ml
+    (this model does not paint this couch); with the outline: 0.9999, 3762.0 ml.
     """
     info = write_case("B", 9004, 0, tmp_path, matrix=128, couch=True)
     case = load_case(tmp_path / info.case_id)
@@ -55,10 +55,8 @@ def test_external_of_a_phantom_on_a_couch_matches_its_body(segmenter: NnunetSegm
     assert d is not None and d >= 0.98, f"External Dice {d:.4f}"
 
 
-def test_organs_outside_the_body_are_clipped_and_the_rest_of_the_body_is_external(
-    segmenter: NnunetSegmenter, tmp_path: Path
-) -> None:
-    """A model painting the couch (here: a liver label on the mattress and table) still gives a clean External."""
+def test_organs_outside_the_body_are_clipped_and_the_rest_of_the_body_is_external() -> None:
+    """A model painting the couch (here: liver on mattress, table and air) still gives a clean External."""
     from rtseg.body import apply_body_outline
 
     _, grid, body, _ = make_case("A", 9003, 0, matrix=64, couch=True)
@@ -85,7 +83,8 @@ def test_external_of_a_real_head_ct_stays_off_the_couch(segmenter: NnunetSegment
     """Real head CT (CERR, 511 × 511, couch, head rest and mask in the field of view).
 
     Before the body outline the model's External was 15,433 ml, 21.9 % of the field of view,
-    18–20 % of mid slices, and reached row 510 (through the couch to the image's edge).
+    18–20 % of mid slices, and reached row 510 (through the couch to the image's edge); with it
+    6,957 ml, 9.9 %, 8–11 %, lowest row 360 (couch top 366 by this profile).
     """
     volume = load_series(realct / "head_ct_cerr")
     assert volume.affine[1, 1] > 0  # rows run posterior: the couch lies below the patient
@@ -96,6 +95,19 @@ def test_external_of_a_real_head_ct_stays_off_the_couch(segmenter: NnunetSegment
     lowest = [int(np.nonzero(external[k].any(axis=1))[0].max()) for k in range(volume.shape[0])]
     assert max(lowest) < couch_top, f"External reaches row {max(lowest)}, couch top at row {couch_top}"
     for k in (mid - 15, mid, mid + 15):
-        assert external[k].mean() < 0.12, f"slice {k}: External is {external[k].mean():.1%} of the field"
+        assert external[k].mean() < 0.15, f"slice {k}: External is {external[k].mean():.1%} of the field"
     ml = external.sum() * volume.voxel_volume_ml
     assert 3000 < ml < 9000, f"External {ml:.0f} ml"
+
+
+def test_cli_phantom_couch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from rtseg.cli import main
+
+    argv = ["phantom", "--center", "A", "--seed", "5", "--matrix", "32", "--couch", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    case = tmp_path / "A_s5_000_couch"
+    assert "A_s5_000_couch" in capsys.readouterr().out
+    assert "couch" in json.loads((case / "case.json").read_text())["notes"]
+    assert len(list((case / "ct").glob("*.dcm"))) > 10
