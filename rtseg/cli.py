@@ -44,6 +44,7 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
         workers=args.workers,
         start=args.start,
         progress=show,
+        couch=args.couch,
     )
     print(
         f"done: {len(infos)} case(s) in {time.monotonic() - started:.0f} s "
@@ -70,6 +71,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     p.add_argument("--start", type=int, default=0, help="index of the first case (default 0)")
     p.add_argument("--matrix", type=int, default=256, help="image matrix (default 256; 512 for full-size CT)")
     p.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
+    p.add_argument(
+        "--couch",
+        action="store_true",
+        help="lay the patients on a treatment couch (curved top, mattress, vacuum bag; not body)",
+    )
     p.add_argument("--out", type=Path, required=True, help="output folder")
     handlers["phantom"] = _cmd_phantom
 

@@ -23,7 +23,7 @@ from rtseg.model.manifest import (
     model_hash,
     structures_from_dataset_json,
 )
-from rtseg.model.segmenter import NnunetSegmenter, Segmentation
+from rtseg.model.segmenter import NnunetSegmenter, Segmentation, outline_body
 from rtseg.model.training import (
     CpuConfig,
     EpochProgress,
@@ -220,7 +220,8 @@ def test_segment_ct_volume_in_any_position(
     assert result.labels.shape == volume.shape and result.labels.dtype == np.uint8
     assert set(np.unique(result.labels)) <= {0, 1, 2}
     orientation = Orientation.from_affine(volume.affine)
-    canonical = segmenter.predict_canonical(orientation.to_canonical(volume.hu), SPACING)
+    hu = orientation.to_canonical(volume.hu)
+    canonical = outline_body(segmenter.predict_canonical(hu, SPACING), hu, SPACING, segmenter.manifest)
     assert np.array_equal(orientation.to_canonical(result.labels), canonical)
     assert segmenter.loaded_via == "trainer"
 

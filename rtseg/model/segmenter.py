@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from rtseg.body import apply_body_outline, body_mask
 from rtseg.errors import InputError, ModelError
 from rtseg.model.checkpoints import load_checkpoint
 from rtseg.model.inference import MIN_ISLAND_ML, predict_labels, suppress_islands
@@ -73,6 +74,10 @@ class NnunetSegmenter:
         the model's grid) give way to the next most likely class; 0 keeps them.
     folds
         Subset of the manifest's folds to ensemble; default all of them.
+    body_outline
+        :meth:`segment` clips the labels to the patient's body found in the CT
+        numbers and labels the rest of the body External
+        (:mod:`rtseg.body`): no couch, mattress or mask in the External.
     """
 
     def __init__(
@@ -86,11 +91,13 @@ class NnunetSegmenter:
         folds: tuple[str, ...] | None = None,
         engine: str = "rtseg",
         min_island_ml: float = MIN_ISLAND_ML,
+        body_outline: bool = True,
     ) -> None:
         if engine not in ENGINES:
             raise ModelError(f"unknown inference engine {engine!r}: choose one of {', '.join(ENGINES)}")
         self.engine = engine
         self.min_island_ml = min_island_ml
+        self.body_outline = body_outline
         self.model_dir = Path(model_dir)
         manifest = load_manifest(self.model_dir)
         if folds is not None:
@@ -119,8 +126,10 @@ class NnunetSegmenter:
         orientation = Orientation.from_affine(volume.affine)
         canonical = orientation.to_canonical(np.asarray(volume.hu))
         spacing = orientation.canonical_spacing(volume.spacing)
-        labels = orientation.from_canonical(self.predict_canonical(canonical, spacing))
-        return Segmentation(labels, self.manifest, time.perf_counter() - start)
+        labels = self.predict_canonical(canonical, spacing)
+        if self.body_outline:
+            labels = outline_body(labels, canonical, spacing, self.manifest)
+        return Segmentation(orientation.from_canonical(labels), self.manifest, time.perf_counter() - start)
 
     def predict_canonical(
         self, array_zyx: npt.NDArray[Any], spacing_zyx: tuple[float, float, float]
@@ -222,8 +231,26 @@ class EnsembleSegmenter:
         voxel_ml = float(np.prod(spacing)) / 1000.0
         min_ml = self.members[0].min_island_ml
         scores = suppress_islands(torch.from_numpy(mean), voxel_ml, min_ml, keep=external)
-        labels = orientation.from_canonical(scores.argmax(dim=0).numpy().astype(np.uint8))
-        return Segmentation(labels, self.manifest, time.perf_counter() - start)
+        labels = scores.argmax(dim=0).numpy().astype(np.uint8)
+        if self.members[0].body_outline:
+            labels = outline_body(labels, canonical, spacing, self.manifest)
+        return Segmentation(orientation.from_canonical(labels), self.manifest, time.perf_counter() - start)
+
+
+def outline_body(
+    labels: npt.NDArray[np.uint8],
+    hu_zyx: npt.NDArray[Any],
+    spacing_zyx: tuple[float, float, float],
+    manifest: ModelManifest,
+) -> npt.NDArray[np.uint8]:
+    """Canonical labels clipped to the body in ``hu_zyx``, the rest of the body the model's External.
+
+    The External is the label named ``External`` (or ``BODY``, as a foreign model
+    may call it); a model without one has its labels clipped only.
+    """
+    names = {EXTERNAL.lower(), "body"}
+    external = next((s.label for s in manifest.structures if s.name.lower() in names), None)
+    return apply_body_outline(labels, body_mask(hu_zyx, spacing_zyx), external)
 
 
 def _model_input(array_zyx: npt.NDArray[Any]) -> npt.NDArray[np.float32]:

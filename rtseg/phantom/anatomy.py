@@ -104,8 +104,9 @@ class Body:
 class _Builder:
     """Paints one case. Methods are called in anatomical priority order."""
 
-    def __init__(self, patient: Patient, grid: Grid, z_offset: float = 0.0) -> None:
+    def __init__(self, patient: Patient, grid: Grid, z_offset: float = 0.0, couch: bool = False) -> None:
         self.p = patient
+        self.couch = couch
         self.grid = grid
         self.rng = np.random.default_rng(patient.seed)
         amp = 2.0 + 0.25 * patient.age
@@ -175,7 +176,10 @@ class _Builder:
         self.paint(self.cavity, 1, self.p.tissue("visceral"))
         self.body_mask = body
         self.wall_r = inner_fat - muscle_t
-        self._table()
+        if self.couch:
+            self._couch()
+        else:
+            self._table()
 
     def _table(self) -> None:
         """Couch under the patient: posterior when supine, anterior when prone."""
@@ -186,6 +190,42 @@ class _Builder:
         shell = slab & ((d < 2) | (d > thick - 2))
         self.hu[slab] = -880
         self.hu[shell] = 120
+
+    def _couch(self) -> None:
+        """Treatment couch: curved carbon-fibre top, mattress and vacuum bag, none of them body.
+
+        Drawn from its own generator (seeded by the patient), so a case with the couch
+        has the anatomy, noise and labels of the same case without it.
+        """
+        rng = np.random.default_rng([self.p.seed, 7])
+        shape = self.grid.shape
+        y = np.broadcast_to(self.grid.axis(1)[None, :, None], shape)  # undeformed: a couch is rigid
+        down = y if not self.p.prone else -y  # towards the table
+        x = np.broadcast_to(self.grid.axis(2)[None, None, :], shape)
+        back = self.H / 1.12  # the flattened back of :meth:`body`
+        outside = ~self.body_mask
+        mattress_mm = float(rng.uniform(15.0, 30.0))
+        top = back + mattress_mm - 0.0004 * x * x  # concave top: the sides rise towards the patient
+        self._couch_top(down, x, top, outside, rng)
+        sink = back - 0.25 * self.p.fat  # the patient sinks a little into the mattress
+        mattress = outside & (down > sink) & (down < top) & (np.abs(x) < 1.5 * self.W)
+        compressed = np.clip(1.0 - np.abs(x) / (1.1 * self.W), 0.0, 1.0)  # denser under the patient
+        texture = 40.0 * smooth_noise(self.grid.shape, rng, 1.5)
+        self.hu[mattress] = np.clip(-800.0 + 380.0 * compressed + texture, -800.0, -420.0)[mattress]
+        bag = outside & ~mattress & (down > 0.15 * self.H) & (down < top) & (np.abs(x) < 1.35 * self.W)
+        self.hu[bag] = np.clip(-780.0 + 1.5 * texture, -850.0, -700.0)[bag]  # polystyrene beads
+        self.notes["couch"] = {"mattress_mm": round(mattress_mm, 1)}
+
+    def _couch_top(
+        self, down: F32, x: F32, top: F32, outside: npt.NDArray[np.bool_], rng: np.random.Generator
+    ) -> None:
+        """A curved table top: 2 mm carbon-fibre skins around a foam core."""
+        thick = float(rng.uniform(40.0, 55.0))
+        depth = down - top
+        slab = (depth > 0) & (depth < thick) & (np.abs(x) < 2.5 * self.W) & outside
+        skin = slab & ((depth < 2.0) | (depth > thick - 2.0))
+        self.hu[slab] = -800.0 + 60.0 * smooth_noise(self.grid.shape, rng, 2.0)[slab]
+        self.hu[skin] = float(rng.uniform(-100.0, 200.0))
 
     # ---- thorax ---------------------------------------------------------------
     def diaphragm_t(self, coords: Coords | None = None) -> F32:
@@ -667,6 +707,10 @@ class _Builder:
         return Body(self.labels, self.hu, self.notes)
 
 
-def build_body(patient: Patient, grid: Grid, z_offset: float = 0.0) -> Body:
-    """Label map (structure label ids) and noise-free HU of one patient on ``grid``."""
-    return _Builder(patient, grid, z_offset).build()
+def build_body(patient: Patient, grid: Grid, z_offset: float = 0.0, couch: bool = False) -> Body:
+    """Label map (structure label ids) and noise-free HU of one patient on ``grid``.
+
+    ``couch`` puts the patient on a treatment couch (curved top, mattress, vacuum
+    bag) instead of the plain table slab; the couch is never labelled.
+    """
+    return _Builder(patient, grid, z_offset, couch).build()

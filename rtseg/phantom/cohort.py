@@ -117,8 +117,8 @@ class CaseInfo:
     notes: dict[str, Any]
 
 
-def case_id(center: str, seed: int, index: int) -> str:
-    return f"{center}_s{seed}_{index:03d}"
+def case_id(center: str, seed: int, index: int, couch: bool = False) -> str:
+    return f"{center}_s{seed}_{index:03d}" + ("_couch" if couch else "")
 
 
 def _rng(center: str, seed: int, index: int) -> np.random.Generator:
@@ -151,11 +151,17 @@ def case_variant(center: str, seed: int, index: int) -> str:
 
 
 def make_case(
-    center: str, seed: int, index: int, matrix: int = 256, position: str | None = None
+    center: str,
+    seed: int,
+    index: int,
+    matrix: int = 256,
+    position: str | None = None,
+    couch: bool = False,
 ) -> tuple[Patient, Grid, Body, dict[str, Any]]:
     """Draw and build one case in memory (canonical orientation, scanner effects applied).
 
-    ``position`` overrides the drawn patient position (same anatomy otherwise).
+    ``position`` overrides the drawn patient position (same anatomy otherwise);
+    ``couch`` lays the patient on a treatment couch (see :func:`build_body`).
     """
     spec = CENTERS[center]
     rng, patient, position = _draw(center, seed, index, position)
@@ -166,7 +172,7 @@ def make_case(
     fov_centre_y = float(rng.uniform(-0.08, 0.08) * patient.depth)
     origin = (-(matrix - 1) / 2 * pixel, fov_centre_y - (matrix - 1) / 2 * pixel, -patient.half_length)
     grid = Grid((n_slices, matrix, matrix), (thickness, pixel, pixel), origin)
-    body = build_body(patient, grid)
+    body = build_body(patient, grid, couch=couch)
     noise_sd = float(rng.uniform(*spec.noise) * (0.8 + 0.4 * patient.width / 150.0))
     body.hu = _scanner(body.hu, grid, spec, noise_sd, rng)
     scan = {
@@ -200,15 +206,21 @@ def _scanner(
 
 
 def write_case(
-    center: str, seed: int, index: int, out_root: Path, matrix: int = 256, position: str | None = None
+    center: str,
+    seed: int,
+    index: int,
+    out_root: Path,
+    matrix: int = 256,
+    position: str | None = None,
+    couch: bool = False,
 ) -> CaseInfo:
-    """Generate one case and write it under ``out_root/<case_id>/`` (suffixed by a forced position)."""
+    """Generate one case and write it under ``out_root/<case_id>/`` (id suffixed: couch, forced position)."""
     if center not in CENTERS:
         raise InputError(f"unknown center {center!r}: choose one of {', '.join(CENTERS)}")
     if position is not None and position not in POSITION_AXES:
         raise InputError(f"unknown patient position {position!r}: choose one of {', '.join(POSITION_AXES)}")
-    cid = case_id(center, seed, index) + (f"_{position}" if position else "")
-    patient, grid, body, scan = make_case(center, seed, index, matrix, position)
+    cid = case_id(center, seed, index, couch) + (f"_{position}" if position else "")
+    patient, grid, body, scan = make_case(center, seed, index, matrix, position, couch)
     spec = CENTERS[center]
     case_dir = out_root / cid
     origin_lps = np.asarray(grid.origin) + scan["table"]
@@ -289,13 +301,13 @@ def read_label_image(path: Path) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.
     return arr, affine
 
 
-def _write_one(args: tuple[str, int, int, Path, int]) -> CaseInfo:
-    center, seed, index, out, matrix = args
-    existing = out / case_id(center, seed, index) / "case.json"
+def _write_one(args: tuple[str, int, int, Path, int, bool]) -> CaseInfo:
+    center, seed, index, out, matrix, couch = args
+    existing = out / case_id(center, seed, index, couch) / "case.json"
     if existing.is_file() and (existing.parent / "labels.nii.gz").is_file():
-        # deterministic per (center, seed, index): a finished case is not written again
+        # deterministic per (center, seed, index, couch): a finished case is not written again
         return CaseInfo(**json.loads(existing.read_text()))
-    return write_case(*args)
+    return write_case(center, seed, index, out, matrix, couch=couch)
 
 
 def generate_cohort(
@@ -307,12 +319,13 @@ def generate_cohort(
     workers: int = 1,
     start: int = 0,
     progress: Callable[[CaseInfo], None] | None = None,
+    couch: bool = False,
 ) -> list[CaseInfo]:
-    """Write ``n_cases`` cases of ``center`` (indices ``start`` … ) under ``out``."""
+    """Write ``n_cases`` cases of ``center`` (indices ``start`` … ) under ``out``, on a couch if asked."""
     if center not in CENTERS:
         raise InputError(f"unknown center {center!r}: choose one of {', '.join(CENTERS)}")
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(center, seed, start + i, out, matrix) for i in range(n_cases)]
+    jobs = [(center, seed, start + i, out, matrix, couch) for i in range(n_cases)]
     results: list[CaseInfo] = []
     if workers <= 1:
         for job in jobs:

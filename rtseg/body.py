@@ -1,0 +1,167 @@
+"""The patient's body outline from CT numbers: the External without couch, mattress and immobilisation.
+
+A treatment planning system calculates dose inside the External, so the couch,
+the mattress, a vacuum bag or a thermoplastic mask must lie outside it, while
+lungs and bowel gas lie inside. A network trained on phantoms can paint the
+couch into the External (or miss it); the outline here comes from the image
+alone and is applied to every segmentation (:func:`apply_body_outline`).
+
+The steps, per axial slice unless said otherwise:
+
+0. the couch top: rows (the same in every slice) where a flat structure under
+   ``COUCH_MM`` thick spans ``COUCH_SPAN`` of the reconstruction circle's width,
+   searched from the posterior and the anterior edge of the image (supine,
+   prone) to its middle (:func:`couch_rows`); those rows and everything beyond them are
+   not body. Where the patient lies directly on the couch top, the External ends
+   at its surface.
+1. tissue: CT numbers above ``TISSUE_HU`` (-300). Fat is about -100 HU, foam
+   mattresses, vacuum bags and couch cores -900 to -400 HU; the classic -500 HU
+   body threshold would take in a compressed mattress where the patient lies on it.
+2. opening with a disk of ``OPEN_MM``: cuts the thin links (mask mesh,
+   carbon-fibre skins, head-rest rims) between the patient and the devices.
+3. the largest 3-D connected component: the patient; the couch is another one.
+4. detail back within ``OPEN_MM`` of it (nose tip, ears, fingers), then one
+   pixel of partial volume down to ``EDGE_HU`` (-500), the air–skin midpoint.
+5. per slice: pieces under ``MIN_PIECE_FRACTION`` of the slice's largest piece
+   are dropped, and holes are filled (lungs, bowel gas, airways are body; the
+   air between the body and the couch is not a hole once the couch is gone).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from scipy import ndimage
+
+log = logging.getLogger(__name__)
+
+TISSUE_HU = -300.0
+EDGE_HU = -500.0
+OPEN_MM = 3.0
+MIN_PIECE_FRACTION = 0.1  # head rests, blocks; an arm beside a child’s trunk is larger
+COUCH_SPAN = 0.8  # of the reconstruction circle's chord: a body row that wide would fill the field of view
+COUCH_MM = 50.0  # a couch top is thinner than this
+
+Mask = npt.NDArray[np.bool_]
+
+
+def body_mask(hu_zyx: npt.NDArray[Any], spacing_zyx: tuple[float, float, float]) -> Mask:
+    """The patient's body on a canonical ``[z, y, x]`` HU array (axial slices along axis 0).
+
+    Parameters
+    ----------
+    hu_zyx
+        CT numbers (HU), any numeric dtype.
+    spacing_zyx
+        Voxel spacing in mm; the in-plane spacing sizes the opening disk.
+
+    Returns
+    -------
+    numpy.ndarray
+        Boolean mask of ``hu_zyx.shape``; empty where no slice holds tissue.
+    """
+    hu = np.asarray(hu_zyx)
+    beyond_couch = couch_rows(hu > EDGE_HU, spacing_zyx[1])
+    tissue = (hu > TISSUE_HU) & ~beyond_couch[None, :, None]
+    disk = _disk(OPEN_MM, spacing_zyx[1], spacing_zyx[2])
+    opened = ndimage.binary_opening(tissue, structure=disk)
+    core = _largest_component(opened)
+    if not core.any():
+        return core
+    body = ndimage.binary_dilation(core, structure=disk) & tissue
+    edge = ndimage.binary_dilation(body, structure=_disk(1.0, 1.0, 1.0)) & (hu > EDGE_HU)
+    edge &= ~beyond_couch[None, :, None]
+    body |= edge
+    for z in range(body.shape[0]):
+        body[z] = _fill_slice(body[z])
+    return body
+
+
+def couch_rows(dense: Mask, dy: float) -> npt.NDArray[np.bool_]:
+    """Rows ``y`` of a ``[z, y, x]`` mask that are a couch top or lie beyond it, seen from the patient.
+
+    Searched from the posterior edge, then from the anterior edge, to the middle
+    row: the first row where ``dense`` covers ``COUCH_SPAN`` of the inscribed
+    circle's chord (median over the slices) starts a couch top if the rows
+    covering half of it end within ``COUCH_MM``. A body wide enough to fill a
+    tight field of view covers half of it far longer, so it is never taken for one.
+    """
+    n_z, n_y, n_x = dense.shape
+    radius = min(n_y, n_x) / 2.0
+    offset = np.arange(n_y) - (n_y - 1) / 2.0
+    chord = np.minimum(2.0 * np.sqrt(np.clip(radius**2 - offset**2, 0.0, None)), n_x)
+    share = np.median(np.count_nonzero(dense, axis=2), axis=0) / np.maximum(chord, 1.0)
+    share[chord < 0.3 * n_x] = 0.0  # the circle's tips: too few pixels to tell
+    out = np.zeros(n_y, dtype=bool)
+    posterior = _couch_top(share[::-1][: n_y // 2], max(int(COUCH_MM / dy), 1))
+    if posterior is not None:
+        out[n_y - 1 - posterior :] = True
+    anterior = _couch_top(share[: n_y // 2], max(int(COUCH_MM / dy), 1))
+    if anterior is not None:
+        out[: anterior + 1] = True
+    return out
+
+
+def _couch_top(share: npt.NDArray[np.float64], band: int) -> int | None:
+    """Index (from the edge) of the couch top's patient side in a row-share profile, or None."""
+    wide = np.nonzero(share >= COUCH_SPAN)[0]
+    if wide.size == 0:
+        return None
+    first = int(wide[0])
+    thin = np.nonzero(share[first:] < 0.5)[0]
+    if thin.size == 0 or thin[0] > band:
+        return None
+    return first + int(thin[0]) - 1
+
+
+def apply_body_outline(
+    labels: npt.NDArray[np.uint8], body: Mask, external_label: int | None
+) -> npt.NDArray[np.uint8]:
+    """Labels with nothing outside ``body`` and every unlabelled body voxel ``external_label``.
+
+    The External (the union of all labels in the RTSTRUCT) then equals the body
+    outline; organ voxels outside the body are clipped. A model without an
+    External label gets its labels clipped only.
+    """
+    out = labels.copy()
+    clipped = np.count_nonzero(out[~body])
+    out[~body] = 0
+    if external_label is not None:
+        out[body & (out == 0)] = external_label
+    if clipped:
+        log.info("body outline: %d labelled voxel(s) outside the patient's body set to background", clipped)
+    return out
+
+
+def _disk(radius_mm: float, dy: float, dx: float) -> Mask:
+    """A one-slice ``[1, y, x]`` disk of ``radius_mm`` (at least the 3×3 cross) for per-slice morphology."""
+    ry = max(int(radius_mm / dy), 1)
+    rx = max(int(radius_mm / dx), 1)
+    yy, xx = np.mgrid[-ry : ry + 1, -rx : rx + 1]
+    disk = (yy / ry) ** 2 + (xx / rx) ** 2 <= 1.0
+    return disk[None]
+
+
+def _largest_component(mask: Mask) -> Mask:
+    """The largest face-connected 3-D component of ``mask`` (empty if none)."""
+    pieces, n = ndimage.label(mask)
+    if n == 0:
+        return np.zeros_like(mask)
+    sizes = np.bincount(pieces.ravel())
+    sizes[0] = 0
+    return np.asarray(pieces == int(sizes.argmax()))
+
+
+def _fill_slice(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    """One slice without its specks (relative to its largest piece) and with its holes filled."""
+    pieces, n = ndimage.label(mask)
+    if n == 0:
+        return mask
+    sizes = np.bincount(pieces.ravel())
+    sizes[0] = 0
+    keep = sizes >= MIN_PIECE_FRACTION * sizes.max()
+    keep[0] = False
+    return np.asarray(ndimage.binary_fill_holes(keep[pieces]))
