@@ -458,18 +458,46 @@ def survey(root: Path, mapper: RoiNameMapper) -> Survey:
 def _read_rois(path: Path) -> tuple[list[tuple[str, str | None]] | None, str | None]:
     """(ROIs of an RTSTRUCT, None), (None, None) for other DICOM, or (None, why it is unreadable)."""
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_TYPE_TAGS)
-        meta = getattr(ds, "file_meta", None)
-        sop_class = str(ds.get("SOPClassUID", "") or getattr(meta, "MediaStorageSOPClassUID", ""))
-        if sop_class != RTSTRUCT_SOP_CLASS:
-            return None, None
-        return rois_of(ds), None
-    except InvalidDicomError:
-        return None, "not a DICOM file"
+        ds = _read_header(path)
     except OSError as exc:
         return None, f"cannot read ({exc.strerror or type(exc).__name__})"
-    except (EOFError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+    except _MALFORMED as exc:
         return None, f"malformed DICOM ({type(exc).__name__})"
+    if ds is None:
+        return None, "not a DICOM file"
+    meta = getattr(ds, "file_meta", None)
+    sop_class = str(ds.get("SOPClassUID", "") or getattr(meta, "MediaStorageSOPClassUID", ""))
+    if sop_class != RTSTRUCT_SOP_CLASS:
+        return None, None
+    # both are Type 1; pydicom stops quietly at the end of a truncated file, so a missing one
+    # is how a cut-off copy shows (the observations come last)
+    missing = next((k for k in _TYPE_TAGS[1:] if k not in ds), None)
+    if missing is not None:
+        return None, f"incomplete RTSTRUCT: no {missing} (truncated?)"
+    try:
+        return rois_of(ds), None
+    except _MALFORMED as exc:
+        return None, f"malformed structure set ({type(exc).__name__})"
+
+
+_MALFORMED = (EOFError, ValueError, KeyError, TypeError, AttributeError, IndexError, NotImplementedError)
+
+
+def _read_header(path: Path) -> pydicom.Dataset | None:
+    """The header elements ROI names need; None for a file that is not DICOM.
+
+    Some archives write DICOM without the 128-byte preamble and ``DICM``: such a
+    file is read again with ``force``, and counts only if it is an RTSTRUCT.
+    """
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_TYPE_TAGS)
+    except InvalidDicomError:
+        pass
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_TYPE_TAGS, force=True)
+        return ds if str(ds.get("SOPClassUID", "")) == RTSTRUCT_SOP_CLASS else None
+    except (InvalidDicomError, *_MALFORMED):
+        return None
 
 
 def structure_order(name: str | None) -> int:
