@@ -192,8 +192,8 @@ def _lookup_table() -> dict[str, str]:
     table = {normalise(s): structure for structure, names in _SYNONYMS.items() for s in names.split(";")}
     for words, (left, right) in _PAIRED.items():
         for word in words:
-            for side, structure in ((_LEFT, left), (_RIGHT, right)):
-                for s in side:
+            for forms, structure in ((_LEFT, left), (_RIGHT, right)):
+                for s in forms:
                     table[f"{word} {s}"] = table[f"{s} {word}"] = structure
     for compound, (side, word) in _COMPOUNDS.items():
         table[compound] = _PAIRED[next(w for w in _PAIRED if word in w)][side == "r"]
@@ -487,7 +487,7 @@ def _read_header(path: Path) -> pydicom.Dataset | None:
     """The header elements ROI names need; None for a file that is not DICOM.
 
     Some archives write DICOM without the 128-byte preamble and ``DICM``: such a
-    file is read again with ``force``, and counts only if it is an RTSTRUCT.
+    file is read again with ``force``, and is DICOM only if it has a SOP Class UID.
     """
     try:
         return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_TYPE_TAGS)
@@ -495,7 +495,7 @@ def _read_header(path: Path) -> pydicom.Dataset | None:
         pass
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_TYPE_TAGS, force=True)
-        return ds if str(ds.get("SOPClassUID", "")) == RTSTRUCT_SOP_CLASS else None
+        return ds if str(ds.get("SOPClassUID", "") or "").startswith("1.2.840.10008.") else None
     except (InvalidDicomError, *_MALFORMED):
         return None
 

@@ -210,6 +210,18 @@ def test_clinical_roi_names_are_mapped_to_tg263_and_the_reasons_recorded(
         assert dice(case.labels == LABEL[name], labels == LABEL[name]) > 0.95, name  # type: ignore[operator]
 
 
+def test_a_bad_roi_mapping_setting_is_refused_naming_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "roi-names.toml"
+    with pytest.raises(InputError, match="cannot read the ROI mapping file") as info:
+        config_from_settings({"closed_loop": {"roi_names": str(missing)}})
+    assert info.value.source == str(missing)
+    missing.write_text('[roi_names]\n"Nier li" = "Kidney_Left"\n')
+    with pytest.raises(InputError, match="'Nier li' = 'Kidney_Left': not a structure"):
+        config_from_settings({"closed_loop": {"roi_names": str(missing)}})
+    with pytest.raises(InputError, match="roi_names must be the path of a TOML file"):
+        config_from_settings({"closed_loop": {"roi_names": ["a.toml"]}})
+
+
 def _counting_ct_loads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts the closed loop's CT loads (the real loader still runs)."""
     import rtseg.closed_loop as closed_loop

@@ -309,6 +309,8 @@ def department_export(root: Path) -> None:
         "Doe^Jane",
     )
     _save(ct, root / "pat1" / "CT.1.dcm", True)
+    ct.SOPInstanceUID = generate_uid()
+    _save(ct, root / "pat1" / "CT2", False)  # DICOM without the preamble: passed over, not unreadable
     (root / "pat1" / "notes.txt").write_text("plan notes")
     (root / "pat2" / "broken.dcm").write_bytes((root / "pat1" / "RS.1.dcm").read_bytes()[:300])
 
@@ -347,7 +349,7 @@ def test_cases_names_lists_every_roi_name_with_its_mapping_and_reason(tmp_path: 
         "5 mapped, 2 ambiguous, 1 combined, 2 rejected, 1 unknown" in lines
     )
     assert "structure sets giving each structure: External 3, Liver 2, Kidney_L 1" in lines
-    assert "files: 6 looked at, 2 unreadable" in lines
+    assert "files: 7 looked at, 2 unreadable" in lines
     assert "Doe" not in out + run.stderr and "PID-8812345" not in out + run.stderr
     assert "Traceback" not in run.stderr
 
