@@ -1,4 +1,4 @@
-"""Sub-commands beyond ``phantom``: segment, demo and model.
+"""Sub-commands beyond ``phantom``: segment, demo, model and cases.
 
 The DICOM node and HTTP faces add their own commands through a ``register``
 function in ``dicom_node.cli`` / ``service.cli`` (the CLI is the one place that
@@ -337,8 +337,75 @@ def _register_registry(msub: Any) -> None:
     q.set_defaults(model_action=_model_gate)
 
 
+def _cmd_cases(args: argparse.Namespace) -> int:
+    action: Handler = args.cases_action
+    return action(args)
+
+
+def _cases_names(args: argparse.Namespace) -> int:
+    from rtseg.roi_names import RoiNameMapper, load_site_names, survey
+
+    site = load_site_names(args.mapping) if args.mapping else None
+    found = survey(args.source, RoiNameMapper(site=site))
+    rules = f"built-in TG-263 synonyms, site file {args.mapping}" if site else "built-in TG-263 synonyms"
+    print(f"ROI names in {len(found.structure_sets)} RTSTRUCT(s) under {args.source} ({rules})")
+    print(f"{'count':>5}  {'ROI name':<28} {'→ structure':<15} reason")
+    for decision, count in _sorted_counts(found.counts()):
+        target = decision.structure or decision.kind
+        print(f"{count:>5}  {decision.roi:<28} → {target:<13} {decision.reason}")
+    for path, reason in found.unreadable:
+        print(f"unreadable: {path}: {reason}")
+    _print_names_summary(found)
+    return 0
+
+
+def _sorted_counts(counts: Any) -> list[Any]:
+    """Mapped first (structure order), then ambiguous, combined, ignored, rejected, unknown; busiest first."""
+    from rtseg.roi_names import KINDS, structure_order
+
+    def key(item: Any) -> tuple[int, int, int, str]:
+        d, n = item
+        return (KINDS.index(d.kind), structure_order(d.structure), -n, d.roi.lower())
+
+    return sorted(counts.items(), key=key)
+
+
+def _print_names_summary(found: Any) -> None:
+    from rtseg.roi_names import KINDS
+
+    counts = found.counts()
+    names = {kind: {d.roi for d in counts if d.kind == kind} for kind in KINDS}
+    kinds = ", ".join(f"{len(names[k])} {k}" for k in KINDS if names[k])
+    distinct = len({d.roi for d in counts})
+    sets = len(found.structure_sets)
+    print(f"summary: {distinct} distinct ROI name(s) in {sets} RTSTRUCT(s): {kinds or 'none'}")
+    per = found.cases_per_structure()
+    if per:
+        print("structure sets giving each structure: " + ", ".join(f"{s} {n}" for s, n in _by_structure(per)))
+    print(f"files: {found.files} looked at, {len(found.unreadable)} unreadable")
+
+
+def _by_structure(per: Any) -> list[tuple[str, int]]:
+    from rtseg.roi_names import structure_order
+
+    return sorted(per.items(), key=lambda item: structure_order(item[0]))
+
+
+def _register_cases(sub: Any, handlers: dict[str, Handler]) -> None:
+    p = sub.add_parser("cases", help="a site's own contoured cases: ROI names, import")
+    csub = p.add_subparsers(dest="cases_command", required=True, metavar="ACTION")
+    q = csub.add_parser(
+        "names", help="every ROI name of the RTSTRUCTs under a folder, what it maps to (TG-263) and why"
+    )
+    q.add_argument("--from", dest="source", type=Path, required=True, help="folder (any layout) to read")
+    q.add_argument("--mapping", type=Path, help="the site's ROI mapping file (TOML), applied first")
+    q.set_defaults(cases_action=_cases_names)
+    handlers["cases"] = _cmd_cases
+
+
 def register(sub: Any, handlers: dict[str, Handler]) -> None:
     _register_core(sub, handlers)
+    _register_cases(sub, handlers)
     for name in FACE_MODULES:
         try:
             module = importlib.import_module(name)

@@ -12,8 +12,9 @@ the node segmented, :func:`handle_rtstruct`
    state database;
 3. if ``add_cases`` is on, adds the case to the site's local training data as
    a labelled case folder (``<site_data>/<case>/ct/`` + ``labels.nii.gz``),
-   ROIs mapped to the model's labels by TG-263 name; other names are ignored
-   and reported.
+   ROIs mapped to the model's labels by :mod:`rtseg.roi_names` (clinical
+   names and synonyms → TG-263, the site's mapping file first); derived,
+   combined, ambiguous and unknown ROIs are left out, each with its reason.
 
 Configuration: ``[federation.closed_loop]`` in the node's TOML file::
 
@@ -23,6 +24,7 @@ Configuration: ``[federation.closed_loop]`` in the node's TOML file::
                                  # else <data_dir>/site-data
     window_h = 0                 # a segmented CT is kept at least this long for late approvals,
                                  # whatever node.retention_h says (0: retention_h alone)
+    roi_names = ""               # the site's ROI mapping file (TOML, see rtseg.roi_names)
 
 Nothing here logs or stores patient data: series and instances appear as
 hashes, the case folder name is a hash of the series UID.
@@ -54,6 +56,7 @@ from rtseg.errors import InputError, RtsegError, RTStructError
 from rtseg.jobs import Job, JobState, JobStore
 from rtseg.metrics import score
 from rtseg.privacy import redact_uids, uid_key
+from rtseg.roi_names import MAPPED, RoiNameMapper, SiteNames, load_site_names, rois_of
 from rtseg.rtstruct import rasterize_rtstruct
 from rtseg.structures import Structure
 from rtseg.volume import CTVolume
@@ -89,11 +92,12 @@ class ClosedLoopConfig:
     site_data: Path | None = None  # default <data_dir>/site-data
     structures: tuple[Structure, ...] | None = None  # label ids of the model (default: rtseg's table)
     window_h: float = 0.0  # the node keeps a segmented CT at least this long (pairing needs it)
+    roi_names: SiteNames | None = None  # the site's mapping file, read when the settings are
 
     @classmethod
     def from_mapping(cls, table: Mapping[str, Any]) -> ClosedLoopConfig:
         """From the ``[federation.closed_loop]`` table; unknown keys are an :class:`InputError`."""
-        unknown = sorted(set(table) - {"add_cases", "approved_labels", "site_data", "window_h"})
+        unknown = sorted(set(table) - {"add_cases", "approved_labels", "site_data", "window_h", "roi_names"})
         if unknown:
             raise InputError(f"unknown setting federation.closed_loop.{unknown[0]}")
         window = table.get("window_h", 0.0)
@@ -107,7 +111,12 @@ class ClosedLoopConfig:
             raise InputError("federation.closed_loop.approved_labels must be a list of strings")
         site = table.get("site_data")
         site_dir = Path(site).expanduser() if site else None
-        return cls(add, tuple(x.strip() for x in labels), site_dir, window_h=float(window))
+        names = table.get("roi_names") or None
+        if names is not None and not isinstance(names, str):
+            raise InputError("federation.closed_loop.roi_names must be the path of a TOML file")
+        site_names = load_site_names(Path(names).expanduser()) if names else None
+        approved_labels = tuple(x.strip() for x in labels)
+        return cls(add, approved_labels, site_dir, window_h=float(window), roi_names=site_names)
 
     def site_dir(self, data_dir: Path) -> Path:
         return self.site_data if self.site_data is not None else Path(data_dir) / "site-data"
@@ -128,6 +137,7 @@ class Outcome:
     case_id: str | None = None
     malformed: bool = False  # the received file itself cannot be parsed: quarantine it
     quarantine: str | None = None  # where it was moved, relative to the data directory
+    roi_mapping: dict[str, str] = field(default_factory=dict)  # approved ROI → "<structure|kind>: reason"
 
 
 def config_from_settings(federation: Mapping[str, Any]) -> ClosedLoopConfig:
@@ -286,7 +296,7 @@ def _compare(
     except RTStructError as exc:
         message = redact_uids(exc.message)
         return Outcome("failed", f"cannot read the approved contours: {message}", key, job.id, malformed=True)
-    approved, unknown = _map_names(approved_raw, structures)
+    approved, unknown, mapping = _map_names(approved_raw, structures, rois_of(ds), config.roi_names)
     metrics = edit_metrics(node_masks, approved, volume)
     model_version = job.model_version or str((job.result.get("model") or {}).get("version", ""))
     outcome = Outcome(
@@ -298,6 +308,7 @@ def _compare(
         metrics,
         tuple(sorted(unknown)),
         tuple(sorted(set(node_masks) - set(approved))),
+        roi_mapping=mapping,
     )
     if config.add_cases:
         case_id = add_case(volume, input_dir, approved, structures, config.site_dir(data_dir), job, outcome)
@@ -314,19 +325,23 @@ def _model_structures(structures: Sequence[Structure] | None) -> dict[str, Struc
 
 
 def _map_names(
-    masks: dict[str, npt.NDArray[np.bool_]], structures: Mapping[str, Structure]
-) -> tuple[dict[str, npt.NDArray[np.bool_]], set[str]]:
-    """Approved ROIs under the model's TG-263 names (case-insensitive); the rest are unknown."""
-    lower = {name.lower(): name for name in structures}
-    mapped: dict[str, npt.NDArray[np.bool_]] = {}
-    unknown: set[str] = set()
-    for roi, mask in masks.items():
-        name = lower.get(roi.strip().lower())
-        if name is None:
-            unknown.add(roi)
-        else:
-            mapped[name] = mask | mapped[name] if name in mapped else mask
-    return mapped, unknown
+    masks: dict[str, npt.NDArray[np.bool_]],
+    structures: Mapping[str, Structure],
+    rois: Sequence[tuple[str, str | None]],
+    site: SiteNames | None,
+) -> tuple[dict[str, npt.NDArray[np.bool_]], set[str], dict[str, str]]:
+    """Approved ROIs under the model's TG-263 names; the rest are unknown; each ROI's decision.
+
+    Decided by :class:`rtseg.roi_names.RoiNameMapper` over the ROIs that have
+    contours (with their RT ROI Interpreted Types), so two of them claiming one
+    structure are both left out as ambiguous.
+    """
+    types = dict(rois)
+    decisions = RoiNameMapper(structures, site).map_case((name, types.get(name)) for name in masks)
+    mapped = {d.structure: masks[d.roi] for d in decisions if d.kind == MAPPED and d.structure}
+    unknown = {d.roi for d in decisions if d.kind != MAPPED}
+    reasons = {d.roi: f"{d.structure if d.kind == MAPPED else d.kind}: {d.reason}" for d in decisions}
+    return mapped, unknown, reasons
 
 
 def edit_metrics(
@@ -434,6 +449,7 @@ def _finish(store: JobStore, outcome: Outcome, path: Path) -> Outcome:
         "metrics": outcome.metrics,
         "unknown_rois": list(outcome.unknown_rois),
         "not_approved_structures": list(outcome.not_approved_structures),
+        "roi_mapping": outcome.roi_mapping,
     }
     if outcome.quarantine is not None:
         detail["quarantine"] = outcome.quarantine

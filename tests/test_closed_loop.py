@@ -53,12 +53,19 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     return {"root": root, "data": data, "store": store, "job": done, "truth": truth, "predicted": predicted}
 
 
-def approved_rtstruct(truth: object, out: Path, *, status: str = "APPROVED", label: str = "APPROVED") -> Path:
-    """The clinician's structure set: the ground truth contours, two ROIs renamed, approved."""
+def approved_rtstruct(
+    truth: object,
+    out: Path,
+    *,
+    status: str = "APPROVED",
+    label: str = "APPROVED",
+    renamed: dict[str, str] = RENAMED,
+) -> Path:
+    """The clinician's structure set: the ground truth contours, ROIs ``renamed``, approved."""
     result = build_rtstruct(truth.volume, truth.labels, STRUCTURES, ModelIdentity("TPS", "1"))  # type: ignore[attr-defined]
     ds = result.dataset
     for roi in ds.StructureSetROISequence:
-        roi.ROIName = RENAMED.get(str(roi.ROIName), str(roi.ROIName))
+        roi.ROIName = renamed.get(str(roi.ROIName), str(roi.ROIName))
     ds.ApprovalStatus = status
     ds.StructureSetLabel = label
     if status == "APPROVED":
@@ -158,6 +165,61 @@ def test_configured_label_counts_as_approved_and_cases_stay_off_by_default(
     assert outcome.status == "recorded" and outcome.case_id is None  # add_cases is off by default
     with pytest.raises(InputError, match="unknown setting federation.closed_loop.add_case"):
         config_from_settings({"closed_loop": {"add_case": True}})
+
+
+# the department's own names: Dutch, laterality forms, Eclipse's BODY, a site-file name, a target
+CLINICAL = {
+    "Liver": "LIVER",
+    "Kidney_R": "Nier re",
+    "Lung_L": "Lt Lung",
+    "Lung_R": "Long_R_lokal",
+    "Spleen": "Milt",
+    "External": "BODY",
+    "SpinalCord": "Spinal Cord",
+    "Colon": "PTV_45",
+}
+
+
+def test_clinical_roi_names_are_mapped_to_tg263_and_the_reasons_recorded(
+    node: dict[str, object], tmp_path: Path
+) -> None:
+    data, store, truth = node["data"], node["store"], node["truth"]
+    assert isinstance(data, Path) and isinstance(store, JobStore)
+    site_file = tmp_path / "roi-names.toml"
+    site_file.write_text('[roi_names]\n"Long_R_lokal" = "Lung_R"\n')
+    config = config_from_settings(
+        {"closed_loop": {"add_cases": True, "site_data": str(tmp_path / "site"), "roi_names": str(site_file)}}
+    )
+    path = approved_rtstruct(truth, tmp_path / "clinical.dcm", renamed=CLINICAL)
+    outcome = handle_rtstruct(path, data, store, config)
+    assert outcome.status == "recorded", outcome.message
+    labels = truth.labels  # type: ignore[attr-defined]
+    contoured = {s.name for s in STRUCTURES if (labels == s.label).any()} | {"External"}
+    assert {"Liver", "Kidney_R", "Lung_L", "Lung_R", "Spleen", "SpinalCord"} <= contoured
+    assert set(outcome.metrics) == contoured - {"Colon"}
+    assert outcome.unknown_rois == ("PTV_45",)
+    assert outcome.roi_mapping["Nier re"] == "Kidney_R: synonym 'nier re' → Kidney_R"
+    assert outcome.roi_mapping["Long_R_lokal"].startswith("Lung_R: site mapping file")
+    assert outcome.roi_mapping["PTV_45"] == "rejected: derived: contains 'PTV'"
+    stored = json.loads((data / "jobs" / outcome.job_id / "edit-metrics.json").read_text())  # type: ignore[operator]
+    assert stored["roi_mapping"]["BODY"] == "External: synonym 'body' → External"
+    # the site case carries the clinician's contours under the model's labels
+    assert outcome.case_id is not None
+    case = load_case(tmp_path / "site" / outcome.case_id)
+    for name in ("Kidney_R", "Lung_L", "Liver"):
+        assert dice(case.labels == LABEL[name], labels == LABEL[name]) > 0.95, name  # type: ignore[operator]
+
+
+def test_a_bad_roi_mapping_setting_is_refused_naming_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "roi-names.toml"
+    with pytest.raises(InputError, match="cannot read the ROI mapping file") as info:
+        config_from_settings({"closed_loop": {"roi_names": str(missing)}})
+    assert info.value.source == str(missing)
+    missing.write_text('[roi_names]\n"Nier li" = "Kidney_Left"\n')
+    with pytest.raises(InputError, match="'Nier li' = 'Kidney_Left': not a structure"):
+        config_from_settings({"closed_loop": {"roi_names": str(missing)}})
+    with pytest.raises(InputError, match="roi_names must be the path of a TOML file"):
+        config_from_settings({"closed_loop": {"roi_names": ["a.toml"]}})
 
 
 def _counting_ct_loads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
