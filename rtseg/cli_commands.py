@@ -34,6 +34,8 @@ def print_result(result: Any) -> None:
         print(f"{s.name:<14} {s.volume_ml:>11.1f} {s.n_contours:>9}")
     if result.omitted:
         print(f"not found (left out): {', '.join(result.omitted)}")
+    for dropped in result.dropped:
+        print(f"dropped (cannot be where it was found): {dropped}")
     for flag in result.flags:
         print(f"check: {flag}")
     t = result.timings
