@@ -96,6 +96,7 @@ class WorkerConfig:
     threads: int | None
     log_level: int
     min_island_ml: float = MIN_ISLAND_ML
+    region_check: bool = True  # refuse series that do not show the model's body region
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,8 @@ class WorkerPool:
         Structure pieces under this volume (ml) are dropped; 0 keeps every voxel the model labels.
     crash_limit
         A job whose worker died this many times is failed instead of queued again.
+    region_check
+        Fail jobs whose series does not show the model's body region (``[selection] region_check``).
     """
 
     def __init__(
@@ -151,12 +154,14 @@ class WorkerPool:
         threads: int | None = None,
         min_island_ml: float = MIN_ISLAND_ML,
         crash_limit: int = MAX_ATTEMPTS,
+        *,
+        region_check: bool = True,
     ) -> None:
         self.store = store
         threads = threads or max(1, (os.cpu_count() or 1) // max(workers, 1))
         level = logging.getLogger().getEffectiveLevel()
         self.config = WorkerConfig(
-            store.db_path, Path(data_dir), Path(model_dir), threads, level, min_island_ml
+            store.db_path, Path(data_dir), Path(model_dir), threads, level, min_island_ml, region_check
         )
         self.workers = workers
         self.crash_limit = crash_limit
@@ -300,7 +305,7 @@ def load_runner(store: JobStore, config: WorkerConfig) -> JobRunner | None:
         return None
     identity = model_identity(segmenter.manifest, model_dir)
     log.info("worker: model %s %s loaded", identity.name, identity.version)
-    return JobRunner(store, config.data_dir, segmenter, identity)
+    return JobRunner(store, config.data_dir, segmenter, identity, region_check=config.region_check)
 
 
 def _limit_resources(threads: int | None) -> None:
@@ -331,11 +336,14 @@ class _Recorder:
 class JobRunner:
     """Runs one claimed job to its next state (in a worker process, or inline in tests)."""
 
-    def __init__(self, store: JobStore, data_dir: Path, segmenter: Any, identity: Any) -> None:
+    def __init__(
+        self, store: JobStore, data_dir: Path, segmenter: Any, identity: Any, *, region_check: bool = True
+    ) -> None:
         self.store = store
         self.data_dir = Path(data_dir)
         self.segmenter = segmenter
         self.identity = identity
+        self.region_check = region_check
 
     def run(self, job: Job) -> Job:
         if job.attempts > MAX_ATTEMPTS:
@@ -401,7 +409,13 @@ class JobRunner:
         source = [folder / f"{key}.dcm" for key in listed] if listed else folder
         note = description_note(self.store.get(job.id).meta)  # fresh: late instances may be flagged
         outcome = segment_series(
-            source, recorder, out, identity=self.identity, rtstruct_uids=rtstruct_uids(job.id), note=note
+            source,
+            recorder,
+            out,
+            identity=self.identity,
+            rtstruct_uids=rtstruct_uids(job.id),
+            note=note,
+            region_check=self.region_check,
         )
         files = {"rtstruct": rel}
         if job.meta.get("write_labels") and recorder.last is not None:
@@ -412,6 +426,7 @@ class JobRunner:
         result = {
             "structures": [asdict(s) for s in outcome.structures],
             "omitted": list(outcome.omitted),
+            "dropped": list(outcome.dropped),
             "flags": list(outcome.flags),
             "n_slices": outcome.n_slices,
             "timings": {k: round(v, 3) for k, v in outcome.timings.items()},
