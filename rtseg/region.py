@@ -1,11 +1,16 @@
 """Does a CT series show the body region a model contours, and is each structure where it can be?
 
 Measured on the image, never on DICOM tags (``BodyPartExamined`` is often
-empty or wrong): per slice, the body section (the largest connected region
-above -500 HU, holes filled, so the lungs count as inside) and the share of it
-that is air (under -400 HU: lung, with some bowel gas). A model declares its
-region by name in its manifest (``"region"``); :data:`REGIONS` holds each
-region's rule. A stock nnU-Net folder declares none and is not checked.
+empty or wrong). Per slice: the body section (the largest connected region
+above -500 HU, holes filled, so the lungs count as inside); the share of it
+that is air (under -400 HU: lung, with some bowel gas); the share that is bone
+(over 300 HU: a skull ring or a pelvis is far more bone than an abdomen's
+spine and ribs); and the largest solid organ, i.e. the largest soft-tissue
+region (20-180 HU, lightly smoothed) left after shaving 8 mm off every edge,
+which removes the body wall and thin muscles and keeps a liver, spleen or
+kidney. A model declares its region by name in its manifest (``"region"``);
+:data:`REGIONS` holds each region's rule. A stock nnU-Net folder declares none
+and is not checked.
 
 After segmentation, :func:`impossible_structures` lists structures drawn where
 they cannot be (outside the body, a lung without lung air), and :func:`order_flags` flags
@@ -26,25 +31,31 @@ from rtseg.volume import CTVolume
 
 BODY_HU = -500.0  # above: tissue (the couch shell is thin and apart from the body)
 AIR_HU = -400.0  # below, inside the body: lung air (or bowel gas)
-# smaller body sections tell nothing (a skull vertex, feet, a partial slice: air between scalp and
-# bone there reached 14 %); a 1-year-old's abdomen is about 110 cm²
-MIN_SECTION_CM2 = 80.0
+BONE_HU = 300.0  # above: cortical and dense bone
+SOLID_HU = (20.0, 180.0)  # parenchyma, unenhanced to portal venous; not fat, fluid or bone
+# smaller body sections tell nothing (feet, a partial slice); a 1-year-old's abdomen is about 75 cm²
+MIN_SECTION_CM2 = 40.0
 MAX_PIXELS = 256  # rows and columns beyond this are subsampled: the measures are areas and shares
 
 
 @dataclass(frozen=True)
 class RegionRule:
-    """What a series must show to cover a model's region.
+    """What a series must show to cover a model's region: enough slices at its organs' level.
 
-    ``min_lung_share``: a slice whose body section is at least this share lung air
-    is thorax. ``min_below_mm``: body without lung air needed inferior to the
-    lowest thorax slice (the abdomen under the lung bases).
+    A slice is at organ level when its body section is at most ``max_lung_share``
+    lung air (not thorax), at most ``max_bone_share`` bone (not a skull or a
+    pelvis) and its largest solid organ (after shaving ``shave_mm``) is at least
+    ``min_organ_share`` of the section. The region is covered when such slices
+    span at least ``min_extent_mm``.
     """
 
     name: str
     description: str
-    min_lung_share: float = 0.15
-    min_below_mm: float = 30.0
+    max_lung_share: float = 0.15
+    max_bone_share: float = 0.10
+    min_organ_share: float = 0.15
+    shave_mm: float = 8.0
+    min_extent_mm: float = 15.0
 
 
 REGIONS: dict[str, RegionRule] = {
@@ -54,27 +65,45 @@ REGIONS: dict[str, RegionRule] = {
 
 @dataclass(frozen=True)
 class SliceAnatomy:
-    """One axial slice as the region check sees it."""
+    """One axial slice as the region check sees it (shares of the body section)."""
 
     z_mm: float  # patient z (superior +) of the slice
     section_cm2: float  # body cross-section
-    lung_share: float  # share of the body section that is air
+    lung_share: float  # air inside the body
+    bone_share: float
+    organ_share: float  # the largest solid organ
 
 
-def slice_anatomy(volume: CTVolume) -> tuple[SliceAnatomy, ...]:
-    """Body section and air share of every slice of ``volume``."""
+def slice_anatomy(volume: CTVolume, shave_mm: float = 8.0) -> tuple[SliceAnatomy, ...]:
+    """Body section, air, bone and largest solid organ of every slice of ``volume``."""
     step = max(1, int(np.ceil(max(volume.shape[1:]) / MAX_PIXELS)))
     _, dy, dx = volume.spacing
     pixel_cm2 = dy * dx * step * step / 100.0
-    out = []
-    for k in range(volume.shape[0]):
-        section = np.asarray(volume.hu[k, ::step, ::step], dtype=np.float32)
-        body = _body(section)
-        area = int(np.count_nonzero(body))
-        air = int(np.count_nonzero(body & (section < AIR_HU)))
-        z = float(volume.slice_z(k)[2])
-        out.append(SliceAnatomy(z, area * pixel_cm2, air / area if area else 0.0))
-    return tuple(out)
+    radius = max(1, round(shave_mm / (min(dy, dx) * step)))
+    y, x = np.ogrid[-radius : radius + 1, -radius : radius + 1]
+    disk = x * x + y * y <= radius * radius
+    return tuple(
+        _slice(
+            np.asarray(volume.hu[k, ::step, ::step], np.float32), float(volume.slice_z(k)[2]), pixel_cm2, disk
+        )
+        for k in range(volume.shape[0])
+    )
+
+
+def _slice(
+    section: npt.NDArray[np.float32], z: float, pixel_cm2: float, disk: npt.NDArray[np.bool_]
+) -> SliceAnatomy:
+    body = _body(section)
+    area = int(np.count_nonzero(body))
+    if area == 0:
+        return SliceAnatomy(z, 0.0, 0.0, 0.0, 0.0)
+    smooth = ndimage.uniform_filter(section, 3)  # noise of sharp kernels would break organs apart
+    solid = ndimage.binary_erosion(body & (smooth > SOLID_HU[0]) & (smooth < SOLID_HU[1]), disk)
+    pieces, n = ndimage.label(solid)
+    organ = int(np.bincount(pieces.ravel())[1:].max()) if n else 0
+    air = int(np.count_nonzero(body & (section < AIR_HU)))
+    bone = int(np.count_nonzero(body & (section > BONE_HU)))
+    return SliceAnatomy(z, area * pixel_cm2, air / area, bone / area, organ / area)
 
 
 def _body(section: npt.NDArray[np.float32]) -> npt.NDArray[np.bool_]:
@@ -89,27 +118,29 @@ def _body(section: npt.NDArray[np.float32]) -> npt.NDArray[np.bool_]:
 def check_region(volume: CTVolume, rule: RegionRule) -> None:
     """Raise :class:`RegionError` when ``volume`` does not show ``rule``'s region.
 
-    The region is covered when some slice is thorax (lung bases) and at least
-    ``rule.min_below_mm`` of body without lung air lies inferior to the lowest
-    such slice: a head, a neck, a pelvis or a thorax alone fail.
+    The message counts what the slices show instead (lung air, bone), so that a
+    head, a neck, a thorax or a pelvis is recognisable from it.
     """
-    slices = [s for s in slice_anatomy(volume) if s.section_cm2 >= MIN_SECTION_CM2]
-    thorax = [s for s in slices if s.lung_share >= rule.min_lung_share]
-    refused = f"the series does not show the model's region, {rule.description}"
-    if not thorax:
-        most = max((s.lung_share for s in slices), default=0.0)
-        raise RegionError(
-            f"{refused}: no slice shows lung bases (lung air in at least {rule.min_lung_share:.0%} "
-            f"of the body section; the most on any slice is {most:.0%})"
-        )
-    lowest = min(s.z_mm for s in thorax)
-    below = sum(1 for s in slices if s.z_mm < lowest and s.lung_share < rule.min_lung_share)
-    below_mm = below * volume.spacing[0]
-    if below_mm < rule.min_below_mm:
-        raise RegionError(
-            f"{refused}: only {below_mm:.0f} mm of body without lung air lies below the lung bases "
-            f"(at least {rule.min_below_mm:.0f} mm needed)"
-        )
+    slices = [s for s in slice_anatomy(volume, rule.shave_mm) if s.section_cm2 >= MIN_SECTION_CM2]
+    thorax = sum(s.lung_share > rule.max_lung_share for s in slices)
+    bony = sum(s.bone_share > rule.max_bone_share for s in slices)
+    level = [
+        s
+        for s in slices
+        if s.lung_share <= rule.max_lung_share
+        and s.bone_share <= rule.max_bone_share
+        and s.organ_share >= rule.min_organ_share
+    ]
+    extent = len(level) * volume.spacing[0]
+    if extent >= rule.min_extent_mm:
+        return
+    raise RegionError(
+        f"the series does not show the model's region, {rule.description}: {extent:.0f} mm at the level "
+        f"of its organs (at least {rule.min_extent_mm:.0f} mm needed: a solid organ of "
+        f"{rule.min_organ_share:.0%} of the body section, under {rule.max_lung_share:.0%} lung air "
+        f"and under {rule.max_bone_share:.0%} bone); of {len(slices)} slices, {thorax} are mostly "
+        f"lung (thorax) and {bony} mostly bone (skull or pelvis)"
+    )
 
 
 def region_rule(name: str) -> RegionRule | None:

@@ -8,6 +8,7 @@ that made rtseg report an 808 ml liver and 3 l of lungs in a head.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -56,17 +57,29 @@ def _third_files(ct_dir: Path, which: str, out: Path) -> Path:
     return out
 
 
+def _middle(volume: CTVolume, n: int) -> CTVolume:
+    start = (volume.shape[0] - n) // 2
+    affine = volume.affine.copy()
+    affine[:3, 3] = volume.slice_z(start)
+    return CTVolume(volume.hu[start : start + n], affine, volume.info)
+
+
 def test_a_whole_phantom_covers_the_upper_abdomen_but_its_top_or_bottom_third_does_not(
     phantom_ct96: Path,
 ) -> None:
     volume = load_series(phantom_ct96)
-    check_region(volume, RULE)  # the whole case: lung bases with abdomen below
-    with pytest.raises(RegionError, match="below the lung bases") as top:
+    check_region(volume, RULE)  # the whole case
+    check_region(_middle(volume, 12), RULE)  # 24 mm at liver level, no lungs: an upper-abdominal excerpt
+    with pytest.raises(RegionError) as top:
         check_region(_third(volume, "top"), RULE)
-    with pytest.raises(RegionError, match="no slice shows lung bases") as bottom:
+    with pytest.raises(RegionError) as bottom:
         check_region(_third(volume, "bottom"), RULE)
+    n = volume.shape[0] // 3
+    assert f"of {n} slices, {n} are mostly lung (thorax)" in str(top.value)
+    assert f"of {n} slices, 0 are mostly lung (thorax)" in str(bottom.value)
     for refused in (top.value, bottom.value):
         assert "does not show the model's region, the upper abdomen" in str(refused)
+        assert "0 mm at the level of its organs (at least 15 mm needed" in str(refused)
 
 
 def test_the_default_model_declares_its_region() -> None:
@@ -92,7 +105,7 @@ def test_cli_refuses_a_series_without_lungs_with_exit_2(tmp_path: Path) -> None:
     assert "Traceback" not in run.stderr
     assert run.stderr.startswith("rtseg segment: error:")
     assert "does not show the model's region, the upper abdomen" in run.stderr
-    assert "no slice shows lung bases" in run.stderr
+    assert "0 mm at the level of its organs" in run.stderr and "0 are mostly lung" in run.stderr
     assert not out.exists()
 
 
@@ -101,9 +114,12 @@ def test_real_head_ct_is_refused_and_gets_no_rtstruct(
 ) -> None:
     """Before: Liver 808 ml, Lung_L 1,062 ml, Lung_R 2,125 ml, Heart 261 ml, kidneys … in a head."""
     out = tmp_path / "rs.dcm"
-    with pytest.raises(RegionError, match="no slice shows lung bases"):
+    with pytest.raises(RegionError, match="0 mm at the level of its organs") as refused:
         segment_series(realct / "head_ct_cerr", segmenter, out)
     assert not out.exists()
+    # the skull: many slices are more than 10% bone, none is thorax
+    found = re.search(r"of 90 slices, 0 are mostly lung \(thorax\) and (\d+) mostly bone", str(refused.value))
+    assert found and int(found.group(1)) >= 30, str(refused.value)
 
 
 def test_without_the_region_check_no_abdominal_organ_of_the_head_ct_is_delivered_silently(
