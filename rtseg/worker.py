@@ -355,7 +355,7 @@ class JobRunner:
             else:
                 files, result = self._run_dicom(job)
         except RtsegError as exc:
-            return self._fail(job, str(exc))
+            return self._fail(job, str(exc), refused=isinstance(exc, InputError))
         except Exception as exc:  # noqa: BLE001 - a bug must fail this job, not kill the worker
             log.exception("job %s: internal error", job.id)
             return self._fail(job, f"internal error ({type(exc).__name__}); see the node log")
@@ -387,9 +387,11 @@ class JobRunner:
             except OSError as exc:
                 log.error("job %s: cannot mark its RTSTRUCT incomplete (%s)", job.id, exc.strerror)
 
-    def _fail(self, job: Job, message: str) -> Job:
+    def _fail(self, job: Job, message: str, *, refused: bool = False) -> Job:
+        """Fail ``job``; ``refused``: its input is unusable (an InputError), answered as bad input."""
         log.warning("job %s failed: %s", job.id, redact_uids(message))  # the job keeps the whole message
-        return self.store.transition(job.id, JobState.RUNNING, JobState.FAILED, error=message)
+        result = {"input_refused": True} if refused else {}
+        return self.store.transition(job.id, JobState.RUNNING, JobState.FAILED, error=message, result=result)
 
     def _out(self, job: Job, name: str) -> tuple[str, Path]:
         rel = f"{job_dir(job)}/{name}"
