@@ -401,7 +401,7 @@ class JobRunner:
 
     def _run_dicom(self, job: Job) -> tuple[dict[str, str], dict[str, Any]]:
         from rtseg.phantom.cohort import write_label_image
-        from rtseg.pipeline import segment_series
+        from rtseg.pipeline import drop_impossible, segment_series
 
         recorder = _Recorder(self.segmenter)
         rel, out = self._out(job, "rtstruct.dcm")
@@ -422,6 +422,8 @@ class JobRunner:
         files = {"rtstruct": rel}
         if job.meta.get("write_labels") and recorder.last is not None:
             volume, segmentation = recorder.last
+            if outcome.dropped:  # the label map says what the RTSTRUCT says
+                segmentation, _ = drop_impossible(volume, segmentation)
             labels_rel, labels_path = self._out(job, "labels.nii.gz")
             write_label_image(segmentation.labels, volume.affine, labels_path)
             files["labels"] = labels_rel
