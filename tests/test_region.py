@@ -91,7 +91,7 @@ def segmenter() -> NnunetSegmenter:
     return NnunetSegmenter(default_model_dir(), threads=1)
 
 
-def test_cli_refuses_a_series_without_lungs_with_exit_2(tmp_path: Path) -> None:
+def test_cli_refuses_a_lower_abdomen_with_exit_2_unless_told_not_to(tmp_path: Path) -> None:
     info = write_case("B", 81, 0, tmp_path, matrix=48)
     bottom = _third_files(tmp_path / info.case_id / "ct", "bottom", tmp_path / "pelvis")
     out = tmp_path / "rs.dcm"
@@ -107,6 +107,14 @@ def test_cli_refuses_a_series_without_lungs_with_exit_2(tmp_path: Path) -> None:
     assert "does not show the model's region, the upper abdomen" in run.stderr
     assert "0 mm at the level of its organs" in run.stderr and "0 are mostly lung" in run.stderr
     assert not out.exists()
+    forced = subprocess.run(
+        [*RTSEG, "segment", str(bottom), "-o", str(out), "--threads", "1", "--no-region-check"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    assert out.is_file() and "checking that the series shows" not in forced.stdout
 
 
 def test_real_head_ct_is_refused_and_gets_no_rtstruct(
