@@ -22,6 +22,7 @@ from dicom_node.scu import Sender
 from dicom_node.spool import Spool
 from rtseg.closed_loop import SEGMENTED, ClosedLoop, config_from_settings
 from rtseg.jobs import FINAL, Job, JobState, JobStore, state_db
+from rtseg.privacy import redact_uids
 from rtseg.settings import Settings
 from rtseg.worker import WorkerPool
 
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 TICK_S = 0.2
 SEND_POLL_S = 0.5
 JANITOR_S = 60.0
+FAILURE_AUDIT_S = 1.0  # a failed job's reason reaches the audit trail within this
 CLOSED_LOOP_S = 5.0  # approved RTSTRUCTs back from the TPS: paired and scored off the SCP thread
 RETAINED = frozenset({JobState.DONE, JobState.FAILED, JobState.DEAD_LETTER})  # whose CT retention deletes
 
@@ -110,6 +112,7 @@ class Node:
             n.inference_threads,
             n.min_island_ml,
             n.worker_crash_limit,
+            region_check=settings.selection.region_check,
         )  # supervised: a dead worker is restarted by the pool itself
         self.closed_loop = ClosedLoop(
             self.data_dir, self.store, config_from_settings(settings.federation), self.audit.record
@@ -118,6 +121,7 @@ class Node:
             Loop("rtseg-assembly", self.assembler.tick, TICK_S),
             Loop("rtseg-sender", self.sender.run_once, SEND_POLL_S),
             Loop("rtseg-retention", self.purge, JANITOR_S),
+            Loop("rtseg-failures", self.audit_failures, FAILURE_AUDIT_S),
             Loop("rtseg-closed-loop", self.closed_loop.run_once, CLOSED_LOOP_S),
         ]
         self.server: object | None = None
@@ -176,6 +180,19 @@ class Node:
         if purged:
             log.info("retention: deleted %d CT series and RT object(s)", purged)
         return purged
+
+    def audit_failures(self) -> int:
+        """Audit each failed DICOM job once (``job_failed`` with its reason); returns how many.
+
+        Workers are other processes: the node, which owns the audit trail, reports what they failed.
+        """
+        jobs = self.store.list({JobState.FAILED}, source="dicom", limit=1_000_000)
+        fresh = [j for j in jobs if not j.meta.get("failure_audited")]
+        for job in fresh:
+            reason = redact_uids(job.error or "")
+            self.audit.record("job_failed", job=job.id, series=job.series_key, reason=reason)
+            self.store.update(job.id, meta={**job.meta, "failure_audited": True})
+        return len(fresh)
 
     def _keep_until(self, job: Job) -> float:
         hours = self.settings.node.retention_h

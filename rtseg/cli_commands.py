@@ -34,6 +34,8 @@ def print_result(result: Any) -> None:
         print(f"{s.name:<14} {s.volume_ml:>11.1f} {s.n_contours:>9}")
     if result.omitted:
         print(f"not found (left out): {', '.join(result.omitted)}")
+    for dropped in result.dropped:
+        print(f"dropped (cannot be where it was found): {dropped}")
     for flag in result.flags:
         print(f"check: {flag}")
     t = result.timings
@@ -57,7 +59,9 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     say(f"{volume.shape[0]} slices, {volume.info.patient_position}; loading model")
     segmenter = _load_segmenter(args.model, args.threads)
     identity = model_identity(segmenter.manifest, segmenter.model_dir)
-    result = segment_series(volume, segmenter, args.output, identity=identity, progress=say)
+    result = segment_series(
+        volume, segmenter, args.output, identity=identity, progress=say, region_check=args.region_check
+    )
     print_result(result)
     return 0
 
@@ -251,6 +255,12 @@ def _register_core(sub: Any, handlers: dict[str, Handler]) -> None:
     p.add_argument("--model", type=Path, help="model folder (default: the embedded model)")
     p.add_argument("--series", help="SeriesInstanceUID, when the folder holds several CT series")
     p.add_argument("--threads", type=int, help="CPU threads for inference")
+    p.add_argument(
+        "--no-region-check",
+        dest="region_check",
+        action="store_false",
+        help="segment even a series that does not show the model's body region (a reviewer must know)",
+    )
     handlers["segment"] = _cmd_segment
 
     p = sub.add_parser("demo", help="generate a phantom CT case and segment it with the default model")

@@ -46,3 +46,7 @@ class TooLargeError(InputError):
     def __init__(self, message: str, *, source: str | None = None, inflated: bool = False) -> None:
         super().__init__(message, source=source)
         self.inflated = inflated
+
+
+class RegionError(InputError):
+    """The series does not show the body region the model contours (a head for an abdominal model)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +14,7 @@ import numpy.typing as npt
 from rtseg.ct import load_series
 from rtseg.model.manifest import ModelManifest, model_hash
 from rtseg.model.segmenter import Segmentation, Segmenter
+from rtseg.region import check_region, impossible_structures, order_flags, region_rule
 from rtseg.rtstruct import (
     ModelIdentity,
     RTStructResult,
@@ -23,6 +24,7 @@ from rtseg.rtstruct import (
     build_rtstruct,
     write_rtstruct,
 )
+from rtseg.structures import EXTERNAL
 from rtseg.volume import CTVolume
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,7 @@ class PipelineResult:
     n_slices: int
     timings: dict[str, float] = field(default_factory=dict)
     input_notes: tuple[str, ...] = ()  # how the CT was read (CTVolume.info.notes)
+    dropped: tuple[str, ...] = ()  # "name: reason" of structures drawn where they cannot be
 
     @property
     def flags(self) -> tuple[str, ...]:
@@ -146,12 +149,34 @@ def summarize(
     lateral = any(r.name in LATERALITY for r in result.included)
     body = _centroid(labels > 0) if lateral else None
     volumes = {r.name: r.volume_ml for r in result.included}
+    order = order_flags(volume, labels, {r.name: r.label for r in result.included})
     return tuple(
         StructureSummary(
-            r.name, round(r.volume_ml, 2), r.n_contours, plausibility(r, labels, volume, body, volumes)
+            r.name,
+            round(r.volume_ml, 2),
+            r.n_contours,
+            plausibility(r, labels, volume, body, volumes) + ((order[r.name],) if r.name in order else ()),
         )
         for r in result.included
     )
+
+
+def drop_impossible(volume: CTVolume, segmentation: Segmentation) -> tuple[Segmentation, dict[str, str]]:
+    """Remove structures drawn where they cannot be (a lung without lung air); returns them with the reason.
+
+    Their voxels stay body (``External``) where the model has one, so the outline is unchanged.
+    """
+    label_of = {s.name: s.label for s in segmentation.manifest.structures}
+    dropped = impossible_structures(volume, segmentation.labels, label_of)
+    if not dropped:
+        return segmentation, {}
+    labels = segmentation.labels.copy()
+    body = label_of.get(EXTERNAL, 0)
+    for name in dropped:
+        labels[labels == label_of[name]] = body
+    for name, reason in dropped.items():
+        log.warning("%s dropped: %s", name, reason)
+    return replace(segmentation, labels=labels), dropped
 
 
 def segment_volume(
@@ -160,9 +185,9 @@ def segment_volume(
     identity: ModelIdentity,
     *,
     rtstruct_uids: tuple[str, str] | None = None,
-) -> tuple[Segmentation, RTStructResult]:
-    """Segment a loaded volume and build (not write) its RTSTRUCT."""
-    segmentation = segmenter.segment(volume)
+) -> tuple[Segmentation, RTStructResult, dict[str, str]]:
+    """Segment a loaded volume and build (not write) its RTSTRUCT; also returns the dropped structures."""
+    segmentation, dropped = drop_impossible(volume, segmenter.segment(volume))
     series_uid, sop_uid = rtstruct_uids or (None, None)
     result = build_rtstruct(
         volume,
@@ -172,7 +197,7 @@ def segment_volume(
         series_instance_uid=series_uid,
         sop_instance_uid=sop_uid,
     )
-    return segmentation, result
+    return segmentation, result, dropped
 
 
 def segment_series(
@@ -185,10 +210,13 @@ def segment_series(
     rtstruct_uids: tuple[str, str] | None = None,
     progress: Progress | None = None,
     note: str | None = None,
+    region_check: bool = True,
 ) -> PipelineResult:
     """Load a CT series (or take a loaded one), segment it, write the RTSTRUCT atomically to ``out_path``.
 
     ``note`` ends the structure set description (e.g. which earlier RTSTRUCT this one supersedes).
+    With ``region_check``, a series that does not show the model's declared body region is
+    refused (:class:`~rtseg.errors.RegionError`) before anything is segmented.
     """
     say = progress or (lambda _msg: None)
     identity = identity or model_identity(segmenter.manifest)
@@ -197,9 +225,13 @@ def segment_series(
     say("loading CT series")
     volume = source if isinstance(source, CTVolume) else load_series(source, series_uid=series_uid)
     timings["load_s"] = time.perf_counter() - t0
+    rule = region_rule(segmenter.manifest.region) if region_check else None
+    if rule is not None:
+        say(f"checking that the series shows {rule.description}")
+        check_region(volume, rule)
     say(f"segmenting {volume.shape[0]} slices with {identity.name} {identity.version}")
     t1 = time.perf_counter()
-    segmentation, result = segment_volume(volume, segmenter, identity, rtstruct_uids=rtstruct_uids)
+    segmentation, result, dropped = segment_volume(volume, segmenter, identity, rtstruct_uids=rtstruct_uids)
     timings["segment_s"] = segmentation.seconds
     timings["rtstruct_s"] = time.perf_counter() - t1 - segmentation.seconds
     structures = summarize(result, segmentation.labels, volume)
@@ -218,5 +250,12 @@ def segment_series(
         timings["total_s"],
     )
     return PipelineResult(
-        out_path, identity, structures, result.omitted, volume.shape[0], timings, volume.info.notes
+        out_path,
+        identity,
+        structures,
+        result.omitted,
+        volume.shape[0],
+        timings,
+        volume.info.notes,
+        tuple(f"{name}: {reason}" for name, reason in dropped.items()),
     )

@@ -103,6 +103,8 @@ class Selection:
     image_type_exclude: tuple[str, ...] = ("LOCALIZER", "SCOUT", "TOPOGRAM")
     slice_thickness_mm: tuple[float, float] = (0.0, 10.0)
     slice_count: tuple[int, int] = (10, 3000)
+    # measured on the image, not BodyPartExamined: a series without the model's region fails its job
+    region_check: bool = True
 
 
 @dataclass(frozen=True)
@@ -252,6 +254,7 @@ _SELECTION: dict[str, Callable[[Any], Any]] = {
     "image_type_exclude": _strings,
     "slice_thickness_mm": _range(_float(0.0)),
     "slice_count": _range(_int(1, 100_000)),
+    "region_check": _bool,
 }
 _NODE: dict[str, Callable[[Any], Any]] = {
     "quiet_time_s": _float(0.1, 86400.0),

@@ -96,6 +96,7 @@ class WorkerConfig:
     threads: int | None
     log_level: int
     min_island_ml: float = MIN_ISLAND_ML
+    region_check: bool = True  # refuse series that do not show the model's body region
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,8 @@ class WorkerPool:
         Structure pieces under this volume (ml) are dropped; 0 keeps every voxel the model labels.
     crash_limit
         A job whose worker died this many times is failed instead of queued again.
+    region_check
+        Fail jobs whose series does not show the model's body region (``[selection] region_check``).
     """
 
     def __init__(
@@ -151,12 +154,14 @@ class WorkerPool:
         threads: int | None = None,
         min_island_ml: float = MIN_ISLAND_ML,
         crash_limit: int = MAX_ATTEMPTS,
+        *,
+        region_check: bool = True,
     ) -> None:
         self.store = store
         threads = threads or max(1, (os.cpu_count() or 1) // max(workers, 1))
         level = logging.getLogger().getEffectiveLevel()
         self.config = WorkerConfig(
-            store.db_path, Path(data_dir), Path(model_dir), threads, level, min_island_ml
+            store.db_path, Path(data_dir), Path(model_dir), threads, level, min_island_ml, region_check
         )
         self.workers = workers
         self.crash_limit = crash_limit
@@ -300,7 +305,7 @@ def load_runner(store: JobStore, config: WorkerConfig) -> JobRunner | None:
         return None
     identity = model_identity(segmenter.manifest, model_dir)
     log.info("worker: model %s %s loaded", identity.name, identity.version)
-    return JobRunner(store, config.data_dir, segmenter, identity)
+    return JobRunner(store, config.data_dir, segmenter, identity, region_check=config.region_check)
 
 
 def _limit_resources(threads: int | None) -> None:
@@ -331,11 +336,14 @@ class _Recorder:
 class JobRunner:
     """Runs one claimed job to its next state (in a worker process, or inline in tests)."""
 
-    def __init__(self, store: JobStore, data_dir: Path, segmenter: Any, identity: Any) -> None:
+    def __init__(
+        self, store: JobStore, data_dir: Path, segmenter: Any, identity: Any, *, region_check: bool = True
+    ) -> None:
         self.store = store
         self.data_dir = Path(data_dir)
         self.segmenter = segmenter
         self.identity = identity
+        self.region_check = region_check
 
     def run(self, job: Job) -> Job:
         if job.attempts > MAX_ATTEMPTS:
@@ -347,7 +355,7 @@ class JobRunner:
             else:
                 files, result = self._run_dicom(job)
         except RtsegError as exc:
-            return self._fail(job, str(exc))
+            return self._fail(job, str(exc), refused=isinstance(exc, InputError))
         except Exception as exc:  # noqa: BLE001 - a bug must fail this job, not kill the worker
             log.exception("job %s: internal error", job.id)
             return self._fail(job, f"internal error ({type(exc).__name__}); see the node log")
@@ -379,9 +387,11 @@ class JobRunner:
             except OSError as exc:
                 log.error("job %s: cannot mark its RTSTRUCT incomplete (%s)", job.id, exc.strerror)
 
-    def _fail(self, job: Job, message: str) -> Job:
+    def _fail(self, job: Job, message: str, *, refused: bool = False) -> Job:
+        """Fail ``job``; ``refused``: its input is unusable (an InputError), answered as bad input."""
         log.warning("job %s failed: %s", job.id, redact_uids(message))  # the job keeps the whole message
-        return self.store.transition(job.id, JobState.RUNNING, JobState.FAILED, error=message)
+        result = {"input_refused": True} if refused else {}
+        return self.store.transition(job.id, JobState.RUNNING, JobState.FAILED, error=message, result=result)
 
     def _out(self, job: Job, name: str) -> tuple[str, Path]:
         rel = f"{job_dir(job)}/{name}"
@@ -391,7 +401,7 @@ class JobRunner:
 
     def _run_dicom(self, job: Job) -> tuple[dict[str, str], dict[str, Any]]:
         from rtseg.phantom.cohort import write_label_image
-        from rtseg.pipeline import segment_series
+        from rtseg.pipeline import drop_impossible, segment_series
 
         recorder = _Recorder(self.segmenter)
         rel, out = self._out(job, "rtstruct.dcm")
@@ -401,17 +411,26 @@ class JobRunner:
         source = [folder / f"{key}.dcm" for key in listed] if listed else folder
         note = description_note(self.store.get(job.id).meta)  # fresh: late instances may be flagged
         outcome = segment_series(
-            source, recorder, out, identity=self.identity, rtstruct_uids=rtstruct_uids(job.id), note=note
+            source,
+            recorder,
+            out,
+            identity=self.identity,
+            rtstruct_uids=rtstruct_uids(job.id),
+            note=note,
+            region_check=self.region_check,
         )
         files = {"rtstruct": rel}
         if job.meta.get("write_labels") and recorder.last is not None:
             volume, segmentation = recorder.last
+            if outcome.dropped:  # the label map says what the RTSTRUCT says
+                segmentation, _ = drop_impossible(volume, segmentation)
             labels_rel, labels_path = self._out(job, "labels.nii.gz")
             write_label_image(segmentation.labels, volume.affine, labels_path)
             files["labels"] = labels_rel
         result = {
             "structures": [asdict(s) for s in outcome.structures],
             "omitted": list(outcome.omitted),
+            "dropped": list(outcome.dropped),
             "flags": list(outcome.flags),
             "n_slices": outcome.n_slices,
             "timings": {k: round(v, 3) for k, v in outcome.timings.items()},

@@ -104,7 +104,14 @@ def _serve(settings: Settings, http: HttpSettings) -> int:
     store = JobStore(state_db(data_dir))
     n = settings.node
     pool = WorkerPool(
-        store, data_dir, model_dir, n.workers, n.inference_threads, n.min_island_ml, n.worker_crash_limit
+        store,
+        data_dir,
+        model_dir,
+        n.workers,
+        n.inference_threads,
+        n.min_island_ml,
+        n.worker_crash_limit,
+        region_check=settings.selection.region_check,
     )
     app = create_app(http, store, data_dir, model_dir, worker_alive=lambda: pool.alive() > 0, workers=pool)
     server = HttpServer(app, http)

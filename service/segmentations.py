@@ -13,6 +13,7 @@ from typing import Any, cast
 
 from flask import Blueprint, Response, jsonify, request, send_file, url_for
 
+from rtseg.errors import InputError
 from rtseg.jobs import FINAL, Job, JobError, JobState
 from service.app import ServiceContext, UploadRequest, service
 from service.problems import HttpProblem
@@ -79,6 +80,7 @@ def _create(ctx: ServiceContext) -> tuple[Response, int, dict[str, str]]:
     log.info("upload %s: queued (%s, %d files)", job_id, intake.kind, intake.n_files)
     if wait > 0:
         job = _wait(ctx, job, wait)
+        _raise_if_refused(job)
     location = url_for("v1.segmentations.get", job_id=job_id)
     return jsonify(describe(job)), (201 if job.state in FINAL else 202), {"Location": location}
 
@@ -166,8 +168,15 @@ def _job(job_id: str) -> Job:
     return job
 
 
+def _raise_if_refused(job: Job) -> None:
+    """A job failed because its input is unusable is answered as bad input (422, see problems.py)."""
+    if job.state == JobState.FAILED and job.result.get("input_refused"):
+        raise InputError(f"the segmentation {job.id} failed: {job.error}")
+
+
 def _finished(job_id: str) -> Job:
     job = _job(job_id)
+    _raise_if_refused(job)
     if job.state == JobState.FAILED:
         raise HttpProblem(409, "job-failed", f"the segmentation failed: {job.error}")
     if job.state != JobState.DONE:

@@ -265,6 +265,7 @@ def export_default(results: Path, out_dir: Path, recipe: Recipe, started_from: s
         name=MODEL_NAME,
         version=recipe.version,
         structures=STRUCTURES,
+        region="upper_abdomen",
         provenance=default_provenance(
             training_data={
                 "kind": "rtseg phantom",

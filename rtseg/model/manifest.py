@@ -38,6 +38,7 @@ class ModelManifest:
     checkpoint: str = "checkpoint_final.pth"
     orientation: str = CANONICAL_ORIENTATION
     provenance: dict[str, Any] = field(default_factory=dict)
+    region: str = ""  # body region the model contours (a key of rtseg.region.REGIONS); "": not checked
 
     def labels(self) -> dict[str, int]:
         """The ``labels`` entry of ``dataset.json`` these structures stand for."""
@@ -77,6 +78,7 @@ def save_manifest(model_dir: Path, manifest: ModelManifest) -> Path:
         "checkpoint": manifest.checkpoint,
         "orientation": manifest.orientation,
         "provenance": manifest.provenance,
+        **({"region": manifest.region} if manifest.region else {}),
     }
     path = Path(model_dir) / MANIFEST_NAME
     path.write_text(json.dumps(doc, indent=2) + "\n")
@@ -112,6 +114,7 @@ def load_manifest(model_dir: Path) -> ModelManifest:
             checkpoint=str(doc.get("checkpoint", "checkpoint_final.pth")),
             orientation=str(doc.get("orientation", CANONICAL_ORIENTATION)),
             provenance=dict(doc.get("provenance") or {}),
+            region=str(doc.get("region") or ""),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelError(f"malformed model manifest ({exc!r})", source=str(path)) from exc

@@ -1,0 +1,186 @@
+"""The series must show the model's region, and each structure must be where it can be (issue 16, point 2).
+
+Phantom cases have lungs at the top and lower abdomen at the bottom (no head, no pelvis): the
+top third (thorax only) and the bottom third (no lungs, as a pelvis-only scan) stand for the
+scans the upper-abdominal model must refuse. The real head CT in ``../shared/realct`` is the case
+that made rtseg report an 808 ml liver and 3 l of lungs in a head.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from rtseg.ct import load_series
+from rtseg.errors import RegionError
+from rtseg.model.default import default_model_dir
+from rtseg.model.manifest import load_manifest
+from rtseg.model.segmenter import NnunetSegmenter, Segmentation
+from rtseg.phantom.cohort import write_case
+from rtseg.pipeline import drop_impossible, segment_series
+from rtseg.region import REGIONS, check_region, order_flags
+from rtseg.structures import BY_NAME
+from rtseg.volume import CTVolume
+
+RTSEG = [sys.executable, "-m", "rtseg.cli"]
+RULE = REGIONS["upper_abdomen"]
+ABDOMINAL = ("Liver", "Kidney_L", "Kidney_R", "Spleen", "Pancreas", "Lung_L", "Lung_R", "Heart")
+ABDOMINAL += ("Bowel_Small", "Colon", "Stomach", "Duodenum", "Gallbladder")
+
+
+def _third(volume: CTVolume, which: str) -> CTVolume:
+    """The superior ("top") or inferior ("bottom") third of a volume, with its own affine."""
+    n = volume.shape[0]
+    superior_first = volume.slice_z(0)[2] > volume.slice_z(n - 1)[2]
+    top = which == "top"
+    start = 0 if top == superior_first else n - n // 3
+    affine = volume.affine.copy()
+    affine[:3, 3] = volume.slice_z(start)
+    return CTVolume(volume.hu[start : start + n // 3], affine, volume.info)
+
+
+def _third_files(ct_dir: Path, which: str, out: Path) -> Path:
+    """Copy the DICOM files of the top or bottom third of a series (by patient z) into ``out``."""
+    files = sorted(ct_dir.glob("*.dcm"), key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2]))
+    n = len(files) // 3
+    chosen = files[-n:] if which == "top" else files[:n]
+    out.mkdir(parents=True)
+    for path in chosen:
+        shutil.copy(path, out / path.name)
+    return out
+
+
+def _middle(volume: CTVolume, n: int) -> CTVolume:
+    start = (volume.shape[0] - n) // 2
+    affine = volume.affine.copy()
+    affine[:3, 3] = volume.slice_z(start)
+    return CTVolume(volume.hu[start : start + n], affine, volume.info)
+
+
+def test_a_whole_phantom_covers_the_upper_abdomen_but_its_top_or_bottom_third_does_not(
+    phantom_ct96: Path,
+) -> None:
+    volume = load_series(phantom_ct96)
+    check_region(volume, RULE)  # the whole case
+    check_region(_middle(volume, 12), RULE)  # 24 mm at liver level, no lungs: an upper-abdominal excerpt
+    with pytest.raises(RegionError) as top:
+        check_region(_third(volume, "top"), RULE)
+    with pytest.raises(RegionError) as bottom:
+        check_region(_third(volume, "bottom"), RULE)
+    n = volume.shape[0] // 3
+    assert f"of {n} slices, {n} are mostly lung (thorax)" in str(top.value)
+    assert f"of {n} slices, 0 are mostly lung (thorax)" in str(bottom.value)
+    for refused in (top.value, bottom.value):
+        assert "does not show the model's region, the upper abdomen" in str(refused)
+        assert "0 mm at the level of its organs (at least 15 mm needed" in str(refused)
+
+
+def test_the_default_model_declares_its_region() -> None:
+    assert load_manifest(default_model_dir()).region == "upper_abdomen"
+
+
+@pytest.fixture(scope="module")
+def segmenter() -> NnunetSegmenter:
+    return NnunetSegmenter(default_model_dir(), threads=1)
+
+
+def test_cli_refuses_a_lower_abdomen_with_exit_2_unless_told_not_to(tmp_path: Path) -> None:
+    info = write_case("B", 81, 0, tmp_path, matrix=48)
+    bottom = _third_files(tmp_path / info.case_id / "ct", "bottom", tmp_path / "pelvis")
+    out = tmp_path / "rs.dcm"
+    run = subprocess.run(
+        [*RTSEG, "segment", str(bottom), "-o", str(out), "--threads", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "Traceback" not in run.stderr
+    assert run.stderr.startswith("rtseg segment: error:")
+    assert "does not show the model's region, the upper abdomen" in run.stderr
+    assert "0 mm at the level of its organs" in run.stderr and "0 are mostly lung" in run.stderr
+    assert not out.exists()
+    forced = subprocess.run(
+        [*RTSEG, "segment", str(bottom), "-o", str(out), "--threads", "1", "--no-region-check"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    assert out.is_file() and "checking that the series shows" not in forced.stdout
+
+
+def test_real_head_ct_is_refused_and_gets_no_rtstruct(
+    realct: Path, segmenter: NnunetSegmenter, tmp_path: Path
+) -> None:
+    """Before: Liver 808 ml, Lung_L 1,062 ml, Lung_R 2,125 ml, Heart 261 ml, kidneys … in a head."""
+    out = tmp_path / "rs.dcm"
+    with pytest.raises(RegionError, match="0 mm at the level of its organs") as refused:
+        segment_series(realct / "head_ct_cerr", segmenter, out)
+    assert not out.exists()
+    # the skull: many slices are more than 10% bone, none is thorax
+    found = re.search(r"of 90 slices, 0 are mostly lung \(thorax\) and (\d+) mostly bone", str(refused.value))
+    assert found and int(found.group(1)) >= 30, str(refused.value)
+
+
+def test_without_the_region_check_no_abdominal_organ_of_the_head_ct_is_delivered_silently(
+    realct: Path, segmenter: NnunetSegmenter, tmp_path: Path
+) -> None:
+    """Turned off, the check still drops lungs without lung air and flags organs in the wrong order."""
+    result = segment_series(realct / "head_ct_cerr", segmenter, tmp_path / "rs.dcm", region_check=False)
+    dropped = {d.split(":")[0] for d in result.dropped}
+    assert {"Lung_L", "Lung_R"} <= dropped  # drawn in the air around the head
+    delivered = {s.name: s.flags for s in result.structures}
+    assert not delivered.keys() & {"Lung_L", "Lung_R"}
+    for name in ("Liver", "Kidney_L", "Kidney_R"):
+        assert any("anatomically impossible" in f for f in delivered[name]), (name, delivered[name])
+
+
+def test_a_normal_phantom_case_is_segmented_with_nothing_dropped_or_out_of_order(
+    phantom_ct96: Path, segmenter: NnunetSegmenter, tmp_path: Path
+) -> None:
+    result = segment_series(phantom_ct96, segmenter, tmp_path / "rs.dcm")
+    assert result.rtstruct_path.is_file() and result.dropped == ()
+    names = {s.name for s in result.structures}
+    assert {"Liver", "Lung_L", "Lung_R", "Heart", "Kidney_L", "Spleen"} <= names
+    assert not [f for f in result.flags if "anatomically impossible" in f]
+
+
+def _blob(shape: tuple[int, int, int], centre: tuple[int, int, int], r: int) -> np.ndarray:
+    k, j, i = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    return ((k - centre[0]) ** 2 + (j - centre[1]) ** 2 + (i - centre[2]) ** 2) < r * r
+
+
+def test_a_lung_without_lung_air_is_dropped_and_a_liver_above_the_heart_is_flagged() -> None:
+    shape = (40, 40, 40)
+    hu = np.full(shape, 40.0, np.float32)  # soft tissue everywhere: no lung air
+    hu[_blob(shape, (30, 20, 28), 6)] = -850.0  # a real left lung at the top (k large = superior)
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])
+    volume = CTVolume(hu, affine, _info())
+    labels = np.ones(shape, np.uint8)
+    labels[_blob(shape, (30, 20, 28), 6)] = BY_NAME["Lung_L"].label
+    labels[_blob(shape, (30, 20, 10), 6)] = BY_NAME["Lung_R"].label  # drawn in soft tissue
+    labels[_blob(shape, (20, 20, 20), 5)] = BY_NAME["Heart"].label
+    labels[_blob(shape, (32, 10, 20), 4)] = BY_NAME["Liver"].label  # above the heart
+    manifest = load_manifest(default_model_dir())
+    kept, dropped = drop_impossible(volume, Segmentation(labels, manifest, 0.0))
+    assert list(dropped) == ["Lung_R"] and "0% of it is lung air inside the body" in dropped["Lung_R"]
+    assert not (kept.labels == BY_NAME["Lung_R"].label).any()
+    assert (kept.labels > 0).sum() == (labels > 0).sum()  # the body outline is unchanged
+    flags = order_flags(volume, kept.labels, {n: BY_NAME[n].label for n in ("Heart", "Liver", "Lung_L")})
+    assert flags == {"Liver": "centre lies above the Lung_L centre: anatomically impossible"}
+
+
+def _info():  # type: ignore[no-untyped-def]
+    from rtseg.volume import SeriesInfo
+
+    return SeriesInfo(
+        "1.2", "1.2.3", "1.2.4", "1.2.840.10008.5.1.4.1.1.2", tuple(f"1.2.5.{k}" for k in range(40)), "HFS"
+    )
