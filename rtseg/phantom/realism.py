@@ -25,8 +25,10 @@ F32 = npt.NDArray[np.float32]
 
 # Linear attenuation of water near the effective energy of a 120 kV beam (1/mm): HU ↔ µ.
 MU_WATER = 0.019
-# Reconstruction kernels as ramp × Hann apodisation cut off at this frequency (cycles/mm).
-KERNEL_CUTOFF = {"soft": 0.5, "standard": 0.8, "sharp": 1.6}
+# Reconstruction kernels as ramp × Hann apodisation cut off at this frequency (cycles/mm); the
+# noise power then peaks near 0.3 × cutoff: 0.12, 0.18, 0.42 /mm (a body kernel such as Siemens
+# Br38f peaks near 0.15–0.2 /mm, see docs/phantom.md).
+KERNEL_CUTOFF = {"soft": 0.4, "standard": 0.6, "sharp": 1.4}
 PHASES = ("nc", "art", "pv")
 
 _SHARES = ("arms_down", "truncation", "metal", "motion", "short_scan")
@@ -170,8 +172,8 @@ def radial_nps(
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """Radially averaged noise power spectrum of square patches ``[n, m, m]`` (HU² mm²).
 
-    Each patch is detrended (its least-squares plane removed) before the FFT,
-    so slow anatomy does not show up as low-frequency noise.
+    Each patch is detrended (its least-squares quadratic surface removed)
+    before the FFT, so slow anatomy does not show up as low-frequency noise.
 
     Returns
     -------
@@ -179,7 +181,8 @@ def radial_nps(
     """
     n, m = patches.shape[0], patches.shape[1]
     yy, xx = np.mgrid[:m, :m].astype(np.float64)
-    design = np.stack([np.ones(m * m), yy.ravel(), xx.ravel()], axis=1)
+    y, x = yy.ravel() / m, xx.ravel() / m
+    design = np.stack([np.ones(m * m), y, x, y * y, x * x, x * y], axis=1)
     power = np.zeros((m, m))
     for patch in patches.astype(np.float64):
         coef, *_ = np.linalg.lstsq(design, patch.ravel(), rcond=None)
