@@ -223,7 +223,7 @@ def metal_streaks(hu: F32, metal_hu: F32, pixel_mm: float, rng: np.random.Genera
         mu = np.where(metal[k] & inside, MU_WATER * (1.0 + metal_hu[k] / 1000.0), 0.0) * pixel_mm
         p = radon(mu, theta=theta, circle=True)
         starving = np.exp(0.5 * np.minimum(p, 14.0)) - 1.0
-        error = -0.08 * p**2 + 0.01 * starving * rng.standard_normal(p.shape)
+        error = -0.08 * p**2 + 0.005 * starving * rng.standard_normal(p.shape)
         image_error = iradon(error, theta=theta, filter_name="ramp", circle=True) / pixel_mm
         out[k] += (1000.0 / MU_WATER * image_error * inside).astype(np.float32)
     return out

@@ -251,12 +251,14 @@ def effects_figure(matrix: int, out: Path) -> None:
         k = int(np.argmax((body.labels == BY_NAME["Liver"].label).sum(axis=(1, 2))))
         if body.metal is not None:
             k = int(np.argmax((body.metal > 0).sum(axis=(1, 2))))
-        elif option == "motion":
-            k = int(np.argmin(np.abs(grid.axis(0) - 0.4 * patient.half_length)))
         elif option == "bowel":
             k = int(np.argmax((body.labels == BY_NAME["Colon"].label).sum(axis=(1, 2))))
-        ax.imshow(body.hu[k], cmap="gray", vmin=SOFT_WINDOW[0], vmax=SOFT_WINDOW[1])
-        ax.set_title(option, fontsize=9)
+        image, aspect = body.hu[k], 1.0
+        if option == "motion":  # breathing shows along z: a coronal reformat through the liver dome
+            j = int(np.argmax((body.labels == BY_NAME["Liver"].label).sum(axis=(0, 2))))
+            image, aspect = body.hu[::-1, j, :], grid.spacing[0] / grid.spacing[1]
+        ax.imshow(image, cmap="gray", vmin=SOFT_WINDOW[0], vmax=SOFT_WINDOW[1], aspect=aspect)
+        ax.set_title(option + (" (coronal)" if option == "motion" else ""), fontsize=9)
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(out / "effects.png", dpi=80)
