@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from scipy.ndimage import binary_dilation
 
+from rtseg.cases import load_case
 from rtseg.errors import InputError
 from rtseg.phantom.anatomy import build_body
 from rtseg.phantom.cohort import make_case
@@ -217,12 +218,17 @@ def test_unknown_realism_option_is_refused_by_name() -> None:
 def test_phantom_command_writes_realistic_cases(tmp_path: Path) -> None:
     rtseg = [sys.executable, "-m", "rtseg.cli", "phantom", "--center", "B", "--seed", "5", "--matrix", "64"]
     ok = subprocess.run(
-        [*rtseg, "--realism", "metal,phase=art", "--out", str(tmp_path)], capture_output=True, text=True
+        [*rtseg, "--realism", "metal,short_scan,phase=art", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
     )
     assert ok.returncode == 0, ok.stderr
-    assert "realism metal-art" in ok.stdout
-    info = json.loads((tmp_path / "B_s5_000_metal-art" / "case.json").read_text())
-    assert info["phase"] == "art" and info["notes"]["realism"] == ["metal", "phase=art"]
+    assert "realism metal-short_scan-art" in ok.stdout
+    case_dir = tmp_path / "B_s5_000_metal-short_scan-art"
+    info = json.loads((case_dir / "case.json").read_text())
+    assert info["phase"] == "art" and info["notes"]["realism"] == ["metal", "short_scan", "phase=art"]
+    case = load_case(case_dir)  # labels checked against the (shorter) CT grid
+    assert case.volume.shape[0] == info["n_slices"] and case.volume.hu.max() == 3071
     bad = subprocess.run(
         [*rtseg, "--realism", "chrome", "--out", str(tmp_path)], capture_output=True, text=True
     )
