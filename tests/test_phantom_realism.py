@@ -259,6 +259,7 @@ def test_realism_report_measures_phantoms_against_real_ct(
     assert head["nps"]["sd_hu"] > 0 and "w1_soft_hu" not in head  # the head serves for noise only
     for phantom in (plain, clinical):
         assert phantom["w1_soft_hu"] > 0 and 0 < phantom["nps_shape_distance"] <= 1
+        assert set(phantom["w1_tissue_hu"]) == {"gas", "fat", "soft", "bone"}
     assert clinical["effects"] and "effects" not in plain
     assert "| real abdomen (Siemens) |" in capsys.readouterr().out
     assert (tmp_path / "metrics.md").read_text().startswith("| scan |")

@@ -12,8 +12,9 @@ Measures, stated:
 * tissue shares and histograms of HU inside the body, tissue by HU window
   (gas < −400, fat −200…−30, soft tissue −30…150, bone ≥ 150), the same
   windows for phantom and real, so like is compared with like;
-* the 1-Wasserstein distance (HU) between the soft-tissue histograms and
-  between the fat-to-soft-tissue histograms (−250…250) of phantom and real;
+* the 1-Wasserstein distance (HU) between the histograms of each tissue
+  window and between the fat-to-soft-tissue histograms (−250…250) of
+  phantom and real;
 * the noise power spectrum of the most uniform soft-tissue patch (about
   30 mm square, 7 slices; each patch detrended, 2-D FFT, radial average):
   its peak and mean frequency (cycles/mm), the noise SD, and the shape
@@ -41,6 +42,12 @@ from rtseg.phantom.cohort import make_case
 from rtseg.phantom.realism import Realism, radial_nps
 
 WINDOWS = {"gas": (-1100.0, -400.0), "fat": (-200.0, -30.0), "soft": (-30.0, 150.0), "bone": (150.0, 4000.0)}
+HIST_RANGES = {
+    "gas": (-1050.0, -400.0),
+    "fat": (-200.0, -30.0),
+    "soft": (-30.0, 150.0),
+    "bone": (150.0, 1200.0),
+}
 SOFT_WINDOW = (-160.0, 240.0)  # display: W 400, L 40
 PATCH_MM = 30.0
 ABDOMEN_REF = "siemens_petct_j2k"
@@ -163,6 +170,10 @@ def compare(scans: list[Scan], reference: Scan | None, head: Scan | None) -> dic
             entry["w1_soft_hu"] = round(
                 float(wasserstein_distance(window(values, -30, 150), window(ref, -30, 150))), 1
             )
+            entry["w1_tissue_hu"] = {
+                t: round(float(wasserstein_distance(window(values, lo, hi), window(ref, lo, hi))), 1)
+                for t, (lo, hi) in WINDOWS.items()
+            }
             entry["w1_fat_soft_hu"] = round(
                 float(wasserstein_distance(window(values, -250, 250), window(ref, -250, 250))), 1
             )
@@ -175,15 +186,16 @@ def compare(scans: list[Scan], reference: Scan | None, head: Scan | None) -> dic
 def table(metrics: dict[str, Any]) -> str:
     """The metrics as a markdown table."""
     rows = [
-        "| scan | gas / fat / soft / bone share | W1 soft (HU) | W1 fat–soft (HU) "
+        "| scan | gas / fat / soft / bone share | W1 gas / fat / soft / bone (HU) | W1 fat–soft (HU) "
         "| NPS peak (1/mm) | NPS mean f (1/mm) | noise SD (HU) | NPS shape distance |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, e in metrics.items():
         shares = " / ".join(f"{100 * v:.0f} %" for v in e["tissue_shares"].values())
         n = e["nps"]
+        w1 = " / ".join(str(v) for v in e["w1_tissue_hu"].values()) if "w1_tissue_hu" in e else "–"
         rows.append(
-            f"| {name} | {shares} | {e.get('w1_soft_hu', '–')} | {e.get('w1_fat_soft_hu', '–')} "
+            f"| {name} | {shares} | {w1} | {e.get('w1_fat_soft_hu', '–')} "
             f"| {n['peak_f']} | {n['mean_f']} | {n['sd_hu']} | {e.get('nps_shape_distance', '–')} |"
         )
     return "\n".join(rows) + "\n"
@@ -205,17 +217,18 @@ def figures(scans: list[Scan], metrics: dict[str, Any], out: Path) -> None:
     fig.savefig(out / "montage.png", dpi=90)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6.0, 3.4))
-    bins = [float(b) for b in np.arange(-250.0, 352.0, 4.0)]
-    for scan in scans:
-        ax.hist(
-            window(scan.hu[scan.body], -250, 350), bins=bins, density=True, histtype="step", label=scan.name
-        )
-    for lo in (-30.0, 150.0):
-        ax.axvline(lo, color="0.7", lw=0.8)
-    ax.set_xlabel("HU inside the body")
-    ax.set_ylabel("density")
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, len(WINDOWS), figsize=(10.0, 3.0))
+    for ax, (tissue, (lo, hi)) in zip(axes, HIST_RANGES.items(), strict=True):
+        bins = [float(b) for b in np.linspace(lo, hi, 61)]
+        for scan in scans:
+            ax.hist(
+                window(scan.hu[scan.body], lo, hi), bins=bins, density=True, histtype="step", label=scan.name
+            )
+        ax.set_title(f"{tissue} ({WINDOWS[tissue][0]:.0f}…{WINDOWS[tissue][1]:.0f} HU)", fontsize=9)
+        ax.set_xlabel("HU inside the body", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.set_yticks([])
+    axes[0].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(out / "histograms.png", dpi=90)
     plt.close(fig)
