@@ -24,6 +24,7 @@ Handler = Callable[[argparse.Namespace], int]
 
 def _cmd_phantom(args: argparse.Namespace) -> int:
     from rtseg.phantom.cohort import CaseInfo, generate_cohort
+    from rtseg.phantom.realism import Realism
 
     started = time.monotonic()
 
@@ -34,7 +35,11 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    print(f"writing {args.cases} center-{args.center} phantom case(s), seed {args.seed}, to {args.out}")
+    realism = Realism.parse(args.realism)
+    extra = f", realism {realism.tag}" if not realism.off else ""
+    print(
+        f"writing {args.cases} center-{args.center} phantom case(s), seed {args.seed}{extra}, to {args.out}"
+    )
     infos = generate_cohort(
         args.center,
         args.cases,
@@ -45,6 +50,7 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
         start=args.start,
         progress=show,
         couch=args.couch,
+        realism=realism,
     )
     print(
         f"done: {len(infos)} case(s) in {time.monotonic() - started:.0f} s "
@@ -75,6 +81,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
         "--couch",
         action="store_true",
         help="lay the patients on a treatment couch (curved top, mattress, vacuum bag; not body)",
+    )
+    p.add_argument(
+        "--realism",
+        default="none",
+        metavar="OPTIONS",
+        help="closer to real CT: none (default), clinical (a realistic mix) or a comma list of "
+        "arms_down, truncation, metal, motion, short_scan, noise_texture, partial_volume, bowel, "
+        "phase=nc|art|pv (see docs/phantom.md)",
     )
     p.add_argument("--out", type=Path, required=True, help="output folder")
     handlers["phantom"] = _cmd_phantom

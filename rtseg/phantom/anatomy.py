@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from rtseg.phantom.realism import Effects, bowel_contents
 from rtseg.phantom.shapes import F32, Blob, Coords, Grid, Tube, smooth_displacement, smooth_noise
 from rtseg.structures import BY_NAME
 
@@ -99,14 +100,24 @@ class Body:
     labels: npt.NDArray[np.uint8]
     hu: F32
     notes: dict[str, object] = field(default_factory=dict)
+    metal: F32 | None = None  # true HU of metal (0 elsewhere), painted with its streaks later
 
 
 class _Builder:
     """Paints one case. Methods are called in anatomical priority order."""
 
-    def __init__(self, patient: Patient, grid: Grid, z_offset: float = 0.0, couch: bool = False) -> None:
+    def __init__(
+        self,
+        patient: Patient,
+        grid: Grid,
+        z_offset: float = 0.0,
+        couch: bool = False,
+        effects: Effects | None = None,
+    ) -> None:
         self.p = patient
         self.couch = couch
+        self.fx = effects or Effects()
+        self.metal: F32 | None = None
         self.grid = grid
         self.rng = np.random.default_rng(patient.seed)
         amp = 2.0 + 0.25 * patient.age
@@ -176,10 +187,67 @@ class _Builder:
         self.paint(self.cavity, 1, self.p.tissue("visceral"))
         self.body_mask = body
         self.wall_r = inner_fat - muscle_t
+        if self.fx.arms_down:
+            self._arms()
         if self.couch:
             self._couch()
         else:
             self._table()
+
+    def _arms(self) -> None:
+        """Arms beside the trunk: body (label 1) of fat, muscle and humerus, never an organ.
+
+        Drawn from its own generator, so the trunk's anatomy is that of the same case
+        with the arms up (out of the field).
+        """
+        rng = np.random.default_rng([self.p.seed, 13])
+        c = self.c
+        t = c.z / self.L
+        down = c.y if not self.p.prone else -c.y
+        radius = self.W * float(rng.uniform(0.24, 0.32))
+        for side in (-1.0, 1.0):
+            cx = side * (1.06 * self.W + float(rng.uniform(2.0, 10.0)) + radius)
+            cy = (float(rng.normal(0.05, 0.06)) - 0.12 * np.clip(t, -1, 1)) * self.H  # forearms lie anterior
+            if self.p.prone:
+                cy = -cy
+            d = np.sqrt((c.x - cx) ** 2 + ((c.y - cy) / 1.15) ** 2) / radius
+            arm = (d < 1.0) & ~self.body_mask & (down < self.H / 1.12)  # resting on the table
+            bone = float(rng.uniform(0.17, 0.22))
+            self.paint(arm, 1, self.p.tissue("fat"))
+            self.paint(arm & (d < 0.82), 1, self.p.tissue("muscle"))
+            self.paint(arm & (d < bone), 1, self.p.tissue("cortical"))
+            self.paint(arm & (d < 0.6 * bone), 1, self.p.tissue("cancellous") - 120.0)  # fatty marrow
+            self.body_mask = self.body_mask | arm
+        self.notes["arms_down"] = {"radius_mm": round(radius, 1)}
+
+    def _metal(self) -> None:
+        """Surgical clips near a hilum and a pair of pedicle screws: metal HU only, no label.
+
+        The metal is kept apart (:attr:`Body.metal`) so that its streaks are added after
+        the slice profile and breathing, as a reconstruction would.
+        """
+        rng = np.random.default_rng([self.p.seed, 19])
+        metal = np.zeros(self.grid.shape, np.float32)
+        c = self.c
+        hilum = np.array(
+            [float(rng.choice([-1.0, 1.0])) * 0.25 * self.W, 0.2 * self.H, rng.uniform(-0.3, 0.2) * self.L]
+        )
+        for _ in range(int(rng.integers(3, 7))):
+            p = hilum + rng.normal(0, 6.0, 3)
+            axis = rng.normal(size=3)
+            axis /= np.linalg.norm(axis)
+            rel = np.stack([c.x - p[0], c.y - p[1], c.z - p[2]])
+            along = np.tensordot(axis, rel, axes=1)
+            across = np.sqrt(np.maximum((rel**2).sum(axis=0) - along**2, 0.0))
+            metal[(np.abs(along) < 3.0) & (across < 0.9) & self.cavity] = 5000.0  # titanium clip
+        z_screw = float(rng.uniform(-0.4, 0.3)) * self.L
+        for side in (-1.0, 1.0):  # screws through the pedicles into the vertebral body
+            x0 = side * 0.45 * self.spine_r
+            along_y = (c.y > self.spine_y - 0.6 * self.spine_r) & (c.y < self.spine_y + 2.2 * self.spine_r)
+            shaft = np.hypot(c.x - x0 - side * 0.15 * (c.y - self.spine_y), c.z - z_screw) < 2.5
+            metal[shaft & along_y & self.body_mask] = 9000.0  # titanium alloy screw
+        self.metal = metal
+        self.notes["metal"] = {"clips": True, "screws_z_mm": round(z_screw, 1)}
 
     def _table(self) -> None:
         """Couch under the patient: posterior when supine, anterior when prone."""
@@ -415,6 +483,8 @@ class _Builder:
         # gas rises: anterior (−y) in supine, posterior in prone
         up = -self.c.y if not self.p.prone else self.c.y
         img[lumen] = content[lumen]
+        if self.fx.bowel:
+            self._realistic_contents(img, lumen, label)
         if air_share > 0:
             idx = np.nonzero(lumen)
             if idx[0].size:
@@ -422,6 +492,13 @@ class _Builder:
                 gas = lumen & (up > cutoff)
                 img[gas] = -950
         self.paint(mask, label, img)
+
+    def _realistic_contents(self, img: F32, lumen: npt.NDArray[np.bool_], label: int) -> None:
+        """Replace the lumen's uniform content by faeces, fluid or food (own generator)."""
+        kind = {BY_NAME["Colon"].label: "colon", BY_NAME["Stomach"].label: "stomach"}.get(label, "small")
+        fluid = 250.0 if self.p.oral_contrast else self.p.tissue("water")
+        rng = np.random.default_rng([self.p.seed, 17, label])
+        img[lumen] = bowel_contents(kind, self.grid.shape, fluid, rng)[lumen]
 
     def stomach(self) -> None:
         c = self.organ_coords()
@@ -704,13 +781,23 @@ class _Builder:
         self.paint_spine()
         self.ribs()
         self.labels[~self.body_mask] = 0
-        return Body(self.labels, self.hu, self.notes)
+        if self.fx.metal:
+            self._metal()
+        return Body(self.labels, self.hu, self.notes, self.metal)
 
 
-def build_body(patient: Patient, grid: Grid, z_offset: float = 0.0, couch: bool = False) -> Body:
+def build_body(
+    patient: Patient,
+    grid: Grid,
+    z_offset: float = 0.0,
+    couch: bool = False,
+    effects: Effects | None = None,
+) -> Body:
     """Label map (structure label ids) and noise-free HU of one patient on ``grid``.
 
     ``couch`` puts the patient on a treatment couch (curved top, mattress, vacuum
     bag) instead of the plain table slab; the couch is never labelled.
+    ``effects`` adds the anatomical realism options (arms down, metal, bowel
+    contents; see :mod:`rtseg.phantom.realism`); None builds the plain phantom.
     """
-    return _Builder(patient, grid, z_offset, couch).build()
+    return _Builder(patient, grid, z_offset, couch, effects).build()

@@ -13,7 +13,7 @@ import json
 import logging
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from scipy.ndimage import gaussian_filter, gaussian_filter1d
 from rtseg.errors import InputError
 from rtseg.phantom.anatomy import Body, Patient, build_body, draw_patient
 from rtseg.phantom.dicom_io import POSITION_AXES, SeriesSpec, write_ct_series
+from rtseg.phantom.realism import Effects, Realism, breathing, correlated_noise, metal_streaks
 from rtseg.phantom.shapes import Grid, smooth_noise
 from rtseg.structures import STRUCTURES
 from rtseg.volume import CTVolume
@@ -117,8 +118,19 @@ class CaseInfo:
     notes: dict[str, Any]
 
 
-def case_id(center: str, seed: int, index: int, couch: bool = False) -> str:
-    return f"{center}_s{seed}_{index:03d}" + ("_couch" if couch else "")
+def case_id(center: str, seed: int, index: int, couch: bool = False, realism: Realism | None = None) -> str:
+    tag = realism.tag if realism is not None else ""
+    return f"{center}_s{seed}_{index:03d}" + ("_couch" if couch else "") + (f"_{tag}" if tag else "")
+
+
+def _effects(center: str, seed: int, index: int, realism: Realism) -> tuple[Effects, np.random.Generator]:
+    """The realism effects of a case and the generator for their details.
+
+    A generator of its own, so the case's anatomy, scan and noise draws are those
+    of the same case without realism.
+    """
+    rng = np.random.default_rng([ord(center), seed, index, 1000])
+    return realism.draw(rng), rng
 
 
 def _rng(center: str, seed: int, index: int) -> np.random.Generator:
@@ -157,12 +169,17 @@ def make_case(
     matrix: int = 256,
     position: str | None = None,
     couch: bool = False,
+    realism: Realism | None = None,
 ) -> tuple[Patient, Grid, Body, dict[str, Any]]:
     """Draw and build one case in memory (canonical orientation, scanner effects applied).
 
     ``position`` overrides the drawn patient position (same anatomy otherwise);
-    ``couch`` lays the patient on a treatment couch (see :func:`build_body`).
+    ``couch`` lays the patient on a treatment couch (see :func:`build_body`);
+    ``realism`` adds the options of :class:`~rtseg.phantom.realism.Realism`
+    (None or all off: exactly the plain phantom).
     """
+    if realism is not None and not realism.off:
+        return _make_realistic(center, seed, index, matrix, position, couch, realism)
     spec = CENTERS[center]
     rng, patient, position = _draw(center, seed, index, position)
     thickness = float(rng.choice(spec.slice_thickness))
@@ -186,10 +203,110 @@ def make_case(
     return patient, grid, body, scan
 
 
-def _scanner(
-    hu: npt.NDArray[np.float32], grid: Grid, spec: CenterSpec, noise_sd: float, rng: np.random.Generator
+def _make_realistic(
+    center: str, seed: int, index: int, matrix: int, position: str | None, couch: bool, realism: Realism
+) -> tuple[Patient, Grid, Body, dict[str, Any]]:
+    """:func:`make_case` with realism: the same draws in the same order, then the effects.
+
+    Order of acquisition: anatomy (averaged over the slice when partial volume is
+    on), breathing, metal and its streaks (a reconstruction effect), then the
+    scanner's slice profile, kernel and noise; last the field of view (labels
+    cleared outside the reconstruction circle) and a shorter scan range.
+    """
+    spec = CENTERS[center]
+    fx, fx_rng = _effects(center, seed, index, realism)
+    rng, patient, position = _draw(center, seed, index, position)
+    if fx.phase:
+        patient = replace(patient, phase=fx.phase)
+    thickness = float(rng.choice(spec.slice_thickness))
+    fov = max(spec.min_fov, 2.0 * patient.width * spec.fov_margin * rng.uniform(0.97, 1.05))
+    if fx.arms_down:  # framed on the arms (about 1.65 half-widths out): now and then cut off
+        fov = max(fov, 2.0 * (1.65 * patient.width + 10.0) * float(fx_rng.uniform(0.85, 1.1)))
+    if fx.truncation:  # a field of view narrower than the body: the sides are cut off
+        fov = 2.0 * patient.width * float(fx_rng.uniform(0.72, 0.92))
+    pixel = round(fov / matrix, 4)
+    n_slices = int(round(2.0 * patient.half_length / thickness)) + 1
+    fov_centre_y = float(rng.uniform(-0.08, 0.08) * patient.depth)
+    origin = (-(matrix - 1) / 2 * pixel, fov_centre_y - (matrix - 1) / 2 * pixel, -patient.half_length)
+    grid = Grid((n_slices, matrix, matrix), (thickness, pixel, pixel), origin)
+    body = build_body(patient, grid, couch=couch, effects=fx)
+    if fx.partial_volume:
+        body.hu = _partial_volume(body, patient, grid, couch, fx)
+    if fx.motion:  # the dome of the diaphragm sits about 0.4 half-lengths above the hila
+        body.hu = breathing(body.hu, grid.axis(0), 0.4 * patient.half_length, fx_rng)
+    if body.metal is not None:
+        body.hu = metal_streaks(body.hu, body.metal, pixel, fx_rng)
+    noise_sd = float(rng.uniform(*spec.noise) * (0.8 + 0.4 * patient.width / 150.0))
+    texture = ("sharp" if spec.sharp_kernel else "standard") if fx.noise_texture else None
+    body.hu = _scanner(body.hu, grid, spec, noise_sd, rng, texture)
+    if fx.arms_down or fx.truncation:  # the body reaches past the reconstruction circle: not imaged there
+        body.labels[:, _outside_circle(matrix)] = 0
+    if fx.short_scan:
+        grid, body = _shorter(grid, body, fx_rng)
+    body.notes["realism"] = fx.active
+    scan = {
+        "position": position,
+        "thickness": thickness,
+        "pixel": pixel,
+        "noise": noise_sd,
+        "sex": str(rng.choice(["M", "F"])),
+        "table": rng.uniform([-5, -30, -700], [5, 30, -150]),
+    }
+    return patient, grid, body, scan
+
+
+def _partial_volume(
+    body: Body, patient: Patient, grid: Grid, couch: bool, fx: Effects
 ) -> npt.NDArray[np.float32]:
-    """Slice profile, reconstruction kernel, correlated noise and the reconstruction circle."""
+    """HU averaged over three sub-slices (centre and ± a third of the thickness).
+
+    The sub-slices are the same anatomy sampled at shifted z (same draws); a
+    sub-slice whose labels differ from the centre's in more than 5 % of the body
+    (an organ drawn differently) is left out rather than blended in as a ghost.
+    """
+    sub = replace(fx, metal=False)
+    total, count = body.hu.astype(np.float64), 1
+    inside = max(int((body.labels > 0).sum()), 1)
+    for offset in (-1.0 / 3.0, 1.0 / 3.0):
+        shifted = build_body(patient, grid, z_offset=offset, couch=couch, effects=sub)
+        if (shifted.labels != body.labels).sum() / inside < 0.05:
+            total += shifted.hu
+            count += 1
+    body.notes["partial_volume_subslices"] = count
+    return (total / count).astype(np.float32)
+
+
+def _outside_circle(n: int) -> npt.NDArray[np.bool_]:
+    """Pixels outside the reconstruction circle (the scanner writes air there)."""
+    yy, xx = np.mgrid[:n, :n]
+    return np.asarray((yy - (n - 1) / 2) ** 2 + (xx - (n - 1) / 2) ** 2 > (n / 2) ** 2)
+
+
+def _shorter(grid: Grid, body: Body, rng: np.random.Generator) -> tuple[Grid, Body]:
+    """Keep a contiguous 50–80 % of the slices: a scan that covers less than the upper abdomen."""
+    n = grid.shape[0]
+    keep = max(int(round(n * float(rng.uniform(0.5, 0.8)))), 2)
+    first = int(rng.integers(0, n - keep + 1))
+    cut = slice(first, first + keep)
+    origin = (grid.origin[0], grid.origin[1], grid.origin[2] + first * grid.spacing[0])
+    short = Grid((keep, grid.shape[1], grid.shape[2]), grid.spacing, origin)
+    metal = body.metal[cut] if body.metal is not None else None
+    return short, Body(body.labels[cut].copy(), body.hu[cut].copy(), body.notes, metal)
+
+
+def _scanner(
+    hu: npt.NDArray[np.float32],
+    grid: Grid,
+    spec: CenterSpec,
+    noise_sd: float,
+    rng: np.random.Generator,
+    texture: str | None = None,
+) -> npt.NDArray[np.float32]:
+    """Slice profile, reconstruction kernel, correlated noise and the reconstruction circle.
+
+    ``texture`` names a kernel whose noise power spectrum the noise gets
+    (:func:`~rtseg.phantom.realism.correlated_noise`); None: blurred white noise.
+    """
     out = gaussian_filter1d(hu, sigma=0.35, axis=0)  # slice sensitivity profile
     if spec.sharp_kernel:
         out = out + 0.7 * (out - gaussian_filter(out, (0, 1.2, 1.2)))
@@ -197,7 +314,10 @@ def _scanner(
     else:
         out = gaussian_filter(out, (0, 0.6, 0.6))
         grain = 0.8
-    out = out + noise_sd * smooth_noise(grid.shape, rng, (0.3, grain, grain))
+    if texture is None:
+        out = out + noise_sd * smooth_noise(grid.shape, rng, (0.3, grain, grain))
+    else:
+        out = out + correlated_noise(grid.shape, grid.spacing[1], texture, noise_sd, rng)
     ny, nx = grid.shape[1:]
     yy, xx = np.mgrid[:ny, :nx]
     circle = (yy - (ny - 1) / 2) ** 2 + (xx - (nx - 1) / 2) ** 2 > (min(nx, ny) / 2) ** 2
@@ -213,14 +333,15 @@ def write_case(
     matrix: int = 256,
     position: str | None = None,
     couch: bool = False,
+    realism: Realism | None = None,
 ) -> CaseInfo:
-    """Generate one case and write it under ``out_root/<case_id>/`` (id suffixed: couch, forced position)."""
+    """Generate one case under ``out_root/<case_id>/`` (id suffixed: couch, realism, forced position)."""
     if center not in CENTERS:
         raise InputError(f"unknown center {center!r}: choose one of {', '.join(CENTERS)}")
     if position is not None and position not in POSITION_AXES:
         raise InputError(f"unknown patient position {position!r}: choose one of {', '.join(POSITION_AXES)}")
-    cid = case_id(center, seed, index, couch) + (f"_{position}" if position else "")
-    patient, grid, body, scan = make_case(center, seed, index, matrix, position, couch)
+    cid = case_id(center, seed, index, couch, realism) + (f"_{position}" if position else "")
+    patient, grid, body, scan = make_case(center, seed, index, matrix, position, couch, realism)
     spec = CENTERS[center]
     case_dir = out_root / cid
     origin_lps = np.asarray(grid.origin) + scan["table"]
@@ -301,13 +422,13 @@ def read_label_image(path: Path) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.
     return arr, affine
 
 
-def _write_one(args: tuple[str, int, int, Path, int, bool]) -> CaseInfo:
-    center, seed, index, out, matrix, couch = args
-    existing = out / case_id(center, seed, index, couch) / "case.json"
+def _write_one(args: tuple[str, int, int, Path, int, bool, Realism | None]) -> CaseInfo:
+    center, seed, index, out, matrix, couch, realism = args
+    existing = out / case_id(center, seed, index, couch, realism) / "case.json"
     if existing.is_file() and (existing.parent / "labels.nii.gz").is_file():
-        # deterministic per (center, seed, index, couch): a finished case is not written again
+        # deterministic per (center, seed, index, couch, realism): a finished case is not written again
         return CaseInfo(**json.loads(existing.read_text()))
-    return write_case(center, seed, index, out, matrix, couch=couch)
+    return write_case(center, seed, index, out, matrix, couch=couch, realism=realism)
 
 
 def generate_cohort(
@@ -320,12 +441,16 @@ def generate_cohort(
     start: int = 0,
     progress: Callable[[CaseInfo], None] | None = None,
     couch: bool = False,
+    realism: Realism | None = None,
 ) -> list[CaseInfo]:
-    """Write ``n_cases`` cases of ``center`` (indices ``start`` … ) under ``out``, on a couch if asked."""
+    """Write ``n_cases`` cases of ``center`` (indices ``start`` … ) under ``out``.
+
+    On a couch if asked; ``realism`` adds the realism options (None: the plain phantom).
+    """
     if center not in CENTERS:
         raise InputError(f"unknown center {center!r}: choose one of {', '.join(CENTERS)}")
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(center, seed, start + i, out, matrix, couch) for i in range(n_cases)]
+    jobs = [(center, seed, start + i, out, matrix, couch, realism) for i in range(n_cases)]
     results: list[CaseInfo] = []
     if workers <= 1:
         for job in jobs:
