@@ -192,7 +192,14 @@ def make_case(
     body = build_body(patient, grid, couch=couch)
     noise_sd = float(rng.uniform(*spec.noise) * (0.8 + 0.4 * patient.width / 150.0))
     body.hu = _scanner(body.hu, grid, spec, noise_sd, rng)
-    scan = {
+    return patient, grid, body, _scan_record(position, thickness, pixel, noise_sd, rng)
+
+
+def _scan_record(
+    position: str, thickness: float, pixel: float, noise_sd: float, rng: np.random.Generator
+) -> dict[str, Any]:
+    """What the scanner did, for the DICOM writer; draws sex, then table position, from ``rng``."""
+    return {
         "position": position,
         "thickness": thickness,
         "pixel": pixel,
@@ -200,7 +207,6 @@ def make_case(
         "sex": str(rng.choice(["M", "F"])),
         "table": rng.uniform([-5, -30, -700], [5, 30, -150]),
     }
-    return patient, grid, body, scan
 
 
 def _make_realistic(
@@ -244,15 +250,7 @@ def _make_realistic(
     if fx.short_scan:
         grid, body = _shorter(grid, body, fx_rng)
     body.notes["realism"] = fx.active
-    scan = {
-        "position": position,
-        "thickness": thickness,
-        "pixel": pixel,
-        "noise": noise_sd,
-        "sex": str(rng.choice(["M", "F"])),
-        "table": rng.uniform([-5, -30, -700], [5, 30, -150]),
-    }
-    return patient, grid, body, scan
+    return patient, grid, body, _scan_record(position, thickness, pixel, noise_sd, rng)
 
 
 def _partial_volume(
