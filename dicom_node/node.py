@@ -103,17 +103,8 @@ class Node:
             settings.dicom.tls,
             self.audit,
         )
-        n = settings.node
-        self.pool = WorkerPool(
-            self.store,
-            self.data_dir,
-            model_dir,
-            n.workers,
-            n.inference_threads,
-            n.min_island_ml,
-            n.worker_crash_limit,
-            region_check=settings.selection.region_check,
-        )  # supervised: a dead worker is restarted by the pool itself
+        # supervised: a dead worker is restarted by the pool itself
+        self.pool = WorkerPool.from_settings(settings, self.store, self.data_dir, model_dir)
         self.closed_loop = ClosedLoop(
             self.data_dir, self.store, config_from_settings(settings.federation), self.audit.record
         )

@@ -41,6 +41,7 @@ from typing import Any
 from rtseg.errors import InputError, RtsegError
 from rtseg.jobs import Job, JobState, JobStore
 from rtseg.privacy import configure_logging, redact_uids
+from rtseg.settings import Settings
 from rtseg.structures import MIN_ISLAND_ML
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,23 @@ class WorkerPool:
     region_check
         Fail jobs whose series does not show the model's body region (``[selection] region_check``).
     """
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, store: JobStore, data_dir: Path, model_dir: Path
+    ) -> WorkerPool:
+        """The pool ``[node]`` and ``[selection]`` describe (``rtseg serve`` and ``rtseg http``)."""
+        n = settings.node
+        return cls(
+            store,
+            data_dir,
+            model_dir,
+            n.workers,
+            n.inference_threads,
+            n.min_island_ml,
+            n.worker_crash_limit,
+            region_check=settings.selection.region_check,
+        )
 
     def __init__(
         self,

@@ -102,17 +102,7 @@ def _serve(settings: Settings, http: HttpSettings) -> int:
     # model.path, else the registry's current model (workers follow promotions)
     model_dir = serving_model_dir(settings.model_path, settings.data_dir)
     store = JobStore(state_db(data_dir))
-    n = settings.node
-    pool = WorkerPool(
-        store,
-        data_dir,
-        model_dir,
-        n.workers,
-        n.inference_threads,
-        n.min_island_ml,
-        n.worker_crash_limit,
-        region_check=settings.selection.region_check,
-    )
+    pool = WorkerPool.from_settings(settings, store, data_dir, model_dir)
     app = create_app(http, store, data_dir, model_dir, worker_alive=lambda: pool.alive() > 0, workers=pool)
     server = HttpServer(app, http)
     janitor = Janitor(store, data_dir, http.job_expiry_s)
