@@ -212,9 +212,14 @@ def order_flags(volume: CTVolume, labels: npt.NDArray[np.uint8], label_of: dict[
 
 
 def _centre_z(volume: CTVolume, per_slice: npt.NDArray[np.intp]) -> float | None:
-    """Patient z of the centre of a structure with ``per_slice`` voxels on each slice."""
+    """Patient z of the centre of a structure with ``per_slice`` voxels on each slice.
+
+    None when it is absent or cut by the first or last slice: the centre of a structure the
+    scan cuts off is not its centre (a scan starting at the diaphragm shows the heart's apex
+    below the liver's dome), so the order check would flag a normal scan.
+    """
     total = int(per_slice.sum())
-    if total == 0:
+    if total == 0 or per_slice[0] > 0 or per_slice[-1] > 0:
         return None
     k = float(np.dot(np.arange(per_slice.size), per_slice)) / total
     return float((volume.affine @ np.array([0.0, 0.0, k, 1.0]))[2])

@@ -459,11 +459,13 @@ class JobRunner:
 
     def _run_nifti(self, job: Job) -> tuple[dict[str, str], dict[str, Any]]:
         from rtseg.phantom.cohort import write_label_image
+        from rtseg.pipeline import drop_impossible
 
         t0 = time.perf_counter()
         volume = load_nifti(self.data_dir / job.input_dir / "ct.nii.gz")
         load_s = time.perf_counter() - t0
-        segmentation = self.segmenter.segment(volume)
+        # the same drops as the DICOM path: a label map never shows what an RTSTRUCT would not
+        segmentation, dropped = drop_impossible(volume, self.segmenter.segment(volume))
         rel, out = self._out(job, "labels.nii.gz")
         write_label_image(segmentation.labels, volume.affine, out)
         structures = []
@@ -474,6 +476,7 @@ class JobRunner:
         timings = {"load_s": load_s, "segment_s": segmentation.seconds, "total_s": time.perf_counter() - t0}
         result = {
             "structures": structures,
+            "dropped": [f"{name}: {reason}" for name, reason in dropped.items()],
             "n_slices": volume.shape[0],
             "timings": {k: round(v, 3) for k, v in timings.items()},
         }
