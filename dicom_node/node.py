@@ -32,6 +32,8 @@ TICK_S = 0.2
 SEND_POLL_S = 0.5
 JANITOR_S = 60.0
 FAILURE_AUDIT_S = 1.0  # a failed job's reason reaches the audit trail within this
+# a worker (another process) may commit a failure stamped a little before the node's last scan
+FAILURE_SCAN_SLACK_S = 60.0
 CLOSED_LOOP_S = 5.0  # approved RTSTRUCTs back from the TPS: paired and scored off the SCP thread
 RETAINED = frozenset({JobState.DONE, JobState.FAILED, JobState.DEAD_LETTER})  # whose CT retention deletes
 
@@ -116,6 +118,7 @@ class Node:
             Loop("rtseg-closed-loop", self.closed_loop.run_once, CLOSED_LOOP_S),
         ]
         self.server: object | None = None
+        self._failures_scanned = 0.0  # audit_failures: the first scan reads every failed job once
         # told "accepted"/"rejected"/"aborted" per association; rtseg serve adds the metrics counter
         self.association_observers: list[Callable[[str], None]] = []
 
@@ -177,7 +180,11 @@ class Node:
 
         Workers are other processes: the node, which owns the audit trail, reports what they failed.
         """
-        jobs = self.store.list({JobState.FAILED}, source="dicom", limit=1_000_000)
+        # only jobs changed since the last scan (a little before): the history is not read every second
+        started = time.time()
+        since = self._failures_scanned - FAILURE_SCAN_SLACK_S
+        jobs = self.store.list({JobState.FAILED}, source="dicom", updated_since=since, limit=1_000_000)
+        self._failures_scanned = started
         fresh = [j for j in jobs if not j.meta.get("failure_audited")]
         for job in fresh:
             reason = redact_uids(job.error or "")

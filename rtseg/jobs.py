@@ -192,9 +192,13 @@ class JobStore(SqliteTables):
         *,
         source: str | None = None,
         series_key: str | None = None,
+        updated_since: float | None = None,
         limit: int = 1000,
     ) -> list[Job]:
         sql, args = "SELECT * FROM jobs WHERE 1=1", builtins.list[object]()
+        if updated_since is not None:
+            sql += " AND updated >= ?"
+            args.append(updated_since)
         if states:
             sql += f" AND state IN ({','.join('?' * len(states))})"
             args += [str(s) for s in states]

@@ -110,3 +110,21 @@ def test_a_series_sent_again_keeps_its_ct_while_the_new_job_needs_it(tmp_path: P
     node.store.create("dicom", key, f"spool/ct/{key}", state=JobState.QUEUED)
     assert node.purge() == 0
     assert len(node.spool.instances("ct", key)) == 1
+
+
+def test_each_failed_job_is_audited_once_and_later_scans_read_only_recent_changes(tmp_path: Path) -> None:
+    node = _node(tmp_path, "24")
+    old = node.store.create("dicom", uid_key("1.2.9.20"), "spool/ct/x", state=JobState.RUNNING)
+    node.store.transition(old.id, JobState.RUNNING, JobState.FAILED, error="missing slices")
+    assert node.audit_failures() == 1 and node.audit_failures() == 0  # once
+    new = node.store.create("dicom", uid_key("1.2.9.21"), "spool/ct/y", state=JobState.RUNNING)
+    node.store.transition(new.id, JobState.RUNNING, JobState.FAILED, error="not the model's region")
+    _age(node, old.id, 5)  # old history: the next scan does not read it again
+    reads: list[float | None] = []
+    listed = node.store.list
+    node.store.list = lambda *a, **k: reads.append(k.get("updated_since")) or listed(*a, **k)  # type: ignore[method-assign]
+    assert node.audit_failures() == 1
+    (since,) = reads
+    assert since is not None and node.store.get(old.id).updated < since
+    events = [e["job"] for e in node.audit.entries() if e["event"] == "job_failed"]
+    assert events == [old.id, new.id]
