@@ -187,13 +187,13 @@ def _node_retry(args: argparse.Namespace) -> int:
 
 
 def _node_bench(args: argparse.Namespace) -> int:
-    from dicom_node.bench import run_bench
+    from rtseg_app.bench.node import run_bench
 
     return run_bench(args)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from dicom_node.bench_suite import run_suite
+    from rtseg_app.bench.suite import run_suite
 
     return run_suite(args)
 
@@ -212,7 +212,7 @@ def _count(minimum: int) -> Callable[[str], int]:
 
 
 def _register_bench(sub: Any, handlers: dict[str, Handler]) -> None:
-    from dicom_node.bench_suite import SECTIONS
+    from rtseg_app.bench.suite import SECTIONS
 
     p = sub.add_parser(
         "bench",

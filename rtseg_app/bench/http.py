@@ -1,6 +1,6 @@
 """Benchmark (not a test): concurrent uploads while a segmentation runs.
 
-``python -m service.bench [--uploads 20] [--matrix 96] [--work DIR]`` starts a
+``python -m rtseg_app.bench.http [--uploads 20] [--matrix 96] [--work DIR]`` starts a
 real waitress server with one worker process (one inference thread), starts one
 segmentation, then sends ``--uploads`` zipped phantom series at once while a
 poller asks ``/healthz`` every 50 ms. It reports whether every upload was
@@ -231,7 +231,9 @@ def _measure(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m service.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m rtseg_app.bench.http", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--uploads", type=int, default=20)
     parser.add_argument("--matrix", type=int, default=96)
     parser.add_argument("--work", type=Path, help="working folder (default: a temporary one, removed)")

@@ -1,7 +1,7 @@
 """``rtseg bench``: inference, DICOM receive, RTSTRUCT build, turnaround and one federated round in one run.
 
-The core's measurements come from :mod:`rtseg.benchmarks`, the node's from
-:mod:`dicom_node.bench`; this module plans the run (full or ``--quick``), runs
+The core's measurements come from :mod:`rtseg_app.bench`, the node's from
+:mod:`rtseg_app.bench.node`; this module plans the run (full or ``--quick``), runs
 each section, keeps going when one fails (its error is recorded) and writes
 ``bench.json`` and ``bench.md``. User-facing progress goes to stdout.
 """
@@ -63,8 +63,8 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
 
 def run_suite(args: argparse.Namespace) -> int:
     """Run every section not skipped; write the report; 0 if all ran, 1 if any failed."""
-    from rtseg.benchmarks.machine import describe_machine
-    from rtseg.benchmarks.report import write_report
+    from rtseg_app.bench.machine import describe_machine
+    from rtseg_app.bench.report import write_report
 
     plan = plan_from_args(args)
     out: Path = args.out
@@ -129,13 +129,13 @@ def _run_section(name: str, ctx: _Context) -> dict[str, Any]:
 
 
 def _bench_ct(ctx: _Context) -> tuple[Any, Any]:
-    from rtseg.benchmarks.volume import bench_volume
+    from rtseg_app.bench.volume import bench_volume
 
     return bench_volume(ctx.work, ctx.plan.slices, ctx.plan.matrix)
 
 
 def _inference(ctx: _Context) -> dict[str, Any]:
-    from rtseg.benchmarks.inference import OURS, STOCK, UNFILTERED, compare
+    from rtseg_app.bench.inference import OURS, STOCK, UNFILTERED, compare
 
     volume, _ = _bench_ct(ctx)
     variants = (STOCK, OURS, UNFILTERED)
@@ -144,14 +144,14 @@ def _inference(ctx: _Context) -> dict[str, Any]:
 
 def _levers(ctx: _Context) -> dict[str, Any]:
     """rtseg's path with one change at a time; speed and Dice relative to rtseg's path itself."""
-    from rtseg.benchmarks.inference import LEVERS, OURS, compare
+    from rtseg_app.bench.inference import LEVERS, OURS, compare
 
     volume, _ = _bench_ct(ctx)
     return compare(ctx.model, volume, ctx.work / "levers", (OURS, *LEVERS), ctx.plan.timeout_s, say)
 
 
 def _receive(ctx: _Context) -> dict[str, Any]:
-    from dicom_node.bench import receive_figures
+    from rtseg_app.bench.node import receive_figures
 
     fig: dict[str, Any] = receive_figures(
         ctx.work, ctx.plan.receive_slices, ctx.plan.receive_matrix, ctx.plan.repeats
@@ -161,7 +161,7 @@ def _receive(ctx: _Context) -> dict[str, Any]:
 
 
 def _rtstruct(ctx: _Context) -> dict[str, Any]:
-    from rtseg.benchmarks.rtstruct import rtstruct_build
+    from rtseg_app.bench.rtstruct import rtstruct_build
 
     volume, labels = _bench_ct(ctx)
     fig = rtstruct_build(volume, labels)
@@ -170,8 +170,8 @@ def _rtstruct(ctx: _Context) -> dict[str, Any]:
 
 
 def _turnaround(ctx: _Context) -> dict[str, Any]:
-    from dicom_node.bench import QUIET_S, phantom_series, turnaround
-    from rtseg.benchmarks.volume import bench_series
+    from rtseg_app.bench.node import QUIET_S, phantom_series, turnaround
+    from rtseg_app.bench.volume import bench_series
 
     cases = phantom_series(ctx.work, ctx.plan.series, ctx.plan.case_matrix)
     full_ct = bench_series(ctx.work, ctx.plan.slices, ctx.plan.matrix) / "ct"
@@ -197,7 +197,7 @@ def _turnaround(ctx: _Context) -> dict[str, Any]:
 def _federation(ctx: _Context) -> dict[str, Any]:
     import shutil
 
-    from rtseg.benchmarks.federation import model_update_bytes, one_round
+    from rtseg_app.bench.federation import model_update_bytes, one_round
 
     root = ctx.work / "federation"
     shutil.rmtree(root, ignore_errors=True)  # a fresh coordinator database every run
@@ -211,8 +211,8 @@ def _federation(ctx: _Context) -> dict[str, Any]:
 
 
 def _scaling(ctx: _Context) -> dict[str, Any]:
-    from dicom_node.bench import QUIET_S, concurrent_turnaround, running_node
-    from rtseg.benchmarks.volume import bench_series
+    from rtseg_app.bench.node import QUIET_S, concurrent_turnaround, running_node
+    from rtseg_app.bench.volume import bench_series
 
     plan = ctx.plan
     by_slices = {n: bench_series(ctx.work, n, plan.matrix) / "ct" for n in plan.scaling_slices}

@@ -10,7 +10,7 @@ relative to the length of the honest step. A Dice comparison would need a
 federation trained for hours on these cores; the tiny model of one round has
 no Dice to compare.
 
-``python -m rtseg.benchmarks.robust --work DIR`` (the federation is reused
+``python -m rtseg_app.bench.robust --work DIR`` (the federation is reused
 from ``DIR`` when it is already there).
 """
 
