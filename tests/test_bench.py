@@ -19,7 +19,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
         pytest.skip("dcmtk (storescp, storescu) is not installed")
     out = tmp_path_factory.mktemp("bench")
     proc = subprocess.run(
-        [sys.executable, "-m", "rtseg.cli", "bench", "--quick", "--out", str(out)],
+        [sys.executable, "-m", "rtseg_app", "bench", "--quick", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=900,
@@ -67,7 +67,7 @@ def test_node_core_and_federation_figures_are_sane(report: dict) -> None:
 
 def test_bad_arguments_are_refused_with_a_message() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "rtseg.cli", "bench", "--out", "x", "--slices", "3"],
+        [sys.executable, "-m", "rtseg_app", "bench", "--out", "x", "--slices", "3"],
         capture_output=True,
         text=True,
         timeout=120,
