@@ -37,7 +37,7 @@ def _count(minimum: int) -> Callable[[str], int]:
 
 def register(sub: Any, handlers: dict[str, Handler]) -> None:
     """Add ``rtseg bench``."""
-    from rtseg_app.bench.suite import SECTIONS
+    from rtseg_app.bench.suite import ALL_SECTIONS, SECTIONS
 
     p = sub.add_parser(
         "bench",
@@ -57,6 +57,17 @@ def register(sub: Any, handlers: dict[str, Handler]) -> None:
     p.add_argument("--series", type=_count(1), help="turnaround series (default 10; quick 3)")
     p.add_argument("--case-matrix", type=_count(32), help="matrix of the turnaround phantoms (default 256)")
     p.add_argument("--skip", action="append", choices=SECTIONS, help="leave a section out (repeatable)")
+    p.add_argument(
+        "--section",
+        action="append",
+        choices=ALL_SECTIONS,
+        help="run only this section (repeatable); http (uploads while a segmentation runs) and robust"
+        " (robust aggregation vs a poisoned site) run only when named",
+    )
+    p.add_argument("--uploads", type=_count(1), help="http section: concurrent uploads (default 20; quick 5)")
+    p.add_argument(
+        "--segment-all", action="store_true", help="http section: wait for every upload's segmentation too"
+    )
     handlers["bench"] = _cmd_bench
 
 
