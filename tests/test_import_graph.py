@@ -186,3 +186,29 @@ def test_only_the_composition_root_imports_itself() -> None:
 def test_no_import_cycles() -> None:
     cycles = strongly_connected(import_graph())
     assert not cycles, f"{len(cycles)} import cycle(s):\n" + "\n".join(" ↔ ".join(c) for c in cycles)
+
+
+TEST_ONLY = {"rt-utils": "rt_utils"}  # distribution → module: independent readers the tests use
+
+
+def test_test_only_readers_are_a_test_extra_and_no_runtime_module_imports_them() -> None:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pinned = {
+        kind: [r for r in reqs if r.split("==")[0] in TEST_ONLY]
+        for kind, reqs in {
+            "runtime": project["dependencies"],
+            "test": project["optional-dependencies"]["test"],
+        }.items()
+    }
+    assert not pinned["runtime"], f"test-only readers among the runtime dependencies: {pinned['runtime']}"
+    assert len(pinned["test"]) == len(TEST_ONLY), f"missing from the test extra: {pinned['test']}"
+    modules = package_modules()
+    found = sorted(
+        f"{name} → {target}"
+        for name, path in modules.items()
+        for target in _import_targets(ast.parse(path.read_text(encoding="utf-8")), name, False)
+        if target.split(".")[0] in TEST_ONLY.values()
+    )
+    assert not found, "runtime code imports a test-only reader:\n" + "\n".join(found)
