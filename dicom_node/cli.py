@@ -1,108 +1,20 @@
-"""``rtseg serve`` and ``rtseg node echo|status|retry|bench``: the DICOM face's commands.
+"""``rtseg node echo|status|retry``: the DICOM face's operator commands.
 
-Registered into the ``rtseg`` command line by :func:`register`. User-facing
-output is printed here; nothing printed carries patient data.
+Registered into the ``rtseg`` command line by :func:`register` (the composition
+root, :mod:`rtseg_app`, also owns ``rtseg serve`` and ``rtseg node bench``).
+User-facing output is printed here; nothing printed carries patient data.
 """
 
 from __future__ import annotations
 
 import argparse
-import signal
-import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from rtseg.settings import Settings, load_settings
-
-if TYPE_CHECKING:
-    from rtseg.federation.schedule import SiteSettings
+from rtseg.settings import load_settings
 
 Handler = Callable[[argparse.Namespace], int]
-
-
-def _model(settings: Settings) -> tuple[Path, str]:
-    from rtseg.model.manifest import load_manifest, model_hash
-    from rtseg.model.registry import serving_model_dir
-
-    # model.path, else the registry's current model (workers follow promotions)
-    model_dir = serving_model_dir(settings.model_path, settings.data_dir)
-    manifest = load_manifest(model_dir)
-    return model_dir, f"{manifest.name} {manifest.version} (hash {model_hash(model_dir)})"
-
-
-def _describe(settings: Settings, port: int, model: str) -> list[str]:
-    d = settings.dicom
-    tls = "TLS" if d.tls.enabled else "no TLS"
-    callers = ", ".join(f"{c.ae_title}@{c.host or '*'}" for c in d.allowed_callers) or "any calling AE"
-    lines = [
-        f"DICOM: AE {d.ae_title} listening on {d.host}:{port} ({tls}, max PDU {d.max_pdu or 'unlimited'})",
-        f"  accepting: {callers}",
-    ]
-    for dest in settings.destinations:
-        lines.append(
-            f"  results to: {dest.name} = {dest.ae_title}@{dest.host}:{dest.port}{' TLS' if dest.tls else ''}"
-        )
-    if d.return_to_sender:
-        lines.append("  results to: the calling AE (return to sender)")
-    if not settings.destinations and not d.return_to_sender:
-        lines.append("  results to: nowhere (no destinations): RTSTRUCTs stay in the data directory")
-    n = settings.node
-    lines += [
-        f"data: {Path(settings.data_dir).resolve()}",
-        f"model: {model}",
-        f"workers: {n.workers}, quiet time {n.quiet_time_s:g} s, retention {n.retention_h:g} h",
-    ]
-    return lines
-
-
-def _site(settings: Settings) -> SiteSettings | None:
-    """This node's federation site, when the ``[federation]`` table names a coordinator."""
-    if not settings.federation.get("coordinator"):
-        return None
-    from rtseg.federation.schedule import SiteSettings
-
-    return SiteSettings.from_mapping(settings.federation, "[federation]", Path(settings.data_dir))
-
-
-def _cmd_serve(args: argparse.Namespace) -> int:
-    from dicom_node.node import Node
-
-    settings = load_settings(args.config)
-    model_dir, model = _model(settings)
-    site = _site(settings)  # a bad [federation] table stops us before anything listens
-    node = Node(settings, model_dir)
-    node.start()
-    for line in _describe(settings, node.port, model):
-        print(line, flush=True)
-    stops: list[Callable[[], None]] = []
-    # --- optional companions start here -------------------------------------------------
-    # The HTTP service (service/) starts here from settings.http and appends its stop
-    # function to `stops`. Keep this block small: one companion, one call.
-    from service.cli import start_companion
-
-    stops.append(
-        start_companion(settings, node.store, node.pool, node.data_dir, model_dir, node.association_observers)
-    )
-    # The federation site (rtseg/federation) runs when [federation] names a coordinator.
-    if site is not None:
-        from rtseg.federation.schedule import start_site
-
-        print(site.describe(), flush=True)
-        stops.append(start_site(site))
-    # --- end of optional companions -----------------------------------------------------
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    print("ready (SIGTERM or Ctrl-C stops)", flush=True)
-    while not stop.wait(1.0):
-        pass
-    print("stopping ...", flush=True)
-    for stop_companion in reversed(stops):
-        stop_companion()
-    node.stop()
-    print("stopped", flush=True)
-    return 0
 
 
 def _cmd_node(args: argparse.Namespace) -> int:
@@ -186,63 +98,8 @@ def _node_retry(args: argparse.Namespace) -> int:
     return 0
 
 
-def _node_bench(args: argparse.Namespace) -> int:
-    from dicom_node.bench import run_bench
-
-    return run_bench(args)
-
-
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from dicom_node.bench_suite import run_suite
-
-    return run_suite(args)
-
-
-def _count(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-def _register_bench(sub: Any, handlers: dict[str, Handler]) -> None:
-    from dicom_node.bench_suite import SECTIONS
-
-    p = sub.add_parser(
-        "bench",
-        help="measure inference vs stock nnU-Net, DICOM receive vs dcmtk, RTSTRUCT build, turnaround"
-        " and one federated round; write bench.json and bench.md",
-    )
-    p.add_argument("--out", type=Path, required=True, help="folder for bench.json and bench.md")
-    p.add_argument("--work", type=Path, help="working folder (default OUT/work; reused between runs)")
-    p.add_argument("--quick", action="store_true", help="small sizes: proves it works in a few minutes")
-    p.add_argument("--levers", action="store_true", help="also measure each inference speed lever")
-    p.add_argument(
-        "--scaling", action="store_true", help="also turnaround and memory vs slice count and concurrency"
-    )
-    p.add_argument("--model", type=Path, help="model folder (default: the embedded default model)")
-    p.add_argument("--slices", type=_count(8), help="slices of the benchmark CT (default 200; quick 48)")
-    p.add_argument("--matrix", type=_count(32), help="matrix of the benchmark CT (default 512; quick 128)")
-    p.add_argument("--series", type=_count(1), help="turnaround series (default 10; quick 3)")
-    p.add_argument("--case-matrix", type=_count(32), help="matrix of the turnaround phantoms (default 256)")
-    p.add_argument("--skip", action="append", choices=SECTIONS, help="leave a section out (repeatable)")
-    handlers["bench"] = _cmd_bench
-
-
-def register(sub: Any, handlers: dict[str, Handler]) -> None:
-    _register_bench(sub, handlers)
-    p = sub.add_parser("serve", help="run the DICOM node (SCP, segmentation workers, sender)")
-    p.add_argument(
-        "--config", type=Path, help="TOML settings file (RTSEG_* environment variables override it)"
-    )
-    handlers["serve"] = _cmd_serve
-
+def register(sub: Any, handlers: dict[str, Handler]) -> Any:
+    """Add ``rtseg node``; return its action subparsers, where the root adds ``bench``."""
     p = sub.add_parser("node", help="operator helpers for the DICOM node")
     nsub = p.add_subparsers(dest="node_command", required=True, metavar="ACTION")
     q = nsub.add_parser("echo", help="C-ECHO the node (default) or a configured destination")
@@ -259,14 +116,5 @@ def register(sub: Any, handlers: dict[str, Handler]) -> None:
     q.add_argument("--config", type=Path)
     q.add_argument("jobs", nargs="*", metavar="JOB_ID", help="jobs to retry (default: every dead letter)")
     q.set_defaults(node_action=_node_retry)
-    q = nsub.add_parser("bench", help="receive throughput vs dcmtk storescp, turnaround p50/p95")
-    q.add_argument("--work", type=Path, default=Path("rtseg-bench"), help="working folder")
-    q.add_argument("--slices", type=int, default=300, help="slices of the throughput series (default 300)")
-    q.add_argument("--matrix", type=int, default=512, help="image matrix of the throughput series")
-    q.add_argument("--series", type=int, default=10, help="series for the turnaround figures (default 10)")
-    q.add_argument("--model", type=Path, help="model folder (default: the embedded model)")
-    q.add_argument("--case-matrix", type=int, default=128, help="matrix of the turnaround phantoms")
-    q.add_argument("--skip-turnaround", action="store_true")
-    q.add_argument("--skip-throughput", action="store_true")
-    q.set_defaults(node_action=_node_bench)
     handlers["node"] = _cmd_node
+    return nsub

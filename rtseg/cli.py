@@ -1,23 +1,17 @@
-"""The ``rtseg`` command line.
+"""``rtseg phantom``: the core's first command.
 
-User-facing output goes to stdout/stderr here and only here. Every
-:class:`rtseg.errors.RtsegError` becomes a one-line message and exit code 2;
-no traceback reaches the user for bad input.
+The ``rtseg`` command line itself (``main``, the parser, the error handling)
+lives in the composition root, :mod:`rtseg_app.cli`, which registers this
+command with :func:`register`.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-import os
-import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-
-from rtseg import __version__
-from rtseg.errors import RtsegError
-from rtseg.privacy import configure_logging
+from typing import Any
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -59,15 +53,8 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
-    parser = argparse.ArgumentParser(
-        prog="rtseg", description="Organ-at-risk segmentation for radiotherapy planning."
-    )
-    parser.add_argument("--version", action="version", version=f"rtseg {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    handlers: dict[str, Handler] = {}
-
+def register(sub: Any, handlers: dict[str, Handler]) -> None:
+    """Add ``rtseg phantom``."""
     p = sub.add_parser("phantom", help="generate synthetic pediatric abdominal CT cases with ground truth")
     p.add_argument(
         "--center", required=True, choices=["A", "B"], help="center (scanner, protocol, population)"
@@ -92,31 +79,3 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     )
     p.add_argument("--out", type=Path, required=True, help="output folder")
     handlers["phantom"] = _cmd_phantom
-
-    from rtseg import cli_commands
-
-    cli_commands.register(sub, handlers)
-    return parser, handlers
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser, handlers = build_parser()
-    args = parser.parse_args(argv)
-    configure_logging(logging.INFO if args.verbose else logging.WARNING)
-    try:
-        code = handlers[args.command](args)
-        sys.stdout.flush()  # a closed pipe fails here, not at exit
-        return code
-    except RtsegError as exc:
-        print(f"rtseg {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"rtseg {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # `rtseg model info | head`: the reader left; say nothing more
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-        return 141
-
-
-if __name__ == "__main__":
-    sys.exit(main())

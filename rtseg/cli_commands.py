@@ -1,21 +1,18 @@
 """Sub-commands beyond ``phantom``: segment, demo, model and cases.
 
-The DICOM node and HTTP faces add their own commands through a ``register``
-function in ``dicom_node.cli`` / ``service.cli`` (the CLI is the one place that
-composes the faces; the core library never imports them).
+Registered by the composition root (:mod:`rtseg_app.cli`), which also adds the
+faces' commands; the core library never imports a face.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 Handler = Callable[[argparse.Namespace], int]
-FACE_MODULES = ("dicom_node.cli", "service.cli", "rtseg.federation.cli", "rtseg.study.cli")
 
 
 def _load_segmenter(model: Path | None, threads: int | None = None) -> Any:
@@ -414,13 +411,6 @@ def _register_cases(sub: Any, handlers: dict[str, Handler]) -> None:
 
 
 def register(sub: Any, handlers: dict[str, Handler]) -> None:
+    """Add ``rtseg segment``, ``demo``, ``model`` and ``cases``."""
     _register_core(sub, handlers)
     _register_cases(sub, handlers)
-    for name in FACE_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        module.register(sub, handlers)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -19,7 +20,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict:
         pytest.skip("dcmtk (storescp, storescu) is not installed")
     out = tmp_path_factory.mktemp("bench")
     proc = subprocess.run(
-        [sys.executable, "-m", "rtseg.cli", "bench", "--quick", "--out", str(out)],
+        [sys.executable, "-m", "rtseg_app", "bench", "--quick", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=900,
@@ -67,9 +68,39 @@ def test_node_core_and_federation_figures_are_sane(report: dict) -> None:
 
 def test_bad_arguments_are_refused_with_a_message() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "rtseg.cli", "bench", "--out", "x", "--slices", "3"],
+        [sys.executable, "-m", "rtseg_app", "bench", "--out", "x", "--slices", "3"],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert proc.returncode == 2 and "must be at least 8" in proc.stderr
+
+
+def test_an_unknown_section_is_refused_with_the_choices() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "rtseg_app", "bench", "--out", "x", "--section", "nonsense"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "argument --section: invalid choice: 'nonsense'" in proc.stderr and "'http'" in proc.stderr
+
+
+def test_the_http_section_alone_measures_uploads_during_a_segmentation(tmp_path: Path) -> None:
+    """``--section http`` (once ``python -m service.bench``) runs that section and no other."""
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "rtseg_app", "bench", "--quick", "--section", "http", "--uploads", "2"]
+        + ["--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "== http" in proc.stdout and "== inference" not in proc.stdout
+    report = json.loads((out / "bench.json").read_text())
+    http = report["http"]
+    assert http["accepted_202"] == http["stored_intact"] == 2 and http["segmentation_final"] == "done"
+    assert not set(report) & {"inference", "receive", "rtstruct", "turnaround", "federation"}
+    assert "## HTTP uploads during a segmentation" in (out / "bench.md").read_text()

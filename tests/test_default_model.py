@@ -129,7 +129,7 @@ def test_build_default_refuses_a_start_model_it_cannot_use(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Checked before the cohort is generated: nothing is written to the work folder."""
-    from rtseg.cli import main
+    from rtseg_app.cli import main
 
     work, empty = tmp_path / "work", tmp_path / "not-a-model"
     empty.mkdir()

@@ -29,7 +29,7 @@ from rtseg.study.findings import (
 from rtseg.study.report import in_cross_table, write_report
 from rtseg.study.scoring import CurvePoint, ScoreRow
 
-RTSEG = [sys.executable, "-m", "rtseg.cli"]
+RTSEG = [sys.executable, "-m", "rtseg_app"]
 OARS = ("Liver", "Spleen", "Kidney_L")
 
 

@@ -103,7 +103,7 @@ def test_external_of_a_real_head_ct_stays_off_the_couch(segmenter: NnunetSegment
 def test_cli_phantom_couch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
-    from rtseg.cli import main
+    from rtseg_app.cli import main
 
     argv = ["phantom", "--center", "A", "--seed", "5", "--matrix", "32", "--couch", "--out", str(tmp_path)]
     assert main(argv) == 0

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from case_helpers import small_case
 
-from rtseg.cli import main
 from rtseg.model.default import default_model_dir
 from rtseg.model.manifest import load_manifest, model_hash, save_manifest
 from rtseg.model.registry import Registry
 from rtseg.phantom.cohort import case_id, write_case
+from rtseg_app.cli import main
 
 
 def candidate(out: Path, round_: int, bias_shift: dict[int, float] | None = None) -> Path:

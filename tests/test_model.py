@@ -395,7 +395,7 @@ def test_bench_runtime_levers_give_the_same_labels(
     trained: dict[str, Any], probe: npt.NDArray[Any], runtime: str
 ) -> None:
     """`rtseg bench --levers` swaps the network's runtime; the labels must not change."""
-    from rtseg.benchmarks.inference import runtime_network
+    from rtseg_app.bench.inference import runtime_network
 
     reference = NnunetSegmenter(trained["model"], device="cpu", threads=2, min_island_ml=0.0)
     expected = reference.predict_canonical(probe, SPACING)

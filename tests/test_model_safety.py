@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from rtseg.cli import main
 from rtseg.errors import ModelError
 from rtseg.model.checkpoints import load_checkpoint
 from rtseg.model.default import default_model_dir
@@ -22,6 +21,7 @@ from rtseg.model.manifest import load_manifest, read_json
 from rtseg.model.plans_check import check_plans
 from rtseg.model.registry import Registry
 from rtseg.model.training import CpuConfig, child_env
+from rtseg_app.cli import main
 
 NONLIN = "configurations.3d_fullres.architecture.arch_kwargs.nonlin"
 

@@ -130,7 +130,7 @@ def test_centers_differ_in_protocol() -> None:
 
 
 def test_cli_phantom_and_bad_center(tmp_path: Path) -> None:
-    rtseg = [sys.executable, "-m", "rtseg.cli"]
+    rtseg = [sys.executable, "-m", "rtseg_app"]
     ok = subprocess.run(
         [
             *rtseg,

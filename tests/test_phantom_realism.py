@@ -216,7 +216,7 @@ def test_unknown_realism_option_is_refused_by_name() -> None:
 
 
 def test_phantom_command_writes_realistic_cases(tmp_path: Path) -> None:
-    rtseg = [sys.executable, "-m", "rtseg.cli", "phantom", "--center", "B", "--seed", "5", "--matrix", "64"]
+    rtseg = [sys.executable, "-m", "rtseg_app", "phantom", "--center", "B", "--seed", "5", "--matrix", "64"]
     ok = subprocess.run(
         [*rtseg, "--realism", "metal,short_scan,phase=art", "--out", str(tmp_path)],
         capture_output=True,

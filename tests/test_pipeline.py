@@ -44,7 +44,7 @@ TINY = CpuConfig(
     preprocess_workers=1,
     threads=1,
 )
-RTSEG = [sys.executable, "-m", "rtseg.cli"]
+RTSEG = [sys.executable, "-m", "rtseg_app"]
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from rtseg.region import REGIONS, check_region, order_flags
 from rtseg.structures import BY_NAME
 from rtseg.volume import CTVolume
 
-RTSEG = [sys.executable, "-m", "rtseg.cli"]
+RTSEG = [sys.executable, "-m", "rtseg_app"]
 RULE = REGIONS["upper_abdomen"]
 ABDOMINAL = ("Liver", "Kidney_L", "Kidney_R", "Spleen", "Pancreas", "Lung_L", "Lung_R", "Heart")
 ABDOMINAL += ("Bowel_Small", "Colon", "Stomach", "Duodenum", "Gallbladder")

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rtseg.cli import main
 from rtseg.errors import ModelError
 from rtseg.model.default import default_model_dir
 from rtseg.model.manifest import load_manifest, model_hash, save_manifest
 from rtseg.model.registry import Registry, registry_of, serving_model_dir
+from rtseg_app.cli import main
 
 
 def make_candidate(

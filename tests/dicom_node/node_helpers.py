@@ -131,7 +131,7 @@ class NodeProcess:
         seen = len(self.log())
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "rtseg.cli", "-v", "serve", "--config", str(self.config)],
+                [sys.executable, "-m", "rtseg_app", "-v", "serve", "--config", str(self.config)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,

@@ -92,7 +92,7 @@ def test_a_hung_destination_does_not_delay_the_others(tmp_path: Path) -> None:
 
 
 def _rtseg(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "rtseg.cli", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "rtseg_app", *args], capture_output=True, text=True)
 
 
 def test_node_retry_requeues_dead_letters_and_the_delivery_then_succeeds(tmp_path: Path) -> None:

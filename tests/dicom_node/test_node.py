@@ -342,4 +342,4 @@ def test_a_killed_worker_is_restarted_its_job_requeued_and_a_poison_job_failed(
 def _rtseg() -> list[str]:
     import sys
 
-    return [sys.executable, "-m", "rtseg.cli"]
+    return [sys.executable, "-m", "rtseg_app"]

@@ -420,7 +420,7 @@ def test_node_echo_command(scp: Any, tmp_path: Path) -> None:
     )
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        cmd = [sys.executable, "-m", "rtseg.cli", "node", "echo", "--config", str(config), *args]
+        cmd = [sys.executable, "-m", "rtseg_app", "node", "echo", "--config", str(config), *args]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
     own, down = run(), run("--destination", "down")

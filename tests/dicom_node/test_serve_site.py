@@ -65,7 +65,7 @@ def test_serve_refuses_an_incomplete_federation_table(running_node: Any, tmp_pat
         '[federation]\ncoordinator = "127.0.0.1:9092"\n'
     )
     result = subprocess.run(
-        [sys.executable, "-m", "rtseg.cli", "serve", "--config", str(config)],
+        [sys.executable, "-m", "rtseg_app", "serve", "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -76,7 +76,7 @@ def test_serve_refuses_an_incomplete_federation_table(running_node: Any, tmp_pat
     with config.open("a") as toml:  # complete, but neither TLS nor an explicit insecure = true
         toml.write('site_id = "site-a"\n')
     result = subprocess.run(
-        [sys.executable, "-m", "rtseg.cli", "serve", "--config", str(config)],
+        [sys.executable, "-m", "rtseg_app", "serve", "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=120,

@@ -171,7 +171,7 @@ def test_site_command_without_tls_is_refused_with_a_message(tmp_path: Path) -> N
     opens = (dt.datetime.now() + dt.timedelta(hours=6)).time()
     window = f"{opens:%H:%M}-{(dt.datetime.combine(dt.date.today(), opens) + dt.timedelta(minutes=1)):%H:%M}"
     result = subprocess.run(
-        [sys.executable, "-m", "rtseg.cli", "federation", "site", "--coordinator", "127.0.0.1:9"]
+        [sys.executable, "-m", "rtseg_app", "federation", "site", "--coordinator", "127.0.0.1:9"]
         + ["--site-id", "site-a", "--data", str(tmp_path / "d"), "--work", str(tmp_path / "w")]
         + ["--window", window],
         capture_output=True,
@@ -186,7 +186,7 @@ def test_site_command_without_tls_is_refused_with_a_message(tmp_path: Path) -> N
         '[federation]\ncoordinator = "127.0.0.1:9"\nsite_id = "site-a"\ndata_dir = "d"\nwork_dir = "w"\n'
     )
     result = subprocess.run(
-        [sys.executable, "-m", "rtseg.cli", "federation", "site", "--config", str(config)],
+        [sys.executable, "-m", "rtseg_app", "federation", "site", "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=120,

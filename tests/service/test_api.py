@@ -273,9 +273,11 @@ def test_settings_from_the_http_table() -> None:
 def test_rtseg_http_refuses_to_start_without_tokens(tmp_path: Path) -> None:
     config = tmp_path / "rtseg.toml"
     config.write_text(f'[paths]\ndata_dir = "{tmp_path / "data"}"\n[http]\nport = 0\n')
-    rtseg = Path(sys.executable).parent / "rtseg"
     run = subprocess.run(
-        [str(rtseg), "http", "--config", str(config)], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "rtseg_app", "http", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert run.returncode == 2 and "--new-token" in run.stderr
 

@@ -92,8 +92,8 @@ def test_rtseg_http_command_serves_and_stops(tmp_path: Path, free_port: int) -> 
         f'[paths]\ndata_dir = "{tmp_path / "data"}"\n[node]\ninference_threads = 1\n'
         f'[http]\nport = {port}\ntoken_sha256 = ["{token_digest(TOKEN)}"]\n'
     )
-    rtseg = Path(sys.executable).parent / "rtseg"
-    proc = subprocess.Popen([str(rtseg), "http", "--config", str(config)], stdout=subprocess.PIPE, text=True)
+    rtseg = [sys.executable, "-m", "rtseg_app"]  # this checkout's command line, not an installed script
+    proc = subprocess.Popen([*rtseg, "http", "--config", str(config)], stdout=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_until_up(f"{url}/healthz")

@@ -190,7 +190,7 @@ def running_node(work: Path, model: Path | None, quiet_s: float = QUIET_S) -> It
     shutil.rmtree(work / "node-data", ignore_errors=True)
     scp = subprocess.Popen([require_dcmtk_tool("storescp"), "-od", str(dest), "-aet", "STORESCP", str(dport)])
     node = subprocess.Popen(
-        [sys.executable, "-m", "rtseg.cli", "serve", "--config", str(config)],
+        [sys.executable, "-m", "rtseg_app", "serve", "--config", str(config)],
         stdout=subprocess.DEVNULL,
         start_new_session=True,
     )

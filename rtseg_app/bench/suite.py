@@ -1,7 +1,7 @@
 """``rtseg bench``: inference, DICOM receive, RTSTRUCT build, turnaround and one federated round in one run.
 
-The core's measurements come from :mod:`rtseg.benchmarks`, the node's from
-:mod:`dicom_node.bench`; this module plans the run (full or ``--quick``), runs
+The core's measurements come from :mod:`rtseg_app.bench`, the node's from
+:mod:`rtseg_app.bench.node`; this module plans the run (full or ``--quick``), runs
 each section, keeps going when one fails (its error is recorded) and writes
 ``bench.json`` and ``bench.md``. User-facing progress goes to stdout.
 """
@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 
 SECTIONS = ("inference", "receive", "rtstruct", "turnaround", "federation", "levers", "scaling")
 OPTIONAL = ("levers", "scaling")  # run only when asked for
+# run only when named with --section (they were once entries of their own)
+EXTRA = ("http", "robust")
+ALL_SECTIONS = SECTIONS + EXTRA
+HTTP_UPLOADS = {"full": 20, "quick": 5}
+HTTP_MATRIX = 96
 CONCURRENCY = (1, 2, 4)
 # What a section may fail with and the run still report the others.
 SECTION_ERRORS = (RtsegError, OSError, subprocess.SubprocessError, TimeoutError, RuntimeError, ValueError)
@@ -63,8 +68,8 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
 
 def run_suite(args: argparse.Namespace) -> int:
     """Run every section not skipped; write the report; 0 if all ran, 1 if any failed."""
-    from rtseg.benchmarks.machine import describe_machine
-    from rtseg.benchmarks.report import write_report
+    from rtseg_app.bench.machine import describe_machine
+    from rtseg_app.bench.report import write_report
 
     plan = plan_from_args(args)
     out: Path = args.out
@@ -79,10 +84,9 @@ def run_suite(args: argparse.Namespace) -> int:
         "machine": describe_machine(),
     }
     say(f"rtseg bench ({plan.mode}): work in {work}, report to {out}")
-    context = _Context(plan, work, model, bool(args.levers), results)
-    asked = {"levers": args.levers, "scaling": args.scaling}
-    wanted = [s for s in SECTIONS if s not in (args.skip or ()) and asked.get(s, True)]
-    for name in wanted:
+    uploads = args.uploads or HTTP_UPLOADS[plan.mode]
+    context = _Context(plan, work, model, bool(args.levers), results, uploads, bool(args.segment_all))
+    for name in wanted_sections(args):
         results[name] = _run_section(name, context)
         write_report(results, out)  # a long run leaves its figures so far
     results["total_s"] = time.monotonic() - started
@@ -90,6 +94,13 @@ def run_suite(args: argparse.Namespace) -> int:
     say(f"done in {results['total_s']:.0f} s: {json_path}, {md_path}")
     failed = [k for k, v in results.items() if isinstance(v, dict) and "error" in v]
     return 1 if failed else 0
+
+
+def wanted_sections(args: argparse.Namespace) -> list[str]:
+    """``--section`` names, else the default sections and the optional ones asked for; less ``--skip``."""
+    asked = {"levers": args.levers, "scaling": args.scaling}
+    named = args.section or [s for s in SECTIONS if asked.get(s, True)]
+    return [s for s in ALL_SECTIONS if s in named and s not in (args.skip or ())]
 
 
 def say(message: str) -> None:
@@ -103,6 +114,8 @@ class _Context:
     model: Path
     levers: bool
     results: dict[str, Any]
+    uploads: int = HTTP_UPLOADS["full"]
+    segment_all: bool = False
 
 
 def _model_dir(model: Path | None) -> Path:
@@ -129,13 +142,13 @@ def _run_section(name: str, ctx: _Context) -> dict[str, Any]:
 
 
 def _bench_ct(ctx: _Context) -> tuple[Any, Any]:
-    from rtseg.benchmarks.volume import bench_volume
+    from rtseg_app.bench.volume import bench_volume
 
     return bench_volume(ctx.work, ctx.plan.slices, ctx.plan.matrix)
 
 
 def _inference(ctx: _Context) -> dict[str, Any]:
-    from rtseg.benchmarks.inference import OURS, STOCK, UNFILTERED, compare
+    from rtseg_app.bench.inference import OURS, STOCK, UNFILTERED, compare
 
     volume, _ = _bench_ct(ctx)
     variants = (STOCK, OURS, UNFILTERED)
@@ -144,14 +157,14 @@ def _inference(ctx: _Context) -> dict[str, Any]:
 
 def _levers(ctx: _Context) -> dict[str, Any]:
     """rtseg's path with one change at a time; speed and Dice relative to rtseg's path itself."""
-    from rtseg.benchmarks.inference import LEVERS, OURS, compare
+    from rtseg_app.bench.inference import LEVERS, OURS, compare
 
     volume, _ = _bench_ct(ctx)
     return compare(ctx.model, volume, ctx.work / "levers", (OURS, *LEVERS), ctx.plan.timeout_s, say)
 
 
 def _receive(ctx: _Context) -> dict[str, Any]:
-    from dicom_node.bench import receive_figures
+    from rtseg_app.bench.node import receive_figures
 
     fig: dict[str, Any] = receive_figures(
         ctx.work, ctx.plan.receive_slices, ctx.plan.receive_matrix, ctx.plan.repeats
@@ -161,7 +174,7 @@ def _receive(ctx: _Context) -> dict[str, Any]:
 
 
 def _rtstruct(ctx: _Context) -> dict[str, Any]:
-    from rtseg.benchmarks.rtstruct import rtstruct_build
+    from rtseg_app.bench.rtstruct import rtstruct_build
 
     volume, labels = _bench_ct(ctx)
     fig = rtstruct_build(volume, labels)
@@ -170,8 +183,8 @@ def _rtstruct(ctx: _Context) -> dict[str, Any]:
 
 
 def _turnaround(ctx: _Context) -> dict[str, Any]:
-    from dicom_node.bench import QUIET_S, phantom_series, turnaround
-    from rtseg.benchmarks.volume import bench_series
+    from rtseg_app.bench.node import QUIET_S, phantom_series, turnaround
+    from rtseg_app.bench.volume import bench_series
 
     cases = phantom_series(ctx.work, ctx.plan.series, ctx.plan.case_matrix)
     full_ct = bench_series(ctx.work, ctx.plan.slices, ctx.plan.matrix) / "ct"
@@ -197,7 +210,7 @@ def _turnaround(ctx: _Context) -> dict[str, Any]:
 def _federation(ctx: _Context) -> dict[str, Any]:
     import shutil
 
-    from rtseg.benchmarks.federation import model_update_bytes, one_round
+    from rtseg_app.bench.federation import model_update_bytes, one_round
 
     root = ctx.work / "federation"
     shutil.rmtree(root, ignore_errors=True)  # a fresh coordinator database every run
@@ -211,8 +224,8 @@ def _federation(ctx: _Context) -> dict[str, Any]:
 
 
 def _scaling(ctx: _Context) -> dict[str, Any]:
-    from dicom_node.bench import QUIET_S, concurrent_turnaround, running_node
-    from rtseg.benchmarks.volume import bench_series
+    from rtseg_app.bench.node import QUIET_S, concurrent_turnaround, running_node
+    from rtseg_app.bench.volume import bench_series
 
     plan = ctx.plan
     by_slices = {n: bench_series(ctx.work, n, plan.matrix) / "ct" for n in plan.scaling_slices}
@@ -241,6 +254,36 @@ def _scaling(ctx: _Context) -> dict[str, Any]:
     return figures
 
 
+def _http(ctx: _Context) -> dict[str, Any]:
+    import shutil
+
+    from rtseg_app.bench.http import run_bench
+
+    root = ctx.work / "http"
+    shutil.rmtree(root, ignore_errors=True)  # a fresh job store: every upload is this run's
+    figures = run_bench(root, ctx.uploads, HTTP_MATRIX, ctx.segment_all)
+    for key, value in figures.items():
+        say(f"   {key}: {value}")
+    ok = figures["accepted_202"] == figures["stored_intact"] == ctx.uploads
+    if not ok or figures["segmentation_final"] != "done" or figures["rtstruct_dciodvfy_errors"]:
+        # the figures stay in the report; the error marks the run failed (exit 1)
+        figures["error"] = "uploads lost, segmentation not done or RTSTRUCT not dciodvfy-clean"
+    return figures
+
+
+def _robust(ctx: _Context) -> dict[str, Any]:
+    import json
+
+    from rtseg_app.bench.robust import collect_updates, compare, markdown
+
+    root = ctx.work / "robust"  # the federation is reused when it is already there
+    reference, updates = collect_updates(root)
+    rows = compare(reference, updates, {u.site: u.cases for u in updates})
+    (root / "robust.json").write_text(json.dumps(rows, indent=1))
+    say(markdown(rows))
+    return {"sites": len(updates), "rows": rows}
+
+
 SECTION_FUNCTIONS: dict[str, Callable[[_Context], dict[str, Any]]] = {
     "inference": _inference,
     "receive": _receive,
@@ -249,4 +292,6 @@ SECTION_FUNCTIONS: dict[str, Callable[[_Context], dict[str, Any]]] = {
     "federation": _federation,
     "levers": _levers,
     "scaling": _scaling,
+    "http": _http,
+    "robust": _robust,
 }

@@ -1,6 +1,6 @@
 """Benchmark (not a test): concurrent uploads while a segmentation runs.
 
-``python -m service.bench [--uploads 20] [--matrix 96] [--work DIR]`` starts a
+``rtseg bench --section http [--uploads 20] [--segment-all]`` starts a
 real waitress server with one worker process (one inference thread), starts one
 segmentation, then sends ``--uploads`` zipped phantom series at once while a
 poller asks ``/healthz`` every 50 ms. It reports whether every upload was
@@ -12,15 +12,12 @@ for every queued upload to be segmented too (minutes per series on a CPU).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import os
 import resource
 import shutil
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 import zipfile
@@ -228,32 +225,3 @@ def _measure(
         "worker_peak_rss_mb": round(worker_peak, 1),
         "segmented_all_done": done_all,
     }
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m service.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--uploads", type=int, default=20)
-    parser.add_argument("--matrix", type=int, default=96)
-    parser.add_argument("--work", type=Path, help="working folder (default: a temporary one, removed)")
-    parser.add_argument(
-        "--segment-all", action="store_true", help="also wait for every upload's segmentation"
-    )
-    args = parser.parse_args(argv)
-    work = args.work or Path(tempfile.mkdtemp(prefix="rtseg-http-bench-"))
-    try:
-        figures = run_bench(work, args.uploads, args.matrix, args.segment_all)
-    finally:
-        if args.work is None:
-            shutil.rmtree(work, ignore_errors=True)
-    width = max(len(k) for k in figures)
-    for key, value in figures.items():
-        print(f"{key:<{width}}  {value}")
-    ok = (
-        figures["accepted_202"] == figures["stored_intact"] == args.uploads
-        and figures["segmentation_final"] == "done"
-    )
-    return 0 if ok and not figures["rtstruct_dciodvfy_errors"] else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -10,15 +10,13 @@ relative to the length of the honest step. A Dice comparison would need a
 federation trained for hours on these cores; the tiny model of one round has
 no Dice to compare.
 
-``python -m rtseg.benchmarks.robust --work DIR`` (the federation is reused
-from ``DIR`` when it is already there).
+``rtseg bench --section robust --out OUT`` (the federation is reused from
+``WORK/robust`` when it is already there; the rows also go to ``robust.json`` there).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -127,21 +125,3 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         cells = [f"{row[c]:.3f}" + (" (screened out)" if row[f"{c}-rejected"] else "") for c in COLUMNS]
         lines.append(f"| {row['attack']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--work", type=Path, required=True)
-    args = p.parse_args(argv)
-    started = time.monotonic()
-    reference, updates = collect_updates(args.work)
-    declared = {u.site: u.cases for u in updates}
-    rows = compare(reference, updates, declared)
-    (args.work / "robust.json").write_text(json.dumps(rows, indent=1))
-    print(markdown(rows))
-    print(f"({len(updates)} sites, {time.monotonic() - started:.0f} s)")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

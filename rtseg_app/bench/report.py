@@ -87,6 +87,8 @@ def markdown(results: Results) -> str:
         _turnaround,
         _federation,
         _scaling,
+        _http,
+        _robust,
         _targets,
         _errors,
     )
@@ -229,6 +231,24 @@ def _federation(r: Results) -> list[str]:
             "per round (its float32 weights)."
         )
     return lines + [""]
+
+
+def _http(r: Results) -> list[str]:
+    http = r.get("http")
+    if not isinstance(http, dict) or "accepted_202" not in http:
+        return []
+    rows = [f"| {k} | {_f(v)} |" for k, v in http.items() if k != "section_s"]
+    return ["## HTTP uploads during a segmentation", "", "| figure | value |", "|---|---:|", *rows, ""]
+
+
+def _robust(r: Results) -> list[str]:
+    from rtseg_app.bench.robust import markdown as robust_table
+
+    robust = r.get("robust")
+    if not isinstance(robust, dict) or "rows" not in robust:
+        return []
+    title = f"## Robust aggregation against one poisoned site ({robust['sites']} sites)"
+    return [title, "", robust_table(robust["rows"]), ""]
 
 
 def _scaling(r: Results) -> list[str]:

@@ -5,7 +5,7 @@ load and predict seconds and its own peak resident memory (``ru_maxrss``), so
 that one variant's memory never counts against another. The parent compares
 the label maps structure by structure (Dice).
 
-Run as ``python -m rtseg.benchmarks.inference SPEC.json`` (the child's side).
+Run as ``python -m rtseg_app.bench.inference SPEC.json`` (the child's side).
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def run_variant(variant: Variant, model_dir: Path, volume_npz: Path, out: Path, 
     for name in NNUNET_THREAD_CAPS if variant.stock else ():
         env.pop(name, None)  # stock means nnU-Net as a user runs it: none of rtseg's settings
     proc = subprocess.run(
-        [sys.executable, "-m", "rtseg.benchmarks.inference", str(spec_file)],
+        [sys.executable, "-m", "rtseg_app.bench.inference", str(spec_file)],
         env=env,
         capture_output=True,
         text=True,

@@ -2,5 +2,5 @@
 
 Each function measures one thing and returns plain values (JSON-ready dicts);
 the DICOM node's own figures (receive throughput, turnaround) live with the
-node in ``dicom_node.bench``, and ``rtseg bench`` composes both.
+node in ``rtseg_app.bench.node``, and ``rtseg bench`` composes both.
 """
