@@ -14,6 +14,8 @@ import pytest
 import SimpleITK as sitk
 
 from rtseg.errors import InputError, ModelError
+from rtseg.model.children import EpochProgress, nnunet_dirs
+from rtseg.model.cpu import CpuConfig, cpu_plans, network_topology
 from rtseg.model.dataset import write_raw_dataset
 from rtseg.model.manifest import (
     MANIFEST_NAME,
@@ -24,16 +26,7 @@ from rtseg.model.manifest import (
     structures_from_dataset_json,
 )
 from rtseg.model.segmenter import NnunetSegmenter, Segmentation, outline_body
-from rtseg.model.training import (
-    CpuConfig,
-    EpochProgress,
-    cpu_plans,
-    export_model,
-    network_topology,
-    nnunet_dirs,
-    plan_and_preprocess,
-    train,
-)
+from rtseg.model.training import export_model, plan_and_preprocess, train
 from rtseg.phantom.dicom_io import SeriesSpec, write_ct_series
 from rtseg.volume import Orientation
 

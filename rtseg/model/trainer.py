@@ -20,7 +20,7 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch._dynamo import OptimizedModule
 
-from rtseg.model.training import OPTIMIZERS
+from rtseg.model.cpu import OPTIMIZERS
 
 SAVED_TRAINER_NAME = "nnUNetTrainer"  # the network is the stock one built from the plans
 
