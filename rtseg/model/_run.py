@@ -1,6 +1,6 @@
 """Child-process entry point for nnU-Net steps: ``python -m rtseg.model._run COMMAND JSON``.
 
-Started by :mod:`rtseg.model.training` with the nnU-Net environment already
+Started by :func:`rtseg.model.children.run_child` with the nnU-Net environment already
 set. Events (one JSON object per line) go to the file descriptor ``events_fd``
 named in the arguments; nnU-Net's own output goes to stdout/stderr.
 """

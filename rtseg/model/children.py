@@ -71,7 +71,7 @@ def nnunet_dirs(work_dir: Path) -> NnunetDirs:
     )
 
 
-def _dataset_folder(root: Path, dataset_id: int) -> Path | None:
+def dataset_folder(root: Path, dataset_id: int) -> Path | None:
     """nnU-Net's ``DatasetXXX_*`` folder of ``dataset_id`` under ``root``, if there is one."""
     found = sorted(root.glob(f"Dataset{dataset_id:03d}_*")) if root.is_dir() else []
     return found[0] if found else None
@@ -96,7 +96,7 @@ def child_env(work_dir: Path, config: CpuConfig) -> dict[str, str]:
     return env
 
 
-def _run_child(
+def run_child(
     command: str,
     args: dict[str, Any],
     work_dir: Path,

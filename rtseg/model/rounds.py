@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from rtseg.errors import InputError, ModelError
-from rtseg.model.children import ProgressCallback, _dataset_folder, _run_child, nnunet_dirs
+from rtseg.model.children import ProgressCallback, dataset_folder, nnunet_dirs, run_child
 from rtseg.model.cpu import PLANS_IDENTIFIER, CpuConfig, validate_config
 from rtseg.model.plans_check import check_plans
 
@@ -30,7 +30,7 @@ def plan_from_fingerprint(
     """
     validate_config(config)
     config = replace(config, da_workers=max(1, config.da_workers))  # the planner sets torch threads from it
-    done = _run_child(
+    done = run_child(
         "plan_fingerprint",
         {"dataset_id": dataset_id, "dataset_json": dataset_json, "fingerprint": fingerprint},
         work_dir,
@@ -52,14 +52,14 @@ def preprocess_with_plans(
     The plans must be for this dataset (``dataset_name``) and pass
     :func:`~rtseg.model.plans_check.check_plans`; else :class:`ModelError`.
     """
-    raw = _dataset_folder(nnunet_dirs(work_dir).raw, dataset_id)
+    raw = dataset_folder(nnunet_dirs(work_dir).raw, dataset_id)
     if raw is None or not (raw / "dataset.json").is_file():
         raise InputError(f"no raw dataset {dataset_id} in {nnunet_dirs(work_dir).raw}; write it first")
     check_plans(plans, "plans to preprocess with")
     if plans.get("dataset_name") != raw.name:
         raise ModelError(f"the plans are for dataset {plans.get('dataset_name')!r}, not {raw.name}")
     config = replace(config, da_workers=max(1, config.da_workers))
-    done = _run_child(
+    done = run_child(
         "preprocess",
         {"dataset_id": dataset_id, "plans": plans, "fingerprint": fingerprint},
         work_dir,
@@ -75,7 +75,7 @@ def initial_weights(work_dir: Path, plans: dict[str, Any], dataset_json: dict[st
     Also writes ``<out>.aliases.json``: aliased key → the key whose array it shares.
     """
     check_plans(plans, "plans to initialise weights with")
-    _run_child(
+    run_child(
         "init_weights",
         {"plans": plans, "dataset_json": dataset_json, "out": str(out)},
         work_dir,
@@ -112,7 +112,7 @@ def train_round(
     """
     if schedule.epochs < 1 or schedule.total_epochs < schedule.epoch_offset + schedule.epochs:
         raise InputError(f"inconsistent round schedule {schedule}")
-    preprocessed = _dataset_folder(nnunet_dirs(work_dir).preprocessed, dataset_id)
+    preprocessed = dataset_folder(nnunet_dirs(work_dir).preprocessed, dataset_id)
     if preprocessed is None or not (preprocessed / f"{PLANS_IDENTIFIER}.json").is_file():
         raise InputError(f"dataset {dataset_id} is not preprocessed in {work_dir}")
     args = {
@@ -122,4 +122,4 @@ def train_round(
         "optimizer_state": str(Path(work_dir).resolve() / "optimizer_state.pt"),
         "schedule": asdict(schedule),
     }
-    return _run_child("train_round", args, work_dir, config, progress)
+    return run_child("train_round", args, work_dir, config, progress)

@@ -11,21 +11,21 @@ from pathlib import Path
 from typing import Any
 
 from rtseg.errors import InputError, ModelError
-from rtseg.model.children import ProgressCallback, _dataset_folder, _run_child, nnunet_dirs
+from rtseg.model.children import ProgressCallback, dataset_folder, nnunet_dirs, run_child
 from rtseg.model.cpu import PLANS_IDENTIFIER, CpuConfig, validate_config
 from rtseg.model.manifest import ModelManifest, read_json, save_manifest
 
 
 def plan_and_preprocess(work_dir: Path, dataset_id: int, config: CpuConfig = CpuConfig()) -> Path:
-    """Fingerprint, plan (nnU-Net's default planner, then :func:`cpu_plans`) and preprocess 3d_fullres.
+    """Fingerprint, plan and preprocess 3d_fullres; returns the preprocessed dataset folder.
 
-    Returns the preprocessed dataset folder.
+    The plans are nnU-Net's default planner's, reduced by :func:`~rtseg.model.cpu.cpu_plans`.
     """
     validate_config(config)
-    raw = _dataset_folder(nnunet_dirs(work_dir).raw, dataset_id)
+    raw = dataset_folder(nnunet_dirs(work_dir).raw, dataset_id)
     if raw is None or not (raw / "dataset.json").is_file():
         raise InputError(f"no raw dataset {dataset_id} in {nnunet_dirs(work_dir).raw}; write it first")
-    done = _run_child("plan", {"dataset_id": dataset_id}, work_dir, config, None)
+    done = run_child("plan", {"dataset_id": dataset_id}, work_dir, config, None)
     return Path(done["preprocessed_dir"])
 
 
@@ -50,7 +50,7 @@ def train(
         raise InputError(f"fold must be 'all' or a number, got {fold!r}")
     if start_from is not None and not Path(start_from).is_file():
         raise InputError(f"{start_from}: no checkpoint to start training from")
-    preprocessed = _dataset_folder(nnunet_dirs(work_dir).preprocessed, dataset_id)
+    preprocessed = dataset_folder(nnunet_dirs(work_dir).preprocessed, dataset_id)
     if preprocessed is None or not (preprocessed / f"{PLANS_IDENTIFIER}.json").is_file():
         raise InputError(
             f"dataset {dataset_id} is not preprocessed in {work_dir}; run plan_and_preprocess first"
@@ -58,7 +58,7 @@ def train(
     args: dict[str, Any] = {"dataset_id": dataset_id, "fold": fold}
     if start_from is not None:
         args["start_from"] = str(Path(start_from).resolve())
-    done = _run_child("train", args, work_dir, config, progress)
+    done = run_child("train", args, work_dir, config, progress)
     return Path(done["results_dir"])
 
 
