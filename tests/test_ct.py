@@ -7,6 +7,7 @@ with dcmtk and pydicom's encoders and must decode to exactly the same HU.
 
 from __future__ import annotations
 
+import ast
 import copy
 import functools
 import logging
@@ -873,3 +874,19 @@ def test_no_frame_of_reference_says_what_to_do(tmp_path: Path) -> None:
     for path in tmp_path.iterdir():
         _edit(path, lambda ds: ds.__delattr__("FrameOfReferenceUID"))
     _error(tmp_path, "no FrameOfReferenceUID", "send the series as the scanner or PACS exported it")
+
+
+def test_ct_package_modules_import_in_layers() -> None:
+    """rtseg.ct is a package whose modules import only the layers below them (no cycle)."""
+    layers = ["header", "geometry", "scan", "pixels", "load"]
+    package = Path(ct.__file__).parent
+    assert sorted(p.stem for p in package.glob("*.py")) == sorted([*layers, "__init__"])
+    for index, layer in enumerate(layers):
+        tree = ast.parse((package / f"{layer}.py").read_text())
+        imported = {
+            node.module.removeprefix("rtseg.ct.")
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("rtseg.ct.")
+        }
+        assert imported <= set(layers[:index]), f"rtseg.ct.{layer} imports {sorted(imported)}"
+    assert ct.load_series.__module__ == "rtseg.ct.load"

@@ -17,10 +17,10 @@ import torch
 
 from rtseg.cases import load_case
 from rtseg.metrics import dice
+from rtseg.model.cpu import CpuConfig
 from rtseg.model.default import DEFAULT_RECIPE, MODEL_NAME, build_default, default_model_dir
 from rtseg.model.manifest import load_manifest
 from rtseg.model.segmenter import NnunetSegmenter
-from rtseg.model.training import CpuConfig
 from rtseg.phantom.cohort import write_case
 from rtseg.structures import STRUCTURES
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import shutil
 from dataclasses import replace
@@ -14,6 +15,8 @@ import pytest
 import SimpleITK as sitk
 
 from rtseg.errors import InputError, ModelError
+from rtseg.model.children import EpochProgress, nnunet_dirs
+from rtseg.model.cpu import CpuConfig, cpu_plans, network_topology
 from rtseg.model.dataset import write_raw_dataset
 from rtseg.model.manifest import (
     MANIFEST_NAME,
@@ -24,16 +27,7 @@ from rtseg.model.manifest import (
     structures_from_dataset_json,
 )
 from rtseg.model.segmenter import NnunetSegmenter, Segmentation, outline_body
-from rtseg.model.training import (
-    CpuConfig,
-    EpochProgress,
-    cpu_plans,
-    export_model,
-    network_topology,
-    nnunet_dirs,
-    plan_and_preprocess,
-    train,
-)
+from rtseg.model.training import export_model, plan_and_preprocess, train
 from rtseg.phantom.dicom_io import SeriesSpec, write_ct_series
 from rtseg.volume import Orientation
 
@@ -101,6 +95,46 @@ def _copy_model(model: Path, target: Path, *, manifest: bool = True) -> Path:
     if not manifest:
         (target / MANIFEST_NAME).unlink()
     return target
+
+
+def _model_imports() -> dict[str, set[str]]:
+    """rtseg.model's modules and the rtseg.model modules each one names: imports anywhere in the
+    file (inside functions too) and module names in strings (``python -m rtseg.model._run``)."""
+    folder = Path(__file__).resolve().parents[1] / "rtseg" / "model"
+    modules = {f"rtseg.model.{f.stem}": f for f in folder.glob("*.py") if f.stem != "__init__"}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        named: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                named.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                named.add(node.module)
+                named.update(f"{node.module}.{alias.name}" for alias in node.names)
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                named.add(node.value)
+        graph[name] = (named & modules.keys()) - {name}
+    return graph
+
+
+def test_model_modules_import_no_cycle() -> None:
+    """The trainer, the child entry point and the steps that start it import one way only."""
+    graph = _model_imports()
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), list(graph[start])
+        while todo:
+            module = todo.pop()
+            if module == goal:
+                return True
+            if module not in seen:
+                seen.add(module)
+                todo.extend(graph[module])
+        return False
+
+    cycles = sorted(m for m in graph if reaches(m, m))
+    assert cycles == [], f"modules on an import cycle: {cycles}"
+    assert "rtseg.model._run" in graph["rtseg.model.children"]  # the check sees the child's start
 
 
 def test_raw_dataset_is_nnunet_layout(trained: dict[str, Any]) -> None:

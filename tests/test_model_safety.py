@@ -16,11 +16,12 @@ import pytest
 
 from rtseg.errors import ModelError
 from rtseg.model.checkpoints import load_checkpoint
+from rtseg.model.children import child_env
+from rtseg.model.cpu import CpuConfig
 from rtseg.model.default import default_model_dir
 from rtseg.model.manifest import load_manifest, read_json
 from rtseg.model.plans_check import check_plans
 from rtseg.model.registry import Registry
-from rtseg.model.training import CpuConfig, child_env
 from rtseg_app.cli import main
 
 NONLIN = "configurations.3d_fullres.architecture.arch_kwargs.nonlin"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pydicom
 import pytest
 
 from rtseg.cases import load_case
+from rtseg.phantom import anatomy
 from rtseg.phantom.cohort import CENTERS, make_case, read_label_image, write_case
 from rtseg.structures import BY_NAME, STRUCTURES
 from rtseg.volume import Orientation
@@ -167,3 +169,16 @@ def test_orientation_roundtrip_all_positions(positions_dir: Path) -> None:
         case = load_case(positions_dir / f"A_s3_000_{position}")
         o = Orientation.from_affine(case.volume.affine)
         assert np.array_equal(o.from_canonical(o.to_canonical(case.labels)), case.labels)
+
+
+def test_anatomy_builder_names_say_what_they_are() -> None:
+    """The case painter's attributes and methods are words, not letters (HU is the unit's own name)."""
+    tree = ast.parse(Path(anatomy.__file__).read_text())
+    builder = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "_Builder")
+    names = {n.name for n in builder.body if isinstance(n, ast.FunctionDef)}
+    names |= {
+        n.attr
+        for n in ast.walk(builder)
+        if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "self"
+    }
+    assert sorted(n for n in names if len(n.strip("_")) <= 2 and n != "hu") == []

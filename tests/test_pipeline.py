@@ -21,11 +21,13 @@ from test_rtstruct import dciodvfy, on_ct_grid
 
 from rtseg.cases import load_case
 from rtseg.ct import load_series
+from rtseg.model.children import nnunet_dirs
+from rtseg.model.cpu import CpuConfig
 from rtseg.model.dataset import write_raw_dataset
 from rtseg.model.default import canonical_cases
 from rtseg.model.manifest import ModelManifest, default_provenance
 from rtseg.model.segmenter import NnunetSegmenter
-from rtseg.model.training import CpuConfig, export_model, nnunet_dirs, plan_and_preprocess, train
+from rtseg.model.training import export_model, plan_and_preprocess, train
 from rtseg.phantom.cohort import generate_cohort, write_case
 from rtseg.pipeline import model_identity, segment_series
 from rtseg.structures import BY_NAME, STRUCTURES, dataset_labels

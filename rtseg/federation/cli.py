@@ -65,7 +65,7 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
         write_connection,
     )
     from rtseg.federation.simulate import SimulationSpec
-    from rtseg.model.training import CpuConfig
+    from rtseg.model.cpu import CpuConfig
 
     state = args.state.resolve()
     tls = None

@@ -16,7 +16,8 @@ import time
 from rtseg.errors import FederationError
 from rtseg.federation.flower import Payload, SiteContext, client_app
 from rtseg.federation.task import Site, ensure_preprocessed, poison, prepare_data, site_config, train_local
-from rtseg.model.training import CpuConfig, RoundSchedule
+from rtseg.model.cpu import CpuConfig
+from rtseg.model.rounds import RoundSchedule
 from rtseg.privacy import RedactingFormatter
 from rtseg.structures import dataset_labels
 

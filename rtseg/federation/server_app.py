@@ -35,6 +35,7 @@ from rtseg.federation.aggregate import (
 from rtseg.federation.fingerprint import SiteFingerprint, check_labels, pooled_fingerprint
 from rtseg.federation.flower import Grid, Payload, server_app
 from rtseg.federation.task import DATASET_NAME, plans_hash
+from rtseg.model.cpu import CpuConfig
 from rtseg.model.manifest import (
     ModelManifest,
     default_provenance,
@@ -42,14 +43,8 @@ from rtseg.model.manifest import (
     save_manifest,
     structures_from_dataset_json,
 )
-from rtseg.model.training import (
-    CpuConfig,
-    initial_weights,
-    load_arrays,
-    plan_from_fingerprint,
-    save_arrays,
-    write_checkpoint,
-)
+from rtseg.model.rounds import initial_weights, plan_from_fingerprint
+from rtseg.model.weights import load_arrays, save_arrays, write_checkpoint
 from rtseg.privacy import RedactingFormatter
 
 log = logging.getLogger(__name__)

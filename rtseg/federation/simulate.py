@@ -33,7 +33,7 @@ from rtseg.federation.processes import (
     write_app,
     write_connection,
 )
-from rtseg.model.training import CpuConfig
+from rtseg.model.cpu import CpuConfig
 
 log = logging.getLogger(__name__)
 

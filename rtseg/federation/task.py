@@ -22,17 +22,12 @@ import numpy.typing as npt
 
 from rtseg.errors import FederationError
 from rtseg.federation.fingerprint import FingerprintAccumulator, SiteFingerprint, pooled_fingerprint
+from rtseg.model.children import nnunet_dirs
+from rtseg.model.cpu import CpuConfig
 from rtseg.model.dataset import dataset_folder_name, write_raw_dataset
 from rtseg.model.plans_check import check_plans
-from rtseg.model.training import (
-    CpuConfig,
-    RoundSchedule,
-    load_arrays,
-    nnunet_dirs,
-    preprocess_with_plans,
-    save_arrays,
-    train_round,
-)
+from rtseg.model.rounds import RoundSchedule, preprocess_with_plans, train_round
+from rtseg.model.weights import load_arrays, save_arrays
 from rtseg.paths import safe_child, safe_name
 
 log = logging.getLogger(__name__)

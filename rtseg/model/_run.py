@@ -1,6 +1,6 @@
 """Child-process entry point for nnU-Net steps: ``python -m rtseg.model._run COMMAND JSON``.
 
-Started by :mod:`rtseg.model.training` with the nnU-Net environment already
+Started by :func:`rtseg.model.children.run_child` with the nnU-Net environment already
 set. Events (one JSON object per line) go to the file descriptor ``events_fd``
 named in the arguments; nnU-Net's own output goes to stdout/stderr.
 """
@@ -16,8 +16,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
+from rtseg.model.cpu import CONFIGURATION, PLANS_IDENTIFIER, CpuConfig, cpu_plans
 from rtseg.model.plans_check import check_plans
-from rtseg.model.training import CONFIGURATION, PLANS_IDENTIFIER, CpuConfig, cpu_plans
 from rtseg.paths import safe_child
 
 
@@ -144,7 +144,7 @@ def init_weights(args: dict[str, Any], config: CpuConfig, emit: Callable[..., No
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from rtseg.model.trainer import network_arrays, seed_everything
-    from rtseg.model.training import save_arrays
+    from rtseg.model.weights import save_arrays
 
     seed_everything(config.seed)
     check_plans(args["plans"], "plans to initialise weights with")
@@ -180,7 +180,7 @@ def train_round(args: dict[str, Any], config: CpuConfig, emit: Callable[..., Non
         load_network_arrays,
         network_arrays,
     )
-    from rtseg.model.training import load_arrays, save_arrays
+    from rtseg.model.weights import load_arrays, save_arrays
 
     schedule = args["schedule"]
     os.nice(int(schedule["nice"]))  # below DICOM receiving and inference

@@ -41,7 +41,7 @@ def write_raw_dataset(
     Parameters
     ----------
     raw_root
-        The ``nnUNet_raw`` folder (for training: ``training.nnunet_dirs(work_dir).raw``).
+        The ``nnUNet_raw`` folder (for training: ``children.nnunet_dirs(work_dir).raw``).
     dataset_id, name
         Give the folder name ``DatasetXXX_Name``.
     cases

@@ -20,18 +20,12 @@ import numpy.typing as npt
 from scipy.ndimage import zoom
 
 from rtseg.errors import InputError, ModelError
+from rtseg.model.children import EpochProgress, nnunet_dirs
+from rtseg.model.cpu import PLANS_IDENTIFIER, CpuConfig
 from rtseg.model.dataset import Case, dataset_folder_name, write_raw_dataset
 from rtseg.model.manifest import ModelManifest, default_provenance, load_manifest
-from rtseg.model.training import (
-    PLANS_IDENTIFIER,
-    CpuConfig,
-    EpochProgress,
-    export_model,
-    nnunet_dirs,
-    plan_and_preprocess,
-    preprocess_with_plans,
-    train,
-)
+from rtseg.model.rounds import preprocess_with_plans
+from rtseg.model.training import export_model, plan_and_preprocess, train
 from rtseg.structures import STRUCTURES, dataset_labels
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """The one nnU-Net trainer subclass rtseg needs.
 
 It changes only what a short CPU schedule needs: epochs, iterations and
-learning rate from :class:`rtseg.model.training.CpuConfig`, an epoch report to
+learning rate from :class:`rtseg.model.cpu.CpuConfig`, an epoch report to
 the parent process, and checkpoints that name the stock ``nnUNetTrainer`` so any
 nnU-Net installation loads them (nnU-Net finds trainers by name, and on a
 CPU-only torch its search crashes for every name but ``nnUNetTrainer``).
@@ -20,7 +20,7 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch._dynamo import OptimizedModule
 
-from rtseg.model.training import OPTIMIZERS
+from rtseg.model.cpu import OPTIMIZERS
 
 SAVED_TRAINER_NAME = "nnUNetTrainer"  # the network is the stock one built from the plans
 

@@ -19,16 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from rtseg.errors import FederationError
+from rtseg.model.children import EpochProgress, nnunet_dirs
+from rtseg.model.cpu import CpuConfig
 from rtseg.model.dataset import Case, write_raw_dataset
 from rtseg.model.manifest import MANIFEST_NAME, ModelManifest, default_provenance
-from rtseg.model.training import (
-    CpuConfig,
-    EpochProgress,
-    export_model,
-    nnunet_dirs,
-    plan_and_preprocess,
-    train,
-)
+from rtseg.model.training import export_model, plan_and_preprocess, train
 from rtseg.structures import STRUCTURES, dataset_labels
 from rtseg.study.design import CENTERS, CENTRALISED, FEDERATED, LOCAL_ARMS, StudySpec
 

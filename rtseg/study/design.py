@@ -9,7 +9,7 @@ from typing import Any
 
 from rtseg.errors import InputError
 from rtseg.federation.simulate import TINY
-from rtseg.model.training import CpuConfig
+from rtseg.model.cpu import CpuConfig
 
 CENTERS = ("A", "B")
 LOCAL_ARMS = {"A": "local-A", "B": "local-B"}

@@ -34,7 +34,7 @@ from rtseg.federation.aggregate import (
     site_weights,
 )
 from rtseg.federation.simulate import TINY, LocalFederation, SimulationSpec, rounds_log
-from rtseg.model.training import load_arrays, save_arrays
+from rtseg.model.weights import load_arrays, save_arrays
 
 Attack = Callable[[Update, Arrays], Update]
 

@@ -25,7 +25,7 @@ import pytest
 
 from rtseg.federation.fingerprint import N_BINS
 from rtseg.federation.simulate import TINY, LocalFederation, SimulationSpec, rounds_log
-from rtseg.model.training import load_arrays
+from rtseg.model.weights import load_arrays
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 

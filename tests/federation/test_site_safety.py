@@ -26,10 +26,11 @@ from rtseg.federation.fingerprint import FingerprintAccumulator
 from rtseg.federation.flower import Payload, SiteContext
 from rtseg.federation.schedule import SiteSettings, run_site
 from rtseg.federation.task import DATASET_ID, DATASET_NAME, plans_hash
+from rtseg.model.children import nnunet_dirs
+from rtseg.model.cpu import CpuConfig
 from rtseg.model.dataset import dataset_folder_name, write_raw_dataset
 from rtseg.model.default import default_model_dir
 from rtseg.model.manifest import read_json
-from rtseg.model.training import CpuConfig, nnunet_dirs
 
 LABELS = {"background": 0, "Bright": 1}
 CPU = CpuConfig(

@@ -1,0 +1,178 @@
+"""One file's parsed header and what is read from it before any pass: UIDs, numbers, the series summary."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from pydicom.dataset import Dataset
+from pydicom.errors import BytesLengthException, InvalidDicomError
+
+from rtseg.errors import InputError
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+_ENHANCED_CT_SOP_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.2.2"})
+
+
+_NON_IMAGE_MODALITIES = frozenset(
+    {"RTDOSE", "RTSTRUCT", "RTPLAN", "RTRECORD", "SR", "KO", "PR", "SEG", "REG", "RWV", "DOC", "PLAN"}
+)
+
+
+_NON_IMAGE_SOP_PREFIXES = ("1.2.840.10008.5.1.4.1.1.481.", "1.2.840.10008.5.1.4.1.1.88.")
+
+
+_DUPLICATE_MM = 0.01  # two slices closer than this are at the same position
+
+
+_READ_ERRORS = (
+    InvalidDicomError,
+    NotImplementedError,
+    OSError,
+    EOFError,
+    ValueError,
+    KeyError,
+    TypeError,
+    AttributeError,
+    struct.error,
+    zlib.error,
+    BytesLengthException,
+)
+
+
+# The data set's SOP UIDs, and the file meta elements that stand in for them where a
+# writer (anonymisers, some PET/CT exports) left the data set's empty (PS3.10 7.1).
+_META_FALLBACK = {"SOPClassUID": "MediaStorageSOPClassUID", "SOPInstanceUID": "MediaStorageSOPInstanceUID"}
+
+
+@dataclass(frozen=True)
+class SeriesSummary:
+    """One series found in a folder or file list (no patient data)."""
+
+    series_uid: str
+    modality: str
+    description: str
+    n_files: int
+    files: tuple[Path, ...]
+    sop_class_uid: str
+
+
+@dataclass(frozen=True)
+class _Header:
+    """The parsed header (no pixel data) of one file."""
+
+    path: Path
+    ds: Dataset
+
+    @property
+    def series_uid(self) -> str:
+        return series_uid_of(self.ds)
+
+    @property
+    def sop_uid(self) -> str:
+        return sop_uid_of(self.ds, "SOPInstanceUID")
+
+    @property
+    def modality(self) -> str:
+        return str(self.ds.get("Modality", "") or "").upper() or "unknown modality"
+
+    @property
+    def sop_class(self) -> str:
+        return sop_uid_of(self.ds, "SOPClassUID")
+
+    @property
+    def is_image(self) -> bool:
+        """True for image objects (CT, MR, PT, ...), False for RTDOSE, RTSTRUCT, SR and the like."""
+        if self.modality in _NON_IMAGE_MODALITIES or self.sop_class.startswith(_NON_IMAGE_SOP_PREFIXES):
+            return False
+        return self.is_ct or ("Rows" in self.ds and "Columns" in self.ds)
+
+    @property
+    def is_ct(self) -> bool:
+        return self.sop_class == CT_IMAGE_STORAGE or self.sop_class in _ENHANCED_CT_SOP_CLASSES
+
+    @property
+    def is_localizer(self) -> bool:
+        image_type = self.ds.get("ImageType", [])
+        values = [image_type] if isinstance(image_type, str) else list(image_type or [])
+        return any(str(v).strip().upper() == "LOCALIZER" for v in values)
+
+
+def sop_uid_of(ds: Dataset, keyword: str) -> str:
+    """The data set's SOPClassUID or SOPInstanceUID, else the file meta's Media Storage one.
+
+    Real exports (anonymisers, PET/CT consoles) may leave the data set's UID
+    empty while the file meta keeps it; DICOM readers (dcm2niix, GDCM, Slicer)
+    and senders (pynetdicom, dcmtk) then use the file meta's, and so does rtseg.
+
+    Parameters
+    ----------
+    ds
+        A data set, with or without ``file_meta``.
+    keyword
+        ``"SOPClassUID"`` or ``"SOPInstanceUID"``.
+
+    Returns
+    -------
+    str
+        The UID, or ``""`` where neither has one.
+    """
+    value = str(ds.get(keyword, "") or "").strip()
+    meta = getattr(ds, "file_meta", None)
+    if value or meta is None:
+        return value
+    return str(meta.get(_META_FALLBACK[keyword], "") or "").strip()
+
+
+def series_uid_of(ds: Dataset) -> str:
+    """The data set's SeriesInstanceUID, else one derived from its frame of reference and series number.
+
+    Anonymised exports may empty SeriesInstanceUID; their slices still share
+    FrameOfReferenceUID, SeriesNumber and Modality, which group them as
+    dcm2niix does. The derived UID (``2.25.<hash>``) is the same for every
+    slice and every reader of the series, so the node and the loader agree.
+
+    Returns
+    -------
+    str
+        The UID, or ``""`` where the data set has neither a SeriesInstanceUID
+        nor a FrameOfReferenceUID.
+    """
+    value = str(ds.get("SeriesInstanceUID", "") or "").strip()
+    frame = str(ds.get("FrameOfReferenceUID", "") or "").strip()
+    if value or not frame:
+        return value
+    key = "|".join((frame, str(ds.get("SeriesNumber", "") or ""), str(ds.get("Modality", "") or "")))
+    return _derived_uid("series", key)
+
+
+def _derived_uid(kind: str, key: str) -> str:
+    return "2.25." + str(int.from_bytes(hashlib.sha256(f"rtseg/{kind}/{key}".encode()).digest()[:16], "big"))
+
+
+def _floats(header: _Header, keyword: str, count: int) -> npt.NDArray[np.float64]:
+    value = header.ds.get(keyword)
+    if value is None or value == "":
+        raise InputError(f"slice has no {keyword}", source=str(header.path))
+    values = (
+        list(value) if isinstance(value, Sequence | np.ndarray) and not isinstance(value, str) else [value]
+    )
+    try:
+        array = np.array([float(v) for v in values], dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{keyword} is not numeric: {value!r}", source=str(header.path)) from exc
+    if array.shape != (count,) or not np.all(np.isfinite(array)):
+        raise InputError(f"{keyword} must hold {count} numbers, got {value!r}", source=str(header.path))
+    return array
+
+
+def _position(header: _Header) -> npt.NDArray[np.float64]:
+    return _floats(header, "ImagePositionPatient", 3)

@@ -1,0 +1,200 @@
+"""The public API: find the series of a source, load one, and check an instance's size before parsing it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+from rtseg.ct.geometry import _affine, _geometry, _series_info
+from rtseg.ct.header import _READ_ERRORS, SeriesSummary
+from rtseg.ct.pixels import _read_volume
+from rtseg.ct.scan import _deduplicate, _groups, _scan, _select_series, _summary
+from rtseg.errors import InputError, TooLargeError
+from rtseg.privacy import uid_key
+from rtseg.volume import CTVolume
+
+logger = logging.getLogger(__name__)
+
+
+_PIXEL_SIZE_KEYWORDS = ["Rows", "Columns", "NumberOfFrames", "SamplesPerPixel", "BitsAllocated"]
+
+
+_INFLATE_STEP = 1 << 20  # bytes inflated (and dropped) at a time while measuring a Deflate stream
+
+
+# Fewest slices of a volume to segment: the node's default selection (Selection.slice_count)
+# skips shorter series too; a shorter "series" is a partial send or a test scan, not a planning CT.
+MIN_SLICES = 10
+
+
+def find_series(source: Path | Sequence[Path]) -> list[SeriesSummary]:
+    """Group the DICOM files of a folder or file list by SeriesInstanceUID.
+
+    Parameters
+    ----------
+    source
+        A folder (searched recursively; hidden files and files that are not
+        DICOM are skipped) or an explicit list of DICOM files.
+
+    Returns
+    -------
+    list[SeriesSummary]
+        Every series found, image or not (RTDOSE, RTSTRUCT, ...), CT first,
+        then by SeriesNumber.
+
+    Raises
+    ------
+    InputError
+        The source does not exist, holds no DICOM file, or a listed file is
+        not a readable DICOM file.
+    """
+    return [_summary(group) for group in _groups(_scan(source)).values()]
+
+
+def load_series(
+    source: Path | Sequence[Path],
+    *,
+    series_uid: str | None = None,
+    min_slices: int = MIN_SLICES,
+) -> CTVolume:
+    """Load one axial CT series as a volume in Hounsfield units.
+
+    Parameters
+    ----------
+    source
+        A folder (searched recursively) or an explicit list of files of one series.
+        Non-image objects (RTDOSE, RTSTRUCT, RTPLAN, SR, ...) and scouts
+        (ImageType LOCALIZER) are ignored.
+    series_uid
+        The SeriesInstanceUID to load (or a unique tail of it, as shown in error
+        messages); required when the source holds more than one CT series.
+    min_slices
+        Fewest slices accepted (default :data:`MIN_SLICES`).
+
+    Returns
+    -------
+    CTVolume
+        ``hu[k, j, i]`` with slices sorted ascending along the slice normal
+        (int16 when every slope is 1 and every intercept integral, else
+        float32), the affine of that layout and the series identity. An empty
+        or missing PatientPosition is taken from ImageOrientationPatient
+        (supine, prone or decubitus; head-first assumed) and noted in
+        ``info.notes`` for the reviewer; geometry never depends on it.
+
+    Raises
+    ------
+    InputError
+        With a message saying what is wrong and ``source`` naming the file or
+        folder: no or several CT series, a non-CT series, unreadable files,
+        inconsistent, tilted, non-axial, duplicated, missing or unevenly
+        spaced slices, too few slices, undecodable pixel data.
+    """
+    if min_slices < 1:
+        raise ValueError("min_slices must be at least 1")
+    started = time.perf_counter()
+    scan = _scan(source)
+    headers = _select_series(scan, series_uid)
+    geometry = _geometry(_deduplicate(headers), min_slices, scan.label)
+    scanned = time.perf_counter()
+    hu = _read_volume(geometry)
+    volume = CTVolume(hu=hu, affine=_affine(geometry), info=_series_info(geometry))
+    logger.info(
+        "loaded CT series key %s: %d slices of %dx%d, %s, headers %.2f s, pixels %.2f s",
+        uid_key(volume.info.series_instance_uid),
+        volume.shape[0],
+        geometry.rows,
+        geometry.columns,
+        hu.dtype,
+        scanned - started,
+        time.perf_counter() - scanned,
+    )
+    return volume
+
+
+def check_instance_size(stream: BinaryIO, max_bytes: int, *, source: str) -> None:
+    """Refuse one DICOM instance that is, inflates or decodes to more than ``max_bytes``.
+
+    Checked without holding the instance in memory: the stream's length, a
+    Deflate data set inflated in 1 MiB steps that are counted and dropped, and
+    the pixel data size its header declares (rows x columns x frames x samples
+    x bytes per sample), read with every other element skipped.
+
+    Parameters
+    ----------
+    stream
+        A seekable DICOM file (preamble and file meta) at any position.
+    max_bytes
+        The bound on the encoded, the inflated and the decoded size.
+    source
+        Names the instance in the error.
+
+    Raises
+    ------
+    TooLargeError
+        Over the bound; ``inflated`` is true for a Deflate stream that grows beyond it.
+    InputError
+        Not a readable DICOM file, or a damaged Deflate stream.
+    """
+    size = stream.seek(0, os.SEEK_END)
+    if size > max_bytes:
+        raise TooLargeError(
+            f"the instance is {size} bytes, larger than the limit of {_mb(max_bytes)}", source=source
+        )
+    stream.seek(0)
+    try:
+        read_preamble(stream, False)
+        syntax = str(_read_file_meta_info(stream).get("TransferSyntaxUID", ""))
+        if syntax == DeflatedExplicitVRLittleEndian:
+            _check_inflated(stream, max_bytes, source)
+        stream.seek(0)
+        ds = pydicom.dcmread(stream, stop_before_pixels=True, specific_tags=_PIXEL_SIZE_KEYWORDS)
+        pixels = _declared_pixel_bytes(ds)
+    except _READ_ERRORS as exc:
+        raise InputError("unreadable or truncated DICOM file", source=source) from exc
+    if pixels > max_bytes:
+        raise TooLargeError(
+            f"the pixel data decodes to {pixels} bytes, larger than the limit of {_mb(max_bytes)}",
+            source=source,
+        )
+
+
+def _check_inflated(stream: BinaryIO, max_bytes: int, source: str) -> None:
+    inflate = zlib.decompressobj(-zlib.MAX_WBITS)  # DICOM Deflate: raw, no zlib header
+    total = 0
+    while chunk := stream.read(_INFLATE_STEP):
+        while chunk:
+            total += len(inflate.decompress(chunk, _INFLATE_STEP))
+            if total > max_bytes:
+                raise TooLargeError(
+                    f"the Deflate data set inflates to more than {_mb(max_bytes)}",
+                    source=source,
+                    inflated=True,
+                )
+            chunk = inflate.unconsumed_tail
+    if total + len(inflate.flush()) > max_bytes:  # at most the rest of one match
+        raise TooLargeError(
+            f"the Deflate data set inflates to more than {_mb(max_bytes)}", source=source, inflated=True
+        )
+
+
+def _declared_pixel_bytes(ds: Dataset) -> int:
+    values = [int(ds.get(k) or 1) for k in _PIXEL_SIZE_KEYWORDS[:4]]
+    bits = int(ds.get("BitsAllocated") or 8)
+    size = (bits + 7) // 8
+    for value in values:
+        size *= max(value, 1)
+    return size if "Rows" in ds and "Columns" in ds else 0
+
+
+def _mb(n_bytes: int) -> str:
+    return f"{n_bytes / (1 << 20):g} MB"

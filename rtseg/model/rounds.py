@@ -1,0 +1,125 @@
+"""Federated rounds: plans from a pooled fingerprint, training from given weights.
+
+Each step runs in an nnU-Net child process (see :mod:`rtseg.model.children`);
+weights come and go as ``.npz`` files (see :mod:`rtseg.model.weights`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from rtseg.errors import InputError, ModelError
+from rtseg.model.children import ProgressCallback, dataset_folder, nnunet_dirs, run_child
+from rtseg.model.cpu import PLANS_IDENTIFIER, CpuConfig, validate_config
+from rtseg.model.plans_check import check_plans
+
+
+def plan_from_fingerprint(
+    work_dir: Path,
+    dataset_id: int,
+    dataset_json: dict[str, Any],
+    fingerprint: dict[str, Any],
+    config: CpuConfig = CpuConfig(),
+) -> Path:
+    """nnU-Net's planner on a given (pooled) ``dataset_fingerprint.json``; returns the plans file.
+
+    No image is read: the planner only needs a file to pick its reader, so a tiny
+    blank placeholder case (zeros, not data) is written next to ``dataset.json``.
+    """
+    validate_config(config)
+    config = replace(config, da_workers=max(1, config.da_workers))  # the planner sets torch threads from it
+    done = run_child(
+        "plan_fingerprint",
+        {"dataset_id": dataset_id, "dataset_json": dataset_json, "fingerprint": fingerprint},
+        work_dir,
+        config,
+        None,
+    )
+    return Path(done["plans_file"])
+
+
+def preprocess_with_plans(
+    work_dir: Path,
+    dataset_id: int,
+    plans: dict[str, Any],
+    fingerprint: dict[str, Any],
+    config: CpuConfig = CpuConfig(),
+) -> Path:
+    """Preprocess the raw dataset of ``work_dir`` with given plans (no local planning).
+
+    The plans must be for this dataset (``dataset_name``) and pass
+    :func:`~rtseg.model.plans_check.check_plans`; else :class:`ModelError`.
+    """
+    raw = dataset_folder(nnunet_dirs(work_dir).raw, dataset_id)
+    if raw is None or not (raw / "dataset.json").is_file():
+        raise InputError(f"no raw dataset {dataset_id} in {nnunet_dirs(work_dir).raw}; write it first")
+    check_plans(plans, "plans to preprocess with")
+    if plans.get("dataset_name") != raw.name:
+        raise ModelError(f"the plans are for dataset {plans.get('dataset_name')!r}, not {raw.name}")
+    config = replace(config, da_workers=max(1, config.da_workers))
+    done = run_child(
+        "preprocess",
+        {"dataset_id": dataset_id, "plans": plans, "fingerprint": fingerprint},
+        work_dir,
+        config,
+        None,
+    )
+    return Path(done["preprocessed_dir"])
+
+
+def initial_weights(work_dir: Path, plans: dict[str, Any], dataset_json: dict[str, Any], out: Path) -> Path:
+    """Initialise the network of ``plans`` once (seeded); write its arrays to ``out`` (``.npz``).
+
+    Also writes ``<out>.aliases.json``: aliased key → the key whose array it shares.
+    """
+    check_plans(plans, "plans to initialise weights with")
+    run_child(
+        "init_weights",
+        {"plans": plans, "dataset_json": dataset_json, "out": str(out)},
+        work_dir,
+        CpuConfig(threads=1),
+        None,
+    )
+    return Path(out)
+
+
+@dataclass(frozen=True)
+class RoundSchedule:
+    """Local training of one federated round."""
+
+    epochs: int  # local epochs of this round
+    epoch_offset: int  # global epochs done before this round (for the learning-rate schedule)
+    total_epochs: int  # global epochs of the whole federation
+    prox_mu: float = 0.0  # FedProx proximal weight (0: plain local SGD)
+    nice: int = 10  # scheduling priority increment of the training process
+
+
+def train_round(
+    work_dir: Path,
+    dataset_id: int,
+    weights_in: Path,
+    weights_out: Path,
+    schedule: RoundSchedule,
+    config: CpuConfig = CpuConfig(),
+    progress: ProgressCallback | None = None,
+) -> dict[str, Any]:
+    """Train ``schedule.epochs`` epochs starting from the arrays in ``weights_in``.
+
+    The optimizer state is kept in ``work_dir/optimizer_state.pt`` (never sent) and
+    reloaded next round. Returns the child's summary (seconds, cases).
+    """
+    if schedule.epochs < 1 or schedule.total_epochs < schedule.epoch_offset + schedule.epochs:
+        raise InputError(f"inconsistent round schedule {schedule}")
+    preprocessed = dataset_folder(nnunet_dirs(work_dir).preprocessed, dataset_id)
+    if preprocessed is None or not (preprocessed / f"{PLANS_IDENTIFIER}.json").is_file():
+        raise InputError(f"dataset {dataset_id} is not preprocessed in {work_dir}")
+    args = {
+        "dataset_id": dataset_id,
+        "weights_in": str(weights_in),
+        "weights_out": str(weights_out),
+        "optimizer_state": str(Path(work_dir).resolve() / "optimizer_state.pt"),
+        "schedule": asdict(schedule),
+    }
+    return run_child("train_round", args, work_dir, config, progress)
