@@ -304,3 +304,8 @@ def test_cases_import_command_end_to_end(export: dict[str, object], tmp_path: Pa
     missing = _cli("--from", str(tmp_path / "nowhere"), "--out", str(out))
     assert missing.returncode == 2
     assert missing.stderr.strip().endswith("nowhere: not a folder") and "Traceback" not in missing.stderr
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder\n")
+    unwritable = _cli("--from", str(src), "--out", str(blocked / "cases"))
+    assert unwritable.returncode == 2 and "Traceback" not in unwritable.stderr
+    assert "cannot write the cases folder" in unwritable.stderr and len(unwritable.stderr.splitlines()) == 1
