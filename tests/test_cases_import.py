@@ -309,3 +309,19 @@ def test_cases_import_command_end_to_end(export: dict[str, object], tmp_path: Pa
     unwritable = _cli("--from", str(src), "--out", str(blocked / "cases"))
     assert unwritable.returncode == 2 and "Traceback" not in unwritable.stderr
     assert "cannot write the cases folder" in unwritable.stderr and len(unwritable.stderr.splitlines()) == 1
+
+
+def test_without_series_references_the_contour_images_pair_the_ct(
+    export: dict[str, object], tmp_path: Path
+) -> None:
+    src, two, truth = export["src"], export["two"], export["truth"]
+    assert isinstance(src, Path) and isinstance(two, LabelledCase) and isinstance(truth, LabelledCase)
+    folder = tmp_path / "export"
+    shutil.copytree(src / "PAT2" / "x", folder / "ct")
+    ds = _structure_set(two, folder / "rs", SECOND)
+    for frame in ds.ReferencedFrameOfReferenceSequence:  # some planning systems write only the slices
+        del frame.RTReferencedStudySequence
+    write_rtstruct(ds, folder / "rs")
+    (item,) = import_folder(folder, tmp_path / "cases").items
+    assert item.status == IMPORTED, item.detail
+    _check_labels(load_case(tmp_path / "cases" / "site-0001"), truth, set(item.structures))
