@@ -11,7 +11,9 @@ writes ``<out>/<pseudonym>/ct/`` (de-identified, :mod:`rtseg.deid`) +
 
 An item that cannot become a case (not approved, CT not in the folder, a CT
 that does not load, contours off the CT's slices, no mappable ROI) is reported
-with its reason and skipped. The import index ``<out>/.rtseg-import/index.sqlite``
+with its reason and skipped, and so is a second structure set of a CT that
+already became a case (one CT twice would weigh double in training and could
+land in both a training and a test split). The import index ``<out>/.rtseg-import/index.sqlite``
 keys each case on its RTSTRUCT's SOPInstanceUID, so a re-run adds only new
 cases and case folders keep their pseudonyms; it also holds the secret behind
 the UID remapping, and is the only place the source UIDs are kept.
@@ -43,7 +45,7 @@ from rtseg.deid import Deidentifier, copy_deidentified
 from rtseg.errors import InputError, RtsegError
 from rtseg.phantom.cohort import write_label_image
 from rtseg.privacy import redact_uids
-from rtseg.roi_names import RTSTRUCT_SOP_CLASS, SiteNames, rois_of
+from rtseg.roi_names import MAPPED, RTSTRUCT_SOP_CLASS, RoiNameMapper, SiteNames, rois_of
 from rtseg.rtstruct import rasterize_rtstruct
 from rtseg.structures import STRUCTURES, Structure
 from rtseg.volume import CTVolume
@@ -59,6 +61,7 @@ BAD_CT = "CT does not load"
 BAD_CONTOURS = "contours do not fit the CT"
 NO_ROI = "no mappable ROI"
 BAD_RTSTRUCT = "unreadable RTSTRUCT"
+SAME_CT = "CT already imported with another structure set"
 _HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "Modality"]
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -248,12 +251,15 @@ def _build(
     deid: Deidentifier,
 ) -> ImportItem:
     series = _referenced_series(ds, folder)
+    _check_names(ds, options)  # before the CT is loaded: a set of targets and helpers costs nothing
+    other = _case_of_series(db, series, uid)
+    if other is not None:  # one CT twice would weigh double and leak across train/test splits
+        raise _Skip(SAME_CT, f"as {other}")
     volume = _load_ct(folder, series)
     masks, left_out = _labels(ds, volume, options)
     case_id = _allocate(db, uid, series)
     _write_case(out, case_id, volume, folder, masks, options, deid)
     db.execute("UPDATE cases SET state = 'done' WHERE rtstruct_uid = ?", (uid,))
-    db.commit()
     return ImportItem(rel, IMPORTED, case_id=case_id, structures=tuple(masks), left_out=left_out)
 
 
@@ -278,6 +284,16 @@ def _referenced_series(ds: pydicom.Dataset, folder: _Folder) -> str:
         what = "no" if not found else f"{len(found)}"
         raise _Skip(NO_CT, f"{what} referenced CT series in the folder")
     return found[0]
+
+
+def _check_names(ds: pydicom.Dataset, options: ImportOptions) -> None:
+    try:
+        rois = rois_of(ds)
+    except _PARSE_ERRORS as exc:
+        raise _Skip(BAD_RTSTRUCT, f"malformed ROI list ({type(exc).__name__})") from exc
+    decisions = RoiNameMapper((s.name for s in options.structures), options.site).map_case(rois)
+    if not any(d.kind == MAPPED for d in decisions):
+        raise _Skip(NO_ROI, f"none of its {len(rois)} ROI(s) maps to a structure")
 
 
 def _load_ct(folder: _Folder, series: str) -> CTVolume:
@@ -359,7 +375,7 @@ def _open_index(out: Path) -> sqlite3.Connection:
     path = index_path(out)
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        db = sqlite3.connect(path, timeout=30.0)
+        db = sqlite3.connect(path, timeout=30.0, isolation_level=None)  # autocommit; explicit BEGIN
         db.executescript(_SCHEMA)
         os.chmod(path, 0o600)  # source UIDs and the secret: for this site's eyes only
     except (OSError, sqlite3.Error) as exc:
@@ -373,9 +389,8 @@ def _secret(db: sqlite3.Connection) -> str:
     if row is not None:
         return str(row[0])
     value = secrets.token_hex(32)
-    db.execute("INSERT INTO meta VALUES ('secret', ?)", (value,))
-    db.commit()
-    return value
+    db.execute("INSERT OR IGNORE INTO meta VALUES ('secret', ?)", (value,))
+    return str(db.execute("SELECT value FROM meta WHERE key = 'secret'").fetchone()[0])
 
 
 def _done_case(db: sqlite3.Connection, uid: str, out: Path) -> str | None:
@@ -385,13 +400,25 @@ def _done_case(db: sqlite3.Connection, uid: str, out: Path) -> str | None:
     return str(row[0])
 
 
+def _case_of_series(db: sqlite3.Connection, series: str, uid: str) -> str | None:
+    """The case another structure set of this CT series already became, if any."""
+    row = db.execute(
+        "SELECT case_id FROM cases WHERE series_uid = ? AND rtstruct_uid != ? AND state = 'done'",
+        (series, uid),
+    ).fetchone()
+    return None if row is None else str(row[0])
+
+
 def _allocate(db: sqlite3.Connection, uid: str, series: str) -> str:
     """The RTSTRUCT's pseudonym: the one it already has, else the next ``site-NNNN``."""
-    row = db.execute("SELECT case_id FROM cases WHERE rtstruct_uid = ?", (uid,)).fetchone()
-    if row is not None:
-        return str(row[0])
-    n = db.execute("SELECT COUNT(*) FROM cases").fetchone()[0]
-    case_id = f"{CASE_PREFIX}{n + 1:04d}"
-    db.execute("INSERT INTO cases VALUES (?, ?, 'pending', ?)", (uid, case_id, series))
-    db.commit()
-    return case_id
+    db.execute("BEGIN IMMEDIATE")  # two imports into one folder never draw the same number
+    try:
+        row = db.execute("SELECT case_id FROM cases WHERE rtstruct_uid = ?", (uid,)).fetchone()
+        if row is not None:
+            return str(row[0])
+        n = db.execute("SELECT COUNT(*) FROM cases").fetchone()[0]
+        case_id = f"{CASE_PREFIX}{n + 1:04d}"
+        db.execute("INSERT INTO cases VALUES (?, ?, 'pending', ?)", (uid, case_id, series))
+        return case_id
+    finally:
+        db.commit()

@@ -121,7 +121,7 @@ def export(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     )
     gone = _copy_series(truth, root / "elsewhere", fresh=True)  # its CT never reaches the export
     _structure_set(gone, src / "PAT3" / "RS3", SECOND)
-    _off_plane(one, src / "PAT1" / "RS" / "shifted")
+    _off_plane(_copy_series(truth, src / "PAT5" / "CT", fresh=True), src / "PAT5" / "shifted")
     _broken_ct(truth, src)
     _other_modalities(src / "PAT1" / "CT" / "1" / "IM0000", src / "misc")
     return {"root": root, "src": src, "truth": truth, "one": one, "two": two}
@@ -175,7 +175,7 @@ def test_a_messy_export_becomes_labelled_cases_and_bad_items_are_skipped_with_re
         "PAT1/RS/draft": (SKIPPED, NOT_APPROVED),
         "misc/targets": (SKIPPED, NO_ROI),
         "PAT3/RS3": (SKIPPED, NO_CT),
-        "PAT1/RS/shifted": (SKIPPED, BAD_CONTOURS),
+        "PAT5/shifted": (SKIPPED, BAD_CONTOURS),
         "PAT4/RS4": (SKIPPED, BAD_CT),
     }
     assert report.skipped() == {NOT_APPROVED: 1, NO_ROI: 1, NO_CT: 1, BAD_CONTOURS: 1, BAD_CT: 1}
@@ -300,7 +300,10 @@ def test_cases_import_command_end_to_end(export: dict[str, object], tmp_path: Pa
     again = _cli("--from", str(src), "--out", str(out), "--any-approval")
     assert again.returncode == 0, again.stderr
     assert any(line.split() == ["already", "present", "2"] for line in again.stdout.splitlines())
-    assert any(line.split() == ["imported", "1"] for line in again.stdout.splitlines())  # the draft
+    # the draft is approved enough now, but its CT is a case already: not a second copy
+    assert any(line.split() == ["imported", "0"] for line in again.stdout.splitlines())
+    draft = "PAT1/RS/draft: skipped: CT already imported with another structure set (as site-0001)"
+    assert any(line.endswith(draft) for line in again.stdout.splitlines()), again.stdout
     missing = _cli("--from", str(tmp_path / "nowhere"), "--out", str(out))
     assert missing.returncode == 2
     assert missing.stderr.strip().endswith("nowhere: not a folder") and "Traceback" not in missing.stderr
