@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -162,12 +163,16 @@ def _by_source(report: object) -> dict[str, object]:
 
 
 def test_a_messy_export_becomes_labelled_cases_and_bad_items_are_skipped_with_reasons(
-    export: dict[str, object], tmp_path: Path
+    export: dict[str, object], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     src, truth = export["src"], export["truth"]
     assert isinstance(src, Path) and isinstance(truth, LabelledCase)
     out = tmp_path / "cases"
-    report = import_folder(src, out)
+    with caplog.at_level(logging.DEBUG):
+        report = import_folder(src, out)
+    for secret in ("PHANTOM", "RTSEG-", ACCESSION, truth.volume.info.series_instance_uid):
+        assert secret not in caplog.text
+    assert all(uid not in i.detail for i in report.items for uid in truth.volume.info.sop_instance_uids)
     items = _by_source(report)
     assert {s: (i.status, i.reason) for s, i in items.items()} == {  # type: ignore[attr-defined]
         "PAT1/RS/RS1": (IMPORTED, ""),
