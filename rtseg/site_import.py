@@ -347,8 +347,12 @@ def _write_case(
         if final.exists():  # an interrupted earlier run got this far: replace its copy
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except OSError as exc:
+    except OSError as exc:  # the output, not the item: the run cannot go on
         raise InputError(f"cannot write the case ({exc.strerror})", source=str(out)) from exc
+    except _PARSE_ERRORS as exc:  # a slice pydicom reads but cannot write back once de-identified
+        raise _Skip(BAD_CT, f"a slice cannot be de-identified ({type(exc).__name__})") from exc
+    except InputError as exc:  # load_case: the written case does not load back
+        raise _Skip(BAD_CT, f"the written case does not load back: {exc.message}") from exc
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

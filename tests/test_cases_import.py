@@ -333,3 +333,24 @@ def test_without_series_references_the_contour_images_pair_the_ct(
     (item,) = import_folder(folder, tmp_path / "cases").items
     assert item.status == IMPORTED, item.detail
     _check_labels(load_case(tmp_path / "cases" / "site-0001"), truth, set(item.structures))
+
+
+def test_a_slice_that_cannot_be_de_identified_skips_its_case_not_the_run(
+    export: dict[str, object], tmp_path: Path
+) -> None:
+    src, two = export["src"], export["two"]
+    assert isinstance(src, Path) and isinstance(two, LabelledCase)
+    folder = tmp_path / "export"
+    shutil.copytree(src / "PAT2", folder / "PAT2")
+    shutil.copytree(src / "PAT1", folder / "PAT1", ignore=shutil.ignore_patterns("draft"))
+    bad = folder / "PAT2" / "x" / "y" / "IM0003.dcm"
+    ds = pydicom.dcmread(bad)
+    ds.AcquisitionDate = "20260231"  # no such day: the date shift cannot parse it
+    ds.save_as(bad)
+    report = import_folder(folder, tmp_path / "cases")
+    items = _by_source(report)
+    assert items["PAT1/RS/RS1"].status == IMPORTED  # type: ignore[attr-defined]
+    skipped = items["PAT2/RS2.dcm"]
+    assert (skipped.status, skipped.reason) == (SKIPPED, BAD_CT)  # type: ignore[attr-defined]
+    assert skipped.detail == "a slice cannot be de-identified (ValueError)"  # type: ignore[attr-defined]
+    assert not [p for p in (tmp_path / "cases").iterdir() if p.name.startswith(".incoming")]
