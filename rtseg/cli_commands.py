@@ -407,7 +407,57 @@ def _register_cases(sub: Any, handlers: dict[str, Handler]) -> None:
     q.add_argument("--from", dest="source", type=Path, required=True, help="folder (any layout) to read")
     q.add_argument("--mapping", type=Path, help="the site's ROI mapping file (TOML), applied first")
     q.set_defaults(cases_action=_cases_names)
+    q = csub.add_parser("import", help="a folder's approved RTSTRUCTs and their CTs → de-identified cases")
+    q.add_argument("--from", dest="source", type=Path, required=True, help="folder (any layout) to read")
+    q.add_argument("--out", type=Path, required=True, help="the site's cases folder (created if needed)")
+    q.add_argument("--mapping", type=Path, help="the site's ROI mapping file (TOML), applied first")
+    q.add_argument(
+        "--approved-only",
+        dest="any_approval",
+        action="store_false",
+        help="only structure sets with ApprovalStatus APPROVED (or an --approved-label) (default)",
+    )
+    q.add_argument(
+        "--any-approval", dest="any_approval", action="store_true", help="whatever the ApprovalStatus"
+    )
+    q.add_argument(
+        "--approved-label",
+        action="append",
+        default=[],
+        metavar="LABEL",
+        help="a StructureSetLabel that also counts as approved (repeatable)",
+    )
+    q.set_defaults(cases_action=_cases_import, any_approval=False)
     handlers["cases"] = _cmd_cases
+
+
+def _cases_import(args: argparse.Namespace) -> int:
+    from rtseg.roi_names import load_site_names
+    from rtseg.site_import import ImportOptions, import_folder, index_path
+
+    site = load_site_names(args.mapping) if args.mapping else None
+    options = ImportOptions(args.any_approval, tuple(args.approved_label), site)
+    print(f"importing structure sets under {args.source} into {args.out}", flush=True)
+    report = import_folder(args.source, args.out, options, progress=_print_import_item)
+    counts, skipped = report.counts(), report.skipped()
+    print(f"{'imported':<32} {counts['imported']:>5}")
+    print(f"{'already present':<32} {counts['already present']:>5}")
+    print(f"{'skipped':<32} {counts['skipped']:>5}")
+    for reason, n in sorted(skipped.items()):
+        print(f"  {reason:<30} {n:>5}")
+    print(f"import index (source UIDs, pseudonyms; keep on site): {index_path(args.out)}")
+    return 0
+
+
+def _print_import_item(n: int, total: int, item: Any) -> None:
+    what = {
+        "imported": f"→ {item.case_id} ({', '.join(item.structures)})",
+        "already present": f"= {item.case_id}",
+    }
+    line = what.get(item.status, f"skipped: {item.reason}" + (f" ({item.detail})" if item.detail else ""))
+    print(f"[{n}/{total}] {item.source}: {line}", flush=True)
+    for note in item.left_out:
+        print(f"    left out: {note}", flush=True)
 
 
 def register(sub: Any, handlers: dict[str, Handler]) -> None:
