@@ -9,6 +9,7 @@ from pathlib import Path
 from flask import Blueprint, Flask, Response, g, request
 
 from rtseg.jobs import JobStore
+from service import health, metrics, model, openapi, segmentations
 from service.auth import require_token
 from service.context import ServiceContext, UploadRequest, Workers
 from service.problems import register_problem_handlers
@@ -45,8 +46,6 @@ def create_app(
     workers
         The supervised pool: ``/readyz`` names missing workers, ``/metrics`` counts them and their restarts.
     """
-    from service import health, metrics, model, openapi, segmentations
-
     app = Flask(__name__)
     app.request_class = UploadRequest
     app.config.update(
