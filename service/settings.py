@@ -99,7 +99,7 @@ def _tokens(value: Any) -> tuple[str, ...]:
 
 
 def _hours(value: Any) -> float:
-    hours = parse_float(0.0)(value)
+    hours: float = parse_float(0.0)(value)
     if hours <= 0:
         raise ValueError("must be more than 0")
     return hours * 3600.0
