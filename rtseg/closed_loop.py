@@ -58,6 +58,17 @@ from rtseg.metrics import score
 from rtseg.privacy import redact_uids, uid_key
 from rtseg.roi_names import MAPPED, RoiNameMapper, SiteNames, load_site_names, rois_of
 from rtseg.rtstruct import rasterize_rtstruct
+from rtseg.settings import (
+    SITE_DATA_DIR,
+    Parser,
+    Table,
+    optional,
+    parse_bool,
+    parse_float,
+    parse_path,
+    parse_strings,
+    parse_table,
+)
 from rtseg.structures import Structure
 from rtseg.volume import CTVolume
 
@@ -96,30 +107,32 @@ class ClosedLoopConfig:
 
     @classmethod
     def from_mapping(cls, table: Mapping[str, Any]) -> ClosedLoopConfig:
-        """From the ``[federation.closed_loop]`` table; unknown keys are an :class:`InputError`."""
-        unknown = sorted(set(table) - {"add_cases", "approved_labels", "site_data", "window_h", "roi_names"})
-        if unknown:
-            raise InputError(f"unknown setting federation.closed_loop.{unknown[0]}")
-        window = table.get("window_h", 0.0)
-        if isinstance(window, bool) or not isinstance(window, int | float) or not 0 <= window < 1e6:
-            raise InputError("federation.closed_loop.window_h must be a number of hours, 0 or more")
-        add = table.get("add_cases", False)
-        labels = table.get("approved_labels", [])
-        if not isinstance(add, bool):
-            raise InputError("federation.closed_loop.add_cases must be true or false")
-        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
-            raise InputError("federation.closed_loop.approved_labels must be a list of strings")
-        site = table.get("site_data")
-        site_dir = Path(site).expanduser() if site else None
-        names = table.get("roi_names") or None
-        if names is not None and not isinstance(names, str):
-            raise InputError("federation.closed_loop.roi_names must be the path of a TOML file")
-        site_names = load_site_names(Path(names).expanduser()) if names else None
-        approved_labels = tuple(x.strip() for x in labels)
-        return cls(add, approved_labels, site_dir, window_h=float(window), roi_names=site_names)
+        """From the ``[federation.closed_loop]`` table; a bad key or value is an :class:`InputError`."""
+        values = parse_table(Table.of("federation.closed_loop", table), _KEYS)
+        names = values.pop("roi_names", None)
+        site_names = load_site_names(names) if names is not None else None
+        return cls(**values, roi_names=site_names)
 
     def site_dir(self, data_dir: Path) -> Path:
-        return self.site_data if self.site_data is not None else Path(data_dir) / "site-data"
+        return self.site_data if self.site_data is not None else Path(data_dir) / SITE_DATA_DIR
+
+
+def _mapping_file(value: Any) -> Path | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ValueError("must be the path of a TOML file")
+    return Path(value).expanduser()
+
+
+# key of the [federation.closed_loop] table -> parser (the field of ClosedLoopConfig of the same name)
+_KEYS: dict[str, Parser] = {
+    "add_cases": parse_bool,
+    "approved_labels": parse_strings(str),
+    "site_data": optional(parse_path),
+    "window_h": parse_float(0.0, 1e6),
+    "roi_names": _mapping_file,
+}
 
 
 @dataclass(frozen=True)
@@ -146,11 +159,9 @@ def config_from_settings(federation: Mapping[str, Any]) -> ClosedLoopConfig:
     Without ``closed_loop.site_data`` new cases go to ``federation.data_dir``
     (the cases the site's federated training reads), else ``<data_dir>/site-data``.
     """
-    table = federation.get("closed_loop", {})
-    if not isinstance(table, Mapping):
-        raise InputError("federation.closed_loop must be a table")
-    config = ClosedLoopConfig.from_mapping(table)
-    training = federation.get("data_dir")
+    table = Table.of("federation", federation)
+    config = ClosedLoopConfig.from_mapping(table.sub("closed_loop"))
+    training = table.get("data_dir")
     if config.site_data is None and isinstance(training, str) and training:
         config = replace(config, site_data=Path(training).expanduser())
     return config

@@ -1,22 +1,21 @@
-"""The one frozen settings object of ``rtseg serve``: TOML file + ``RTSEG_*`` environment.
+"""The one frozen settings object: TOML file + ``RTSEG_*`` environment.
 
 Built once at the entry point (:func:`load_settings`) and passed explicitly;
-nothing else reads the environment. Every bad value raises
-:class:`~rtseg.errors.InputError` naming the key (``dicom.port``) and where it
-came from (the file or the environment variable).
+nothing else reads the environment. Every table follows one rule: the variable
+``RTSEG_<TABLE>_<KEY>`` overrides ``<key>`` of ``[<table>]`` (dots of a
+sub-table become underscores: ``RTSEG_DICOM_TLS_CERT`` is ``dicom.tls.cert``,
+``RTSEG_FEDERATION_CLOSED_LOOP_WINDOW_H`` is ``federation.closed_loop.window_h``;
+lists comma-separated). Besides the rule::
 
-Environment overrides (win over the file)::
-
-    RTSEG_DATA_DIR                      paths.data_dir
-    RTSEG_MODEL_PATH                    model.path
-    RTSEG_DICOM_<KEY>                   dicom.<key>   e.g. RTSEG_DICOM_PORT=11112, RTSEG_DICOM_AE_TITLE
-    RTSEG_DICOM_TLS_<KEY>               dicom.tls.<key> (cert, key, ca)
-    RTSEG_NODE_<KEY>                    node.<key>    e.g. RTSEG_NODE_QUIET_TIME_S=5
-    RTSEG_SELECTION_<KEY>               selection.<key>; lists comma-separated
+    RTSEG_DATA_DIR                      paths.data_dir (also RTSEG_PATHS_DATA_DIR)
     RTSEG_DICOM_ALLOWED_CALLERS         "AE@host[:port],AE2"  (replaces the list)
     RTSEG_DESTINATIONS                  "name=AE@host:port[+tls],..."  (replaces the list)
 
-The ``[http]`` and ``[federation]`` tables are kept raw for the faces that own them.
+Every bad value raises :class:`~rtseg.errors.InputError` in one style, naming
+where it came from (the file or the variable), the ``table.key``, the value and
+what is expected. The ``[http]`` and ``[federation]`` tables are kept as
+:class:`Table` (values and their origins) for the modules that own their keys,
+which parse them with :func:`parse_table` and the public parsers here.
 """
 
 from __future__ import annotations
@@ -24,10 +23,9 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Callable, Mapping
-from dataclasses import MISSING, dataclass, field, fields, replace
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 from rtseg.errors import InputError
@@ -38,6 +36,7 @@ ENV_PREFIX = "RTSEG_"
 # RTSTRUCT say the series was incomplete; reject: failure status. "ignore" (the old default,
 # which dropped them silently) now means "flag".
 LATE_POLICIES = ("supersede", "flag", "reject", "ignore")
+SITE_DATA_DIR = "site-data"  # under the data directory: the site's training cases (closed loop, federation)
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
 
 
@@ -122,6 +121,63 @@ class NodeSettings:
     retry_backoff_max_s: float = 600.0
 
 
+class Table(Mapping[str, Any]):
+    """One configuration table as read: its values and where each came from (immutable).
+
+    ``origin(key)`` is the file's path, or the ``RTSEG_*`` variable that set the key;
+    values of the environment are strings, and the parsers take both.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        values: Mapping[str, Any] | None = None,
+        origins: Mapping[str, str] | None = None,
+        *,
+        source: str = "settings",
+    ) -> None:
+        self.name = name
+        self.source = source
+        self._values = dict(values or {})
+        self._origins = dict(origins or {})
+
+    @classmethod
+    def of(cls, name: str, values: Mapping[str, Any], source: str = "settings") -> Table:
+        """``values`` as a table: itself if it is one, else a plain mapping from ``source``."""
+        return values if isinstance(values, Table) else cls(name, values, source=source)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"Table({self.name!r}, {self._values!r})"
+
+    def origin(self, key: str) -> str:
+        """The file or the variable ``key`` came from."""
+        return self._origins.get(key, self.source)
+
+    def sub(self, key: str) -> Table:
+        """The sub-table ``key`` (empty when absent); :class:`InputError` if it is not a table."""
+        value = self._values.get(key, {})
+        if isinstance(value, Table):
+            return value
+        if not isinstance(value, Mapping):
+            raise InputError(f"{self.name}.{key} must be a table", source=self.origin(key))
+        return Table(f"{self.name}.{key}", value, source=self.origin(key))
+
+    def overlaid(self, key: str, value: Any, origin: str) -> Table:
+        """A copy with ``key`` set to ``value`` from ``origin`` (e.g. a command-line option)."""
+        return Table(
+            self.name, {**self._values, key: value}, {**self._origins, key: origin}, source=self.source
+        )
+
+
 @dataclass(frozen=True)
 class Settings:
     dicom: DicomSettings = field(default_factory=DicomSettings)
@@ -130,25 +186,34 @@ class Settings:
     node: NodeSettings = field(default_factory=NodeSettings)
     data_dir: Path = Path("rtseg-data")
     model_path: Path | None = None  # None: the registry's current model (initially the embedded default)
-    http: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
-    federation: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    http: Table = field(default_factory=lambda: Table("http"))  # parsed by service/
+    federation: Table = field(default_factory=lambda: Table("federation"))  # rtseg.federation, closed loop
     config_file: Path | None = None
 
 
-# -- value parsers: (value, key) -> typed value; raise ValueError with a reason ---------------
-def _int(lo: int, hi: int) -> Callable[[Any], int]:
+# -- value parsers: value (TOML, or a variable's string) -> typed value; ValueError says why ----
+Parser = Callable[[Any], Any]
+
+
+def parse_int(lo: int, hi: int | None = None) -> Parser:
+    """Parser of an integer in ``[lo, hi]`` (no upper bound without ``hi``), from TOML or a string."""
+
     def parse(v: Any) -> int:
         if isinstance(v, bool) or not isinstance(v, int | str) or not str(v).strip().lstrip("+-").isdigit():
             raise ValueError("must be an integer")
         n = int(v)
-        if not lo <= n <= hi:
+        if hi is None and n < lo:
+            raise ValueError(f"must be at least {lo}")
+        if hi is not None and not lo <= n <= hi:
             raise ValueError(f"must be between {lo} and {hi}")
         return n
 
     return parse
 
 
-def _float(lo: float, hi: float = float("inf")) -> Callable[[Any], float]:
+def parse_float(lo: float, hi: float = float("inf")) -> Parser:
+    """Parser of a number in ``[lo, hi]``, from TOML or a string."""
+
     def parse(v: Any) -> float:
         if isinstance(v, bool) or not isinstance(v, int | float | str):
             raise ValueError("must be a number")
@@ -156,6 +221,8 @@ def _float(lo: float, hi: float = float("inf")) -> Callable[[Any], float]:
             x = float(v)
         except ValueError:
             raise ValueError("must be a number") from None
+        if hi == float("inf") and not lo <= x:
+            raise ValueError(f"must be at least {lo:g}")
         if not lo <= x <= hi:
             raise ValueError(f"must be between {lo:g} and {hi:g}")
         return x
@@ -163,7 +230,8 @@ def _float(lo: float, hi: float = float("inf")) -> Callable[[Any], float]:
     return parse
 
 
-def _bool(v: Any) -> bool:
+def parse_bool(v: Any) -> bool:
+    """``true``/``false`` (TOML), or 1/0, yes/no, on/off as a string."""
     if isinstance(v, bool):
         return v
     if isinstance(v, str) and v.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
@@ -171,27 +239,29 @@ def _bool(v: Any) -> bool:
     raise ValueError("must be true or false")
 
 
-def _str(v: Any) -> str:
+def parse_str(v: Any) -> str:
+    """A non-empty string, stripped."""
     if not isinstance(v, str) or not v.strip():
         raise ValueError("must be a non-empty string")
     return v.strip()
 
 
 def _ae(v: Any) -> str:
-    s = _str(v)
+    s = parse_str(v)
     if not _AE_RE.match(s):
         raise ValueError("must be 1-16 printable characters without backslash")
     return s
 
 
-def _path(v: Any) -> Path:
-    return Path(_str(v)).expanduser()
+def parse_path(v: Any) -> Path:
+    """A path; ``~`` expanded."""
+    return Path(parse_str(v)).expanduser()
 
 
 def _regex(v: Any) -> str | None:
     if v is None or v == "":
         return None
-    s = _str(v)
+    s = parse_str(v)
     try:
         re.compile(s)
     except re.error as exc:
@@ -199,11 +269,19 @@ def _regex(v: Any) -> str | None:
     return s
 
 
-def _strings(v: Any) -> tuple[str, ...]:
-    items = v.split(",") if isinstance(v, str) else v
-    if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
-        raise ValueError("must be a list of strings")
-    return tuple(i.strip().upper() for i in items if i.strip())
+def parse_strings(case: Callable[[str], str] = str.upper) -> Parser:
+    """Parser of a list of strings (a TOML array, or comma-separated), stripped, ``case`` applied."""
+
+    def parse(v: Any) -> tuple[str, ...]:
+        items = v.split(",") if isinstance(v, str) else v
+        if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+            raise ValueError("must be a list of strings")
+        return tuple(case(i.strip()) for i in items if i.strip())
+
+    return parse
+
+
+_strings = parse_strings()
 
 
 def _range(parse: Callable[[Any], Any]) -> Callable[[Any], tuple[Any, Any]]:
@@ -219,32 +297,33 @@ def _range(parse: Callable[[Any], Any]) -> Callable[[Any], tuple[Any, Any]]:
     return parse_range
 
 
-def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+def optional(parse: Parser) -> Parser:
+    """``parse``, or None for a missing or empty value."""
     return lambda v: None if v is None or v == "" else parse(v)
 
 
 def _late_policy(v: Any) -> str:
-    s = _str(v).lower()
+    s = parse_str(v).lower()
     if s not in LATE_POLICIES:
         raise ValueError(f"must be one of {', '.join(LATE_POLICIES[:3])}")
     return "flag" if s == "ignore" else s
 
 
-_PORT = _int(1, 65535)
+_PORT = parse_int(1, 65535)
 _DICOM: dict[str, Callable[[Any], Any]] = {
     "ae_title": _ae,
-    "port": _int(0, 65535),  # 0: any free port (tests)
-    "host": _str,
-    "max_pdu": _int(0, 2**31 - 1),
-    "return_to_sender": _bool,
-    "accept_rtstruct": _bool,
-    "network_timeout_s": _float(1.0, 3600.0),
-    "max_instance_mb": _int(1, 4096),
+    "port": parse_int(0, 65535),  # 0: any free port (tests)
+    "host": parse_str,
+    "max_pdu": parse_int(0, 2**31 - 1),
+    "return_to_sender": parse_bool,
+    "accept_rtstruct": parse_bool,
+    "network_timeout_s": parse_float(1.0, 3600.0),
+    "max_instance_mb": parse_int(1, 4096),
 }
 _TLS: dict[str, Callable[[Any], Any]] = {
-    "cert": _optional(_path),
-    "key": _optional(_path),
-    "ca": _optional(_path),
+    "cert": optional(parse_path),
+    "key": optional(parse_path),
+    "ca": optional(parse_path),
 }
 _SELECTION: dict[str, Callable[[Any], Any]] = {
     "modalities": _strings,
@@ -252,54 +331,70 @@ _SELECTION: dict[str, Callable[[Any], Any]] = {
     "series_description_exclude": _regex,
     "body_parts": _strings,
     "image_type_exclude": _strings,
-    "slice_thickness_mm": _range(_float(0.0)),
-    "slice_count": _range(_int(1, 100_000)),
-    "region_check": _bool,
+    "slice_thickness_mm": _range(parse_float(0.0)),
+    "slice_count": _range(parse_int(1, 100_000)),
+    "region_check": parse_bool,
 }
 _NODE: dict[str, Callable[[Any], Any]] = {
-    "quiet_time_s": _float(0.1, 86400.0),
+    "quiet_time_s": parse_float(0.1, 86400.0),
     "late_instance_policy": _late_policy,
-    "workers": _int(1, 64),
-    "worker_crash_limit": _int(1, 100),
-    "inference_threads": _optional(_int(1, 256)),
-    "min_island_ml": _float(0.0, 1000.0),
-    "retention_h": _float(0.0),
-    "min_free_disk_mb": _int(0, 10**9),
-    "retry_limit": _int(1, 1000),
-    "retry_backoff_s": _float(0.0, 86400.0),
-    "retry_backoff_max_s": _float(0.0, 7 * 86400.0),
+    "workers": parse_int(1, 64),
+    "worker_crash_limit": parse_int(1, 100),
+    "inference_threads": optional(parse_int(1, 256)),
+    "min_island_ml": parse_float(0.0, 1000.0),
+    "retention_h": parse_float(0.0),
+    "min_free_disk_mb": parse_int(0, 10**9),
+    "retry_limit": parse_int(1, 1000),
+    "retry_backoff_s": parse_float(0.0, 86400.0),
+    "retry_backoff_max_s": parse_float(0.0, 7 * 86400.0),
 }
 _CALLER: dict[str, Callable[[Any], Any]] = {
     "ae_title": _ae,
-    "host": _optional(_str),
-    "port": _optional(_PORT),
+    "host": optional(parse_str),
+    "port": optional(_PORT),
 }
 _DESTINATION: dict[str, Callable[[Any], Any]] = {
-    "name": _str,
+    "name": parse_str,
     "ae_title": _ae,
-    "host": _str,
+    "host": parse_str,
     "port": _PORT,
-    "tls": _bool,
+    "tls": parse_bool,
 }
 _TOP_LEVEL = ("dicom", "destinations", "selection", "node", "paths", "model", "http", "federation")
 
 
 def load_settings(config: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
-    """Settings from ``config`` (TOML, optional) overridden by ``RTSEG_*`` variables in ``environ``."""
+    """Settings from ``config`` (TOML, optional) overridden by ``RTSEG_*`` variables in ``environ``.
+
+    ``environ`` defaults to the process environment: this is the one place that reads it.
+    """
     env = os.environ if environ is None else environ
-    raw = _read_toml(config) if config is not None else {}
+    raw = read_toml(config) if config is not None else {}
     where = str(config) if config is not None else "defaults"
     unknown = sorted(set(raw) - set(_TOP_LEVEL))
     if unknown:
         raise InputError(f"unknown setting {unknown[0]!r} (known: {', '.join(_TOP_LEVEL)})", source=where)
-    settings = Settings(config_file=config)
-    settings = _from_file(settings, raw, where)
-    settings = _from_env(settings, env)
+    ours = {name: value for name, value in env.items() if name.startswith(ENV_PREFIX)}
+    dicom = read_table(raw, "dicom", where, ours, subtables=("tls",))
+    paths = read_table(raw, "paths", where, ours, aliases={"RTSEG_DATA_DIR": "data_dir"})
+    model = parse_table(read_table(raw, "model", where, ours), {"path": optional(parse_path)})
+    settings = Settings(
+        dicom=_dicom(dicom),
+        destinations=_destination_list(raw, where, ours),
+        selection=Selection(**parse_table(read_table(raw, "selection", where, ours), _SELECTION)),
+        node=NodeSettings(**parse_table(read_table(raw, "node", where, ours), _NODE)),
+        data_dir=parse_table(paths, {"data_dir": parse_path}).get("data_dir", Path("rtseg-data")),
+        model_path=model.get("path"),
+        http=read_table(raw, "http", where, ours),
+        federation=read_table(raw, "federation", where, ours, subtables=("closed_loop",)),
+        config_file=config,
+    )
     _check(settings)
     return settings
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def read_toml(path: Path) -> dict[str, Any]:
+    """The parsed TOML file; :class:`InputError` naming it when it cannot be read or parsed."""
     try:
         with open(path, "rb") as fh:
             return tomllib.load(fh)
@@ -309,103 +404,145 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise InputError(f"not valid TOML ({exc})", source=str(path)) from exc
 
 
-def _table(raw: Mapping[str, Any], key: str, where: str) -> dict[str, Any]:
-    value = raw.get(key, {})
-    if not isinstance(value, dict):
-        raise InputError(f"{key} must be a table", source=where)
-    return value
+def env_name(table: str, key: str) -> str:
+    """The variable that overrides ``key`` of ``table``: ``RTSEG_<TABLE>_<KEY>``, dots as underscores."""
+    return f"{ENV_PREFIX}{table.replace('.', '_').upper()}_{key.upper()}"
 
 
-def _parse_table(
-    values: Mapping[str, Any], schema: Mapping[str, Callable[[Any], Any]], prefix: str, where: str
-) -> dict[str, Any]:
+def read_table(
+    raw: Mapping[str, Any],
+    name: str,
+    where: str,
+    environ: Mapping[str, str],
+    *,
+    subtables: Sequence[str] = (),
+    aliases: Mapping[str, str] | None = None,
+) -> Table:
+    """Table ``name`` (dotted) of the parsed file ``raw``, its ``RTSEG_<TABLE>_<KEY>`` variables laid over it.
+
+    Parameters
+    ----------
+    raw
+        The parsed TOML file (empty without one).
+    name
+        The table, e.g. ``"http"`` or ``"federation.closed_loop"``.
+    where
+        The file's path, for messages.
+    environ
+        The environment (variables outside the table's prefix are ignored).
+    subtables
+        Keys that are tables of their own (``tls`` of ``dicom``): read the same way, kept as
+        :class:`Table` values, and their variables not taken for keys of this table.
+    aliases
+        Further variable names for keys, e.g. ``{"RTSEG_DATA_DIR": "data_dir"}``.
+    """
+    values: Any = raw
+    for part in name.split("."):
+        values = values.get(part, {})
+        if not isinstance(values, dict):
+            raise InputError(f"{name} must be a table", source=where)
+    own = {key: value for key, value in values.items() if key not in subtables}
+    origins = dict.fromkeys(own, where)
+    prefix = env_name(name, "")
+    nested = tuple(env_name(name, sub) + "_" for sub in subtables)
+    names = {var: var[len(prefix) :].lower() for var in environ if var.startswith(prefix)}
+    names.update(aliases or {})
+    for var, key in names.items():
+        if var in environ and not var.startswith(nested):
+            own[key], origins[key] = environ[var], var
+    for sub in subtables:
+        table = read_table(raw, f"{name}.{sub}", where, environ)
+        if table or sub in values:
+            own[sub], origins[sub] = table, where
+    return Table(name, own, origins, source=where)
+
+
+def parse_table(table: Table, schema: Mapping[str, Parser], skip: Sequence[str] = ()) -> dict[str, Any]:
+    """The values of ``table`` parsed by ``schema`` (key → parser); keys in ``skip`` are left out.
+
+    Raises
+    ------
+    InputError
+        For an unknown key or a bad value, naming where it came from (file or variable),
+        the ``table.key``, the value and what is expected.
+    """
     out: dict[str, Any] = {}
-    for key, value in values.items():
+    for key, value in table.items():
+        if key in skip:
+            continue
         parse = schema.get(key)
         if parse is None:
-            raise InputError(f"unknown setting {prefix}{key} (known: {', '.join(schema)})", source=where)
+            raise unknown_setting(table, key, [*schema, *skip])
         try:
             out[key] = parse(value)
         except (ValueError, TypeError) as exc:
-            raise InputError(f"{prefix}{key} {exc}", source=where) from exc
+            raise bad_value(table, key, str(exc)) from exc
     return out
 
 
-def _from_file(s: Settings, raw: Mapping[str, Any], where: str) -> Settings:
-    dicom = dict(_table(raw, "dicom", where))
-    tls = _parse_table(_table(dicom, "tls", where), _TLS, "dicom.tls.", where)
-    callers = dicom.pop("allowed_callers", [])
-    dicom.pop("tls", None)
-    d = replace(s.dicom, **_parse_table(dicom, _DICOM, "dicom.", where), tls=TlsSettings(**tls))
-    d = replace(d, allowed_callers=tuple(_records(callers, _CALLER, "dicom.allowed_callers", where, Caller)))
-    paths = _parse_table(_table(raw, "paths", where), {"data_dir": _path}, "paths.", where)
-    model = _parse_table(_table(raw, "model", where), {"path": _optional(_path)}, "model.", where)
-    return replace(
-        s,
-        dicom=d,
-        destinations=tuple(
-            _records(raw.get("destinations", []), _DESTINATION, "destinations", where, Destination)
-        ),
-        selection=Selection(**_parse_table(_table(raw, "selection", where), _SELECTION, "selection.", where)),
-        node=NodeSettings(**_parse_table(_table(raw, "node", where), _NODE, "node.", where)),
-        data_dir=paths.get("data_dir", s.data_dir),
-        model_path=model.get("path", s.model_path),
-        http=MappingProxyType(dict(_table(raw, "http", where))),
-        federation=MappingProxyType(dict(_table(raw, "federation", where))),
-    )
+def bad_value(table: Table, key: str, reason: str) -> InputError:
+    """The one message for a bad value: ``<file>: table.key <reason>, got <value>``.
+
+    From a variable: ``environment: RTSEG_TABLE_KEY <reason>, got '<value>' (table.key)``.
+    """
+    return _bad(table.origin(key), f"{table.name}.{key}", table.get(key), reason)
 
 
-def _records(
-    values: Any, schema: Mapping[str, Callable[[Any], Any]], key: str, where: str, cls: Any
-) -> list[Any]:
+def unknown_setting(table: Table, key: str, known: Sequence[str]) -> InputError:
+    """An unknown key of ``table``, named as it was written (file key or variable)."""
+    origin, choices = table.origin(key), ", ".join(known)
+    if origin.startswith(ENV_PREFIX):
+        message = f"unknown setting {origin} ({table.name}.{key}; known: {choices})"
+        return InputError(message, source="environment")
+    return InputError(f"unknown setting {table.name}.{key} (known: {choices})", source=origin)
+
+
+def _bad(origin: str, qualified: str, value: Any, reason: str) -> InputError:
+    if origin.startswith(ENV_PREFIX):
+        return InputError(f"{origin} {reason}, got {value!r} ({qualified})", source="environment")
+    return InputError(f"{qualified} {reason}, got {value!r}", source=origin)
+
+
+def _dicom(table: Table) -> DicomSettings:
+    tls = TlsSettings(**parse_table(table.sub("tls"), _TLS))
+    parsed = parse_table(table, _DICOM, skip=("tls", "allowed_callers"))
+    return DicomSettings(**parsed, tls=tls, allowed_callers=_allowed_callers(table))
+
+
+def _allowed_callers(dicom: Table) -> tuple[Caller, ...]:
+    if "allowed_callers" not in dicom:
+        return ()
+    value, origin = dicom["allowed_callers"], dicom.origin("allowed_callers")
+    if not origin.startswith(ENV_PREFIX):
+        return tuple(_records(value, _CALLER, "dicom.allowed_callers", origin, Caller))
+    try:
+        return _callers(value)
+    except ValueError as exc:
+        raise bad_value(dicom, "allowed_callers", str(exc)) from exc
+
+
+def _destination_list(raw: Mapping[str, Any], where: str, env: Mapping[str, str]) -> tuple[Destination, ...]:
+    name = f"{ENV_PREFIX}DESTINATIONS"
+    if name not in env:
+        return tuple(_records(raw.get("destinations", []), _DESTINATION, "destinations", where, Destination))
+    try:
+        return _destinations(env[name])
+    except ValueError as exc:
+        raise _bad(name, "destinations", env[name], str(exc)) from exc
+
+
+def _records(values: Any, schema: Mapping[str, Parser], key: str, where: str, cls: Any) -> list[Any]:
     if not isinstance(values, list) or not all(isinstance(v, dict) for v in values):
         raise InputError(f"{key} must be a list of tables", source=where)
     required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
     out = []
     for i, value in enumerate(values):
-        parsed = _parse_table(value, schema, f"{key}[{i}].", where)
+        parsed = parse_table(Table(f"{key}[{i}]", value, source=where), schema)
         missing = [name for name in required if name not in parsed]
         if missing:
             raise InputError(f"{key}[{i}].{missing[0]} is required", source=where)
         out.append(cls(**parsed))
     return out
-
-
-def _from_env(s: Settings, env: Mapping[str, str]) -> Settings:
-    ours = {k[len(ENV_PREFIX) :]: v for k, v in env.items() if k.startswith(ENV_PREFIX)}
-    if "DATA_DIR" in ours:
-        s = replace(s, data_dir=_env_value(_path, ours, "DATA_DIR"))
-    if "MODEL_PATH" in ours:
-        s = replace(s, model_path=_env_value(_optional(_path), ours, "MODEL_PATH"))
-    tls = {
-        k: _env_value(p, ours, f"DICOM_TLS_{k.upper()}")
-        for k, p in _TLS.items()
-        if f"DICOM_TLS_{k.upper()}" in ours
-    }
-    s = replace(s, dicom=replace(s.dicom, tls=replace(s.dicom.tls, **tls)))
-    s = replace(s, dicom=replace(s.dicom, **_env_section(_DICOM, "DICOM", ours)))
-    s = replace(s, selection=replace(s.selection, **_env_section(_SELECTION, "SELECTION", ours)))
-    s = replace(s, node=replace(s.node, **_env_section(_NODE, "NODE", ours)))
-    if "DICOM_ALLOWED_CALLERS" in ours:
-        callers = _env_value(_callers, ours, "DICOM_ALLOWED_CALLERS")
-        s = replace(s, dicom=replace(s.dicom, allowed_callers=callers))
-    if "DESTINATIONS" in ours:
-        s = replace(s, destinations=_env_value(_destinations, ours, "DESTINATIONS"))
-    return s
-
-
-def _env_section(
-    schema: Mapping[str, Callable[[Any], Any]], section: str, ours: Mapping[str, str]
-) -> dict[str, Any]:
-    names = {f"{section}_{key.upper()}": key for key in schema}
-    return {key: _env_value(schema[key], ours, name) for name, key in names.items() if name in ours}
-
-
-def _env_value(parse: Callable[[Any], Any], ours: Mapping[str, str], name: str) -> Any:
-    try:
-        return parse(ours[name])
-    except (ValueError, TypeError) as exc:
-        raise InputError(f"{ENV_PREFIX}{name} {exc}", source="environment") from exc
 
 
 _ADDRESS_RE = re.compile(r"^(?P<ae>[^@]+)(@(?P<host>[^:+]+)(:(?P<port>\d+))?)?(?P<tls>\+tls)?$")

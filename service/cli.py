@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import threading
 from collections.abc import Callable
@@ -13,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from rtseg.errors import InputError
 from rtseg.jobs import JobStore, state_db
-from service.settings import HttpSettings, http_table
+from service.settings import HttpSettings
 
 if TYPE_CHECKING:
     from rtseg.settings import Settings
@@ -41,11 +40,10 @@ def start_companion(
     from service.server import HttpServer
     from service.telemetry import Telemetry
 
-    table = http_table(settings.http, os.environ)
-    if not table:
+    if not settings.http:
         print("HTTP: off (no [http] table in the configuration)", flush=True)
         return lambda: None
-    http = HttpSettings.from_mapping(table)
+    http = HttpSettings.from_mapping(settings.http)
     telemetry = Telemetry()
     if association_observers is not None:
         association_observers.append(lambda outcome: telemetry.dicom_associations.labels(outcome).inc())
@@ -82,9 +80,9 @@ def _cmd_http(args: argparse.Namespace) -> int:
     from rtseg.settings import load_settings
 
     settings = load_settings(args.config)
-    table = http_table(settings.http, os.environ)
+    table = settings.http
     if args.port is not None:
-        table["port"] = args.port
+        table = table.overlaid("port", args.port, "--port")
     http = HttpSettings.from_mapping(table)
     if not http.token_sha256:
         raise InputError("no [http] token_sha256 configured: create one with `rtseg http --new-token`")

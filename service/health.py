@@ -8,7 +8,7 @@ from typing import Any
 from flask import Blueprint, Response, jsonify
 
 from rtseg.errors import RtsegError
-from service.app import ServiceContext, service
+from service.context import ServiceContext, service
 from service.model import model_info
 from service.problems import problem
 

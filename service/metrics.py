@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.app import service
+from service.context import service
 
 bp = Blueprint("metrics", __name__)
 

@@ -8,7 +8,7 @@ from typing import Any
 from flask import Blueprint, Response, jsonify
 
 from rtseg.model.manifest import MANIFEST_NAME, load_manifest, model_hash
-from service.app import ServiceContext, service
+from service.context import ServiceContext, service
 
 bp = Blueprint("model", __name__, url_prefix="/model")
 

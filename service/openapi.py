@@ -12,7 +12,7 @@ from typing import Any
 from flask import Blueprint, Response, jsonify
 
 import rtseg
-from service.app import service
+from service.context import service
 from service.settings import HttpSettings
 
 bp = Blueprint("openapi", __name__)

@@ -15,7 +15,7 @@ from flask import Blueprint, Response, jsonify, request, send_file, url_for
 
 from rtseg.errors import InputError
 from rtseg.jobs import FINAL, Job, JobError, JobState
-from service.app import ServiceContext, UploadRequest, service
+from service.context import ServiceContext, UploadRequest, service
 from service.problems import HttpProblem
 from service.uploads import Intake, Part, receive
 

@@ -1,7 +1,7 @@
 """The ``[http]`` table of the configuration file, parsed into :class:`HttpSettings`.
 
-The core :class:`rtseg.settings.Settings` passes the table through untouched as
-``settings.http``; this module is the one place that knows its keys::
+The core :class:`rtseg.settings.Settings` reads the table (and its ``RTSEG_HTTP_<KEY>``
+variables) as ``settings.http``; this module is the one place that knows its keys::
 
     [http]
     host = "127.0.0.1"          # bind address; loopback unless a proxy or firewall is in front
@@ -21,8 +21,8 @@ The core :class:`rtseg.settings.Settings` passes the table through untouched as
     trusted_proxy = ""          # address of a reverse proxy whose X-Forwarded-* headers count
     trusted_proxy_headers = ["x-forwarded-for", "x-forwarded-proto"]
 
-Environment variables ``RTSEG_HTTP_<KEY>`` override a key (lists comma-separated), read by
-:func:`http_table` at the entry point, e.g. ``RTSEG_HTTP_PORT=9000``.
+Environment variables ``RTSEG_HTTP_<KEY>`` override a key (lists comma-separated), e.g.
+``RTSEG_HTTP_PORT=9000``; they are read with the settings at the entry point, never here.
 """
 
 from __future__ import annotations
@@ -32,7 +32,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from rtseg.errors import InputError
+from rtseg.settings import (
+    Parser,
+    Table,
+    optional,
+    parse_float,
+    parse_int,
+    parse_str,
+    parse_strings,
+    parse_table,
+)
 
 _MB = 1 << 20
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -61,94 +70,58 @@ class HttpSettings:
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any] | None) -> HttpSettings:
-        """Parse the ``[http]`` table; unknown keys and bad values are :class:`InputError`."""
-        raw = dict(raw or {})
-        values: dict[str, Any] = {}
-        for key, (name, convert) in _KEYS.items():
-            if key in raw:
-                values[name] = _convert(key, raw.pop(key), convert)
-        if raw:
-            known = ", ".join(sorted(_KEYS))
-            raise InputError(f"unknown [http] setting(s) {', '.join(sorted(raw))}; known: {known}")
-        settings = cls(**values)
-        settings.check()
-        return settings
+        """Parse the ``[http]`` table (``settings.http``, or a plain mapping).
 
-    def check(self) -> None:
-        """Refuse values that cannot work (raised as :class:`InputError`)."""
-        if not 0 <= self.port <= 65535:
-            raise InputError(f"[http] port {self.port} is not a TCP port")
-        for digest in self.token_sha256:
-            if not _HEX64.match(digest):
-                raise InputError("[http] token_sha256 entries must be 64 lower-case hex digits (SHA-256)")
-        positive = (
-            "max_body_bytes",
-            "max_files",
-            "max_uncompressed_bytes",
-            "max_instance_bytes",
-            "queue_max",
-            "threads",
-        )
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise InputError(f"[http] {name} must be at least 1")
-        if self.max_zip_ratio < 1 or self.max_wait_s < 0 or self.job_expiry_s <= 0:
-            raise InputError("[http] max_zip_ratio ≥ 1, max_wait_s ≥ 0 and job_expiry_h > 0 are required")
+        Unknown keys and bad values are an :class:`~rtseg.errors.InputError` in the style of every table.
+        """
+        values = parse_table(Table.of("http", raw or {}), {key: parse for key, (_, parse) in _KEYS.items()})
+        return cls(**{_KEYS[key][0]: value for key, value in values.items()})
 
 
-def http_table(raw: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
-    """The ``[http]`` table with ``RTSEG_HTTP_<KEY>`` variables of ``environ`` applied over it."""
-    table = dict(raw)
-    prefix = "RTSEG_HTTP_"
-    for name, value in environ.items():
-        if name.startswith(prefix):
-            key = name[len(prefix) :].lower()
-            table[key] = value.split(",") if key in ("token_sha256", "trusted_proxy_headers") else value
-    return table
+def _mb(least: int) -> Parser:
+    """Megabytes (fractions allowed) → bytes, at least ``least`` bytes."""
+    number = parse_float(0.0)
 
+    def parse(value: Any) -> int:
+        n = int(number(value) * _MB)
+        if n < least:
+            raise ValueError("must be more than 0")
+        return n
 
-def _mb(value: Any) -> int:
-    return int(float(value) * _MB)
+    return parse
 
 
 def _tokens(value: Any) -> tuple[str, ...]:
-    items = [value] if isinstance(value, str) else list(value)
-    return tuple(str(v).strip().lower() for v in items)
+    digests = parse_strings(str.lower)(value)
+    if not all(_HEX64.match(d) for d in digests):
+        raise ValueError("must be SHA-256 digests, 64 hex digits each (`rtseg http --new-token`)")
+    return tuple(digests)
 
 
-def _headers(value: Any) -> tuple[str, ...]:
-    items = [value] if isinstance(value, str) else list(value)
-    return tuple(str(v).strip().lower() for v in items)
+def _hours(value: Any) -> float:
+    hours: float = parse_float(0.0)(value)
+    if hours <= 0:
+        raise ValueError("must be more than 0")
+    return hours * 3600.0
 
 
-def _proxy(value: Any) -> str | None:
-    return str(value).strip() or None
-
-
-# key in the file → (field, conversion)
-_KEYS: dict[str, tuple[str, Any]] = {
-    "host": ("host", str),
-    "port": ("port", int),
+# key in the file → (field, parser)
+_KEYS: dict[str, tuple[str, Parser]] = {
+    "host": ("host", parse_str),
+    "port": ("port", parse_int(0, 65535)),
     "token_sha256": ("token_sha256", _tokens),
-    "max_body_mb": ("max_body_bytes", _mb),
-    "max_files": ("max_files", int),
-    "max_uncompressed_mb": ("max_uncompressed_bytes", _mb),
-    "max_zip_ratio": ("max_zip_ratio", float),
-    "max_instance_mb": ("max_instance_bytes", _mb),
-    "queue_max": ("queue_max", int),
-    "retry_after_s": ("retry_after_s", int),
-    "max_wait_s": ("max_wait_s", float),
-    "job_expiry_h": ("job_expiry_s", lambda v: float(v) * 3600.0),
-    "min_free_mb": ("min_free_bytes", _mb),
-    "threads": ("threads", int),
-    "trusted_proxy": ("trusted_proxy", _proxy),
-    "trusted_proxy_headers": ("trusted_proxy_headers", _headers),
+    "max_body_mb": ("max_body_bytes", _mb(1)),
+    "max_files": ("max_files", parse_int(1)),
+    "max_uncompressed_mb": ("max_uncompressed_bytes", _mb(1)),
+    "max_zip_ratio": ("max_zip_ratio", parse_float(1.0)),
+    "max_instance_mb": ("max_instance_bytes", _mb(1)),
+    "queue_max": ("queue_max", parse_int(1)),
+    "retry_after_s": ("retry_after_s", parse_int(0)),
+    "max_wait_s": ("max_wait_s", parse_float(0.0)),
+    "job_expiry_h": ("job_expiry_s", _hours),
+    "min_free_mb": ("min_free_bytes", _mb(0)),
+    "threads": ("threads", parse_int(1)),
+    "trusted_proxy": ("trusted_proxy", optional(parse_str)),
+    "trusted_proxy_headers": ("trusted_proxy_headers", parse_strings(str.lower)),
 }
 assert {name for name, _ in _KEYS.values()} == {f.name for f in fields(HttpSettings)}
-
-
-def _convert(key: str, value: Any, convert: Any) -> Any:
-    try:
-        return convert(value)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"[http] {key} = {value!r} is not valid ({exc})") from exc

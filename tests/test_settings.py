@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from rtseg.errors import InputError
-from rtseg.settings import Caller, Destination, load_settings
+from rtseg.settings import Caller, Destination, Settings, load_settings
 
 FULL = """
 [dicom]
@@ -160,3 +160,66 @@ def test_late_instance_policy_ignore_no_longer_drops_instances() -> None:
     # "ignore" dropped the rest of a series silently; it now keeps it and flags the job
     s = load_settings(environ={"RTSEG_NODE_LATE_INSTANCE_POLICY": "ignore"})
     assert s.node.late_instance_policy == "flag" and s.node.worker_crash_limit == 3
+
+
+# -- one mechanism for every table: RTSEG_<TABLE>_<KEY>, one message style for a bad value ----
+SITE = '[federation]\ncoordinator = "127.0.0.1:9092"\nsite_id = "site-a"\ninsecure = true\n'
+
+
+def _parse_faces(s: Settings) -> None:
+    """Parse the tables the core keeps raw, as ``rtseg serve`` does before it listens."""
+    from rtseg.closed_loop import config_from_settings
+    from rtseg.federation.schedule import SiteSettings
+
+    config_from_settings(s.federation)
+    SiteSettings.from_mapping(s.federation, "[federation]", s.data_dir)
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "value", "reason"),
+    [
+        ("dicom", "port", "70000", "must be between 0 and 65535"),
+        ("node", "workers", "0", "must be between 1 and 64"),
+        ("federation", "threads", "0", "must be between 1 and 256"),
+        ("federation.closed_loop", "window_h", "-1", "must be between 0 and 1e+06"),
+    ],
+)
+def test_a_bad_value_reads_the_same_in_every_table(
+    tmp_path: Path, table: str, key: str, value: str, reason: str
+) -> None:
+    header = "" if table == "federation" else f"[{table}]\n"
+    config = _write(tmp_path, f"{SITE}{header}{key} = {value}\n")
+    with pytest.raises(InputError) as in_file:
+        _parse_faces(load_settings(config, environ={}))
+    assert str(in_file.value) == f"{config}: {table}.{key} {reason}, got {value}"
+    variable = f"RTSEG_{table.replace('.', '_').upper()}_{key.upper()}"
+    with pytest.raises(InputError) as in_env:
+        _parse_faces(load_settings(_write(tmp_path, SITE), environ={variable: value}))
+    assert str(in_env.value) == f"environment: {variable} {reason}, got '{value}' ({table}.{key})"
+
+
+def test_every_table_takes_environment_overrides_by_one_rule(tmp_path: Path) -> None:
+    from rtseg.closed_loop import config_from_settings
+    from rtseg.federation.schedule import SiteSettings
+
+    env = {
+        "RTSEG_DICOM_MAX_PDU": "0",
+        "RTSEG_HTTP_PORT": "9001",
+        "RTSEG_FEDERATION_THREADS": "3",
+        "RTSEG_FEDERATION_CLOSED_LOOP_WINDOW_H": "12",
+        "RTSEG_FEDERATION_CLOSED_LOOP_APPROVED_LABELS": "CLINICAL, REVIEWED",
+    }
+    s = load_settings(_write(tmp_path, SITE + "threads = 1\n[dicom]\nmax_pdu = 16384\n"), environ=env)
+    assert s.dicom.max_pdu == 0
+    assert s.http["port"] == "9001"  # parsed by service/ (tests/service/test_http_settings.py)
+    assert SiteSettings.from_mapping(s.federation, "[federation]", s.data_dir).threads == 3
+    loop = config_from_settings(s.federation)
+    assert loop.window_h == 12.0 and loop.approved_labels == ("CLINICAL", "REVIEWED")
+
+
+def test_an_unknown_variable_of_a_table_is_refused_by_name() -> None:
+    with pytest.raises(InputError) as info:
+        _parse_faces(load_settings(environ={"RTSEG_FEDERATION_CLOSED_LOOP_ADD_CASE": "true"}))
+    assert str(info.value).startswith(
+        "environment: unknown setting RTSEG_FEDERATION_CLOSED_LOOP_ADD_CASE (federation.closed_loop.add_case;"
+    )

@@ -9,13 +9,23 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rtseg.errors import FederationError
+from rtseg.errors import FederationError, InputError
+from rtseg.settings import (
+    SITE_DATA_DIR,
+    Parser,
+    Table,
+    load_settings,
+    optional,
+    parse_int,
+    parse_path,
+    parse_str,
+    parse_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,46 +79,33 @@ class SiteSettings:
             raise FederationError("both `ca` and insecure = true: choose TLS, or no TLS for a loopback test")
 
     @classmethod
-    def from_toml(cls, path: Path) -> SiteSettings:
-        doc: dict[str, Any] = tomllib.loads(path.read_text()).get("federation", {})
-        return cls.from_mapping(doc, source=str(path))
+    def from_toml(cls, path: Path, environ: Mapping[str, str] | None = None) -> SiteSettings:
+        """The ``[federation]`` table of ``path``, ``RTSEG_FEDERATION_*`` variables of ``environ`` over it."""
+        return cls.from_mapping(load_settings(path, environ).federation, source=str(path))
 
     @classmethod
     def from_mapping(
         cls, doc: Mapping[str, Any], source: str, node_data_dir: Path | None = None
     ) -> SiteSettings:
-        """From a ``[federation]`` table.
+        """From a ``[federation]`` table (a :class:`~rtseg.settings.Table` or a plain mapping).
 
         Inside ``rtseg serve`` (``node_data_dir`` given) ``data_dir`` defaults to
         ``<data>/site-data`` (where the closed loop adds approved cases) and
-        ``work_dir`` to ``<data>/federation``.
+        ``work_dir`` to ``<data>/federation``. A bad value is an :class:`InputError`
+        in the style of every table; a contradiction is a :class:`FederationError`.
         """
-        defaults = {}
+        table = Table.of("federation", doc, source)
+        values = parse_table(table, _KEYS, skip=("closed_loop",))
         if node_data_dir is not None:
-            defaults = {"data_dir": node_data_dir / "site-data", "work_dir": node_data_dir / "federation"}
-        insecure = doc.get("insecure", False)
-        if not isinstance(insecure, bool):
-            bad = f"[federation] insecure must be true or false, got {insecure!r}"
-            raise FederationError(bad, source=source)
+            values.setdefault("data_dir", node_data_dir / SITE_DATA_DIR)
+            values.setdefault("work_dir", node_data_dir / "federation")
+        for key in ("coordinator", "site_id", "data_dir", "work_dir"):
+            if values.get(key) is None:
+                raise InputError(f"federation.{key} is required", source=table.source)
         try:
-            return cls(
-                coordinator=str(doc["coordinator"]),
-                site_id=str(doc["site_id"]),
-                data_dir=Path(doc["data_dir"]) if doc.get("data_dir") else defaults["data_dir"],
-                work_dir=Path(doc["work_dir"]) if doc.get("work_dir") else defaults["work_dir"],
-                ca=Path(doc["ca"]) if doc.get("ca") else None,
-                key=Path(doc["key"]) if doc.get("key") else None,
-                window=Window.parse(str(doc.get("window", "always"))),
-                threads=int(doc.get("threads", 1)),
-                nice=int(doc.get("nice", 10)),
-                insecure=insecure,
-            )
+            return cls(**values)
         except FederationError as exc:
             raise FederationError(f"[federation] {exc.message}", source=source) from exc
-        except KeyError as exc:
-            raise FederationError(f"[federation] lacks {exc}", source=source) from exc
-        except (TypeError, ValueError) as exc:
-            raise FederationError(f"[federation] has a bad value: {exc}", source=source) from exc
 
     def describe(self) -> str:
         security = "TLS" if self.ca else "INSECURE (no TLS)"
@@ -121,6 +118,39 @@ class SiteSettings:
             f"federation: site {self.site_id} joins rounds of {self.coordinator} ({security}),"
             f" window {window}, training data {self.data_dir.resolve()}"
         )
+
+
+def _window(value: Any) -> Window:
+    if not isinstance(value, str):
+        raise ValueError("must be HH:MM-HH:MM or always")
+    try:
+        return Window.parse(value.strip())
+    except FederationError:
+        raise ValueError("must be HH:MM-HH:MM (may wrap past midnight) or always") from None
+
+
+def _switch(value: Any) -> bool:
+    # TLS off is a security decision: only an explicit true/false, never "yes" or 1
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ValueError("must be true or false")
+
+
+# key of the [federation] table -> parser (the field of SiteSettings of the same name)
+_KEYS: dict[str, Parser] = {
+    "coordinator": parse_str,
+    "site_id": parse_str,
+    "data_dir": optional(parse_path),
+    "work_dir": optional(parse_path),
+    "ca": optional(parse_path),
+    "key": optional(parse_path),
+    "window": _window,
+    "threads": parse_int(1, 256),
+    "nice": parse_int(-20, 19),
+    "insecure": _switch,
+}
 
 
 def start_site(settings: SiteSettings, poll: float = 30.0) -> Callable[[], None]:

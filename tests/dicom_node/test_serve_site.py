@@ -71,7 +71,7 @@ def test_serve_refuses_an_incomplete_federation_table(running_node: Any, tmp_pat
         timeout=120,
     )
     assert result.returncode == 2
-    assert "[federation] lacks 'site_id'" in result.stderr
+    assert f"{config}: federation.site_id is required" in result.stderr
     assert "Traceback" not in result.stderr
     with config.open("a") as toml:  # complete, but neither TLS nor an explicit insecure = true
         toml.write('site_id = "site-a"\n')

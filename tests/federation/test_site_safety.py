@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from test_model_safety import appeared, shell_payloads
 
-from rtseg.errors import FederationError, ModelError
+from rtseg.errors import FederationError, InputError, ModelError
 from rtseg.federation import client_app
 from rtseg.federation.fingerprint import FingerprintAccumulator
 from rtseg.federation.flower import Payload, SiteContext
@@ -140,7 +140,7 @@ def test_site_without_tls_needs_insecure_true(tmp_path: Path) -> None:
     with pytest.raises(FederationError, match="no `ca`.*insecure = true") as info:
         SiteSettings.from_mapping(_table(tmp_path), "site.toml")
     assert info.value.source == "site.toml"
-    with pytest.raises(FederationError, match="insecure must be true or false"):
+    with pytest.raises(InputError, match="federation.insecure must be true or false, got .yes."):
         SiteSettings.from_mapping(_table(tmp_path, insecure="yes"), "site.toml")
     with pytest.raises(FederationError, match="both `ca` and insecure = true"):
         SiteSettings.from_mapping(_table(tmp_path, insecure=True, ca="ca.crt"), "site.toml")

@@ -14,12 +14,13 @@ from svc_helpers import AUTH, TOKEN, Running, make_settings
 
 from rtseg.errors import InputError
 from rtseg.jobs import JobState
+from rtseg.settings import Table
 from rtseg.worker import PoolStatus
 from service.app import create_app
 from service.auth import token_digest, token_matches
 from service.housekeeping import expire
 from service.openapi import describe_api
-from service.settings import HttpSettings, http_table
+from service.settings import HttpSettings
 
 PROBLEM = "application/problem+json"
 
@@ -258,7 +259,7 @@ def _store() -> object:
 
 def test_settings_from_the_http_table() -> None:
     digest = token_digest("t")
-    table = http_table({"port": 9000, "max_body_mb": 1}, {"RTSEG_HTTP_TOKEN_SHA256": digest, "OTHER": "x"})
+    table = Table("http", {"port": 9000, "max_body_mb": 1, "token_sha256": digest})
     settings = HttpSettings.from_mapping(table)
     assert settings.port == 9000 and settings.max_body_bytes == 1 << 20 and settings.token_sha256 == (digest,)
     assert HttpSettings.from_mapping({}).host == "127.0.0.1"
