@@ -79,7 +79,8 @@ SEGMENTED = frozenset({JobState.SENDING, JobState.DONE, JobState.DEAD_LETTER})
 RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
 QUARANTINE_DIR = Path("quarantine") / "rtstruct"  # under the data directory
 # what pydicom raises when a received structure set lacks an element or holds a bad value
-_PARSE_ERRORS = (AttributeError, KeyError, IndexError, TypeError, ValueError)
+# (shared with the site import, which reads archived structure sets the same way)
+PARSE_ERRORS = (AttributeError, KeyError, IndexError, TypeError, ValueError)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS closed_loop (
     instance_key TEXT PRIMARY KEY,
@@ -220,7 +221,7 @@ def _parsed(what: str, parse: Callable[[], Any]) -> Any:
     """``parse()``, with pydicom's errors on a malformed received structure set as one RTStructError."""
     try:
         return parse()
-    except _PARSE_ERRORS as exc:
+    except PARSE_ERRORS as exc:
         raise RTStructError(f"malformed structure set: {what} ({redact_uids(str(exc))})") from exc
 
 
@@ -229,11 +230,11 @@ def _process(
 ) -> Outcome:
     if str(ds.get("SOPClassUID", "")) != RTSTRUCT_SOP_CLASS:
         return Outcome("ignored", "not an RT Structure Set", key)
-    if not _approved(ds, config):
+    if not is_approved(ds, config):
         status = str(ds.get("ApprovalStatus", "")) or "no approval status"
         return Outcome("ignored", f"not approved ({status})", key)
     try:
-        series, frames = _parsed("its references", lambda: _references(ds))
+        series, frames = _parsed("its references", lambda: referenced_series(ds))
     except RTStructError as exc:
         return Outcome("failed", exc.message, key, malformed=True)
     job = find_job(store, data_dir, series, frames)
@@ -245,14 +246,15 @@ def _process(
         return Outcome("failed", f"cannot pair with job {job.id}: {exc.message}", key, job.id)
 
 
-def _approved(ds: pydicom.Dataset, config: ClosedLoopConfig) -> bool:
+def is_approved(ds: pydicom.Dataset, config: ClosedLoopConfig) -> bool:
+    """Approved: ApprovalStatus APPROVED, or a StructureSetLabel the site counts as approved."""
     if str(ds.get("ApprovalStatus", "")).upper() == "APPROVED":
         return True
     label = str(ds.get("StructureSetLabel", "")).strip()
     return bool(label) and label in config.approved_labels
 
 
-def _references(ds: pydicom.Dataset) -> tuple[set[str], set[str]]:
+def referenced_series(ds: pydicom.Dataset) -> tuple[set[str], set[str]]:
     """(referenced CT series UIDs, frame of reference UIDs) of a structure set."""
     series: set[str] = set()
     frames: set[str] = set()
@@ -281,7 +283,7 @@ def find_job(store: JobStore, data_dir: Path, series: set[str], frames: set[str]
             own = pydicom.dcmread(mine, stop_before_pixels=True)
         except (InvalidDicomError, OSError, ValueError, EOFError):
             continue
-        own_series, own_frames = _references(own)
+        own_series, own_frames = referenced_series(own)
         if series and own_series & series:
             return job
         if by_frame is None and not series and own_frames & frames:
@@ -293,7 +295,7 @@ def _compare(
     ds: pydicom.Dataset, key: str, job: Job, data_dir: Path, store: JobStore, config: ClosedLoopConfig
 ) -> Outcome:
     mine = pydicom.dcmread(data_dir / str(job.output_path))
-    series_uid = next(iter(_references(mine)[0]), None)
+    series_uid = next(iter(referenced_series(mine)[0]), None)
     input_dir = data_dir / job.input_dir
     if not input_dir.is_dir() or not any(input_dir.iterdir()):
         return Outcome(
@@ -307,7 +309,7 @@ def _compare(
     except RTStructError as exc:
         message = redact_uids(exc.message)
         return Outcome("failed", f"cannot read the approved contours: {message}", key, job.id, malformed=True)
-    approved, unknown, mapping = _map_names(approved_raw, structures, rois_of(ds), config.roi_names)
+    approved, unknown, mapping = map_roi_names(approved_raw, structures, rois_of(ds), config.roi_names)
     metrics = edit_metrics(node_masks, approved, volume)
     model_version = job.model_version or str((job.result.get("model") or {}).get("version", ""))
     outcome = Outcome(
@@ -335,7 +337,7 @@ def _model_structures(structures: Sequence[Structure] | None) -> dict[str, Struc
     return {s.name: s for s in (structures or STRUCTURES)}
 
 
-def _map_names(
+def map_roi_names(
     masks: dict[str, npt.NDArray[np.bool_]],
     structures: Mapping[str, Structure],
     rois: Sequence[tuple[str, str | None]],

@@ -39,7 +39,14 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from rtseg.cases import CT_DIR, LABELS_FILE, load_case
-from rtseg.closed_loop import _PARSE_ERRORS, ClosedLoopConfig, _approved, _map_names, _references, label_map
+from rtseg.closed_loop import (
+    PARSE_ERRORS,
+    ClosedLoopConfig,
+    is_approved,
+    label_map,
+    map_roi_names,
+    referenced_series,
+)
 from rtseg.ct import load_series
 from rtseg.deid import Deidentifier, copy_deidentified
 from rtseg.errors import InputError, RtsegError
@@ -197,7 +204,7 @@ def _header(path: Path) -> pydicom.Dataset | None:
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS, force=force)
         except InvalidDicomError:
             continue
-        except (OSError, EOFError, *_PARSE_ERRORS):
+        except (OSError, EOFError, *PARSE_ERRORS):
             return None
         if str(ds.get("SOPClassUID", "") or "").startswith("1.2.840.10008."):
             return ds
@@ -218,13 +225,13 @@ def _import_one(
     try:
         ds = pydicom.dcmread(path)
         uid = str(ds.SOPInstanceUID)
-    except (InvalidDicomError, OSError, EOFError, *_PARSE_ERRORS) as exc:
+    except (InvalidDicomError, OSError, EOFError, *PARSE_ERRORS) as exc:
         return ImportItem(rel, SKIPPED, BAD_RTSTRUCT, type(exc).__name__)
     done = _done_case(db, uid, out)
     if done is not None:
         return ImportItem(rel, PRESENT, case_id=done)
     config = ClosedLoopConfig(approved_labels=options.approved_labels)
-    if not options.any_approval and not _approved(ds, config):
+    if not options.any_approval and not is_approved(ds, config):
         status = str(ds.get("ApprovalStatus", "")) or "no ApprovalStatus"
         label = str(ds.get("StructureSetLabel", "")).strip()
         return ImportItem(rel, SKIPPED, NOT_APPROVED, f"{status}, label {label!r}")
@@ -266,7 +273,7 @@ def _build(
 def _referenced_series(ds: pydicom.Dataset, folder: _Folder) -> str:
     """The CT series the structure set references that the folder holds."""
     try:
-        series, _ = _references(ds)
+        series, _ = referenced_series(ds)
         slices = {
             str(image.ReferencedSOPInstanceUID)
             for roi in ds.get("ROIContourSequence", [])
@@ -274,7 +281,7 @@ def _referenced_series(ds: pydicom.Dataset, folder: _Folder) -> str:
             for image in contour.get("ContourImageSequence", [])
             if image.get("ReferencedSOPInstanceUID")
         }
-    except _PARSE_ERRORS as exc:
+    except PARSE_ERRORS as exc:
         raise _Skip(BAD_RTSTRUCT, f"malformed references ({type(exc).__name__})") from exc
     found = sorted(s for s in series if s in folder.series)
     if not found:  # no (usable) series reference: the slices its contours lie on
@@ -289,7 +296,7 @@ def _referenced_series(ds: pydicom.Dataset, folder: _Folder) -> str:
 def _check_names(ds: pydicom.Dataset, options: ImportOptions) -> None:
     try:
         rois = rois_of(ds)
-    except _PARSE_ERRORS as exc:
+    except PARSE_ERRORS as exc:
         raise _Skip(BAD_RTSTRUCT, f"malformed ROI list ({type(exc).__name__})") from exc
     decisions = RoiNameMapper((s.name for s in options.structures), options.site).map_case(rois)
     if not any(d.kind == MAPPED for d in decisions):
@@ -311,10 +318,10 @@ def _labels(
         raw = rasterize_rtstruct(ds, volume)
     except RtsegError as exc:
         raise _Skip(BAD_CONTOURS, exc.message) from exc
-    except _PARSE_ERRORS as exc:
+    except PARSE_ERRORS as exc:
         raise _Skip(BAD_RTSTRUCT, f"malformed contours ({type(exc).__name__})") from exc
     structures = {s.name: s for s in options.structures}
-    mapped, _, reasons = _map_names(raw, structures, rois_of(ds), options.site)
+    mapped, _, reasons = map_roi_names(raw, structures, rois_of(ds), options.site)
     masks = {name: mask for name, mask in mapped.items() if mask.any()}
     left_out = tuple(f"{roi}: {why}" for roi, why in reasons.items() if why.startswith("ambiguous"))
     if not masks:
@@ -349,7 +356,7 @@ def _write_case(
         os.replace(tmp, final)
     except OSError as exc:  # the output, not the item: the run cannot go on
         raise InputError(f"cannot write the case ({exc.strerror})", source=str(out)) from exc
-    except _PARSE_ERRORS as exc:  # a slice pydicom reads but cannot write back once de-identified
+    except PARSE_ERRORS as exc:  # a slice pydicom reads but cannot write back once de-identified
         raise _Skip(BAD_CT, f"a slice cannot be de-identified ({type(exc).__name__})") from exc
     except InputError as exc:  # load_case: the written case does not load back
         raise _Skip(BAD_CT, f"the written case does not load back: {exc.message}") from exc
