@@ -18,7 +18,7 @@ from rtseg.model.default import default_model_dir
 from rtseg.phantom.cohort import read_label_image
 from rtseg.worker import WORKER_NICE, WorkerPool, rtstruct_uids
 
-sys.path.insert(0, str(Path(__file__).parent / "dicom_node"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "dicom_node"))
 from node_helpers import subset_series, wait_for  # noqa: E402
 
 DEST = {"name": "tps", "ae_title": "TPS", "host": "127.0.0.1", "port": 1, "tls": False}
