@@ -71,7 +71,7 @@ def body_mask(hu_zyx: npt.NDArray[Any], spacing_zyx: tuple[float, float, float])
     core = _largest_component(opened)
     if not core.any():
         return core
-    body = ndimage.binary_dilation(core, structure=disk) & tissue
+    body: Mask = ndimage.binary_dilation(core, structure=disk) & tissue
     edge = ndimage.binary_dilation(body, structure=_disk(1.0, 1.0, 1.0)) & (hu > EDGE_HU)
     edge &= ~beyond_couch[None, :, None]
     body |= edge
@@ -141,7 +141,7 @@ def _disk(radius_mm: float, dy: float, dx: float) -> Mask:
     ry = max(int(radius_mm / dy), 1)
     rx = max(int(radius_mm / dx), 1)
     yy, xx = np.mgrid[-ry : ry + 1, -rx : rx + 1]
-    disk = (yy / ry) ** 2 + (xx / rx) ** 2 <= 1.0
+    disk: Mask = (yy / ry) ** 2 + (xx / rx) ** 2 <= 1.0
     return disk[None]
 
 

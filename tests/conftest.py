@@ -1,7 +1,8 @@
-# --- shared fixtures added by the HTTP service (tests/service) -------------------------------
-import socket as _socket
+"""Fixtures shared by the test folders: a phantom series, a free loopback port, a running node."""
+
 from pathlib import Path as _Path
 
+import net_helpers as _net_helpers
 import pytest as _pytest
 
 
@@ -18,12 +19,9 @@ def phantom_ct96(tmp_path_factory: _pytest.TempPathFactory) -> _Path:
 @_pytest.fixture
 def free_port() -> int:
     """A TCP port on loopback that was free a moment ago."""
-    with _socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return _net_helpers.free_port()
 
 
-# --- DICOM node fixtures (tests/dicom_node) ---------------------------------------------------
 @_pytest.fixture
 def running_node(tmp_path: _Path):  # type: ignore[no-untyped-def]
     """Factory: ``start(destinations, name="node", dicom={...}, node={...}, selection={...})``.
@@ -33,9 +31,6 @@ def running_node(tmp_path: _Path):  # type: ignore[no-untyped-def]
     returns its ``NodeProcess`` (port, data_dir, log(), kill(), stop(), start()).
     Every node still running is stopped at teardown.
     """
-    import sys
-
-    sys.path.insert(0, str(_Path(__file__).parent / "dicom_node"))
     from node_helpers import NodeProcess
 
     nodes = []
@@ -52,7 +47,7 @@ def running_node(tmp_path: _Path):  # type: ignore[no-untyped-def]
             node.stop()
 
 
-# --- real CT series (../shared/realct, never copied into the project) ------------------------
+# real CT series live in ../shared/realct beside the repository, never copied into the project
 REALCT = _Path(__file__).resolve().parents[1].parent / "shared" / "realct"
 
 

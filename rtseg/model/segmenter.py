@@ -19,9 +19,9 @@ import numpy.typing as npt
 from rtseg.body import apply_body_outline, body_mask
 from rtseg.errors import InputError, ModelError
 from rtseg.model.checkpoints import load_checkpoint
-from rtseg.model.inference import MIN_ISLAND_ML, predict_labels, suppress_islands
+from rtseg.model.inference import predict_labels, suppress_islands
 from rtseg.model.manifest import CANONICAL_ORIENTATION, ModelManifest, load_manifest, read_json
-from rtseg.structures import EXTERNAL
+from rtseg.structures import EXTERNAL, MIN_ISLAND_ML
 from rtseg.volume import CTVolume, Orientation
 
 if TYPE_CHECKING:

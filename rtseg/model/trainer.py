@@ -76,7 +76,8 @@ class RtsegTrainer(nnUNetTrainer):  # type: ignore[misc]  # nnU-Net is untyped
         which matters on a CPU budget of a few thousand iterations.
         """
         if self.optimizer_name == "sgd":
-            return super().configure_optimizers()
+            optimizers: tuple[Any, Any] = super().configure_optimizers()  # nnU-Net is untyped
+            return optimizers
         from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 
         optimizer = torch.optim.AdamW(

@@ -253,7 +253,7 @@ def breathing(hu: F32, z_mm: npt.NDArray[np.floating], dome_mm: float, rng: np.r
     moved = hu[k0] * (1 - frac) + hu[k1] * frac
     blurred = gaussian_filter1d(moved, sigma=max(amplitude / abs(dz), 0.5), axis=0)
     w = speed.astype(np.float32)[:, None, None]
-    out = moved * (1 - w) + blurred * w
+    out: F32 = moved * (1 - w) + blurred * w
     far = window < 1e-3  # exactly unchanged away from the diaphragm
     out[far] = hu[far]
     return out.astype(np.float32)

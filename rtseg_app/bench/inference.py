@@ -27,8 +27,7 @@ import numpy.typing as npt
 
 from rtseg.errors import ModelError
 from rtseg.metrics import dice
-from rtseg.model.inference import MIN_ISLAND_ML
-from rtseg.structures import Structure
+from rtseg.structures import MIN_ISLAND_ML, Structure
 from rtseg.volume import CTVolume, Orientation
 
 log = logging.getLogger(__name__)
@@ -291,6 +290,7 @@ def runtime_network(predictor: Any, runtime: str) -> Any:
     example = torch.zeros((1, channels, *predictor.configuration_manager.patch_size))
     threads = torch.get_num_threads()
     run: Callable[[Any], Any]
+    wrapped: Any  # torch.compile and the runtime wrappers
     if runtime == "compile":
         wrapped = torch.compile(network)
     elif runtime == "onnxruntime":

@@ -15,17 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from net_helpers import free_port
 
 from dicom_node.dcmtk import require_dcmtk_tool
 from rtseg.jobs import JobStore
 
 PATIENT_WORDS = ("PHANTOM^", "RTSEG-A_", "RTSEG-B_")  # phantom PatientName / PatientID prefixes
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:

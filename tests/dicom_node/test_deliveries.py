@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from node_helpers import Storescp, free_port, wait_for
+from node_helpers import Storescp, wait_for
 from pynetdicom.sop_class import RTStructureSetStorage  # type: ignore[attr-defined]
 from test_scp import _dataset
 
@@ -95,9 +95,11 @@ def _rtseg(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "rtseg_app", *args], capture_output=True, text=True)
 
 
-def test_node_retry_requeues_dead_letters_and_the_delivery_then_succeeds(tmp_path: Path) -> None:
+def test_node_retry_requeues_dead_letters_and_the_delivery_then_succeeds(
+    tmp_path: Path, free_port: int
+) -> None:
     data = tmp_path / "data"
-    port = free_port()  # nothing listens here yet
+    port = free_port  # nothing listens here yet
     config = tmp_path / "node.toml"
     config.write_text(f'[paths]\ndata_dir = "{data}"\n')
     sender, store, deliveries, audit = _sender(data, retry_limit=1)

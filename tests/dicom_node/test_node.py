@@ -23,7 +23,6 @@ from node_helpers import (
     Storescp,
     busiest,
     echoscu,
-    free_port,
     no_patient_data,
     storescu,
     subset_series,
@@ -247,8 +246,8 @@ def test_the_rest_of_a_series_under_policy_flag_marks_the_job_and_rtstruct(
     assert len(list((node.data_dir / "spool" / "ct").rglob("*.dcm"))) == 24  # kept, not lost
 
 
-def test_unreachable_destination_is_dead_lettered(running_node: Any, series: Path) -> None:
-    port = free_port()  # nothing listens here
+def test_unreachable_destination_is_dead_lettered(running_node: Any, series: Path, free_port: int) -> None:
+    port = free_port  # nothing listens here
     node = running_node(
         [{"name": "nowhere", "ae_title": "NOWHERE", "host": "127.0.0.1", "port": port}],
         node={"retry_limit": 2, "retry_backoff_s": 0.2},
@@ -286,9 +285,9 @@ def _running_on(node: Any, job_id: str, not_on: set[int]) -> int | None:
 
 @pytest.mark.slow  # ~2-3 min: segmentations and worker restarts
 def test_a_killed_worker_is_restarted_its_job_requeued_and_a_poison_job_failed(
-    running_node: Any, series: Path, poison: Path
+    running_node: Any, series: Path, poison: Path, free_port: int
 ) -> None:
-    http_port = free_port()
+    http_port = free_port
     node = running_node(
         node={"workers": 2, "worker_crash_limit": 2},
         http={"host": "127.0.0.1", "port": http_port, "min_free_mb": 10},

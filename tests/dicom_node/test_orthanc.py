@@ -15,9 +15,9 @@ from typing import Any
 
 import pydicom
 import pytest
+from net_helpers import free_port
 from node_helpers import (
     NodeProcess,
-    free_port,
     no_patient_data,
     orthanc_request,
     subset_series,

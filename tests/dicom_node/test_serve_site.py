@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from node_helpers import free_port, no_patient_data, wait_for
+from node_helpers import no_patient_data, wait_for
 
 from rtseg.federation.processes import start_superlink, stop, wait_port
 
@@ -26,8 +26,8 @@ def _supernodes(work_dir: Path) -> list[int]:
     return found
 
 
-def test_serve_starts_and_stops_the_site_supernode(running_node: Any, tmp_path: Path) -> None:
-    port = free_port()
+def test_serve_starts_and_stops_the_site_supernode(running_node: Any, tmp_path: Path, free_port: int) -> None:
+    port = free_port
     superlink = start_superlink(tmp_path / "coordinator", port, tmp_path / "coordinator" / "state.db")
     try:
         wait_port(port, proc=superlink)
@@ -55,13 +55,15 @@ def test_serve_starts_and_stops_the_site_supernode(running_node: Any, tmp_path: 
         stop(superlink)
 
 
-def test_serve_refuses_an_incomplete_federation_table(running_node: Any, tmp_path: Path) -> None:
+def test_serve_refuses_an_incomplete_federation_table(
+    running_node: Any, tmp_path: Path, free_port: int
+) -> None:
     import subprocess
     import sys
 
     config = tmp_path / "node.toml"
     config.write_text(
-        f'[paths]\ndata_dir = "{tmp_path / "data"}"\n[dicom]\nport = {free_port()}\n'
+        f'[paths]\ndata_dir = "{tmp_path / "data"}"\n[dicom]\nport = {free_port}\n'
         '[federation]\ncoordinator = "127.0.0.1:9092"\n'
     )
     result = subprocess.run(

@@ -70,7 +70,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Trained:
         name="tiny-phantom",
         version="0.0.1",
         structures=STRUCTURES,
-        provenance=default_provenance(command="tests/test_pipeline.py"),
+        provenance=default_provenance(command="tests/rtseg/test_pipeline.py"),
     )
     model = export_model(results, work / "model", manifest)
     return Trained(model, cohort)

@@ -24,7 +24,7 @@ from rtseg.model.segmenter import NnunetSegmenter
 from rtseg.phantom.cohort import write_case
 from rtseg.structures import STRUCTURES
 
-GOLDEN = Path(__file__).parent / "golden" / "default_model_prediction.npz"
+GOLDEN = Path(__file__).parents[2] / "golden" / "default_model_prediction.npz"
 
 
 @pytest.fixture(scope="module")

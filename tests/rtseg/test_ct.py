@@ -800,7 +800,7 @@ def test_rtseg_log_output_redacts_uids_in_messages_and_tracebacks() -> None:
 
 
 # ---------------------------------------------------------------------------
-# real scanners' quirks on synthetic series (the real series: tests/test_realct.py)
+# real scanners' quirks on synthetic series (the real series: tests/rtseg/test_realct.py)
 
 
 @pytest.mark.parametrize(

@@ -4,22 +4,19 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from node_helpers import subset_series, wait_for
 
 from rtseg.ct import load_series
 from rtseg.jobs import FINAL, JobState, JobStore
 from rtseg.model.default import default_model_dir
 from rtseg.phantom.cohort import read_label_image
 from rtseg.worker import WORKER_NICE, WorkerPool, rtstruct_uids
-
-sys.path.insert(0, str(Path(__file__).parent / "dicom_node"))
-from node_helpers import subset_series, wait_for  # noqa: E402
 
 DEST = {"name": "tps", "ae_title": "TPS", "host": "127.0.0.1", "port": 1, "tls": False}
 

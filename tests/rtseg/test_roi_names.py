@@ -26,7 +26,7 @@ from rtseg.roi_names import (
 )
 
 RTSEG = [sys.executable, "-m", "rtseg_app"]
-TABLE = Path(__file__).parent / "data" / "roi_names.tsv"
+TABLE = Path(__file__).parents[1] / "data" / "roi_names.tsv"
 RTSTRUCT = "1.2.840.10008.5.1.4.1.1.481.3"
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 MEASURED_RECALL = 183 / 184  # docs/federation.md, "ROI names"
