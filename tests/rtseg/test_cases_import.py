@@ -284,7 +284,7 @@ def test_imported_cases_hold_no_identifiers_and_keep_the_geometry(
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     command = [sys.executable, "-m", "rtseg_app", "cases", "import", *args]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
 
