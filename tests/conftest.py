@@ -2,8 +2,9 @@
 
 from pathlib import Path as _Path
 
-import net_helpers as _net_helpers
 import pytest as _pytest
+
+from rtseg import net as _net
 
 
 @_pytest.fixture(scope="session")
@@ -19,7 +20,7 @@ def phantom_ct96(tmp_path_factory: _pytest.TempPathFactory) -> _Path:
 @_pytest.fixture
 def free_port() -> int:
     """A TCP port on loopback that was free a moment ago."""
-    return _net_helpers.free_port()
+    return _net.free_port()
 
 
 @_pytest.fixture

@@ -8,6 +8,7 @@ from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
+PACKAGES = ("rtseg", "dicom_node", "service", "rtseg_app")
 # checks of the repository's structure as a whole belong to no one package
 STRUCTURE_TESTS = {"test_layout.py", "test_import_graph.py"}
 SYS_PATH_EDIT = re.compile(r"sys\.path\s*(\.\s*(insert|append|extend)\b|\[.*\]\s*=|\s*[+]?=)")
@@ -53,14 +54,17 @@ def test_no_test_file_edits_sys_path() -> None:
 
 
 def test_one_function_finds_a_free_port() -> None:
+    packages = [
+        p for pkg in PACKAGES for p in sorted((REPO / pkg).rglob("*.py")) if "__pycache__" not in p.parts
+    ]
     binders = [
         f"{p.relative_to(REPO)}:{n}"
-        for p in _python_files()
+        for p in [*_python_files(), *packages]
         if p != Path(__file__).resolve()
         for n, line in enumerate(p.read_text().splitlines(), 1)
         if PORT_ZERO_BIND.search(line)
     ]
-    assert len(binders) == 1 and binders[0].startswith("tests/net_helpers.py:"), binders
+    assert len(binders) == 1 and binders[0].startswith("rtseg/net.py:"), binders
 
 
 def test_conftest_files_carry_no_banners() -> None:

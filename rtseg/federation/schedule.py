@@ -170,7 +170,7 @@ def run_site(settings: SiteSettings, stop: threading.Event, poll: float = 30.0) 
     """Keep the site's SuperNode running inside its window and stopped outside, until ``stop``."""
     from rtseg.federation.processes import start_supernode
     from rtseg.federation.processes import stop as stop_process
-    from rtseg.federation.simulate import free_port
+    from rtseg.net import free_port
 
     if settings.insecure:
         log.warning(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from rtseg.federation.processes import (
     write_connection,
 )
 from rtseg.model.cpu import CpuConfig
+from rtseg.net import free_port
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +53,6 @@ TINY = CpuConfig(
     seed=0,
     threads=1,
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

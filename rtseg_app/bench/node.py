@@ -27,12 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from dicom_node.dcmtk import require_dcmtk_tool
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from rtseg.net import free_port
 
 
 def wait_port(port: int, timeout: float = 600.0) -> None:

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from net_helpers import free_port
 
 from dicom_node.dcmtk import require_dcmtk_tool
 from rtseg.jobs import JobStore
+from rtseg.net import free_port
 
 PATIENT_WORDS = ("PHANTOM^", "RTSEG-A_", "RTSEG-B_")  # phantom PatientName / PatientID prefixes
 

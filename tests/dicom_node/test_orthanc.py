@@ -15,7 +15,6 @@ from typing import Any
 
 import pydicom
 import pytest
-from net_helpers import free_port
 from node_helpers import (
     NodeProcess,
     no_patient_data,
@@ -25,6 +24,8 @@ from node_helpers import (
     wait_port,
 )
 from test_node import check_rtstruct
+
+from rtseg.net import free_port
 
 pytestmark = pytest.mark.skipif(
     shutil.which("Orthanc") is None, reason="Orthanc is not installed (scripts/setup.sh test)"
