@@ -115,9 +115,16 @@ class QueryRetrieve:
         found: list[FoundRtstruct] = []
         for study in self._find(_query("STUDY", StudyDate=_date_range(since, until))):
             study_uid = str(study.get("StudyInstanceUID", ""))
-            series = _query("SERIES", StudyInstanceUID=study_uid, Modality="RTSTRUCT", SeriesNumber="")
+            series = _query(
+                "SERIES",
+                StudyInstanceUID=study_uid,
+                SeriesInstanceUID="",
+                Modality="RTSTRUCT",
+                SeriesNumber="",
+            )
             for s in self._find(series):
-                if str(s.get("Modality", "RTSTRUCT")) in ("RTSTRUCT", ""):
+                # a PACS may ignore a match key: check what it answered
+                if s.get("SeriesInstanceUID") and str(s.get("Modality", "RTSTRUCT")) in ("RTSTRUCT", ""):
                     found.extend(self._instances(study_uid, s))
         return found
 
@@ -162,6 +169,8 @@ class QueryRetrieve:
             ApprovalStatus="",
         )
         for image in self._find(query):
+            if not image.get("SOPInstanceUID"):
+                continue
             yield FoundRtstruct(
                 study_uid,
                 series_uid,
