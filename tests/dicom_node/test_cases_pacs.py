@@ -179,3 +179,50 @@ def test_an_unreachable_pacs_is_one_line_naming_it_and_exit_2(tmp_path: Path) ->
         f"rtseg cases: error: ORTHANC@127.0.0.1:{port}: cannot reach the PACS (Connection refused)"
     ]
     assert "Traceback" not in run.stderr and not (tmp_path / "cases").exists()
+
+
+def test_the_query_asks_for_the_date_range_and_keeps_only_rtstruct_series() -> None:
+    """Against a pynetdicom Find SCP that ignores Modality (as a lax PACS may): CT series are dropped."""
+    from datetime import date
+
+    from pydicom import Dataset
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+    from dicom_node.qr import Pacs, QueryRetrieve
+
+    asked: list[Dataset] = []
+
+    def answer(event: evt.Event) -> object:
+        query = event.identifier
+        asked.append(query)
+        level = query.QueryRetrieveLevel
+        rows = {"STUDY": [("1.2.3", "")], "SERIES": [("1.2.3.1", "CT"), ("1.2.3.2", "RTSTRUCT")]}
+        rows["IMAGE"] = [("1.2.3.2.1", "")]
+        for uid, modality in rows[level]:
+            ds = Dataset()
+            ds.QueryRetrieveLevel = level
+            if level == "STUDY":
+                ds.StudyInstanceUID = uid
+            elif level == "SERIES":
+                ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = "1.2.3", uid, modality
+                ds.SeriesNumber = "7"
+            else:
+                ds.SOPInstanceUID, ds.StructureSetLabel, ds.ApprovalStatus = uid, "PLAN", "APPROVED"
+            yield 0xFF00, ds
+
+    scp = AE(ae_title="LAXPACS")
+    scp.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    port = free_port()
+    server = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_FIND, answer)])
+    try:
+        qr = QueryRetrieve(Pacs.parse(f"LAXPACS@127.0.0.1:{port}"), "RTSEG", timeout=10)
+        found = qr.find_rtstructs(date(2024, 1, 1), date(2024, 12, 31))
+    finally:
+        server.shutdown()
+    assert [(f.series_uid, f.sop_uid, f.series_number, f.label, f.approval) for f in found] == [
+        ("1.2.3.2", "1.2.3.2.1", "7", "PLAN", "APPROVED")
+    ]
+    assert asked[0].StudyDate == "20240101-20241231"
+    assert [q.Modality for q in asked if q.QueryRetrieveLevel == "SERIES"] == ["RTSTRUCT"]
+    assert len([q for q in asked if q.QueryRetrieveLevel == "IMAGE"]) == 1  # the CT series never asked
