@@ -353,9 +353,14 @@ def _cases_names(args: argparse.Namespace) -> int:
     from rtseg.roi_names import RoiNameMapper, load_site_names, survey
 
     site = load_site_names(args.mapping) if args.mapping else None
-    found = survey(args.source, RoiNameMapper(site=site))
-    rules = f"built-in TG-263 synonyms, site file {args.mapping}" if site else "built-in TG-263 synonyms"
-    print(f"ROI names in {len(found.structure_sets)} RTSTRUCT(s) under {args.source} ({rules})")
+    print_names(survey(args.source, RoiNameMapper(site=site)), f"under {args.source}", args.mapping)
+    return 0
+
+
+def print_names(found: Any, where: str, mapping: Path | None) -> None:
+    """The table of ``rtseg cases names``: each name with its count, what it maps to and why."""
+    rules = f"built-in TG-263 synonyms, site file {mapping}" if mapping else "built-in TG-263 synonyms"
+    print(f"ROI names in {len(found.structure_sets)} RTSTRUCT(s) {where} ({rules})")
     print(f"{'count':>5}  {'ROI name':<28} {'→ structure':<15} reason")
     for decision, count in _sorted_counts(found.counts()):
         target = decision.structure or decision.kind
@@ -363,7 +368,6 @@ def _cases_names(args: argparse.Namespace) -> int:
     for path, reason in found.unreadable:
         print(f"unreadable: {path}: {reason}")
     _print_names_summary(found)
-    return 0
 
 
 def _sorted_counts(counts: Any) -> list[Any]:
@@ -398,17 +402,19 @@ def _by_structure(per: Any) -> list[tuple[str, int]]:
     return sorted(per.items(), key=lambda item: structure_order(item[0]))
 
 
-def _register_cases(sub: Any, handlers: dict[str, Handler]) -> None:
+def _register_cases(sub: Any, handlers: dict[str, Handler]) -> dict[str, Any]:
     p = sub.add_parser("cases", help="a site's own contoured cases: ROI names, import")
     csub = p.add_subparsers(dest="cases_command", required=True, metavar="ACTION")
     q = csub.add_parser(
         "names", help="every ROI name of the RTSTRUCTs under a folder, what it maps to (TG-263) and why"
     )
-    q.add_argument("--from", dest="source", type=Path, required=True, help="folder (any layout) to read")
+    sources = {"names": q.add_mutually_exclusive_group(required=True)}
+    sources["names"].add_argument("--from", dest="source", type=Path, help="folder (any layout) to read")
     q.add_argument("--mapping", type=Path, help="the site's ROI mapping file (TOML), applied first")
     q.set_defaults(cases_action=_cases_names)
     q = csub.add_parser("import", help="a folder's approved RTSTRUCTs and their CTs → de-identified cases")
-    q.add_argument("--from", dest="source", type=Path, required=True, help="folder (any layout) to read")
+    sources["import"] = q.add_mutually_exclusive_group(required=True)
+    sources["import"].add_argument("--from", dest="source", type=Path, help="folder (any layout) to read")
     q.add_argument("--out", type=Path, required=True, help="the site's cases folder (created if needed)")
     q.add_argument("--mapping", type=Path, help="the site's ROI mapping file (TOML), applied first")
     q.add_argument(
@@ -429,27 +435,35 @@ def _register_cases(sub: Any, handlers: dict[str, Handler]) -> None:
     )
     q.set_defaults(cases_action=_cases_import, any_approval=False)
     handlers["cases"] = _cmd_cases
+    return sources
 
 
 def _cases_import(args: argparse.Namespace) -> int:
     from rtseg.roi_names import load_site_names
-    from rtseg.site_import import ImportOptions, import_folder, index_path
+    from rtseg.site_import import ImportOptions, import_folder
 
     site = load_site_names(args.mapping) if args.mapping else None
     options = ImportOptions(args.any_approval, tuple(args.approved_label), site)
     print(f"importing structure sets under {args.source} into {args.out}", flush=True)
-    report = import_folder(args.source, args.out, options, progress=_print_import_item)
+    report = import_folder(args.source, args.out, options, progress=print_import_item)
+    print_import_summary(report, args.out)
+    return 0
+
+
+def print_import_summary(report: Any, out: Path) -> None:
+    """The summary table of ``rtseg cases import``: imported, present, skipped by reason."""
+    from rtseg.site_import import index_path
+
     counts, skipped = report.counts(), report.skipped()
     print(f"{'imported':<32} {counts['imported']:>5}")
     print(f"{'already present':<32} {counts['already present']:>5}")
     print(f"{'skipped':<32} {counts['skipped']:>5}")
     for reason, n in sorted(skipped.items()):
         print(f"  {reason:<30} {n:>5}")
-    print(f"import index (source UIDs, pseudonyms; keep on site): {index_path(args.out)}")
-    return 0
+    print(f"import index (source UIDs, pseudonyms; keep on site): {index_path(out)}")
 
 
-def _print_import_item(n: int, total: int, item: Any) -> None:
+def print_import_item(n: int, total: int, item: Any) -> None:
     what = {
         "imported": f"→ {item.case_id} ({', '.join(item.structures)})",
         "already present": f"= {item.case_id}",
@@ -460,7 +474,11 @@ def _print_import_item(n: int, total: int, item: Any) -> None:
         print(f"    left out: {note}", flush=True)
 
 
-def register(sub: Any, handlers: dict[str, Handler]) -> None:
-    """Add ``rtseg segment``, ``demo``, ``model`` and ``cases``."""
+def register(sub: Any, handlers: dict[str, Handler]) -> dict[str, Any]:
+    """Add ``rtseg segment``, ``demo``, ``model`` and ``cases``.
+
+    Returns the required source groups of ``cases names`` and ``cases import``
+    (``--from``), where the composition root adds ``--pacs``.
+    """
     _register_core(sub, handlers)
-    _register_cases(sub, handlers)
+    return _register_cases(sub, handlers)

@@ -59,6 +59,7 @@ from rtseg.volume import CTVolume
 
 INDEX_DIR = ".rtseg-import"
 INDEX_FILE = "index.sqlite"
+STAGING_DIR = "staging"
 CASE_PREFIX = "site-"
 IMPORTED, PRESENT, SKIPPED = "imported", "already present", "skipped"
 # reasons an item is skipped (the summary counts them)
@@ -156,7 +157,69 @@ def import_folder(
     source, out = Path(source), Path(out)
     if not source.is_dir():
         raise InputError("not a folder", source=str(source))
-    folder = _index_folder(source, out)
+    return _import_all(_index_folder(source, out), source, out, options, progress)
+
+
+def import_staged(staging: Path, out: Path, options: ImportOptions | None = None) -> ImportReport:
+    """Import the RTSTRUCT(s) retrieved into ``staging`` (a folder inside ``out``'s hidden state).
+
+    As :func:`import_folder`, for a folder that lies under ``out`` (which a folder
+    import leaves out, so as not to read its own cases back).
+    """
+    staging, out = Path(staging), Path(out)
+    if not staging.is_dir():
+        raise InputError("not a folder", source=str(staging))
+    return _import_all(_index_folder(staging, None), staging, out, options or ImportOptions(), None)
+
+
+def imported_case(out: Path, rtstruct_uid: str) -> str | None:
+    """The case an RTSTRUCT (by SOPInstanceUID) already became under ``out``, or None."""
+    with closing(_open_index(out)) as db:
+        return _done_case(db, rtstruct_uid, Path(out))
+
+
+def approved(ds: pydicom.Dataset, options: ImportOptions) -> bool:
+    """Whether a structure set counts as approved (ApprovalStatus, or an approved label)."""
+    return _approved(ds, ClosedLoopConfig(approved_labels=options.approved_labels))
+
+
+def staging_path(out: Path) -> Path:
+    """Where retrieved items wait for their import (in the hidden state, removed once imported)."""
+    return Path(out) / INDEX_DIR / STAGING_DIR
+
+
+def referenced_ct(ds: pydicom.Dataset) -> tuple[list[tuple[str, str]], list[str]]:
+    """The CT a structure set names: (study UID or "", series UID) pairs, and its contours' slice UIDs.
+
+    The series come from ReferencedFrameOfReferenceSequence; the slice UIDs (from
+    ContourImageSequence) are what is left when a TPS wrote no series reference.
+    """
+    pairs: list[tuple[str, str]] = []
+    for frame in ds.get("ReferencedFrameOfReferenceSequence", []):
+        for study in frame.get("RTReferencedStudySequence", []):
+            study_uid = str(study.get("ReferencedSOPInstanceUID", "") or "")
+            for item in study.get("RTReferencedSeriesSequence", []):
+                if item.get("SeriesInstanceUID") and (study_uid, str(item.SeriesInstanceUID)) not in pairs:
+                    pairs.append((study_uid, str(item.SeriesInstanceUID)))
+    slices = sorted(
+        {
+            str(image.ReferencedSOPInstanceUID)
+            for roi in ds.get("ROIContourSequence", [])
+            for contour in roi.get("ContourSequence", [])
+            for image in contour.get("ContourImageSequence", [])
+            if image.get("ReferencedSOPInstanceUID")
+        }
+    )
+    return pairs, slices
+
+
+def _import_all(
+    folder: _Folder,
+    source: Path,
+    out: Path,
+    options: ImportOptions,
+    progress: Callable[[int, int, ImportItem], None] | None,
+) -> ImportReport:
     report = ImportReport()
     with closing(_open_index(out)) as db:
         deid = Deidentifier(_secret(db))
@@ -169,7 +232,7 @@ def import_folder(
 
 
 # -- the input folder -----------------------------------------------------------------------------
-def _index_folder(root: Path, out: Path) -> _Folder:
+def _index_folder(root: Path, out: Path | None) -> _Folder:
     folder = _Folder()
     for path in _files(root, out):
         ds = _header(path)
@@ -185,14 +248,14 @@ def _index_folder(root: Path, out: Path) -> _Folder:
     return folder
 
 
-def _files(root: Path, out: Path) -> Iterator[Path]:
-    """Files under ``root``, sorted; hidden ones and the output folder (if inside) left out."""
-    out = out.resolve()
+def _files(root: Path, out: Path | None) -> Iterator[Path]:
+    """Files under ``root``, sorted; hidden ones and the output folder (if given and inside) left out."""
+    resolved = out.resolve() if out is not None else None
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root)
         if any(part.startswith(".") for part in rel.parts) or not path.is_file():
             continue
-        if path.resolve().is_relative_to(out):
+        if resolved is not None and path.resolve().is_relative_to(resolved):
             continue
         yield path
 

@@ -3,7 +3,7 @@
 It builds one parser from the core's commands (:mod:`rtseg.cli`,
 :mod:`rtseg.cli_commands`, :mod:`rtseg.federation.cli`, :mod:`rtseg.study.cli`),
 the faces' (:mod:`dicom_node.cli`, :mod:`service.cli`) and its own (``bench``,
-``serve``), each imported by name. User-facing output goes to stdout/stderr here
+``serve``, ``cases … --pacs``), each imported by name. User-facing output goes to stdout/stderr here
 and in the command modules only. Every :class:`rtseg.errors.RtsegError` becomes a
 one-line message and exit code 2; no traceback reaches the user for bad input.
 """
@@ -23,7 +23,7 @@ from rtseg.errors import RtsegError
 from rtseg.federation import cli as federation_cli
 from rtseg.privacy import configure_logging
 from rtseg.study import cli as study_cli
-from rtseg_app import serve
+from rtseg_app import cases, serve
 from rtseg_app.bench import cli as bench_cli
 from service import cli as http_cli
 
@@ -40,7 +40,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     handlers: dict[str, Handler] = {}
     # the order of `rtseg --help`
     core_cli.register(sub, handlers)
-    cli_commands.register(sub, handlers)
+    cases.register(cli_commands.register(sub, handlers), handlers)  # --pacs beside --from
     bench_cli.register(sub, handlers)
     serve.register(sub, handlers)
     bench_cli.register_node_bench(node_cli.register(sub, handlers))
