@@ -180,7 +180,7 @@ def imported_case(out: Path, rtstruct_uid: str) -> str | None:
 
 def approved(ds: pydicom.Dataset, options: ImportOptions) -> bool:
     """Whether a structure set counts as approved (ApprovalStatus, or an approved label)."""
-    return _approved(ds, ClosedLoopConfig(approved_labels=options.approved_labels))
+    return is_approved(ds, ClosedLoopConfig(approved_labels=options.approved_labels))
 
 
 def staging_path(out: Path) -> Path:

@@ -20,12 +20,12 @@ import numpy as np
 import pydicom
 import pytest
 from case_helpers import small_case
-from node_helpers import free_port
 from pydicom.uid import generate_uid
 from test_orthanc import Orthanc
 
 from rtseg.cases import LabelledCase, load_case
 from rtseg.metrics import dice
+from rtseg.net import free_port
 from rtseg.phantom.cohort import case_id, write_case
 from rtseg.rtstruct import ModelIdentity, build_rtstruct, write_rtstruct
 from rtseg.structures import STRUCTURES
