@@ -286,8 +286,8 @@ class JobStore(SqliteTables):
             )
             if cur.rowcount != 1:
                 row = db.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
-                now = "missing" if row is None else row[0]
-                raise JobError(f"job {job_id} is {now}, not {'/'.join(sorted(map(str, allowed)))}")
+                found = "missing" if row is None else row[0]
+                raise JobError(f"job {job_id} is {found}, not {'/'.join(sorted(map(str, allowed)))}")
         return self.get(job_id)
 
     def update(self, job_id: str, **fields: Any) -> Job:

@@ -138,7 +138,8 @@ def history() -> Response:
     jobs, cursor = ctx.store.page(_page_query())
     links = {"self": request.full_path.rstrip("?")}
     if cursor is not None:
-        links["next"] = url_for("v1.segmentations.history", **{**request.args.to_dict(), "cursor": cursor})
+        query: dict[str, Any] = {**request.args.to_dict(), "cursor": cursor}
+        links["next"] = url_for("v1.segmentations.history", **query)
     return jsonify({"items": [summarize(ctx.store, job) for job in jobs], "next": cursor, "links": links})
 
 
