@@ -70,30 +70,41 @@ class _Open:
     last: float
     inflight: int = 0
     late: bool = False  # late instances of a finished job under policy "flag"
+    duplicate_of: str | None = None  # a re-send of what job ``duplicate_of`` has: recorded, not kept
+    duplicates: int = 0  # instances of the re-send already received (this run of the node)
 
 
 def select(selection: Selection, header: SeriesHeader, n_instances: int) -> str | None:
-    """Why a complete series is not segmented, or None if it is selected."""
+    """Why a complete series is not segmented, naming the ``[selection]`` rule; None if it is selected."""
+    found = _unselected(selection, header, n_instances)
+    return None if found is None else f"{found[1]} ([selection] {found[0]})"
+
+
+def _unselected(selection: Selection, header: SeriesHeader, n_instances: int) -> tuple[str, str] | None:
+    """(rule, reason) of the first selection rule that refuses the series, or None."""
     if selection.modalities and header.modality.upper() not in selection.modalities:
-        return f"modality {header.modality or '(none)'} is not selected"
+        return "modalities", f"modality {header.modality or '(none)'} is not selected"
     desc = header.description
     if selection.series_description_include and not re.search(
         selection.series_description_include, desc, re.I
     ):
-        return "series description does not match the include pattern"
+        return "series_description_include", "series description does not match the include pattern"
     if selection.series_description_exclude and re.search(selection.series_description_exclude, desc, re.I):
-        return "series description matches the exclude pattern"
+        return "series_description_exclude", "series description matches the exclude pattern"
     if selection.body_parts and header.body_part.upper() not in selection.body_parts:
-        return f"body part {header.body_part or '(none)'} is not selected"
+        return "body_parts", f"body part {header.body_part or '(none)'} is not selected"
     excluded = set(header.image_type) & set(selection.image_type_exclude)
     if excluded:
-        return f"image type {'/'.join(sorted(excluded))} is excluded"
+        return "image_type_exclude", f"image type {'/'.join(sorted(excluded))} is excluded"
     lo, hi = selection.slice_thickness_mm
     if header.slice_thickness is not None and not lo <= header.slice_thickness <= hi:
-        return f"slice thickness {header.slice_thickness:g} mm is outside {lo:g}-{hi:g} mm"
+        return (
+            "slice_thickness_mm",
+            f"slice thickness {header.slice_thickness:g} mm is outside {lo:g}-{hi:g} mm",
+        )
     nlo, nhi = selection.slice_count
     if not nlo <= n_instances <= nhi:
-        return f"{n_instances} slices is outside {nlo}-{nhi}"
+        return "slice_count", f"{n_instances} slices is outside {nlo}-{nhi}"
     return None
 
 
@@ -125,13 +136,22 @@ class Assembler:
         """
         with self._lock:
             entry = self._open.get(series_key)
+            if entry is not None and entry.duplicate_of and not self._stored(series_key, instance_key):
+                self._finish_duplicate(series_key, entry)  # new content: more than a re-send
+                del self._open[series_key]
+                entry = None
             if entry is None:
                 entry = self._open_series(series_key, header, peer, instance_key)
-                if entry is None:
-                    return False
-            entry.inflight += 1
             entry.last = self.clock()
+            if entry.duplicate_of:
+                entry.duplicates += 1
+                return False
+            entry.inflight += 1
             return True
+
+    def _stored(self, series_key: str, instance_key: str) -> bool:
+        folder = self.spool.series_dir(CT_KIND, series_key)
+        return bool(instance_key) and (folder / f"{instance_key}.dcm").is_file()
 
     def end(self, series_key: str) -> None:
         with self._lock:
@@ -139,9 +159,7 @@ class Assembler:
             entry.inflight -= 1
             entry.last = self.clock()
 
-    def _open_series(
-        self, series_key: str, header: SeriesHeader, peer: Peer, instance_key: str
-    ) -> _Open | None:
+    def _open_series(self, series_key: str, header: SeriesHeader, peer: Peer, instance_key: str) -> _Open:
         # A skipped or failed series made no RTSTRUCT: instances arriving again (the rest of a
         # series completed too early, or a complete resend) open a new job on the same spool folder.
         retry = {JobState.SKIPPED, JobState.FAILED}
@@ -164,11 +182,17 @@ class Assembler:
 
     def _late(
         self, series_key: str, header: SeriesHeader, peer: Peer, instance_key: str, latest: Job
-    ) -> _Open | None:
-        """An instance for a series whose latest job has moved on: a new generation, a flag, or a refusal."""
-        if instance_key and (self.spool.series_dir(CT_KIND, series_key) / f"{instance_key}.dcm").is_file():
-            log.info("series %s: an instance already received was sent again (not kept twice)", series_key)
-            return None
+    ) -> _Open:
+        """An instance for a series whose latest job has moved on.
+
+        It is a duplicate (already received), opens a new generation, is flagged, or is refused.
+        """
+        if self._stored(series_key, instance_key):
+            # a re-send of what the node has: acknowledged, not kept twice, and recorded as what it is
+            job = self._new_job(series_key, header, peer, duplicate_of=latest.id)
+            entry = _Open(job.id, self.clock(), duplicate_of=latest.id)
+            self._open[series_key] = entry
+            return entry
         policy = self.node.late_instance_policy
         if policy == "reject":
             raise LateInstance("the series was already processed")
@@ -194,7 +218,8 @@ class Assembler:
         jobs = self.store.list({JobState.RECEIVED}, source="dicom", limit=100_000)
         with self._lock:
             for job in jobs:
-                self._open.setdefault(job.series_key, _Open(job.id, self.clock()))
+                entry = _Open(job.id, self.clock(), duplicate_of=job.meta.get("duplicate_of"))
+                self._open.setdefault(job.series_key, entry)
         return len(jobs)
 
     def tick(self) -> list[str]:
@@ -221,6 +246,8 @@ class Assembler:
         try:
             if entry.late:
                 self._flag(series_key, entry.job_id)
+            elif entry.duplicate_of:
+                self._finish_duplicate(series_key, entry)
             else:
                 self._complete(series_key, entry.job_id)
         except OSError as exc:
@@ -268,6 +295,28 @@ class Assembler:
         )
         if job.meta.get("supersedes"):
             self._record_superseded(job, n)
+
+    def _finish_duplicate(self, series_key: str, entry: _Open) -> None:
+        """Record a re-send of a series the node has: skipped as a duplicate of the job that has it."""
+        job = self.store.get(entry.job_id)
+        reason = (
+            f"duplicate of job {entry.duplicate_of}: {entry.duplicates} instance(s) sent again were"
+            f" already received; nothing new to segment (rtseg node resegment {entry.duplicate_of}"
+            " forces a new result)"
+        )
+        meta = {**job.meta, "duplicates": entry.duplicates}
+        self.store.transition(job.id, JobState.RECEIVED, JobState.SKIPPED, meta=meta, error=reason)
+        log.info(
+            "series %s sent again: duplicate of job %s, not segmented again", series_key, entry.duplicate_of
+        )
+        self.audit.record(
+            "series_duplicate",
+            job=job.id,
+            duplicate_of=entry.duplicate_of,
+            series=series_key,
+            instances=entry.duplicates,
+            calling_ae=job.meta.get("calling_ae"),
+        )
 
     def _record_superseded(self, job: Job, n: int) -> None:
         earlier = self.store.get(str(job.meta["supersedes"]))

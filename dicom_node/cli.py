@@ -1,4 +1,4 @@
-"""``rtseg node echo|status|retry``: the DICOM face's operator commands.
+"""``rtseg node echo|status|retry|resegment``: the DICOM face's operator commands.
 
 Registered into the ``rtseg`` command line by :func:`register` (the composition
 root, :mod:`rtseg_app`, also owns ``rtseg serve`` and ``rtseg node bench``).
@@ -8,11 +8,15 @@ User-facing output is printed here; nothing printed carries patient data.
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rtseg.settings import load_settings
+
+if TYPE_CHECKING:
+    from rtseg.jobs import Job, JobStore
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -51,7 +55,7 @@ def _node_echo(args: argparse.Namespace) -> int:
 
 def _node_status(args: argparse.Namespace) -> int:
     from dicom_node.node import open_stores
-    from rtseg.jobs import JobState, state_db
+    from rtseg.jobs import state_db
 
     settings = load_settings(args.config)
     db = state_db(settings.data_dir)
@@ -61,19 +65,86 @@ def _node_status(args: argparse.Namespace) -> int:
     store, deliveries = open_stores(Path(settings.data_dir))
     counts = store.counts()
     print("jobs: " + ", ".join(f"{state} {n}" for state, n in counts.items()))
+    _print_recent(store, args.limit)
     dead = deliveries.dead(limit=args.limit)
     print(f"dead letters: {len(dead)}")
     for row in dead:
         print(f"  job {row.job_id} → {row.destination}: {row.attempts} tries, last error: {row.last_error}")
-    failed = store.list({JobState.FAILED})[-args.limit :]
-    print(f"failed jobs: {counts[JobState.FAILED]}")
-    for job in failed:
-        print(f"  job {job.id} ({job.source}): {job.error}")
+    _print_failures(store, args.limit)
     incomplete = [j for j in store.list(source="dicom", limit=100_000) if j.meta.get("late_instances")]
     print(f"incomplete series (late_instance_policy flag): {len(incomplete)}")
     for job in incomplete[-args.limit :]:
         late = job.meta["late_instances"]
         print(f"  job {job.id}: {late} instance(s) arrived after segmentation, not contoured")
+    return 0
+
+
+def _print_recent(store: JobStore, limit: int) -> None:
+    """Every series the node saw, newest first: outcome, reason, times."""
+    from rtseg.jobs import PageQuery
+
+    jobs, _ = store.page(PageQuery(limit=limit))
+    print(f"recent jobs (newest first, at most {limit}):")
+    for job in jobs:
+        print("  " + _job_line(store, job))
+
+
+def _job_line(store: JobStore, job: Job) -> str:
+    told = store.explain(job)
+    who = job.meta.get("calling_ae") or job.source
+    line = f"job {job.id} ({job.source} {who}) {told.outcome}: {_times(job)}"
+    return line + (f"; {told.reason}" if told.reason else "")
+
+
+def _times(job: Job) -> str:
+    parts = [f"received {_clock(job.created)}"]
+    if job.started is not None:
+        parts.append(f"started {_clock(job.started)}")
+    if job.finished is not None and job.turnaround is not None:
+        parts.append(f"finished {_clock(job.finished)}, turnaround {job.turnaround:.1f} s")
+    return ", ".join(parts)
+
+
+def _clock(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
+
+
+def _print_failures(store: JobStore, limit: int) -> None:
+    """Failed jobs, apart from those a later job of the same series made good."""
+    from rtseg.jobs import JobState
+
+    failed = [(job, store.explain(job)) for job in store.list({JobState.FAILED}, limit=100_000)]
+    current = [job for job, told in failed if told.resolved_by is None]
+    resolved = [(job, told) for job, told in failed if told.resolved_by is not None]
+    print(f"failed jobs: {len(current)}")
+    for job in current[-limit:]:
+        print(f"  job {job.id} ({job.source}): {job.error}")
+    print(f"failed jobs resolved by a later job: {len(resolved)}")
+    for job, told in resolved[-limit:]:
+        print(f"  job {job.id} ({job.source}): {job.error} (resolved by job {told.resolved_by})")
+
+
+def _node_resegment(args: argparse.Namespace) -> int:
+    from dicom_node.audit import AuditLog
+    from dicom_node.node import open_stores
+    from rtseg.jobs import JobError, state_db
+
+    settings = load_settings(args.config)
+    data_dir = Path(settings.data_dir)
+    if not state_db(data_dir).is_file():
+        print(f"no node state in {data_dir.resolve()} (never started?)")
+        return 1
+    store, _ = open_stores(data_dir)
+    try:
+        job = store.resegment(args.ref, data_dir)
+    except JobError as exc:
+        print(f"cannot resegment: {exc}")  # no UID echoed: the output may be pasted anywhere
+        return 1
+    earlier = job.meta["supersedes"]
+    AuditLog(data_dir / "audit" / "audit.log").record(
+        "resegment_requested", job=job.id, supersedes=earlier, series=job.series_key
+    )
+    print(f"queued job {job.id}: resegmented on request, supersedes job {earlier}")
     return 0
 
 
@@ -108,13 +179,21 @@ def register(sub: Any, handlers: dict[str, Handler]) -> Any:
     q.add_argument("--host", help="node address (default 127.0.0.1)")
     q.add_argument("--aet", default="RTSEG-ECHO", help="calling AE title (default RTSEG-ECHO)")
     q.set_defaults(node_action=_node_echo)
-    q = nsub.add_parser("status", help="job counts by state, dead letters and recent errors")
+    q = nsub.add_parser(
+        "status", help="job counts, recent jobs with times and reasons, dead letters, failures"
+    )
     q.add_argument("--config", type=Path)
-    q.add_argument("--limit", type=int, default=10, help="rows of dead letters and failures to show")
+    q.add_argument("--limit", type=int, default=10, help="rows of recent jobs, dead letters and failures")
     q.set_defaults(node_action=_node_status)
     q = nsub.add_parser("retry", help="send dead-lettered deliveries again (all, or the given jobs)")
     q.add_argument("--config", type=Path)
     q.add_argument("jobs", nargs="*", metavar="JOB_ID", help="jobs to retry (default: every dead letter)")
     q.set_defaults(node_action=_node_retry)
+    q = nsub.add_parser("resegment", help="segment a series the node has again (a new job that supersedes)")
+    q.add_argument("--config", type=Path)
+    q.add_argument(
+        "ref", metavar="SERIES_UID|JOB_ID", help="a job id, or the SeriesInstanceUID of the series"
+    )
+    q.set_defaults(node_action=_node_resegment)
     handlers["node"] = _cmd_node
     return nsub

@@ -72,10 +72,12 @@ def description_note(meta: Mapping[str, Any]) -> str | None:
     notes = []
     if meta.get("supersedes"):
         earlier = str(meta["supersedes"])
-        notes.append(
-            f"SUPERSEDES RTSTRUCT {rtstruct_uids(earlier)[1]} (rtseg job {earlier}),"
-            " made before the rest of the series arrived"
+        why = (
+            "re-segmented on request"
+            if meta.get("resegment")
+            else "made before the rest of the series arrived"
         )
+        notes.append(f"SUPERSEDES RTSTRUCT {rtstruct_uids(earlier)[1]} (rtseg job {earlier}), {why}")
     if meta.get("late_instances"):
         notes.append(
             f"INCOMPLETE SERIES: {meta['late_instances']} instance(s) arrived after segmentation"

@@ -64,7 +64,8 @@ def _job_id() -> dict[str, Any]:
 def _paths(settings: HttpSettings) -> dict[str, Any]:
     auth: list[dict[str, list[str]]] = [{"bearer": []}]
     return {
-        "/v1/segmentations": {"post": _post(settings, auth)},
+        "/v1/segmentations": {"post": _post(settings, auth), "get": _history(auth)},
+        "/v1/segmentations/{job_id}/resegment": _resegment(auth),
         "/v1/segmentations/{job_id}": {
             "parameters": [_job_id()],
             "get": {
@@ -143,6 +144,97 @@ def _post(settings: HttpSettings, auth: list[dict[str, list[str]]]) -> dict[str,
             "202": {"description": "Queued", "content": JOB, "headers": _location()},
             **_errors(400, 401, 413, 415, 422, 429),
         },
+    }
+
+
+def _history(auth: list[dict[str, list[str]]]) -> dict[str, Any]:
+    def query(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
+        return {"name": name, "in": "query", "description": description, "schema": schema}
+
+    when = {"type": "string", "format": "date-time"}
+    return {
+        "summary": "Every job (DICOM and HTTP), newest first: outcome and reason, times, deliveries",
+        "operationId": "listSegmentations",
+        "security": auth,
+        "parameters": [
+            query("limit", "Jobs per page", {"type": "integer", "minimum": 1, "maximum": 200, "default": 50}),
+            query("cursor", "The `next` of the previous page", {"type": "string"}),
+            query("state", "Comma-separated states", {"type": "string"}),
+            query("since", "Received at or after (ISO 8601; UTC without a zone)", when),
+            query("until", "Received before (ISO 8601; UTC without a zone)", when),
+            query("source", "Which face received it", {"enum": ["dicom", "http"]}),
+        ],
+        "responses": {
+            "200": {
+                "description": "One page of jobs",
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/SegmentationList"}}
+                },
+            },
+            **_errors(400, 401),
+        },
+    }
+
+
+def _resegment(auth: list[dict[str, list[str]]]) -> dict[str, Any]:
+    item = {"application/json": {"schema": {"$ref": "#/components/schemas/HistoryItem"}}}
+    return {
+        "parameters": [_job_id()],
+        "post": {
+            "summary": "Segment the series (or upload) of a job again: a new job that supersedes it",
+            "operationId": "resegmentSegmentation",
+            "security": auth,
+            "responses": {
+                "202": {"description": "Queued", "content": item, "headers": _location()},
+                **_errors(401, 404),
+                "409": _problem("The series is still in progress, or its instances are gone (send it again)"),
+            },
+        },
+    }
+
+
+def _history_item() -> dict[str, Any]:
+    text, when = {"type": "string"}, {"type": ["string", "null"], "format": "date-time"}
+    nullable_text = {"type": ["string", "null"]}
+    named = {"type": "object", "properties": {"name": nullable_text}}
+    states = ["received", "queued", "running", "sending", "done", "failed", "dead_letter", "skipped"]
+    flags = {"type": "array", "items": text}
+    return {
+        "type": "object",
+        "properties": {
+            "id": text,
+            "source": {"enum": ["dicom", "http"]},
+            "calling_ae": nullable_text,
+            "state": {"enum": states},
+            "outcome": text,
+            "reason": nullable_text,
+            "received": {"type": "string", "format": "date-time"},
+            "started": when,
+            "finished": when,
+            "turnaround_s": {"type": ["number", "null"]},
+            "model_version": nullable_text,
+            "structures": {
+                "type": "array",
+                "items": {**named, "properties": {"name": nullable_text, "flags": flags}},
+            },
+            "flags": flags,
+            "destinations": {
+                "type": "array",
+                "items": {
+                    **named,
+                    "properties": {
+                        "name": nullable_text,
+                        "delivery": {"enum": ["not sent", "pending", "delivered", "dead_letter"]},
+                    },
+                },
+            },
+            "duplicate_of": nullable_text,
+            "supersedes": nullable_text,
+            "superseded_by": nullable_text,
+            "resolved_by": nullable_text,
+            "links": {"type": "object", "additionalProperties": text},
+        },
+        "required": ["id", "source", "state", "outcome", "received", "links"],
     }
 
 
@@ -246,6 +338,16 @@ def _schemas() -> dict[str, Any]:
                 "links": {"type": "object", "additionalProperties": text, "required": ["self"]},
             },
             "required": ["id", "state", "created", "updated", "links"],
+        },
+        "HistoryItem": _history_item(),
+        "SegmentationList": {
+            "type": "object",
+            "properties": {
+                "items": {"type": "array", "items": {"$ref": "#/components/schemas/HistoryItem"}},
+                "next": {"type": ["string", "null"]},
+                "links": {"type": "object", "additionalProperties": text},
+            },
+            "required": ["items", "next"],
         },
         "Model": {
             "type": "object",

@@ -14,7 +14,7 @@ from typing import Any, cast
 from flask import Blueprint, Response, jsonify, request, send_file, url_for
 
 from rtseg.errors import InputError
-from rtseg.jobs import FINAL, Job, JobError, JobState
+from rtseg.jobs import FINAL, Job, JobError, JobState, JobStore, PageQuery, decode_cursor
 from service.context import ServiceContext, UploadRequest, service
 from service.problems import HttpProblem
 from service.uploads import Intake, Part, receive
@@ -123,6 +123,112 @@ def delete(job_id: str) -> tuple[str, int]:
     ctx.store.delete(job.id)
     log.info("job %s deleted with its files", job.id)
     return "", 204
+
+
+# -- job history: the list of every job (DICOM and HTTP) and re-segmentation -----------------
+MAX_PAGE = 200
+SOURCES = ("dicom", "http")
+DELIVERY = {JobState.SENDING: "pending", JobState.DONE: "delivered", JobState.DEAD_LETTER: "dead_letter"}
+
+
+@bp.get("")
+def history() -> Response:
+    """Jobs newest first, filtered by ``state``, ``since``, ``until``, ``source``, paged by ``cursor``."""
+    ctx = service()
+    jobs, cursor = ctx.store.page(_page_query())
+    links = {"self": request.full_path.rstrip("?")}
+    if cursor is not None:
+        query: dict[str, Any] = {**request.args.to_dict(), "cursor": cursor}
+        links["next"] = url_for("v1.segmentations.history", **query)
+    return jsonify({"items": [summarize(ctx.store, job) for job in jobs], "next": cursor, "links": links})
+
+
+@bp.post("/<job_id>/resegment")
+def resegment(job_id: str) -> tuple[Response, int, dict[str, str]]:
+    """A new job for the series (or upload) of ``job_id``, from its kept input; it supersedes the latest."""
+    ctx = service()
+    if ctx.store.find(job_id) is None:
+        raise HttpProblem(404, "no-such-job", f"no segmentation {job_id!r} (deleted or expired?)")
+    job = ctx.store.resegment(job_id, ctx.data_dir)  # JobError: 409 with the reason (problems.py)
+    log.info("job %s: resegmented on request as job %s", job_id, job.id)
+    location = url_for("v1.segmentations.get", job_id=job.id)
+    return jsonify(summarize(ctx.store, job)), 202, {"Location": location}
+
+
+def summarize(store: JobStore, job: Job) -> dict[str, Any]:
+    """One item of the job list: what happened and why, times, model, flags and deliveries."""
+    told = store.explain(job)
+    links = {"resegment": url_for("v1.segmentations.resegment", job_id=job.id)}
+    if job.source == "http":
+        links["self"] = url_for("v1.segmentations.get", job_id=job.id)
+    return {
+        "id": job.id,
+        "source": job.source,
+        "calling_ae": job.meta.get("calling_ae"),
+        "state": str(job.state),
+        "outcome": told.outcome,
+        "reason": told.reason,
+        "received": _iso(job.created),
+        "started": _iso(job.started) if job.started is not None else None,
+        "finished": _iso(job.finished) if job.finished is not None else None,
+        "turnaround_s": round(job.turnaround, 3) if job.turnaround is not None else None,
+        "model_version": job.model_version,
+        "structures": [
+            {"name": s.get("name"), "flags": s.get("flags", [])} for s in job.result.get("structures", [])
+        ],
+        "flags": job.result.get("flags", []),
+        "destinations": [
+            {"name": d.get("name"), "delivery": DELIVERY.get(job.state, "not sent")}
+            for d in job.meta.get("destinations", [])
+        ],
+        **{k: getattr(told, k) for k in ("duplicate_of", "supersedes", "superseded_by", "resolved_by")},
+        "links": links,
+    }
+
+
+def _page_query() -> PageQuery:
+    args = request.args
+    limit = _int_arg("limit", 50, 1, MAX_PAGE)
+    states = frozenset(_state(s) for s in args.get("state", "").split(",") if s)
+    source = args.get("source")
+    if source is not None and source not in SOURCES:
+        raise HttpProblem(400, "bad-parameter", "source must be dicom or http")
+    try:
+        after = decode_cursor(args["cursor"]) if "cursor" in args else None
+    except JobError as exc:
+        raise HttpProblem(400, "bad-parameter", f"cursor: {exc}") from exc
+    return PageQuery(limit, states, source, _time_arg("since"), _time_arg("until"), after)
+
+
+def _state(name: str) -> JobState:
+    try:
+        return JobState(name)
+    except ValueError:
+        known = ", ".join(str(s) for s in JobState)
+        raise HttpProblem(400, "bad-parameter", f"state {name!r} is not one of {known}") from None
+
+
+def _int_arg(name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not lo <= int(raw) <= hi:
+        raise HttpProblem(400, "bad-parameter", f"{name} must be a whole number from {lo} to {hi}")
+    return int(raw)
+
+
+def _time_arg(name: str) -> float | None:
+    """An ISO 8601 date or date-time (UTC when it names no zone) as epoch seconds."""
+    raw = request.args.get(name)
+    if raw is None:
+        return None
+    try:
+        when = datetime.fromisoformat(raw)
+    except ValueError:
+        raise HttpProblem(
+            400, "bad-parameter", f"{name} must be an ISO 8601 date or date-time, e.g. 2026-01-31T08:00:00Z"
+        ) from None
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
 
 # -- representation ---------------------------------------------------------------------------

@@ -181,6 +181,15 @@ def test_sigkill_while_receiving_segmenting_and_sending_gives_exactly_one_rtstru
     assert events.count("rtstruct_delivered") == 1 and "series_skipped" in events
 
 
+def complete_job_id(node: Any) -> str:
+    """The job that segmented the whole series (the one that superseded another)."""
+    store = node.store()
+    try:
+        return next(j.id for j in store.list() if j.meta.get("supersedes"))
+    finally:
+        store.close()
+
+
 def _contoured_slices(rs: pydicom.Dataset) -> set[str]:
     series = (
         rs.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
@@ -202,7 +211,8 @@ def test_the_rest_of_a_series_after_its_rtstruct_makes_a_superseding_one(
         wait_for(lambda: state_of(node, first.id) == "done", 900, "the first delivery")
         assert storescu(files[12:], node.port) == 0  # the rest of the series
         wait_for(lambda: node.states() == ["done", "done"], 900, "the superseding job")
-        assert storescu(series, node.port) == 0  # the whole series again: nothing new, no third job
+        assert storescu(series, node.port) == 0  # the whole series again: nothing new, recorded
+        wait_for(lambda: node.states() == ["done", "done", "skipped"], 30, "the duplicate's record")
         assert echoscu(node.port) == 0
         status = subprocess.run(
             [*_rtseg(), "node", "status", "--config", str(node.config)], capture_output=True, text=True
@@ -210,7 +220,9 @@ def test_the_rest_of_a_series_after_its_rtstruct_makes_a_superseding_one(
         assert node.stop() == 0
     finally:
         dest.stop()
-    assert node.states() == ["done", "done"] and "done 2" in status.stdout
+    assert node.states() == ["done", "done", "skipped"] and "done 2" in status.stdout
+    assert f"superseded by job {complete_job_id(node)}" in status.stdout
+    assert f"duplicate of job {complete_job_id(node)}" in status.stdout
     early, complete = sorted(dest.received(), key=lambda rs: len(_contoured_slices(rs)))
     every_slice = {str(pydicom.dcmread(f).SOPInstanceUID) for f in files}
     assert len(_contoured_slices(early)) == 12 and _contoured_slices(complete) == every_slice

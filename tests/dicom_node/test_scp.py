@@ -322,7 +322,9 @@ def test_an_instance_resent_with_other_content_after_completion_is_audited(
     changed.SeriesDescription = "CHANGED"  # same SOP Instance UID, other content
     changed.save_as(tmp_path / "changed.dcm")
     assert _c_store(node.port, tmp_path / "changed.dcm") == 0x0000
-    assert len(node.store.list()) == 1  # nothing new to segment
+    node.complete()
+    segmented, record = node.store.list()  # nothing new to segment: recorded as a duplicate
+    assert record.state == JobState.SKIPPED and record.meta["duplicate_of"] == segmented.id
     (event,) = [e for e in node.audit.entries() if e["event"] == "duplicate_instance_differs"]
     assert event["kind"] == "ct" and event["action"] == "ignored"
     kept = [p for p in node.spooled() if pydicom.dcmread(p).SOPInstanceUID == changed.SOPInstanceUID]
