@@ -135,7 +135,8 @@ def provenance_lines(name: str, version: str, provenance: dict[str, Any]) -> lis
     round_ = p.get("federation_round")
     federation = p.get("federation")
     lines.append(
-        f"federation: {federation or 'none'}, round {round_}" if round_ is not None or federation
+        f"federation: {federation or 'none'}, round {round_}"
+        if round_ is not None or federation
         else "federation: none (trained at one place)"
     )
     lines.append(f"gate: {_gate(p.get('gate'))}")
@@ -281,7 +282,9 @@ def _default_version() -> Any:
     version = version_name(m, full[:12])
     federation, round_, _ = version.split("/")
     created = str(m.provenance.get("created") or "")
-    return ModelVersion(version, folder, m.name, m.version, federation, int(round_[1:]), full[:12], created, "")
+    return ModelVersion(
+        version, folder, m.name, m.version, federation, int(round_[1:]), full[:12], created, ""
+    )
 
 
 def _print_versions(versions: list[Any], current: str) -> None:

@@ -129,6 +129,8 @@ def forward_logs(queue: Any, level: int) -> None:
 
 def listen_for_logs(queue: Any) -> logging.handlers.QueueListener:
     """The parent's side of :func:`forward_logs`: started, writing to the root logger's handlers."""
-    listener = logging.handlers.QueueListener(queue, *logging.getLogger().handlers, respect_handler_level=True)
+    listener = logging.handlers.QueueListener(
+        queue, *logging.getLogger().handlers, respect_handler_level=True
+    )
     listener.start()
     return listener

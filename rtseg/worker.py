@@ -208,7 +208,10 @@ class WorkerPool:
     def _spawn(self, name: str) -> _Slot:
         ready = self._ctx.RawValue("b", 0)
         proc = self._ctx.Process(
-            target=worker_main, args=(self.config, os.getpid(), ready, self._log_queue), name=name, daemon=True
+            target=worker_main,
+            args=(self.config, os.getpid(), ready, self._log_queue),
+            name=name,
+            daemon=True,
         )
         proc.start()
         return _Slot(name, proc, ready)

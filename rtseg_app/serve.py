@@ -67,7 +67,6 @@ def _site(settings: Settings) -> SiteSettings | None:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from dicom_node.node import Node
-
     from rtseg.privacy import start_log_file
 
     settings = load_settings(args.config)

@@ -79,9 +79,8 @@ def _cmd_http(args: argparse.Namespace) -> int:
         print("# put the next line under [http] in the configuration file:")
         print(f'token_sha256 = ["{digest}"]')
         return 0
-    from rtseg.settings import load_settings
-
     from rtseg.privacy import start_log_file
+    from rtseg.settings import load_settings
 
     settings = load_settings(args.config)
     table = settings.http

@@ -43,7 +43,10 @@ def test_model_list_of_a_data_directory_without_registry_writes_nothing(tmp_path
 def test_mutating_model_commands_need_a_data_directory(tmp_path: Path, args: tuple[str, ...]) -> None:
     run = _run(tmp_path, "model", *args)
     assert run.returncode == 2
-    assert f"rtseg model: error: `model {args[0]}` changes a node's model registry" in run.stderr and "--data-dir DIR or --config FILE" in run.stderr
+    assert (
+        f"rtseg model: error: `model {args[0]}` changes a node's model registry" in run.stderr
+        and "--data-dir DIR or --config FILE" in run.stderr
+    )
     assert "Traceback" not in run.stderr
     assert _files(tmp_path) == []
 

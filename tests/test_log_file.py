@@ -42,7 +42,9 @@ def test_log_file_rotates_redacts_and_keeps_info_without_verbose(tmp_path: Path)
     script = tmp_path / "logs_demo.py"
     script.write_text(SCRIPT)
     data = tmp_path / "data"
-    run = subprocess.run([sys.executable, str(script), str(data)], capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, str(script), str(data)], capture_output=True, text=True, timeout=120
+    )
     assert run.returncode == 0, run.stderr
     assert Path(run.stdout.strip()) == data / "logs" / "rtseg.log"
     files = sorted(p.name for p in (data / "logs").iterdir())

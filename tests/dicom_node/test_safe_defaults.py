@@ -1,4 +1,4 @@
-"""Issue 19 point 6: the node's defaults are the README's (loopback DICOM, scouts and bolus tracking skipped)."""
+"""Issue 19 point 6: the node's defaults are the README's (loopback DICOM; scouts, bolus tracking skipped)."""
 
 from __future__ import annotations
 
