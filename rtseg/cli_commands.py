@@ -102,10 +102,72 @@ def _model_info(args: argparse.Namespace) -> int:
     print(f"{m.name} {m.version}  hash {model_hash(model_dir)}  ({model_dir})")
     print(f"configuration {m.configuration}, folds {', '.join(m.folds)}, orientation {m.orientation}")
     print("structures: " + ", ".join(f"{s.label}:{s.name}" for s in m.structures))
-    for key, value in m.provenance.items():
-        if key != "config":
-            print(f"  {key}: {value}")
+    for line in provenance_lines(m.name, m.version, m.provenance):
+        print(line)
     return 0
+
+
+# What docs/model.md measured for the embedded models (rtseg model eval, 12 fresh phantom cases of both
+# centers): a model folder says nothing about its accuracy itself, so the documented figure is named here.
+DOCUMENTED_ACCURACY = {
+    ("rtseg-peds-abdomen", "0.8.0"): "mean OAR Dice 0.851 on 12 fresh phantom cases of both centers "
+    "(lowest: pancreas 0.67, gallbladder 0.69); docs/model.md",
+}
+NOT_CLINICAL = "NOT FOR CLINICAL USE: trained on synthetic phantoms only, never on patient CTs"
+
+
+def provenance_lines(name: str, version: str, provenance: dict[str, Any]) -> list[str]:
+    """A model's provenance as a reviewer reads it: origin, training data, federation, gate, accuracy.
+
+    Parameters
+    ----------
+    name, version
+        The manifest's model name and version (for the documented accuracy).
+    provenance
+        The manifest's ``provenance`` record.
+    """
+    p = provenance
+    made = p.get("command") or "unknown"
+    lines = [f"made by: {made} (rtseg {p.get('rtseg_version', '?')}, {p.get('created') or 'date unknown'})"]
+    lines.append(f"training data: {_training_data(p.get('training_data'))}")
+    if p.get("started_from"):
+        lines.append(f"started from: {p['started_from']}")
+    round_ = p.get("federation_round")
+    federation = p.get("federation")
+    lines.append(
+        f"federation: {federation or 'none'}, round {round_}"
+        if round_ is not None or federation
+        else "federation: none (trained at one place)"
+    )
+    lines.append(f"gate: {_gate(p.get('gate'))}")
+    accuracy = DOCUMENTED_ACCURACY.get((name, version)) or p.get("accuracy")
+    lines.append(f"accuracy: {accuracy or 'not documented for this model: run rtseg model eval'}")
+    if isinstance(p.get("training_data"), dict) and p["training_data"].get("kind") == "rtseg phantom":
+        lines.append(NOT_CLINICAL)
+    return lines
+
+
+def _training_data(data: Any) -> str:
+    if not isinstance(data, dict):
+        return str(data) if data else "unknown"
+    kind = data.get("kind", "unknown")
+    centers = data.get("centers")
+    per = data.get("cases_per_center")
+    parts = [str(kind)]
+    if centers:
+        parts.append(f"centers {', '.join(map(str, centers))}")
+    if per:
+        parts.append(f"{per} cases per center")
+    if data.get("matrix"):
+        parts.append(f"matrix {data['matrix']}")
+    return ", ".join(parts)
+
+
+def _gate(gate: Any) -> str:
+    if not isinstance(gate, dict):
+        return "not recorded in the model (a node's decisions: <data_dir>/models/gate.jsonl)"
+    verdict = "accepted" if gate.get("accepted") else "refused"
+    return f"{verdict} on {gate.get('n_cases', '?')} case(s), margin {gate.get('margin', '?')}"
 
 
 def _model_eval(args: argparse.Namespace) -> int:
@@ -170,27 +232,70 @@ def _model_build_default(args: argparse.Namespace) -> int:
 
 
 # -- model registry and acceptance gate (rtseg/model/registry.py, rtseg/model/gate.py) ------
-def _registry(args: argparse.Namespace) -> Any:
-    from rtseg.model.registry import Registry
+def _data_dir(args: argparse.Namespace) -> Path | None:
+    """The node's data directory from ``--data-dir`` or ``--config``; None when neither was given."""
     from rtseg.settings import load_settings
 
-    data_dir = args.data_dir or load_settings(args.config).data_dir
+    if args.data_dir is not None:
+        return Path(args.data_dir)
+    return load_settings(args.config).data_dir if args.config is not None else None
+
+
+def _registry(args: argparse.Namespace) -> Any:
+    """The registry a mutating command changes: it never guesses a data directory (state is made there)."""
+    from rtseg.errors import InputError
+    from rtseg.model.registry import Registry
+
+    data_dir = _data_dir(args)
+    if data_dir is None:
+        raise InputError(
+            f"`model {args.model_command}` changes a node's model registry: name the node's data "
+            "directory with --data-dir DIR or --config FILE"
+        )
     return Registry(data_dir)
 
 
 def _model_list(args: argparse.Namespace) -> int:
-    registry = _registry(args)
-    current = registry.ensure()
+    from rtseg.model.registry import Registry
+
+    data_dir = _data_dir(args)
+    registry = Registry(data_dir) if data_dir is not None else None
+    current = registry.state().version if registry is not None else None
+    if registry is None or current is None:  # read-only: show what a node would start with, write nothing
+        where = "no data directory given" if registry is None else f"no registry yet in {registry.root}"
+        print(f"{where}; a node starts with the embedded default model:")
+        _print_versions([_default_version()], _default_version().version)
+        return 0
     print(f"registry: {registry.root} (generation {registry.generation()})")
+    _print_versions(registry.list(), current)
+    return 0
+
+
+def _default_version() -> Any:
+    from rtseg.model.default import default_model_dir
+    from rtseg.model.manifest import load_manifest, model_hash
+    from rtseg.model.registry import ModelVersion, version_name
+
+    folder = default_model_dir()
+    m = load_manifest(folder)
+    full = model_hash(folder, folds=m.folds, checkpoint=m.checkpoint, short=False)
+    version = version_name(m, full[:12])
+    federation, round_, _ = version.split("/")
+    created = str(m.provenance.get("created") or "")
+    return ModelVersion(
+        version, folder, m.name, m.version, federation, int(round_[1:]), full[:12], created, ""
+    )
+
+
+def _print_versions(versions: list[Any], current: str) -> None:
     print(f"  {'version':<32} {'name':<20} {'model version':<16} {'round':>5} {'hash':<12}  created")
-    for v in registry.list():
-        mark = "*" if v.version == current.version else " "
+    for v in versions:
+        mark = "*" if v.version == current else " "
         print(
             f"{mark} {v.version:<32} {v.name:<20} {v.model_version:<16} {v.round:>5} {v.hash:<12}  "
             f"{v.created or '-'}"
         )
     print("(* = current)")
-    return 0
 
 
 def _model_promote(args: argparse.Namespace) -> int:
@@ -319,7 +424,7 @@ def _register_core(sub: Any, handlers: dict[str, Handler]) -> None:
 
 def _register_registry(msub: Any) -> None:
     def registry_args(q: Any) -> None:
-        q.add_argument("--data-dir", type=Path, help="the node's data directory (default: from --config)")
+        q.add_argument("--data-dir", type=Path, help="the node's data directory (or --config; never guessed)")
         q.add_argument("--config", type=Path, help="TOML settings file (paths.data_dir)")
 
     q = msub.add_parser("list", help="model versions in the node's registry; * marks the current one")

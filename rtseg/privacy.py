@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import logging.handlers
 import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rtseg.settings import LoggingSettings
 
 KEY_CHARS = 24  # hex characters of a SHA-256: 96 bits, no collisions in practice
 
@@ -75,5 +81,56 @@ def configure_logging(level: int | str) -> None:
         return
     handler = logging.StreamHandler()
     handler.setFormatter(RedactingFormatter())
+    handler.setLevel(level)  # a log file added later may take more than stderr shows
     logging.basicConfig(level=level, handlers=[handler])
     logging.captureWarnings(True)
+
+
+LOG_FILE = Path("logs") / "rtseg.log"  # under the data directory
+
+
+def start_log_file(data_dir: Path, settings: LoggingSettings) -> Path | None:
+    """Also log to ``<data_dir>/logs/rtseg.log``, rotated, through :class:`RedactingFormatter`.
+
+    For the long-running commands (``rtseg serve``, ``rtseg http``): the file keeps
+    ``settings.level`` and above (INFO: one line per job outcome) whatever stderr shows.
+    Returns the file, or None when ``[logging] file = false``.
+    """
+    if not settings.file:
+        return None
+    path = Path(data_dir) / LOG_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.handlers.RotatingFileHandler(
+        path, maxBytes=settings.max_mb << 20, backupCount=settings.backups, encoding="utf-8"
+    )
+    handler.setFormatter(RedactingFormatter())
+    handler.setLevel(settings.level)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(min(root.getEffectiveLevel(), handler.level))
+    return path
+
+
+def forward_logs(queue: Any, level: int) -> None:
+    """In a child process: every record goes to ``queue``, for the parent's handlers to write.
+
+    One process owns the log file, so rotation never races; the parent's
+    :class:`RedactingFormatter` sees the child's lines too.
+    """
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.addHandler(logging.handlers.QueueHandler(queue))
+    root.setLevel(level)
+    for name in _VALUE_LOGGERS:
+        logging.getLogger(name).addFilter(QuotedValueFilter())
+    logging.captureWarnings(True)
+
+
+def listen_for_logs(queue: Any) -> logging.handlers.QueueListener:
+    """The parent's side of :func:`forward_logs`: started, writing to the root logger's handlers."""
+    listener = logging.handlers.QueueListener(
+        queue, *logging.getLogger().handlers, respect_handler_level=True
+    )
+    listener.start()
+    return listener

@@ -38,6 +38,10 @@ ENV_PREFIX = "RTSEG_"
 LATE_POLICIES = ("supersede", "flag", "reject", "ignore")
 SITE_DATA_DIR = "site-data"  # under the data directory: the site's training cases (closed loop, federation)
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
+# series that are not diagnostic axial CT, by the names vendors give them: scouts (GE "Scout", Siemens
+# "Topogram", Philips "Surview", Canon "Scanogram") and bolus-tracking monitor scans (Siemens "CARE Bolus",
+# "Monitoring", GE "SmartPrep"); ImageType LOCALIZER catches scouts whose description says nothing
+DEFAULT_DESCRIPTION_EXCLUDE = "scout|topogram|localizer|surview|scanogram|bolus|monitoring|smartprep"
 
 
 @dataclass(frozen=True)
@@ -77,7 +81,8 @@ class Destination:
 class DicomSettings:
     ae_title: str = "RTSEG"
     port: int = 11112
-    host: str = "0.0.0.0"
+    # loopback unless the operator opts in: all interfaces (0.0.0.0) to any calling AE is not a default
+    host: str = "127.0.0.1"
     max_pdu: int = 4 * 1024 * 1024  # advertised maximum PDU; 0 = unlimited
     allowed_callers: tuple[Caller, ...] = ()  # empty: any calling AE is accepted
     return_to_sender: bool = False
@@ -97,7 +102,7 @@ class Selection:
 
     modalities: tuple[str, ...] = ("CT",)
     series_description_include: str | None = None  # regex, searched case-insensitively
-    series_description_exclude: str | None = None
+    series_description_exclude: str | None = DEFAULT_DESCRIPTION_EXCLUDE  # "" in the file: none
     body_parts: tuple[str, ...] = ()  # empty: any BodyPartExamined
     image_type_exclude: tuple[str, ...] = ("LOCALIZER", "SCOUT", "TOPOGRAM")
     slice_thickness_mm: tuple[float, float] = (0.0, 10.0)
@@ -119,6 +124,16 @@ class NodeSettings:
     retry_limit: int = 8
     retry_backoff_s: float = 5.0
     retry_backoff_max_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    """The log file under the data directory (stderr, and so the journal under systemd, as well)."""
+
+    file: bool = True  # <data_dir>/logs/rtseg.log, rotated
+    max_mb: int = 10  # rotate when the file reaches this size
+    backups: int = 5  # rotated files kept (rtseg.log.1 ... rtseg.log.N)
+    level: str = "INFO"  # of the file; stderr stays at WARNING unless -v
 
 
 class Table(Mapping[str, Any]):
@@ -188,6 +203,7 @@ class Settings:
     model_path: Path | None = None  # None: the registry's current model (initially the embedded default)
     http: Table = field(default_factory=lambda: Table("http"))  # parsed by service/
     federation: Table = field(default_factory=lambda: Table("federation"))  # rtseg.federation, closed loop
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
     config_file: Path | None = None
 
 
@@ -348,6 +364,22 @@ _NODE: dict[str, Callable[[Any], Any]] = {
     "retry_backoff_s": parse_float(0.0, 86400.0),
     "retry_backoff_max_s": parse_float(0.0, 7 * 86400.0),
 }
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _log_level(v: Any) -> str:
+    s = parse_str(v).upper()
+    if s not in _LOG_LEVELS:
+        raise ValueError(f"must be one of {', '.join(_LOG_LEVELS)}")
+    return s
+
+
+_LOGGING: dict[str, Callable[[Any], Any]] = {
+    "file": parse_bool,
+    "max_mb": parse_int(1, 10_000),
+    "backups": parse_int(0, 1000),
+    "level": _log_level,
+}
 _CALLER: dict[str, Callable[[Any], Any]] = {
     "ae_title": _ae,
     "host": optional(parse_str),
@@ -360,7 +392,17 @@ _DESTINATION: dict[str, Callable[[Any], Any]] = {
     "port": _PORT,
     "tls": parse_bool,
 }
-_TOP_LEVEL = ("dicom", "destinations", "selection", "node", "paths", "model", "http", "federation")
+_TOP_LEVEL = (
+    "dicom",
+    "destinations",
+    "selection",
+    "node",
+    "paths",
+    "model",
+    "http",
+    "federation",
+    "logging",
+)
 
 
 def load_settings(config: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -387,6 +429,7 @@ def load_settings(config: Path | None = None, environ: Mapping[str, str] | None 
         model_path=model.get("path"),
         http=read_table(raw, "http", where, ours),
         federation=read_table(raw, "federation", where, ours, subtables=("closed_loop",)),
+        logging=LoggingSettings(**parse_table(read_table(raw, "logging", where, ours), _LOGGING)),
         config_file=config,
     )
     _check(settings)

@@ -40,7 +40,7 @@ from typing import Any
 
 from rtseg.errors import InputError, RtsegError
 from rtseg.jobs import Job, JobState, JobStore
-from rtseg.privacy import configure_logging, redact_uids
+from rtseg.privacy import configure_logging, forward_logs, listen_for_logs, redact_uids
 from rtseg.settings import Settings
 from rtseg.structures import MIN_ISLAND_ML
 
@@ -187,6 +187,9 @@ class WorkerPool:
         self.crash_limit = crash_limit
         self.restarts = 0
         self._ctx = mp.get_context("spawn")
+        # workers log through this process's handlers: one writer of the log file, one formatter
+        self._log_queue: Any = self._ctx.Queue()
+        self._log_listener: Any = None
         self._stopping = threading.Event()
         self._slots: list[_Slot] = []
         self._supervisor: threading.Thread | None = None
@@ -197,6 +200,8 @@ class WorkerPool:
         for job in recovered:
             log.warning("job %s was interrupted while segmenting: queued again", job.id)
         self._stopping.clear()
+        if self._log_listener is None:
+            self._log_listener = listen_for_logs(self._log_queue)
         self._slots = [self._spawn(f"rtseg-worker-{n}") for n in range(self.workers)]
         self._supervisor = threading.Thread(target=self._supervise_loop, name="rtseg-workers", daemon=True)
         self._supervisor.start()
@@ -205,7 +210,10 @@ class WorkerPool:
     def _spawn(self, name: str) -> _Slot:
         ready = self._ctx.RawValue("b", 0)
         proc = self._ctx.Process(
-            target=worker_main, args=(self.config, os.getpid(), ready), name=name, daemon=True
+            target=worker_main,
+            args=(self.config, os.getpid(), ready, self._log_queue),
+            name=name,
+            daemon=True,
         )
         proc.start()
         return _Slot(name, proc, ready)
@@ -277,14 +285,21 @@ class WorkerPool:
                 proc.kill()
                 proc.join()
         self._slots.clear()
+        if self._log_listener is not None:
+            self._log_listener.stop()  # writes what the workers sent before they stopped
+            self._log_listener = None
 
 
-def worker_main(config: WorkerConfig, parent_pid: int, ready: Any = None) -> None:
+def worker_main(config: WorkerConfig, parent_pid: int, ready: Any = None, log_queue: Any = None) -> None:
     """Entry point of a worker process: claim and run jobs until SIGTERM or the parent is gone.
 
     ``ready`` (a shared byte) is set once the model is loaded: the pool reports the worker ready.
+    ``log_queue`` takes every log record to the pool's process (stderr, the log file).
     """
-    configure_logging(config.log_level)
+    if log_queue is not None:
+        forward_logs(log_queue, config.log_level)
+    else:
+        configure_logging(config.log_level)
     stopping: list[int] = []
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides
     signal.signal(signal.SIGTERM, lambda signum, _frame: stopping.append(signum))  # finish the job first

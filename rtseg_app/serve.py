@@ -67,14 +67,17 @@ def _site(settings: Settings) -> SiteSettings | None:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from dicom_node.node import Node
+    from rtseg.privacy import start_log_file
 
     settings = load_settings(args.config)
+    log_file = start_log_file(settings.data_dir, settings.logging)  # before the workers: they log through it
     model_dir, model = _model(settings)
     site = _site(settings)  # a bad [federation] table stops us before anything listens
     node = Node(settings, model_dir)
     node.start()
     for line in _describe(settings, node.port, model):
         print(line, flush=True)
+    print(f"log: {log_file.resolve() if log_file else 'stderr only ([logging] file = false)'}", flush=True)
     stops: list[Callable[[], None]] = []
     # --- optional companions start here -------------------------------------------------
     # The HTTP service (service/) starts here from settings.http and appends its stop

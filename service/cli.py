@@ -75,8 +75,11 @@ def _cmd_http(args: argparse.Namespace) -> int:
 
         token, digest = new_token()
         print(f"token (give it to the client; it is not stored): {token}")
-        print(f'[http] token_sha256 = ["{digest}"]')
+        # a key line, not a table header: it goes under the file's one [http] table
+        print("# put the next line under [http] in the configuration file:")
+        print(f'token_sha256 = ["{digest}"]')
         return 0
+    from rtseg.privacy import start_log_file
     from rtseg.settings import load_settings
 
     settings = load_settings(args.config)
@@ -86,6 +89,9 @@ def _cmd_http(args: argparse.Namespace) -> int:
     http = HttpSettings.from_mapping(table)
     if not http.token_sha256:
         raise InputError("no [http] token_sha256 configured: create one with `rtseg http --new-token`")
+    log_file = start_log_file(settings.data_dir, settings.logging)  # before the workers start
+    if log_file is not None:
+        print(f"log: {log_file.resolve()}", flush=True)
     return _serve(settings, http)
 
 

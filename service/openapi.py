@@ -136,7 +136,6 @@ def _post(settings: HttpSettings, auth: list[dict[str, list[str]]]) -> dict[str,
                 "application/zip": {"schema": BINARY},
                 "application/dicom": {"schema": BINARY},
                 "application/gzip": {"schema": BINARY},
-                "application/octet-stream": {"schema": BINARY},
             },
         },
         "responses": {

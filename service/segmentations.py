@@ -29,9 +29,8 @@ RAW_TYPES = frozenset(
         "application/dicom",
         "application/gzip",
         "application/x-gzip",
-        "application/octet-stream",
     }
-)
+)  # as the README promises: any other type (application/octet-stream too) is 415
 WAITING = frozenset({JobState.RECEIVED, JobState.QUEUED})
 POLL_S = 0.2
 
@@ -346,7 +345,9 @@ def _parts(req: UploadRequest, spool: Path) -> list[Part]:
     raise HttpProblem(
         415,
         "unsupported-media-type",
-        "send multipart/form-data (DICOM files, one zip or one NIfTI) or a raw application/zip body",
+        f"Content-Type {req.mimetype or '(none)'} is not accepted: send multipart/form-data (DICOM files,"
+        " one zip or one NIfTI) or a raw body declared application/zip, application/dicom or"
+        " application/gzip",
     )
 
 

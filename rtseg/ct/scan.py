@@ -238,7 +238,8 @@ def _only_ct_series(
     ct = {uid: g for uid, g in images.items() if any(h.is_ct for h in g)}
     if len(ct) > 1:
         raise InputError(
-            f"found {len(ct)} CT series: {_describe(ct)}; choose one with series_uid",
+            f"found {len(ct)} CT series: {_describe(ct)}; choose one with --series UID"
+            " (the tail shown will do)",
             source=scan.label,
         )
     if ct:

@@ -245,6 +245,18 @@ def test_unsupported_media_type(serve: Callable[..., Running]) -> None:
     assert_nothing_left(running)
 
 
+@pytest.mark.parametrize("media_type", ["application/octet-stream", "application/x-tar", "image/png"])
+def test_a_zip_under_another_content_type_is_415(
+    serve: Callable[..., Running], phantom_zip: bytes, media_type: str
+) -> None:
+    """The README promises 415 for other content types: a valid zip declared octet-stream is refused."""
+    running = serve()
+    response = running.post(phantom_zip, headers={"Content-Type": media_type})
+    body = assert_problem(response, 415, "unsupported-media-type", "application/zip", "multipart/form-data")
+    assert media_type in str(body["detail"])
+    assert_nothing_left(running)
+
+
 def test_multipart_without_files(serve: Callable[..., Running]) -> None:
     running = serve()
     response = running.post(files={"note": (None, "no file here")})
@@ -282,7 +294,7 @@ def test_nifti_is_accepted_for_research(serve: Callable[..., Running], tmp_path:
 def test_uncompressed_nifti_is_stored_compressed(serve: Callable[..., Running], tmp_path: Path) -> None:
     running = serve()
     raw = gzip.decompress(_nifti(tmp_path))
-    response = running.post(raw, headers={"Content-Type": "application/octet-stream"})
+    response = running.post(files={"file": ("scan.nii", raw)})  # no media type names a bare NIfTI
     assert response.status_code == 202, response.text
     stored = running.data_dir / "jobs" / response.json()["id"] / "input" / "ct.nii.gz"
     assert gzip.decompress(stored.read_bytes()) == raw
