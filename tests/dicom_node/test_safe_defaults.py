@@ -19,14 +19,17 @@ CT = SeriesHeader("CT", "Abdomen 2.0 B30f", "ABDOMEN", ("ORIGINAL", "PRIMARY", "
 def test_default_selection_skips_scouts_and_bolus_tracking(description: str) -> None:
     selection = load_settings(environ={}).selection
     reason = select(selection, replace(CT, description=description), 100)
-    assert reason == "series description matches the exclude pattern"
+    assert reason == "series description matches the exclude pattern ([selection] series_description_exclude)"
 
 
 def test_default_selection_keeps_a_diagnostic_series_and_skips_localizer_image_type() -> None:
     selection = load_settings(environ={}).selection
     assert select(selection, CT, 100) is None
     localizer = replace(CT, image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
-    assert select(selection, localizer, 100) == "image type LOCALIZER is excluded"
+    assert (
+        select(selection, localizer, 100)
+        == "image type LOCALIZER is excluded ([selection] image_type_exclude)"
+    )
 
 
 def test_an_empty_exclude_pattern_turns_the_default_off(tmp_path: object) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def section(text: str, heading: str) -> str:
