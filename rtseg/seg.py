@@ -25,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
+from scipy import ndimage
 
 from rtseg import __version__
 from rtseg.errors import SegError
@@ -110,24 +111,36 @@ def write_seg(
 def _masks(
     volume: CTVolume, labels: npt.NDArray[np.integer[Any]], structures: Sequence[Structure]
 ) -> tuple[npt.NDArray[np.bool_], list[Structure], tuple[str, ...]]:
-    """One boolean mask per structure drawn, stacked as highdicom's ``(frames, rows, columns, segments)``."""
+    """One boolean mask per structure drawn, as highdicom's ``(frames, rows, columns, segments)``.
+
+    Stored segment-major (a view with the segment axis last): each mask is filled in its
+    bounding box only, and highdicom's per-segment reads and overlap sum run on contiguous planes.
+    """
     if labels.shape != volume.shape:
-        raise SegError(f"label map has shape {labels.shape}, the CT has {volume.shape} (slices, rows, columns)")
-    counts = np.bincount(np.asarray(labels).ravel().astype(np.int64, copy=False))
-    present = [s for s in structures if _count(counts, s) > 0]
-    omitted = tuple(s.name for s in structures if s not in present)
-    if not present:
+        raise SegError(
+            f"label map has shape {labels.shape}, the CT has {volume.shape} (slices, rows, columns)"
+        )
+    labels = np.asarray(labels)
+    boxes = ndimage.find_objects(labels.astype(np.int32, copy=False))
+    drawn = [(s, box) for s in structures if (box := _box(boxes, s)) is not None]
+    omitted = tuple(s.name for s in structures if _box(boxes, s) is None)
+    if not drawn:
         raise SegError("the segmentation is empty: no structure has a voxel")
-    masks = np.zeros((*volume.shape, len(present)), dtype=np.bool_)
-    for n, structure in enumerate(present):
-        masks[..., n] = labels != 0 if structure.rt_type == "EXTERNAL" else labels == structure.label
-    return masks, present, omitted
+    masks = np.zeros((len(drawn), *volume.shape), dtype=np.bool_)
+    for n, (structure, box) in enumerate(drawn):
+        crop = labels[box]
+        masks[n][box] = crop != 0 if structure.rt_type == "EXTERNAL" else crop == structure.label
+    return np.moveaxis(masks, 0, -1), [s for s, _ in drawn], omitted
 
 
-def _count(counts: npt.NDArray[np.int64], structure: Structure) -> int:
+def _box(boxes: list[tuple[slice, ...] | None], structure: Structure) -> tuple[slice, ...] | None:
+    """Bounding box of the structure's voxels (EXTERNAL: of every labelled voxel); None when it has none."""
     if structure.rt_type == "EXTERNAL":
-        return int(counts[1:].sum())
-    return int(counts[structure.label]) if 0 < structure.label < counts.size else 0
+        found = [b for b in boxes if b is not None]
+        if not found:
+            return None
+        return tuple(slice(min(b[a].start for b in found), max(b[a].stop for b in found)) for a in range(3))
+    return boxes[structure.label - 1] if 0 < structure.label <= len(boxes) else None
 
 
 def source_images(volume: CTVolume) -> list[Dataset]:
@@ -206,12 +219,12 @@ def _provenance(seg: Dataset, model: ModelIdentity, now: datetime) -> None:
 
 
 def _content_description(model: ModelIdentity) -> str:
-    """Model, version and federation round (e.g. "federation round 3"): what the RTSTRUCT's description says."""
+    """Model, version and federation round (e.g. "federation round 3"), as the RTSTRUCT says them."""
     text = f"{model.name} {model.version}"
     return _lo(f"{text}, {model.description}" if model.description else f"AI segmentation, {text}")
 
 
-def _ds(value: float) -> str:
+def _ds(value: float | np.floating[Any]) -> str:
     from rtseg.rtstruct.builder import format_ds
 
     return format_ds(float(value))

@@ -357,9 +357,15 @@ _CALLER: dict[str, Callable[[Any], Any]] = {
     "host": optional(parse_str),
     "port": optional(_PORT),
 }
+
+
 def parse_formats(v: Any) -> tuple[str, ...]:
     """Output formats: a non-empty list of ``rtstruct`` and ``seg``, without repeats."""
-    formats = parse_strings(str.lower)(v)
+    formats: tuple[str, ...]
+    try:
+        formats = parse_strings(str.lower)(v)
+    except ValueError:
+        formats = ()  # not a list of strings: the message below says what is expected
     bad = [f for f in formats if f not in OUTPUT_FORMATS]
     if bad or not formats or len(set(formats)) != len(formats):
         raise ValueError(f"must be a non-empty list of {' and '.join(repr(f) for f in OUTPUT_FORMATS)}")

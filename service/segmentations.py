@@ -70,7 +70,9 @@ def _create(ctx: ServiceContext) -> tuple[Response, int, dict[str, str]]:
         raise
     if wanted == "seg" and intake.kind == "nifti":
         _discard(ctx, job_id)
-        raise HttpProblem(400, "bad-parameter", "format=seg needs a DICOM CT series: a NIfTI has no instances")
+        raise HttpProblem(
+            400, "bad-parameter", "format=seg needs a DICOM CT series: a NIfTI has no instances"
+        )
     meta = {
         "write_labels": labels or intake.kind == "nifti",
         "input_kind": intake.kind,
@@ -111,7 +113,9 @@ def seg(job_id: str) -> Response:
     if "seg" not in (job.result.get("files") or {}):
         raise HttpProblem(404, "no-seg", "no DICOM SEG was requested: upload a DICOM series with ?format=seg")
     path = _output(job, "seg")
-    return send_file(path, mimetype="application/dicom", as_attachment=True, download_name=f"{job.id}-seg.dcm")
+    return send_file(
+        path, mimetype="application/dicom", as_attachment=True, download_name=f"{job.id}-seg.dcm"
+    )
 
 
 @bp.get("/<job_id>/labels")

@@ -174,7 +174,10 @@ def test_same_study_new_series_referencing_every_ct_slice(case: Case) -> None:
     seg = pydicom.dcmread(case.seg_path)
     info = case.volume.info
     assert seg.SOPClassUID == pydicom.uid.SegmentationStorage
-    assert (seg.StudyInstanceUID, seg.FrameOfReferenceUID) == (info.study_instance_uid, info.frame_of_reference_uid)
+    assert (seg.StudyInstanceUID, seg.FrameOfReferenceUID) == (
+        info.study_instance_uid,
+        info.frame_of_reference_uid,
+    )
     assert (seg.SeriesInstanceUID, seg.SOPInstanceUID) == ("2.25.11", "2.25.12")
     assert seg.SeriesInstanceUID != info.series_instance_uid
     assert seg.SegmentationType == "BINARY"
@@ -202,3 +205,34 @@ def test_wrong_label_shape_is_refused_with_a_clear_message(tmp_path: Path) -> No
     with pytest.raises(SegError, match="no structure has a voxel"):
         write_seg(case.volume, empty, STRUCTURES, MODEL, tmp_path / "x.dcm")
     assert not (tmp_path / "x.dcm").exists()
+
+
+# --- the [[destinations]] formats setting -------------------------------------------------------------
+
+
+def test_destination_formats_default_to_rtstruct_and_take_seg(tmp_path: Path) -> None:
+    from rtseg.settings import load_settings
+
+    config = tmp_path / "rtseg.toml"
+    config.write_text(
+        '[[destinations]]\nname = "tps"\nae_title = "TPS"\nhost = "10.0.0.7"\nport = 104\n'
+        '[[destinations]]\nname = "pacs"\nae_title = "PACS"\nhost = "10.0.0.5"\nport = 104\n'
+        'formats = ["RTSTRUCT", "seg"]\n'
+    )
+    tps, pacs = load_settings(config, environ={}).destinations
+    assert (tps.formats, pacs.formats) == (("rtstruct",), ("rtstruct", "seg"))
+
+
+@pytest.mark.parametrize("value", ['["nifti"]', "[]", '["seg", "seg"]', '["seg", 3]'])
+def test_a_bad_destination_format_names_the_file_key_and_value(tmp_path: Path, value: str) -> None:
+    from rtseg.errors import InputError
+    from rtseg.settings import load_settings
+
+    config = tmp_path / "rtseg.toml"
+    config.write_text(
+        f'[[destinations]]\nname = "t"\nae_title = "T"\nhost = "h"\nport = 104\nformats = {value}\n'
+    )
+    with pytest.raises(
+        InputError, match=r"destinations\[0\]\.formats must be a non-empty list of 'rtstruct' and 'seg'"
+    ):
+        load_settings(config, environ={})

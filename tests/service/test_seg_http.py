@@ -42,7 +42,9 @@ def with_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     store = JobStore(data_dir / "state.db")
     pool = WorkerPool(store, data_dir, default_model_dir(), workers=1, threads=1)
     settings = make_settings()
-    server = HttpServer(create_app(settings, store, data_dir, worker_alive=lambda: pool.alive() > 0), settings)
+    server = HttpServer(
+        create_app(settings, store, data_dir, worker_alive=lambda: pool.alive() > 0), settings
+    )
     pool.start()
     server.start()
     yield Running(server, store, data_dir, settings)
@@ -59,6 +61,7 @@ def _poll(running: Running, job: dict[str, Any], timeout: float) -> dict[str, An
     return job
 
 
+@pytest.mark.slow  # a real worker segments a series: minutes on a loaded 2-core machine
 def test_format_seg_gives_rtstruct_and_seg(with_worker: Running, phantom_ct96: Path, tmp_path: Path) -> None:
     running = with_worker
     response = running.post(middle_slices_zip(phantom_ct96, 24), params={"format": "seg", "wait": "300"})
