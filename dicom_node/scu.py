@@ -1,4 +1,4 @@
-"""The C-STORE SCU: sends each job's RTSTRUCT to its destinations, exactly once per destination.
+"""The C-STORE SCU: sends each job's RTSTRUCT (and DICOM SEG) to its destinations, once per destination.
 
 :class:`Sender` polls jobs in ``sending``. For each destination without an
 acknowledgement it tries a C-STORE when the delivery is due, in that
@@ -9,6 +9,9 @@ tries the delivery is dead. When every destination acknowledged, the job is
 ``done``; when the rest acknowledged and some are dead, ``dead_letter``. The
 RTSTRUCT's UIDs are fixed per job, so the one store that may be repeated after
 a crash (acknowledged by the peer, not yet committed here) is the same instance.
+A destination's ``formats`` say which objects it gets: the RTSTRUCT, the SEG
+(``result["files"]["seg"]``, UIDs fixed per job too) or both, in that order;
+the delivery is acknowledged when every one of them was.
 """
 
 from __future__ import annotations
@@ -25,14 +28,18 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
-from pynetdicom.sop_class import RTStructureSetStorage, Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    RTStructureSetStorage,
+    SegmentationStorage,
+    Verification,
+)
 
 from dicom_node.audit import AuditLog
 from dicom_node.deliveries import ACKED, DEAD, Delivery, DeliveryStore
 from dicom_node.spool import uid_key
 from rtseg.jobs import Job, JobError, JobState, JobStore
 from rtseg.settings import NodeSettings, TlsSettings
-from rtseg.worker import rtstruct_uids
+from rtseg.worker import rtstruct_uids, seg_uids
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +64,7 @@ def _associate(ae_title: str, dest: Mapping[str, Any], tls: TlsSettings, timeout
     ae.dimse_timeout = timeout * 4
     ae.network_timeout = timeout * 4
     ae.add_requested_context(RTStructureSetStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    ae.add_requested_context(SegmentationStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     ae.add_requested_context(Verification)
     tls_args = (client_ssl_context(tls), str(dest["host"])) if dest.get("tls") else None
     return ae.associate(
@@ -71,14 +79,15 @@ def store_file(
     try:
         dataset = pydicom.dcmread(path)
     except (OSError, InvalidDicomError) as exc:
-        raise SendError(f"cannot read the RTSTRUCT ({type(exc).__name__})") from exc
+        raise SendError(f"cannot read {path.name} ({type(exc).__name__})") from exc
     assoc = _associate(ae_title, dest, tls, timeout)
     if not assoc.is_established:
         raise SendError("association rejected, aborted or no connection")
     try:
         status = assoc.send_c_store(dataset)
-    except ValueError as exc:  # no accepted presentation context for RT Structure Set Storage
-        raise SendError("the destination does not accept RT Structure Set Storage") from exc
+    except ValueError as exc:  # no accepted presentation context for the object's SOP class
+        what = getattr(dataset.get("SOPClassUID"), "name", "this SOP class")
+        raise SendError(f"the destination does not accept {what}") from exc
     finally:
         assoc.release()
     code = getattr(status, "Status", None)
@@ -218,14 +227,17 @@ class Sender:
             self.store.close()
 
     def _attempt(self, job: Job, row: Delivery, dest: Mapping[str, Any]) -> None:
-        path = self.data_dir / str(job.output_path)
+        formats = tuple(dest.get("formats") or ("rtstruct",))
         try:
-            self._send(self.ae_title, dest, path, self.tls)
+            for kind in formats:
+                self._send(self.ae_title, dest, self._path(job, kind), self.tls)
         except SendError as exc:
             self._failed(job, row, dest, str(exc))
             return
         self.deliveries.acked(job.id, row.destination)
-        log.info("job %s: RTSTRUCT delivered to %s (%s)", job.id, row.destination, dest["ae_title"])
+        sent = ", ".join(kind.upper() for kind in formats)
+        log.info("job %s: %s delivered to %s (%s)", job.id, sent, row.destination, dest["ae_title"])
+        uids = {"rtstruct": rtstruct_uids(job.id)[1], "seg": seg_uids(job.id)[1]}
         self.audit.record(
             "rtstruct_delivered",
             job=job.id,
@@ -234,8 +246,17 @@ class Sender:
             ae_title=dest["ae_title"],
             host=dest["host"],
             model=job.model_version,
-            rtstruct=uid_key(rtstruct_uids(job.id)[1]),
+            **{kind: uid_key(uids[kind]) for kind in formats},
         )
+
+    def _path(self, job: Job, kind: str) -> Path:
+        """The job's output file of ``kind``; :class:`SendError` when the job has none."""
+        if kind == "rtstruct":
+            return self.data_dir / str(job.output_path)
+        recorded = (job.result.get("files") or {}).get(kind)
+        if not isinstance(recorded, str):
+            raise SendError(f"the job has no {kind.upper()} (it was segmented before one was asked for)")
+        return self.data_dir / recorded
 
     def _failed(self, job: Job, row: Delivery, dest: Mapping[str, Any], error: str) -> None:
         tries = row.attempts + 1

@@ -32,6 +32,10 @@ class RTStructError(RtsegError):
     """An RTSTRUCT cannot be built from the given segmentation."""
 
 
+class SegError(RtsegError):
+    """A DICOM Segmentation cannot be built from the given segmentation."""
+
+
 class FederationError(RtsegError):
     """A federation cannot start, a round cannot complete, or a site's data does not fit."""
 

@@ -66,15 +66,19 @@ class Caller:
     port: int | None = None
 
 
+OUTPUT_FORMATS = ("rtstruct", "seg")  # what a destination can ask for: RT Structure Set, DICOM SEG
+
+
 @dataclass(frozen=True)
 class Destination:
-    """A C-STORE SCP the RTSTRUCT is sent to (PACS, TPS)."""
+    """A C-STORE SCP the results are sent to (PACS, TPS); ``formats``: RTSTRUCT and/or DICOM SEG."""
 
     name: str
     ae_title: str
     host: str
     port: int
     tls: bool = False
+    formats: tuple[str, ...] = ("rtstruct",)
 
 
 @dataclass(frozen=True)
@@ -385,12 +389,28 @@ _CALLER: dict[str, Callable[[Any], Any]] = {
     "host": optional(parse_str),
     "port": optional(_PORT),
 }
+
+
+def parse_formats(v: Any) -> tuple[str, ...]:
+    """Output formats: a non-empty list of ``rtstruct`` and ``seg``, without repeats."""
+    formats: tuple[str, ...]
+    try:
+        formats = parse_strings(str.lower)(v)
+    except ValueError:
+        formats = ()  # not a list of strings: the message below says what is expected
+    bad = [f for f in formats if f not in OUTPUT_FORMATS]
+    if bad or not formats or len(set(formats)) != len(formats):
+        raise ValueError(f"must be a non-empty list of {' and '.join(repr(f) for f in OUTPUT_FORMATS)}")
+    return formats
+
+
 _DESTINATION: dict[str, Callable[[Any], Any]] = {
     "name": parse_str,
     "ae_title": _ae,
     "host": parse_str,
     "port": _PORT,
     "tls": parse_bool,
+    "formats": parse_formats,
 }
 _TOP_LEVEL = (
     "dicom",

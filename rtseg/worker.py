@@ -53,14 +53,27 @@ WORKER_NICE = 10
 POLL_S = 0.5
 
 
+def _job_uid(kind: str, job_id: str) -> str:
+    digest = hashlib.sha256(f"rtseg/{kind}/{job_id}".encode()).digest()
+    return f"2.25.{int.from_bytes(digest[:16], 'big')}"
+
+
 def rtstruct_uids(job_id: str) -> tuple[str, str]:
     """(SeriesInstanceUID, SOPInstanceUID) of a job's RTSTRUCT: the same on every run of the job."""
+    return _job_uid("series", job_id), _job_uid("instance", job_id)
 
-    def uid(kind: str) -> str:
-        digest = hashlib.sha256(f"rtseg/{kind}/{job_id}".encode()).digest()
-        return f"2.25.{int.from_bytes(digest[:16], 'big')}"
 
-    return uid("series"), uid("instance")
+def seg_uids(job_id: str) -> tuple[str, str]:
+    """(SeriesInstanceUID, SOPInstanceUID) of a job's DICOM SEG: fixed per job, like the RTSTRUCT's."""
+    return _job_uid("seg-series", job_id), _job_uid("seg-instance", job_id)
+
+
+def output_formats(meta: Mapping[str, Any]) -> frozenset[str]:
+    """The DICOM objects a job must produce: ``meta["formats"]`` (HTTP) and every destination's formats."""
+    formats = set(meta.get("formats") or ("rtstruct",))
+    for destination in meta.get("destinations") or ():
+        formats.update(destination.get("formats") or ("rtstruct",))
+    return frozenset(formats)
 
 
 def description_note(meta: Mapping[str, Any]) -> str | None:
@@ -455,13 +468,17 @@ class JobRunner:
             region_check=self.region_check,
         )
         files = {"rtstruct": rel}
-        if job.meta.get("write_labels") and recorder.last is not None:
+        want_seg = "seg" in output_formats(job.meta)
+        if (job.meta.get("write_labels") or want_seg) and recorder.last is not None:
             volume, segmentation = recorder.last
-            if outcome.dropped:  # the label map says what the RTSTRUCT says
+            if outcome.dropped:  # the label map and the SEG say what the RTSTRUCT says
                 segmentation, _ = drop_impossible(volume, segmentation)
-            labels_rel, labels_path = self._out(job, "labels.nii.gz")
-            write_label_image(segmentation.labels, volume.affine, labels_path)
-            files["labels"] = labels_rel
+            if job.meta.get("write_labels"):
+                labels_rel, labels_path = self._out(job, "labels.nii.gz")
+                write_label_image(segmentation.labels, volume.affine, labels_path)
+                files["labels"] = labels_rel
+            if want_seg:
+                files["seg"] = self._write_seg(job, volume, segmentation)
         result = {
             "structures": [asdict(s) for s in outcome.structures],
             "omitted": list(outcome.omitted),
@@ -473,6 +490,15 @@ class JobRunner:
         if note:
             result["note"] = note
         return files, result
+
+    def _write_seg(self, job: Job, volume: Any, segmentation: Any) -> str:
+        """The job's DICOM SEG (``seg.dcm``), with UIDs fixed per job; its path relative to the data dir."""
+        from rtseg.seg import write_seg
+
+        rel, out = self._out(job, "seg.dcm")
+        structures = segmentation.manifest.structures
+        write_seg(volume, segmentation.labels, structures, self.identity, out, uids=seg_uids(job.id))
+        return rel
 
     def _run_nifti(self, job: Job) -> tuple[dict[str, str], dict[str, Any]]:
         from rtseg.phantom.cohort import write_label_image

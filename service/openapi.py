@@ -87,6 +87,7 @@ def _paths(settings: HttpSettings) -> dict[str, Any]:
         "/v1/segmentations/{job_id}/rtstruct": _download(
             "RTSTRUCT", "application/dicom", "getRtstruct", auth
         ),
+        "/v1/segmentations/{job_id}/seg": _download("DICOM SEG", "application/dicom", "getSeg", auth),
         "/v1/segmentations/{job_id}/labels": _download("label map", "application/gzip", "getLabels", auth),
         "/v1/model": {
             "get": {
@@ -125,6 +126,12 @@ def _post(settings: HttpSettings, auth: list[dict[str, list[str]]]) -> dict[str,
                 "in": "query",
                 "description": "Also write a NIfTI label map",
                 "schema": {"type": "string", "enum": ["true", "false", "1", "0"]},
+            },
+            {
+                "name": "format",
+                "in": "query",
+                "description": "seg: also write a DICOM SEG (DICOM input only), at …/seg",
+                "schema": {"type": "string", "enum": ["rtstruct", "seg"], "default": "rtstruct"},
             },
         ],
         "requestBody": {

@@ -1,4 +1,4 @@
-"""``/v1/segmentations``: upload a CT, follow the job, download the RTSTRUCT or label map, delete."""
+"""``/v1/segmentations``: upload a CT, follow the job, download the RTSTRUCT, SEG or label map, delete."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ RAW_TYPES = frozenset(
     }
 )  # as the README promises: any other type (application/octet-stream too) is 415
 WAITING = frozenset({JobState.RECEIVED, JobState.QUEUED})
+FORMATS = ("rtstruct", "seg")  # ?format= of an upload: the DICOM object wanted besides (or as) the RTSTRUCT
 POLL_S = 0.2
 
 
@@ -54,6 +55,7 @@ def create() -> tuple[Response, int, dict[str, str]]:
 def _create(ctx: ServiceContext) -> tuple[Response, int, dict[str, str]]:
     wait = _number_arg("wait", 0.0, ctx.settings.max_wait_s)
     labels = _flag_arg("labels")
+    wanted = _format_arg()
     if (request.content_length or 0) > ctx.settings.max_body_bytes:
         raise HttpProblem(
             413, "too-large", f"the body is larger than the limit of {ctx.settings.max_body_bytes} bytes"
@@ -65,12 +67,18 @@ def _create(ctx: ServiceContext) -> tuple[Response, int, dict[str, str]]:
     except BaseException:
         _discard(ctx, job_id)
         raise
+    if wanted == "seg" and intake.kind == "nifti":
+        _discard(ctx, job_id)
+        raise HttpProblem(
+            400, "bad-parameter", "format=seg needs a DICOM CT series: a NIfTI has no instances"
+        )
     meta = {
         "write_labels": labels or intake.kind == "nifti",
         "input_kind": intake.kind,
         "n_files": intake.n_files,
         "n_slices": intake.n_slices,
         "series_sha256": intake.series_key,
+        "formats": ["rtstruct", "seg"] if wanted == "seg" else ["rtstruct"],
     }
     output = ctx.relative(
         ctx.job_dir(job_id) / ("labels.nii.gz" if intake.kind == "nifti" else "rtstruct.dcm")
@@ -96,6 +104,17 @@ def rtstruct(job_id: str) -> Response:
         raise HttpProblem(404, "no-rtstruct", "a NIfTI upload yields a label map only: GET …/labels")
     path = _output(job, "rtstruct")
     return send_file(path, mimetype="application/dicom", as_attachment=True, download_name=f"{job.id}.dcm")
+
+
+@bp.get("/<job_id>/seg")
+def seg(job_id: str) -> Response:
+    job = _finished(job_id)
+    if "seg" not in (job.result.get("files") or {}):
+        raise HttpProblem(404, "no-seg", "no DICOM SEG was requested: upload a DICOM series with ?format=seg")
+    path = _output(job, "seg")
+    return send_file(
+        path, mimetype="application/dicom", as_attachment=True, download_name=f"{job.id}-seg.dcm"
+    )
 
 
 @bp.get("/<job_id>/labels")
@@ -239,7 +258,7 @@ def describe(job: Job) -> dict[str, Any]:
     links = {"self": url_for("v1.segmentations.get", job_id=job.id)}
     files = result.get("files") or {}
     if job.state == JobState.DONE:
-        for kind in ("rtstruct", "labels"):
+        for kind in ("rtstruct", "seg", "labels"):
             if kind in files:
                 links[kind] = url_for(f"v1.segmentations.{kind}", job_id=job.id)
     return {
@@ -381,6 +400,13 @@ def _number_arg(name: str, default: float, maximum: float) -> float:
     if not 0 <= value <= maximum:
         raise HttpProblem(400, "bad-parameter", f"{name} must be a number of seconds from 0 to {maximum:g}")
     return value
+
+
+def _format_arg() -> str:
+    raw = request.args.get("format", "rtstruct").lower()
+    if raw not in FORMATS:
+        raise HttpProblem(400, "bad-parameter", f"format must be {' or '.join(FORMATS)}, not {raw[:20]!r}")
+    return raw
 
 
 def _flag_arg(name: str) -> bool:
