@@ -22,6 +22,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from rtseg.net import free_port
+
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
@@ -34,14 +36,6 @@ def section(text: str, heading: str) -> str:
 
 def sh_blocks(text: str) -> list[str]:
     return re.findall(r"^```sh\n(.*?)^```", text, flags=re.S | re.M)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _shell_env(tmp_path: Path) -> dict[str, str]:
@@ -63,7 +57,7 @@ def test_readme_sections_have_runnable_blocks() -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) is required")
 def test_http_quick_start_runs_as_written(tmp_path: Path) -> None:
-    http_port, dicom_port = _free_port(), _free_port()
+    http_port, dicom_port = free_port(), free_port()
     script = "set -e\n" + "\n".join(sh_blocks(section(README.read_text(), "HTTP API")))
     script = script.replace("8080", str(http_port)).replace("11112", str(dicom_port))
     work = tmp_path / "work"
