@@ -87,6 +87,9 @@ def _paths(settings: HttpSettings) -> dict[str, Any]:
             "RTSTRUCT", "application/dicom", "getRtstruct", auth
         ),
         "/v1/segmentations/{job_id}/labels": _download("label map", "application/gzip", "getLabels", auth),
+        "/v1/segmentations/{job_id}/preview.png": _download(
+            "contour preview", "image/png", "getPreview", auth
+        ),
         "/v1/model": {
             "get": {
                 "summary": "The model: name, version, hash, structures with colours, provenance",

@@ -11,7 +11,9 @@ in the preview; a mirrored mapping or mirrored letters fail these checks.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import subprocess
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from rtseg.model.segmenter import NnunetSegmenter, Segmentation
 from rtseg.phantom.cohort import case_id, write_case
 from rtseg.pipeline import PipelineResult, segment_series
 from rtseg.preview import PANEL_IN, Panel, Preview, draw_preview, flags_by_structure, render_preview
+from rtseg.rtstruct.rasterize import roi_planes
 from rtseg.structures import BY_NAME
 from rtseg.volume import CTVolume
 
@@ -45,6 +48,7 @@ AXIAL_LETTERS = {
 }
 WITHIN_VOXELS = 2.0
 MIN_FRACTION = 0.95
+RTSEG = [sys.executable, "-m", "rtseg_app"]
 
 
 class Recorder:
@@ -101,7 +105,7 @@ def _make_case(root: Path, position: str, segmenter: NnunetSegmenter) -> Case:
     case_dir = root / f"{case_id('A', 3, 0)}_{position}"
     labelled = load_case(case_dir)
     recorder = Recorder(segmenter)
-    result = segment_series(labelled.volume, recorder, case_dir / "rtstruct.dcm")  # type: ignore[arg-type]
+    result = segment_series(labelled.volume, recorder, case_dir / "rtstruct.dcm")
     assert recorder.labels is not None
     flags = flags_by_structure([{"name": s.name, "flags": s.flags} for s in result.structures])
     shown = draw_preview(case_dir / "ct", result.rtstruct_path, flags, root / f"preview_{position}.png")
@@ -199,7 +203,7 @@ def test_a_mirrored_preview_fails_the_checks(
     cases: Callable[[str], Case], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     case = cases("HFS")
-    real = preview_module.roi_planes
+    real = roi_planes
 
     def mirrored(dataset: Any, volume: CTVolume) -> Any:
         n = volume.shape[2]
@@ -278,7 +282,7 @@ def _again(case: Case, out: Path, rtstruct: Path | None = None) -> Case:
     )
 
 
-def _texts(case: Case, flags: dict[str, tuple[str, ...]], tmp_path: Path) -> str:
+def _texts(case: Case, flags: Mapping[str, Sequence[str]], tmp_path: Path) -> str:
     """Every text the figure draws (titles, legend, footer), captured from matplotlib."""
     seen: list[str] = []
     real = preview_module._save
@@ -291,3 +295,22 @@ def _texts(case: Case, flags: dict[str, tuple[str, ...]], tmp_path: Path) -> str
         patch.setattr(preview_module, "_save", keep)
         draw_preview(case.volume, case.result.rtstruct_path, flags, tmp_path / "texts.png")
     return "\n".join(seen)
+
+
+def test_segment_writes_the_preview(phantom_ct96: Path, tmp_path: Path) -> None:
+    out, png = tmp_path / "rs.dcm", tmp_path / "previews" / "case.png"
+    command = [*RTSEG, "segment", str(phantom_ct96), "-o", str(out), "--threads", "1", "--preview", str(png)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stderr
+    assert f"preview: {png}" in run.stdout
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.size[0] == round(4 * PANEL_IN * 100)
+
+
+def test_segment_refuses_a_folder_as_preview_before_segmenting(phantom_ct96: Path, tmp_path: Path) -> None:
+    out = tmp_path / "rs.dcm"
+    command = [*RTSEG, "segment", str(phantom_ct96), "-o", str(out), "--preview", str(tmp_path)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 2
+    assert run.stderr.strip() == f"rtseg segment: error: {tmp_path}: is a folder: give the PNG file to write"
+    assert not out.exists()
