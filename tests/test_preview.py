@@ -47,7 +47,10 @@ AXIAL_LETTERS = {
     "FFP": ("R", "L", "P", "A"),
 }
 WITHIN_VOXELS = 2.0
-MIN_FRACTION = 0.95
+MIN_FRACTION_FILE = 0.99  # of the liver's contour pixels on the boundary of the labels the RTSTRUCT holds
+# ... and on the phantom's true liver boundary: the model's own error counts here (liver Dice 0.91; the
+# HFS case measured 0.950 at 96 × 96), the preview's does not, so the bar is lower; a mirror gives 0.33.
+MIN_FRACTION_TRUTH = 0.90
 RTSEG = [sys.executable, "-m", "rtseg_app"]
 
 
@@ -157,9 +160,9 @@ def side_of(case: Case, panel: Panel, name: str, reference: str) -> str:
 def check_liver_on_organ(case: Case) -> None:
     exact, n = fraction_near_boundary(case, case.predicted, "Liver")
     assert n >= 50, f"only {n} liver-coloured pixels in the liver's panel"
-    assert exact >= 0.99, f"{exact:.1%} of the liver contour pixels lie on the RTSTRUCT's own liver boundary"
+    assert exact >= MIN_FRACTION_FILE, f"{exact:.1%} of the liver contour pixels lie on the RTSTRUCT's liver"
     truth, _ = fraction_near_boundary(case, case.truth, "Liver")
-    assert truth >= MIN_FRACTION, f"{truth:.1%} of the liver contour pixels lie on the true liver boundary"
+    assert truth >= MIN_FRACTION_TRUTH, f"{truth:.1%} of the liver contour pixels lie on the true liver"
 
 
 def check_orientation(case: Case) -> None:
