@@ -346,7 +346,7 @@ class _View:
 
 
 def _axial_view(volume: CTVolume, rois: Sequence[Roi], k: int, names: tuple[str, ...]) -> _View:
-    sk, sj, si = volume.spacing
+    _, sj, si = volume.spacing
     z = float(volume.slice_z(k)[2])
     marked = [f"{n} {FLAG_MARK}" if _flagged(rois, n) else n for n in names]
     title = f"axial {k + 1}/{volume.shape[0]} (z {z:.1f} mm): " + ", ".join(marked)
@@ -464,14 +464,21 @@ def _draw_view(ax: Any, view: _View, volume: CTVolume, rois: Sequence[Roi]) -> N
             )
             ax.add_collection(lines)
     ax.set_title(textwrap.shorten(view.title, 80), color="white", fontsize=6, pad=2)
+    _draw_letters(ax, view, volume)
+
+
+_EDGE_TEXT = {  # axes-fraction position and alignment of each edge's letter
+    "left": (0.01, 0.5, "left", "center"),
+    "right": (0.99, 0.5, "right", "center"),
+    "top": (0.5, 0.99, "center", "top"),
+    "bottom": (0.5, 0.01, "center", "bottom"),
+}
+
+
+def _draw_letters(ax: Any, view: _View, volume: CTVolume) -> None:
     v_axis = 3 - view.fixed_axis - view.u_axis
     for edge, letter in edge_labels(volume.affine, view.u_axis, v_axis, view.v_down).items():
-        x, y, ha, va = {
-            "left": (0.01, 0.5, "left", "center"),
-            "right": (0.99, 0.5, "right", "center"),
-            "top": (0.5, 0.99, "center", "top"),
-            "bottom": (0.5, 0.01, "center", "bottom"),
-        }[edge]
+        x, y, ha, va = _EDGE_TEXT[edge]
         ax.text(x, y, letter, transform=ax.transAxes, ha=ha, va=va, color="white", fontsize=8, weight="bold")
 
 
