@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rtseg.errors import InputError
+
 Handler = Callable[[argparse.Namespace], int]
 
 
@@ -51,6 +53,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     def say(msg: str) -> None:
         print(f"[{time.monotonic() - started:6.1f} s] {msg}", flush=True)
 
+    if args.preview is not None and args.preview.is_dir():
+        raise InputError("is a folder: give the PNG file to write", source=str(args.preview))
     say("reading CT series")  # the input is checked before the model loads: quick feedback
     volume = load_series(args.ct_dir, series_uid=args.series)
     say(f"{volume.shape[0]} slices, {volume.info.patient_position}; loading model")
@@ -60,7 +64,20 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         volume, segmenter, args.output, identity=identity, progress=say, region_check=args.region_check
     )
     print_result(result)
+    if args.preview is not None:
+        _write_preview(volume, result, args.preview)
     return 0
+
+
+def _write_preview(volume: Any, result: Any, png: Path) -> None:
+    """The contour preview of the RTSTRUCT just written, read back from the file."""
+    from rtseg.preview import render_preview
+
+    try:
+        render_preview(volume, result.rtstruct_path, {s.name: s.flags for s in result.structures}, png)
+    except OSError as exc:
+        raise InputError(f"cannot write the preview ({exc.strerror or exc})", source=str(png)) from exc
+    print(f"preview: {png}")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -357,6 +374,7 @@ def _register_core(sub: Any, handlers: dict[str, Handler]) -> None:
     p.add_argument("--model", type=Path, help="model folder (default: the embedded model)")
     p.add_argument("--series", help="SeriesInstanceUID, when the folder holds several CT series")
     p.add_argument("--threads", type=int, help="CPU threads for inference")
+    p.add_argument("--preview", type=Path, metavar="PNG", help="also write a contour preview (PNG) here")
     p.add_argument(
         "--no-region-check",
         dest="region_check",

@@ -128,6 +128,7 @@ class NodeSettings:
     retry_limit: int = 8
     retry_backoff_s: float = 5.0
     retry_backoff_max_s: float = 600.0
+    write_preview: bool = False  # also write jobs/<id>/preview.png (contours on the CT) per result
 
 
 @dataclass(frozen=True)
@@ -367,6 +368,7 @@ _NODE: dict[str, Callable[[Any], Any]] = {
     "retry_limit": parse_int(1, 1000),
     "retry_backoff_s": parse_float(0.0, 86400.0),
     "retry_backoff_max_s": parse_float(0.0, 7 * 86400.0),
+    "write_preview": parse_bool,
 }
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 

@@ -113,6 +113,7 @@ class WorkerConfig:
     log_level: int
     min_island_ml: float = MIN_ISLAND_ML
     region_check: bool = True  # refuse series that do not show the model's body region
+    write_preview: bool = False  # also write jobs/<id>/preview.png once delivery is queued
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,8 @@ class WorkerPool:
         A job whose worker died this many times is failed instead of queued again.
     region_check
         Fail jobs whose series does not show the model's body region (``[selection] region_check``).
+    write_preview
+        Write the contour preview ``preview.png`` beside each RTSTRUCT (``[node] write_preview``).
     """
 
     @classmethod
@@ -176,6 +179,7 @@ class WorkerPool:
             n.min_island_ml,
             n.worker_crash_limit,
             region_check=settings.selection.region_check,
+            write_preview=n.write_preview,
         )
 
     def __init__(
@@ -189,12 +193,20 @@ class WorkerPool:
         crash_limit: int = MAX_ATTEMPTS,
         *,
         region_check: bool = True,
+        write_preview: bool = False,
     ) -> None:
         self.store = store
         threads = threads or max(1, (os.cpu_count() or 1) // max(workers, 1))
         level = logging.getLogger().getEffectiveLevel()
         self.config = WorkerConfig(
-            store.db_path, Path(data_dir), Path(model_dir), threads, level, min_island_ml, region_check
+            store.db_path,
+            Path(data_dir),
+            Path(model_dir),
+            threads,
+            level,
+            min_island_ml,
+            region_check,
+            write_preview,
         )
         self.workers = workers
         self.crash_limit = crash_limit
@@ -353,7 +365,14 @@ def load_runner(store: JobStore, config: WorkerConfig) -> JobRunner | None:
         return None
     identity = model_identity(segmenter.manifest, model_dir)
     log.info("worker: model %s %s loaded", identity.name, identity.version)
-    return JobRunner(store, config.data_dir, segmenter, identity, region_check=config.region_check)
+    return JobRunner(
+        store,
+        config.data_dir,
+        segmenter,
+        identity,
+        region_check=config.region_check,
+        write_preview=config.write_preview,
+    )
 
 
 def _limit_resources(threads: int | None) -> None:
@@ -385,13 +404,22 @@ class JobRunner:
     """Runs one claimed job to its next state (in a worker process, or inline in tests)."""
 
     def __init__(
-        self, store: JobStore, data_dir: Path, segmenter: Any, identity: Any, *, region_check: bool = True
+        self,
+        store: JobStore,
+        data_dir: Path,
+        segmenter: Any,
+        identity: Any,
+        *,
+        region_check: bool = True,
+        write_preview: bool = False,
     ) -> None:
         self.store = store
         self.data_dir = Path(data_dir)
         self.segmenter = segmenter
         self.identity = identity
         self.region_check = region_check
+        self.write_preview = write_preview
+        self._volume: Any = None  # the CT of the job just segmented, for its preview
 
     def run(self, job: Job) -> Job:
         if job.attempts > MAX_ATTEMPTS:
@@ -422,7 +450,26 @@ class JobRunner:
         )
         log.info("job %s segmented in %.1f s → %s", job.id, time.perf_counter() - started, target)
         self._late_note(done, result.get("note"))
+        self._preview(done)
         return done
+
+    def _preview(self, job: Job) -> None:
+        """``preview.png`` beside the RTSTRUCT, after delivery is queued: a failure only logs."""
+        volume, self._volume = self._volume, None
+        rtstruct = (job.result.get("files") or {}).get("rtstruct")
+        if not self.write_preview or volume is None or not rtstruct:
+            return
+        from rtseg.preview import PREVIEW_FILE, flags_by_structure, render_preview
+
+        out = self.data_dir / job_dir(job) / PREVIEW_FILE
+        try:
+            render_preview(
+                volume, self.data_dir / rtstruct, flags_by_structure(job.result["structures"]), out
+            )
+        except (RtsegError, OSError) as exc:
+            log.warning("job %s: no contour preview (%s)", job.id, redact_uids(str(exc)))
+        except Exception as exc:  # noqa: BLE001 - the job is done: a bug in the preview must not stop the worker
+            log.error("job %s: no contour preview (internal error %s)", job.id, type(exc).__name__)
 
     def _late_note(self, job: Job, written: str | None) -> None:
         # instances flagged late while this job ran: the node's assembler saw it still running
@@ -469,6 +516,7 @@ class JobRunner:
         )
         files = {"rtstruct": rel}
         want_seg = "seg" in output_formats(job.meta)
+        self._volume = recorder.last[0] if recorder.last is not None else None
         if (job.meta.get("write_labels") or want_seg) and recorder.last is not None:
             volume, segmentation = recorder.last
             if outcome.dropped:  # the label map and the SEG say what the RTSTRUCT says

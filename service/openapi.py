@@ -89,6 +89,9 @@ def _paths(settings: HttpSettings) -> dict[str, Any]:
         ),
         "/v1/segmentations/{job_id}/seg": _download("DICOM SEG", "application/dicom", "getSeg", auth),
         "/v1/segmentations/{job_id}/labels": _download("label map", "application/gzip", "getLabels", auth),
+        "/v1/segmentations/{job_id}/preview.png": _download(
+            "contour preview", "image/png", "getPreview", auth
+        ),
         "/v1/model": {
             "get": {
                 "summary": "The model: name, version, hash, structures with colours, provenance",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
+import threading
 import time
 import uuid
 from datetime import UTC, datetime
@@ -15,6 +16,7 @@ from flask import Blueprint, Response, jsonify, request, send_file, url_for
 
 from rtseg.errors import InputError
 from rtseg.jobs import FINAL, Job, JobError, JobState, JobStore, PageQuery, decode_cursor
+from rtseg.preview import PREVIEW_FILE, flags_by_structure, render_preview
 from service.context import ServiceContext, UploadRequest, service
 from service.problems import HttpProblem
 from service.uploads import Intake, Part, receive
@@ -124,6 +126,16 @@ def labels(job_id: str) -> Response:
         raise HttpProblem(404, "no-labels", "no label map was requested: upload with ?labels=true")
     path = _output(job, "labels")
     return send_file(path, mimetype="application/gzip", as_attachment=True, download_name=f"{job.id}.nii.gz")
+
+
+@bp.get("/<job_id>/preview.png")
+def preview(job_id: str) -> Response:
+    """The contour preview (PNG): drawn from the job's RTSTRUCT and CT on first request, then kept."""
+    job = _finished(job_id)
+    if job.meta.get("input_kind") == "nifti":
+        raise HttpProblem(404, "no-preview", "a NIfTI upload yields a label map only: no contours to preview")
+    path = _preview(service(), job)
+    return send_file(path, mimetype="image/png", download_name=f"{job.id}.png")
 
 
 @bp.delete("/<job_id>")
@@ -261,6 +273,8 @@ def describe(job: Job) -> dict[str, Any]:
         for kind in ("rtstruct", "seg", "labels"):
             if kind in files:
                 links[kind] = url_for(f"v1.segmentations.{kind}", job_id=job.id)
+        if "rtstruct" in files:
+            links["preview"] = url_for("v1.segmentations.preview", job_id=job.id)
     return {
         "id": job.id,
         "state": str(job.state),
@@ -317,6 +331,24 @@ def _output(job: Job, kind: str) -> Path:
     path = (ctx.data_dir / recorded).resolve() if isinstance(recorded, str) else None
     if path is None or not path.is_relative_to(folder) or not path.is_file():
         raise HttpProblem(404, "output-missing", f"the job has no {kind} file (expired or removed)")
+    return path
+
+
+def _preview(ctx: ServiceContext, job: Job) -> Path:
+    """``jobs/<id>/preview.png`` (written by the worker, or rendered here once and cached)."""
+    path = ctx.job_dir(job.id) / PREVIEW_FILE
+    if path.is_file():
+        return path
+    rtstruct = _output(job, "rtstruct")
+    ct = (ctx.data_dir / job.input_dir).resolve()
+    if not ct.is_relative_to(ctx.job_dir(job.id).resolve()) or not ct.is_dir() or not any(ct.iterdir()):
+        raise HttpProblem(404, "output-missing", "the job's CT series is no longer kept: no preview")
+    # one render at a time: it takes seconds of CPU, and a second request waits for the first's file
+    with ctx.cache.setdefault("preview-lock", threading.Lock()):
+        if not path.is_file():
+            flags = flags_by_structure(job.result.get("structures") or [])
+            render_preview(ct, rtstruct, flags, path)
+            log.info("job %s: contour preview rendered", job.id)
     return path
 
 

@@ -30,9 +30,27 @@ def rasterize_rtstruct(dataset: pydicom.Dataset, volume: CTVolume) -> dict[str, 
         If the structure set is on another frame of reference than the CT, or
         a contour does not lie on a slice plane of the CT.
     """
+    masks: dict[str, npt.NDArray[np.bool_]] = {}
+    for name, planes in roi_planes(dataset, volume).items():
+        mask = np.zeros(volume.shape, dtype=bool)
+        for k, polygons in planes.items():
+            mask[k] = fill_even_odd(polygons, volume.shape[1:])
+        masks[name] = mask
+    return masks
+
+
+def roi_planes(
+    dataset: pydicom.Dataset, volume: CTVolume
+) -> dict[str, dict[int, list[npt.NDArray[np.float64]]]]:
+    """The closed planar contours of every ROI: name → slice ``k`` → polygons of ``(i, j)`` indices.
+
+    Patient coordinates (mm) are mapped to the CT's voxel indices through the
+    inverse of its affine (ImagePositionPatient, ImageOrientationPatient,
+    PixelSpacing). Raises :class:`RTStructError` as :func:`rasterize_rtstruct`.
+    """
     names = _roi_names(dataset, volume.info.frame_of_reference_uid)
     inverse = np.linalg.inv(volume.affine).astype(np.float64)
-    masks: dict[str, npt.NDArray[np.bool_]] = {}
+    rois: dict[str, dict[int, list[npt.NDArray[np.float64]]]] = {}
     for roi in dataset.get("ROIContourSequence", []):
         number = int(roi.ReferencedROINumber)
         if number not in names:
@@ -43,11 +61,8 @@ def rasterize_rtstruct(dataset: pydicom.Dataset, volume: CTVolume) -> dict[str, 
                 continue
             k, points = _on_slice(_contour_points(contour), inverse, volume.shape[0])
             planes[k].append(points)
-        mask = np.zeros(volume.shape, dtype=bool)
-        for k, polygons in planes.items():
-            mask[k] = fill_even_odd(polygons, volume.shape[1:])
-        masks[names[number]] = mask
-    return masks
+        rois[names[number]] = dict(planes)
+    return rois
 
 
 def _roi_names(dataset: pydicom.Dataset, frame_of_reference_uid: str) -> dict[int, str]:
