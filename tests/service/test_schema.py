@@ -41,7 +41,7 @@ def test_schemathesis_finds_no_failure(serve: Callable[..., Running], tmp_path: 
         "--max-examples",
         "8",
         "--workers",
-        "2",
+        "1",  # hypothesis raced with itself under 2 workers (SystemError in its AST cache)
         "--seed",
         "20261122",
         "--no-color",
