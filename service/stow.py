@@ -59,6 +59,7 @@ CANNOT_UNDERSTAND = 0xC000
 
 _CHUNK = 1 << 20
 _MAX_HEADER_BYTES = 16 << 10  # one part's MIME headers
+_MAX_BOUNDARY = 200
 _HEADER_READ_ERRORS = (
     InvalidDicomError,
     NotImplementedError,
@@ -158,9 +159,12 @@ def _boundary() -> bytes:
             "metadata with bulk data is not supported",
         )
     boundary = params.get("boundary", "")
-    if not 1 <= len(boundary) <= 70 or not boundary.isascii():
+    # RFC 2046 allows 70 characters; Orthanc's DICOMweb plugin sends 73: accept what senders use
+    if not 1 <= len(boundary) <= _MAX_BOUNDARY or not boundary.isascii():
         raise HttpProblem(
-            400, "bad-multipart", "the Content-Type needs a boundary of 1 to 70 ASCII characters"
+            400,
+            "bad-multipart",
+            f"the Content-Type needs a boundary of 1 to {_MAX_BOUNDARY} ASCII characters",
         )
     return boundary.encode("ascii")
 
