@@ -107,7 +107,50 @@ def _paths(settings: HttpSettings) -> dict[str, Any]:
                 },
             }
         },
+        **_stow_paths(auth),
         **_open_paths(),
+    }
+
+
+def _stow_paths(auth: list[dict[str, list[str]]]) -> dict[str, Any]:
+    """DICOMweb STOW-RS (PS3.18 §10.5): the Store Instances Response is DICOM JSON, not a problem."""
+    answer = {"application/dicom+json": {"schema": {"type": "object"}}}
+    headers = {
+        "Link": {
+            "description": '`</v1/segmentations/{id}>; rel="related"` per job',
+            "schema": {"type": "string"},
+        },
+        "Warning": {"description": '`299 rtseg "<reason>"` per refusal', "schema": {"type": "string"}},
+    }
+
+    def operation(operation_id: str, summary: str) -> dict[str, Any]:
+        return {
+            "summary": summary,
+            "operationId": operation_id,
+            "security": auth,
+            "requestBody": {
+                "required": True,
+                "description": 'multipart/related; type="application/dicom": one DICOM instance per part',
+                "content": {"multipart/related": {"schema": BINARY}},
+            },
+            "responses": {
+                "200": {"description": "Every instance stored", "content": answer, "headers": headers},
+                "202": {"description": "Some instances refused", "content": answer, "headers": headers},
+                "409": {"description": "Every instance refused", "content": answer, "headers": headers},
+                "406": _problem("The Accept header excludes application/dicom+json"),
+                **_errors(400, 401, 413, 415, 429),
+            },
+        }
+
+    study = {"name": "study", "in": "path", "required": True, "schema": {"type": "string"}}
+    return {
+        "/dicomweb/studies": {
+            "post": operation("stowStudies", "STOW-RS: store CT instances; one job per complete CT series")
+        },
+        "/dicomweb/studies/{study}": {
+            "parameters": [study],
+            "post": operation("stowStudy", "STOW-RS into one study: instances of another study are refused"),
+        },
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -240,7 +241,7 @@ def test_openapi_lists_exactly_the_routes() -> None:
         if method != "parameters"
     }
     served = {
-        (rule.rule.replace("<job_id>", "{job_id}"), method)
+        (re.sub(r"<(\w+)>", r"{\1}", rule.rule), method)
         for rule in app.url_map.iter_rules()
         if rule.endpoint != "static"
         for method in rule.methods - {"HEAD", "OPTIONS"}

@@ -27,7 +27,7 @@ from service.server import HttpServer
 MAX_EXAMPLES = 50
 
 
-@schemathesis.serializer("application/zip", "application/gzip", "application/dicom")
+@schemathesis.serializer("application/zip", "application/gzip", "application/dicom", "multipart/related")
 def _raw_bytes(ctx: Any, value: Any) -> bytes:
     # the uploads' media types: send the generated (or negative, non-binary) body as bytes
     return serialize_binary(value)
