@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rtseg.audit import read_entries
+
 
 class AuditLog:
     def __init__(self, path: Path) -> None:
@@ -31,7 +33,4 @@ class AuditLog:
             os.fsync(fh.fileno())
 
     def entries(self) -> list[dict[str, Any]]:
-        if not self.path.is_file():
-            return []
-        with open(self.path, encoding="utf-8") as fh:
-            return [json.loads(line) for line in fh if line.strip()]
+        return read_entries(self.path)  # the one reader, in the core: the web console reads it too
