@@ -62,6 +62,7 @@ SECRET_FILE = Path("console") / "session.key"  # relative to the data directory
 SESSION_HOURS = 12
 CSP = "default-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
 OPEN = frozenset({"console.login", "console.static"})  # what needs no session
+FORM_MAX_BYTES = 4096  # a console form (token, CSRF token, next): the only body taken without a bearer token
 DELIVERY_SCAN = 500  # newest finished jobs looked at for the last delivery per destination
 
 
@@ -150,6 +151,8 @@ def _form_helpers() -> dict[str, Any]:
 def _guard() -> Response | tuple[str, int] | None:
     if request.endpoint in OPEN and request.method == "GET":
         return None
+    if request.method == "POST" and (request.content_length or 0) > FORM_MAX_BYTES:
+        return _error(413, "Too large", f"a console form is at most {FORM_MAX_BYTES} bytes")
     if request.method == "POST" and not _csrf_ok():
         log.warning("console: a form without a valid CSRF token was refused (%s)", request.endpoint)
         detail = "the form was not sent by this console's page (missing or stale CSRF token): reload it"

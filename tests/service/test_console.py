@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from flask.testing import FlaskClient
 from svc_helpers import TOKEN, make_settings
 
@@ -238,3 +239,30 @@ def test_the_preview_comes_from_the_api_route_for_a_signed_in_console(
         client.get(f"/ui/jobs/{job_id}/preview.png", base_url=BASE).get_data(as_text=True)
         == f"PNG of {job_id}"
     )
+
+
+# -- through waitress: its token check before the body must let the console's small forms in ------
+
+
+def test_the_sign_in_form_reaches_the_console_through_waitress(serve: Any) -> None:
+    running = serve()
+    form = requests.get(f"{running.url}/ui/login", timeout=30)
+    # a browser sends the Secure cookie back to http://127.0.0.1 (a secure context); requests does not
+    cookie = form.headers["Set-Cookie"].split(";", 1)[0]
+    answer = requests.post(
+        f"{running.url}/ui/login",
+        data={"token": TOKEN, "csrf": _csrf(form.text)},
+        headers={"Cookie": cookie},
+        allow_redirects=False,
+        timeout=30,
+    )
+    assert answer.status_code == 303 and answer.headers["Location"] == "/ui/"
+
+
+def test_waitress_still_refuses_a_large_body_without_a_token_under_ui(serve: Any) -> None:
+    running = serve()
+    body = b"token=x&csrf=y&pad=" + b"a" * (64 << 10)
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    answer = requests.post(f"{running.url}/ui/login", data=body, headers=headers, timeout=30)
+    assert answer.status_code == 401
+    assert answer.headers["Content-Type"] == "application/problem+json"
