@@ -43,6 +43,7 @@ from werkzeug.routing import RequestRedirect
 from werkzeug.wrappers import Response
 
 from rtseg.audit import job_trail
+from rtseg.cli_commands import provenance_lines
 from rtseg.errors import RtsegError
 from rtseg.jobs import FINAL, Job, JobError, JobState, PageQuery
 from rtseg.model.gate import read_gate_log
@@ -334,6 +335,7 @@ def model() -> str:
         problem = None
     except RtsegError as exc:
         info, problem = None, exc.message
+    lines = provenance_lines(info["name"], info["version"], info["provenance"]) if info else []
     registry = registry_of(model_dir(ctx)) if ctx.model_dir is not None else None
     versions = registry.list() if registry is not None else []
     history = registry.history() if registry is not None else []
@@ -342,7 +344,9 @@ def model() -> str:
         "console/model.html",
         info=info,
         problem=problem,
+        provenance=lines,
         registry=registry is not None,
+        current=registry.state().version if registry is not None else None,
         versions=list(reversed(versions)),
         history=list(reversed(history)),
         gates=list(reversed(gates)),

@@ -266,3 +266,41 @@ def test_waitress_still_refuses_a_large_body_without_a_token_under_ui(serve: Any
     answer = requests.post(f"{running.url}/ui/login", data=body, headers=headers, timeout=30)
     assert answer.status_code == 401
     assert answer.headers["Content-Type"] == "application/problem+json"
+
+
+# -- the model and health pages ---------------------------------------------------------------
+
+
+def test_the_model_page_shows_readable_provenance_and_the_registry_with_its_gate(
+    tmp_path: Path, store: JobStore
+) -> None:
+    from rtseg.model.gate import GATE_LOG
+    from rtseg.model.registry import Registry
+
+    registry = Registry(tmp_path)
+    current = registry.ensure()
+    gate = {"time": "2026-12-01T10:00:00+00:00", "candidate": "site/r3/abc", "accepted": False}
+    (registry.root / GATE_LOG).write_text(json.dumps(gate) + "\n")
+    client = create_app(make_settings(), store, tmp_path, registry.link).test_client()
+    _sign_in(client)
+    page = client.get("/ui/model", base_url=BASE).get_data(as_text=True)
+    assert "rtseg-peds-abdomen" in page and "NOT FOR CLINICAL USE" in page
+    assert "{&#39;kind&#39;" not in page and "{'kind'" not in page  # no raw Python dicts
+    assert f"{current.version} (current)" in page
+    assert "candidate=site/r3/abc" in page and "accepted=False" in page
+
+
+def test_the_health_page_shows_checks_queue_and_the_last_delivery_per_destination(
+    client: FlaskClient, store: JobStore
+) -> None:
+    _sign_in(client)
+    for state in (JobState.DONE, JobState.DEAD_LETTER):
+        job_id = _job(store, destinations=[{"name": "TPS"}])
+        store.claim_next()
+        store.transition(job_id, JobState.RUNNING, JobState.SENDING)
+        store.transition(job_id, JobState.SENDING, state)
+    page = client.get("/ui/health", base_url=BASE).get_data(as_text=True)
+    assert "no worker pool attached to this server" in page  # the same checks as /readyz
+    assert "done 1" in page and "dead_letter 1" in page
+    rows = re.findall(r"<tr><td>TPS</td><td><a href=\"/ui/jobs/(\w+)\">\w+</a></td><td>(\w+)</td>", page)
+    assert [(job[:8], delivery) for job, delivery in rows] == [(job_id[:8], "dead_letter")]
