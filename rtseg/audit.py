@@ -1,14 +1,19 @@
-"""Reading the node's audit trail (``<data dir>/audit/audit.log``, JSON lines).
+"""The audit trail: who sent what, when, which model, where the result went.
 
-The DICOM node writes it (``dicom_node.audit.AuditLog``); the HTTP face shows
-one job's part of it in the web console, so the reader lives in the core. The
-records name jobs, hashed series keys, AE titles and models, never a patient.
+A separate append-only JSON-lines file (``<data dir>/audit/audit.log``), one
+fsync'd line per event. It names peers (AE title, address), series and
+instances by their hashed keys (:func:`rtseg.privacy.uid_key`), models by
+name and version: never a patient name, ID or birth date. The DICOM node
+writes most of it; the web console reads a job's part and records its buttons.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +22,24 @@ from rtseg.jobs import Job
 log = logging.getLogger(__name__)
 
 AUDIT_LOG = Path("audit") / "audit.log"  # relative to the data directory
+
+
+class AuditLog:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+
+    def record(self, event: str, **fields: Any) -> None:
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": event, **fields}
+        line = json.dumps(entry, sort_keys=False, default=str) + "\n"
+        with self._lock, open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def entries(self) -> list[dict[str, Any]]:
+        return read_entries(self.path)
 
 
 def read_entries(path: Path) -> list[dict[str, Any]]:
