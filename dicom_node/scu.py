@@ -34,9 +34,9 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
-from dicom_node.deliveries import ACKED, DEAD, Delivery, DeliveryStore
 from dicom_node.spool import uid_key
 from rtseg.audit import AuditLog
+from rtseg.deliveries import ACKED, DEAD, Delivery, DeliveryStore
 from rtseg.jobs import Job, JobError, JobState, JobStore
 from rtseg.settings import NodeSettings, TlsSettings
 from rtseg.worker import rtstruct_uids, seg_uids
