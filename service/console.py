@@ -42,8 +42,9 @@ from werkzeug.exceptions import NotFound
 from werkzeug.routing import RequestRedirect
 from werkzeug.wrappers import Response
 
-from rtseg.audit import job_trail
+from rtseg.audit import AUDIT_LOG, AuditLog, job_trail
 from rtseg.cli_commands import provenance_lines
+from rtseg.deliveries import DeliveryStore, requeue_dead_letters
 from rtseg.errors import RtsegError
 from rtseg.jobs import FINAL, Job, JobError, JobState, PageQuery
 from rtseg.model.gate import read_gate_log
@@ -262,6 +263,7 @@ def job(job_id: str) -> tuple[str, int] | str:
         structures=found.result.get("structures", []),
         omitted=found.result.get("omitted", []),
         trail=[_trail_entry(e) for e in job_trail(ctx.data_dir, found)],
+        deliveries=_deliveries(ctx).for_job(found.id),
         preview=_has_preview(found),
         cancellable=found.state == JobState.QUEUED,
         final=found.state in FINAL,
@@ -307,6 +309,9 @@ def resegment(job_id: str) -> Response:
     except JobError as exc:
         flash(f"cannot resegment: {exc.message}")
         return redirect(url_for("console.job", job_id=job_id), 303)
+    _audit(ctx).record(
+        "resegment_requested", job=new.id, supersedes=job_id, series=new.series_key, by="console"
+    )
     log.info("job %s: resegmented from the console as job %s", job_id, new.id)
     flash(f"queued job {new.id}: it supersedes job {job_id}")
     return redirect(url_for("console.job", job_id=new.id), 303)
@@ -314,14 +319,42 @@ def resegment(job_id: str) -> Response:
 
 @bp.post("/jobs/<job_id>/cancel")
 def cancel(job_id: str) -> Response:
+    ctx = service()
     try:
-        service().store.cancel(job_id)
+        ctx.store.cancel(job_id)
     except JobError as exc:
         flash(f"cannot cancel: {exc.message}")
     else:
+        _audit(ctx).record("job_cancelled", job=job_id, by="console")
         log.info("job %s: cancelled from the console", job_id)
         flash("cancelled: the job will not be segmented")
     return redirect(url_for("console.job", job_id=job_id), 303)
+
+
+@bp.post("/jobs/<job_id>/retry")
+def retry(job_id: str) -> Response:
+    """A dead letter's deliveries back to the node's sender (as ``rtseg node retry JOB``)."""
+    ctx = service()
+    try:
+        requeued = requeue_dead_letters(ctx.store, _deliveries(ctx), _audit(ctx), [job_id])
+    except JobError as exc:
+        flash(f"cannot retry: {exc.message}")
+    else:
+        names = ", ".join(requeued.get(job_id, []))
+        flash(f"deliveries to {names} requeued: the node's sender tries them again")
+    return redirect(url_for("console.job", job_id=job_id), 303)
+
+
+def _audit(ctx: ServiceContext) -> AuditLog:
+    return AuditLog(ctx.data_dir / AUDIT_LOG)
+
+
+def _deliveries(ctx: ServiceContext) -> DeliveryStore:
+    """The delivery rows beside the job table (one store per app: its connections are per thread)."""
+    found = ctx.cache.get("deliveries")
+    if not isinstance(found, DeliveryStore):
+        found = ctx.cache["deliveries"] = DeliveryStore(ctx.store.db_path)
+    return found
 
 
 # -- the model and the node's health ------------------------------------------------------------

@@ -304,3 +304,46 @@ def test_the_health_page_shows_checks_queue_and_the_last_delivery_per_destinatio
     assert "done 1" in page and "dead_letter 1" in page
     rows = re.findall(r"<tr><td>TPS</td><td><a href=\"/ui/jobs/(\w+)\">\w+</a></td><td>(\w+)</td>", page)
     assert [(job[:8], delivery) for job, delivery in rows] == [(job_id[:8], "dead_letter")]
+
+
+def test_retry_sends_a_dead_letter_back_to_the_sender_and_audits_it(
+    client: FlaskClient, store: JobStore, tmp_path: Path
+) -> None:
+    from rtseg.audit import AUDIT_LOG, read_entries
+    from rtseg.deliveries import PENDING, DeliveryStore
+
+    _sign_in(client)
+    job_id = _job(store, destinations=[{"name": "TPS"}])
+    store.claim_next()
+    store.transition(job_id, JobState.RUNNING, JobState.SENDING)
+    store.transition(job_id, JobState.SENDING, JobState.DEAD_LETTER, error="TPS refused the association")
+    deliveries = DeliveryStore(tmp_path / "state.db")
+    deliveries.ensure(job_id, ["TPS"])
+    deliveries.failed(job_id, "TPS", "association rejected", 0.0, dead=True)
+    page = client.get(f"/ui/jobs/{job_id}", base_url=BASE).get_data(as_text=True)
+    assert "Retry delivery</button>" in page and "association rejected" in page
+    answer = _post(client, f"/ui/jobs/{job_id}/retry")
+    assert answer.status_code == 303
+    assert store.get(job_id).state == JobState.SENDING
+    assert [d.state for d in deliveries.for_job(job_id)] == [PENDING]
+    page = client.get(answer.headers["Location"], base_url=BASE).get_data(as_text=True)
+    assert "deliveries to TPS requeued" in page and "Retry delivery</button>" not in page
+    events = [e for e in read_entries(tmp_path / AUDIT_LOG) if e.get("job") == job_id]
+    assert [e["event"] for e in events] == ["delivery_requeued"]
+
+
+def test_retry_of_a_job_without_a_dead_delivery_says_so(client: FlaskClient, store: JobStore) -> None:
+    _sign_in(client)
+    job_id = _job(store)
+    answer = _post(client, f"/ui/jobs/{job_id}/retry")
+    page = client.get(answer.headers["Location"], base_url=BASE).get_data(as_text=True)
+    assert "cannot retry" in page and "with no dead delivery to retry" in page
+    assert store.get(job_id).state == JobState.QUEUED
+
+
+def test_the_console_s_buttons_are_in_the_audit_trail(client: FlaskClient, store: JobStore) -> None:
+    _sign_in(client)
+    job_id = _job(store)
+    _post(client, f"/ui/jobs/{job_id}/cancel")
+    page = client.get(f"/ui/jobs/{job_id}", base_url=BASE).get_data(as_text=True)
+    assert "job_cancelled" in page and "by=console" in page
