@@ -116,6 +116,14 @@ class DeliveryStore(SqliteTables):
         )
         return [Delivery(*row) for row in rows.fetchall()]
 
+    def latest(self) -> list[tuple[Delivery, float]]:
+        """Per destination, its most recently changed delivery and when it changed (epoch seconds)."""
+        rows = self._conn().execute(
+            "SELECT job_id, destination, state, attempts, next_attempt, last_error, MAX(updated)"
+            " FROM deliveries GROUP BY destination ORDER BY destination"
+        )  # SQLite takes the bare columns from the row of the MAX
+        return [(Delivery(*row[:6]), float(row[6])) for row in rows.fetchall()]
+
     def record_object(
         self, instance_key: str, kind: str, series_key: str, path: str, calling_ae: str
     ) -> None:

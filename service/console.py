@@ -65,7 +65,6 @@ SESSION_HOURS = 12
 CSP = "default-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
 OPEN = frozenset({"console.login", "console.static"})  # what needs no session
 FORM_MAX_BYTES = 4096  # a console form (token, CSRF token, next): the only body taken without a bearer token
-DELIVERY_SCAN = 500  # newest finished jobs looked at for the last delivery per destination
 
 
 @bp.record_once
@@ -400,16 +399,11 @@ def health() -> str:
 
 
 def last_deliveries(ctx: ServiceContext) -> list[dict[str, Any]]:
-    """Per destination, the newest job sent (or being sent) there and how its delivery stands."""
-    states = frozenset({JobState.SENDING, JobState.DONE, JobState.DEAD_LETTER})
-    page, _ = ctx.store.page(PageQuery(limit=DELIVERY_SCAN, states=states, source="dicom"))
-    latest: dict[str, dict[str, Any]] = {}
-    for item in (summarize(ctx.store, job) for job in page):
-        for dest in item["destinations"]:
-            name = str(dest.get("name"))
-            row = {"destination": name, "job": item["id"], **dest, "when": item["finished"]}
-            latest.setdefault(name, row)
-    return sorted(latest.values(), key=lambda d: d["destination"])
+    """Per destination, its latest delivery: job, state (pending, acked, dead), tries, last error, when."""
+    return [
+        {**vars(row), "when": datetime.fromtimestamp(updated, UTC).isoformat()}
+        for row, updated in _deliveries(ctx).latest()
+    ]
 
 
 def _clock(iso: str | None) -> str:

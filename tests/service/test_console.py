@@ -291,19 +291,23 @@ def test_the_model_page_shows_readable_provenance_and_the_registry_with_its_gate
 
 
 def test_the_health_page_shows_checks_queue_and_the_last_delivery_per_destination(
-    client: FlaskClient, store: JobStore
+    client: FlaskClient, store: JobStore, tmp_path: Path
 ) -> None:
+    from rtseg.deliveries import DeliveryStore
+
     _sign_in(client)
-    for state in (JobState.DONE, JobState.DEAD_LETTER):
-        job_id = _job(store, destinations=[{"name": "TPS"}])
-        store.claim_next()
-        store.transition(job_id, JobState.RUNNING, JobState.SENDING)
-        store.transition(job_id, JobState.SENDING, state)
+    deliveries = DeliveryStore(tmp_path / "state.db")
+    jobs = [_job(store, destinations=[{"name": "TPS"}, {"name": "PACS"}]) for _ in range(2)]
+    for job_id in jobs:
+        deliveries.ensure(job_id, ["TPS", "PACS"])
+        deliveries.acked(job_id, "PACS")
+    deliveries.failed(jobs[1], "TPS", "association rejected", 0.0, dead=True)
+    deliveries.acked(jobs[0], "TPS")  # the newest change at TPS: job 0 went through
     page = client.get("/ui/health", base_url=BASE).get_data(as_text=True)
     assert "no worker pool attached to this server" in page  # the same checks as /readyz
-    assert "done 1" in page and "dead_letter 1" in page
-    rows = re.findall(r"<tr><td>TPS</td><td><a href=\"/ui/jobs/(\w+)\">\w+</a></td><td>(\w+)</td>", page)
-    assert [(job[:8], delivery) for job, delivery in rows] == [(job_id[:8], "dead_letter")]
+    assert "queued 2" in page
+    rows = re.findall(r'<tr><td>(\w+)</td><td><a href="/ui/jobs/\w+">(\w+)</a></td><td>(\w+)</td>', page)
+    assert rows == [("PACS", jobs[1][:8], "acked"), ("TPS", jobs[0][:8], "acked")]
 
 
 def test_retry_sends_a_dead_letter_back_to_the_sender_and_audits_it(
