@@ -156,8 +156,7 @@ def _guard() -> Response | tuple[str, int] | None:
         return _error(413, "Too large", f"a console form is at most {FORM_MAX_BYTES} bytes")
     if request.method == "POST" and not _csrf_ok():
         log.warning("console: a form without a valid CSRF token was refused (%s)", request.endpoint)
-        detail = "the form was not sent by this console's page (missing or stale CSRF token): reload it"
-        return _error(400, "Bad request", detail)
+        return _error(400, "Bad request", _csrf_problem())
     if request.endpoint == "console.login" or _signed_in(service()):
         return None
     return redirect(url_for("console.login", next=request.full_path.rstrip("?")), 303)
@@ -166,6 +165,15 @@ def _guard() -> Response | tuple[str, int] | None:
 def _csrf_ok() -> bool:
     sent, kept = request.form.get("csrf", ""), session.get("csrf")
     return isinstance(kept, str) and bool(sent) and hmac.compare_digest(sent.encode(), kept.encode())
+
+
+def _csrf_problem() -> str:
+    if request.form.get("csrf") and session.get("csrf") is None:  # the page had a token: no cookie came back
+        return (
+            "your browser sent no console cookie: it keeps the console's Secure cookie only over https"
+            " (or on http://127.0.0.1 and http://localhost); open the console through the HTTPS proxy"
+        )
+    return "the form was not sent by this console's page (missing or stale CSRF token): reload it"
 
 
 @bp.after_request

@@ -351,3 +351,13 @@ def test_the_console_s_buttons_are_in_the_audit_trail(client: FlaskClient, store
     _post(client, f"/ui/jobs/{job_id}/cancel")
     page = client.get(f"/ui/jobs/{job_id}", base_url=BASE).get_data(as_text=True)
     assert "job_cancelled" in page and "by=console" in page
+
+
+def test_a_sign_in_whose_cookie_the_browser_dropped_says_why(client: FlaskClient) -> None:
+    # over plain http to a host other than 127.0.0.1/localhost a browser drops the Secure cookie
+    form = client.get("/ui/login", base_url=BASE).get_data(as_text=True)
+    client.delete_cookie("rtseg_console", path="/ui")
+    answer = client.post("/ui/login", data={"token": TOKEN, "csrf": _csrf(form)}, base_url=BASE)
+    assert answer.status_code == 400
+    assert "sent no console cookie" in answer.get_data(as_text=True)
+    assert "https" in answer.get_data(as_text=True)
