@@ -25,6 +25,8 @@ AUDIT_LOG = Path("audit") / "audit.log"  # relative to the data directory
 
 
 class AuditLog:
+    """The append-only audit file at ``path``: :meth:`record` one event, :meth:`entries` all of them."""
+
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)

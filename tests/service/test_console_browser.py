@@ -78,6 +78,10 @@ def test_chromium_signs_in_follows_a_job_to_done_and_sees_its_preview(
             page.goto(f"{rtseg_http}/ui/{name}")
             assert page.path == f"/ui/{name}"
             saved.append(page.screenshot(shots / f"console-{name}.png"))
+        page.eval("document.querySelector('form.logout button').click()")  # a CSRF-checked form
+        _wait_for_path(page, "/ui/login")
+        page.goto(f"{rtseg_http}/ui/")
+        assert page.path.startswith("/ui/login"), "still signed in after signing out"
     for path in saved:
         assert path.stat().st_size > 10_000  # a rendered page, not a blank image
         print(f"screenshot: {path}")
@@ -89,6 +93,13 @@ def _sign_in(page: Page) -> None:
     page.eval("document.querySelector('form.login button').click()")
     deadline = time.monotonic() + 30
     while page.path.startswith("/ui/login") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    page.settle()
+
+
+def _wait_for_path(page: Page, prefix: str) -> None:
+    deadline = time.monotonic() + 30
+    while not page.path.startswith(prefix) and time.monotonic() < deadline:
         time.sleep(0.2)
     page.settle()
 
