@@ -29,8 +29,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from dicom_node.audit import AuditLog
 from dicom_node.spool import Spool
+from rtseg.audit import AuditLog
 from rtseg.jobs import Job, JobError, JobState, JobStore
 from rtseg.rtstruct import amend_description
 from rtseg.settings import Caller, NodeSettings, Selection, Settings

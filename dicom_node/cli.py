@@ -125,8 +125,8 @@ def _print_failures(store: JobStore, limit: int) -> None:
 
 
 def _node_resegment(args: argparse.Namespace) -> int:
-    from dicom_node.audit import AuditLog
     from dicom_node.node import open_stores
+    from rtseg.audit import AuditLog
     from rtseg.jobs import JobError, state_db
 
     settings = load_settings(args.config)
@@ -149,9 +149,9 @@ def _node_resegment(args: argparse.Namespace) -> int:
 
 
 def _node_retry(args: argparse.Namespace) -> int:
-    from dicom_node.audit import AuditLog
     from dicom_node.node import open_stores
-    from dicom_node.scu import requeue_dead_letters
+    from rtseg.audit import AuditLog
+    from rtseg.deliveries import requeue_dead_letters
     from rtseg.jobs import state_db
 
     settings = load_settings(args.config)

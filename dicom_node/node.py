@@ -15,12 +15,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dicom_node.assembly import CT_KIND, Assembler
-from dicom_node.audit import AuditLog
-from dicom_node.deliveries import DeliveryStore
 from dicom_node.scp import RT_KIND, Receiver, start_scp
 from dicom_node.scu import Sender
 from dicom_node.spool import Spool
+from rtseg.audit import AuditLog
 from rtseg.closed_loop import SEGMENTED, ClosedLoop, config_from_settings
+from rtseg.deliveries import DeliveryStore
 from rtseg.jobs import FINAL, Job, JobState, JobStore, state_db
 from rtseg.privacy import redact_uids
 from rtseg.settings import Settings

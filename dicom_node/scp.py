@@ -48,10 +48,10 @@ from pynetdicom.sop_class import CTImageStorage, RTStructureSetStorage, Verifica
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from dicom_node.assembly import CT_KIND, Assembler, LateInstance, Peer, SeriesHeader
-from dicom_node.audit import AuditLog
-from dicom_node.deliveries import DeliveryStore
 from dicom_node.spool import Spool, uid_key
+from rtseg.audit import AuditLog
 from rtseg.ct import check_instance_size, series_uid_of, sop_uid_of
+from rtseg.deliveries import DeliveryStore
 from rtseg.errors import InputError, TooLargeError
 from rtseg.settings import DicomSettings
 

@@ -20,7 +20,7 @@ import logging
 import ssl
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +34,9 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
-from dicom_node.audit import AuditLog
-from dicom_node.deliveries import ACKED, DEAD, Delivery, DeliveryStore
 from dicom_node.spool import uid_key
+from rtseg.audit import AuditLog
+from rtseg.deliveries import ACKED, DEAD, Delivery, DeliveryStore
 from rtseg.jobs import Job, JobError, JobState, JobStore
 from rtseg.settings import NodeSettings, TlsSettings
 from rtseg.worker import rtstruct_uids, seg_uids
@@ -110,43 +110,6 @@ def echo(
     finally:
         assoc.release()
     return getattr(status, "Status", None) == 0x0000, time.perf_counter() - started
-
-
-def requeue_dead_letters(
-    store: JobStore, deliveries: DeliveryStore, audit: AuditLog, job_ids: Sequence[str] = ()
-) -> dict[str, list[str]]:
-    """An operator's retry: dead deliveries (of ``job_ids``, else all) go back to the sender.
-
-    Each dead delivery is pending again with its tries counted afresh, and a
-    dead-lettered job is ``sending`` again; a running node's sender picks them up.
-
-    Returns
-    -------
-    dict
-        Requeued destination names by job id (empty: nothing was dead).
-
-    Raises
-    ------
-    JobError
-        A given job does not exist or has no dead delivery (checked before anything changes).
-    """
-    jobs = [store.get(job_id) for job_id in job_ids]
-    for job in jobs:
-        if not any(d.state == DEAD for d in deliveries.for_job(job.id)):
-            raise JobError(f"job {job.id} is {job.state}, with no dead delivery to retry")
-    if not job_ids:
-        dead = {d.job_id for d in deliveries.dead(limit=1_000_000)}
-        jobs = [job for job in store.list({JobState.DEAD_LETTER, JobState.SENDING}) if job.id in dead]
-    return {job.id: _requeue(store, deliveries, audit, job) for job in jobs}
-
-
-def _requeue(store: JobStore, deliveries: DeliveryStore, audit: AuditLog, job: Job) -> list[str]:
-    names = deliveries.requeue(job.id)  # first, or the sender would settle the job as dead again
-    if job.state == JobState.DEAD_LETTER:
-        store.transition(job.id, JobState.DEAD_LETTER, JobState.SENDING, error=None)
-    audit.record("delivery_requeued", job=job.id, destinations=names)
-    log.info("job %s: deliveries to %s requeued by the operator", job.id, ", ".join(names))
-    return names
 
 
 class Sender:

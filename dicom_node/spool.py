@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from rtseg.privacy import uid_key
 
 if TYPE_CHECKING:
-    from dicom_node.audit import AuditLog
+    from rtseg.audit import AuditLog
 
 __all__ = ["Spool", "uid_key"]
 

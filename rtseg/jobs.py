@@ -52,7 +52,7 @@ class JobState(StrEnum):
 
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.RECEIVED: frozenset({JobState.QUEUED, JobState.SKIPPED, JobState.FAILED}),
-    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED}),
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED, JobState.SKIPPED}),  # skipped: cancelled
     JobState.RUNNING: frozenset({JobState.SENDING, JobState.DONE, JobState.FAILED, JobState.QUEUED}),
     JobState.SENDING: frozenset({JobState.DONE, JobState.DEAD_LETTER}),
     JobState.DEAD_LETTER: frozenset({JobState.SENDING}),  # an operator's retry
@@ -61,6 +61,7 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.SKIPPED: frozenset(),
 }
 FINAL = frozenset({JobState.DONE, JobState.FAILED, JobState.DEAD_LETTER, JobState.SKIPPED})
+CANCELLED = "cancelled by operator"  # the reason of a queued job an operator took off the queue
 
 
 class JobError(RtsegError):
@@ -441,6 +442,21 @@ class JobStore(SqliteTables):
         if output is not None:
             self.update(job.id, output_path=output)
         return self.transition(job.id, JobState.RECEIVED, JobState.QUEUED)
+
+    def cancel(self, job_id: str) -> Job:
+        """Take a queued job off the queue: ``queued → skipped``, reason "cancelled by operator".
+
+        Raises :class:`JobError` when the job is not (or no longer) queued: a
+        worker that claimed it first wins, and the job runs.
+        """
+        job = self.get(job_id)
+        if job.state != JobState.QUEUED:
+            raise JobError(f"only a queued job can be cancelled: this one is {job.state}")
+        try:
+            return self.transition(job_id, JobState.QUEUED, JobState.SKIPPED, error=CANCELLED)
+        except JobError:
+            state = self.get(job_id).state
+            raise JobError(f"only a queued job can be cancelled: this one is {state}") from None
 
     def delete(self, job_id: str) -> None:
         with self._tx() as db:

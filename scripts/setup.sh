@@ -14,13 +14,15 @@ command -v "$PY" >/dev/null || PY=python3
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 install_test_peers() {
-    # Real DICOM peers the tests talk to: dcmtk, Orthanc (with its DICOMweb plugin), dicom3tools, plastimatch.
+    # Real DICOM peers the tests talk to: dcmtk, Orthanc (with its DICOMweb plugin), dicom3tools,
+    # plastimatch; and a real browser for the web console's pages (headless Chromium).
     local missing=()
     command -v storescu >/dev/null || missing+=(dcmtk)
     command -v Orthanc >/dev/null || missing+=(orthanc)
     [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)  # STOW-RS client
     command -v dciodvfy >/dev/null || missing+=(dicom3tools)
     command -v plastimatch >/dev/null || missing+=(plastimatch)
+    command -v chromium >/dev/null || missing+=(chromium)
     if [ ${#missing[@]} -gt 0 ]; then
         echo "installing Debian packages: ${missing[*]}"
         as_root apt-get update -qq

@@ -9,7 +9,7 @@ from pathlib import Path
 from flask import Blueprint, Flask, Response, g, request
 
 from rtseg.jobs import JobStore
-from service import health, metrics, model, openapi, segmentations, stow
+from service import console, health, metrics, model, openapi, segmentations, stow
 from service.auth import require_token
 from service.context import ServiceContext, UploadRequest, Workers
 from service.problems import register_problem_handlers
@@ -66,7 +66,7 @@ def create_app(
     v1.register_blueprint(model.bp)
     app.register_blueprint(v1)
     app.register_blueprint(stow.bp)  # /dicomweb: STOW-RS, its own token check
-    for module in (health, metrics, openapi):
+    for module in (health, metrics, openapi, console):
         app.register_blueprint(module.bp)
     register_problem_handlers(app)
     _measure_requests(app, ctx.telemetry)

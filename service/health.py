@@ -22,14 +22,18 @@ def healthz() -> Response:
 
 @bp.get("/readyz")
 def readyz() -> tuple[Response, int]:
-    ctx = service()
-    checks = {"model": _model(ctx), "disk": _disk(ctx), "worker": _worker(ctx), "jobs": _jobs(ctx)}
+    checks = readiness(service())
     failed = [f"{name}: {c['detail']}" for name, c in checks.items() if not c["ok"]]
     if failed:  # an RFC 9457 problem that says what is missing, with every check
         return problem(
             503, "Service Unavailable", "; ".join(failed), slug="not-ready", extra={"checks": checks}
         ), 503
     return jsonify({"status": "ready", "checks": checks}), 200
+
+
+def readiness(ctx: ServiceContext) -> dict[str, dict[str, Any]]:
+    """Every check of ``/readyz`` (model, disk, worker, jobs): ``ok`` and a ``detail`` in words."""
+    return {"model": _model(ctx), "disk": _disk(ctx), "worker": _worker(ctx), "jobs": _jobs(ctx)}
 
 
 def _model(ctx: ServiceContext) -> dict[str, Any]:

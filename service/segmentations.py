@@ -165,7 +165,7 @@ DELIVERY = {JobState.SENDING: "pending", JobState.DONE: "delivered", JobState.DE
 def history() -> Response:
     """Jobs newest first, filtered by ``state``, ``since``, ``until``, ``source``, paged by ``cursor``."""
     ctx = service()
-    jobs, cursor = ctx.store.page(_page_query())
+    jobs, cursor = ctx.store.page(page_query())
     links = {"self": request.full_path.rstrip("?")}
     if cursor is not None:
         query: dict[str, Any] = {**request.args.to_dict(), "cursor": cursor}
@@ -216,7 +216,8 @@ def summarize(store: JobStore, job: Job) -> dict[str, Any]:
     }
 
 
-def _page_query() -> PageQuery:
+def page_query() -> PageQuery:
+    """The job-list filters of this request's query string (the JSON list and the console share it)."""
     args = request.args
     limit = _int_arg("limit", 50, 1, MAX_PAGE)
     states = frozenset(_state(s) for s in args.get("state", "").split(",") if s)

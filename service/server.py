@@ -25,6 +25,7 @@ from waitress.task import ErrorTask
 from waitress.utilities import Error
 
 from service.auth import authorization_problem
+from service.console import FORM_MAX_BYTES
 from service.problems import PROBLEM_JSON, TYPE_PREFIX
 from service.settings import HttpSettings
 
@@ -68,7 +69,9 @@ class TokenCheckingParser(HTTPRequestParser):  # type: ignore[misc]
 
     Whatever the path: the endpoints open without a token (health, metrics,
     OpenAPI) take no body, and anything else would otherwise be read up to
-    ``max_body_mb`` into a temp file first. ``digests`` is set per server.
+    ``max_body_mb`` into a temp file first. The one exception: the web
+    console's forms (a browser sends no bearer token), at most
+    :data:`~service.console.FORM_MAX_BYTES` declared up front. ``digests`` is set per server.
     """
 
     digests: tuple[str, ...] = ()
@@ -78,12 +81,17 @@ class TokenCheckingParser(HTTPRequestParser):  # type: ignore[misc]
     def received(self, data: bytes) -> int:
         in_headers = not self.headers_finished
         consumed: int = super().received(data)
-        if in_headers and self.headers_finished and not self.completed:  # a body is announced
+        if in_headers and self.headers_finished and not self.completed and not self._console_form():
             refused = authorization_problem(self.headers.get("AUTHORIZATION", ""), self.digests)
             if refused is not None:
                 self.error = Unauthorized(*refused)
                 self.completed = True  # the channel answers with the error task and closes
         return consumed
+
+    def _console_form(self) -> bool:
+        """A web console form (sign-in, a button): small and declared; the console checks session and CSRF."""
+        small = 0 < self.content_length <= FORM_MAX_BYTES and not self.chunked
+        return small and str(self.path).startswith("/ui/")
 
 
 class ProblemChannel(HTTPChannel):  # type: ignore[misc]

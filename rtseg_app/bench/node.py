@@ -83,10 +83,10 @@ def throughput(
 ) -> tuple[float, float]:
     """Best-of-``repeats`` seconds for (dcmtk storescp, rtseg SCP) receiving ``folder``."""
     from dicom_node.assembly import Assembler
-    from dicom_node.audit import AuditLog
     from dicom_node.node import open_stores
     from dicom_node.scp import Receiver, start_scp
     from dicom_node.spool import Spool
+    from rtseg.audit import AuditLog
     from rtseg.settings import load_settings
 
     dcmtk, ours = [], []

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from dicom_node.assembly import Assembler, LateInstance, Peer, SeriesHeader, select
-from dicom_node.audit import AuditLog
 from dicom_node.spool import Spool, uid_key
+from rtseg.audit import AuditLog
 from rtseg.jobs import JobState, JobStore
 from rtseg.settings import Selection, load_settings
 

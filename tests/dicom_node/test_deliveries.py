@@ -14,10 +14,10 @@ from node_helpers import Storescp, wait_for
 from pynetdicom.sop_class import RTStructureSetStorage  # type: ignore[attr-defined]
 from test_scp import _dataset
 
-from dicom_node.audit import AuditLog
-from dicom_node.deliveries import PENDING
 from dicom_node.node import Loop, open_stores
 from dicom_node.scu import Sender
+from rtseg.audit import AuditLog
+from rtseg.deliveries import PENDING
 from rtseg.jobs import Job, JobState, JobStore
 from rtseg.settings import NodeSettings, TlsSettings
 

@@ -20,10 +20,10 @@ import pytest
 from node_helpers import no_patient_data, storescu, subset_series
 
 from dicom_node.assembly import Assembler
-from dicom_node.audit import AuditLog
 from dicom_node.node import open_stores
 from dicom_node.scp import Receiver, start_scp
 from dicom_node.spool import Spool, uid_key
+from rtseg.audit import AuditLog
 from rtseg.jobs import Job, JobState
 from rtseg.settings import load_settings
 

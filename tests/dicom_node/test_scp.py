@@ -27,10 +27,10 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, RTStructureSetStorage  # type: ignore[attr-defined]
 
 from dicom_node.assembly import Assembler
-from dicom_node.audit import AuditLog
 from dicom_node.node import open_stores
 from dicom_node.scp import Receiver, start_scp
 from dicom_node.spool import Spool
+from rtseg.audit import AuditLog
 from rtseg.jobs import JobState
 from rtseg.settings import Settings, load_settings
 

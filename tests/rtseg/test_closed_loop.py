@@ -240,8 +240,8 @@ def _counting_ct_loads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def test_malformed_approved_rtstruct_is_quarantined_and_the_next_one_processed(
     node: dict[str, object], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from dicom_node.audit import AuditLog
     from dicom_node.node import Loop
+    from rtseg.audit import AuditLog
 
     data, store, truth = node["data"], node["store"], node["truth"]
     assert isinstance(data, Path) and isinstance(store, JobStore)

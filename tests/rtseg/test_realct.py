@@ -21,10 +21,10 @@ import pytest
 from pynetdicom import AE, _config
 
 from dicom_node.assembly import Assembler
-from dicom_node.audit import AuditLog
 from dicom_node.node import open_stores
 from dicom_node.scp import Receiver, start_scp
 from dicom_node.spool import Spool
+from rtseg.audit import AuditLog
 from rtseg.ct import MIN_SLICES, find_series, load_series
 from rtseg.errors import InputError
 from rtseg.jobs import JobState

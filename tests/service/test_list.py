@@ -18,11 +18,11 @@ import requests
 from svc_helpers import Running
 
 from dicom_node.assembly import Assembler
-from dicom_node.audit import AuditLog
 from dicom_node.dcmtk import require_dcmtk_tool
-from dicom_node.deliveries import DeliveryStore
 from dicom_node.scp import Receiver, start_scp
 from dicom_node.spool import Spool
+from rtseg.audit import AuditLog
+from rtseg.deliveries import DeliveryStore
 from rtseg.jobs import JobState
 from rtseg.settings import load_settings
 

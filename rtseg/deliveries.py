@@ -9,10 +9,15 @@ keeps one instance. RT Structure Sets received by the SCP are recorded here too.
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from rtseg.jobs import SqliteTables
+from rtseg.audit import AuditLog
+from rtseg.jobs import Job, JobError, JobState, JobStore, SqliteTables
+
+log = logging.getLogger(__name__)
 
 PENDING, ACKED, DEAD = "pending", "acked", "dead"
 
@@ -111,6 +116,14 @@ class DeliveryStore(SqliteTables):
         )
         return [Delivery(*row) for row in rows.fetchall()]
 
+    def latest(self) -> list[tuple[Delivery, float]]:
+        """Per destination, its most recently changed delivery and when it changed (epoch seconds)."""
+        rows = self._conn().execute(
+            "SELECT job_id, destination, state, attempts, next_attempt, last_error, MAX(updated)"
+            " FROM deliveries GROUP BY destination ORDER BY destination"
+        )  # SQLite takes the bare columns from the row of the MAX
+        return [(Delivery(*row[:6]), float(row[6])) for row in rows.fetchall()]
+
     def record_object(
         self, instance_key: str, kind: str, series_key: str, path: str, calling_ae: str
     ) -> None:
@@ -129,3 +142,40 @@ class DeliveryStore(SqliteTables):
         if conn is not None:
             conn.close()
             self._local.conn = None
+
+
+def requeue_dead_letters(
+    store: JobStore, deliveries: DeliveryStore, audit: AuditLog, job_ids: Sequence[str] = ()
+) -> dict[str, list[str]]:
+    """An operator's retry: dead deliveries (of ``job_ids``, else all) go back to the sender.
+
+    Each dead delivery is pending again with its tries counted afresh, and a
+    dead-lettered job is ``sending`` again; a running node's sender picks them up.
+
+    Returns
+    -------
+    dict
+        Requeued destination names by job id (empty: nothing was dead).
+
+    Raises
+    ------
+    JobError
+        A given job does not exist or has no dead delivery (checked before anything changes).
+    """
+    jobs = [store.get(job_id) for job_id in job_ids]
+    for job in jobs:
+        if not any(d.state == DEAD for d in deliveries.for_job(job.id)):
+            raise JobError(f"job {job.id} is {job.state}, with no dead delivery to retry")
+    if not job_ids:
+        dead = {d.job_id for d in deliveries.dead(limit=1_000_000)}
+        jobs = [job for job in store.list({JobState.DEAD_LETTER, JobState.SENDING}) if job.id in dead]
+    return {job.id: _requeue(store, deliveries, audit, job) for job in jobs}
+
+
+def _requeue(store: JobStore, deliveries: DeliveryStore, audit: AuditLog, job: Job) -> list[str]:
+    names = deliveries.requeue(job.id)  # first, or the sender would settle the job as dead again
+    if job.state == JobState.DEAD_LETTER:
+        store.transition(job.id, JobState.DEAD_LETTER, JobState.SENDING, error=None)
+    audit.record("delivery_requeued", job=job.id, destinations=names)
+    log.info("job %s: deliveries to %s requeued by the operator", job.id, ", ".join(names))
+    return names
