@@ -130,7 +130,20 @@ def labels(job_id: str) -> Response:
 
 @bp.get("/<job_id>/preview.png")
 def preview(job_id: str) -> Response:
-    """The contour preview (PNG): drawn from the job's RTSTRUCT and CT on first request, then kept."""
+    """The contour preview (PNG): drawn from the job's RTSTRUCT and CT on first request, then kept.
+
+    A DICOM job's CT is not kept after its RTSTRUCT is sent, so its preview is the one the
+    worker wrote (``[node] write_preview = true``).
+    """
+    ctx = service()
+    found = ctx.store.find(job_id)
+    if found is not None and found.source != "http":
+        kept = ctx.job_dir(found.id) / PREVIEW_FILE
+        if not kept.is_file():
+            raise HttpProblem(
+                404, "no-preview", "no preview kept for this DICOM job: set [node] write_preview = true"
+            )
+        return send_file(kept, mimetype="image/png", download_name=f"{found.id}.png")
     job = _finished(job_id)
     if job.meta.get("input_kind") == "nifti":
         raise HttpProblem(404, "no-preview", "a NIfTI upload yields a label map only: no contours to preview")

@@ -223,10 +223,6 @@ def test_the_preview_comes_from_the_api_route_for_a_signed_in_console(
     tmp_path: Path, store: JobStore
 ) -> None:
     app = create_app(make_settings(), store, tmp_path)
-    # stands in for the preview route of issue 19 point 2 (another slice): any view at that URL
-    app.add_url_rule(
-        "/v1/segmentations/<job_id>/preview.png", "preview_stand_in", lambda job_id: f"PNG of {job_id}"
-    )
     client = app.test_client()
     job_id = _job(store)
     store.claim_next()
@@ -235,10 +231,15 @@ def test_the_preview_comes_from_the_api_route_for_a_signed_in_console(
     _sign_in(client)
     page = client.get(f"/ui/jobs/{job_id}", base_url=BASE).get_data(as_text=True)
     assert f'<img class="preview" src="/ui/jobs/{job_id}/preview.png"' in page
-    assert (
-        client.get(f"/ui/jobs/{job_id}/preview.png", base_url=BASE).get_data(as_text=True)
-        == f"PNG of {job_id}"
-    )
+    missing = client.get(f"/ui/jobs/{job_id}/preview.png", base_url=BASE)
+    assert missing.status_code == 404 and "write_preview" in missing.get_json()["detail"]
+    kept = tmp_path / "jobs" / job_id / "preview.png"  # what the worker writes with [node] write_preview
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_bytes(b"\x89PNG\r\n\x1a\n kept by the worker")
+    answer = client.get(f"/ui/jobs/{job_id}/preview.png", base_url=BASE)
+    assert answer.status_code == 200 and answer.data == kept.read_bytes()
+    api = client.get(f"/v1/segmentations/{job_id}/preview.png", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert api.status_code == 200 and api.data == kept.read_bytes()
 
 
 # -- through waitress: its token check before the body must let the console's small forms in ------
