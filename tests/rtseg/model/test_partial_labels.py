@@ -71,5 +71,52 @@ def test_unknown_structure_outside_the_label_table_is_refused(tmp_path: Path) ->
     hu, full = _phantom()
     with pytest.raises(InputError, match="Pancreas"):
         write_raw_dataset(
-            nnunet_dirs(tmp_path).raw, 952, "Bad", [("a", hu, SPACING, full)], LABELS, unknown={"a": {"Pancreas"}}
+            nnunet_dirs(tmp_path).raw,
+            952,
+            "Bad",
+            [("a", hu, SPACING, full)],
+            LABELS,
+            unknown={"a": {"Pancreas"}},
         )
+
+
+@pytest.mark.slow
+def test_mixed_cohort_trains_and_exported_model_has_no_ignore_output(tmp_path: Path) -> None:
+    """Half the cases lack Dark: nnU-Net trains with the ignore label; the model never predicts it."""
+    import torch
+    from test_model import LABELS as SYNTH
+    from test_model import SPACING as SYNTH_SPACING
+    from test_model import TINY, TINY_TRAIN, synthetic_case
+
+    from rtseg.model.manifest import ModelManifest, default_provenance, structures_from_dataset_json
+    from rtseg.model.segmenter import NnunetSegmenter
+    from rtseg.model.training import export_model, plan_and_preprocess, train
+
+    cases, unknown = [], {}
+    for i in range(6):
+        hu, labels = synthetic_case(i)
+        if i % 2:
+            labels[labels == SYNTH["Dark"]] = 0  # nobody contoured it
+            unknown[f"case{i:02d}"] = {"Dark"}
+        cases.append((f"case{i:02d}", hu, SYNTH_SPACING, labels))
+    work = tmp_path / "work"
+    write_raw_dataset(nnunet_dirs(work).raw, 953, "Mixed", cases, SYNTH, unknown=unknown)
+    plan_and_preprocess(work, 953, TINY)
+    results = train(work, 953, TINY_TRAIN)
+    assert json.loads((results / "dataset.json").read_text())["labels"][IGNORE] == 3
+    dataset = json.loads((results / "dataset.json").read_text())
+    manifest = ModelManifest(
+        name="mixed",
+        version="0.0.1",
+        structures=structures_from_dataset_json(dataset),
+        provenance=default_provenance(training_data={"cases": 6}, seeds={"training": 0}),
+    )
+    model = export_model(results, tmp_path / "model", manifest)
+
+    assert json.loads((model / "dataset.json").read_text())["labels"] == SYNTH  # a plain model outside
+    weights = torch.load(model / "fold_all" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    heads = [v for k, v in weights["network_weights"].items() if "seg_layers" in k and k.endswith("weight")]
+    assert {int(w.shape[0]) for w in heads} == {len(SYNTH)}  # background, Bright, Dark: no ignore channel
+    probe = synthetic_case(100)[0]
+    predicted = NnunetSegmenter(model, device="cpu", threads=1).predict_canonical(probe, SYNTH_SPACING)
+    assert set(np.unique(predicted).tolist()) <= set(SYNTH.values())
