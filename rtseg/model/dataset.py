@@ -65,6 +65,8 @@ def write_raw_dataset(
     folder = Path(raw_root) / dataset_folder_name(dataset_id, name)
     had_ignore = _check_existing_labels(folder / "dataset.json", labels)
     ignore = max(labels.values()) + 1
+    if partial and ignore > 255:
+        raise InputError("no uint8 label id left for the ignore label: at most 254 labels with partial cases")
     for sub in ("imagesTr", "labelsTr", "imagesTs"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     allowed = np.array(sorted(labels.values()))
@@ -74,9 +76,9 @@ def write_raw_dataset(
         if label is None:
             _write(folder / "imagesTs" / f"{case_id}_0000.nii.gz", _hu(image), spacing)
             continue
-        unknown = np.setdiff1d(np.unique(label), allowed)
-        if unknown.size:
-            raise InputError(f"case {case_id}: label values {unknown.tolist()} are not in the label table")
+        foreign = np.setdiff1d(np.unique(label), allowed)
+        if foreign.size:
+            raise InputError(f"case {case_id}: label values {foreign.tolist()} are not in the label table")
         if case_id in partial:
             label = mark_unknown(label, image, spacing, labels.get(EXTERNAL), ignore)
             had_ignore = True
