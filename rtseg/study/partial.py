@@ -97,11 +97,12 @@ def make_partial(full: Path, out: Path, spec: PartialSpec) -> list[str]:
     label_of = {s.name: s.label for s in STRUCTURES}
     for index in partial:
         kept = set(rng.choice(OAR_NAMES, size=spec.kept_oars, replace=False).tolist())
-        _drop(dirs[index], kept, label_of)
+        drop_structures(dirs[index], kept, label_of)
     return [dirs[i].name for i in partial]
 
 
-def _drop(case_dir: Path, kept: set[str], label_of: dict[str, int]) -> None:
+def drop_structures(case_dir: Path, kept: set[str], label_of: dict[str, int]) -> None:
+    """As if a person had contoured only External and ``kept``: the rest become External, "unknown"."""
     labels, affine = read_label_image(case_dir / LABELS_FILE)
     for name in OAR_NAMES:
         if name not in kept:
