@@ -8,7 +8,8 @@ it, so a misaligned label map is an error, never silently wrong training data.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,10 @@ from rtseg.volume import CTVolume, Orientation
 
 LABELS_FILE = "labels.nii.gz"
 CT_DIR = "ct"
+RECORD_FILE = "case.json"
+# case.json "structures" states: drawn by a person, filled by a model, or nobody knows
+CONTOURED, FILLED, UNKNOWN = "contoured", "filled", "unknown"
+STATES = (CONTOURED, FILLED, UNKNOWN)
 
 
 @dataclass(frozen=True, eq=False)
@@ -71,3 +76,31 @@ def load_case(case_dir: Path) -> LabelledCase:
 def iter_cases(root: Path) -> Iterator[LabelledCase]:
     for case_dir in case_dirs(root):
         yield load_case(case_dir)
+
+
+def structure_states(case_dir: Path) -> dict[str, str]:
+    """``case.json``'s ``{structure: "contoured"|"filled"|"unknown"}``; empty without a record.
+
+    A case without ``case.json`` (a phantom, an older closed-loop case) is fully labelled.
+    """
+    path = case_dir / RECORD_FILE
+    if not path.is_file():
+        return {}
+    try:
+        states = json.loads(path.read_text()).get("structures", {})
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise InputError(f"not a case record: {exc}", source=str(path)) from exc
+    if not isinstance(states, dict) or not all(v in STATES for v in states.values()):
+        raise InputError(f"'structures' must map names to one of {STATES}", source=str(path))
+    return {str(k): str(v) for k, v in states.items()}
+
+
+def unknown_structures(roots: Iterable[Path]) -> dict[str, frozenset[str]]:
+    """Case id → the structures nobody contoured, for the cases of ``roots`` that have any."""
+    out: dict[str, frozenset[str]] = {}
+    for root in roots:
+        for case_dir in case_dirs(root):
+            unknown = frozenset(n for n, state in structure_states(case_dir).items() if state == UNKNOWN)
+            if unknown:
+                out[case_dir.name] = unknown
+    return out

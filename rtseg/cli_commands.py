@@ -526,7 +526,7 @@ def _by_structure(per: Any) -> list[tuple[str, int]]:
 
 
 def _register_cases(sub: Any, handlers: dict[str, Handler]) -> dict[str, Any]:
-    p = sub.add_parser("cases", help="a site's own contoured cases: ROI names, import")
+    p = sub.add_parser("cases", help="a site's own contoured cases: ROI names, import, report")
     csub = p.add_subparsers(dest="cases_command", required=True, metavar="ACTION")
     q = csub.add_parser(
         "names", help="every ROI name of the RTSTRUCTs under a folder, what it maps to (TG-263) and why"
@@ -557,6 +557,12 @@ def _register_cases(sub: Any, handlers: dict[str, Handler]) -> dict[str, Any]:
         help="a StructureSetLabel that also counts as approved (repeatable)",
     )
     q.set_defaults(cases_action=_cases_import, any_approval=False)
+    q = csub.add_parser("report", help="per site: cases, structures per case, volumes, coverage heat map")
+    q.add_argument(
+        "--cases", type=Path, required=True, help="a site's cases folder, or a folder of site folders"
+    )
+    q.add_argument("--out", type=Path, help="write the coverage heat map (cases × structures) to this PNG")
+    q.set_defaults(cases_action=_cases_report)
     handlers["cases"] = _cmd_cases
     return sources
 
@@ -570,6 +576,19 @@ def _cases_import(args: argparse.Namespace) -> int:
     print(f"importing structure sets under {args.source} into {args.out}", flush=True)
     report = import_folder(args.source, args.out, options, progress=print_import_item)
     print_import_summary(report, args.out)
+    return 0
+
+
+def _cases_report(args: argparse.Namespace) -> int:
+    from rtseg.case_report import coverage_png, coverage_summary, report_table, site_folders, site_report
+
+    reports = [site_report(folder) for folder in site_folders(args.cases)]
+    for report in reports:
+        print(report_table(report))
+    total = coverage_summary(reports)
+    print(", ".join(f"{total[state]} {state}" for state in ("contoured", "filled", "unknown")), "in all")
+    if args.out is not None:
+        print(f"coverage heat map: {coverage_png(reports, args.out)}")
     return 0
 
 

@@ -75,6 +75,7 @@ def site_config(site: Site, run_config: CpuConfig) -> CpuConfig:
 
 def prepare_data(site: Site, labels: dict[str, int], spacing: tuple[float, float, float]) -> SiteFingerprint:
     """Write the site's cases as the nnU-Net raw dataset (resampled once) and fingerprint them."""
+    from rtseg.cases import unknown_structures
     from rtseg.model.default import canonical_cases
 
     raw_root = nnunet_dirs(site.work_dir).raw
@@ -90,7 +91,8 @@ def prepare_data(site: Site, labels: dict[str, int], spacing: tuple[float, float
                 accumulator.add(image, spacing_zyx, label)
             yield case_id, image, spacing_zyx, label
 
-    write_raw_dataset(raw_root, DATASET_ID, DATASET_NAME, cases(), labels)
+    unknown = unknown_structures([site.data_dir])  # imported cases: unknown → nnU-Net's ignore label
+    write_raw_dataset(raw_root, DATASET_ID, DATASET_NAME, cases(), labels, unknown=unknown)
     result = accumulator.result()
     (site.work_dir / "fingerprint.json").write_text(json.dumps(result.__dict__))
     log.info("site %s: %d cases prepared, %d foreground voxels", site.site_id, result.n_cases, result.count)

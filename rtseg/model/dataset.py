@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +12,14 @@ import numpy as np
 import numpy.typing as npt
 import SimpleITK as sitk
 
+from rtseg.body import body_mask
 from rtseg.errors import InputError
 
 # (case id, HU array [z, y, x] canonical, spacing (z, y, x) mm, labels [z, y, x] or None)
 Case = tuple[str, npt.NDArray[Any], tuple[float, float, float], npt.NDArray[Any] | None]
 
+IGNORE = "ignore"  # nnU-Net v2's ignore label: its voxels count in no loss term
+EXTERNAL = "External"  # the body outline's label: in a partial case it also covers unknown organs
 _CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
 _DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9\-]*$")  # nnU-Net splits folder names on "_"
 
@@ -35,6 +38,7 @@ def write_raw_dataset(
     name: str,
     cases: Iterable[Case],
     labels: Mapping[str, int],
+    unknown: Mapping[str, Collection[str]] | None = None,
 ) -> Path:
     """Write ``cases`` as an nnU-Net raw dataset under ``raw_root``; returns the dataset folder.
 
@@ -50,10 +54,19 @@ def write_raw_dataset(
     labels
         ``dataset.json`` labels, ``{"background": 0, name: id, ...}``; every label
         array may only contain these ids.
+    unknown
+        Case id → structures nobody contoured in that case (``case.json`` "unknown").
+        Such a case's unlabelled and External voxels inside the body become the
+        ignore label (see :func:`mark_unknown`), and ``dataset.json`` then declares
+        ``"ignore"`` as the highest id, so nnU-Net's loss skips them.
     """
     labels = _checked_labels(labels)
+    partial = _checked_unknown(unknown or {}, labels)
     folder = Path(raw_root) / dataset_folder_name(dataset_id, name)
-    _check_existing_labels(folder / "dataset.json", labels)
+    had_ignore = _check_existing_labels(folder / "dataset.json", labels)
+    ignore = max(labels.values()) + 1
+    if partial and ignore > 255:
+        raise InputError("no uint8 label id left for the ignore label: at most 254 labels with partial cases")
     for sub in ("imagesTr", "labelsTr", "imagesTs"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     allowed = np.array(sorted(labels.values()))
@@ -63,9 +76,12 @@ def write_raw_dataset(
         if label is None:
             _write(folder / "imagesTs" / f"{case_id}_0000.nii.gz", _hu(image), spacing)
             continue
-        unknown = np.setdiff1d(np.unique(label), allowed)
-        if unknown.size:
-            raise InputError(f"case {case_id}: label values {unknown.tolist()} are not in the label table")
+        foreign = np.setdiff1d(np.unique(label), allowed)
+        if foreign.size:
+            raise InputError(f"case {case_id}: label values {foreign.tolist()} are not in the label table")
+        if case_id in partial:
+            label = mark_unknown(label, image, spacing, labels.get(EXTERNAL), ignore)
+            had_ignore = True
         _write(folder / "imagesTr" / f"{case_id}_0000.nii.gz", _hu(image), spacing)
         _write(folder / "labelsTr" / f"{case_id}.nii.gz", label.astype(np.uint8), spacing)
         n_training += 1
@@ -73,13 +89,46 @@ def write_raw_dataset(
         raise InputError("no labelled case: nothing to train on")
     doc = {
         "channel_names": {"0": "CT"},
-        "labels": labels,
+        "labels": {**labels, IGNORE: ignore} if had_ignore else labels,
         "numTraining": len(list((folder / "labelsTr").glob("*.nii.gz"))),
         "file_ending": ".nii.gz",
         "name": name,
     }
     (folder / "dataset.json").write_text(json.dumps(doc, indent=2) + "\n")
     return folder
+
+
+def mark_unknown(
+    label: npt.NDArray[Any],
+    image: npt.NDArray[Any],
+    spacing: tuple[float, float, float],
+    external: int | None,
+    ignore: int,
+) -> npt.NDArray[np.uint8]:
+    """A partial case's label map with every voxel an unknown structure could occupy set to ``ignore``.
+
+    Those are the voxels inside the body (the labelled voxels and the body
+    outline found on the CT, :func:`rtseg.body.body_mask`) that carry no
+    contoured organ: background or External, since a clinician's BODY contour
+    covers the organs nobody drew. Outside the body every structure is truly
+    absent, so background stays background there; contoured organs stay as they are.
+    """
+    out = label.astype(np.uint8)
+    body = body_mask(image, spacing) | (out > 0)
+    free = out == 0
+    if external is not None:
+        free |= out == external
+    out[body & free] = ignore
+    return out
+
+
+def _checked_unknown(unknown: Mapping[str, Collection[str]], labels: dict[str, int]) -> set[str]:
+    """Ids of the cases with unknown structures; every structure named must be in the label table."""
+    for case_id, names in unknown.items():
+        foreign = sorted(set(names) - set(labels) - {"background"})
+        if foreign:
+            raise InputError(f"case {case_id}: unknown structures {foreign} are not in the label table")
+    return {case_id for case_id, names in unknown.items() if names}
 
 
 def _checked_labels(labels: Mapping[str, int]) -> dict[str, int]:
@@ -94,13 +143,15 @@ def _checked_labels(labels: Mapping[str, int]) -> dict[str, int]:
     return dict(sorted(out.items(), key=lambda kv: kv[1]))
 
 
-def _check_existing_labels(path: Path, labels: dict[str, int]) -> None:
-    """Data added to an existing dataset must use the same label table."""
+def _check_existing_labels(path: Path, labels: dict[str, int]) -> bool:
+    """Data added to an existing dataset must use the same label table; True if it declares ``ignore``."""
     if not path.is_file():
-        return
-    old = json.loads(path.read_text()).get("labels")
+        return False
+    old = dict(json.loads(path.read_text()).get("labels") or {})
+    had_ignore = old.pop(IGNORE, None) is not None
     if old != labels:
         raise InputError(f"labels {labels} differ from those of the existing dataset {old}", source=str(path))
+    return had_ignore
 
 
 def _check_case(

@@ -6,6 +6,7 @@ the configuration is :class:`rtseg.model.cpu.CpuConfig`.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 from rtseg.errors import InputError, ModelError
 from rtseg.model.children import ProgressCallback, dataset_folder, nnunet_dirs, run_child
 from rtseg.model.cpu import PLANS_IDENTIFIER, CpuConfig, validate_config
+from rtseg.model.dataset import IGNORE
 from rtseg.model.manifest import ModelManifest, read_json, save_manifest
 
 
@@ -77,14 +79,17 @@ def export_model(
     """
     results_dir, out_dir = Path(results_dir), Path(out_dir)
     dataset = read_json(results_dir / "dataset.json")
-    if dataset.get("labels") != manifest.labels():
+    # nnU-Net's ignore label has no output channel: the exported model is a plain one
+    dataset["labels"] = {k: v for k, v in dict(dataset.get("labels") or {}).items() if k != IGNORE}
+    if dataset["labels"] != manifest.labels():
         raise ModelError(
             f"manifest structures {manifest.labels()} do not match"
             f" dataset.json labels {dataset.get('labels')}",
             source=str(results_dir),
         )
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("dataset.json", "plans.json", "dataset_fingerprint.json"):
+    (out_dir / "dataset.json").write_text(json.dumps(dataset, indent=2) + "\n")
+    for name in ("plans.json", "dataset_fingerprint.json"):
         if (results_dir / name).is_file():
             shutil.copyfile(results_dir / name, out_dir / name)
     for fold in manifest.folds:

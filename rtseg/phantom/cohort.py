@@ -410,8 +410,11 @@ def write_label_image(labels_kji: npt.NDArray[Any], affine: npt.NDArray[np.float
 
 
 def read_label_image(path: Path) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float64]]:
-    """Read a label NIfTI as ([k, j, i] array, affine in LPS)."""
-    image: Any = sitk.ReadImage(str(path))
+    """Read a label NIfTI as ([k, j, i] array, affine in LPS); unreadable: :class:`InputError`."""
+    try:
+        image: Any = sitk.ReadImage(str(path))
+    except RuntimeError as exc:  # SimpleITK's only exception type
+        raise InputError("not a readable label image (NIfTI)", source=str(path)) from exc
     arr = sitk.GetArrayFromImage(image).astype(np.uint8)
     direction = np.asarray(image.GetDirection()).reshape(3, 3)
     affine = np.eye(4)

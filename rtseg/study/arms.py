@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from rtseg.cases import unknown_structures
 from rtseg.errors import FederationError
 from rtseg.model.children import EpochProgress, nnunet_dirs
 from rtseg.model.cpu import CpuConfig
@@ -81,7 +82,12 @@ def train_arm(
         shutil.rmtree(nnunet)  # an interrupted attempt: start the arm again from its cases
     name = "Study-" + arm.replace("-", "")
     write_raw_dataset(
-        nnunet_dirs(nnunet).raw, DATASET_ID, name, _cases(cohort_dirs, config), dataset_labels()
+        nnunet_dirs(nnunet).raw,
+        DATASET_ID,
+        name,
+        _cases(cohort_dirs, config),
+        dataset_labels(),
+        unknown=unknown_structures(cohort_dirs),  # imported site cases: unknown → ignore label
     )
     # nnU-Net's planner sets torch threads from the augmentation workers: it needs at least one
     plan_and_preprocess(nnunet, DATASET_ID, replace(config, da_workers=max(1, config.da_workers)))
