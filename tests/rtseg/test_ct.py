@@ -467,7 +467,7 @@ def test_several_ct_series_need_a_choice(tmp_path: Path) -> None:
         tmp_path / "b", hu=_canonical((4, 20, 24)), seed="second", series_description="Abdomen 1.0"
     )
     error = _error(tmp_path, "found 2 CT series", "Abdomen 3.0 venous", "Abdomen 1.0", "6 files", "4 files")
-    assert "series_uid" in error.message and error.source == str(tmp_path)
+    assert "--series" in error.message and error.source == str(tmp_path)
     assert first.info.series_instance_uid[-12:] in error.message
     _assert_loaded(load_series(tmp_path, series_uid=first.info.series_instance_uid), first)
     # The shortened UID printed in the message selects the series too.

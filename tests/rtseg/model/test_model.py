@@ -100,7 +100,7 @@ def _copy_model(model: Path, target: Path, *, manifest: bool = True) -> Path:
 def _model_imports() -> dict[str, set[str]]:
     """rtseg.model's modules and the rtseg.model modules each one names: imports anywhere in the
     file (inside functions too) and module names in strings (``python -m rtseg.model._run``)."""
-    folder = Path(__file__).resolve().parents[1] / "rtseg" / "model"
+    folder = Path(__file__).resolve().parents[3] / "rtseg" / "model"
     modules = {f"rtseg.model.{f.stem}": f for f in folder.glob("*.py") if f.stem != "__init__"}
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
