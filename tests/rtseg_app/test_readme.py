@@ -34,6 +34,14 @@ def section(text: str, heading: str) -> str:
     return text[start : end if end != -1 else len(text)]
 
 
+def quick_start() -> str:
+    """The "### Quick start" of the README's "HTTP API" section, up to the next heading."""
+    text = section(README.read_text(), "HTTP API")
+    start = text.index("\n### Quick start\n")
+    end = text.find("\n### ", start + 1)  # the section already ends at the next "## "
+    return text[start : end if end != -1 else len(text)]
+
+
 def sh_blocks(text: str) -> list[str]:
     return re.findall(r"^```sh\n(.*?)^```", text, flags=re.S | re.M)
 
@@ -50,7 +58,7 @@ def _shell_env(tmp_path: Path) -> dict[str, str]:
 
 
 def test_readme_sections_have_runnable_blocks() -> None:
-    blocks = sh_blocks(section(README.read_text(), "HTTP API"))
+    blocks = sh_blocks(quick_start())
     assert len(blocks) == 3 and all("…" not in b for b in blocks)  # no placeholder to fill in by hand
 
 
@@ -58,7 +66,7 @@ def test_readme_sections_have_runnable_blocks() -> None:
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) is required")
 def test_http_quick_start_runs_as_written(tmp_path: Path) -> None:
     http_port, dicom_port = free_port(), free_port()
-    script = "set -e\n" + "\n".join(sh_blocks(section(README.read_text(), "HTTP API")))
+    script = "set -e\n" + "\n".join(sh_blocks(quick_start()))
     script = script.replace("8080", str(http_port)).replace("11112", str(dicom_port))
     work = tmp_path / "work"
     work.mkdir()

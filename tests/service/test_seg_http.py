@@ -68,7 +68,7 @@ def test_format_seg_gives_rtstruct_and_seg(with_worker: Running, phantom_ct96: P
     assert response.status_code in (201, 202), response.text
     job = _poll(running, response.json(), timeout=600)
     assert job["state"] == "done", job
-    assert set(job["links"]) == {"self", "rtstruct", "seg"}
+    assert set(job["links"]) == {"self", "rtstruct", "seg", "preview"}
     download = running.get(job["links"]["seg"])
     assert download.status_code == 200 and download.headers["Content-Type"] == "application/dicom"
     path = tmp_path / "seg.dcm"
