@@ -8,6 +8,8 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -41,6 +43,13 @@ POLL_S = 0.2
 @bp.post("")
 def create() -> tuple[Response, int, dict[str, str]]:
     ctx = service()
+    with upload_slot(ctx):
+        return _create(ctx)
+
+
+@contextmanager
+def upload_slot(ctx: ServiceContext) -> Iterator[None]:
+    """One of the service's upload slots for the request's body (429 when all are taken)."""
     if not ctx.uploads.acquire(blocking=False):
         raise HttpProblem(
             429,
@@ -49,7 +58,7 @@ def create() -> tuple[Response, int, dict[str, str]]:
             headers={"Retry-After": str(ctx.settings.retry_after_s)},
         )
     try:
-        return _create(ctx)
+        yield
     finally:
         ctx.uploads.release()
 
@@ -62,15 +71,15 @@ def _create(ctx: ServiceContext) -> tuple[Response, int, dict[str, str]]:
         raise HttpProblem(
             413, "too-large", f"the body is larger than the limit of {ctx.settings.max_body_bytes} bytes"
         )
-    job_id = _admit(ctx, labels)
+    job_id = admit(ctx, labels)
     log.info("upload %s: receiving", job_id)
     try:
         intake = _intake(ctx, job_id)
     except BaseException:
-        _discard(ctx, job_id)
+        discard(ctx, job_id)
         raise
     if wanted == "seg" and intake.kind == "nifti":
-        _discard(ctx, job_id)
+        discard(ctx, job_id)
         raise HttpProblem(
             400, "bad-parameter", "format=seg needs a DICOM CT series: a NIfTI has no instances"
         )
@@ -366,7 +375,7 @@ def _preview(ctx: ServiceContext, job: Job) -> Path:
     return path
 
 
-def _admit(ctx: ServiceContext, labels: bool) -> str:
+def admit(ctx: ServiceContext, labels: bool) -> str:
     """Reserve a place in the queue (429 when full) and create the job as ``received``."""
     job_id = uuid.uuid4().hex
     with ctx.admit:  # count and create together, so a burst cannot overshoot the maximum
@@ -416,7 +425,7 @@ def _parts(req: UploadRequest, spool: Path) -> list[Part]:
     )
 
 
-def _discard(ctx: ServiceContext, job_id: str) -> None:
+def discard(ctx: ServiceContext, job_id: str) -> None:
     """An upload that was refused leaves nothing behind."""
     ctx.remove_files(job_id)
     ctx.store.delete(job_id)

@@ -41,7 +41,7 @@ from rtseg.jobs import Job, JobState
 from service.auth import require_token
 from service.context import ServiceContext, service
 from service.problems import HttpProblem
-from service.segmentations import _admit, _discard
+from service.segmentations import admit, discard, upload_slot
 from service.uploads import Part, UploadError, receive, sniff
 
 log = logging.getLogger(__name__)
@@ -103,17 +103,8 @@ def store(study: str | None = None) -> Response:
         raise HttpProblem(
             413, "too-large", f"the body is larger than the limit of {ctx.settings.max_body_bytes} bytes"
         )
-    if not ctx.uploads.acquire(blocking=False):
-        raise HttpProblem(
-            429,
-            "busy",
-            "too many uploads are being received at once; retry later",
-            headers={"Retry-After": str(ctx.settings.retry_after_s)},
-        )
-    try:
+    with upload_slot(ctx):
         return _store(ctx, boundary, study)
-    finally:
-        ctx.uploads.release()
 
 
 def _store(ctx: ServiceContext, boundary: bytes, study: str | None) -> Response:
@@ -343,7 +334,7 @@ def _series(instances: list[Instance]) -> Iterator[list[Instance]]:
 def _submit(ctx: ServiceContext, members: list[Instance]) -> Job | None:
     """Queue one CT series as a job, as a zip upload is; on refusal every member fails with the reason."""
     try:
-        job_id = _admit(ctx, False)
+        job_id = admit(ctx, False)
     except HttpProblem as exc:  # the queue is full
         _fail_all(members, OUT_OF_RESOURCES, exc.detail)
         return None
@@ -351,12 +342,12 @@ def _submit(ctx: ServiceContext, members: list[Instance]) -> Job | None:
     try:
         intake = receive(parts, ctx.job_dir(job_id) / "input", ctx.limits, ctx.validate)
     except UploadError as exc:
-        _discard(ctx, job_id)
+        discard(ctx, job_id)
         code = OUT_OF_RESOURCES if exc.status == 413 else PROCESSING_FAILURE
         _fail_all(members, code, f"the series of instance {members[0].index}: {exc.message}")
         return None
     except BaseException:
-        _discard(ctx, job_id)
+        discard(ctx, job_id)
         raise
     finally:
         for part in parts:
