@@ -293,8 +293,7 @@ def _import_one(
     done = _done_case(db, uid, out)
     if done is not None:
         return ImportItem(rel, PRESENT, case_id=done)
-    config = ClosedLoopConfig(approved_labels=options.approved_labels)
-    if not options.any_approval and not is_approved(ds, config):
+    if not options.any_approval and not approved(ds, options):
         status = str(ds.get("ApprovalStatus", "")) or "no ApprovalStatus"
         label = str(ds.get("StructureSetLabel", "")).strip()
         return ImportItem(rel, SKIPPED, NOT_APPROVED, f"{status}, label {label!r}")

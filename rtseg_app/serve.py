@@ -7,13 +7,12 @@ other. User-facing output is printed here; nothing printed carries patient data.
 from __future__ import annotations
 
 import argparse
-import signal
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rtseg.settings import Settings, load_settings
+from service.cli import wait_for_signal
 
 if TYPE_CHECKING:
     from rtseg.federation.schedule import SiteSettings
@@ -94,12 +93,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(site.describe(), flush=True)
         stops.append(start_site(site))
     # --- end of optional companions -----------------------------------------------------
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    print("ready (SIGTERM or Ctrl-C stops)", flush=True)
-    while not stop.wait(1.0):
-        pass
+    wait_for_signal()
     print("stopping ...", flush=True)
     for stop_companion in reversed(stops):
         stop_companion()

@@ -114,7 +114,7 @@ def _serve(settings: Settings, http: HttpSettings) -> int:
     janitor.start()
     server.start()
     print(f"HTTP API on {server.url}/v1, docs {server.url}/openapi.json; data {data_dir}", flush=True)
-    _wait_for_signal()
+    wait_for_signal()
     print("stopping ...", flush=True)
     server.stop()
     janitor.stop()
@@ -124,7 +124,8 @@ def _serve(settings: Settings, http: HttpSettings) -> int:
     return 0
 
 
-def _wait_for_signal() -> None:
+def wait_for_signal() -> None:
+    """Say ready, then block until SIGTERM or SIGINT (the node and the HTTP service alike)."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
