@@ -26,6 +26,7 @@ from rtseg.model.dataset import Case, dataset_folder_name, write_raw_dataset
 from rtseg.model.manifest import ModelManifest, default_provenance, load_manifest
 from rtseg.model.rounds import preprocess_with_plans
 from rtseg.model.training import export_model, plan_and_preprocess, train
+from rtseg.phantom.realism import Realism
 from rtseg.structures import STRUCTURES, dataset_labels
 
 log = logging.getLogger(__name__)
@@ -58,15 +59,45 @@ STAGE1 = CpuConfig(
 
 
 @dataclass(frozen=True)
+class RealisticCases:
+    """Phantoms closer to real CT that the stages from ``from_stage`` on add to the training data.
+
+    Each lies on a treatment couch and gets ``Realism.clinical(partial_volume=False)``: arms
+    down, truncated fields of view, metal, breathing and short scans in a share of cases,
+    correlated noise and bowel contents in all. Partial volume is left out because it builds
+    the anatomy three times (55 s instead of 20 s per case); resampling to the model's 4 mm
+    slices averages neighbouring slices anyway. Indices from ``start`` on: anatomy that the
+    plain cohort (indices below ``start``) never had.
+    """
+
+    from_stage: int
+    per_center: int
+    start: int
+
+    def realism(self) -> Realism:
+        return Realism.clinical(partial_volume=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "from_stage": self.from_stage,
+            "cases_per_center": self.per_center,
+            "first_index": self.start,
+            "couch": True,
+            "realism": self.realism().tag,
+        }
+
+
+@dataclass(frozen=True)
 class Recipe:
     """Everything that determines the default model.
 
     Training runs in stages: ``config`` from random weights, then each of
     ``refine`` from the previous stage's weights with a fresh optimizer and
     learning-rate schedule (a warm restart; another seed draws other patches).
+    ``realistic``: realistic phantoms that later stages add (0.9.0: stage 7, issue 16).
     """
 
-    version: str = "0.8.0"
+    version: str = "0.9.0"
     seed: int = 1000  # training cohort seed; evaluation uses other seeds
     cases_per_center: int = 30
     # (stage, cases per center): from that stage on the cohort has more cases
@@ -80,7 +111,9 @@ class Recipe:
         replace(STAGE1, epochs=30, seed=3, learning_rate=5e-4),
         replace(STAGE1, epochs=25, seed=4, learning_rate=2.5e-4),
         replace(STAGE1, epochs=30, seed=5, learning_rate=5e-4),
+        replace(STAGE1, epochs=16, seed=6, learning_rate=5e-4),
     )
+    realistic: RealisticCases | None = RealisticCases(from_stage=7, per_center=40, start=60)
 
     @property
     def stages(self) -> tuple[CpuConfig, ...]:
@@ -95,6 +128,27 @@ class Recipe:
     @property
     def cases_per_stage(self) -> tuple[int, ...]:
         return tuple(self.cases_for(n) for n in range(1, len(self.stages) + 1))
+
+    def realistic_for(self, stage: int) -> int:
+        """Realistic cases per center that stage ``stage`` trains on besides the plain ones."""
+        if self.realistic is not None and stage >= self.realistic.from_stage:
+            return self.realistic.per_center
+        return 0
+
+    def case_ids(self, stage: int) -> set[str]:
+        """The case ids stage ``stage`` (1-based) trains on."""
+        from rtseg.phantom.cohort import case_id
+
+        ids = {case_id(c, self.seed, i) for c in ("A", "B") for i in range(self.cases_for(stage))}
+        if self.realistic_for(stage):
+            assert self.realistic is not None
+            first, realism = self.realistic.start, self.realistic.realism()
+            ids |= {
+                case_id(c, self.seed, first + i, couch=True, realism=realism)
+                for c in ("A", "B")
+                for i in range(self.realistic.per_center)
+            }
+        return ids
 
 
 DEFAULT_RECIPE = Recipe()
@@ -158,41 +212,80 @@ def build_default(
     from_model: Path | None = None,
     stages_done: int = 1,
 ) -> Path:
-    """Run the whole recipe in ``work_dir`` and export the model to ``out_dir``."""
+    """Run the whole recipe in ``work_dir`` and export the model to ``out_dir``.
+
+    With ``from_model`` only the stages after ``stages_done`` run, on data
+    preprocessed with that model's own plans and fingerprint (no planning).
+    """
     if from_model is not None:
         _start_checkpoint(from_model, stages_done, recipe)  # refuse before the hour of data preparation
-    prepare_default(work_dir, recipe, say)
+        prepare_default(work_dir, recipe, say, first_stage=stages_done + 1, plans_from=Path(from_model))
+    else:
+        prepare_default(work_dir, recipe, say)
     return train_default(work_dir, out_dir, recipe, say, progress, from_model, stages_done)
 
 
 def prepare_default(
-    work_dir: Path, recipe: Recipe = DEFAULT_RECIPE, say: Callable[[str], None] = print
+    work_dir: Path,
+    recipe: Recipe = DEFAULT_RECIPE,
+    say: Callable[[str], None] = print,
+    first_stage: int = 1,
+    plans_from: Path | None = None,
 ) -> None:
-    """Cohort (resumable), nnU-Net raw dataset, plans and preprocessed data in ``work_dir``."""
+    """Cohort (resumable), nnU-Net raw dataset, plans and preprocessed data in ``work_dir``.
+
+    ``plans_from``: a model folder whose ``plans.json`` and ``dataset_fingerprint.json``
+    preprocess the data of ``first_stage`` instead of planning on stage 1's cases.
+    """
     from rtseg.phantom.cohort import generate_cohort
 
     cohort = work_dir / "cohort"
-    most = max(recipe.cases_per_stage)
+    stages = range(first_stage, len(recipe.stages) + 1)
+    most = max(recipe.cases_for(n) for n in stages)
     for center in ("A", "B"):
         say(f"phantom cohort: center {center}, {most} cases, seed {recipe.seed}")
         generate_cohort(center, most, recipe.seed, cohort, matrix=recipe.matrix, workers=2)
-    say(f"writing the nnU-Net raw dataset ({recipe.cases_for(1)} cases per center)")
-    _write_raw(work_dir, recipe, recipe.cases_for(1))
-    say("planning and preprocessing")
-    plan_and_preprocess(work_dir, DATASET_ID, recipe.config)
+    realistic = max(recipe.realistic_for(n) for n in stages)
+    if realistic and recipe.realistic is not None:
+        for center in ("A", "B"):
+            first = recipe.realistic.start
+            say(f"realistic phantoms: center {center}, {realistic} cases on a couch from index {first}")
+            generate_cohort(
+                center,
+                realistic,
+                recipe.seed,
+                cohort,
+                matrix=recipe.matrix,
+                workers=2,
+                start=recipe.realistic.start,
+                couch=True,
+                realism=recipe.realistic.realism(),
+            )
+    say(f"writing the nnU-Net raw dataset (the cases of stage {first_stage})")
+    _write_raw(work_dir, recipe, first_stage)
+    if plans_from is None:
+        say("planning and preprocessing")
+        plan_and_preprocess(work_dir, DATASET_ID, recipe.config)
+        return
+    say(f"preprocessing with the plans of {_model_label(plans_from)}")
+    plans = json.loads((plans_from / "plans.json").read_text())
+    fingerprint = json.loads((plans_from / "dataset_fingerprint.json").read_text())
+    preprocess_with_plans(work_dir, DATASET_ID, plans, fingerprint, recipe.config)
+    _keep_plans(work_dir, plans, fingerprint)
 
 
-def _cohort_ids(recipe: Recipe, per_center: int) -> set[str]:
-    from rtseg.phantom.cohort import case_id
+def _keep_plans(work_dir: Path, plans: dict[str, Any], fingerprint: dict[str, Any]) -> None:
+    """Leave the plans where planning would have (later stages and training read them there)."""
+    folder = nnunet_dirs(work_dir).preprocessed / dataset_folder_name(DATASET_ID, DATASET_NAME)
+    (folder / f"{PLANS_IDENTIFIER}.json").write_text(json.dumps(plans, indent=1))
+    (folder / "dataset_fingerprint.json").write_text(json.dumps(fingerprint, indent=1))
 
-    return {case_id(center, recipe.seed, i) for center in ("A", "B") for i in range(per_center)}
 
-
-def _write_raw(work_dir: Path, recipe: Recipe, per_center: int) -> int:
-    """Write the cohort's first ``per_center`` cases per center that the raw dataset lacks."""
+def _write_raw(work_dir: Path, recipe: Recipe, stage: int) -> int:
+    """Write the cases of stage ``stage`` that the raw dataset lacks; return how many."""
     raw = nnunet_dirs(work_dir).raw / dataset_folder_name(DATASET_ID, DATASET_NAME)
     have = {p.name.removesuffix(".nii.gz") for p in (raw / "labelsTr").glob("*.nii.gz")}
-    wanted = _cohort_ids(recipe, per_center) - have
+    wanted = recipe.case_ids(stage) - have
     if wanted:
         cases = canonical_cases(work_dir / "cohort", recipe.config.target_spacing_zyx, only=wanted)
         write_raw_dataset(nnunet_dirs(work_dir).raw, DATASET_ID, DATASET_NAME, cases, dataset_labels())
@@ -201,10 +294,14 @@ def _write_raw(work_dir: Path, recipe: Recipe, per_center: int) -> int:
 
 def _grow_cohort(work_dir: Path, recipe: Recipe, stage: int, say: Callable[[str], None]) -> None:
     """Before ``stage``: add the cases it trains on, preprocessed with the plans made for stage 1."""
-    per_center = recipe.cases_for(stage)
-    if not _write_raw(work_dir, recipe, per_center):
+    if not _write_raw(work_dir, recipe, stage):
         return
-    say(f"stage {stage} trains on {per_center} cases per center: preprocessing them with the same plans")
+    realistic = recipe.realistic_for(stage)
+    extra = f" and {realistic} realistic ones" if realistic else ""
+    say(
+        f"stage {stage} trains on {recipe.cases_for(stage)} cases per center{extra}:"
+        " preprocessing them with the same plans"
+    )
     folder = nnunet_dirs(work_dir).preprocessed / dataset_folder_name(DATASET_ID, DATASET_NAME)
     plans = json.loads((folder / f"{PLANS_IDENTIFIER}.json").read_text())
     fingerprint = json.loads((folder / "dataset_fingerprint.json").read_text())
@@ -275,6 +372,8 @@ def export_default(results: Path, out_dir: Path, recipe: Recipe, started_from: s
     if recipe.refine:
         stages["refine"] = [stage.to_dict() for stage in recipe.refine]
     stages["cases_per_center"] = list(recipe.cases_per_stage)
+    if recipe.realistic is not None:
+        stages["realistic"] = recipe.realistic.to_dict()
     if started_from is not None:
         stages["started_from"] = started_from
     manifest = replace(manifest, provenance={**manifest.provenance, **stages})

@@ -92,9 +92,13 @@ class Realism:
     phase: str | None = None
 
     @classmethod
-    def clinical(cls) -> Realism:
-        """A realistic mix: every image effect on, the geometric ones in a share of cases."""
-        return cls(0.4, 0.15, 0.15, 0.3, 0.15, True, True, True, None)
+    def clinical(cls, partial_volume: bool = True) -> Realism:
+        """A realistic mix: every image effect on, the geometric ones in a share of cases.
+
+        ``partial_volume=False`` (tag ``clinical-nopv``) leaves out the one effect that builds the
+        anatomy three times: a case takes about 20 s instead of 55 s at 256 × 256.
+        """
+        return cls(0.4, 0.15, 0.15, 0.3, 0.15, True, partial_volume, True, None)
 
     @classmethod
     def parse(cls, text: str) -> Realism:
@@ -129,6 +133,8 @@ class Realism:
             return ""
         if self == Realism.clinical():
             return "clinical"
+        if self == Realism.clinical(partial_volume=False):
+            return "clinical-nopv"
         on = [n for n in (*_SHARES, *_ALWAYS) if getattr(self, n)]
         return "-".join(on + ([self.phase] if self.phase else []))
 

@@ -18,7 +18,13 @@ import torch
 from rtseg.cases import load_case
 from rtseg.metrics import dice
 from rtseg.model.cpu import CpuConfig
-from rtseg.model.default import DEFAULT_RECIPE, MODEL_NAME, build_default, default_model_dir
+from rtseg.model.default import (
+    DEFAULT_RECIPE,
+    MODEL_NAME,
+    RealisticCases,
+    build_default,
+    default_model_dir,
+)
 from rtseg.model.manifest import load_manifest
 from rtseg.model.segmenter import NnunetSegmenter
 from rtseg.phantom.cohort import write_case
@@ -181,3 +187,69 @@ def test_recipe_adds_cases_at_the_stage_it_names_with_the_first_plans(tmp_path: 
     provenance = load_manifest(model).provenance
     assert provenance["cases_per_center"] == [1, 2]
     assert provenance["training_data"]["cases_per_center"] == 2
+
+
+def test_recipe_stage_7_adds_realistic_cases_on_a_couch() -> None:
+    """0.9.0 (issue 16): the last stage trains on the plain cohort plus realistic phantoms."""
+    recipe = DEFAULT_RECIPE
+    assert recipe.realistic_for(6) == 0 and recipe.realistic_for(7) == 40
+    plain, with_realistic = recipe.case_ids(6), recipe.case_ids(7)
+    assert len(plain) == 120 and plain < with_realistic and len(with_realistic) == 200
+    added = sorted(with_realistic - plain)
+    assert added[0] == "A_s1000_060_couch_clinical-nopv" and added[-1] == "B_s1000_099_couch_clinical-nopv"
+
+
+@pytest.mark.slow  # phantom cases, preprocessing with a model's plans and one short training stage
+def test_a_later_stage_from_a_model_adds_realistic_cases_with_that_models_plans(tmp_path: Path) -> None:
+    """``--from-model``: no planning; the start model's plans preprocess plain and realistic cases."""
+    tiny = CpuConfig(
+        target_spacing_zyx=(8.0, 6.0, 6.0),
+        patch_size_zyx=(16, 32, 32),
+        n_stages=3,
+        base_features=4,
+        max_features=16,
+        epochs=1,
+        iterations_per_epoch=2,
+        val_iterations_per_epoch=1,
+        da_workers=1,
+        preprocess_workers=1,
+    )
+    first = replace(
+        DEFAULT_RECIPE,
+        version="0.0.1",
+        cases_per_center=1,
+        more_cases=None,
+        matrix=64,
+        config=tiny,
+        refine=(),
+        realistic=None,
+    )
+    start = build_default(tmp_path / "w1", tmp_path / "m1", first, say=lambda _: None)
+    second = replace(
+        first, version="0.0.2", refine=(replace(tiny, seed=1),), realistic=RealisticCases(2, 1, 5)
+    )
+    said: list[str] = []
+    model = build_default(tmp_path / "w2", tmp_path / "m2", second, say=said.append, from_model=start)
+
+    assert f"preprocessing with the plans of {MODEL_NAME} 0.0.1" in said
+    assert not any("planning" in line for line in said)
+    preprocessed = next((tmp_path / "w2" / "nnUNet_preprocessed").glob("Dataset501_*"))
+    trained_on = sorted(
+        p.name.removesuffix(".nii.gz") for p in (preprocessed / "gt_segmentations").glob("*.nii.gz")
+    )
+    assert trained_on == [
+        "A_s1000_000",
+        "A_s1000_005_couch_clinical-nopv",
+        "B_s1000_000",
+        "B_s1000_005_couch_clinical-nopv",
+    ]
+    assert json.loads((model / "plans.json").read_text()) == json.loads((start / "plans.json").read_text())
+    provenance = load_manifest(model).provenance
+    assert provenance["realistic"] == {
+        "from_stage": 2,
+        "cases_per_center": 1,
+        "first_index": 5,
+        "couch": True,
+        "realism": "clinical-nopv",
+    }
+    assert provenance["started_from"] == f"{MODEL_NAME} 0.0.1 (stage 1)"

@@ -206,6 +206,8 @@ def test_clinical_preset_mixes_the_options_per_case() -> None:
     assert np.mean([d.arms_down for d in drawn]) == pytest.approx(0.4, abs=0.07)
     assert np.mean([d.metal for d in drawn]) == pytest.approx(0.15, abs=0.05)
     assert all(d.noise_texture and d.partial_volume and d.bowel for d in drawn)
+    fast = Realism.clinical(partial_volume=False)  # the default model's training cases (issue 16)
+    assert fast.tag == "clinical-nopv" and not fast.partial_volume and fast.metal == preset.metal
 
 
 def test_unknown_realism_option_is_refused_by_name() -> None:
