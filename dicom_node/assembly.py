@@ -1,8 +1,13 @@
-"""Series assembly: a series is complete after a quiet time; then it is selected or skipped.
+"""Series assembly: a series is complete on release or after a quiet time; then it is selected or skipped.
 
 DICOM does not signal the end of a series, so each open series remembers when
 its last instance arrived; a background tick completes series that have been
-quiet for ``node.quiet_time_s`` and have no store in flight. The job row is
+quiet for ``node.quiet_time_s`` and have no store in flight. Sooner, with
+``node.complete_on_release``: when every association that sent instances of a
+series has been released normally (not aborted, not dropped) and its instances
+form a whole axial stack (the loader's own check: evenly spaced, no slice
+missing), the next tick completes it; an instance that still comes is a late
+one. The job row is
 created (``received``) with the first instance, before that instance is
 acknowledged, so a restart finds every open series and its spool folder, and
 the quiet time starts again.
@@ -26,12 +31,15 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from dicom_node.spool import Spool
 from rtseg.audit import AuditLog
+from rtseg.ct import check_stack
+from rtseg.errors import InputError
 from rtseg.jobs import Job, JobError, JobState, JobStore
+from rtseg.privacy import redact_uids
 from rtseg.rtstruct import amend_description
 from rtseg.settings import Caller, NodeSettings, Selection, Settings
 from rtseg.worker import description_note
@@ -58,6 +66,7 @@ class Peer:
 
     ae_title: str
     host: str
+    association: int = 0  # the association, numbered by the SCP (0: not known)
 
 
 class LateInstance(Exception):
@@ -72,6 +81,10 @@ class _Open:
     late: bool = False  # late instances of a finished job under policy "flag"
     duplicate_of: str | None = None  # a re-send of what job ``duplicate_of`` has: recorded, not kept
     duplicates: int = 0  # instances of the re-send already received (this run of the node)
+    received: int = 0  # instances begun: one arriving while the stack is checked is seen
+    senders: set[int] = field(default_factory=set)  # associations that sent instances and are still open
+    released: bool = False  # every sender released normally since the last instance: check the stack
+    interrupted: bool = False  # a sender aborted: only the quiet time completes it
 
 
 def select(selection: Selection, header: SeriesHeader, n_instances: int) -> str | None:
@@ -143,6 +156,10 @@ class Assembler:
             if entry is None:
                 entry = self._open_series(series_key, header, peer, instance_key)
             entry.last = self.clock()
+            entry.received += 1
+            entry.released = False
+            if peer.association:
+                entry.senders.add(peer.association)
             if entry.duplicate_of:
                 entry.duplicates += 1
                 return False
@@ -212,6 +229,24 @@ class Assembler:
         self._open[series_key] = entry
         return entry
 
+    # -- associations -----------------------------------------------------------------
+    def released(self, association: int) -> None:
+        """The association was released normally: its series may be complete (the next tick checks)."""
+        self._ended(association, normal=True)
+
+    def aborted(self, association: int) -> None:
+        """The association was aborted: its series wait for the quiet time."""
+        self._ended(association, normal=False)
+
+    def _ended(self, association: int, *, normal: bool) -> None:
+        with self._lock:
+            for entry in self._open.values():
+                if association not in entry.senders:
+                    continue
+                entry.senders.discard(association)
+                entry.interrupted |= not normal
+                entry.released = self.node.complete_on_release and not (entry.senders or entry.interrupted)
+
     # -- completing -----------------------------------------------------------------
     def recover(self) -> int:
         """After a restart: every received DICOM job is an open series again."""
@@ -223,12 +258,16 @@ class Assembler:
         return len(jobs)
 
     def tick(self) -> list[str]:
-        """Complete every series quiet for long enough; returns their job ids.
+        """Complete every series quiet for long enough, then those whole on release; returns job ids.
 
-        Holds the lock throughout: an instance arriving meanwhile waits, then finds
+        Completion holds the lock: an instance arriving meanwhile waits, then finds
         the job queued (a late instance), never a half-completed series.
         """
+        return self._complete_quiet() + self._complete_released()
+
+    def _complete_quiet(self) -> list[str]:
         done = []
+        why = f"quiet for {self.node.quiet_time_s:g} s"
         with self._lock:
             now = self.clock()
             due = [
@@ -237,11 +276,41 @@ class Assembler:
                 if e.inflight == 0 and now - e.last >= self.node.quiet_time_s
             ]
             for key, entry in due:
-                if self._finish(key, entry):
+                if self._finish(key, entry, why):
                     done.append(entry.job_id)
         return done
 
-    def _finish(self, series_key: str, entry: _Open) -> bool:
+    def _complete_released(self) -> list[str]:
+        """Complete the released series that are whole stacks; the others wait for the quiet time."""
+        with self._lock:
+            ready = [(key, e, e.received) for key, e in self._open.items() if _releasable(e)]
+        done = []
+        for key, entry, received in ready:
+            why = self._whole_stack(key)  # reads every header: outside the lock, stores go on
+            with self._lock:
+                if self._open.get(key) is not entry or entry.received != received or not _releasable(entry):
+                    continue  # an instance came meanwhile: its association's end decides again
+                if why is None:
+                    entry.released = False  # not checked again until another release
+                elif self._finish(key, entry, why):
+                    done.append(entry.job_id)
+        return done
+
+    def _whole_stack(self, series_key: str) -> str | None:
+        """Why the series is complete ("association released, N slices, no gap"), or None if it is not."""
+        try:
+            n = check_stack(self.spool.instances(CT_KIND, series_key))
+        except InputError as exc:
+            log.info(
+                "series %s: association released, but the series is not whole (%s): waiting for the"
+                " quiet time",
+                series_key,
+                redact_uids(exc.message),
+            )
+            return None
+        return f"association released, {n} slices, no gap"
+
+    def _finish(self, series_key: str, entry: _Open, why: str) -> bool:
         # one series' failure must not strand the others due in the same tick
         try:
             if entry.late:
@@ -249,7 +318,7 @@ class Assembler:
             elif entry.duplicate_of:
                 self._finish_duplicate(series_key, entry)
             else:
-                self._complete(series_key, entry.job_id)
+                self._complete(series_key, entry.job_id, why)
         except OSError as exc:
             log.error("series %s: cannot complete it (%s); retrying", series_key, exc.strerror)
             return False
@@ -262,7 +331,7 @@ class Assembler:
         with self._lock:
             return len(self._open)
 
-    def _complete(self, series_key: str, job_id: str) -> None:
+    def _complete(self, series_key: str, job_id: str, why: str) -> None:
         job = self.store.get(job_id)
         instances = [p.stem for p in self.spool.instances(CT_KIND, series_key)]
         n = len(instances)
@@ -277,19 +346,22 @@ class Assembler:
         if reason is not None:
             self.store.transition(job_id, JobState.RECEIVED, JobState.SKIPPED, meta=meta, error=reason)
             self.spool.remove_series(CT_KIND, series_key)
-            log.info("series %s (%d instances) skipped: %s", series_key, n, reason)
-            self.audit.record("series_skipped", job=job_id, series=series_key, instances=n, reason=reason)
+            log.info("series %s (%d instances, %s) skipped: %s", series_key, n, why, reason)
+            self.audit.record(
+                "series_skipped", job=job_id, series=series_key, instances=n, reason=reason, completed=why
+            )
             return
         meta["destinations"] = self._destinations(job.meta)
         meta["instances"] = instances  # this generation of the series: what the worker segments
         self.store.transition(job_id, JobState.RECEIVED, JobState.QUEUED, meta=meta)
         names = ", ".join(d["name"] for d in meta["destinations"]) or "none"
-        log.info("series %s complete (%d instances): queued, destinations %s", series_key, n, names)
+        log.info("series %s complete (%d instances, %s): queued, destinations %s", series_key, n, why, names)
         self.audit.record(
             "series_queued",
             job=job_id,
             series=series_key,
             instances=n,
+            completed=why,
             calling_ae=job.meta.get("calling_ae"),
             destinations=[d["name"] for d in meta["destinations"]],
         )
@@ -368,6 +440,11 @@ class Assembler:
             else:
                 log.warning("return to sender: no port configured for calling AE %s", meta.get("calling_ae"))
         return out
+
+
+def _releasable(entry: _Open) -> bool:
+    """Released by its senders, nothing in flight, and a series to segment (not late, not a re-send)."""
+    return entry.released and entry.inflight == 0 and not (entry.late or entry.duplicate_of)
 
 
 def _caller(callers: tuple[Caller, ...], ae_title: str) -> Caller | None:

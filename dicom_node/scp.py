@@ -13,13 +13,16 @@ complete; a Deflate data set is inflated in bounded steps, never whole.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import re
 import ssl
 import struct
 import threading
+import weakref
 import zlib
 from collections.abc import Callable
+from dataclasses import replace
 from io import BytesIO
 from typing import Any, cast
 
@@ -138,6 +141,25 @@ class Receiver:
         self.audit = audit
         self.accept_rtstruct = accept_rtstruct
         self.max_instance_bytes = max_instance_bytes
+        # associations numbered once each, never reused (ids of dead objects are)
+        self._associations: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+        self._numbers = itertools.count(1)
+        self._numbering = threading.Lock()
+
+    def association(self, assoc: Any) -> int:
+        """The number of the association ``assoc`` (given on first use)."""
+        with self._numbering:
+            if assoc not in self._associations:
+                self._associations[assoc] = next(self._numbers)
+            return self._associations[assoc]
+
+    def association_ended(self, assoc: Any, *, released: bool) -> None:
+        """Tell assembly that ``assoc`` ended: released normally, or aborted."""
+        number = self.association(assoc)
+        if released:
+            self.assembler.released(number)
+        else:
+            self.assembler.aborted(number)
 
     def too_large(self, n_bytes: int, peer: Peer) -> Dataset:
         """The status of an instance whose data set outgrew the bound while it arrived."""
@@ -279,9 +301,13 @@ def handle_store(event: evt.Event, receiver: Receiver) -> int | Dataset:
     if isinstance(received, _CappedBuffer) and received.overflowed:
         return receiver.too_large(received.received, _peer(event.assoc))
     data = event.encoded_dataset(include_meta=True)
-    return receiver.store(
-        data, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID), _peer(event.assoc)
-    )
+    peer = replace(_peer(event.assoc), association=receiver.association(event.assoc))
+    return receiver.store(data, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID), peer)
+
+
+def handle_ended(event: evt.Event, receiver: Receiver) -> None:
+    """EVT_RELEASED or EVT_ABORTED; a connection dropped without either never counts as released."""
+    receiver.association_ended(event.assoc, released=event.event == evt.EVT_RELEASED)
 
 
 AssociationObserver = Callable[[str], None]  # called with "accepted", "rejected" or "aborted"
@@ -431,6 +457,8 @@ def start_scp(
         (evt.EVT_REQUESTED, handle_requested, [settings, audit, observe]),
         (evt.EVT_ACCEPTED, handle_accepted, [audit, observe]),
         (evt.EVT_ABORTED, handle_aborted, [observe]),
+        (evt.EVT_ABORTED, handle_ended, [receiver]),
+        (evt.EVT_RELEASED, handle_ended, [receiver]),
     ]
     server = ae.make_server(
         (settings.host, settings.port),

@@ -118,6 +118,8 @@ class Selection:
 @dataclass(frozen=True)
 class NodeSettings:
     quiet_time_s: float = 10.0
+    # a series is complete at once when its sender releases the association and it is a whole stack
+    complete_on_release: bool = True
     late_instance_policy: str = "supersede"  # see LATE_POLICIES
     workers: int = 1
     worker_crash_limit: int = 3  # a job whose worker died this often is failed, not retried
@@ -358,6 +360,7 @@ _SELECTION: dict[str, Callable[[Any], Any]] = {
 }
 _NODE: dict[str, Callable[[Any], Any]] = {
     "quiet_time_s": parse_float(0.1, 86400.0),
+    "complete_on_release": parse_bool,
     "late_instance_policy": _late_policy,
     "workers": parse_int(1, 64),
     "worker_crash_limit": parse_int(1, 100),

@@ -19,13 +19,14 @@ Modules, in import order (each imports only those before it):
 """
 
 from rtseg.ct.header import CT_IMAGE_STORAGE, SeriesSummary, series_uid_of, sop_uid_of
-from rtseg.ct.load import MIN_SLICES, check_instance_size, find_series, load_series
+from rtseg.ct.load import MIN_SLICES, check_instance_size, check_stack, find_series, load_series
 
 __all__ = [
     "CT_IMAGE_STORAGE",
     "MIN_SLICES",
     "SeriesSummary",
     "check_instance_size",
+    "check_stack",
     "find_series",
     "load_series",
     "series_uid_of",

@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from rtseg.ct.geometry import _affine, _geometry, _series_info
+from rtseg.ct.geometry import _affine, _Geometry, _geometry, _series_info
 from rtseg.ct.header import _READ_ERRORS, SeriesSummary
 from rtseg.ct.pixels import _read_volume
 from rtseg.ct.scan import _deduplicate, _groups, _scan, _select_series, _summary
@@ -99,12 +99,8 @@ def load_series(
         inconsistent, tilted, non-axial, duplicated, missing or unevenly
         spaced slices, too few slices, undecodable pixel data.
     """
-    if min_slices < 1:
-        raise ValueError("min_slices must be at least 1")
     started = time.perf_counter()
-    scan = _scan(source)
-    headers = _select_series(scan, series_uid)
-    geometry = _geometry(_deduplicate(headers), min_slices, scan.label)
+    geometry = _stack(source, series_uid, min_slices)
     scanned = time.perf_counter()
     hu = _read_volume(geometry)
     volume = CTVolume(hu=hu, affine=_affine(geometry), info=_series_info(geometry))
@@ -119,6 +115,42 @@ def load_series(
         time.perf_counter() - scanned,
     )
     return volume
+
+
+def check_stack(source: Path | Sequence[Path], *, min_slices: int = MIN_SLICES) -> int:
+    """Check, from the headers alone, that ``source`` is one CT series :func:`load_series` accepts.
+
+    The same checks as :func:`load_series` before it reads pixel data: one
+    axial stack, untilted, evenly spaced, with no slice missing between the
+    first and the last, and at least ``min_slices`` slices.
+
+    Parameters
+    ----------
+    source
+        A folder or an explicit list of files, as for :func:`load_series`.
+    min_slices
+        Fewest slices accepted (default :data:`MIN_SLICES`).
+
+    Returns
+    -------
+    int
+        The number of slices in the stack (copies of one instance counted once).
+
+    Raises
+    ------
+    InputError
+        As :func:`load_series` raises it for the series' headers.
+    """
+    return len(_stack(source, None, min_slices).slices)
+
+
+def _stack(source: Path | Sequence[Path], series_uid: str | None, min_slices: int) -> _Geometry:
+    """The checked geometry of the one series of ``source`` (headers only)."""
+    if min_slices < 1:
+        raise ValueError("min_slices must be at least 1")
+    scan = _scan(source)
+    headers = _select_series(scan, series_uid)
+    return _geometry(_deduplicate(headers), min_slices, scan.label)
 
 
 def check_instance_size(stream: BinaryIO, max_bytes: int, *, source: str) -> None:

@@ -194,7 +194,7 @@ def _turnaround(r: Results) -> list[str]:
             "## Turnaround",
             "",
             f"Last instance acknowledged → RTSTRUCT at the destination, through `rtseg serve`, "
-            f"{t['series']} phantom series ({t['matrix']}² matrix), quiet time {t['quiet_s']:g} s included:",
+            f"{t['series']} phantom series ({t['matrix']}² matrix), {_completion(t)}:",
             f"p50 {t['p50_s']:.1f} s, p95 {t['p95_s']:.1f} s"
             f" (each: {', '.join(f'{s:.1f}' for s in t['times_s'])}).",
             "",
@@ -202,11 +202,21 @@ def _turnaround(r: Results) -> list[str]:
     full = r.get("turnaround_full_ct")
     if isinstance(full, dict) and "seconds" in full:
         lines += [
-            f"The benchmark CT ({full['shape']}) through the same node: {full['seconds']:.1f} s, "
-            f"of which {full['quiet_s']:g} s quiet time.",
+            f"The benchmark CT ({full['shape']}) through the same node: {full['seconds']:.1f} s"
+            + ("." if full.get("complete_on_release") else f", of which {full['quiet_s']:g} s quiet time."),
             "",
         ]
     return lines
+
+
+def _completion(t: dict[str, Any]) -> str:
+    """How the node completed each series (results from before ``complete_on_release``: the quiet time)."""
+    if t.get("complete_on_release"):
+        quiet = t["quiet_s"]
+        return (
+            f"each completed when storescu released the association ({quiet:g} s quiet time as the fallback)"
+        )
+    return f"quiet time {t['quiet_s']:g} s included"
 
 
 def _federation(r: Results) -> list[str]:
@@ -258,7 +268,7 @@ def _scaling(r: Results) -> list[str]:
     lines = [
         "## Scaling",
         "",
-        f"Through `rtseg serve` ({sc['matrix']}² matrix, quiet time {sc['quiet_s']:g} s included); "
+        f"Through `rtseg serve` ({sc['matrix']}² matrix, {_completion(sc)}); "
         "memory: the node's whole process tree, sampled, shared pages counted per process.",
         "",
         "| slices | series at once | first RTSTRUCT s | last RTSTRUCT s | node peak RSS MB |",

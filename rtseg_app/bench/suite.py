@@ -183,7 +183,7 @@ def _rtstruct(ctx: _Context) -> dict[str, Any]:
 
 
 def _turnaround(ctx: _Context) -> dict[str, Any]:
-    from rtseg_app.bench.node import QUIET_S, phantom_series, turnaround
+    from rtseg_app.bench.node import COMPLETE_ON_RELEASE, QUIET_S, phantom_series, turnaround
     from rtseg_app.bench.volume import bench_series
 
     cases = phantom_series(ctx.work, ctx.plan.series, ctx.plan.case_matrix)
@@ -194,6 +194,7 @@ def _turnaround(ctx: _Context) -> dict[str, Any]:
         "shape": [ctx.plan.slices, ctx.plan.matrix, ctx.plan.matrix],
         "seconds": times[-1],
         "quiet_s": QUIET_S,
+        "complete_on_release": COMPLETE_ON_RELEASE,
     }
     p50, p95 = statistics.median(series_times), float(np.percentile(series_times, 95))
     say(f"   p50 {p50:.1f} s, p95 {p95:.1f} s; benchmark CT {times[-1]:.1f} s")
@@ -201,6 +202,7 @@ def _turnaround(ctx: _Context) -> dict[str, Any]:
         "series": len(series_times),
         "matrix": ctx.plan.case_matrix,
         "quiet_s": QUIET_S,
+        "complete_on_release": COMPLETE_ON_RELEASE,
         "times_s": series_times,
         "p50_s": p50,
         "p95_s": p95,
@@ -224,7 +226,7 @@ def _federation(ctx: _Context) -> dict[str, Any]:
 
 
 def _scaling(ctx: _Context) -> dict[str, Any]:
-    from rtseg_app.bench.node import QUIET_S, concurrent_turnaround, running_node
+    from rtseg_app.bench.node import COMPLETE_ON_RELEASE, QUIET_S, concurrent_turnaround, running_node
     from rtseg_app.bench.volume import bench_series
 
     plan = ctx.plan
@@ -237,6 +239,7 @@ def _scaling(ctx: _Context) -> dict[str, Any]:
     figures: dict[str, Any] = {
         "matrix": plan.matrix,
         "quiet_s": QUIET_S,
+        "complete_on_release": COMPLETE_ON_RELEASE,
         "by_slices": [],
         "by_concurrency": [],
     }

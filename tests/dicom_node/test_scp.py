@@ -12,6 +12,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -512,3 +513,141 @@ def test_plain_instance_over_the_bound_is_out_of_resources_and_the_next_is_store
     assert statuses == [0xA700, 0x0000]
     assert len(node.spooled()) == 1
     assert "larger than the limit of 8 MB" in caplog.text
+
+
+# -- completion when the sender releases the association ---------------------------------------
+RELEASED_12 = "association released, 12 slices, no gap"
+
+
+@contextmanager
+def _ticking(node: InProcessScp) -> Iterator[None]:
+    """The assembly tick running in the background, as ``rtseg serve`` runs it."""
+    from dicom_node.node import Loop
+
+    loop = Loop("test-assembly", node.assembler.tick, 0.1)
+    loop.start()
+    try:
+        yield
+    finally:
+        loop.stop()
+
+
+def _queued(node: InProcessScp) -> list[Any]:
+    return node.store.list({JobState.QUEUED})
+
+
+def _completions(node: InProcessScp) -> list[str]:
+    """Why each completed series was completed, as its ``series_queued`` audit record says."""
+    return [str(e.get("completed")) for e in node.audit.entries() if e["event"] == "series_queued"]
+
+
+def _copy(series: Path, out: Path, tag: str, drop: int | None = None) -> list[Path]:
+    """``series`` under new UIDs (another series), without slice ``drop`` (a gap) if given."""
+    files = sorted(subset_series(series, out, len(list(series.iterdir())), uid_tag=tag).iterdir())
+    return [f for i, f in enumerate(files) if i != drop]
+
+
+def _send_assoc(port: int, files: list[Path]) -> Any:
+    """An open association that has stored ``files`` (each acknowledged with success)."""
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", port, ae_title="RTSEG")
+    assert assoc.is_established
+    assert [int(assoc.send_c_store(pydicom.dcmread(p)).Status) for p in files] == [0] * len(files)
+    return assoc
+
+
+def test_a_whole_series_from_storescu_completes_when_it_releases(scp: Any, small_series: Path) -> None:
+    node = scp(RTSEG_NODE_QUIET_TIME_S="60")  # only the release can complete it within the test
+    with _ticking(node):
+        assert storescu(small_series, node.port) == 0  # dcmtk releases the association normally
+        sent = time.monotonic()
+        (job,) = wait_for(lambda: _queued(node), 20, "the series to be queued on release")
+    assert time.monotonic() - sent < 20 and job.meta["n_instances"] == 12
+    assert _completions(node) == [RELEASED_12]
+
+
+def test_on_one_association_the_whole_series_completes_and_the_one_with_a_gap_waits(
+    scp: Any, small_series: Path, tmp_path: Path
+) -> None:
+    node = scp(RTSEG_NODE_QUIET_TIME_S="8")
+    gap = _copy(small_series, tmp_path / "gap", "release-gap", drop=5)
+    with _ticking(node):
+        _send_assoc(node.port, [*sorted(small_series.iterdir()), *gap]).release()
+        released = time.monotonic()
+        (whole,) = wait_for(lambda: _queued(node), 6, "the whole series to be queued")
+        assert time.monotonic() - released < 6 and whole.meta["n_instances"] == 12
+        assert [j.state for j in node.store.list({JobState.RECEIVED})] == [JobState.RECEIVED]
+        wait_for(lambda: len(_queued(node)) == 2, 20, "the series with a gap after the quiet time")
+    assert time.monotonic() - released >= 8
+    assert _completions(node) == [RELEASED_12, "quiet for 8 s"]
+
+
+def test_a_series_still_sent_on_another_association_waits_for_it(scp: Any, small_series: Path) -> None:
+    node = scp(RTSEG_NODE_QUIET_TIME_S="60")
+    files = sorted(small_series.iterdir())
+    with _ticking(node):
+        first = _send_assoc(node.port, files[:6])  # stays open: more may come on it
+        _send_assoc(node.port, files[6:]).release()
+        time.sleep(1.5)
+        assert _queued(node) == []
+        first.release()
+        (job,) = wait_for(lambda: _queued(node), 20, "the series once both associations released")
+    assert job.meta["n_instances"] == 12 and _completions(node) == [RELEASED_12]
+
+
+def _abort(port: int, files: list[Path]) -> None:
+    _send_assoc(port, files).abort()
+
+
+def _drop(port: int, files: list[Path]) -> None:
+    """The connection closes without a release or an abort (a crashed sender)."""
+    assoc = _send_assoc(port, files)
+    assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)
+    assoc.abort()  # what pynetdicom has left to do on its side; the peer sees only the closed socket
+
+
+def _release_with_gap(port: int, files: list[Path]) -> None:
+    _send_assoc(port, files[:5] + files[6:]).release()
+
+
+@pytest.mark.parametrize(
+    ("send", "env"),
+    [
+        (_release_with_gap, {}),
+        (_abort, {}),
+        (_drop, {}),
+        (lambda port, files: _send_assoc(port, files).release(), {"RTSEG_NODE_COMPLETE_ON_RELEASE": "false"}),
+    ],
+    ids=["released-with-a-gap", "aborted", "connection-dropped", "complete_on_release-false"],
+)
+def test_the_quiet_time_completes_what_a_release_cannot(
+    scp: Any, small_series: Path, send: Any, env: dict[str, str]
+) -> None:
+    node = scp(RTSEG_NODE_QUIET_TIME_S="4", **env)
+    with _ticking(node):
+        send(node.port, sorted(small_series.iterdir()))
+        ended = time.monotonic()
+        time.sleep(2.0)
+        assert _queued(node) == [] and len(node.store.list({JobState.RECEIVED})) == 1
+        wait_for(lambda: _queued(node), 20, "the quiet time")
+    assert time.monotonic() - ended >= 4 and _completions(node) == ["quiet for 4 s"]
+
+
+def test_a_straggler_after_completion_on_release_opens_a_superseding_job(
+    scp: Any, phantom_ct96: Path, tmp_path: Path
+) -> None:
+    node = scp(RTSEG_NODE_QUIET_TIME_S="60")  # default policy: supersede
+    files = sorted(subset_series(phantom_ct96, tmp_path / "s13", 13, uid_tag="straggler").iterdir())
+    with _ticking(node):
+        assert storescu(files[1:], node.port) == 0  # a whole stack of 12: completed on release
+        (first,) = wait_for(lambda: _queued(node), 20, "the first 12 slices on release")
+        assert _c_store(node.port, files[0]) == 0x0000  # the straggler, below the stack
+        (second,) = wait_for(
+            lambda: [j for j in _queued(node) if j.id != first.id], 20, "the superseding job"
+        )
+    assert len(first.meta["instances"]) == 12 and len(second.meta["instances"]) == 13
+    assert second.meta["supersedes"] == first.id
+    (event,) = [e for e in node.audit.entries() if e["event"] == "series_superseded"]
+    assert (event["supersedes"], event["instances"], event["earlier_instances"]) == (first.id, 13, 12)
+    assert _completions(node) == [RELEASED_12, "association released, 13 slices, no gap"]
