@@ -3,11 +3,14 @@
 DICOM does not signal the end of a series, so each open series remembers when
 its last instance arrived; a background tick completes series that have been
 quiet for ``node.quiet_time_s`` and have no store in flight. Sooner, with
-``node.complete_on_release``: when every association that sent instances of a
-series has been released normally (not aborted, not dropped) and its instances
-form a whole axial stack (the loader's own check: evenly spaced, no slice
-missing), the next tick completes it; an instance that still comes is a late
-one. The job row is
+``node.complete_on_release``: when the one association that sent the instances
+of a series has been released normally (not aborted, not dropped), nothing
+came for ``node.release_grace_s`` and its instances form a whole axial stack
+(the loader's own check: evenly spaced, no slice missing), the next tick
+completes it; an instance that still comes is a late one. A sender that opens
+an association per instance or per batch releases many times in the middle of
+a series: a series that came on more than one association waits for the quiet
+time. The job row is
 created (``received``) with the first instance, before that instance is
 acknowledged, so a restart finds every open series and its spool folder, and
 the quiet time starts again.
@@ -84,6 +87,8 @@ class _Open:
     received: int = 0  # instances begun: one arriving while the stack is checked is seen
     senders: set[int] = field(default_factory=set)  # associations that sent instances and are still open
     released: bool = False  # every sender released normally since the last instance: check the stack
+    released_at: float = 0.0  # when it was released (clock)
+    associations: set[int] = field(default_factory=set)  # every association that sent an instance
     interrupted: bool = False  # a sender aborted: only the quiet time completes it
 
 
@@ -160,6 +165,7 @@ class Assembler:
             entry.released = False
             if peer.association:
                 entry.senders.add(peer.association)
+                entry.associations.add(peer.association)
             if entry.duplicate_of:
                 entry.duplicates += 1
                 return False
@@ -246,6 +252,7 @@ class Assembler:
                 entry.senders.discard(association)
                 entry.interrupted |= not normal
                 entry.released = self.node.complete_on_release and not (entry.senders or entry.interrupted)
+                entry.released_at = self.clock()
 
     # -- completing -----------------------------------------------------------------
     def recover(self) -> int:
@@ -283,18 +290,32 @@ class Assembler:
     def _complete_released(self) -> list[str]:
         """Complete the released series that are whole stacks; the others wait for the quiet time."""
         with self._lock:
-            ready = [(key, e, e.received) for key, e in self._open.items() if _releasable(e)]
+            ready = [(key, e, e.received) for key, e in self._open.items() if self._releasable(e)]
         done = []
         for key, entry, received in ready:
             why = self._whole_stack(key)  # reads every header: outside the lock, stores go on
             with self._lock:
-                if self._open.get(key) is not entry or entry.received != received or not _releasable(entry):
+                changed = self._open.get(key) is not entry or entry.received != received
+                if changed or not self._releasable(entry):
                     continue  # an instance came meanwhile: its association's end decides again
                 if why is None:
                     entry.released = False  # not checked again until another release
                 elif self._finish(key, entry, why):
                     done.append(entry.job_id)
         return done
+
+    def _releasable(self, entry: _Open) -> bool:
+        """Released by its one sender a grace time ago, nothing in flight, a series to segment.
+
+        Not late and not a re-send: those keep the quiet time.
+        """
+        return (
+            entry.released
+            and len(entry.associations) == 1
+            and self.clock() - entry.released_at >= self.node.release_grace_s
+            and entry.inflight == 0
+            and not (entry.late or entry.duplicate_of)
+        )
 
     def _whole_stack(self, series_key: str) -> str | None:
         """Why the series is complete ("association released, N slices, no gap"), or None if it is not."""
@@ -440,11 +461,6 @@ class Assembler:
             else:
                 log.warning("return to sender: no port configured for calling AE %s", meta.get("calling_ae"))
         return out
-
-
-def _releasable(entry: _Open) -> bool:
-    """Released by its senders, nothing in flight, and a series to segment (not late, not a re-send)."""
-    return entry.released and entry.inflight == 0 and not (entry.late or entry.duplicate_of)
 
 
 def _caller(callers: tuple[Caller, ...], ae_title: str) -> Caller | None:

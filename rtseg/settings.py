@@ -120,6 +120,7 @@ class NodeSettings:
     quiet_time_s: float = 10.0
     # a series is complete at once when its sender releases the association and it is a whole stack
     complete_on_release: bool = True
+    release_grace_s: float = 1.0  # ... after this long with no new instance of it
     late_instance_policy: str = "supersede"  # see LATE_POLICIES
     workers: int = 1
     worker_crash_limit: int = 3  # a job whose worker died this often is failed, not retried
@@ -361,6 +362,7 @@ _SELECTION: dict[str, Callable[[Any], Any]] = {
 _NODE: dict[str, Callable[[Any], Any]] = {
     "quiet_time_s": parse_float(0.1, 86400.0),
     "complete_on_release": parse_bool,
+    "release_grace_s": parse_float(0.0, 60.0),
     "late_instance_policy": _late_policy,
     "workers": parse_int(1, 64),
     "worker_crash_limit": parse_int(1, 100),

@@ -583,17 +583,35 @@ def test_on_one_association_the_whole_series_completes_and_the_one_with_a_gap_wa
     assert _completions(node) == [RELEASED_12, "quiet for 8 s"]
 
 
-def test_a_series_still_sent_on_another_association_waits_for_it(scp: Any, small_series: Path) -> None:
-    node = scp(RTSEG_NODE_QUIET_TIME_S="60")
+def test_a_series_sent_on_two_associations_waits_for_the_quiet_time(scp: Any, small_series: Path) -> None:
+    node = scp(RTSEG_NODE_QUIET_TIME_S="4")
     files = sorted(small_series.iterdir())
     with _ticking(node):
         first = _send_assoc(node.port, files[:6])  # stays open: more may come on it
         _send_assoc(node.port, files[6:]).release()
-        time.sleep(1.5)
-        assert _queued(node) == []
         first.release()
-        (job,) = wait_for(lambda: _queued(node), 20, "the series once both associations released")
-    assert job.meta["n_instances"] == 12 and _completions(node) == [RELEASED_12]
+        released = time.monotonic()
+        time.sleep(2.0)
+        assert _queued(node) == []
+        (job,) = wait_for(lambda: _queued(node), 20, "the series after the quiet time")
+    assert time.monotonic() - released >= 4
+    assert job.meta["n_instances"] == 12 and _completions(node) == ["quiet for 4 s"]
+
+
+def test_a_sender_with_one_association_per_instance_is_not_cut_short(scp: Any, small_series: Path) -> None:
+    """Each release leaves a whole stack (slices 1..n, no gap); only the quiet time may end the series."""
+    node = scp(RTSEG_NODE_QUIET_TIME_S="4", RTSEG_NODE_RELEASE_GRACE_S="0")
+    with _ticking(node):
+        for f in sorted(small_series.iterdir(), key=_position):
+            _send_assoc(node.port, [f]).release()
+            time.sleep(0.3)  # several ticks between two associations
+        (job,) = wait_for(lambda: _queued(node), 20, "the series after the quiet time")
+    assert job.meta["n_instances"] == 12 and _completions(node) == ["quiet for 4 s"]
+    assert node.store.list({JobState.RECEIVED}) == []
+
+
+def _position(path: Path) -> float:
+    return float(pydicom.dcmread(path, stop_before_pixels=True).ImagePositionPatient[2])
 
 
 def _abort(port: int, files: list[Path]) -> None:
