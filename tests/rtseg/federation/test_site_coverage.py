@@ -2,7 +2,7 @@
 
 The site side counts its cases' ``case.json`` states into the train reply;
 the coordinator's ``run_round`` (driven with real replies as rtseg's ``Grid``
-hands them over, the stand-in grid only replaces the network) writes them per
+hands them over, the stand-in grid of test_bad_sites only replaces the network) writes them per
 site into ``rounds.jsonl`` and ``coordinator.log``, leaves them out of the
 weights, and drops counts no case can have.
 """
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_bad_sites import ReplayGrid
 
 from rtseg.federation.flower import Payload, Reply
 from rtseg.federation.server_app import CoordinatorConfig, Plan, run_round
@@ -74,7 +75,7 @@ def test_the_coordinator_records_each_sites_coverage_per_round(
     ]
     rc = SimulationSpec(min_sites=1).run_config(tmp_path)
     with caplog.at_level(logging.INFO, logger="rtseg.federation"):
-        run_round(_Grid(replies), CoordinatorConfig.from_run_config(rc), PLAN, arrays, 1)  # type: ignore[arg-type]
+        run_round(ReplayGrid(replies), CoordinatorConfig.from_run_config(rc), PLAN, arrays, 1)  # type: ignore[arg-type]
     (record,) = rounds_log(tmp_path)
     full, partial = record["sites"]["1"]["coverage"], record["sites"]["2"]["coverage"]
     assert full["Stomach"] == {"contoured": 2, "filled": 0, "unknown": 0}
@@ -94,16 +95,3 @@ def test_the_coordinator_records_each_sites_coverage_per_round(
 
 def _train(coverage: dict[str, int]) -> dict[str, object]:
     return {"round": 1, "plans-hash": PLAN.hash, "cases": 2, "train-seconds": 1.0, **coverage}
-
-
-class _Grid:
-    run_id = 7
-
-    def __init__(self, replies: list[Reply]) -> None:
-        self.replies = replies
-
-    def wait_for_nodes(self, minimum: int, timeout: float) -> list[int]:
-        return [r.node_id for r in self.replies]
-
-    def send(self, kind: str, payloads: dict[int, Payload], timeout: float) -> list[Reply]:
-        return self.replies
