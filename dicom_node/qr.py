@@ -9,6 +9,13 @@ the instances back on the same association as C-STORE sub-operations (SCP role
 negotiated for CT Image and RT Structure Set Storage), so the PACS needs no
 route back to us. Every operation opens its own association: a refusal or an
 abort costs one item, not the run.
+
+A PACS is a peer we do not control: as the node's SCP does, every association
+bounds the PDUs it reads and the data set of one instance as it arrives
+(:mod:`dicom_node.bounds`, ``[dicom] max_instance_mb``), and one C-GET may
+write at most :class:`RetrieveLimits` (instances, bytes in all). An instance
+past a bound fails the retrieval: the association is aborted and what it wrote
+is deleted.
 """
 
 from __future__ import annotations
@@ -17,8 +24,9 @@ import logging
 import re
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +40,15 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelGet,
 )
 
-from rtseg.errors import InputError
+from dicom_node.bounds import bound_pdu_reads, cap_data_sets, overflow_of, pdu_read_limit
+from rtseg.ct import check_instance_size
+from rtseg.errors import InputError, TooLargeError
+from rtseg.settings import DicomSettings
 
 log = logging.getLogger(__name__)
 
 _PENDING = (0xFF00, 0xFF01)
+_OUT_OF_RESOURCES = 0xA700
 _STORED = (CTImageStorage, RTStructureSetStorage)
 _SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 _ADDRESS = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:@]+):(?P<port>\d{1,5})$")
@@ -76,10 +88,29 @@ class FoundRtstruct:
 
 @dataclass(frozen=True)
 class Retrieved:
-    """What one C-GET brought: files written, and the problem if it did not end in Success."""
+    """What one C-GET brought: files written, and the problem if it did not end in Success.
+
+    ``over_limit`` is true when the PACS sent more than :class:`RetrieveLimits`
+    allow (``files`` is then 0: what it wrote was deleted).
+    """
 
     files: int
     problem: str = ""
+    over_limit: bool = False
+
+
+@dataclass(frozen=True)
+class RetrieveLimits:
+    """What one C-GET may write: one instance's bytes, instances, and bytes in all."""
+
+    instance_bytes: int = DicomSettings().max_instance_bytes
+    instances: int = DicomSettings().retrieve_max_instances
+    total_bytes: int = DicomSettings().retrieve_max_mb << 20
+
+    @classmethod
+    def of(cls, dicom: DicomSettings) -> RetrieveLimits:
+        """From ``[dicom]``: ``max_instance_mb``, ``retrieve_max_instances``, ``retrieve_max_mb``."""
+        return cls(dicom.max_instance_bytes, dicom.retrieve_max_instances, dicom.retrieve_max_mb << 20)
 
 
 class QueryRetrieve:
@@ -93,10 +124,15 @@ class QueryRetrieve:
         Our AE title (the PACS must know it, or accept any, for C-FIND and C-GET).
     timeout
         Seconds for connecting, association and each DIMSE message.
+    limits
+        What one C-GET may write.
     """
 
-    def __init__(self, pacs: Pacs, calling_ae: str, timeout: float = 60.0) -> None:
+    def __init__(
+        self, pacs: Pacs, calling_ae: str, timeout: float = 60.0, limits: RetrieveLimits | None = None
+    ) -> None:
         self.pacs, self.calling_ae, self.timeout = pacs, calling_ae, timeout
+        self.limits = limits or RetrieveLimits()
 
     def check_reachable(self) -> None:
         """Raise :class:`InputError` naming the address and why, if no association can be had."""
@@ -199,19 +235,23 @@ class QueryRetrieve:
 
     def _get(self, query: Dataset, folder: Path) -> Retrieved:
         folder.mkdir(parents=True, exist_ok=True)
-        written: list[Path] = []
-        handler = (evt.EVT_C_STORE, _store, [folder, written])
-        assoc = self._associate([handler])
+        retrieval = _Retrieval(folder, self.limits)
+        assoc = self._associate([(evt.EVT_C_STORE, retrieval.store)])
         if not assoc.is_established:
             return Retrieved(0, _refusal(assoc, "C-GET"))
         last = -1
         try:
             for status, _ in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet):
                 last = int(status.get("Status", -1)) if status else -1
+                if retrieval.over:  # here, not in the handler: our refusal must go out before the abort
+                    assoc.abort()
+                    break
         finally:
             _close(assoc)
+        if retrieval.over:
+            return Retrieved(0, retrieval.over, over_limit=True)
         problem = "" if last == 0x0000 else f"C-GET ended with {_status_text(last)}"
-        return Retrieved(len(written), problem)
+        return Retrieved(len(retrieval.written), problem)
 
     def _associate(self, handlers: list[Any] | None = None) -> Any:
         ae = AE(ae_title=self.calling_ae)
@@ -222,25 +262,75 @@ class QueryRetrieve:
         for sop_class in _STORED:
             ae.add_requested_context(sop_class, _SYNTAXES)
         roles: list[Any] = [build_role(sop_class, scp_role=True) for sop_class in _STORED]
+        bound = (evt.EVT_CONN_OPEN, _bound, [ae.maximum_pdu_size, self.limits.instance_bytes])
         return ae.associate(
             self.pacs.host,
             self.pacs.port,
             ae_title=self.pacs.ae_title,
             ext_neg=roles,
-            evt_handlers=handlers or [],
+            evt_handlers=[bound, *(handlers or [])],
         )
 
 
-def _store(event: Any, folder: Path, written: list[Path]) -> int:
-    """A C-STORE sub-operation of our C-GET: the file, as sent, under a counter (never a UID) name."""
-    path = folder / f"{len(written):06d}.dcm"
-    try:
-        path.write_bytes(event.encoded_dataset())
-    except OSError as exc:
-        log.warning("cannot write a retrieved instance (%s)", exc.strerror)
-        return 0xA700  # out of resources: the PACS counts a failed sub-operation
-    written.append(path)
-    return 0x0000
+def _bound(event: Any, max_pdu: int, instance_bytes: int) -> None:
+    """Before the PACS's first PDU: bound what this association reads (as the node's SCP does)."""
+    bound_pdu_reads(event.assoc, pdu_read_limit(max_pdu))
+    cap_data_sets(event.assoc, instance_bytes)
+
+
+@dataclass
+class _Retrieval:
+    """The C-STORE sub-operations of one C-GET, within :class:`RetrieveLimits`."""
+
+    folder: Path
+    limits: RetrieveLimits
+    written: list[Path] = field(default_factory=list)
+    total: int = 0
+    over: str = ""  # why the retrieval went past a limit ("" while within them)
+
+    def store(self, event: Any) -> int:
+        """One instance, as sent, under a counter (never a UID) name; past a limit: refuse, delete."""
+        if self.over:  # sent after the abort was asked for
+            return _OUT_OF_RESOURCES
+        data, problem = self._check(event)
+        if problem:
+            self._fail(problem)
+            return _OUT_OF_RESOURCES
+        path = self.folder / f"{len(self.written):06d}.dcm"
+        try:
+            path.write_bytes(data)
+        except OSError as exc:
+            log.warning("cannot write a retrieved instance (%s)", exc.strerror)
+            return _OUT_OF_RESOURCES  # the PACS counts a failed sub-operation
+        self.written.append(path)
+        self.total += len(data)
+        return 0x0000
+
+    def _check(self, event: Any) -> tuple[bytes, str]:
+        """The instance's bytes, or why it may not be written ("" when it may)."""
+        limits = self.limits
+        too_large = f"an instance larger than {limits.instance_bytes >> 20} MB ([dicom] max_instance_mb)"
+        if overflow_of(event.request) is not None:
+            return b"", too_large
+        if len(self.written) >= limits.instances:
+            return b"", f"more than {limits.instances} instances ([dicom] retrieve_max_instances)"
+        data = bytes(event.encoded_dataset())
+        try:  # as the SCP checks: inflated (Deflate) and decoded size too
+            check_instance_size(BytesIO(data), limits.instance_bytes, source="retrieved instance")
+        except TooLargeError:
+            return b"", too_large
+        except InputError:
+            return b"", "the PACS sent an unreadable instance"
+        if self.total + len(data) > limits.total_bytes:
+            return b"", f"more than {limits.total_bytes >> 20} MB in all ([dicom] retrieve_max_mb)"
+        return data, ""
+
+    def _fail(self, problem: str) -> None:
+        log.warning("C-GET aborted: %s", problem)
+        self.over = problem  # every later sub-operation is refused unread; _get aborts at the next response
+        for path in self.written:
+            path.unlink(missing_ok=True)
+        self.written.clear()
 
 
 def _query(level: str, **keys: str) -> Dataset:

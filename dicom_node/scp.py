@@ -45,12 +45,19 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, _config, evt
-from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import CTImageStorage, RTStructureSetStorage, Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from dicom_node.assembly import CT_KIND, Assembler, LateInstance, Peer, SeriesHeader
+from dicom_node.bounds import (
+    UNLIMITED_INSTANCE_READ,
+    UNLIMITED_PDU_READ,
+    bound_pdu_reads,
+    cap_data_sets,
+    overflow_of,
+    pdu_read_limit,
+)
 from dicom_node.spool import Spool, uid_key
 from rtseg.audit import AuditLog
 from rtseg.ct import check_instance_size, series_uid_of, sop_uid_of
@@ -108,8 +115,6 @@ _PARSE_ERRORS = (
     struct.error,
     zlib.error,
 )
-UNLIMITED_PDU_READ = 64 * 1024 * 1024
-UNLIMITED_INSTANCE_READ = 4096 * 1024 * 1024  # the largest dicom.max_instance_mb
 
 
 def conformant_uid(uid: object) -> bool:
@@ -297,9 +302,9 @@ def handle_echo(event: evt.Event) -> int:
 
 def handle_store(event: evt.Event, receiver: Receiver) -> int | Dataset:
     request = cast(C_STORE, event.request)
-    received = request.DataSet
-    if isinstance(received, _CappedBuffer) and received.overflowed:
-        return receiver.too_large(received.received, _peer(event.assoc))
+    overflow = overflow_of(request)
+    if overflow is not None:
+        return receiver.too_large(overflow, _peer(event.assoc))
     data = event.encoded_dataset(include_meta=True)
     peer = replace(_peer(event.assoc), association=receiver.association(event.assoc))
     return receiver.store(data, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID), peer)
@@ -347,67 +352,13 @@ def caller_allowed(settings: DicomSettings, peer: Peer) -> bool:
     )
 
 
-class _CappedBuffer(BytesIO):
-    """A C-STORE data set buffer that keeps at most ``limit`` bytes and counts the rest.
-
-    pynetdicom appends every P-DATA fragment of a message to the message's data
-    set buffer; past the limit this one drops what it held and what comes, so
-    an oversize instance costs no memory and is refused once complete (the
-    association goes on).
-    """
-
-    def __init__(self, limit: int) -> None:
-        super().__init__()
-        self.limit = limit
-        self.received = 0
-
-    @property
-    def overflowed(self) -> bool:
-        return self.received > self.limit
-
-    def write(self, data: Any) -> int:
-        self.received += len(data)
-        if not self.overflowed:
-            return super().write(data)
-        if self.tell():
-            self.seek(0)
-            self.truncate()
-        return len(data)
-
-
-def _cap_data_sets(assoc: Any, limit: int) -> None:
-    """Give every DIMSE message this association receives a :class:`_CappedBuffer`."""
-    dimse = assoc.dimse
-    receive = dimse.receive_primitive
-
-    def capped_receive(primitive: Any) -> None:
-        if dimse.message is None:  # a new message starts: pynetdicom would make one with a BytesIO
-            dimse.message = DIMSEMessage()
-            dimse.message.data_set = _CappedBuffer(limit)
-        receive(primitive)
-
-    dimse.receive_primitive = capped_receive
-
-
 class _BoundedRequestHandler(RequestHandler):
     """Refuses (closes the connection on) a PDU longer than the server allows; caps data sets."""
 
     def _create_association(self) -> Any:
         assoc = super()._create_association()
-        _cap_data_sets(assoc, getattr(self.server, "max_instance_read", UNLIMITED_INSTANCE_READ))
-        sock: Any = assoc.dul.socket
-        read = sock.recv
-        limit: int = getattr(self.server, "max_pdu_read", UNLIMITED_PDU_READ)
-
-        def bounded_recv(nr_bytes: int) -> bytearray:
-            if nr_bytes > limit:
-                log.warning(
-                    "PDU of %d bytes exceeds the limit of %d: closing the connection", nr_bytes, limit
-                )
-                raise OSError(f"PDU length {nr_bytes} exceeds {limit}")
-            return cast(bytearray, read(nr_bytes))
-
-        sock.recv = bounded_recv
+        cap_data_sets(assoc, getattr(self.server, "max_instance_read", UNLIMITED_INSTANCE_READ))
+        bound_pdu_reads(assoc, getattr(self.server, "max_pdu_read", UNLIMITED_PDU_READ))
         return assoc
 
 
@@ -468,7 +419,7 @@ def start_scp(
         server_class=ThreadedAssociationServer,
         request_handler=_BoundedRequestHandler,
     )
-    server.max_pdu_read = max(settings.max_pdu + 6, 1024 * 1024) if settings.max_pdu else UNLIMITED_PDU_READ  # type: ignore[attr-defined]
+    server.max_pdu_read = pdu_read_limit(settings.max_pdu)  # type: ignore[attr-defined]
     server.max_instance_read = receiver.max_instance_bytes  # type: ignore[attr-defined]
     ae._servers.append(server)  # as AE.start_server does: server.shutdown() expects it there
     thread = threading.Thread(target=server.serve_forever, name="rtseg-scp", daemon=True)

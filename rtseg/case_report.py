@@ -95,10 +95,24 @@ def site_report(folder: Path) -> SiteReport:
     return SiteReport(folder.name, cases, problems)
 
 
+def case_states(case_dir: Path) -> dict[str, str]:
+    """Every structure's state from ``case.json``; a case without a record is fully contoured."""
+    recorded = structure_states(case_dir)
+    return {name: recorded.get(name, CONTOURED if not recorded else UNKNOWN) for name in NAMES}
+
+
+def coverage_counts(folder: Path) -> dict[str, dict[str, int]]:
+    """Structure → state → how many cases of ``folder``: counts only, no case ids (what a site may tell)."""
+    counts = {name: dict.fromkeys(STATES, 0) for name in NAMES}
+    for case_dir in case_dirs(folder):
+        for name, state in case_states(case_dir).items():
+            counts[name][state] += 1
+    return counts
+
+
 def case_coverage(case_dir: Path) -> CaseCoverage:
     """States from ``case.json`` (a case without a record is fully contoured) and volumes from the labels."""
-    recorded = structure_states(case_dir)
-    states = {name: recorded.get(name, CONTOURED if not recorded else UNKNOWN) for name in NAMES}
+    states = case_states(case_dir)
     labels, affine = read_label_image(case_dir / LABELS_FILE)
     voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
     counts = np.bincount(labels.ravel(), minlength=max(s.label for s in STRUCTURES) + 1)

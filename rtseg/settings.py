@@ -93,6 +93,9 @@ class DicomSettings:
     accept_rtstruct: bool = True
     network_timeout_s: float = 60.0
     max_instance_mb: int = 64  # one received instance: as sent, inflated (Deflate) and decoded
+    # one C-GET of `rtseg cases import|names --pacs`: a PACS cannot make it write more than this
+    retrieve_max_instances: int = 5000
+    retrieve_max_mb: int = 4096
     tls: TlsSettings = field(default_factory=TlsSettings)
 
     @property
@@ -343,6 +346,8 @@ _DICOM: dict[str, Callable[[Any], Any]] = {
     "accept_rtstruct": parse_bool,
     "network_timeout_s": parse_float(1.0, 3600.0),
     "max_instance_mb": parse_int(1, 4096),
+    "retrieve_max_instances": parse_int(1, 1_000_000),
+    "retrieve_max_mb": parse_int(1, 1_000_000),
 }
 _TLS: dict[str, Callable[[Any], Any]] = {
     "cert": optional(parse_path),

@@ -25,7 +25,7 @@ from typing import Any
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from dicom_node.qr import FoundRtstruct, Pacs, QueryRetrieve
+from dicom_node.qr import FoundRtstruct, Pacs, QueryRetrieve, Retrieved, RetrieveLimits
 from rtseg.cli_commands import print_import_item, print_import_summary, print_names
 from rtseg.errors import InputError
 from rtseg.privacy import uid_key
@@ -50,6 +50,7 @@ Handler = Callable[[argparse.Namespace], int]
 # reasons a PACS item is skipped before the folder import sees it
 NOT_RETRIEVED = "retrieve failed"
 NO_CT_IN_PACS = "referenced CT not in the PACS"
+OVER_LIMIT = "retrieval over a limit"  # the PACS sent more than [dicom] allows one C-GET
 
 
 def register(sources: dict[str, Any], handlers: dict[str, Handler]) -> None:
@@ -79,7 +80,8 @@ def register(sources: dict[str, Any], handlers: dict[str, Handler]) -> None:
 def _client(args: argparse.Namespace) -> QueryRetrieve:
     settings = load_settings(args.config)
     calling = args.calling_ae or settings.dicom.ae_title
-    qr = QueryRetrieve(Pacs.parse(args.pacs), calling, settings.dicom.network_timeout_s)
+    limits = RetrieveLimits.of(settings.dicom)
+    qr = QueryRetrieve(Pacs.parse(args.pacs), calling, settings.dicom.network_timeout_s, limits)
     qr.check_reachable()  # the one real failure: exit 2 with the address and the reason
     return qr
 
@@ -128,7 +130,7 @@ def _retrieve_and_import(
 ) -> ImportItem:
     got = qr.get_instance(item, folder / "rtstruct")
     if got.files == 0:
-        return ImportItem("", SKIPPED, NOT_RETRIEVED, got.problem or "the PACS sent no instance")
+        return _not_retrieved(got, "the PACS sent no instance")
     try:
         ds = pydicom.dcmread(next((folder / "rtstruct").iterdir()))
     except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
@@ -165,8 +167,13 @@ def _retrieve_ct(
             return ImportItem("", SKIPPED, NO_CT_IN_PACS, f"series {k + 1} of {len(pairs)} referenced")
         got = qr.get_series(study, series, folder / str(k))
         if got.files == 0 or got.problem:  # a part of a series would fail to load anyway
-            return ImportItem("", SKIPPED, NOT_RETRIEVED, got.problem or "the PACS sent no slice of the CT")
+            return _not_retrieved(got, "the PACS sent no slice of the CT")
     return None
+
+
+def _not_retrieved(got: Retrieved, nothing: str) -> ImportItem:
+    """The skipped item of a failed C-GET: over a limit, or failed (``nothing``: it sent nothing)."""
+    return ImportItem("", SKIPPED, OVER_LIMIT if got.over_limit else NOT_RETRIEVED, got.problem or nothing)
 
 
 # -- cases names --pacs ---------------------------------------------------------------------------

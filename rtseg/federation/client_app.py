@@ -15,7 +15,15 @@ import time
 
 from rtseg.errors import FederationError
 from rtseg.federation.flower import Payload, SiteContext, client_app
-from rtseg.federation.task import Site, ensure_preprocessed, poison, prepare_data, site_config, train_local
+from rtseg.federation.task import (
+    Site,
+    coverage_config,
+    ensure_preprocessed,
+    poison,
+    prepare_data,
+    site_config,
+    train_local,
+)
 from rtseg.model.cpu import CpuConfig
 from rtseg.model.rounds import RoundSchedule
 from rtseg.privacy import RedactingFormatter
@@ -83,6 +91,7 @@ def train(payload: Payload, context: SiteContext) -> Payload:
             "cases": cases,
             "train-seconds": seconds,
             "site-seconds": time.monotonic() - started,
+            **coverage_config(site),
         },
     )
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from rtseg.cases import CONTOURED, FILLED, STATES
 from rtseg.errors import FederationError
 from rtseg.federation.aggregate import (
     AggregationPolicy,
@@ -34,7 +35,7 @@ from rtseg.federation.aggregate import (
 )
 from rtseg.federation.fingerprint import SiteFingerprint, check_labels, pooled_fingerprint
 from rtseg.federation.flower import Grid, Payload, server_app
-from rtseg.federation.task import DATASET_NAME, plans_hash
+from rtseg.federation.task import COVERAGE_PREFIX, DATASET_NAME, plans_hash
 from rtseg.model.cpu import CpuConfig
 from rtseg.model.manifest import (
     ModelManifest,
@@ -46,8 +47,10 @@ from rtseg.model.manifest import (
 from rtseg.model.rounds import initial_weights, plan_from_fingerprint
 from rtseg.model.weights import load_arrays, save_arrays, write_checkpoint
 from rtseg.privacy import RedactingFormatter
+from rtseg.structures import STRUCTURES
 
 log = logging.getLogger(__name__)
+STRUCTURE_NAMES = frozenset(s.name for s in STRUCTURES)
 
 Arrays = dict[str, np.ndarray]
 PREPARE_KEYS = ("plans", "plans-hash", "cpu-config")
@@ -254,7 +257,15 @@ def run_round(grid: Grid, cfg: CoordinatorConfig, plan: Plan, arrays: Arrays, r:
         else:
             updates.append(got)
             seconds = float(reply.payload.config["train-seconds"])
-            stats[site] = {"bytes_sent": reply.nbytes, "train_seconds": seconds}
+            coverage = coverage_from_reply(reply.payload.config, got.cases)
+            stats[site] = {"bytes_sent": reply.nbytes, "train_seconds": seconds, "coverage": coverage}
+            log.info(
+                "round %d: site %s structures (contoured+filled of %d cases): %s",
+                r,
+                site,
+                got.cases,
+                _known(coverage),
+            )
     missing = sorted(set(map(str, nodes)) - {u.site for u in updates} - {x.site for x in refused})
     if missing:
         log.warning("round %d: no usable reply from sites %s", r, missing)
@@ -315,6 +326,30 @@ def update_from_reply(payload: Payload, site: str, plans_hash: str, r: int) -> U
     if problem:
         return Rejection(site, problem)
     return Update(site, payload.arrays, int(c["cases"]))
+
+
+def coverage_from_reply(config: dict[str, Any], cases: int) -> dict[str, dict[str, int]]:
+    """Structure → state → cases, from a reply's ``coverage.<Structure>.<state>`` counts.
+
+    Only for the report: the counts weigh nothing. A key naming no known
+    structure or state, or a count that is not a whole number in [0, cases],
+    is left out (a site cannot write into the report what no case can be).
+    """
+    out: dict[str, dict[str, int]] = {}
+    for key, value in config.items():
+        if not key.startswith(COVERAGE_PREFIX):
+            continue
+        name, _, state = key[len(COVERAGE_PREFIX) :].rpartition(".")
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        if name in STRUCTURE_NAMES and state in STATES and whole and 0 <= value <= cases:
+            out.setdefault(name, {})[state] = int(value)
+    return out
+
+
+def _known(coverage: dict[str, dict[str, int]]) -> str:
+    """``Liver 4, Spleen 2, …``: per structure the cases a person or a model labelled."""
+    known = {n: s.get(CONTOURED, 0) + s.get(FILLED, 0) for n, s in coverage.items()}
+    return ", ".join(f"{n} {k}" for n, k in known.items()) or "not reported"
 
 
 def payload_bytes(payload: Payload) -> int:

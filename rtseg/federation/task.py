@@ -152,6 +152,25 @@ def train_local(
     return arrays, local_fingerprint(site).n_cases, float(done["seconds"])
 
 
+COVERAGE_PREFIX = "coverage."
+
+
+def coverage_config(site: Site) -> dict[str, int]:
+    """``coverage.<Structure>.<state>`` → cases of the site in that state (contoured/filled/unknown).
+
+    Counts only, from ``case.json``: the coordinator learns which structures a
+    site trains, never which case carries what.
+    """
+    from rtseg.case_report import coverage_counts
+
+    counts = coverage_counts(site.data_dir)
+    return {
+        f"{COVERAGE_PREFIX}{name}.{state}": n
+        for name, states in counts.items()
+        for state, n in states.items()
+    }
+
+
 def poison(arrays: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
     """A NaN in the first float array: what a diverged site would send (for tests of rejection)."""
     out = dict(arrays)
