@@ -72,6 +72,9 @@ def test_first_round_gives_a_loadable_model_that_is_the_weighted_average(fed: Lo
     assert "round 1 completed" in log and "2 updates aggregated, 0 rejected" in log
     (record,) = rounds_log(fed.state_dir)
     assert record["round"] == 1 and len(record["sites"]) == 2 and not record["rejected"]
+    # the coordinator knows each site's structure coverage (phantoms: every structure contoured)
+    for site in record["sites"].values():
+        assert site["coverage"]["Pancreas"] == {"contoured": 2, "filled": 0, "unknown": 0}
     # the global model is the case-weighted mean of exactly what the two sites sent
     sent = [load_arrays(_sent(fed, i, "train")[-1].with_suffix(".npz")) for i in range(2)]
     weights = [s["weight"] for s in record["sites"].values()]
@@ -128,7 +131,17 @@ def test_sites_send_no_voxels_and_no_identifiers(fed: LocalFederation) -> None:
             # exactly the model's tensors, with the model's shapes: nothing else rides along
             assert {k: v[0] for k, v in arrays.items()} == {k: list(v.shape) for k, v in glob.items()}
             config = doc["records"]["config"]["values"]
-            assert set(config) == {"round", "plans-hash", "cases", "train-seconds", "site-seconds"}
+            coverage = {k: v for k, v in config.items() if k.startswith("coverage.")}
+            assert set(config) - set(coverage) == {
+                "round",
+                "plans-hash",
+                "cases",
+                "train-seconds",
+                "site-seconds",
+            }
+            # per structure and state, counts of cases: whole numbers, no case ids
+            assert len(coverage) == 3 * 19 and all(isinstance(v, int) for v in coverage.values())
+            assert coverage["coverage.Liver.contoured"] == len(case_dirs)
             weights_bytes = sum(v.nbytes for v in glob.values())
             # Flower's envelope and the config record add ~8 KB (seen: 95,065 B for 87,168 B of
             # weights). The key and shape checks above are what exclude extra arrays; this bound only
