@@ -126,7 +126,7 @@ class NnunetSegmenter:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ModelError("CUDA was requested but this torch sees no CUDA device", source=str(model_dir))
         self.loaded_via = ""  # "trainer" (nnU-Net's own loader) or "plans" (built from plans.json)
-        from rtseg.model.runtimes import resolve_runtime
+        from rtseg.model.engines import resolve_runtime
 
         self.runtime = resolve_runtime(runtime, self.device.type)
         self._predictor = self._load(tile_step_size, use_mirroring)

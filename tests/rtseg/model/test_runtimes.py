@@ -12,7 +12,8 @@ from rtseg.ct.load import load_series
 from rtseg.errors import ModelError
 from rtseg.metrics import dice
 from rtseg.model.default import default_model_dir
-from rtseg.model.runtimes import ExportedNetwork, require_runtime, resolve_runtime
+from rtseg.model.engines import require_runtime, resolve_runtime
+from rtseg.model.runtimes import ExportedNetwork
 from rtseg.model.segmenter import NnunetSegmenter
 from rtseg.phantom.cohort import case_id, write_case
 
