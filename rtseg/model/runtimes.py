@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 OPSET = 17
 EXPORT_FORMAT = 1  # bump when the export changes, so old cache files are not reused
+KEEP_MODELS = 3  # models whose exports the cache keeps (the current one and the last ones swapped out)
 
 Runner = Callable[[np.ndarray[Any, Any]], np.ndarray[Any, Any]]
 
@@ -198,6 +199,20 @@ class ExportCache:
             tmp.write_bytes(content)
             os.replace(tmp, target)
         log.info("engine cache: exported %s", path.name)
+        self._prune()
+
+    def _prune(self) -> None:
+        """Drop the exports of all but the newest :data:`KEEP_MODELS` models (each swap adds one)."""
+        folders = sorted(
+            (p for p in self.folder.parent.iterdir() if p.is_dir() and p != self.folder),
+            key=lambda p: p.stat().st_mtime,
+            reverse=True,
+        )
+        for old in folders[KEEP_MODELS - 1 :]:
+            for file in old.iterdir():
+                file.unlink(missing_ok=True)  # a worker that loaded it holds its runtime in memory
+            old.rmdir()
+            log.info("engine cache: removed the exports of an older model (%s)", old.name)
 
     def _paths(self, fold: int) -> tuple[Path, Path]:
         return self.folder / f"fold_{fold}.onnx", self.folder / f"fold_{fold}.json"

@@ -121,3 +121,15 @@ def test_missing_runtime_package_names_the_extra(monkeypatch: pytest.MonkeyPatch
         require_runtime("onnxruntime")
     assert resolve_runtime("auto", "cpu") in ("torch", "openvino")  # auto never picks a missing runtime
     require_runtime("torch")
+
+
+def test_cache_keeps_the_exports_of_the_newest_models_only(tmp_path: Path) -> None:
+    from rtseg.model.runtimes import KEEP_MODELS, ExportCache
+
+    for n in range(KEEP_MODELS + 2):  # one export per model a registry swapped in
+        ExportCache(tmp_path, f"{n:064x}", (1, 1, 8, 8, 8)).store(0, b"onnx bytes %d" % n)
+    kept = sorted(p.name[:12] for p in tmp_path.iterdir())
+    assert kept == [f"{n:064x}"[:12] for n in range(2, KEEP_MODELS + 2)]
+    assert ExportCache(tmp_path, f"{KEEP_MODELS + 1:064x}", (1, 1, 8, 8, 8)).load(0) == b"onnx bytes %d" % (
+        KEEP_MODELS + 1
+    )
