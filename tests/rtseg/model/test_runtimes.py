@@ -133,3 +133,35 @@ def test_cache_keeps_the_exports_of_the_newest_models_only(tmp_path: Path) -> No
     assert ExportCache(tmp_path, f"{KEEP_MODELS + 1:064x}", (1, 1, 8, 8, 8)).load(0) == b"onnx bytes %d" % (
         KEEP_MODELS + 1
     )
+
+
+def test_each_fold_runs_its_own_export(phantom128: Path, tmp_path: Path) -> None:
+    """Two folds with different weights: each sliding window must run its own fold's export."""
+    import json
+    import shutil
+
+    from rtseg.model.checkpoints import load_checkpoint
+
+    model = tmp_path / "model"
+    shutil.copytree(default_model_dir(), model)
+    (model / "fold_all").rename(model / "fold_0")
+    shutil.copytree(model / "fold_0", model / "fold_1")
+    checkpoint = load_checkpoint(model / "fold_1" / "checkpoint_final.pth")
+    generator = torch.manual_seed(7)
+    for value in checkpoint["network_weights"].values():
+        if value.is_floating_point():  # a different fold: every weight moved by ~5 %
+            value.mul_(1 + 0.05 * torch.randn(value.shape, generator=generator))
+    torch.save(checkpoint, model / "fold_1" / "checkpoint_final.pth")
+    manifest = json.loads((model / "rtseg-model.json").read_text())
+    (model / "rtseg-model.json").write_text(json.dumps({**manifest, "folds": ["0", "1"]}))
+    volume = load_series(phantom128)
+    by_torch = NnunetSegmenter(model, device="cpu", threads=2).segment(volume).labels
+    fold_0 = NnunetSegmenter(model, device="cpu", threads=2, folds=("0",)).segment(volume).labels
+    exported = NnunetSegmenter(
+        model, device="cpu", threads=2, runtime="onnxruntime", export_cache=tmp_path / "c"
+    )
+    assert len(list((tmp_path / "c").rglob("fold_*.onnx"))) == 2
+    labels = exported.segment(volume).labels
+    changed_by_fold_1 = int((fold_0 != by_torch).sum())
+    assert changed_by_fold_1 > 100  # the second fold changes the ensemble's labels ...
+    assert int((labels != by_torch).sum()) < changed_by_fold_1 / 20  # ... and the export ensembles both
