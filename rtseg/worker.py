@@ -51,6 +51,7 @@ SUPERVISE_S = 1.0  # how often the pool looks for dead workers
 RESTART_BACKOFF_S = 30.0  # a worker that dies before loading its model is restarted at most this often
 WORKER_NICE = 10
 POLL_S = 0.5
+ENGINE_CACHE = "engines"  # under the data directory: networks exported for [node] engine
 
 
 def _job_uid(kind: str, job_id: str) -> str:
@@ -114,6 +115,7 @@ class WorkerConfig:
     min_island_ml: float = MIN_ISLAND_ML
     region_check: bool = True  # refuse series that do not show the model's body region
     write_preview: bool = False  # also write jobs/<id>/preview.png once delivery is queued
+    engine: str = "auto"  # what runs the network ([node] engine); exports cached in <data_dir>/engines
 
 
 @dataclass(frozen=True)
@@ -162,14 +164,23 @@ class WorkerPool:
         Fail jobs whose series does not show the model's body region (``[selection] region_check``).
     write_preview
         Write the contour preview ``preview.png`` beside each RTSTRUCT (``[node] write_preview``).
+    engine
+        What runs the network (``[node] engine``, :mod:`rtseg.model.engines`).
     """
 
     @classmethod
     def from_settings(
         cls, settings: Settings, store: JobStore, data_dir: Path, model_dir: Path
     ) -> WorkerPool:
-        """The pool ``[node]`` and ``[selection]`` describe (``rtseg serve`` and ``rtseg http``)."""
+        """The pool ``[node]`` and ``[selection]`` describe (``rtseg serve`` and ``rtseg http``).
+
+        Raises :class:`ModelError` when ``[node] engine`` names a runtime that is
+        not installed: the node stops at startup, not in every worker.
+        """
+        from rtseg.model.engines import require_runtime
+
         n = settings.node
+        require_runtime(n.engine)
         return cls(
             store,
             data_dir,
@@ -180,6 +191,7 @@ class WorkerPool:
             n.worker_crash_limit,
             region_check=settings.selection.region_check,
             write_preview=n.write_preview,
+            engine=n.engine,
         )
 
     def __init__(
@@ -194,6 +206,7 @@ class WorkerPool:
         *,
         region_check: bool = True,
         write_preview: bool = False,
+        engine: str = "auto",
     ) -> None:
         self.store = store
         threads = threads or max(1, (os.cpu_count() or 1) // max(workers, 1))
@@ -207,6 +220,7 @@ class WorkerPool:
             min_island_ml,
             region_check,
             write_preview,
+            engine,
         )
         self.workers = workers
         self.crash_limit = crash_limit
@@ -359,7 +373,13 @@ def load_runner(store: JobStore, config: WorkerConfig) -> JobRunner | None:
 
     model_dir = config.model_dir.resolve()
     try:
-        segmenter = NnunetSegmenter(model_dir, threads=config.threads, min_island_ml=config.min_island_ml)
+        segmenter = NnunetSegmenter(
+            model_dir,
+            threads=config.threads,
+            min_island_ml=config.min_island_ml,
+            runtime=config.engine,
+            export_cache=config.data_dir / ENGINE_CACHE,
+        )
     except RtsegError as exc:
         log.error("worker cannot load the model: %s", exc)
         return None
