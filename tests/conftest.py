@@ -1,10 +1,18 @@
 """Fixtures shared by the test folders: a phantom series, a free loopback port, a running node."""
 
+import os as _os
 from pathlib import Path as _Path
 
 import pytest as _pytest
 
 from rtseg import net as _net
+
+# Nodes and HTTP services started by the tests run the network on torch unless a test picks an
+# engine: "auto" would export the model to OpenVINO in every new data directory (seconds per node
+# start, hundreds of starts), and label assertions written against torch would then hold to Dice
+# 0.99 only. The engines themselves are tested in tests/rtseg/model/test_runtimes.py, "auto"'s
+# choice there and in tests/rtseg/test_worker.py.
+_os.environ.setdefault("RTSEG_NODE_ENGINE", "torch")
 
 
 @_pytest.fixture(scope="session")

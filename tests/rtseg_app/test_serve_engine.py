@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ def test_serve_without_the_engine_package_names_the_extra_and_exits_2(tmp_path: 
         capture_output=True,
         text=True,
         timeout=120,
+        env={k: v for k, v in os.environ.items() if k != "RTSEG_NODE_ENGINE"},  # conftest's torch default
     )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "engine 'onnxruntime' needs onnxruntime, which is not installed" in proc.stderr
