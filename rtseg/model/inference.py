@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from rtseg.model.chunked import chunked_logits, plan_chunks
 from rtseg.model.preprocess import resampling_taps
 from rtseg.structures import EXTERNAL, MIN_ISLAND_ML
 
@@ -47,18 +48,27 @@ def predict_labels(
     image: npt.NDArray[np.float32],
     spacing_zyx: tuple[float, float, float],
     min_island_ml: float = MIN_ISLAND_ML,
+    chunk_slices: int = 0,
 ) -> Prediction:
     """Labels of a ``[1, z, y, x]`` image on its own grid, through nnU-Net's preprocessing and network.
 
     Connected pieces of a structure smaller than ``min_island_ml`` at the
     model's spacing give way to the next most likely class (see
-    :func:`suppress_islands`); 0 keeps them.
+    :func:`suppress_islands`); 0 keeps them. An image of more than
+    ``chunk_slices`` slices (0: never) is preprocessed and predicted in z-chunks
+    of about that many slices (:mod:`rtseg.model.chunked`), with the same labels.
     """
     t0 = time.perf_counter()
-    data, properties = preprocess(predictor, image, spacing_zyx)
-    t1 = time.perf_counter()
-    logits = sliding_window_logits(predictor, data)
-    del data
+    plan = plan_chunks(predictor, image, spacing_zyx, chunk_slices) if chunk_slices else None
+    if plan is not None:
+        logits, seconds = chunked_logits(predictor, image, plan)
+        properties = plan.properties
+        t1 = t0 + seconds["preprocess_s"]
+    else:
+        data, properties = preprocess(predictor, np.asarray(image, dtype=np.float32), spacing_zyx)
+        t1 = time.perf_counter()
+        logits = sliding_window_logits(predictor, data)
+        del data
     if min_island_ml > 0:
         voxel_ml = float(np.prod(predictor.configuration_manager.spacing)) / 1000.0
         logits = suppress_islands(logits, voxel_ml, min_island_ml, keep=_external_labels(predictor))
