@@ -40,6 +40,7 @@ from typing import Any
 
 from rtseg.errors import InputError, RtsegError
 from rtseg.jobs import Job, JobState, JobStore
+from rtseg.model.chunked import CHUNK_SLICES
 from rtseg.privacy import configure_logging, forward_logs, listen_for_logs, redact_uids
 from rtseg.settings import Settings
 from rtseg.structures import MIN_ISLAND_ML
@@ -112,6 +113,7 @@ class WorkerConfig:
     threads: int | None
     log_level: int
     min_island_ml: float = MIN_ISLAND_ML
+    chunk_slices: int = CHUNK_SLICES  # longer series are predicted in z-chunks
     region_check: bool = True  # refuse series that do not show the model's body region
     write_preview: bool = False  # also write jobs/<id>/preview.png once delivery is queued
 
@@ -162,6 +164,8 @@ class WorkerPool:
         Fail jobs whose series does not show the model's body region (``[selection] region_check``).
     write_preview
         Write the contour preview ``preview.png`` beside each RTSTRUCT (``[node] write_preview``).
+    chunk_slices
+        Series of more slices are predicted in z-chunks of about this many (``[node] chunk_slices``).
     """
 
     @classmethod
@@ -180,6 +184,7 @@ class WorkerPool:
             n.worker_crash_limit,
             region_check=settings.selection.region_check,
             write_preview=n.write_preview,
+            chunk_slices=n.chunk_slices,
         )
 
     def __init__(
@@ -194,6 +199,7 @@ class WorkerPool:
         *,
         region_check: bool = True,
         write_preview: bool = False,
+        chunk_slices: int = CHUNK_SLICES,
     ) -> None:
         self.store = store
         threads = threads or max(1, (os.cpu_count() or 1) // max(workers, 1))
@@ -205,6 +211,7 @@ class WorkerPool:
             threads,
             level,
             min_island_ml,
+            chunk_slices,
             region_check,
             write_preview,
         )
@@ -359,7 +366,12 @@ def load_runner(store: JobStore, config: WorkerConfig) -> JobRunner | None:
 
     model_dir = config.model_dir.resolve()
     try:
-        segmenter = NnunetSegmenter(model_dir, threads=config.threads, min_island_ml=config.min_island_ml)
+        segmenter = NnunetSegmenter(
+            model_dir,
+            threads=config.threads,
+            min_island_ml=config.min_island_ml,
+            chunk_slices=config.chunk_slices,
+        )
     except RtsegError as exc:
         log.error("worker cannot load the model: %s", exc)
         return None

@@ -58,6 +58,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Series of more slices than this are predicted in chunks of about this many (rtseg's default
+# for [node] chunk_slices): ~300 slices of 512² is where the one-piece path passes ~3 GB.
+CHUNK_SLICES = 300
 POINTWISE_SCHEMES = frozenset({"CTNormalization", "NoNormalization"})  # no statistics of the image itself
 Slicer = tuple[slice, ...]
 
