@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from rtseg.model.chunked import chunked_logits, plan_chunks
+from rtseg.model.chunked import plan_chunks, preprocess_chunked
 from rtseg.model.preprocess import resampling_taps
 from rtseg.structures import EXTERNAL, MIN_ISLAND_ML
 
@@ -55,20 +55,18 @@ def predict_labels(
     Connected pieces of a structure smaller than ``min_island_ml`` at the
     model's spacing give way to the next most likely class (see
     :func:`suppress_islands`); 0 keeps them. An image of more than
-    ``chunk_slices`` slices (0: never) is preprocessed and predicted in z-chunks
-    of about that many slices (:mod:`rtseg.model.chunked`), with the same labels.
+    ``chunk_slices`` slices (0: never) is preprocessed in z-chunks of about that
+    many slices (:mod:`rtseg.model.chunked`): the same model-grid data, the same labels.
     """
     t0 = time.perf_counter()
     plan = plan_chunks(predictor, image, spacing_zyx, chunk_slices) if chunk_slices else None
     if plan is not None:
-        logits, seconds = chunked_logits(predictor, image, plan)
-        properties = plan.properties
-        t1 = t0 + seconds["preprocess_s"]
+        data, properties = preprocess_chunked(predictor, image, plan)
     else:
         data, properties = preprocess(predictor, np.asarray(image, dtype=np.float32), spacing_zyx)
-        t1 = time.perf_counter()
-        logits = sliding_window_logits(predictor, data)
-        del data
+    t1 = time.perf_counter()
+    logits = sliding_window_logits(predictor, data)
+    del data
     if min_island_ml > 0:
         voxel_ml = float(np.prod(predictor.configuration_manager.spacing)) / 1000.0
         logits = suppress_islands(logits, voxel_ml, min_island_ml, keep=_external_labels(predictor))

@@ -1,11 +1,8 @@
-"""A long series predicted in z-chunks gives the one-piece path's logits and labels, bit for bit."""
+"""A long series preprocessed in z-chunks: the one-piece model-grid data bit for bit, and the same labels."""
 
 from __future__ import annotations
 
 import copy
-import json
-import shutil
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,10 +11,9 @@ import pytest
 import torch
 from scipy.ndimage import zoom
 
-from rtseg.model import inference
-from rtseg.model.chunked import plan_chunks
+from rtseg.model.chunked import plan_chunks, preprocess_chunked
 from rtseg.model.default import default_model_dir
-from rtseg.model.inference import predict_labels, preprocess, suppress_islands
+from rtseg.model.inference import predict_labels, preprocess
 from rtseg.model.segmenter import NnunetSegmenter
 from rtseg.phantom.cohort import make_case
 
@@ -38,48 +34,29 @@ def long_phantom() -> Case:
     return np.round(hu).astype(np.int16), spacing
 
 
-def _small_patch_model(tmp: Path, patch: list[int]) -> Path:
-    """The default model's folder with a smaller sliding-window patch (the network is fully convolutional)."""
-    model = tmp / "model"
-    shutil.copytree(default_model_dir(), model)
-    plans = json.loads((model / "plans.json").read_text())
-    plans["configurations"]["3d_fullres"]["patch_size"] = patch
-    (model / "plans.json").write_text(json.dumps(plans, indent=1))
-    return model
-
-
 def _assert_chunked_equals_one_piece(
-    predictor: Any, hu: npt.NDArray[np.int16], spacing: Any, slices: int, monkeypatch: pytest.MonkeyPatch
+    predictor: Any, hu: npt.NDArray[np.int16], spacing: Any, slices: int
 ) -> None:
     image = hu[None]
     plan = plan_chunks(predictor, image, spacing, slices)
-    assert plan is not None and len(plan.chunks) >= 4  # many chunks, their borders inside the anatomy
-    _, properties = preprocess(predictor, image.astype(np.float32), spacing)
-    assert plan.properties == properties
-    seen: list[torch.Tensor] = []  # the logits each run hands to island suppression
-
-    def recording(scores: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        seen.append(scores)
-        return suppress_islands(scores, *args, **kwargs)
-
-    monkeypatch.setattr(inference, "suppress_islands", recording)
-    one_piece = predict_labels(predictor, image.astype(np.float32), spacing).labels
-    labels = predict_labels(predictor, image, spacing, chunk_slices=slices).labels
-    whole, chunked = seen
+    assert plan is not None and len(plan.chunks) >= 5  # many chunks, their borders inside the anatomy
+    whole, properties = preprocess(predictor, image.astype(np.float32), spacing)
+    chunked, chunked_properties = preprocess_chunked(predictor, image, plan)
+    assert chunked_properties == properties
     assert chunked.dtype == whole.dtype and chunked.shape == whole.shape
     assert torch.equal(chunked, whole)  # bit for bit, not close
+    one_piece = predict_labels(predictor, image.astype(np.float32), spacing).labels
+    labels = predict_labels(predictor, image, spacing, chunk_slices=slices).labels
     assert labels.shape == hu.shape and len(np.unique(one_piece)) > 5
     assert np.array_equal(labels, one_piece)
 
 
-def test_default_model_in_many_chunks_gives_the_one_piece_labels(
-    long_phantom: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_default_model_in_many_chunks_gives_the_one_piece_labels(long_phantom: Case) -> None:
     hu, spacing = long_phantom
-    segmenter = NnunetSegmenter(_small_patch_model(tmp_path, [16, 80, 80]), device="cpu", threads=2)
-    # 232 slices at 1 mm → 58 rows at 4 mm: 7 tile rows of 16, each its own chunk; the
-    # 3-D cubic zoom's slabs are cut inside the series (48-slice margins)
-    _assert_chunked_equals_one_piece(segmenter._predictor, hu, spacing, slices=12, monkeypatch=monkeypatch)
+    segmenter = NnunetSegmenter(default_model_dir(), device="cpu", threads=2)
+    # 232 slices at 1 mm → 58 rows at 4 mm, 3 rows (12 slices) a chunk: the 3-D cubic
+    # zoom's slabs (taps and 48-slice margins) are cut inside the anatomy
+    _assert_chunked_equals_one_piece(segmenter._predictor, hu, spacing, slices=12)
 
 
 def _random_anisotropic_predictor(base: Any) -> Any:
@@ -96,7 +73,7 @@ def _random_anisotropic_predictor(base: Any) -> Any:
     configuration = manager.get_configuration("3d_fullres")
     heads = manager.get_label_manager(base.dataset_json).num_segmentation_heads
     folds = []
-    for seed in (1, 2):
+    for seed in (1, 2):  # two folds: nnU-Net averages them
         torch.manual_seed(seed)
         network = get_network_from_plans(
             configuration.network_arch_class_name,
@@ -117,21 +94,21 @@ def _random_anisotropic_predictor(base: Any) -> Any:
     return predictor
 
 
-def test_random_anisotropic_nnunet_in_chunks_gives_the_one_piece_labels(
-    long_phantom: Case, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_random_anisotropic_nnunet_in_chunks_gives_the_one_piece_labels(long_phantom: Case) -> None:
     hu, spacing = long_phantom
     base = NnunetSegmenter(default_model_dir(), device="cpu", threads=2)._predictor
     predictor = _random_anisotropic_predictor(base)
-    # 232 slices → 23 rows at 10 mm: 5 tile rows of 8 (2 × 2 tiles each); z nearest, in-plane cubic
-    _assert_chunked_equals_one_piece(predictor, hu, spacing, slices=40, monkeypatch=monkeypatch)
+    # 232 slices → 23 rows at 10 mm, 2 rows (20 slices) a chunk; z nearest, in-plane cubic
+    _assert_chunked_equals_one_piece(predictor, hu, spacing, slices=20)
 
 
-def test_short_series_and_unsplittable_grids_stay_one_piece(long_phantom: Case, tmp_path: Path) -> None:
+def test_short_series_and_other_preprocessing_stay_one_piece(long_phantom: Case) -> None:
     hu, spacing = long_phantom
     predictor = NnunetSegmenter(default_model_dir(), device="cpu", threads=1)._predictor
     assert plan_chunks(predictor, hu[None], spacing, 0) is None  # chunking off
     assert plan_chunks(predictor, hu[None], spacing, hu.shape[0]) is None  # not longer than a chunk
-    # the default model's patch (48 rows at 4 mm) covers 160 mm: one tile row, nothing to cut
-    assert plan_chunks(predictor, hu[None, :160], spacing, 12) is None
-    assert plan_chunks(predictor, hu[None], spacing, 12) is not None  # 232 mm: two tile rows
+    assert plan_chunks(predictor, hu[None], spacing, 100) is not None
+    zscore = copy.copy(predictor)
+    zscore.configuration_manager = copy.deepcopy(predictor.configuration_manager)
+    zscore.configuration_manager.configuration["normalization_schemes"] = ["ZScoreNormalization"]
+    assert plan_chunks(zscore, hu[None], spacing, 100) is None  # needs the whole image's mean and std
