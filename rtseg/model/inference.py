@@ -15,6 +15,7 @@ labels, other resampling functions) goes through nnU-Net's own conversion.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -273,12 +274,18 @@ def upsample_argmax(
     mixed = np.argwhere(~_uniform_cells(coarse, z_pairs=z_mode == "linear"))
     scores = logits.float()
     rounding = logits.dtype if logits.dtype in (torch.float16, torch.bfloat16) else None
-    for first in range(0, len(mixed), CELL_BATCH):
-        _label_mixed_cells(scores, mixed[first : first + CELL_BATCH], taps, out, rounding)
+    # thin slices put more output voxels in a cell: fewer cells at once keep the scratch bounded
+    per_cell = math.prod(
+        -(-n_out // int(n_in)) + 1 for n_out, n_in in zip(shape, logits.shape[1:], strict=True)
+    )
+    batch = max(1, CELL_BATCH * CELL_VOXELS // per_cell)
+    for first in range(0, len(mixed), batch):
+        _label_mixed_cells(scores, mixed[first : first + batch], taps, out, rounding)
     return out
 
 
 CELL_BATCH = 8192  # boundary cells interpolated at once: 8192 × ~75 voxels × 20 classes float32 ≈ 50 MB
+CELL_VOXELS = 150  # ... of up to this many voxels (ceil + 1 per axis: 512² × 200 slices); larger, fewer
 
 
 def _uniform_cells(coarse: npt.NDArray[np.uint8], z_pairs: bool) -> npt.NDArray[np.bool_]:
