@@ -37,6 +37,8 @@ ENV_PREFIX = "RTSEG_"
 # RTSTRUCT say the series was incomplete; reject: failure status. "ignore" (the old default,
 # which dropped them silently) now means "flag".
 LATE_POLICIES = ("supersede", "flag", "reject", "ignore")
+# what runs the network (rtseg.model.runtimes): auto = torch on CUDA, else the one measured fastest
+ENGINES = ("auto", "torch", "onnxruntime", "openvino")
 SITE_DATA_DIR = "site-data"  # under the data directory: the site's training cases (closed loop, federation)
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
 # series that are not diagnostic axial CT, by the names vendors give them: scouts (GE "Scout", Siemens
@@ -137,6 +139,7 @@ class NodeSettings:
     retry_backoff_s: float = 5.0
     retry_backoff_max_s: float = 600.0
     write_preview: bool = False  # also write jobs/<id>/preview.png (contours on the CT) per result
+    engine: str = "auto"  # see ENGINES; exports are cached in <data_dir>/engines
 
 
 @dataclass(frozen=True)
@@ -331,6 +334,13 @@ def optional(parse: Parser) -> Parser:
     return lambda v: None if v is None or v == "" else parse(v)
 
 
+def _engine(v: Any) -> str:
+    s = parse_str(v).lower()
+    if s not in ENGINES:
+        raise ValueError(f"must be one of {', '.join(ENGINES)}")
+    return s
+
+
 def _late_policy(v: Any) -> str:
     s = parse_str(v).lower()
     if s not in LATE_POLICIES:
@@ -382,6 +392,7 @@ _NODE: dict[str, Callable[[Any], Any]] = {
     "retry_backoff_s": parse_float(0.0, 86400.0),
     "retry_backoff_max_s": parse_float(0.0, 7 * 86400.0),
     "write_preview": parse_bool,
+    "engine": _engine,
 }
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 

@@ -52,6 +52,7 @@ SUPERVISE_S = 1.0  # how often the pool looks for dead workers
 RESTART_BACKOFF_S = 30.0  # a worker that dies before loading its model is restarted at most this often
 WORKER_NICE = 10
 POLL_S = 0.5
+ENGINE_CACHE = "engines"  # under the data directory: networks exported for [node] engine
 
 
 def _job_uid(kind: str, job_id: str) -> str:
@@ -116,6 +117,7 @@ class WorkerConfig:
     chunk_slices: int = CHUNK_SLICES  # longer series are predicted in z-chunks
     region_check: bool = True  # refuse series that do not show the model's body region
     write_preview: bool = False  # also write jobs/<id>/preview.png once delivery is queued
+    engine: str = "auto"  # what runs the network ([node] engine); exports cached in <data_dir>/engines
 
 
 @dataclass(frozen=True)
@@ -166,14 +168,23 @@ class WorkerPool:
         Write the contour preview ``preview.png`` beside each RTSTRUCT (``[node] write_preview``).
     chunk_slices
         Series of more slices are predicted in z-chunks of about this many (``[node] chunk_slices``).
+    engine
+        What runs the network (``[node] engine``, :mod:`rtseg.model.engines`).
     """
 
     @classmethod
     def from_settings(
         cls, settings: Settings, store: JobStore, data_dir: Path, model_dir: Path
     ) -> WorkerPool:
-        """The pool ``[node]`` and ``[selection]`` describe (``rtseg serve`` and ``rtseg http``)."""
+        """The pool ``[node]`` and ``[selection]`` describe (``rtseg serve`` and ``rtseg http``).
+
+        Raises :class:`ModelError` when ``[node] engine`` names a runtime that is
+        not installed: the node stops at startup, not in every worker.
+        """
+        from rtseg.model.engines import require_runtime
+
         n = settings.node
+        require_runtime(n.engine)
         return cls(
             store,
             data_dir,
@@ -185,6 +196,7 @@ class WorkerPool:
             region_check=settings.selection.region_check,
             write_preview=n.write_preview,
             chunk_slices=n.chunk_slices,
+            engine=n.engine,
         )
 
     def __init__(
@@ -200,6 +212,7 @@ class WorkerPool:
         region_check: bool = True,
         write_preview: bool = False,
         chunk_slices: int = CHUNK_SLICES,
+        engine: str = "auto",
     ) -> None:
         self.store = store
         threads = threads or max(1, (os.cpu_count() or 1) // max(workers, 1))
@@ -214,6 +227,7 @@ class WorkerPool:
             chunk_slices,
             region_check,
             write_preview,
+            engine,
         )
         self.workers = workers
         self.crash_limit = crash_limit
@@ -371,6 +385,8 @@ def load_runner(store: JobStore, config: WorkerConfig) -> JobRunner | None:
             threads=config.threads,
             min_island_ml=config.min_island_ml,
             chunk_slices=config.chunk_slices,
+            runtime=config.engine,
+            export_cache=config.data_dir / ENGINE_CACHE,
         )
     except RtsegError as exc:
         log.error("worker cannot load the model: %s", exc)

@@ -111,7 +111,7 @@ class Recipe:
         replace(STAGE1, epochs=30, seed=3, learning_rate=5e-4),
         replace(STAGE1, epochs=25, seed=4, learning_rate=2.5e-4),
         replace(STAGE1, epochs=30, seed=5, learning_rate=5e-4),
-        replace(STAGE1, epochs=14, seed=6, learning_rate=5e-4),
+        replace(STAGE1, epochs=12, seed=6, learning_rate=5e-4),
     )
     realistic: RealisticCases | None = RealisticCases(from_stage=7, per_center=40, start=60)
 

@@ -83,6 +83,13 @@ class NnunetSegmenter:
         :meth:`segment` clips the labels to the patient's body found in the CT
         numbers and labels the rest of the body External
         (:mod:`rtseg.body`): no couch, mattress or mask in the External.
+    runtime
+        What runs the network (``[node] engine``): ``"torch"``, ``"onnxruntime"``,
+        ``"openvino"`` (the weights exported to ONNX, :mod:`rtseg.model.runtimes`)
+        or ``"auto"`` (torch on CUDA, else the runtime measured fastest on a CPU).
+    export_cache
+        Folder that keeps the exported network between loads (the node's
+        ``<data_dir>/engines``); None exports it anew at every load.
     """
 
     def __init__(
@@ -98,6 +105,8 @@ class NnunetSegmenter:
         min_island_ml: float = MIN_ISLAND_ML,
         body_outline: bool = True,
         chunk_slices: int = CHUNK_SLICES,
+        runtime: str = "torch",
+        export_cache: Path | None = None,
     ) -> None:
         if engine not in ENGINES:
             raise ModelError(f"unknown inference engine {engine!r}: choose one of {', '.join(ENGINES)}")
@@ -124,7 +133,12 @@ class NnunetSegmenter:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ModelError("CUDA was requested but this torch sees no CUDA device", source=str(model_dir))
         self.loaded_via = ""  # "trainer" (nnU-Net's own loader) or "plans" (built from plans.json)
+        from rtseg.model.engines import resolve_runtime
+
+        self.runtime = resolve_runtime(runtime, self.device.type)
         self._predictor = self._load(tile_step_size, use_mirroring)
+        if self.runtime != "torch":
+            self._predictor.network = self._exported_network(export_cache)
         self._lock = threading.Lock()  # one prediction at a time: the predictor holds state
 
     def segment(self, volume: CTVolume) -> Segmentation:
@@ -207,6 +221,35 @@ class NnunetSegmenter:
             self.device,
         )
         return predictor
+
+    def _exported_network(self, export_cache: Path | None) -> torch.nn.Module:
+        """The predictor's network with every fold exported to :attr:`runtime` (cached when asked)."""
+        import torch
+
+        from rtseg.model.manifest import model_hash
+        from rtseg.model.runtimes import ExportCache, exported_network
+
+        predictor = self._predictor
+        channels = len(predictor.dataset_json.get("channel_names") or {"0": "CT"})
+        shape = (1, channels, *(int(s) for s in predictor.configuration_manager.patch_size))
+        cache = None
+        if export_cache is not None:
+            digest = model_hash(
+                self.model_dir, folds=self.manifest.folds, checkpoint=self.manifest.checkpoint, short=False
+            )
+            cache = ExportCache(export_cache, digest, shape)
+        network = getattr(predictor.network, "_orig_mod", predictor.network)
+        started = time.perf_counter()
+        exported = exported_network(
+            network,
+            predictor.list_of_parameters,
+            self.runtime,
+            input_shape=shape,
+            threads=torch.get_num_threads(),
+            cache=cache,
+        )
+        log.info("network runs on %s (%.1f s to prepare)", self.runtime, time.perf_counter() - started)
+        return exported
 
 
 class EnsembleSegmenter:

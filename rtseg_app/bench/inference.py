@@ -68,8 +68,11 @@ LEVERS = (
     Variant("rtseg, ONNX Runtime", runtime="onnxruntime"),
     Variant("rtseg, OpenVINO (f32)", runtime="openvino"),
 )
-# what a runtime needs beyond rtseg's own dependencies (pip install -e ".[levers]")
-RUNTIME_MODULES = {"onnxruntime": ("onnx", "onnxruntime"), "openvino": ("openvino",)}
+# what the node runs with each `[node] engine` (the export counts as load time)
+ENGINES = (
+    Variant("rtseg, engine onnxruntime", runtime="onnxruntime"),
+    Variant("rtseg, engine openvino (f32)", runtime="openvino"),
+)
 
 
 @dataclass(frozen=True)
@@ -185,7 +188,10 @@ def missing_modules(variant: Variant) -> list[str]:
     """The modules ``variant``'s runtime needs that this environment lacks."""
     import importlib.util
 
-    return [m for m in RUNTIME_MODULES.get(variant.runtime, ()) if importlib.util.find_spec(m) is None]
+    from rtseg.model.engines import RUNTIME_PACKAGES
+
+    modules = RUNTIME_PACKAGES.get(variant.runtime, ((), ""))[0]
+    return [m for m in modules if importlib.util.find_spec(m) is None]
 
 
 def _min(values: dict[str, float | None]) -> float | None:
@@ -252,11 +258,12 @@ def _load_ours(model: str, variant: Variant) -> Any:
         use_mirroring=variant.use_mirroring,
         engine=variant.engine,
         min_island_ml=variant.min_island_ml,
+        runtime="torch" if variant.runtime == "compile" else variant.runtime,  # exports: [node] engine
     )
     predictor = segmenter._predictor  # the bench tunes the loaded network in place
     if variant.channels_last:
         predictor.network = predictor.network.to(memory_format=torch.channels_last_3d)
-    if variant.runtime != "torch":
+    if variant.runtime == "compile":
         predictor.network = runtime_network(predictor, variant.runtime)
 
     def predict(image: Any, spacing: tuple[float, float, float]) -> tuple[Any, dict[str, float]]:
@@ -270,77 +277,22 @@ def _load_ours(model: str, variant: Variant) -> Any:
 
 
 def runtime_network(predictor: Any, runtime: str) -> Any:
-    """The predictor's network run by ``runtime``, warmed up on one patch (compiling is loading).
+    """The predictor's network run by ``torch.compile``, warmed up on one patch (compiling is loading).
 
-    The result is an ``nn.Module`` whose ``_orig_mod`` is the torch network, as
-    ``torch.compile`` leaves it, so nnU-Net's and rtseg's weight loading still
-    reach the torch module. Exported runtimes (ONNX Runtime, OpenVINO) hold the
-    weights they were exported with: one fold only.
+    The exported runtimes (ONNX Runtime, OpenVINO) are the node's own ``[node]
+    engine`` (:mod:`rtseg.model.runtimes`), loaded by ``NnunetSegmenter``.
     """
-    import tempfile
-
     import torch
 
-    network = getattr(predictor.network, "_orig_mod", predictor.network)
-    if runtime != "compile" and len(predictor.list_of_parameters) != 1:
-        raise ModelError(f"the {runtime} lever handles single-fold models only")
     if runtime != "compile":
-        network.load_state_dict(predictor.list_of_parameters[0])
+        raise ModelError(f"unknown runtime {runtime!r}")
+    network = getattr(predictor.network, "_orig_mod", predictor.network)
     channels = len(predictor.dataset_json["channel_names"])
     example = torch.zeros((1, channels, *predictor.configuration_manager.patch_size))
-    threads = torch.get_num_threads()
-    run: Callable[[Any], Any]
-    wrapped: Any  # torch.compile and the runtime wrappers
-    if runtime == "compile":
-        wrapped = torch.compile(network)
-    elif runtime == "onnxruntime":
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        with tempfile.TemporaryDirectory(prefix="rtseg-onnx-") as tmp, torch.no_grad():
-            path = str(Path(tmp) / "network.onnx")
-            torch.onnx.export(network, (example,), path, dynamo=False, input_names=["x"], output_names=["y"])
-            session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-
-        def run(x: Any) -> Any:
-            return torch.from_numpy(session.run(None, {"x": x.detach().numpy()})[0])
-
-        wrapped = _wrap(network, run)
-    elif runtime == "openvino":
-        import openvino as ov
-
-        with torch.no_grad():
-            model = ov.convert_model(network, example_input=example)
-        # f32: on CPUs with native bf16 OpenVINO would otherwise lower precision and change labels
-        config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads}
-        compiled = ov.Core().compile_model(model, "CPU", config)
-
-        def run(x: Any) -> Any:
-            return torch.from_numpy(compiled(x.detach().numpy())[0].copy())
-
-        wrapped = _wrap(network, run)
-    else:
-        raise ModelError(f"unknown runtime {runtime!r}")
+    wrapped: Any = torch.compile(network)
     with torch.inference_mode():
         wrapped(example)
     return wrapped
-
-
-def _wrap(network: Any, run: Callable[[Any], Any]) -> Any:
-    """An ``nn.Module`` whose forward is ``run``; ``_orig_mod`` keeps the torch module."""
-    import torch
-
-    class RuntimeNetwork(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self._orig_mod = network
-            self._run = run
-
-        def forward(self, x: Any) -> Any:
-            return self._run(x)
-
-    return RuntimeNetwork()
 
 
 def main(argv: list[str]) -> int:

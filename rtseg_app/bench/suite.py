@@ -151,10 +151,10 @@ def _bench_ct(ctx: _Context) -> tuple[Any, Any]:
 
 
 def _inference(ctx: _Context) -> dict[str, Any]:
-    from rtseg_app.bench.inference import OURS, STOCK, UNFILTERED, compare
+    from rtseg_app.bench.inference import ENGINES, OURS, STOCK, UNFILTERED, compare
 
     volume, _ = _bench_ct(ctx)
-    variants = (STOCK, OURS, UNFILTERED)
+    variants = (STOCK, OURS, UNFILTERED, *ENGINES)
     return compare(ctx.model, volume, ctx.work / "inference", variants, ctx.plan.timeout_s, say)
 
 

@@ -124,6 +124,8 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
         ("[dicmo]\n", {}, "unknown setting 'dicmo'"),
         ("[node]\nlate_instance_policy = 'resend'\n", {}, "node.late_instance_policy must be one of"),
         ("[node]\nworkers = 0\n", {}, "node.workers"),
+        ("[node]\nengine = 'tensorrt'\n", {}, "node.engine must be one of auto, torch, onnxruntime"),
+        ("", {"RTSEG_NODE_ENGINE": "onnx"}, "RTSEG_NODE_ENGINE must be one of"),
         ("[node]\nworker_crash_limit = 0\n", {}, "node.worker_crash_limit"),
         ("[selection]\nseries_description_include = '('\n", {}, "selection.series_description_include"),
         ("[selection]\nslice_count = [100, 10]\n", {}, "selection.slice_count min must not exceed max"),
@@ -143,6 +145,11 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
 def test_bad_values_name_the_key(tmp_path: Path, text: str, env: dict[str, str], message: str) -> None:
     with pytest.raises(InputError, match=message.replace("[", r"\[").replace("(", r"\(")):
         load_settings(_write(tmp_path, text), environ=env)
+
+
+def test_engine_defaults_to_auto_and_reads_the_environment() -> None:
+    assert load_settings(environ={}).node.engine == "auto"
+    assert load_settings(environ={"RTSEG_NODE_ENGINE": "OnnxRuntime"}).node.engine == "onnxruntime"
 
 
 def test_missing_file_is_an_input_error(tmp_path: Path) -> None:

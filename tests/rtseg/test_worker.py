@@ -128,3 +128,21 @@ def test_the_worker_segmenter_chunks_long_series_as_node_settings_say(tmp_path: 
     runner = load_runner(store, pool.config)
     assert runner is not None and runner.segmenter.chunk_slices == 120
     store.close()
+
+
+def test_pool_from_settings_loads_the_configured_engine_with_its_cache_in_the_data_dir(
+    tmp_path: Path,
+) -> None:
+    from rtseg.settings import load_settings
+    from rtseg.worker import ENGINE_CACHE, load_runner
+
+    settings = load_settings(
+        environ={"RTSEG_NODE_ENGINE": "onnxruntime", "RTSEG_NODE_INFERENCE_THREADS": "1"}
+    )
+    store = JobStore(tmp_path / "state.db")
+    pool = WorkerPool.from_settings(settings, store, tmp_path, default_model_dir())
+    assert pool.config.engine == "onnxruntime"
+    runner = load_runner(store, pool.config)  # what each worker process does at start
+    assert runner is not None and runner.segmenter.runtime == "onnxruntime"
+    assert [p.name for p in (tmp_path / ENGINE_CACHE).rglob("*.onnx")] == ["fold_0.onnx"]
+    store.close()

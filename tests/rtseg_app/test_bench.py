@@ -43,9 +43,21 @@ def test_every_section_ran(report: dict) -> None:
 def test_inference_figures_are_sane(report: dict) -> None:
     inference = report["inference"]
     names = [r["variant"] for r in inference["runs"]]
-    assert names == ["stock nnU-Net (defaults)", "rtseg", "rtseg, speck removal off (min_island_ml 0)"]
+    assert names == [
+        "stock nnU-Net (defaults)",
+        "rtseg",
+        "rtseg, speck removal off (min_island_ml 0)",
+        "rtseg, engine onnxruntime",
+        "rtseg, engine openvino (f32)",
+    ]
     for run in inference["runs"]:
-        assert run["predict_s"] > 0 and run["load_s"] > 0 and run["peak_rss_mb"] > 100
+        if "skipped" not in run:  # an engine whose extra is not installed
+            assert run["predict_s"] > 0 and run["load_s"] > 0 and run["peak_rss_mb"] > 100
+    ours = inference["runs"][1]["dice"]
+    for engine in inference["runs"][3:]:  # [node] engine: the same labels as torch, so the same Dice
+        for name, score in engine.get("dice", {}).items():
+            assert (score is None) == (ours[name] is None), name
+            assert score is None or abs(score - ours[name]) <= 0.01, (engine["variant"], name)
     assert inference["speedup"] > 0
     dice = [v for v in inference["dice_vs_stock"].values() if v is not None]
     assert dice and all(0.0 <= v <= 1.0 for v in dice)

@@ -150,34 +150,46 @@ def test_build_default_refuses_a_start_model_it_cannot_use(
     assert not work.exists()
 
 
-@pytest.mark.slow  # phantom cases, nnU-Net planning and two short training stages
-def test_recipe_adds_cases_at_the_stage_it_names_with_the_first_plans(tmp_path: Path) -> None:
-    """The shape of the real recipe (more cases from a later stage) on a tiny scale."""
-    tiny = CpuConfig(
-        target_spacing_zyx=(8.0, 6.0, 6.0),
-        patch_size_zyx=(16, 32, 32),
-        n_stages=3,
-        base_features=4,
-        max_features=16,
-        epochs=1,
-        iterations_per_epoch=2,
-        val_iterations_per_epoch=1,
-        da_workers=1,
-        preprocess_workers=1,
-    )
-    recipe = replace(
-        DEFAULT_RECIPE,
-        version="0.0.1",
-        cases_per_center=1,
-        more_cases=(2, 2),
-        matrix=64,
-        config=tiny,
-        refine=(replace(tiny, seed=1),),
-    )
-    said: list[str] = []
-    work = tmp_path / "work"
-    model = build_default(work, tmp_path / "model", recipe, say=said.append)
+TINY = CpuConfig(
+    target_spacing_zyx=(8.0, 6.0, 6.0),
+    patch_size_zyx=(16, 32, 32),
+    n_stages=3,
+    base_features=4,
+    max_features=16,
+    epochs=1,
+    iterations_per_epoch=2,
+    val_iterations_per_epoch=1,
+    da_workers=1,
+    preprocess_workers=1,
+)
+# the shape of the real recipe on a tiny scale: more cases from stage 2, realistic ones from stage 3
+TINY_RECIPE = replace(
+    DEFAULT_RECIPE,
+    version="0.0.1",
+    cases_per_center=1,
+    more_cases=(2, 2),
+    matrix=64,
+    config=TINY,
+    refine=(replace(TINY, seed=1), replace(TINY, seed=2)),
+    realistic=RealisticCases(from_stage=3, per_center=1, start=5),
+)
 
+
+@pytest.fixture(scope="module")
+def two_stages(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[str]]:
+    """Stages 1-2 of the tiny recipe from scratch: (work folder, model, what it said)."""
+    tmp = tmp_path_factory.mktemp("recipe")
+    said: list[str] = []
+    recipe = replace(TINY_RECIPE, refine=TINY_RECIPE.refine[:1], realistic=None)
+    model = build_default(tmp / "work", tmp / "model", recipe, say=said.append)
+    return tmp / "work", model, said
+
+
+@pytest.mark.slow  # phantom cases, nnU-Net planning and two short training stages
+def test_recipe_adds_cases_at_the_stage_it_names_with_the_first_plans(
+    two_stages: tuple[Path, Path, list[str]],
+) -> None:
+    work, model, said = two_stages
     assert "stage 2 trains on 2 cases per center: preprocessing them with the same plans" in said
     preprocessed = next((work / "nnUNet_preprocessed").glob("Dataset501_*"))
     trained_on = sorted(p.name for p in (preprocessed / "gt_segmentations").glob("*.nii.gz"))
@@ -199,57 +211,34 @@ def test_recipe_stage_7_adds_realistic_cases_on_a_couch() -> None:
     assert added[0] == "A_s1000_060_couch_clinical-nopv" and added[-1] == "B_s1000_099_couch_clinical-nopv"
 
 
-@pytest.mark.slow  # phantom cases, preprocessing with a model's plans and one short training stage
-def test_a_later_stage_from_a_model_adds_realistic_cases_with_that_models_plans(tmp_path: Path) -> None:
+@pytest.mark.slow  # preprocessing with a model's plans and one short training stage
+def test_a_later_stage_from_a_model_adds_realistic_cases_with_that_models_plans(
+    two_stages: tuple[Path, Path, list[str]], tmp_path: Path
+) -> None:
     """``--from-model``: no planning; the start model's plans preprocess plain and realistic cases."""
-    tiny = CpuConfig(
-        target_spacing_zyx=(8.0, 6.0, 6.0),
-        patch_size_zyx=(16, 32, 32),
-        n_stages=3,
-        base_features=4,
-        max_features=16,
-        epochs=1,
-        iterations_per_epoch=2,
-        val_iterations_per_epoch=1,
-        da_workers=1,
-        preprocess_workers=1,
-    )
-    first = replace(
-        DEFAULT_RECIPE,
-        version="0.0.1",
-        cases_per_center=1,
-        more_cases=None,
-        matrix=64,
-        config=tiny,
-        refine=(),
-        realistic=None,
-    )
-    start = build_default(tmp_path / "w1", tmp_path / "m1", first, say=lambda _: None)
-    second = replace(
-        first, version="0.0.2", refine=(replace(tiny, seed=1),), realistic=RealisticCases(2, 1, 5)
-    )
+    _, start, _ = two_stages
     said: list[str] = []
-    model = build_default(tmp_path / "w2", tmp_path / "m2", second, say=said.append, from_model=start)
+    model = build_default(
+        tmp_path / "work", tmp_path / "model", TINY_RECIPE, say=said.append, from_model=start, stages_done=2
+    )
 
     assert f"preprocessing with the plans of {MODEL_NAME} 0.0.1" in said
     assert not any("planning" in line for line in said)
-    preprocessed = next((tmp_path / "w2" / "nnUNet_preprocessed").glob("Dataset501_*"))
+    preprocessed = next((tmp_path / "work" / "nnUNet_preprocessed").glob("Dataset501_*"))
     trained_on = sorted(
         p.name.removesuffix(".nii.gz") for p in (preprocessed / "gt_segmentations").glob("*.nii.gz")
     )
-    assert trained_on == [
-        "A_s1000_000",
-        "A_s1000_005_couch_clinical-nopv",
-        "B_s1000_000",
-        "B_s1000_005_couch_clinical-nopv",
-    ]
+    plain = [f"{c}_s1000_{i:03d}" for c in "AB" for i in range(2)]
+    assert trained_on == sorted(
+        [*plain, "A_s1000_005_couch_clinical-nopv", "B_s1000_005_couch_clinical-nopv"]
+    )
     assert json.loads((model / "plans.json").read_text()) == json.loads((start / "plans.json").read_text())
     provenance = load_manifest(model).provenance
     assert provenance["realistic"] == {
-        "from_stage": 2,
+        "from_stage": 3,
         "cases_per_center": 1,
         "first_index": 5,
         "couch": True,
         "realism": "clinical-nopv",
     }
-    assert provenance["started_from"] == f"{MODEL_NAME} 0.0.1 (stage 1)"
+    assert provenance["started_from"] == f"{MODEL_NAME} 0.0.1 (stages 1-2)"

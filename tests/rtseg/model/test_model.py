@@ -433,8 +433,10 @@ def test_bench_runtime_levers_give_the_same_labels(
 
     reference = NnunetSegmenter(trained["model"], device="cpu", threads=2, min_island_ml=0.0)
     expected = reference.predict_canonical(probe, SPACING)
-    swapped = NnunetSegmenter(trained["model"], device="cpu", threads=2, min_island_ml=0.0)
-    swapped._predictor.network = runtime_network(swapped._predictor, runtime)
+    exported = "torch" if runtime == "compile" else runtime  # the exported runtimes are [node] engine
+    swapped = NnunetSegmenter(trained["model"], device="cpu", threads=2, min_island_ml=0.0, runtime=exported)
+    if runtime == "compile":
+        swapped._predictor.network = runtime_network(swapped._predictor, runtime)
     assert type(swapped._predictor.network).__name__ != type(reference._predictor.network).__name__
     labels = swapped.predict_canonical(probe, SPACING)
     assert labels.shape == expected.shape
