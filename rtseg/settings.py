@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from rtseg.errors import InputError
+from rtseg.model.chunked import CHUNK_SLICES
 from rtseg.structures import MIN_ISLAND_ML
 
 ENV_PREFIX = "RTSEG_"
@@ -131,6 +132,7 @@ class NodeSettings:
     worker_crash_limit: int = 3  # a job whose worker died this often is failed, not retried
     inference_threads: int | None = None
     min_island_ml: float = MIN_ISLAND_ML
+    chunk_slices: int = CHUNK_SLICES  # longer series are predicted in z-chunks of about this many (0: never)
     retention_h: float = 24.0
     min_free_disk_mb: int = 1024
     retry_limit: int = 8
@@ -383,6 +385,7 @@ _NODE: dict[str, Callable[[Any], Any]] = {
     "worker_crash_limit": parse_int(1, 100),
     "inference_threads": optional(parse_int(1, 256)),
     "min_island_ml": parse_float(0.0, 1000.0),
+    "chunk_slices": parse_int(0, 100_000),
     "retention_h": parse_float(0.0),
     "min_free_disk_mb": parse_int(0, 10**9),
     "retry_limit": parse_int(1, 1000),

@@ -40,6 +40,7 @@ from typing import Any
 
 from rtseg.errors import InputError, RtsegError
 from rtseg.jobs import Job, JobState, JobStore
+from rtseg.model.chunked import CHUNK_SLICES
 from rtseg.privacy import configure_logging, forward_logs, listen_for_logs, redact_uids
 from rtseg.settings import Settings
 from rtseg.structures import MIN_ISLAND_ML
@@ -113,6 +114,7 @@ class WorkerConfig:
     threads: int | None
     log_level: int
     min_island_ml: float = MIN_ISLAND_ML
+    chunk_slices: int = CHUNK_SLICES  # longer series are predicted in z-chunks
     region_check: bool = True  # refuse series that do not show the model's body region
     write_preview: bool = False  # also write jobs/<id>/preview.png once delivery is queued
     engine: str = "auto"  # what runs the network ([node] engine); exports cached in <data_dir>/engines
@@ -164,6 +166,8 @@ class WorkerPool:
         Fail jobs whose series does not show the model's body region (``[selection] region_check``).
     write_preview
         Write the contour preview ``preview.png`` beside each RTSTRUCT (``[node] write_preview``).
+    chunk_slices
+        Series of more slices are predicted in z-chunks of about this many (``[node] chunk_slices``).
     engine
         What runs the network (``[node] engine``, :mod:`rtseg.model.engines`).
     """
@@ -191,6 +195,7 @@ class WorkerPool:
             n.worker_crash_limit,
             region_check=settings.selection.region_check,
             write_preview=n.write_preview,
+            chunk_slices=n.chunk_slices,
             engine=n.engine,
         )
 
@@ -206,6 +211,7 @@ class WorkerPool:
         *,
         region_check: bool = True,
         write_preview: bool = False,
+        chunk_slices: int = CHUNK_SLICES,
         engine: str = "auto",
     ) -> None:
         self.store = store
@@ -218,6 +224,7 @@ class WorkerPool:
             threads,
             level,
             min_island_ml,
+            chunk_slices,
             region_check,
             write_preview,
             engine,
@@ -377,6 +384,7 @@ def load_runner(store: JobStore, config: WorkerConfig) -> JobRunner | None:
             model_dir,
             threads=config.threads,
             min_island_ml=config.min_island_ml,
+            chunk_slices=config.chunk_slices,
             runtime=config.engine,
             export_cache=config.data_dir / ENGINE_CACHE,
         )

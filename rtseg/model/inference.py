@@ -15,6 +15,7 @@ labels, other resampling functions) goes through nnU-Net's own conversion.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from rtseg.model.chunked import plan_chunks, preprocess_chunked
 from rtseg.model.preprocess import resampling_taps
 from rtseg.structures import EXTERNAL, MIN_ISLAND_ML
 
@@ -47,15 +49,22 @@ def predict_labels(
     image: npt.NDArray[np.float32],
     spacing_zyx: tuple[float, float, float],
     min_island_ml: float = MIN_ISLAND_ML,
+    chunk_slices: int = 0,
 ) -> Prediction:
     """Labels of a ``[1, z, y, x]`` image on its own grid, through nnU-Net's preprocessing and network.
 
     Connected pieces of a structure smaller than ``min_island_ml`` at the
     model's spacing give way to the next most likely class (see
-    :func:`suppress_islands`); 0 keeps them.
+    :func:`suppress_islands`); 0 keeps them. An image of more than
+    ``chunk_slices`` slices (0: never) is preprocessed in z-chunks of about that
+    many slices (:mod:`rtseg.model.chunked`): the same model-grid data, the same labels.
     """
     t0 = time.perf_counter()
-    data, properties = preprocess(predictor, image, spacing_zyx)
+    plan = plan_chunks(predictor, image, spacing_zyx, chunk_slices) if chunk_slices else None
+    if plan is not None:
+        data, properties = preprocess_chunked(predictor, image, plan)
+    else:
+        data, properties = preprocess(predictor, np.asarray(image, dtype=np.float32), spacing_zyx)
     t1 = time.perf_counter()
     logits = sliding_window_logits(predictor, data)
     del data
@@ -265,12 +274,18 @@ def upsample_argmax(
     mixed = np.argwhere(~_uniform_cells(coarse, z_pairs=z_mode == "linear"))
     scores = logits.float()
     rounding = logits.dtype if logits.dtype in (torch.float16, torch.bfloat16) else None
-    for first in range(0, len(mixed), CELL_BATCH):
-        _label_mixed_cells(scores, mixed[first : first + CELL_BATCH], taps, out, rounding)
+    # thin slices put more output voxels in a cell: fewer cells at once keep the scratch bounded
+    per_cell = math.prod(
+        -(-n_out // int(n_in)) + 1 for n_out, n_in in zip(shape, logits.shape[1:], strict=True)
+    )
+    batch = max(1, CELL_BATCH * CELL_VOXELS // per_cell)
+    for first in range(0, len(mixed), batch):
+        _label_mixed_cells(scores, mixed[first : first + batch], taps, out, rounding)
     return out
 
 
 CELL_BATCH = 8192  # boundary cells interpolated at once: 8192 × ~75 voxels × 20 classes float32 ≈ 50 MB
+CELL_VOXELS = 150  # ... of up to this many voxels (ceil + 1 per axis: 512² × 200 slices); larger, fewer
 
 
 def _uniform_cells(coarse: npt.NDArray[np.uint8], z_pairs: bool) -> npt.NDArray[np.bool_]:

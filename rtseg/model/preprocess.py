@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -45,7 +46,12 @@ if TYPE_CHECKING:
 F64 = npt.NDArray[np.float64]
 
 SPLINE_PAD = 12  # scipy.ndimage._prepad_for_spline_filter pads this much for mode "nearest"
+BBOX_SLICES = 32  # slices whose nonzero mask is held at once while finding the crop box
 CHUNK_BYTES = 32 << 20  # float64 working set of one slab in a spline pass
+# Input rows a chunk holds beyond its cubic taps (rtseg.model.chunked): the spline prefilter is a
+# recursion over the whole axis, and the start-up error of a cut line decays as 0.268**rows
+# (0.268**48 ≈ 3e-28, far below float64 resolution), so the chunk's rows come out as the whole's.
+PREFILTER_MARGIN = 48
 RESAMPLING_KWARGS = frozenset(
     {"is_seg", "order", "order_z", "force_separate_z", "separate_z_anisotropy_threshold"}
 )
@@ -122,11 +128,17 @@ def nonzero_bbox(data: npt.NDArray[np.float32]) -> list[list[int]]:
     outside the box); an all-zero image keeps its full extent, as
     ``get_bbox_from_mask`` does.
     """
-    nonzero = data[0] != 0
-    for c in range(1, data.shape[0]):
-        nonzero |= data[c] != 0
-    in_plane = nonzero.any(axis=0)
-    profiles = (nonzero.any(axis=(1, 2)), in_plane.any(axis=1), in_plane.any(axis=0))
+    n_z, n_y, n_x = data.shape[1:]
+    profiles = (np.zeros(n_z, dtype=bool), np.zeros(n_y, dtype=bool), np.zeros(n_x, dtype=bool))
+    for first in range(0, n_z, BBOX_SLICES):  # a mask of a few slices at a time, not of the whole series
+        block = data[:, first : first + BBOX_SLICES]
+        nonzero = block[0] != 0
+        for c in range(1, data.shape[0]):
+            nonzero |= block[c] != 0
+        profiles[0][first : first + BBOX_SLICES] = nonzero.any(axis=(1, 2))
+        in_plane = nonzero.any(axis=0)
+        profiles[1][:] |= in_plane.any(axis=1)
+        profiles[2][:] |= in_plane.any(axis=0)
     bbox: list[list[int]] = []
     for profile in profiles:
         hits = np.flatnonzero(profile)
@@ -179,18 +191,23 @@ def _stock_normalizers() -> frozenset[type]:
     )
 
 
-def resample_cubic(
-    data: npt.NDArray[np.float32],
-    new_shape: Any,
-    current_spacing: list[float],
-    new_spacing: list[float],
-    kwargs: dict[str, Any],
-) -> npt.NDArray[np.float32]:
-    """``resample_data_or_seg_to_shape(data, new_shape, current_spacing, new_spacing, **kwargs)`` for order 3.
+@dataclass(frozen=True)
+class RowSpan:
+    """Output rows ``[start, stop)`` along the first axis, from the input rows held from ``first`` on.
 
-    ``kwargs`` as :func:`fast_path_applies` admits them; ``data [c, z, y, x]``
-    float32 (the result is float32, like nnU-Net's).
+    ``n_in`` is the whole input axis; the held slab is a part of it (see :func:`rows_needed`).
     """
+
+    n_in: int
+    first: int
+    start: int
+    stop: int
+
+
+def separate_z_axis(
+    current_spacing: list[float], new_spacing: list[float], kwargs: dict[str, Any]
+) -> int | None:
+    """The axis nnU-Net resamples on its own (order ``order_z``), or None for one 3-D cubic zoom."""
     from nnunetv2.configuration import ANISO_THRESHOLD
     from nnunetv2.preprocessing.resampling.default_resampling import determine_do_sep_z_and_axis
 
@@ -200,33 +217,89 @@ def resample_cubic(
         new_spacing,
         kwargs.get("separate_z_anisotropy_threshold", ANISO_THRESHOLD),
     )
+    if not separate:
+        return None
+    assert axis is not None  # determine_do_sep_z_and_axis names the axis whenever it separates
+    return int(axis)
+
+
+def rows_needed(n_in: int, n_out: int, start: int, stop: int, rule: str) -> tuple[int, int]:
+    """Input rows ``[first, end)`` along the first axis that output rows ``[start, stop)`` depend on.
+
+    ``rule``: ``"cubic"`` (3-D zoom: the four taps plus :data:`PREFILTER_MARGIN`
+    rows each side, within the axis), ``"nearest"`` or ``"linear"`` (nnU-Net's
+    separate z), ``"same"`` (the axis is not resampled).
+    """
+    if rule == "same" or n_in == n_out:
+        return start, stop
+    if rule in ("nearest", "linear"):
+        lower, upper, _ = resampling_taps(n_in, n_out, rule)
+        return int(lower[start]), int(upper[stop - 1]) + 1
+    columns = _cubic_tap_matrix(n_in, n_out, start, stop).indices
+    first = max(0, int(columns.min()) - SPLINE_PAD - PREFILTER_MARGIN)
+    return first, min(n_in, int(columns.max()) - SPLINE_PAD + 1 + PREFILTER_MARGIN)
+
+
+def resample_cubic(
+    data: npt.NDArray[np.float32],
+    new_shape: Any,
+    current_spacing: list[float],
+    new_spacing: list[float],
+    kwargs: dict[str, Any],
+    span: RowSpan | None = None,
+    ranges: list[tuple[float, float]] | None = None,
+) -> npt.NDArray[np.float32]:
+    """``resample_data_or_seg_to_shape(data, new_shape, current_spacing, new_spacing, **kwargs)`` for order 3.
+
+    ``kwargs`` as :func:`fast_path_applies` admits them; ``data [c, z, y, x]``
+    float32 (the result is float32, like nnU-Net's). With ``span``, ``data``
+    holds the input rows :func:`rows_needed` names and the result is output rows
+    ``span.start:span.stop`` only; ``ranges`` then gives each channel's
+    ``(min, max)`` over the whole input (skimage clips to it).
+    """
+    separate = separate_z_axis(current_spacing, new_spacing, kwargs)
     target = tuple(int(n) for n in new_shape)
-    if data.shape[1:] == target:
+    if span is None and data.shape[1:] == target:
         return data  # nnU-Net returns the normalised data untouched
-    out = np.empty((data.shape[0], *target), dtype=np.float32)
+    if span is not None and (span.n_in, *data.shape[2:]) == target:
+        return data[:, span.start - span.first : span.stop - span.first]
+    rows = target if span is None else (span.stop - span.start, *target[1:])
+    out = np.empty((data.shape[0], *rows), dtype=np.float32)
     for c in range(data.shape[0]):
-        if separate:
-            assert axis is not None  # determine_do_sep_z_and_axis names the axis whenever it separates
-            out[c] = _resample_separate_z(data[c], target, int(axis), int(kwargs.get("order_z", 0)))
+        if separate is not None:
+            out[c] = _resample_separate_z(data[c], target, separate, int(kwargs.get("order_z", 0)), span)
         else:
-            out[c] = _clip_to_range(_cubic_passes(data[c], target, (0, 1, 2)), data[c], None)
+            value_range = None if ranges is None else ranges[c]
+            out[c] = _clip_to_range(
+                _cubic_passes(data[c], target, (0, 1, 2), span), data[c], None, value_range
+            )
     return out
 
 
 def _resample_separate_z(
-    volume: npt.NDArray[np.float32], target: tuple[int, ...], axis: int, order_z: int
+    volume: npt.NDArray[np.float32],
+    target: tuple[int, ...],
+    axis: int,
+    order_z: int,
+    span: RowSpan | None = None,
 ) -> F64 | npt.NDArray[np.float32]:
-    """nnU-Net's separate-z branch: each slice across ``axis`` resized in-plane, then ``order_z`` along it."""
+    """nnU-Net's separate-z branch: each slice across ``axis`` resized in-plane, then ``order_z`` along it.
+
+    With ``span`` (``axis`` 0 only), ``volume`` is a slab and only the span's output rows are made.
+    """
     in_plane = tuple(a for a in range(3) if a != axis)
     if all(volume.shape[a] == target[a] for a in in_plane):
         planar: F64 | npt.NDArray[np.float32] = volume  # skimage's zoom returns unchanged slices as they are
     else:
-        planar = _clip_to_range(_cubic_passes(volume, target, in_plane), volume, axis)
-    if volume.shape[axis] == target[axis]:
+        planar = _clip_to_range(_cubic_passes(volume, target, in_plane, span), volume, axis)
+    if span is None and volume.shape[axis] == target[axis]:
         return planar
-    lower, upper, weight = resampling_taps(
-        volume.shape[axis], target[axis], "nearest" if order_z == 0 else "linear"
-    )
+    n_in, rows, shift = volume.shape[axis], slice(0, target[axis]), 0
+    if span is not None:
+        assert axis == 0  # chunks run along the first axis (rtseg.model.chunked checks)
+        n_in, rows, shift = span.n_in, slice(span.start, span.stop), span.first
+    lower, upper, weight = resampling_taps(n_in, target[axis], "nearest" if order_z == 0 else "linear")
+    lower, upper, weight = lower[rows] - shift, upper[rows] - shift, weight[rows]
     if order_z == 0:
         return planar.take(lower, axis=axis)
     frac = _along(weight, axis)
@@ -253,16 +326,23 @@ def resampling_taps(
     return lower, upper, src - lower
 
 
-def _cubic_passes(volume: npt.NDArray[Any], target: tuple[int, ...], axes: tuple[int, ...]) -> F64:
+def _cubic_passes(
+    volume: npt.NDArray[Any], target: tuple[int, ...], axes: tuple[int, ...], span: RowSpan | None = None
+) -> F64:
     """``volume`` resampled to ``target`` along ``axes`` (others untouched), cheapest order first.
 
     An axis whose size does not change is skipped: scipy evaluates the spline
-    at its own knots there, which gives the samples back.
+    at its own knots there, which gives the samples back. With ``span``,
+    ``volume`` is a slab of the first axis: the passes run in the whole's order
+    and the first axis yields the span's output rows.
     """
-    changing = [a for a in axes if volume.shape[a] != target[a]]
+    shape = volume.shape if span is None else (span.n_in, *volume.shape[1:])
+    changing = [a for a in axes if shape[a] != target[a]]
     result: npt.NDArray[Any] = volume
-    for a in _pass_order(volume.shape, target, changing):
-        result = _cubic_pass(result, a, target[a])
+    for a in _pass_order(shape, target, changing):
+        result = _cubic_pass(result, a, target[a], span if a == 0 else None)
+    if span is not None and 0 in axes and 0 not in changing:
+        result = result[span.start - span.first : span.stop - span.first]
     return np.asarray(result, dtype=np.float64)
 
 
@@ -288,31 +368,41 @@ def _pass_order(shape: tuple[int, ...], target: tuple[int, ...], axes: list[int]
     return best[1] if best else ()
 
 
-def _cubic_pass(volume: npt.NDArray[Any], axis: int, n_out: int) -> F64:
+def _cubic_pass(volume: npt.NDArray[Any], axis: int, n_out: int, span: RowSpan | None = None) -> F64:
     """One axis of ``scipy.ndimage.zoom(order=3, mode="nearest", grid_mode=True)``, in slabs.
 
     Each slab's lines along ``axis`` become the rows of a float64 array padded
     by ``SPLINE_PAD`` edge copies, are prefiltered row by row across all lines
     at once (:func:`_spline_filter_rows`), and the four taps of every output
     sample are one sparse matrix product. The result is a view in ``volume``'s
-    axis order, stored with ``axis`` outermost.
+    axis order, stored with ``axis`` outermost. With ``span`` (first axis only)
+    ``volume`` holds input rows from ``span.first`` on, padded only where they
+    reach an end of the whole axis, and the result is the span's output rows.
     """
     n_in = volume.shape[axis]
-    taps = _cubic_tap_matrix(n_in, n_out)
+    pad_low = pad_high = SPLINE_PAD
+    if span is None:
+        taps = _cubic_tap_matrix(n_in, n_out)
+    else:
+        pad_low = SPLINE_PAD if span.first == 0 else 0
+        pad_high = SPLINE_PAD if span.first + n_in == span.n_in else 0
+        shift = span.first + SPLINE_PAD - pad_low
+        taps = _cubic_tap_matrix(span.n_in, n_out, span.start, span.stop, shift, n_in + pad_low + pad_high)
+        n_out = span.stop - span.start
     others = [a for a in range(3) if a != axis]
     inner = min(others, key=lambda a: (abs(volume.strides[a]), -a))  # keep memory order inside rows
     outer = others[0] if inner == others[1] else others[1]
     lines = volume.transpose(axis, outer, inner)
     n_outer, n_inner = lines.shape[1], lines.shape[2]
     out = np.empty((n_out, n_outer, n_inner), dtype=np.float64)
-    rows = n_in + 2 * SPLINE_PAD
+    rows = n_in + pad_low + pad_high
     step = max(1, CHUNK_BYTES // (8 * rows * max(n_inner, 1)))
     for first in range(0, n_outer, step):
         block = lines[:, first : first + step]
         padded = np.empty((rows, block.shape[1], n_inner), dtype=np.float64)
-        padded[SPLINE_PAD : SPLINE_PAD + n_in] = block
-        padded[:SPLINE_PAD] = padded[SPLINE_PAD]
-        padded[SPLINE_PAD + n_in :] = padded[SPLINE_PAD + n_in - 1]
+        padded[pad_low : pad_low + n_in] = block
+        padded[:pad_low] = padded[pad_low]
+        padded[pad_low + n_in :] = padded[pad_low + n_in - 1]
         flat = padded.reshape(rows, -1)
         _spline_filter_rows(flat)
         out[:, first : first + step] = (taps @ flat).reshape(n_out, block.shape[1], n_inner)
@@ -340,7 +430,7 @@ def _spline_filter_rows(rows: F64) -> None:
     powers = z ** np.arange(terms, dtype=np.float64)
     z_n = z**n
     first = rows[0].copy()
-    total = powers @ rows[:terms] + z_n * (powers @ rows[::-1][:terms])
+    total = _weighted_rows(powers, rows[:terms]) + z_n * _weighted_rows(powers, rows[::-1][:terms])
     rows[0] = total * (z / (1.0 - z_n * z_n)) + first
     scratch = np.empty_like(rows[0])
     for i in range(1, n):
@@ -352,16 +442,35 @@ def _spline_filter_rows(rows: F64) -> None:
         rows[i] *= z
 
 
-def _cubic_tap_matrix(n_in: int, n_out: int) -> Any:
+def _weighted_rows(weights: F64, rows: F64) -> F64:
+    """``weights @ rows``, one row at a time: the same rounding for every line, however many are batched.
+
+    BLAS's matrix-vector kernels round a column differently depending on where
+    it falls in the vector registers; :mod:`rtseg.model.chunked` needs a line's
+    result to depend on that line alone.
+    """
+    total: F64 = rows[0] * weights[0]
+    for k in range(1, len(weights)):
+        total += rows[k] * weights[k]
+    return total
+
+
+def _cubic_tap_matrix(
+    n_in: int, n_out: int, start: int = 0, stop: int | None = None, shift: int = 0, width: int | None = None
+) -> Any:
     """Sparse ``[n_out, n_in + 2·SPLINE_PAD]``: scipy's four cubic taps of each output sample.
 
     scipy's ``NI_ZoomShift`` with ``grid_mode``: ``cc = (i + 0.5) · n_in/n_out − 0.5 + pad``,
     taps ``floor(cc) − 1 … floor(cc) + 2`` with ``get_spline_interpolation_weights``.
+    ``start``/``stop``: only those output rows; ``shift``/``width``: the columns
+    of a window of the padded axis that begins ``shift`` rows in.
     """
     from scipy.sparse import csr_array
 
+    stop = n_out if stop is None else stop
+    width = n_in + 2 * SPLINE_PAD if width is None else width
     zoom = float(n_in) / float(n_out)
-    cc = (np.arange(n_out, dtype=np.float64) + 0.5) * zoom - 0.5 + SPLINE_PAD
+    cc = (np.arange(start, stop, dtype=np.float64) + 0.5) * zoom - 0.5 + SPLINE_PAD
     base = np.floor(cc)
     y = cc - base
     z = 1.0 - y
@@ -369,12 +478,22 @@ def _cubic_tap_matrix(n_in: int, n_out: int) -> Any:
     w2 = (z * z * (z - 2.0) * 3.0 + 4.0) / 6.0
     w0 = z * z * z / 6.0
     w3 = 1.0 - w0 - w1 - w2
-    columns = base.astype(np.intp)[:, None] - 1 + np.arange(4)
+    columns = base.astype(np.intp)[:, None] - 1 + np.arange(4) - shift
+    if columns.size and (columns.min() < 0 or columns.max() >= width):
+        raise ValueError("cubic taps reach outside the rows held")  # rows_needed was not respected
     weights = np.stack([w0, w1, w2, w3], axis=1)
+    n_rows = stop - start
     return csr_array(
-        (weights.ravel(), columns.ravel(), np.arange(0, 4 * n_out + 1, 4)),
-        shape=(n_out, n_in + 2 * SPLINE_PAD),
+        (weights.ravel(), columns.ravel(), np.arange(0, 4 * n_rows + 1, 4)), shape=(n_rows, width)
     )
+
+
+def value_range_of(source: npt.NDArray[Any]) -> tuple[float, float]:
+    """``(min, max)`` of ``source`` as skimage clips to it (NaNs left out when there are any)."""
+    low, high = np.min(source), np.max(source)
+    if math.isnan(float(low)):
+        low, high = np.nanmin(source), np.nanmax(source)
+    return float(low), float(high)
 
 
 def _along(values: F64, axis: int, ndim: int = 3) -> F64:
@@ -384,12 +503,18 @@ def _along(values: F64, axis: int, ndim: int = 3) -> F64:
     return values.reshape(shape)
 
 
-def _clip_to_range(resampled: F64, source: npt.NDArray[Any], per_slice_axis: int | None) -> F64:
-    """skimage ``resize``'s ``clip=True``: the input's range, per resized image (per slice for separate z)."""
+def _clip_to_range(
+    resampled: F64,
+    source: npt.NDArray[Any],
+    per_slice_axis: int | None,
+    value_range: tuple[float, float] | None = None,
+) -> F64:
+    """skimage ``resize``'s ``clip=True``: the input's range, per resized image (per slice for separate z).
+
+    ``value_range``: the whole image's range when ``source`` is only a slab of it.
+    """
     if per_slice_axis is None:
-        low, high = np.min(source), np.max(source)
-        if math.isnan(float(low)):
-            low, high = np.nanmin(source), np.nanmax(source)
+        low, high = value_range if value_range is not None else value_range_of(source)
         np.clip(resampled, low, high, out=resampled)
         return resampled
     others = tuple(a for a in range(source.ndim) if a != per_slice_axis)

@@ -19,6 +19,7 @@ import numpy.typing as npt
 from rtseg.body import apply_body_outline, body_mask
 from rtseg.errors import InputError, ModelError
 from rtseg.model.checkpoints import load_checkpoint
+from rtseg.model.chunked import CHUNK_SLICES
 from rtseg.model.inference import predict_labels, suppress_islands
 from rtseg.model.manifest import CANONICAL_ORIENTATION, ModelManifest, load_manifest, read_json
 from rtseg.structures import EXTERNAL, MIN_ISLAND_ML
@@ -74,6 +75,10 @@ class NnunetSegmenter:
         the model's grid) give way to the next most likely class; 0 keeps them.
     folds
         Subset of the manifest's folds to ensemble; default all of them.
+    chunk_slices
+        With the rtseg engine: a series of more slices than this is predicted
+        in z-chunks of about this many (:mod:`rtseg.model.chunked`: same labels,
+        memory bounded by the chunk); 0 never chunks.
     body_outline
         :meth:`segment` clips the labels to the patient's body found in the CT
         numbers and labels the rest of the body External
@@ -99,6 +104,7 @@ class NnunetSegmenter:
         engine: str = "rtseg",
         min_island_ml: float = MIN_ISLAND_ML,
         body_outline: bool = True,
+        chunk_slices: int = CHUNK_SLICES,
         runtime: str = "torch",
         export_cache: Path | None = None,
     ) -> None:
@@ -106,6 +112,7 @@ class NnunetSegmenter:
             raise ModelError(f"unknown inference engine {engine!r}: choose one of {', '.join(ENGINES)}")
         self.engine = engine
         self.min_island_ml = min_island_ml
+        self.chunk_slices = chunk_slices
         self.body_outline = body_outline
         self.model_dir = Path(model_dir)
         manifest = load_manifest(self.model_dir)
@@ -149,10 +156,14 @@ class NnunetSegmenter:
         self, array_zyx: npt.NDArray[Any], spacing_zyx: tuple[float, float, float]
     ) -> npt.NDArray[np.uint8]:
         """Labels for a canonical ``[z, y, x]`` HU array with spacing ``(z, y, x)`` in mm."""
-        image = _model_input(array_zyx)
+        long_series = self.engine == "rtseg" and 0 < self.chunk_slices < array_zyx.shape[0]
+        # a long series stays in its stored dtype (int16): the chunks convert a slab at a time
+        image = _model_input(array_zyx, as_float=not long_series)
         with self._lock:
             if self.engine == "rtseg":
-                return predict_labels(self._predictor, image, spacing_zyx, self.min_island_ml).labels
+                return predict_labels(
+                    self._predictor, image, spacing_zyx, self.min_island_ml, self.chunk_slices
+                ).labels
             labels = self._predictor.predict_single_npy_array(
                 image, {"spacing": [float(s) for s in spacing_zyx]}, None, None, False
             )
@@ -296,10 +307,10 @@ def outline_body(
     return apply_body_outline(labels, body_mask(hu_zyx, spacing_zyx), external)
 
 
-def _model_input(array_zyx: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+def _model_input(array_zyx: npt.NDArray[Any], as_float: bool = True) -> npt.NDArray[Any]:
     if array_zyx.ndim != 3 or min(array_zyx.shape) < 1:
         raise InputError(f"expected a 3-D [z, y, x] array, got shape {array_zyx.shape}")
-    return np.asarray(array_zyx, dtype=np.float32)[None]
+    return (np.asarray(array_zyx, dtype=np.float32) if as_float else np.asarray(array_zyx))[None]
 
 
 def _initialize_from_plans(predictor: nnUNetPredictor, model_dir: Path, manifest: ModelManifest) -> None:

@@ -51,6 +51,19 @@ def register(sub: Any, handlers: dict[str, Handler]) -> None:
     p.add_argument(
         "--scaling", action="store_true", help="also turnaround and memory vs slice count and concurrency"
     )
+    p.add_argument(
+        "--scaling-slices",
+        type=_count(8),
+        nargs="+",
+        metavar="N",
+        help="scaling section: slice counts of the benchmark CT (default 100 200 400 800; quick 24 48)",
+    )
+    p.add_argument(
+        "--chunk-slices",
+        type=_count(0),
+        metavar="N",
+        help="scaling section: the node's [node] chunk_slices (default the node's, 300; 0: one piece)",
+    )
     p.add_argument("--model", type=Path, help="model folder (default: the embedded default model)")
     p.add_argument("--slices", type=_count(8), help="slices of the benchmark CT (default 200; quick 48)")
     p.add_argument("--matrix", type=_count(32), help="matrix of the benchmark CT (default 512; quick 128)")

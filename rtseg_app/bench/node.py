@@ -175,9 +175,16 @@ class NodeUnderTest:
 
 @contextmanager
 def running_node(
-    work: Path, model: Path | None, quiet_s: float = QUIET_S, complete_on_release: bool = COMPLETE_ON_RELEASE
+    work: Path,
+    model: Path | None,
+    quiet_s: float = QUIET_S,
+    complete_on_release: bool = COMPLETE_ON_RELEASE,
+    chunk_slices: int | None = None,
 ) -> Iterator[NodeUnderTest]:
-    """``rtseg serve`` with a ``storescp`` destination, both on free loopback ports; stopped on exit."""
+    """``rtseg serve`` with a ``storescp`` destination, both on free loopback ports; stopped on exit.
+
+    ``chunk_slices``: the node's ``[node] chunk_slices`` (None: its default).
+    """
     dest = work / "dest"
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
@@ -187,7 +194,9 @@ def running_node(
         f'[dicom]\nport = {nport}\n[[destinations]]\nname = "dest"\nae_title = "STORESCP"\n'
         f'host = "127.0.0.1"\nport = {dport}\n[node]\nquiet_time_s = {quiet_s:g}\nmin_free_disk_mb = 10\n'
         f"complete_on_release = {str(complete_on_release).lower()}\n"
-        f'[paths]\ndata_dir = "{work / "node-data"}"\n' + (f'[model]\npath = "{model}"\n' if model else "")
+        + (f"chunk_slices = {chunk_slices}\n" if chunk_slices is not None else "")
+        + f'[paths]\ndata_dir = "{work / "node-data"}"\n'
+        + (f'[model]\npath = "{model}"\n' if model else "")
     )
     shutil.rmtree(work / "node-data", ignore_errors=True)
     scp = subprocess.Popen([require_dcmtk_tool("storescp"), "-od", str(dest), "-aet", "STORESCP", str(dport)])

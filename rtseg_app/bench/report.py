@@ -268,7 +268,7 @@ def _scaling(r: Results) -> list[str]:
     lines = [
         "## Scaling",
         "",
-        f"Through `rtseg serve` ({sc['matrix']}² matrix, {_completion(sc)}); "
+        f"Through `rtseg serve` ({sc['matrix']}² matrix, {_completion(sc)}, {_chunking(sc)}); "
         "memory: the node's whole process tree, sampled, shared pages counted per process.",
         "",
         "| slices | series at once | first RTSTRUCT s | last RTSTRUCT s | node peak RSS MB |",
@@ -280,6 +280,13 @@ def _scaling(r: Results) -> list[str]:
             f" | {fig['peak_rss_mb']:.0f} |"
         )
     return lines + [""]
+
+
+def _chunking(sc: dict[str, Any]) -> str:
+    chunk = sc.get("chunk_slices")
+    if chunk is None:
+        return "chunking not recorded"
+    return "one piece" if chunk == 0 else f"series over {chunk} slices in z-chunks"
 
 
 def _targets(r: Results) -> list[str]:

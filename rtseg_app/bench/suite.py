@@ -54,6 +54,7 @@ class Plan:
     fed_iterations: int
     timeout_s: float  # per inference variant
     scaling_slices: tuple[int, ...]
+    chunk_slices: int | None = None  # the scaling node's [node] chunk_slices; None: the node's default
 
 
 FULL = Plan("full", 200, 512, 300, 512, 3, 10, 256, 4, 48, 10, 3600.0, (100, 200, 400, 800))
@@ -62,7 +63,9 @@ QUICK = Plan("quick", 48, 128, 60, 256, 1, 3, 64, 2, 32, 2, 600.0, (24, 48))
 
 def plan_from_args(args: argparse.Namespace) -> Plan:
     plan = QUICK if args.quick else FULL
-    overrides = {k: getattr(args, k) for k in ("slices", "matrix", "series", "case_matrix")}
+    overrides = {k: getattr(args, k) for k in ("slices", "matrix", "series", "case_matrix", "chunk_slices")}
+    if args.scaling_slices:
+        overrides["scaling_slices"] = tuple(args.scaling_slices)
     return replace(plan, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -226,6 +229,7 @@ def _federation(ctx: _Context) -> dict[str, Any]:
 
 
 def _scaling(ctx: _Context) -> dict[str, Any]:
+    from rtseg.model.chunked import CHUNK_SLICES
     from rtseg_app.bench.node import COMPLETE_ON_RELEASE, QUIET_S, concurrent_turnaround, running_node
     from rtseg_app.bench.volume import bench_series
 
@@ -238,12 +242,13 @@ def _scaling(ctx: _Context) -> dict[str, Any]:
     }
     figures: dict[str, Any] = {
         "matrix": plan.matrix,
+        "chunk_slices": CHUNK_SLICES if plan.chunk_slices is None else plan.chunk_slices,
         "quiet_s": QUIET_S,
         "complete_on_release": COMPLETE_ON_RELEASE,
         "by_slices": [],
         "by_concurrency": [],
     }
-    with running_node(ctx.work / "scaling", ctx.model, QUIET_S) as node:
+    with running_node(ctx.work / "scaling", ctx.model, QUIET_S, chunk_slices=plan.chunk_slices) as node:
         for n, folder in by_slices.items():
             fig = {"slices": n, **concurrent_turnaround(node, [folder])}
             say(f"   {n} slices: {fig['last_s']:.1f} s, node peak RSS {fig['peak_rss_mb']:.0f} MB")

@@ -230,3 +230,14 @@ def test_an_unknown_variable_of_a_table_is_refused_by_name() -> None:
     assert str(info.value).startswith(
         "environment: unknown setting RTSEG_FEDERATION_CLOSED_LOOP_ADD_CASE (federation.closed_loop.add_case;"
     )
+
+
+def test_long_series_chunking_is_a_node_setting(tmp_path: Path) -> None:
+    assert load_settings(environ={}).node.chunk_slices == 300  # short series stay one piece
+    s = load_settings(
+        _write(tmp_path, "[node]\nchunk_slices = 0\n"), environ={"RTSEG_NODE_CHUNK_SLICES": "120"}
+    )
+    assert s.node.chunk_slices == 120
+    assert load_settings(_write(tmp_path, "[node]\nchunk_slices = 0\n"), environ={}).node.chunk_slices == 0
+    with pytest.raises(InputError, match="node.chunk_slices"):
+        load_settings(_write(tmp_path, "[node]\nchunk_slices = -5\n"), environ={})

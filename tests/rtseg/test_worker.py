@@ -117,6 +117,19 @@ def _model_present() -> None:
     default_model_dir()  # a clear ModelError if this installation lacks the model
 
 
+def test_the_worker_segmenter_chunks_long_series_as_node_settings_say(tmp_path: Path) -> None:
+    from rtseg.settings import load_settings
+    from rtseg.worker import load_runner
+
+    config = tmp_path / "rtseg.toml"
+    config.write_text("[node]\nchunk_slices = 120\n")
+    store = JobStore(tmp_path / "jobs.db")
+    pool = WorkerPool.from_settings(load_settings(config, environ={}), store, tmp_path, default_model_dir())
+    runner = load_runner(store, pool.config)
+    assert runner is not None and runner.segmenter.chunk_slices == 120
+    store.close()
+
+
 def test_pool_from_settings_loads_the_configured_engine_with_its_cache_in_the_data_dir(
     tmp_path: Path,
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -116,3 +117,23 @@ def test_the_http_section_alone_measures_uploads_during_a_segmentation(tmp_path:
     assert http["accepted_202"] == http["stored_intact"] == 2 and http["segmentation_final"] == "done"
     assert not set(report) & {"inference", "receive", "rtstruct", "turnaround", "federation"}
     assert "## HTTP uploads during a segmentation" in (out / "bench.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_scaling_section_takes_slice_counts_and_the_chunk_size(tmp_path: Path) -> None:
+    if dcmtk_tool("storescp") is None or dcmtk_tool("storescu") is None:
+        pytest.skip("dcmtk (storescp, storescu) is not installed")
+    args = ["--quick", "--section", "scaling", "--scaling-slices", "40", "--chunk-slices", "16"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "rtseg_app", "bench", "--out", str(tmp_path), *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    scaling = json.loads((tmp_path / "bench.json").read_text())["scaling"]
+    assert [f["slices"] for f in scaling["by_slices"]] == [40] and scaling["chunk_slices"] == 16
+    assert all(f["peak_rss_mb"] > 0 for f in scaling["by_slices"])
+    assert "series over 16 slices in z-chunks" in (tmp_path / "bench.md").read_text()
+    node_log = (tmp_path / "work" / "scaling" / "node-data" / "logs" / "rtseg.log").read_text()
+    assert re.search(r"series preprocessed in \d+ z-chunks", node_log)
