@@ -665,7 +665,6 @@ def test_missing_slices_are_reported_with_position(tmp_path: Path) -> None:
     )
 
 
-
 def test_check_stack_counts_a_whole_stack_and_refuses_a_gap_as_the_loader_does(tmp_path: Path) -> None:
     """The node completes a series on release only when its headers pass the loader's own check."""
     expected = _write(tmp_path, hu=_canonical((12, 20, 24)), seed="stack")
@@ -676,6 +675,7 @@ def test_check_stack_counts_a_whole_stack_and_refuses_a_gap_as_the_loader_does(t
         ct.check_stack([f for f in files if f.exists()])
     with pytest.raises(InputError, match="at least 20 are needed"):
         ct.check_stack(files[6:], min_slices=20)
+
 
 def _shift(ds: Dataset, dy: float = 0.0, dz: float = 0.0) -> None:
     x, y, z = (float(v) for v in ds.ImagePositionPatient)
