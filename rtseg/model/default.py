@@ -94,10 +94,10 @@ class Recipe:
     Training runs in stages: ``config`` from random weights, then each of
     ``refine`` from the previous stage's weights with a fresh optimizer and
     learning-rate schedule (a warm restart; another seed draws other patches).
-    ``realistic``: realistic phantoms that later stages add (0.9.0: stage 7, issue 16).
+    ``realistic``: realistic phantoms that later stages add (see :data:`REALISTIC_RECIPE`).
     """
 
-    version: str = "0.9.0"
+    version: str = "0.8.0"
     seed: int = 1000  # training cohort seed; evaluation uses other seeds
     cases_per_center: int = 30
     # (stage, cases per center): from that stage on the cohort has more cases
@@ -111,9 +111,8 @@ class Recipe:
         replace(STAGE1, epochs=30, seed=3, learning_rate=5e-4),
         replace(STAGE1, epochs=25, seed=4, learning_rate=2.5e-4),
         replace(STAGE1, epochs=30, seed=5, learning_rate=5e-4),
-        replace(STAGE1, epochs=12, seed=6, learning_rate=5e-4),
     )
-    realistic: RealisticCases | None = RealisticCases(from_stage=7, per_center=40, start=60)
+    realistic: RealisticCases | None = None
 
     @property
     def stages(self) -> tuple[CpuConfig, ...]:
@@ -151,7 +150,17 @@ class Recipe:
         return ids
 
 
-DEFAULT_RECIPE = Recipe()
+DEFAULT_RECIPE = Recipe()  # the shipped model
+# Issue 16: a seventh stage from the six's weights on the plain cohort plus 40 realistic phantoms
+# per center. Measured, not shipped: on the 12 fresh seed-2001 cases it scores 0.849 plain
+# (0.8.0: 0.851, the target is 0.85) and 0.831 on their realistic versions (0.8.0: 0.820);
+# docs/model.md. `rtseg model build-default --realistic` runs it.
+REALISTIC_RECIPE = replace(
+    DEFAULT_RECIPE,
+    version="0.9.0",
+    refine=(*DEFAULT_RECIPE.refine, replace(STAGE1, epochs=12, seed=6, learning_rate=5e-4)),
+    realistic=RealisticCases(from_stage=7, per_center=40, start=60),
+)
 
 
 def default_model_dir() -> Path:

@@ -21,6 +21,7 @@ from rtseg.model.cpu import CpuConfig
 from rtseg.model.default import (
     DEFAULT_RECIPE,
     MODEL_NAME,
+    REALISTIC_RECIPE,
     RealisticCases,
     build_default,
     default_model_dir,
@@ -147,6 +148,9 @@ def test_build_default_refuses_a_start_model_it_cannot_use(
     stages = len(DEFAULT_RECIPE.stages)
     assert main([*argv, "--from-model", str(default_model_dir()), "--stages-done", str(stages)]) == 2
     assert f"the recipe has {stages} training stages" in capsys.readouterr().err
+    realistic = [*argv, "--realistic", "--from-model", str(default_model_dir()), "--stages-done", "7"]
+    assert main(realistic) == 2  # 0.9.0's recipe has a seventh stage
+    assert "the recipe has 7 training stages" in capsys.readouterr().err
     assert not work.exists()
 
 
@@ -203,7 +207,9 @@ def test_recipe_adds_cases_at_the_stage_it_names_with_the_first_plans(
 
 def test_recipe_stage_7_adds_realistic_cases_on_a_couch() -> None:
     """0.9.0 (issue 16): the last stage trains on the plain cohort plus realistic phantoms."""
-    recipe = DEFAULT_RECIPE
+    assert DEFAULT_RECIPE.realistic is None and len(DEFAULT_RECIPE.stages) == 6  # 0.8.0, shipped
+    recipe = REALISTIC_RECIPE
+    assert recipe.stages[:6] == DEFAULT_RECIPE.stages and len(recipe.stages) == 7
     assert recipe.realistic_for(6) == 0 and recipe.realistic_for(7) == 40
     plain, with_realistic = recipe.case_ids(6), recipe.case_ids(7)
     assert len(plain) == 120 and plain < with_realistic and len(with_realistic) == 200
