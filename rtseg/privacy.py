@@ -127,10 +127,37 @@ def forward_logs(queue: Any, level: int) -> None:
     logging.captureWarnings(True)
 
 
+LISTENER_STOP_S = 5.0  # how long stopping waits for the workers' last log records
+
+
+class _Listener(logging.handlers.QueueListener):
+    """A queue listener whose ``stop`` cannot hang on a worker killed while it wrote.
+
+    A multiprocessing queue's writers share one lock; a worker killed with
+    SIGKILL while holding it (it was sending a record) holds it for ever, so the
+    sentinel ``stop`` sends never arrives and ``QueueListener.stop`` (and the
+    queue's feeder thread at exit) would wait for ever. Here ``stop`` waits
+    :data:`LISTENER_STOP_S`, then leaves the daemon thread and the queue behind.
+    """
+
+    def stop(self) -> None:
+        thread = self._thread
+        if thread is None:
+            return
+        self.enqueue_sentinel()
+        thread.join(LISTENER_STOP_S)
+        if thread.is_alive():
+            logging.getLogger(__name__).warning(
+                "worker log queue blocked (a worker was killed while logging): its last records are lost"
+            )
+            cancel = getattr(self.queue, "cancel_join_thread", None)
+            if cancel is not None:
+                cancel()  # else the interpreter's exit waits for the queue's feeder thread
+        self._thread = None
+
+
 def listen_for_logs(queue: Any) -> logging.handlers.QueueListener:
     """The parent's side of :func:`forward_logs`: started, writing to the root logger's handlers."""
-    listener = logging.handlers.QueueListener(
-        queue, *logging.getLogger().handlers, respect_handler_level=True
-    )
+    listener = _Listener(queue, *logging.getLogger().handlers, respect_handler_level=True)
     listener.start()
     return listener

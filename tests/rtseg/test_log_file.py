@@ -5,7 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 SCRIPT = textwrap.dedent(
     """
@@ -57,3 +60,27 @@ def test_log_file_rotates_redacts_and_keeps_info_without_verbose(tmp_path: Path)
     assert "1.2.826.0.1.3680043" not in text
     assert "job j1 done" not in run.stderr  # stderr stays at WARNING without -v
     assert "<value>" in run.stderr and "DOE" not in run.stderr
+
+
+def _hold_the_write_lock(queue: Any) -> None:
+    queue._wlock.acquire()  # what a worker holds while it sends a record
+    time.sleep(600)
+
+
+def test_stopping_the_log_listener_does_not_hang_on_a_worker_killed_while_logging() -> None:
+    """A worker SIGKILLed while holding the queue's write lock: the node still stops."""
+    import multiprocessing as mp
+
+    from rtseg.privacy import LISTENER_STOP_S, listen_for_logs
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    listener = listen_for_logs(queue)
+    holder = mp.get_context("fork").Process(target=_hold_the_write_lock, args=(queue,))
+    holder.start()
+    time.sleep(2.0)  # the child has the lock
+    holder.kill()
+    holder.join()
+    done = threading.Event()
+    threading.Thread(target=lambda: (listener.stop(), done.set()), daemon=True).start()
+    assert done.wait(LISTENER_STOP_S + 10), "the listener's stop hung on the dead worker's lock"
