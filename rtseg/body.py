@@ -19,12 +19,24 @@ The steps, per axial slice unless said otherwise:
    body threshold would take in a compressed mattress where the patient lies on it.
 2. opening with a disk of ``OPEN_MM``: cuts the thin links (mask mesh,
    carbon-fibre skins, head-rest rims) between the patient and the devices.
-3. the largest 3-D connected component: the patient; the couch is another one.
-4. detail back within ``OPEN_MM`` of it (nose tip, ears, fingers), then one
+3. the 3-D connected components that are the patient: the largest one, and
+   every other that is a limb (:func:`_is_limb`): an arm down beside the trunk
+   without touching it, a leg, a hand. A limb is at least ``PART_ML`` and
+   ``PART_SHARE`` of the largest component, mostly soft tissue (median HU in
+   ``SOFT_HU``: fat to muscle, not foam or plastic), and holds at least
+   ``BONE_ML`` of bone (over ``BONE_HU``) ``BONE_DEPTH_MM`` or more inside it.
+   A TPS computes dose inside the External, so a beam through an arm must see
+   the arm; the couch, a foam block, a knee wedge, a vacuum bag or a head rest
+   hold no bone under soft tissue and stay outside.
+4. detail back within ``OPEN_MM`` of them (nose tip, ears, fingers), then one
    pixel of partial volume down to ``EDGE_HU`` (-500), the air–skin midpoint.
 5. per slice: pieces under ``MIN_PIECE_FRACTION`` of the slice's largest piece
-   are dropped, and holes are filled (lungs, bowel gas, airways are body; the
-   air between the body and the couch is not a hole once the couch is gone).
+   are dropped unless they are a limb in that slice (at least ``LIMB_MM2``, the
+   rule of step 3 with ``BONE_MM2`` of bone): an arm cut obliquely or a forearm
+   can be under 10 % of the trunk, while a head-rest piece that touches the head
+   in other slices holds no bone. Then holes are filled (lungs, bowel gas,
+   airways are body; the air between the body and the couch is not a hole once
+   the couch is gone).
 """
 
 from __future__ import annotations
@@ -41,7 +53,17 @@ log = logging.getLogger(__name__)
 TISSUE_HU = -300.0
 EDGE_HU = -500.0
 OPEN_MM = 3.0
-MIN_PIECE_FRACTION = 0.1  # head rests, blocks; an arm beside a child’s trunk is larger
+MIN_PIECE_FRACTION = 0.1  # head rests, blocks; limbs are kept by their bone (step 5)
+# A limb (step 3): a forearm 10 cm long is about 250 ml, 5 % of an adult's abdomen over that length,
+# a hand at the scan's end about 1 %; 5 ml drops noise and trimmed edges of devices.
+PART_ML = 5.0
+PART_SHARE = 0.01
+SOFT_HU = (-150.0, 100.0)  # fat to muscle; PMMA is about 120 HU, foams and vacuum bags far below -300
+BONE_HU = 250.0  # cortical bone is 700 HU and more; plastic, carbon-fibre cores and muscle stay under it
+BONE_DEPTH_MM = 5.0  # bone under skin and muscle, not a dense rim or insert on a device's surface
+BONE_ML = 0.5  # a humerus's cortex is about 2 ml per cm of arm
+LIMB_MM2 = 200.0  # one slice of a limb: two fingers or more
+BONE_MM2 = 20.0  # one slice of a humerus's or a radius's cortex is 100 mm² and more
 COUCH_SPAN = 0.8  # of the reconstruction circle's chord: a body row that wide would fill the field of view
 COUCH_MM = 50.0  # a couch top is thinner than this
 
@@ -68,7 +90,7 @@ def body_mask(hu_zyx: npt.NDArray[Any], spacing_zyx: tuple[float, float, float])
     tissue = (hu > TISSUE_HU) & ~beyond_couch[None, :, None]
     disk = _disk(OPEN_MM, spacing_zyx[1], spacing_zyx[2])
     opened = ndimage.binary_opening(tissue, structure=disk)
-    core = _largest_component(opened)
+    core = _patient_components(opened, hu, spacing_zyx)
     if not core.any():
         return core
     body: Mask = ndimage.binary_dilation(core, structure=disk) & tissue
@@ -76,7 +98,7 @@ def body_mask(hu_zyx: npt.NDArray[Any], spacing_zyx: tuple[float, float, float])
     edge &= ~beyond_couch[None, :, None]
     body |= edge
     for z in range(body.shape[0]):
-        body[z] = _fill_slice(body[z])
+        body[z] = _fill_slice(body[z], hu[z], spacing_zyx)
     return body
 
 
@@ -145,23 +167,60 @@ def _disk(radius_mm: float, dy: float, dx: float) -> Mask:
     return disk[None]
 
 
-def _largest_component(mask: Mask) -> Mask:
-    """The largest face-connected 3-D component of ``mask`` (empty if none)."""
+def _patient_components(mask: Mask, hu: npt.NDArray[Any], spacing: tuple[float, float, float]) -> Mask:
+    """The largest face-connected 3-D component of ``mask`` and every other that is a limb (empty if none)."""
     pieces, n = ndimage.label(mask)
     if n == 0:
         return np.zeros_like(mask)
     sizes = np.bincount(pieces.ravel())
     sizes[0] = 0
-    return np.asarray(pieces == int(sizes.argmax()))
+    largest = int(sizes.argmax())
+    keep = np.zeros(n + 1, dtype=bool)
+    keep[largest] = True
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    least = max(PART_ML / voxel_ml, PART_SHARE * sizes[largest])
+    candidates = [k for k in np.nonzero(sizes >= least)[0] if k != largest]
+    if candidates:  # find_objects costs a pass over the volume: only when there is something to judge
+        boxes = ndimage.find_objects(pieces)
+        for k in candidates:
+            box = boxes[k - 1]
+            keep[k] = _is_limb(pieces[box] == k, hu[box], spacing, BONE_ML / voxel_ml)
+    return np.asarray(keep[pieces])
 
 
-def _fill_slice(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
-    """One slice without its specks (relative to its largest piece) and with its holes filled."""
+def _is_limb(
+    part: Mask, hu: npt.NDArray[Any], spacing: tuple[float, float, float], bone_voxels: float
+) -> bool:
+    """Whether ``part`` (``[z, y, x]``, cropped as ``hu``) is soft tissue around bone: an arm, a leg, a hand.
+
+    Soft tissue by its median HU (a plastic wedge or a foam block is not); bone
+    counted only ``BONE_DEPTH_MM`` or more inside the part (in-plane), so a dense
+    rim or insert on a device's surface does not make it a limb.
+    """
+    median = float(np.median(hu[part]))
+    if not SOFT_HU[0] <= median <= SOFT_HU[1]:
+        return False
+    deep = ndimage.binary_erosion(part, structure=_disk(BONE_DEPTH_MM, spacing[1], spacing[2]))
+    return int(np.count_nonzero(deep & (hu > BONE_HU))) >= bone_voxels
+
+
+def _fill_slice(
+    mask: npt.NDArray[np.bool_], hu: npt.NDArray[Any], spacing: tuple[float, float, float]
+) -> npt.NDArray[np.bool_]:
+    """One slice without its specks (relative to its largest piece, limbs kept) and with its holes filled."""
     pieces, n = ndimage.label(mask)
     if n == 0:
         return mask
     sizes = np.bincount(pieces.ravel())
     sizes[0] = 0
     keep = sizes >= MIN_PIECE_FRACTION * sizes.max()
+    pixel_mm2 = spacing[1] * spacing[2]
+    small = np.nonzero(~keep & (sizes >= LIMB_MM2 / pixel_mm2))[0]
+    if small.size:
+        boxes = ndimage.find_objects(pieces)
+        for k in small:
+            box = boxes[k - 1]
+            piece = (pieces[box] == k)[None]
+            keep[k] = _is_limb(piece, hu[box][None], spacing, BONE_MM2 / pixel_mm2)
     keep[0] = False
     return np.asarray(ndimage.binary_fill_holes(keep[pieces]))
