@@ -135,6 +135,7 @@ def _cmd_site(args: argparse.Namespace) -> int:
             threads=args.threads,
             nice=args.nice,
             insecure=args.insecure,
+            partial_labels=args.partial_labels,
         )
     stop = threading.Event()
     try:
@@ -197,6 +198,12 @@ def register(sub: Any, handlers: dict[str, Handler]) -> None:
     )
     q.add_argument("--threads", type=int, default=1)
     q.add_argument("--nice", type=int, default=10)
+    q.add_argument(
+        "--partial-labels",
+        choices=["ignore", "background"],
+        default="ignore",
+        help="structures a case's contour set lacks: nnU-Net's ignore label (default), or trained as drawn",
+    )
     q.set_defaults(fed_action=_cmd_site)
 
     q = fsub.add_parser("simulate", help="a whole federation on this machine (real Flower processes)")
