@@ -13,6 +13,10 @@ from pathlib import Path
 from typing import Any
 
 Handler = Callable[[argparse.Namespace], int]
+START_MODEL_HELP = (
+    "model folder to continue from (e.g. the default model): round 0 is its plans, labels and weights"
+    " (default: plans from the pooled fingerprint, random weights)"
+)
 
 
 def _cmd_certs(args: argparse.Namespace) -> int:
@@ -40,6 +44,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         aggregation=args.aggregation,
         dp_clip=args.dp_clip,
         dp_epsilon=args.dp_epsilon,
+        start_model=args.start_model,
     )
     work = args.work or args.out.with_name(args.out.name + "-work")
     started = time.monotonic()
@@ -65,8 +70,11 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
         write_connection,
     )
     from rtseg.federation.simulate import SimulationSpec
+    from rtseg.federation.start_model import load_start_model
     from rtseg.model.cpu import CpuConfig
 
+    if args.start_model is not None:
+        load_start_model(args.start_model)  # a bad folder is one line now, not a failed run later
     state = args.state.resolve()
     tls = None
     if not args.insecure:
@@ -93,6 +101,7 @@ def _cmd_coordinator(args: argparse.Namespace) -> int:
             round_timeout=args.round_timeout,
             federation=args.federation,
             sites=args.wait_sites or args.min_sites,
+            start_model=args.start_model,
         )
         run_id = start_run(cli_home, write_app(state / "app", spec.run_config(state / "state")))
         print(f"run {run_id} started; coordinator log: {state / 'state' / 'coordinator.log'}", flush=True)
@@ -126,6 +135,7 @@ def _cmd_site(args: argparse.Namespace) -> int:
             threads=args.threads,
             nice=args.nice,
             insecure=args.insecure,
+            partial_labels=args.partial_labels,
         )
     stop = threading.Event()
     try:
@@ -170,6 +180,7 @@ def register(sub: Any, handlers: dict[str, Handler]) -> None:
     q.add_argument("--round-timeout", type=float, default=6 * 3600.0)
     q.add_argument("--federation", default="rtseg")
     q.add_argument("--cpu-config", type=Path, help="JSON of rtseg's CpuConfig (default: its defaults)")
+    q.add_argument("--start-model", type=Path, help=START_MODEL_HELP)
     q.add_argument("--timeout", type=float, default=7 * 24 * 3600.0)
     q.set_defaults(fed_action=_cmd_coordinator)
 
@@ -187,6 +198,12 @@ def register(sub: Any, handlers: dict[str, Handler]) -> None:
     )
     q.add_argument("--threads", type=int, default=1)
     q.add_argument("--nice", type=int, default=10)
+    q.add_argument(
+        "--partial-labels",
+        choices=["ignore", "background"],
+        default="ignore",
+        help="structures a case's contour set lacks: nnU-Net's ignore label (default), or trained as drawn",
+    )
     q.set_defaults(fed_action=_cmd_site)
 
     q = fsub.add_parser("simulate", help="a whole federation on this machine (real Flower processes)")
@@ -203,5 +220,6 @@ def register(sub: Any, handlers: dict[str, Handler]) -> None:
     q.add_argument("--dp-clip", type=float, default=0.0, help="Flower LocalDpMod clipping norm (0: off)")
     q.add_argument("--dp-epsilon", type=float, default=10.0)
     q.add_argument("--insecure", action="store_true", help="no TLS / node authentication")
+    q.add_argument("--start-model", type=Path, help=START_MODEL_HELP)
     q.set_defaults(fed_action=_cmd_simulate)
     handlers["federation"] = lambda args: int(args.fed_action(args))

@@ -68,6 +68,7 @@ class SiteSettings:
     threads: int = 1
     nice: int = 10
     insecure: bool = False  # no TLS: only when said explicitly (loopback tests and demos)
+    partial_labels: str = "ignore"  # structures a case lacks: nnU-Net's ignore label, or "background"
 
     def __post_init__(self) -> None:
         if self.ca is None and not self.insecure:
@@ -129,6 +130,15 @@ def _window(value: Any) -> Window:
         raise ValueError("must be HH:MM-HH:MM (may wrap past midnight) or always") from None
 
 
+def _partial_labels(value: Any) -> str:
+    from rtseg.federation.task import PARTIAL_LABELS
+
+    text = parse_str(value).lower()
+    if text not in PARTIAL_LABELS:
+        raise ValueError(f"must be {' or '.join(PARTIAL_LABELS)}")
+    return text
+
+
 def _switch(value: Any) -> bool:
     # TLS off is a security decision: only an explicit true/false, never "yes" or 1
     if isinstance(value, bool):
@@ -150,6 +160,7 @@ _KEYS: dict[str, Parser] = {
     "threads": parse_int(1, 256),
     "nice": parse_int(-20, 19),
     "insecure": _switch,
+    "partial_labels": _partial_labels,
 }
 
 
@@ -186,6 +197,7 @@ def run_site(settings: SiteSettings, stop: threading.Event, poll: float = 30.0) 
         "work-dir": str(settings.work_dir.resolve()),
         "threads": settings.threads,
         "nice": settings.nice,
+        "partial-labels": settings.partial_labels,
     }
     try:
         while not stop.is_set():

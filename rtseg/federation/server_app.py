@@ -6,6 +6,8 @@ resumes from the last completed round: ``plans.json``, ``dataset.json``,
 ``aliases.json``, ``rounds/round_XXX.npz`` (global arrays after round XXX,
 written atomically), ``rounds.jsonl`` (per-round figures) and
 ``models/round_XXX/`` (a standard nnU-Net v2 results folder + rtseg manifest).
+With ``start-model`` (a model folder) round 0 is that model's plans, label
+table and weights instead of plans from the pooled fingerprint and random ones.
 """
 
 from __future__ import annotations
@@ -34,9 +36,11 @@ from rtseg.federation.aggregate import (
     site_weights,
 )
 from rtseg.federation.fingerprint import SiteFingerprint, check_labels, pooled_fingerprint
-from rtseg.federation.flower import Grid, Payload, server_app
-from rtseg.federation.task import COVERAGE_PREFIX, DATASET_NAME, plans_hash
+from rtseg.federation.flower import Grid, Payload, Reply, server_app
+from rtseg.federation.start_model import StartModel, label_problem, load_start_model
+from rtseg.federation.task import COVERAGE_PREFIX, DATASET_ID, DATASET_NAME, plans_hash
 from rtseg.model.cpu import CpuConfig
+from rtseg.model.dataset import dataset_folder_name
 from rtseg.model.manifest import (
     ModelManifest,
     default_provenance,
@@ -70,6 +74,7 @@ class CoordinatorConfig:
     cpu: CpuConfig
     policy: AggregationPolicy
     prox_mu: float
+    start_model: Path | None = None  # a model folder: round 0 is its plans and weights
 
     @classmethod
     def from_run_config(cls, rc: dict[str, Any]) -> CoordinatorConfig:
@@ -93,6 +98,7 @@ class CoordinatorConfig:
                 max_share=float(rc.get("max-share", 0.5)),
             ),
             prox_mu=float(rc.get("prox-mu", 0.01 if method == "fedprox" else 0.0)),
+            start_model=Path(str(rc["start-model"])) if rc.get("start-model") else None,
         )
 
 
@@ -160,21 +166,23 @@ def load_plan(state_dir: Path) -> Plan:
 
 
 def initialise(grid: Grid, nodes: list[int], cfg: CoordinatorConfig) -> Plan:
-    """Fingerprint round, one plan for everybody, weights initialised once (round 0)."""
-    query = Payload(config={"spacing": [float(s) for s in cfg.cpu.target_spacing_zyx]})
+    """Fingerprint round, one plan for everybody, weights initialised once (round 0).
+
+    With ``cfg.start_model`` the plans, ``dataset.json`` and weights are the
+    model's; the fingerprint round still runs (the sites declare their cases and
+    resample to the model's spacing), and a site whose label table is not the
+    model's is left out with the reason.
+    """
+    start = load_start_model(cfg.start_model) if cfg.start_model else None  # refused before any site works
+    spacing = start.spacing_zyx if start else cfg.cpu.target_spacing_zyx
+    query = Payload(config={"spacing": [float(s) for s in spacing]})
     replies = grid.send("query.fingerprint", {n: query for n in nodes}, cfg.round_timeout)
-    fingerprints: list[tuple[str, SiteFingerprint]] = []
-    for reply in replies:
-        if reply.payload is None:
-            log.warning("site %d sent no fingerprint: %s", reply.node_id, reply.error)
-            continue
-        got = fingerprint_from_reply(reply.payload, str(reply.node_id))
-        if isinstance(got, Rejection):
-            log.warning("site %s: fingerprint rejected: %s", got.site, got.reason)
-        else:
-            fingerprints.append((str(reply.node_id), got))
+    fingerprints, refused = _fingerprints(replies, start)
     if len(fingerprints) < cfg.min_sites:
-        raise FederationError(f"{len(fingerprints)} fingerprints, fewer than min-sites {cfg.min_sites}")
+        reasons = "".join(f"; site {x.site}: {x.reason}" for x in refused)
+        raise FederationError(
+            f"{len(fingerprints)} fingerprints, fewer than min-sites {cfg.min_sites}{reasons}"
+        )
     labels = check_labels(fingerprints)
     pooled = pooled_fingerprint([fp for _, fp in fingerprints])
     intensity = pooled["foreground_intensity_properties_per_channel"]["0"]
@@ -187,18 +195,7 @@ def initialise(grid: Grid, nodes: list[int], cfg: CoordinatorConfig) -> Plan:
         intensity["percentile_00_5"],
         intensity["percentile_99_5"],
     )
-    dataset_json = {
-        "channel_names": {"0": "CT"},
-        "labels": labels,
-        "numTraining": len(pooled["spacings"]),
-        "file_ending": ".nii.gz",
-        "name": DATASET_NAME,
-    }
-    from rtseg.federation.task import DATASET_ID
-
-    work = cfg.state_dir / "nnunet"
-    plans = json.loads(plan_from_fingerprint(work, DATASET_ID, dataset_json, pooled, cfg.cpu).read_text())
-    weights = initial_weights(work, plans, dataset_json, work / "initial.npz")
+    plans, dataset_json, weights = _round_zero(cfg, start, labels, pooled)
     aliases = json.loads(Path(f"{weights}.aliases.json").read_text())
     declared = {site: fp.n_cases for site, fp in fingerprints}
     for name, doc in (
@@ -219,6 +216,49 @@ def initialise(grid: Grid, nodes: list[int], cfg: CoordinatorConfig) -> Plan:
             log.info("site %d preprocessed in %.1f s", reply.node_id, float(reply.payload.config["seconds"]))
     log.info("plans %s sent with every round; initial weights are round 0", plan.hash)
     return plan
+
+
+def _fingerprints(
+    replies: list[Reply], start: StartModel | None
+) -> tuple[list[tuple[str, SiteFingerprint]], list[Rejection]]:
+    """The usable fingerprints, and the sites refused for a label table the start model does not have."""
+    fingerprints: list[tuple[str, SiteFingerprint]] = []
+    refused: list[Rejection] = []
+    for reply in replies:
+        if reply.payload is None:
+            log.warning("site %d sent no fingerprint: %s", reply.node_id, reply.error)
+            continue
+        got = fingerprint_from_reply(reply.payload, str(reply.node_id))
+        problem = label_problem(got, start) if start and isinstance(got, SiteFingerprint) else None
+        if isinstance(got, Rejection):
+            log.warning("site %s: fingerprint rejected: %s", got.site, got.reason)
+        elif problem:
+            refused.append(Rejection(str(reply.node_id), problem))
+            log.warning("site %s refused: %s", reply.node_id, problem)
+        else:
+            fingerprints.append((str(reply.node_id), got))
+    return fingerprints, refused
+
+
+def _round_zero(
+    cfg: CoordinatorConfig, start: StartModel | None, labels: dict[str, int], pooled: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any], Path]:
+    """Plans, ``dataset.json`` and the round-0 weights file: the start model's, or planned and initialised."""
+    work = cfg.state_dir / "nnunet"
+    if start is not None:
+        log.info("round 0 is %s (%s): its plans, labels and weights", start.label, start.path)
+        plans = start.plans_for(dataset_folder_name(DATASET_ID, DATASET_NAME))
+        weights = initial_weights(work, plans, start.dataset_json, work / "initial.npz", start.checkpoint)
+        return plans, start.dataset_json, weights
+    dataset_json = {
+        "channel_names": {"0": "CT"},
+        "labels": labels,
+        "numTraining": len(pooled["spacings"]),
+        "file_ending": ".nii.gz",
+        "name": DATASET_NAME,
+    }
+    plans = json.loads(plan_from_fingerprint(work, DATASET_ID, dataset_json, pooled, cfg.cpu).read_text())
+    return plans, dataset_json, initial_weights(work, plans, dataset_json, work / "initial.npz")
 
 
 def fingerprint_from_reply(payload: Payload, site: str) -> SiteFingerprint | Rejection:

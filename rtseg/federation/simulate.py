@@ -72,6 +72,7 @@ class SimulationSpec:
     dp_clip: float = 0.0
     dp_epsilon: float = 10.0
     federation: str = "rtseg-sim"
+    start_model: Path | None = None  # a model folder: round 0 is its plans and weights
     site_extra: dict[int, dict[str, Any]] = field(default_factory=dict)  # node config additions per site
 
     def run_config(self, state_dir: Path) -> dict[str, Any]:
@@ -95,6 +96,7 @@ class SimulationSpec:
             "dp-clip": self.dp_clip,
             "dp-epsilon": self.dp_epsilon,
             "dp-delta": 1e-5,
+            **({"start-model": str(self.start_model.resolve())} if self.start_model else {}),
         }
 
 

@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 DATASET_ID = 601
 DATASET_NAME = "RtsegFederated"
 PLANS_SOURCE = "plans from the coordinator"
+# how a site trains the structures a case's contour set lacks (case.json "unknown"):
+# "ignore": nnU-Net's ignore label (the default); "background": as drawn (External inside the body)
+PARTIAL_LABELS = ("ignore", "background")
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,13 @@ class Site:
     work_dir: Path
     threads: int = 1
     nice: int = 10
+    partial_labels: str = "ignore"  # one of PARTIAL_LABELS
+
+    def __post_init__(self) -> None:
+        if self.partial_labels not in PARTIAL_LABELS:
+            raise FederationError(
+                f"partial-labels must be {' or '.join(PARTIAL_LABELS)}, got {self.partial_labels!r}"
+            )
 
     @classmethod
     def from_node_config(cls, node_config: dict[str, Any]) -> Site:
@@ -56,6 +66,7 @@ class Site:
                 Path(str(node_config["work-dir"])),
                 int(node_config.get("threads", 1)),
                 int(node_config.get("nice", 10)),
+                str(node_config.get("partial-labels", "ignore")),
             )
         except KeyError as exc:
             raise FederationError(f"site node config lacks {exc}") from exc
@@ -91,7 +102,8 @@ def prepare_data(site: Site, labels: dict[str, int], spacing: tuple[float, float
                 accumulator.add(image, spacing_zyx, label)
             yield case_id, image, spacing_zyx, label
 
-    unknown = unknown_structures([site.data_dir])  # imported cases: unknown → nnU-Net's ignore label
+    # imported cases: unknown → nnU-Net's ignore label, unless the site trains them as drawn
+    unknown = unknown_structures([site.data_dir]) if site.partial_labels == "ignore" else None
     write_raw_dataset(raw_root, DATASET_ID, DATASET_NAME, cases(), labels, unknown=unknown)
     result = accumulator.result()
     (site.work_dir / "fingerprint.json").write_text(json.dumps(result.__dict__))

@@ -66,12 +66,17 @@ def train(args: dict[str, Any], config: CpuConfig, emit: Callable[..., None]) ->
 
 def _load_start_weights(trainer: Any, checkpoint_file: Path) -> None:
     """Start from the network weights of an nnU-Net checkpoint of the same plans (fresh optimizer)."""
-    from rtseg.model.checkpoints import load_checkpoint
     from rtseg.model.trainer import plain_network
 
     trainer.initialize()
+    _load_weights(plain_network(trainer.network), checkpoint_file)
+
+
+def _load_weights(network: Any, checkpoint_file: Path) -> None:
+    """The network weights of a checkpoint (restricted unpickler, names checked) into ``network``."""
+    from rtseg.model.checkpoints import load_checkpoint
+
     checkpoint = load_checkpoint(checkpoint_file)
-    network = plain_network(trainer.network)
     try:
         network.load_state_dict(checkpoint["network_weights"])
     except (KeyError, RuntimeError) as exc:
@@ -137,7 +142,7 @@ def preprocess(args: dict[str, Any], config: CpuConfig, emit: Callable[..., None
 
 
 def init_weights(args: dict[str, Any], config: CpuConfig, emit: Callable[..., None]) -> None:
-    """Build the network of the plans once, seeded, and write its arrays (no pickles)."""
+    """Build the network of the plans once, seeded (or from ``start_checkpoint``); write its arrays."""
     import torch
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
@@ -160,6 +165,8 @@ def init_weights(args: dict[str, Any], config: CpuConfig, emit: Callable[..., No
         allow_init=True,
         deep_supervision=True,
     )
+    if args.get("start_checkpoint"):  # a federation that continues from a model
+        _load_weights(network, Path(args["start_checkpoint"]))
     with torch.no_grad():
         arrays, aliases = network_arrays(network)
     out = Path(args["out"])

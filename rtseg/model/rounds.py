@@ -69,15 +69,24 @@ def preprocess_with_plans(
     return Path(done["preprocessed_dir"])
 
 
-def initial_weights(work_dir: Path, plans: dict[str, Any], dataset_json: dict[str, Any], out: Path) -> Path:
+def initial_weights(
+    work_dir: Path,
+    plans: dict[str, Any],
+    dataset_json: dict[str, Any],
+    out: Path,
+    start_from: Path | None = None,
+) -> Path:
     """Initialise the network of ``plans`` once (seeded); write its arrays to ``out`` (``.npz``).
 
+    ``start_from``: an nnU-Net checkpoint of these plans whose weights replace the
+    initial ones (read with the restricted loader of :mod:`rtseg.model.checkpoints`).
     Also writes ``<out>.aliases.json``: aliased key → the key whose array it shares.
     """
     check_plans(plans, "plans to initialise weights with")
+    start = {"start_checkpoint": str(Path(start_from).resolve())} if start_from is not None else {}
     run_child(
         "init_weights",
-        {"plans": plans, "dataset_json": dataset_json, "out": str(out)},
+        {"plans": plans, "dataset_json": dataset_json, "out": str(out), **start},
         work_dir,
         CpuConfig(threads=1),
         None,
