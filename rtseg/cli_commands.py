@@ -209,9 +209,9 @@ def _model_eval(args: argparse.Namespace) -> int:
 def _model_build_default(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from rtseg.model.default import DEFAULT_MODEL_DIR, DEFAULT_RECIPE, REALISTIC_RECIPE, build_default
+    from rtseg.model.default import DEFAULT_MODEL_DIR, DEFAULT_RECIPE, PLAIN_RECIPE, build_default
 
-    recipe = REALISTIC_RECIPE if args.realistic else DEFAULT_RECIPE
+    recipe = PLAIN_RECIPE if args.plain else DEFAULT_RECIPE
     if args.epochs:
         recipe = replace(recipe, config=replace(recipe.config, epochs=args.epochs))
     if args.refine_epochs is not None:
@@ -436,10 +436,10 @@ def _register_core(sub: Any, handlers: dict[str, Handler]) -> None:
     )
     q.add_argument("--cases", type=int, help="cases per center for every stage (overrides the recipe's)")
     q.add_argument(
-        "--realistic",
+        "--plain",
         action="store_true",
-        help="recipe 0.9.0: a seventh stage adds realistic phantoms on a couch (measured, not shipped:"
-        " docs/model.md)",
+        help="recipe 0.8.0: the six stages on plain phantoms, without 0.9.0's realistic seventh stage"
+        " (docs/model.md)",
     )
     q.set_defaults(model_action=_model_build_default)
     _register_registry(msub)

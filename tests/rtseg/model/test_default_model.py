@@ -21,11 +21,13 @@ from rtseg.model.cpu import CpuConfig
 from rtseg.model.default import (
     DEFAULT_RECIPE,
     MODEL_NAME,
-    REALISTIC_RECIPE,
+    PLAIN_RECIPE,
     RealisticCases,
+    average_weights,
     build_default,
     default_model_dir,
 )
+from rtseg.errors import InputError, ModelError
 from rtseg.model.manifest import load_manifest
 from rtseg.model.segmenter import NnunetSegmenter
 from rtseg.phantom.cohort import write_case
@@ -74,13 +76,14 @@ def fresh_case(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_default_model_segments_a_fresh_case(segmenter: NnunetSegmenter, fresh_case: Path) -> None:
-    """A regression guard at what model 0.8.0 measurably does on a fresh case (not in training).
+    """A regression guard at what the default model measurably does on a fresh case (not in training).
 
     The case (center B, seed 9001) is a 10-year-old after a right nephrectomy, scanned feet first
-    prone. 0.8.0 saw: body 0.996, Lung_R 0.976, A_Aorta 0.974, Lung_L 0.963, Heart 0.957, Liver
-    0.952, V_Venacava_I 0.927, Esophagus 0.916, SpinalCord 0.901, VBs 0.899, Colon 0.891,
-    Bowel_Small 0.868, Stomach 0.843, Duodenum 0.841, Gallbladder 0.812, Kidney_L 0.799, Pancreas
-    0.762, Spleen 0.717 and no Kidney_R voxel (0.7.0: Spleen 0.683, Gallbladder 0.765). The floors
+    prone. 0.9.0 saw: body 1.000, Lung_R 0.976, A_Aorta 0.975, Lung_L 0.963, Heart 0.958, Liver
+    0.949, V_Venacava_I 0.917, SpinalCord 0.914, Esophagus 0.903, VBs 0.902, Colon 0.892,
+    Bowel_Small 0.869, Stomach 0.855, Duodenum 0.848, Kidney_L 0.812, Gallbladder 0.809, Pancreas
+    0.766, Spleen 0.711 and no Kidney_R voxel (0.8.0: body 0.996, SpinalCord 0.901, Spleen 0.717,
+    Pancreas 0.762; 0.7.0: Spleen 0.683, Gallbladder 0.765). The floors
     sit about 0.1 below; raise them with the model.
     """
     case = load_case(fresh_case)
@@ -148,9 +151,9 @@ def test_build_default_refuses_a_start_model_it_cannot_use(
     stages = len(DEFAULT_RECIPE.stages)
     assert main([*argv, "--from-model", str(default_model_dir()), "--stages-done", str(stages)]) == 2
     assert f"the recipe has {stages} training stages" in capsys.readouterr().err
-    realistic = [*argv, "--realistic", "--from-model", str(default_model_dir()), "--stages-done", "7"]
-    assert main(realistic) == 2  # 0.9.0's recipe has a seventh stage
-    assert "the recipe has 7 training stages" in capsys.readouterr().err
+    plain = [*argv, "--plain", "--from-model", str(default_model_dir()), "--stages-done", "6"]
+    assert main(plain) == 2  # 0.8.0's recipe has six stages
+    assert "the recipe has 6 training stages" in capsys.readouterr().err
     assert not work.exists()
 
 
@@ -207,9 +210,10 @@ def test_recipe_adds_cases_at_the_stage_it_names_with_the_first_plans(
 
 def test_recipe_stage_7_adds_realistic_cases_on_a_couch() -> None:
     """0.9.0 (issue 16): the last stage trains on the plain cohort plus realistic phantoms."""
-    assert DEFAULT_RECIPE.realistic is None and len(DEFAULT_RECIPE.stages) == 6  # 0.8.0, shipped
-    recipe = REALISTIC_RECIPE
-    assert recipe.stages[:6] == DEFAULT_RECIPE.stages and len(recipe.stages) == 7
+    assert PLAIN_RECIPE.realistic is None and len(PLAIN_RECIPE.stages) == 6  # 0.8.0
+    recipe = DEFAULT_RECIPE
+    assert recipe.stages[:6] == PLAIN_RECIPE.stages and len(recipe.stages) == 7
+    assert recipe.average_last == 0.7 and PLAIN_RECIPE.average_last is None
     assert recipe.realistic_for(6) == 0 and recipe.realistic_for(7) == 40
     plain, with_realistic = recipe.case_ids(6), recipe.case_ids(7)
     assert len(plain) == 120 and plain < with_realistic and len(with_realistic) == 200
@@ -248,3 +252,43 @@ def test_a_later_stage_from_a_model_adds_realistic_cases_with_that_models_plans(
         "realism": "clinical-nopv",
     }
     assert provenance["started_from"] == f"{MODEL_NAME} 0.0.1 (stages 1-2)"
+    assert provenance["average_last"] == TINY_RECIPE.average_last
+    # the exported weights: the recipe's share of stage 3's plus the rest of the start model's
+    work = tmp_path / "work"
+    last = torch.load(work / "start_checkpoint_final.pth", weights_only=False)["network_weights"]
+    before = torch.load(start / "fold_all" / "checkpoint_final.pth", weights_only=False)["network_weights"]
+    shipped = torch.load(model / "fold_all" / "checkpoint_final.pth", weights_only=False)["network_weights"]
+    share = TINY_RECIPE.average_last
+    assert share is not None and any(not torch.equal(last[k], before[k]) for k in last)
+    for key, value in shipped.items():
+        mixed = (share * last[key].double() + (1 - share) * before[key].double()).to(value.dtype)
+        assert torch.allclose(value, mixed), key
+
+
+def _checkpoint(path: Path, weights: dict[str, torch.Tensor]) -> Path:
+    torch.save({"network_weights": weights, "trainer_name": "nnUNetTrainer"}, path)
+    return path
+
+
+def test_average_weights_mixes_two_checkpoints_of_one_network(tmp_path: Path) -> None:
+    old = _checkpoint(tmp_path / "old.pth", {"w": torch.zeros(2, 3), "b": torch.ones(3)})
+    new = _checkpoint(tmp_path / "new.pth", {"w": torch.full((2, 3), 10.0), "b": torch.full((3,), 3.0)})
+    average_weights(old, new, 0.7, tmp_path / "mixed.pth")
+    mixed = torch.load(tmp_path / "mixed.pth", weights_only=True)
+    assert mixed["trainer_name"] == "nnUNetTrainer"
+    assert torch.allclose(mixed["network_weights"]["w"], torch.full((2, 3), 7.0))
+    assert torch.allclose(mixed["network_weights"]["b"], torch.full((3,), 2.4))
+    other = _checkpoint(tmp_path / "other.pth", {"w": torch.zeros(3, 3), "b": torch.ones(3)})
+    with pytest.raises(ModelError, match="not of one network"):
+        average_weights(other, new, 0.7, tmp_path / "bad.pth")
+    # a tensor the state dict names twice (nnU-Net's decoder holds the encoder) stays one tensor
+    shared_old, shared_new = torch.zeros(1000), torch.ones(1000)
+    old = _checkpoint(tmp_path / "old2.pth", {"encoder.w": shared_old, "decoder.encoder.w": shared_old})
+    new = _checkpoint(tmp_path / "new2.pth", {"encoder.w": shared_new, "decoder.encoder.w": shared_new})
+    average_weights(old, new, 0.5, tmp_path / "mixed2.pth")
+    weights = torch.load(tmp_path / "mixed2.pth", weights_only=True)["network_weights"]
+    assert weights["encoder.w"].data_ptr() == weights["decoder.encoder.w"].data_ptr()
+    assert (tmp_path / "mixed2.pth").stat().st_size < 1.5 * 1000 * 4
+    with pytest.raises(InputError, match="must be in"):
+        average_weights(old, new, 1.5, tmp_path / "bad.pth")
+    assert not (tmp_path / "bad.pth").exists()
