@@ -60,6 +60,7 @@ def test_model_info_prints_readable_provenance(tmp_path: Path) -> None:
     assert "training data: rtseg phantom, centers A, B, 60 cases per center, matrix 256" in out
     assert "federation: none (trained at one place)" in out
     assert "gate: not recorded in the model" in out
-    assert "accuracy: mean OAR Dice 0.851 on 12 fresh phantom cases" in out
+    assert "realistic phantoms: 40 per center from stage 7 (clinical-nopv, on a couch)" in out
+    assert "accuracy: mean OAR Dice 0.851 and 0.878 on two sets of 12 fresh phantom cases" in out
     assert "NOT FOR CLINICAL USE: trained on synthetic phantoms only" in out
     assert _files(tmp_path) == []
