@@ -12,6 +12,11 @@ each on held-out fully labelled cases of another seed:
 * ``pseudo``: the partial cohort with its unknown structures filled by the ``ignore`` model
   (the best model a site would have from these cases), then trained as fully labelled.
 
+``--from-model DIR`` fine-tunes every arm from a trained model instead (a federation
+continues from the shipped default model): the model's plans and normalisation
+preprocess the cases, every arm starts from its weights, and ``pseudo`` is filled by
+that model.
+
 Repeatable (seeded) and resumable (a trained arm is not trained again); not part of the test suite.
 """
 
@@ -39,9 +44,9 @@ from rtseg.cases import (
     unknown_structures,
 )
 from rtseg.model.children import nnunet_dirs
-from rtseg.model.cpu import CpuConfig
+from rtseg.model.cpu import PLANS_IDENTIFIER, CpuConfig
 from rtseg.model.dataset import write_raw_dataset
-from rtseg.model.manifest import MANIFEST_NAME, ModelManifest, default_provenance
+from rtseg.model.manifest import MANIFEST_NAME, ModelManifest, default_provenance, load_manifest
 from rtseg.model.training import export_model, plan_and_preprocess, train
 from rtseg.phantom.cohort import generate_cohort, read_label_image, write_label_image
 from rtseg.structures import EXTERNAL, OAR_NAMES, STRUCTURES, dataset_labels
@@ -64,6 +69,7 @@ class PartialSpec:
     kept_oars: int = 6  # of the 18 OARs, per partial case
     train_seed: int = 2000
     test_seed: int = 3000
+    from_model: Path | None = None  # fine-tune every arm from this model folder's weights and plans
     cpu: CpuConfig = CpuConfig(
         target_spacing_zyx=(6.0, 6.0, 6.0),
         patch_size_zyx=(32, 48, 48),
@@ -146,8 +152,12 @@ def train_partial_arm(arm: str, cohort: Path, work: Path, spec: PartialSpec) -> 
     cases = canonical_cases(cohort, spec.cpu.target_spacing_zyx)
     name = "Partial-" + arm
     write_raw_dataset(nnunet_dirs(nnunet).raw, DATASET_ID, name, cases, dataset_labels(), unknown=unknown)
-    plan_and_preprocess(nnunet, DATASET_ID, replace(spec.cpu, da_workers=1))
-    results = train(nnunet, DATASET_ID, spec.cpu)
+    start = None
+    if spec.from_model is None:
+        plan_and_preprocess(nnunet, DATASET_ID, replace(spec.cpu, da_workers=1))
+    else:
+        start = _preprocess_like(spec.from_model, nnunet, name, spec.cpu)
+    results = train(nnunet, DATASET_ID, spec.cpu, start_from=start)
     manifest = ModelManifest(
         name=f"rtseg-partial-{arm}",
         version="0.0.0",
@@ -161,6 +171,22 @@ def train_partial_arm(arm: str, cohort: Path, work: Path, spec: PartialSpec) -> 
     out = export_model(results, model, manifest)
     shutil.rmtree(nnunet)
     return out
+
+
+def _preprocess_like(model: Path, nnunet: Path, name: str, cpu: CpuConfig) -> Path:
+    """Preprocess with ``model``'s plans and fingerprint (renamed to this dataset); its checkpoint."""
+    from rtseg.model.dataset import dataset_folder_name
+    from rtseg.model.rounds import preprocess_with_plans
+
+    load_manifest(model)  # a model folder is code until proven otherwise: its plans are checked
+    plans = json.loads((model / "plans.json").read_text())
+    plans["dataset_name"] = dataset_folder_name(DATASET_ID, name)
+    fingerprint = json.loads((model / "dataset_fingerprint.json").read_text())
+    preprocess_with_plans(nnunet, DATASET_ID, plans, fingerprint, replace(cpu, da_workers=1))
+    folder = nnunet_dirs(nnunet).preprocessed / plans["dataset_name"]
+    (folder / f"{PLANS_IDENTIFIER}.json").write_text(json.dumps(plans, indent=1))
+    (folder / "dataset_fingerprint.json").write_text(json.dumps(fingerprint, indent=1))
+    return model / "fold_all" / "checkpoint_final.pth"
 
 
 def score_arm(model: Path, test_dir: Path) -> dict[str, float]:
@@ -203,12 +229,24 @@ def run(work: Path, spec: PartialSpec) -> dict[str, dict[str, float]]:
         models = dict(zip(ARMS, trained, strict=True))
     filled = work / "cohort-filled"
     if not (work / PSEUDO / "model" / MANIFEST_NAME).is_file():
-        fill_cohort(partial, filled, models["ignore"])
+        fill_cohort(partial, filled, spec.from_model or models["ignore"])
     models[PSEUDO] = train_partial_arm(PSEUDO, filled, work, spec)
     scores = {arm: score_arm(model, test) for arm, model in models.items()}
     (work / "scores.json").write_text(json.dumps(scores, indent=1) + "\n")
     (work / "table.md").write_text(table(scores) + "\n")
     return scores
+
+
+def from_model_spec(spec: PartialSpec, model: Path) -> PartialSpec:
+    """``spec`` fine-tuning from ``model`` (the default model's CPU configuration and spacing).
+
+    Cases at matrix 128 (about 2 mm in-plane, finer than the model's 3 mm); 4 epochs of 25
+    iterations at lr 5e-4 from the model's weights, one thread per arm.
+    """
+    from rtseg.model.default import STAGE1
+
+    cpu = replace(STAGE1, epochs=4, iterations_per_epoch=25, val_iterations_per_epoch=1, learning_rate=5e-4)
+    return replace(spec, matrix=128, from_model=model, cpu=replace(cpu, da_workers=0, threads=1, seed=0))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -217,10 +255,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--work", type=Path, required=True, help="work folder (resumable)")
     parser.add_argument("--train-cases", type=int, default=PartialSpec.train_cases)
-    parser.add_argument("--epochs", type=int, default=PartialSpec.cpu.epochs)
+    parser.add_argument("--epochs", type=int, help="epochs per arm (14; 4 with --from-model)")
+    parser.add_argument("--from-model", type=Path, help="fine-tune every arm from this model folder")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    spec = PartialSpec(train_cases=args.train_cases, cpu=replace(PartialSpec.cpu, epochs=args.epochs))
+    spec = PartialSpec(train_cases=args.train_cases)
+    if args.from_model is not None:
+        spec = from_model_spec(spec, args.from_model)
+    if args.epochs:
+        spec = replace(spec, cpu=replace(spec.cpu, epochs=args.epochs))
     print(table(run(args.work, spec)))
     return 0
 
