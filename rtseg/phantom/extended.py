@@ -106,9 +106,10 @@ class _Slab(_Builder):
     def spine_to(self, lowest_t: float) -> None:
         """The plain phantom's spine, labelled body, above ``lowest_t`` only (the sacrum below)."""
         t = self.coords.z / self.half_length
+        above: Mask = t > lowest_t
         parts = list(self._spine_parts)
         for i in (0, 2, 4, 6):  # vertebral bodies, discs, arches and canal end at the sacrum
-            parts[i] = parts[i] & (t > lowest_t)
+            parts[i] = np.logical_and(parts[i], above)
         self._spine_parts = tuple(parts)  # type: ignore[assignment]
         self.paint_spine()
 
@@ -282,7 +283,8 @@ class _Thorax(_Slab):
         w, h = self.width, self.half_length
         t_clav = 1.5 + 0.25 * np.abs(u) ** 2
         half = (1.5 + 0.18 * self.age) / h  # in half-lengths
-        clavicle = (np.abs(t - t_clav) < half * 1.6) & (np.abs(u) > 0.06) & (np.abs(v + 0.6 + 0.35 * u**2) < 0.12)
+        front = np.abs(v + 0.6 + 0.35 * u**2) < 0.12  # the clavicles curve back laterally
+        clavicle = (np.abs(t - t_clav) < half * 1.6) & (np.abs(u) > 0.06) & front
         depth = np.where(clavicle, half * h * 1.6 - np.abs(t - t_clav) * h, -1.0)
         self.paint_bone(depth.astype(np.float32))
         plate = (t > 1.05) & (t < 1.55) & (np.abs(u) > 0.3) & (np.abs(u) < 0.85)
