@@ -342,6 +342,7 @@ def test_coverage_cuts_the_long_scan_to_the_pelvis_or_the_thorax(cases: dict[str
 def test_coverage_is_an_option_of_its_own_not_in_the_clinical_preset() -> None:
     assert Realism.parse("metal,coverage=long") == Realism(metal=1.0, coverage="long")
     assert Realism.parse("coverage=pelvis").tag == "pelvisscan"
-    assert Realism.clinical().coverage is None and Realism.clinical(partial_volume=False).tag == "clinical-nopv"
+    assert Realism.clinical().coverage is None
+    assert Realism.clinical(partial_volume=False).tag == "clinical-nopv"  # the default model's cases
     with pytest.raises(InputError, match="unknown realism option 'coverage=legs'.*coverage=long"):
         Realism.parse("coverage=legs")
