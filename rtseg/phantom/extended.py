@@ -193,14 +193,13 @@ class _Pelvis(_Slab):
 
     def sacrum(self) -> None:
         """A wedge between the wings, tilted back, narrowing to the coccyx."""
-        u, v, t = self.u, self.v, self.t
+        v, t = self.v, self.t
         s = np.clip((-1.1 - t) / 0.75, 0.0, 1.0)  # 0 at the top (S1), 1 at the tip
         half_x = (0.3 - 0.22 * s) * self.width
         yc = (0.6 + 0.12 * s) * self.depth
         half_y = (0.12 - 0.05 * s) * self.depth
         depth = np.minimum(half_x - np.abs(self.coords.x), half_y - np.abs(self.coords.y - yc))
         self.paint_bone(np.where((t < -1.1) & (t > -1.85) & (v > 0.2), depth, -1.0).astype(np.float32))
-        del u
 
     def hips(self) -> None:
         """Femoral heads in the acetabula, necks to the trochanters, shafts; pubis and ischia."""
@@ -280,7 +279,7 @@ class _Thorax(_Slab):
     def shoulders(self) -> None:
         """Clavicles (sternum to acromion, anterior) and scapulae (plates behind the ribs)."""
         u, v, t = self.u, self.v, self.t
-        w, h = self.width, self.half_length
+        h = self.half_length
         t_clav = 1.5 + 0.25 * np.abs(u) ** 2
         half = (1.5 + 0.18 * self.age) / h  # in half-lengths
         front = np.abs(v + 0.6 + 0.35 * u**2) < 0.12  # the clavicles curve back laterally
@@ -290,4 +289,3 @@ class _Thorax(_Slab):
         plate = (t > 1.05) & (t < 1.55) & (np.abs(u) > 0.3) & (np.abs(u) < 0.85)
         scap = np.abs(v - (0.78 - 0.1 * np.abs(u))) * self.depth
         self.paint_bone(np.where(plate, 1.2 + 0.12 * self.age - scap, -1.0).astype(np.float32))
-        del w
