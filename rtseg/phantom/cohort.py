@@ -25,6 +25,7 @@ from scipy.ndimage import gaussian_filter, gaussian_filter1d
 from rtseg.errors import InputError
 from rtseg.phantom.anatomy import Body, Patient, build_body, draw_patient
 from rtseg.phantom.dicom_io import POSITION_AXES, SeriesSpec, write_ct_series
+from rtseg.phantom.extended import THORAX_CUT_T, extend_body, extended_grid, extent
 from rtseg.phantom.realism import Effects, Realism, breathing, correlated_noise, metal_streaks
 from rtseg.phantom.shapes import Grid, smooth_noise
 from rtseg.structures import STRUCTURES
@@ -235,9 +236,12 @@ def _make_realistic(
     fov_centre_y = float(rng.uniform(-0.08, 0.08) * patient.depth)
     origin = (-(matrix - 1) / 2 * pixel, fov_centre_y - (matrix - 1) / 2 * pixel, -patient.half_length)
     grid = Grid((n_slices, matrix, matrix), (thickness, pixel, pixel), origin)
-    body = build_body(patient, grid, couch=couch, effects=fx)
+    body = _build(patient, grid, 0.0, couch, fx)
     if fx.partial_volume:
         body.hu = _partial_volume(body, patient, grid, couch, fx)
+    plain_grid = grid
+    if fx.coverage:  # the pelvis and upper thorax slabs were added below and above
+        grid = extended_grid(patient, grid)
     if fx.motion:  # the dome of the diaphragm sits about 0.4 half-lengths above the hila
         body.hu = breathing(body.hu, grid.axis(0), 0.4 * patient.half_length, fx_rng)
     if body.metal is not None:
@@ -247,6 +251,8 @@ def _make_realistic(
     body.hu = _scanner(body.hu, grid, spec, noise_sd, rng, texture)
     if fx.arms_down or fx.truncation:  # the body reaches past the reconstruction circle: not imaged there
         body.labels[:, _outside_circle(matrix)] = 0
+    if fx.coverage in ("pelvis", "thorax"):
+        grid, body = _region_only(fx.coverage, patient, plain_grid, grid, body)
     if fx.short_scan:
         grid, body = _shorter(grid, body, fx_rng)
     body.notes["realism"] = fx.active
@@ -266,12 +272,27 @@ def _partial_volume(
     total, count = body.hu.astype(np.float64), 1
     inside = max(int((body.labels > 0).sum()), 1)
     for offset in (-1.0 / 3.0, 1.0 / 3.0):
-        shifted = build_body(patient, grid, z_offset=offset, couch=couch, effects=sub)
+        shifted = _build(patient, grid, offset, couch, sub)
         if (shifted.labels != body.labels).sum() / inside < 0.05:
             total += shifted.hu
             count += 1
     body.notes["partial_volume_subslices"] = count
     return (total / count).astype(np.float32)
+
+
+def _build(patient: Patient, grid: Grid, z_offset: float, couch: bool, fx: Effects) -> Body:
+    """The anatomy on ``grid``, with the pelvis and upper thorax beyond it when a coverage is asked."""
+    body = build_body(patient, grid, z_offset=z_offset, couch=couch, effects=fx)
+    return extend_body(body, patient, grid, z_offset, couch, fx) if fx.coverage else body
+
+
+def _region_only(which: str, patient: Patient, plain: Grid, grid: Grid, body: Body) -> tuple[Grid, Body]:
+    """The long scan cut to the pelvis (below the plain phantom) or the thorax (above the domes)."""
+    below = extent(patient, plain).below
+    if which == "pelvis":
+        return _cut(grid, body, 0, below)
+    first = below + int(np.ceil((THORAX_CUT_T + 1.0) * patient.half_length / plain.spacing[0]))
+    return _cut(grid, body, first, grid.shape[0] - first)
 
 
 def _outside_circle(n: int) -> npt.NDArray[np.bool_]:
@@ -285,6 +306,11 @@ def _shorter(grid: Grid, body: Body, rng: np.random.Generator) -> tuple[Grid, Bo
     n = grid.shape[0]
     keep = max(int(round(n * float(rng.uniform(0.5, 0.8)))), 2)
     first = int(rng.integers(0, n - keep + 1))
+    return _cut(grid, body, first, keep)
+
+
+def _cut(grid: Grid, body: Body, first: int, keep: int) -> tuple[Grid, Body]:
+    """Slices ``first`` to ``first + keep`` of a case, with their grid."""
     cut = slice(first, first + keep)
     origin = (grid.origin[0], grid.origin[1], grid.origin[2] + first * grid.spacing[0])
     short = Grid((keep, grid.shape[1], grid.shape[2]), grid.spacing, origin)

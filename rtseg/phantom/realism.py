@@ -33,6 +33,10 @@ PHASES = ("nc", "art", "pv")
 
 _SHARES = ("arms_down", "truncation", "metal", "motion", "short_scan")
 _ALWAYS = ("noise_texture", "partial_volume", "bowel")
+# Scan ranges beyond the upper abdomen (not a share: the clinical preset, and the default model's
+# training cases with it, stay as they were): thorax apex to below the femoral heads, or cut
+# from that long scan, the pelvis or the thorax alone.
+COVERAGES = ("long", "pelvis", "thorax")
 
 
 @dataclass(frozen=True)
@@ -48,12 +52,15 @@ class Effects:
     partial_volume: bool = False
     bowel: bool = False
     phase: str | None = None
+    coverage: str | None = None
 
     @property
     def active(self) -> list[str]:
         """Names of the effects switched on (for case.json)."""
-        names = [f.name for f in fields(self) if f.name != "phase" and getattr(self, f.name)]
-        return names + ([f"phase={self.phase}"] if self.phase else [])
+        named = ("phase", "coverage")
+        names = [f.name for f in fields(self) if f.name not in named and getattr(self, f.name)]
+        names += [f"phase={self.phase}"] if self.phase else []
+        return names + ([f"coverage={self.coverage}"] if self.coverage else [])
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,11 @@ class Realism:
     phase
         Contrast phase forced on every case (``nc``, ``art``, ``pv``); None
         keeps each center's mix.
+    coverage
+        Scan range forced on every case beyond the upper abdomen: ``long``
+        (thorax apex to below the femoral heads), ``pelvis`` or ``thorax``
+        (that long scan cut to the pelvis below the iliac crest, or to the
+        thorax above the diaphragm); None: the upper abdomen.
     """
 
     arms_down: float = 0.0
@@ -90,6 +102,7 @@ class Realism:
     partial_volume: bool = False
     bowel: bool = False
     phase: str | None = None
+    coverage: str | None = None
 
     @classmethod
     def clinical(cls, partial_volume: bool = True) -> Realism:
@@ -102,7 +115,8 @@ class Realism:
 
     @classmethod
     def parse(cls, text: str) -> Realism:
-        """``none``, ``clinical`` or a comma list of option names (each on in every case), ``phase=art``."""
+        """``none``, ``clinical`` or a comma list of option names (each on in every case), ``phase=art``,
+        ``coverage=long``."""
         if text in ("none", ""):
             return cls()
         if text == "clinical":
@@ -112,10 +126,12 @@ class Realism:
             name, _, value = item.partition("=")
             if name == "phase" and value in PHASES:
                 values["phase"] = value
+            elif name == "coverage" and value in COVERAGES:
+                values["coverage"] = value
             elif name in _SHARES or name in _ALWAYS:
                 values[name] = 1.0 if name in _SHARES else True
             else:
-                known = ", ".join((*_SHARES, *_ALWAYS, "phase=nc|art|pv"))
+                known = ", ".join((*_SHARES, *_ALWAYS, "phase=nc|art|pv", "coverage=long|pelvis|thorax"))
                 raise InputError(
                     f"unknown realism option {item!r}: use none, clinical or a comma list of {known}"
                 )
@@ -136,12 +152,14 @@ class Realism:
         if self == Realism.clinical(partial_volume=False):
             return "clinical-nopv"
         on = [n for n in (*_SHARES, *_ALWAYS) if getattr(self, n)]
-        return "-".join(on + ([self.phase] if self.phase else []))
+        on += [self.phase] if self.phase else []
+        return "-".join(on + ([f"{self.coverage}scan"] if self.coverage else []))
 
     def draw(self, rng: np.random.Generator) -> Effects:
         """The effects of one case: each share drawn once, always in the same order."""
         drawn = {name: bool(rng.random() < getattr(self, name)) for name in _SHARES}
-        return Effects(**drawn, **{n: getattr(self, n) for n in _ALWAYS}, phase=self.phase)
+        always = {n: getattr(self, n) for n in _ALWAYS}
+        return Effects(**drawn, **always, phase=self.phase, coverage=self.coverage)
 
 
 # ---- noise texture ---------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from rtseg.model.default import default_model_dir
 from rtseg.model.manifest import load_manifest
 from rtseg.model.segmenter import NnunetSegmenter, Segmentation
 from rtseg.phantom.cohort import write_case
+from rtseg.phantom.realism import Realism
 from rtseg.pipeline import drop_impossible, segment_series
 from rtseg.region import REGIONS, check_region, order_flags
 from rtseg.structures import BY_NAME
@@ -80,6 +81,32 @@ def test_a_whole_phantom_covers_the_upper_abdomen_but_its_top_or_bottom_third_do
     for refused in (top.value, bottom.value):
         assert "does not show the model's region, the upper abdomen" in str(refused)
         assert "0 mm at the level of its organs (at least 15 mm needed" in str(refused)
+
+
+@pytest.mark.parametrize(("center", "seed"), [("B", 5), ("A", 3)])
+def test_pelvis_only_and_thorax_only_phantoms_are_refused_the_long_scan_is_accepted(
+    center: str, seed: int, tmp_path: Path
+) -> None:
+    """Issue 16, point 2: scans of the pelvis or the thorax alone, cut from one thorax-to-pelvis case.
+
+    Before: the pelvis of B seed 5 (15.6 y) was accepted: the thick ring of hip and thigh muscle
+    below the femoral heads was taken for a solid organ on 5 slices (15 mm).
+    """
+    volumes = {}
+    for coverage in ("long", "pelvis", "thorax"):
+        info = write_case(center, seed, 0, tmp_path, matrix=64, realism=Realism(coverage=coverage))
+        volumes[coverage] = load_series(tmp_path / info.case_id / "ct")
+    check_region(volumes["long"], RULE)  # thorax apex to below the femoral heads: it shows the upper abdomen
+    with pytest.raises(RegionError) as pelvis:
+        check_region(volumes["pelvis"], RULE)
+    with pytest.raises(RegionError) as thorax:
+        check_region(volumes["thorax"], RULE)
+    n_pelvis, n_thorax = volumes["pelvis"].shape[0], volumes["thorax"].shape[0]
+    assert "0 mm at the level of its organs (at least 15 mm needed" in str(pelvis.value)
+    assert f"of {n_pelvis} slices, 0 are mostly lung (thorax)" in str(pelvis.value)
+    assert "0 mm at the level of its organs (at least 15 mm needed" in str(thorax.value)
+    found = re.search(rf"of {n_thorax} slices, (\d+) are mostly lung \(thorax\)", str(thorax.value))
+    assert found and int(found.group(1)) > 0.6 * n_thorax, str(thorax.value)
 
 
 def test_the_default_model_declares_its_region() -> None:

@@ -17,6 +17,7 @@ from rtseg.cases import load_case
 from rtseg.errors import InputError
 from rtseg.phantom.anatomy import build_body
 from rtseg.phantom.cohort import make_case
+from rtseg.phantom.extended import extend_body, extent
 from rtseg.phantom.realism import Effects, Realism, correlated_noise, radial_nps
 from rtseg.structures import BY_NAME
 
@@ -283,3 +284,65 @@ def test_realism_report_without_real_ct_draws_the_phantoms(
     assert set(metrics) == {"phantom (plain)", "phantom (clinical)"}
     for name in ("montage.png", "histograms.png", "nps.png", "effects.png"):
         assert _is_small_png(tmp_path / "out" / name), name
+
+
+@pytest.fixture(scope="module")
+def long_body(cases: dict[str, Any]) -> dict[str, Any]:
+    """Case A/3/0 noise-free, plain and with the pelvis and upper thorax (``coverage=long``)."""
+    patient, grid, _, _ = cases["none"]
+    fx = Effects(coverage="long")
+    plain = build_body(patient, grid)
+    long = extend_body(build_body(patient, grid, effects=fx), patient, grid, 0.0, False, fx)
+    return {"patient": patient, "grid": grid, "plain": plain, "long": long, "extent": extent(patient, grid)}
+
+
+def test_long_scan_keeps_every_abdominal_label_and_adds_only_lungs_beyond(long_body: dict[str, Any]) -> None:
+    plain, long, e = long_body["plain"], long_body["long"], long_body["extent"]
+    n = plain.labels.shape[0]
+    assert long.labels.shape[0] == e.below + n + e.above and e.below > 0 and e.above > 0
+    assert np.array_equal(long.labels[e.below : e.below + n], plain.labels)  # the abdomen is the same case
+    assert np.array_equal(long.hu[e.below : e.below + n], plain.hu)
+    pelvis, thorax = long.labels[: e.below], long.labels[e.below + n :]
+    assert set(np.unique(pelvis)) == {0, 1}  # pelvic organs and bones are body
+    lungs = {BY_NAME["Lung_L"].label, BY_NAME["Lung_R"].label}
+    assert lungs <= set(np.unique(thorax)) <= {0, 1, BY_NAME["Heart"].label} | lungs
+    per_slice = np.isin(thorax, list(lungs)).sum(axis=(1, 2))
+    top = int(np.flatnonzero(per_slice)[-1])
+    assert per_slice[0] > per_slice[top // 2] > per_slice[top] > 0  # the lungs narrow to their apices
+    assert per_slice[top] < 0.2 * per_slice[0] and top < len(per_slice) - 1  # which the scan shows
+
+
+def test_long_scan_pelvis_has_bone_bladder_and_rectum_in_plausible_hu(long_body: dict[str, Any]) -> None:
+    patient, grid, long, e = long_body["patient"], long_body["grid"], long_body["long"], long_body["extent"]
+    hu, body = long.hu[: e.below], long.labels[: e.below] > 0
+    bone = body & (hu > 300)
+    assert 0.02 < bone.sum() / body.sum() < 0.15
+    assert hu[bone].max() == patient.tissue("cortical")  # cortical shells, cancellous inside
+    assert (hu[body] == patient.tissue("cancellous")).any()
+    urine_ml = (hu[body] == patient.tissue("water")).sum() * float(np.prod(grid.spacing)) / 1000.0
+    assert 0.4 * long.notes["coverage"]["bladder_ml"] < urine_ml <= long.notes["coverage"]["bladder_ml"]
+    # femoral heads: bone on both sides at their level, none in the midline there
+    k = int(round((long.notes["coverage"]["femoral_head_z_mm"] + patient.half_length) / grid.spacing[0]))
+    row = (hu[e.below + k] > 300).any(axis=0)
+    x = grid.axis(2)
+    assert row[x < -0.4 * patient.width].any() and row[x > 0.4 * patient.width].any()
+
+
+def test_coverage_cuts_the_long_scan_to_the_pelvis_or_the_thorax(cases: dict[str, Any]) -> None:
+    patient, grid0, plain, _ = cases["none"]
+    _, pgrid, pelvis, _ = cases["coverage=pelvis"]
+    _, tgrid, thorax, _ = cases["coverage=thorax"]
+    top_of_pelvis = pgrid.origin[2] + (pgrid.shape[0] - 1) * pgrid.spacing[0]
+    assert top_of_pelvis < grid0.origin[2] and set(np.unique(pelvis.labels)) == {0, 1}
+    assert tgrid.origin[2] > 0.45 * patient.half_length  # above the diaphragm domes
+    assert not np.isin(thorax.labels, [BY_NAME[n].label for n in ("Liver", "Spleen", "Stomach")]).any()
+    assert pelvis.notes["realism"] == ["coverage=pelvis"]
+
+
+def test_coverage_is_an_option_of_its_own_not_in_the_clinical_preset() -> None:
+    assert Realism.parse("metal,coverage=long") == Realism(metal=1.0, coverage="long")
+    assert Realism.parse("coverage=pelvis").tag == "pelvisscan"
+    assert Realism.clinical().coverage is None
+    assert Realism.clinical(partial_volume=False).tag == "clinical-nopv"  # the default model's cases
+    with pytest.raises(InputError, match="unknown realism option 'coverage=legs'.*coverage=long"):
+        Realism.parse("coverage=legs")
