@@ -43,6 +43,7 @@ from rtseg.cases import (
     iter_cases,
     unknown_structures,
 )
+from rtseg.errors import RtsegError
 from rtseg.model.children import nnunet_dirs
 from rtseg.model.cpu import PLANS_IDENTIFIER, CpuConfig
 from rtseg.model.dataset import write_raw_dataset
@@ -261,6 +262,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     spec = PartialSpec(train_cases=args.train_cases)
     if args.from_model is not None:
+        try:
+            load_manifest(args.from_model)  # before the cohort: a folder that is no model is refused first
+        except RtsegError as exc:
+            print(f"error: {args.from_model}: {exc}", file=sys.stderr)
+            return 2
         spec = from_model_spec(spec, args.from_model)
     if args.epochs:
         spec = replace(spec, cpu=replace(spec.cpu, epochs=args.epochs))

@@ -82,3 +82,18 @@ def test_partial_labels_is_a_site_setting_with_two_values(tmp_path: Path) -> Non
         SiteSettings.from_mapping({**table, "partial_labels": "zero"}, "site.toml")
     with pytest.raises(FederationError, match="partial-labels must be ignore or background, got 'zero'"):
         Site.from_node_config({"site-id": "s", "data-dir": "d", "work-dir": "w", "partial-labels": "zero"})
+
+
+def test_partial_study_refuses_a_start_folder_that_is_no_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--from-model`` is checked before any cohort is generated: one line, exit 2, nothing written."""
+    from rtseg.study.partial import main
+
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    work = tmp_path / "work"
+    assert main(["--work", str(work), "--from-model", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {empty}: ") and len(err.strip().splitlines()) == 1
+    assert not work.exists()
