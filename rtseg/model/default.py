@@ -368,7 +368,9 @@ def train_default(
     assert results is not None  # _start_checkpoint leaves at least one stage to run
     if recipe.average_last is not None:
         say(f"final weights: {recipe.average_last} × the last stage's + the rest × the stage before it")
-        average_weights(before_last, start, recipe.average_last, results / "fold_all" / "checkpoint_final.pth")
+        average_weights(
+            before_last, start, recipe.average_last, results / "fold_all" / "checkpoint_final.pth"
+        )
     return export_default(results, out_dir, recipe, started_from)
 
 
@@ -386,7 +388,9 @@ def average_weights(previous: Path, last: Path, weight: float, target: Path) -> 
     new = load_checkpoint(last)
     mixed = new["network_weights"]
     if set(old) != set(mixed) or any(old[k].shape != mixed[k].shape for k in mixed):
-        raise ModelError("the two checkpoints are not of one network (keys or shapes differ)", source=str(previous))
+        raise ModelError(
+            "the two checkpoints are not of one network (keys or shapes differ)", source=str(previous)
+        )
     done: dict[tuple[int, int], Any] = {}  # nnU-Net's state dict names some tensors twice (the decoder
     for key, value in mixed.items():  # holds the encoder): one result per storage keeps the file small
         if value.is_floating_point():

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from rtseg.cases import load_case
+from rtseg.errors import InputError, ModelError
 from rtseg.metrics import dice
 from rtseg.model.cpu import CpuConfig
 from rtseg.model.default import (
@@ -27,7 +28,6 @@ from rtseg.model.default import (
     build_default,
     default_model_dir,
 )
-from rtseg.errors import InputError, ModelError
 from rtseg.model.manifest import load_manifest
 from rtseg.model.segmenter import NnunetSegmenter
 from rtseg.phantom.cohort import write_case
