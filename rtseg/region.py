@@ -22,6 +22,7 @@ structures in the wrong cranio-caudal order (a liver above the heart).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -240,3 +241,227 @@ def _centre_z(volume: CTVolume, per_slice: npt.NDArray[np.intp]) -> float | None
         return None
     k = float(np.dot(np.arange(per_slice.size), per_slice)) / total
     return float((volume.affine @ np.array([0.0, 0.0, k, 1.0]))[2])
+
+
+# -- one organ, one piece, at its level ----------------------------------------------------------
+
+# Organs that are one piece in every patient (not tubes, bowel or bone, which a scan shows in pieces;
+# not the lungs: a model that misses a thin bridge of a lung base leaves a true piece apart, and lung
+# drawn where there is no lung air is dropped whole by :func:`impossible_structures`).
+UNDER_LIVER = ("Spleen", "Kidney_L", "Kidney_R", "Pancreas", "Gallbladder", "Stomach")
+ONE_PIECE = ("Liver", *UNDER_LIVER, "Heart")
+MIN_PIECE_ML = 1.0  # smaller pieces are noise, not a second organ (specks under 0.2 ml are gone already)
+# the stomach's gas and folds part off small true pieces (2-3 ml in phantoms' reference labels)
+MIN_PIECE_ML_OF = {"Stomach": 5.0}
+APART_MM = 20.0  # a piece this far from the organ's main part is not the organ (nearer: a fragment of it)
+DISTANCE_MM = 3.0  # grid of the distance measure, about the default model's own in-plane spacing
+LUNG_BASE_MM = 40.0  # the liver's top lies under the diaphragm: at most this far below the lung bases
+BELOW_LIVER = 0.75  # the other organs' centres lie at most this share of the liver's height below it
+ABOVE_LIVER_MM = 20.0  # ... and never above its dome
+MIN_LIVER_MM = 60.0  # the liver's height used when the scan shows less of it (a 1-year-old's is ~70 mm)
+
+
+_Boxes = list[tuple[slice, slice, slice] | None]  # ndimage.find_objects: label n's box at n - 1
+
+
+@dataclass(frozen=True)
+class _Pieces:
+    """The connected pieces of one structure, in the box that holds them (piece ``n`` is ``n - 1`` here)."""
+
+    labelled: npt.NDArray[np.int32]
+    box: tuple[slice, slice, slice]
+    voxels: npt.NDArray[np.intp]
+    bottom: npt.NDArray[np.float64]  # patient z (superior +) of each piece's lowest slice
+    centre: npt.NDArray[np.float64]
+    top: npt.NDArray[np.float64]
+    cut_below: npt.NDArray[np.bool_]  # on the scan's most inferior slice: its lower end is not seen
+    cut_above: npt.NDArray[np.bool_]
+
+
+def settle_organs(
+    volume: CTVolume, labels: npt.NDArray[np.uint8], label_of: dict[str, int]
+) -> tuple[npt.NDArray[np.uint8], dict[str, tuple[str, ...]]]:
+    """Keep each one-piece organ's part at its level; remove pieces far from it; flag the rest.
+
+    A model that learnt the upper abdomen draws "livers" and "kidneys" in the pelvis and the upper
+    thorax of a long scan, apart from the real ones and sometimes larger. The level is read from
+    the image's own anatomy (never an atlas): the liver's top lies under the lung bases, the heart's
+    centre above them, and the other upper abdominal organs between the liver's dome and a little
+    below its lower edge (scaled by the liver's height: a 1-year-old and an adult alike). Each
+    organ's main part is its largest piece at that level (its largest piece, flagged, when none
+    is); pieces more than :data:`APART_MM` from the main part are removed (they become body).
+    Returns the new label map and, per structure, what a reviewer should read.
+    """
+    z = np.array([volume.slice_z(k)[2] for k in range(labels.shape[0])])
+    boxes = ndimage.find_objects(labels)  # one pass: each label's box (removals only shrink them)
+    base = _lung_base(labels, label_of, boxes, z)
+    body = label_of.get(EXTERNAL, 0)
+    out = labels.copy()
+    notes: dict[str, tuple[str, ...]] = {}
+    liver = None
+    for name in ONE_PIECE:
+        pieces = _pieces(out, label_of.get(name), boxes, z)
+        if pieces is None:
+            continue
+        allowed, why = _level(name, pieces, base, liver)
+        main = _main(pieces, allowed)
+        said = [] if allowed[main - 1] else [why(main)]
+        far = _far(pieces, main, volume, MIN_PIECE_ML_OF.get(name, MIN_PIECE_ML))
+        if far:
+            region = out[pieces.box]
+            gone = np.zeros(pieces.voxels.size + 1, bool)
+            gone[[n for n, _ in far]] = True
+            region[gone[pieces.labelled]] = body
+            said.append(_removed(pieces, far, volume))
+        if name == "Liver":
+            liver = _Liver(pieces, main - 1)
+        if said:
+            notes[name] = tuple(said)
+    return out, notes
+
+
+@dataclass(frozen=True)
+class _Liver:
+    """The liver's main part: the level the other upper abdominal organs are judged by."""
+
+    pieces: _Pieces
+    index: int  # of the main part in ``pieces``
+
+    def band(self) -> tuple[float, float, float]:
+        """(lowest, highest centre allowed, the liver's height used)."""
+        p, i = self.pieces, self.index
+        height = max(float(p.top[i] - p.bottom[i]), MIN_LIVER_MM)
+        lowest = -np.inf if p.cut_below[i] else float(p.bottom[i]) - BELOW_LIVER * height
+        highest = np.inf if p.cut_above[i] else float(p.top[i]) + ABOVE_LIVER_MM
+        return lowest, highest, height
+
+    def off_level(self, centre: float) -> str:
+        """What to say about an organ whose centre lies outside :meth:`band`."""
+        lowest, _, height = self.band()
+        bottom, top = float(self.pieces.bottom[self.index]), float(self.pieces.top[self.index])
+        if centre < lowest:
+            where = (
+                f"{bottom - centre:.0f} mm below the liver's lower edge (at most "
+                f"{BELOW_LIVER * height:.0f} mm expected): check whether it is in the pelvis"
+            )
+        else:
+            where = f"{centre - top:.0f} mm above the liver's dome: check whether it is in the thorax"
+        return f"no part of it lies at the liver's level: its centre lies {where}"
+
+
+def _level(
+    name: str, pieces: _Pieces, base: float | None, liver: _Liver | None
+) -> tuple[npt.NDArray[np.bool_], Callable[[int], str]]:
+    """Which pieces lie where ``name`` can be, and what to say when the main part (1-based) does not."""
+    if name == "Liver" and base is not None:
+        return pieces.top >= base - LUNG_BASE_MM, lambda n: _under_diaphragm(base - pieces.top[n - 1])
+    if name == "Heart" and base is not None:
+        return (
+            pieces.centre > base,
+            lambda n: (
+                f"its centre lies {base - pieces.centre[n - 1]:.0f} mm below the lung bases: "
+                "the heart lies above them"
+            ),
+        )
+    if name in UNDER_LIVER and liver is not None:
+        lowest, highest, height = liver.band()
+        allowed = (pieces.centre >= lowest) & (pieces.centre <= highest)
+        return allowed, lambda n: liver.off_level(float(pieces.centre[n - 1]))
+    return np.ones(pieces.voxels.size, bool), lambda n: ""
+
+
+def _under_diaphragm(gap: float) -> str:
+    return (
+        f"no part of it reaches up to the lung bases (its top lies {gap:.0f} mm below them; the liver "
+        "lies under the diaphragm): check whether it is in the pelvis"
+    )
+
+
+def _main(pieces: _Pieces, allowed: npt.NDArray[np.bool_]) -> int:
+    """The main part: the largest allowed piece, else the largest (1-based, as in ``labelled``)."""
+    sizes = np.where(allowed, pieces.voxels, -1) if allowed.any() else pieces.voxels
+    return 1 + int(np.argmax(sizes))
+
+
+def _far(pieces: _Pieces, main: int, volume: CTVolume, min_ml: float) -> list[tuple[int, float]]:
+    """(piece, distance mm) of pieces of at least ``min_ml`` over :data:`APART_MM` from ``main``.
+
+    A piece on the same end of the scan as the main part may join it outside the scan (the lung
+    bases at the top of an abdominal scan, parted by the liver's dome): never far.
+    """
+    big = np.flatnonzero(pieces.voxels * volume.voxel_volume_ml >= min_ml) + 1
+    big = big[big != main]
+    if big.size == 0:
+        return []
+    dz, dy, dx = volume.spacing
+    step = max(1, int(DISTANCE_MM // min(dy, dx)))
+    coarse = pieces.labelled[:, ::step, ::step]
+    away = ndimage.distance_transform_edt(coarse != main, sampling=(dz, dy * step, dx * step))
+    m = main - 1
+    out = []
+    for n in big:
+        if (pieces.cut_below[n - 1] and pieces.cut_below[m]) or (
+            pieces.cut_above[n - 1] and pieces.cut_above[m]
+        ):
+            continue
+        at = coarse == n
+        # a piece thinner than the coarse grid: its nearest coarse cell will do
+        gap = float(away[at].min()) if at.any() else _nearest(pieces.labelled == n, away, step)
+        if gap > APART_MM:
+            out.append((int(n), gap))
+    return out
+
+
+def _nearest(piece: npt.NDArray[np.bool_], away: npt.NDArray[np.float64], step: int) -> float:
+    k, j, i = np.nonzero(piece)
+    return float(away[k, j // step, i // step].min())
+
+
+def _removed(pieces: _Pieces, far: list[tuple[int, float]], volume: CTVolume) -> str:
+    ml = float(sum(pieces.voxels[n - 1] for n, _ in far)) * volume.voxel_volume_ml
+    what = "a separate piece" if len(far) == 1 else f"{len(far)} separate pieces"
+    gap = min(g for _, g in far)
+    return f"{what} ({ml:.1f} ml) {gap:.0f} mm or more from its main part removed: one organ is one piece"
+
+
+def _pieces(
+    labels: npt.NDArray[np.uint8], label: int | None, boxes: _Boxes, z: npt.NDArray[np.float64]
+) -> _Pieces | None:
+    """The connected pieces of ``label`` (slices at patient ``z``), or None when there are none."""
+    box = boxes[label - 1] if label is not None and 0 < label <= len(boxes) else None
+    if box is None:
+        return None
+    labelled, n = ndimage.label(labels[box] == label)
+    if n == 0:
+        return None
+    counts = np.stack([np.bincount(s.ravel(), minlength=n + 1)[1:] for s in labelled])  # [slice, piece]
+    zs = z[box[0]]
+    present = counts > 0
+    below, above = int(np.argmin(z)) - box[0].start, int(np.argmax(z)) - box[0].start
+    edge = np.zeros(n, bool)
+    return _Pieces(
+        labelled=np.asarray(labelled, np.int32),
+        box=box,
+        voxels=counts.sum(axis=0),
+        bottom=np.array([zs[present[:, p]].min() for p in range(n)]),
+        centre=zs @ counts / counts.sum(axis=0),
+        top=np.array([zs[present[:, p]].max() for p in range(n)]),
+        cut_below=present[below] if 0 <= below < zs.size else edge,
+        cut_above=present[above] if 0 <= above < zs.size else edge,
+    )
+
+
+def _lung_base(
+    labels: npt.NDArray[np.uint8], label_of: dict[str, int], boxes: _Boxes, z: npt.NDArray[np.float64]
+) -> float | None:
+    """Patient z of the lowest slice of the lungs' main parts (None: no lungs, or the scan cuts them)."""
+    bottoms = []
+    for name in LUNGS:
+        pieces = _pieces(labels, label_of.get(name), boxes, z)
+        if pieces is None:
+            continue
+        main = int(np.argmax(pieces.voxels))
+        if pieces.cut_below[main]:
+            return None
+        bottoms.append(float(pieces.bottom[main]))
+    return min(bottoms) if bottoms else None
