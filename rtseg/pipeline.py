@@ -14,7 +14,7 @@ import numpy.typing as npt
 from rtseg.ct import load_series
 from rtseg.model.manifest import ModelManifest, model_hash
 from rtseg.model.segmenter import Segmentation, Segmenter
-from rtseg.region import check_region, impossible_structures, order_flags, region_rule
+from rtseg.region import check_region, impossible_structures, order_flags, region_rule, settle_organs
 from rtseg.rtstruct import (
     ModelIdentity,
     RTStructResult,
@@ -144,18 +144,25 @@ def _centroid(mask: npt.NDArray[np.bool_]) -> tuple[float, float, float]:
 
 
 def summarize(
-    result: RTStructResult, labels: npt.NDArray[np.uint8], volume: CTVolume
+    result: RTStructResult,
+    labels: npt.NDArray[np.uint8],
+    volume: CTVolume,
+    notes: dict[str, tuple[str, ...]] | None = None,
 ) -> tuple[StructureSummary, ...]:
+    """Per structure: volume, contours and flags; ``notes`` (from :func:`clean_segmentation`) come first."""
     lateral = any(r.name in LATERALITY for r in result.included)
     body = _centroid(labels > 0) if lateral else None
     volumes = {r.name: r.volume_ml for r in result.included}
     order = order_flags(volume, labels, {r.name: r.label for r in result.included})
+    notes = notes or {}
     return tuple(
         StructureSummary(
             r.name,
             round(r.volume_ml, 2),
             r.n_contours,
-            plausibility(r, labels, volume, body, volumes) + ((order[r.name],) if r.name in order else ()),
+            notes.get(r.name, ())
+            + plausibility(r, labels, volume, body, volumes)
+            + ((order[r.name],) if r.name in order else ()),
         )
         for r in result.included
     )
@@ -179,15 +186,35 @@ def drop_impossible(volume: CTVolume, segmentation: Segmentation) -> tuple[Segme
     return replace(segmentation, labels=labels), dropped
 
 
+def clean_segmentation(
+    volume: CTVolume, segmentation: Segmentation
+) -> tuple[Segmentation, dict[str, str], dict[str, tuple[str, ...]]]:
+    """What every output shows: impossible structures dropped, one-piece organs settled at their level.
+
+    Returns the segmentation, the dropped structures with the reason, and per structure the notes
+    of :func:`~rtseg.region.settle_organs` (pieces removed, an organ off its level).
+    """
+    segmentation, dropped = drop_impossible(volume, segmentation)
+    label_of = {s.name: s.label for s in segmentation.manifest.structures}
+    labels, notes = settle_organs(volume, segmentation.labels, label_of)
+    for name, said in notes.items():
+        for note in said:
+            log.warning("%s: %s", name, note)
+    return replace(segmentation, labels=labels), dropped, notes
+
+
 def segment_volume(
     volume: CTVolume,
     segmenter: Segmenter,
     identity: ModelIdentity,
     *,
     rtstruct_uids: tuple[str, str] | None = None,
-) -> tuple[Segmentation, RTStructResult, dict[str, str]]:
-    """Segment a loaded volume and build (not write) its RTSTRUCT; also returns the dropped structures."""
-    segmentation, dropped = drop_impossible(volume, segmenter.segment(volume))
+) -> tuple[Segmentation, RTStructResult, dict[str, str], dict[str, tuple[str, ...]]]:
+    """Segment a loaded volume and build (not write) its RTSTRUCT.
+
+    Also returns the dropped structures and the notes of :func:`clean_segmentation`.
+    """
+    segmentation, dropped, notes = clean_segmentation(volume, segmenter.segment(volume))
     series_uid, sop_uid = rtstruct_uids or (None, None)
     result = build_rtstruct(
         volume,
@@ -197,7 +224,7 @@ def segment_volume(
         series_instance_uid=series_uid,
         sop_instance_uid=sop_uid,
     )
-    return segmentation, result, dropped
+    return segmentation, result, dropped, notes
 
 
 def segment_series(
@@ -231,10 +258,12 @@ def segment_series(
         check_region(volume, rule)
     say(f"segmenting {volume.shape[0]} slices with {identity.name} {identity.version}")
     t1 = time.perf_counter()
-    segmentation, result, dropped = segment_volume(volume, segmenter, identity, rtstruct_uids=rtstruct_uids)
+    segmentation, result, dropped, notes = segment_volume(
+        volume, segmenter, identity, rtstruct_uids=rtstruct_uids
+    )
     timings["segment_s"] = segmentation.seconds
     timings["rtstruct_s"] = time.perf_counter() - t1 - segmentation.seconds
-    structures = summarize(result, segmentation.labels, volume)
+    structures = summarize(result, segmentation.labels, volume, notes)
     add_review_notes(result.dataset, {s.name: s.flags for s in structures})
     if note:
         add_description_note(result.dataset, note)

@@ -524,7 +524,7 @@ class JobRunner:
 
     def _run_dicom(self, job: Job) -> tuple[dict[str, str], dict[str, Any]]:
         from rtseg.phantom.cohort import write_label_image
-        from rtseg.pipeline import drop_impossible, segment_series
+        from rtseg.pipeline import clean_segmentation, segment_series
 
         recorder = _Recorder(self.segmenter)
         rel, out = self._out(job, "rtstruct.dcm")
@@ -547,8 +547,8 @@ class JobRunner:
         self._volume = recorder.last[0] if recorder.last is not None else None
         if (job.meta.get("write_labels") or want_seg) and recorder.last is not None:
             volume, segmentation = recorder.last
-            if outcome.dropped:  # the label map and the SEG say what the RTSTRUCT says
-                segmentation, _ = drop_impossible(volume, segmentation)
+            # the label map and the SEG say what the RTSTRUCT says
+            segmentation, _, _ = clean_segmentation(volume, segmentation)
             if job.meta.get("write_labels"):
                 labels_rel, labels_path = self._out(job, "labels.nii.gz")
                 write_label_image(segmentation.labels, volume.affine, labels_path)
@@ -578,13 +578,13 @@ class JobRunner:
 
     def _run_nifti(self, job: Job) -> tuple[dict[str, str], dict[str, Any]]:
         from rtseg.phantom.cohort import write_label_image
-        from rtseg.pipeline import drop_impossible
+        from rtseg.pipeline import clean_segmentation
 
         t0 = time.perf_counter()
         volume = load_nifti(self.data_dir / job.input_dir / "ct.nii.gz")
         load_s = time.perf_counter() - t0
         # the same drops as the DICOM path: a label map never shows what an RTSTRUCT would not
-        segmentation, dropped = drop_impossible(volume, self.segmenter.segment(volume))
+        segmentation, dropped, notes = clean_segmentation(volume, self.segmenter.segment(volume))
         rel, out = self._out(job, "labels.nii.gz")
         write_label_image(segmentation.labels, volume.affine, out)
         structures = []
@@ -596,6 +596,7 @@ class JobRunner:
         result = {
             "structures": structures,
             "dropped": [f"{name}: {reason}" for name, reason in dropped.items()],
+            "flags": [f"{name}: {note}" for name, said in notes.items() for note in said],
             "n_slices": volume.shape[0],
             "timings": {k: round(v, 3) for k, v in timings.items()},
         }

@@ -29,7 +29,7 @@ from rtseg.model.manifest import ModelManifest, default_provenance
 from rtseg.model.segmenter import NnunetSegmenter
 from rtseg.model.training import export_model, plan_and_preprocess, train
 from rtseg.phantom.cohort import generate_cohort, write_case
-from rtseg.pipeline import model_identity, segment_series
+from rtseg.pipeline import clean_segmentation, model_identity, segment_series
 from rtseg.structures import BY_NAME, STRUCTURES, dataset_labels
 
 TINY = CpuConfig(
@@ -96,9 +96,11 @@ def test_segment_cli_to_valid_rtstruct_read_back_by_plastimatch(
     errors = [line for line in dciodvfy(out) if "Error" in line]
     assert errors == []
 
-    # The RTSTRUCT holds exactly what the model predicted, read back by an independent reader.
+    # The RTSTRUCT holds exactly what the model predicted (after the clean-up every output gets:
+    # impossible structures dropped, one-piece organs settled), read back by an independent reader.
     volume = load_series(ct_dir)
-    predicted = NnunetSegmenter(tiny_model.model, threads=1).segment(volume).labels
+    segmentation = NnunetSegmenter(tiny_model.model, threads=1).segment(volume)
+    predicted = clean_segmentation(volume, segmentation)[0].labels
     ds = pydicom.dcmread(out)
     assert ds.FrameOfReferenceUID == pydicom.dcmread(next(ct_dir.iterdir())).FrameOfReferenceUID
     masks = _plastimatch(out, ct_dir, tmp_path / "pm", volume)
