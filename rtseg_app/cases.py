@@ -181,8 +181,11 @@ def _names_pacs(args: argparse.Namespace) -> int:
     site = load_site_names(args.mapping) if args.mapping else None
     qr = _client(args)
     found = qr.find_rtstructs(args.since, args.until)
-    # only the structure sets (no CT), read from a private temporary folder and removed
-    with tempfile.TemporaryDirectory(prefix="rtseg-names-") as tmp:
+    # only the structure sets (no CT; they hold patient data), read from a private folder under the
+    # data directory (never the system's temporary folder) and removed
+    scratch = load_settings(args.config).data_dir / "tmp"
+    scratch.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="names-", dir=scratch) as tmp:
         failed = []
         for n, item in enumerate(found, 1):
             got = qr.get_instance(item, Path(tmp) / f"{n:05d}")

@@ -10,6 +10,7 @@ the phantom truth.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -104,9 +105,13 @@ def pacs(tmp_path: Path, archive: dict[str, object]) -> Iterator[Orthanc]:
     orthanc.stop()
 
 
-def rtseg(*args: str) -> subprocess.CompletedProcess[str]:
+def rtseg(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "rtseg_app", "cases", *args], capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "rtseg_app", "cases", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -151,8 +156,14 @@ def test_a_pacs_archive_becomes_cases_bad_items_are_listed_and_a_rerun_adds_noth
     assert _summary(again.stdout) == {"imported": 0, "already present": 2, "skipped": 2}
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if ".rtseg-import" not in p.parts} == stamps
 
-    names = rtseg("names", "--pacs", address, "--calling-ae", CALLING)
+    # the structure sets hold patient data: read under the data directory, never the system's /tmp
+    data, system_tmp = tmp_path / "data", tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    env = {"RTSEG_DATA_DIR": str(data), "TMPDIR": str(system_tmp)}
+    names = rtseg("names", "--pacs", address, "--calling-ae", CALLING, env=env)
     assert names.returncode == 0, names.stderr
+    assert (data / "tmp").is_dir() and list((data / "tmp").iterdir()) == []  # used, then removed
+    assert list(system_tmp.iterdir()) == []
     assert "ROI names in 4 RTSTRUCT(s) from " + address in names.stdout
     for roi, target in (("Kidney Rt", "Kidney_R"), ("Niere rechts", "Kidney_R"), ("Leber", "Liver")):
         assert re.search(rf"\s{roi}\s+→ {target}\s", names.stdout), f"{roi} → {target} not listed"
