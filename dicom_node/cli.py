@@ -142,7 +142,7 @@ def _node_resegment(args: argparse.Namespace) -> int:
         return 1
     earlier = job.meta["supersedes"]
     AuditLog(data_dir / "audit" / "audit.log").record(
-        "resegment_requested", job=job.id, supersedes=earlier, series=job.series_key
+        "resegment_requested", job=job.id, supersedes=earlier, series=job.series_key, by="cli"
     )
     print(f"queued job {job.id}: resegmented on request, supersedes job {earlier}")
     return 0

@@ -16,6 +16,7 @@ from typing import Any, cast
 
 from flask import Blueprint, Response, jsonify, request, send_file, url_for
 
+from rtseg.audit import AUDIT_LOG, AuditLog
 from rtseg.errors import InputError
 from rtseg.jobs import FINAL, Job, JobError, JobState, JobStore, PageQuery, decode_cursor
 from rtseg.preview import PREVIEW_FILE, flags_by_structure, render_preview
@@ -202,6 +203,9 @@ def resegment(job_id: str) -> tuple[Response, int, dict[str, str]]:
     if ctx.store.find(job_id) is None:
         raise HttpProblem(404, "no-such-job", f"no segmentation {job_id!r} (deleted or expired?)")
     job = ctx.store.resegment(job_id, ctx.data_dir)  # JobError: 409 with the reason (problems.py)
+    AuditLog(ctx.data_dir / AUDIT_LOG).record(
+        "resegment_requested", job=job.id, supersedes=job_id, series=job.series_key, by="api"
+    )
     log.info("job %s: resegmented on request as job %s", job_id, job.id)
     location = url_for("v1.segmentations.get", job_id=job.id)
     return jsonify(summarize(ctx.store, job)), 202, {"Location": location}

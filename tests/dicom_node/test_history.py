@@ -154,7 +154,7 @@ def test_resegment_queues_a_job_that_supersedes_and_says_so(node: Any, series: P
     busy = n.rtseg("resegment", first)  # by job id: the new job is still queued
     assert busy.returncode == 1 and f"job {new.id} is queued" in busy.stdout
     (event,) = [e for e in n.audit.entries() if e["event"] == "resegment_requested"]
-    assert event["supersedes"] == first and event["job"] == new.id
+    assert event["supersedes"] == first and event["job"] == new.id and event["by"] == "cli"
 
 
 def test_resegment_of_a_series_whose_instances_are_gone_says_send_it_again(node: Any, series: Path) -> None:

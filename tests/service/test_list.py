@@ -21,7 +21,7 @@ from dicom_node.assembly import Assembler
 from dicom_node.dcmtk import require_dcmtk_tool
 from dicom_node.scp import Receiver, start_scp
 from dicom_node.spool import Spool
-from rtseg.audit import AuditLog
+from rtseg.audit import AuditLog, read_entries
 from rtseg.deliveries import DeliveryStore
 from rtseg.jobs import JobState
 from rtseg.settings import load_settings
@@ -145,6 +145,12 @@ def test_resegment_over_http_supersedes_or_says_why_not(
     assert new["reason"] == f"resegmented on request, supersedes job {first}"
     listed = {i["id"]: i for i in running.get("/v1/segmentations").json()["items"]}
     assert listed[first]["outcome"] == "superseded" and listed[first]["superseded_by"] == new["id"]
+    asked = [
+        e
+        for e in read_entries(running.data_dir / "audit" / "audit.log")
+        if e["event"] == "resegment_requested"
+    ]
+    assert [(e["job"], e["supersedes"], e["by"]) for e in asked] == [(new["id"], duplicate, "api")]
     busy = requests.post(url, headers=_auth(), timeout=30)
     assert busy.status_code == 409 and f"job {new['id']} is queued" in busy.json()["detail"]
     missing = requests.post(f"{running.url}/v1/segmentations/nope/resegment", headers=_auth(), timeout=30)
