@@ -438,10 +438,15 @@ class Assembler:
             "late_instances_flagged", job=job_id, series=series_key, late=len(late), segmented=len(segmented)
         )
         note = description_note(job.meta)
-        if note and job.output_path and job.state not in (JobState.QUEUED, JobState.RUNNING):
-            amend_description(
-                self.store.db_path.parent / job.output_path, note
-            )  # running: its worker does it
+        written = self.store.db_path.parent / job.output_path if job.output_path else None
+        # running: its worker does it; purged by retention: nothing left to amend
+        if (
+            note
+            and written is not None
+            and written.is_file()
+            and job.state not in (JobState.QUEUED, JobState.RUNNING)
+        ):
+            amend_description(written, note)
 
     def _destinations(self, meta: Mapping[str, Any]) -> list[dict[str, Any]]:
         out = [asdict(d) for d in self.settings.destinations]

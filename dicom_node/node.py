@@ -9,6 +9,7 @@ jobs resume with their per-destination delivery rows.
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from rtseg.deliveries import DeliveryStore
 from rtseg.jobs import FINAL, Job, JobState, JobStore, state_db
 from rtseg.privacy import redact_uids
 from rtseg.settings import Settings
-from rtseg.worker import WorkerPool
+from rtseg.worker import WorkerPool, job_dir
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,9 @@ FAILURE_AUDIT_S = 1.0  # a failed job's reason reaches the audit trail within th
 FAILURE_SCAN_SLACK_S = 60.0
 CLOSED_LOOP_S = 5.0  # approved RTSTRUCTs back from the TPS: paired and scored off the SCP thread
 RETAINED = frozenset({JobState.DONE, JobState.FAILED, JobState.DEAD_LETTER})  # whose CT retention deletes
+RESULTS_EXPIRE = frozenset(
+    {JobState.DONE, JobState.FAILED, JobState.SKIPPED}
+)  # whose outputs go (not dead letters)
 
 
 def open_stores(data_dir: Path) -> tuple[JobStore, DeliveryStore]:
@@ -171,8 +175,9 @@ class Node:
         now = time.time()
         purged = sum(self._purge_ct(job) for job in self._expired_jobs(now))
         purged += self._purge_rt(now - self.settings.node.retention_h * 3600)
+        purged += sum(self._purge_results(job) for job in self._expired_results(now))
         if purged:
-            log.info("retention: deleted %d CT series and RT object(s)", purged)
+            log.info("retention: deleted %d CT series, RT object(s) and job output folder(s)", purged)
         return purged
 
     def audit_failures(self) -> int:
@@ -209,6 +214,28 @@ class Node:
         return [
             j for j in jobs if j.state in RETAINED and not j.meta.get("purged") and j.series_key not in needed
         ]
+
+    def _expired_results(self, now: float) -> list[Job]:
+        """Finished DICOM jobs whose outputs are past ``node.results_retention_h``.
+
+        Not a dead letter (its RTSTRUCT waits for ``rtseg node retry``), and a segmented job's
+        RTSTRUCT at least ``[federation.closed_loop] window_h`` (an approval is compared with it).
+        """
+        jobs = self.store.list(RESULTS_EXPIRE, source="dicom", limit=1_000_000)
+        return [j for j in jobs if not j.meta.get("results_purged") and self._results_until(j) <= now]
+
+    def _results_until(self, job: Job) -> float:
+        """From when the job finished: later changes (its CT purged, a note) do not restart the clock."""
+        hours = self.settings.node.results_retention_h
+        if job.state in SEGMENTED:
+            hours = max(hours, self.closed_loop.config.window_h)
+        return (job.finished or job.updated) + hours * 3600
+
+    def _purge_results(self, job: Job) -> int:
+        shutil.rmtree(self.data_dir / job_dir(job), ignore_errors=True)
+        self.store.update(job.id, meta={**job.meta, "results_purged": True})
+        self.audit.record("retention_purged", kind="results", job=job.id, series=job.series_key)
+        return 1
 
     def _purge_ct(self, job: Job) -> int:
         self.spool.remove_series(CT_KIND, job.series_key)

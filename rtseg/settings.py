@@ -134,6 +134,7 @@ class NodeSettings:
     min_island_ml: float = MIN_ISLAND_ML
     chunk_slices: int = CHUNK_SLICES  # longer series are predicted in z-chunks of about this many (0: never)
     retention_h: float = 24.0
+    results_retention_h: float = 720.0  # a DICOM job's outputs (jobs/<id>/: RTSTRUCT, SEG, labels, preview)
     min_free_disk_mb: int = 1024
     retry_limit: int = 8
     retry_backoff_s: float = 5.0
@@ -387,6 +388,7 @@ _NODE: dict[str, Callable[[Any], Any]] = {
     "min_island_ml": parse_float(0.0, 1000.0),
     "chunk_slices": parse_int(0, 100_000),
     "retention_h": parse_float(0.0),
+    "results_retention_h": parse_float(0.0),
     "min_free_disk_mb": parse_int(0, 10**9),
     "retry_limit": parse_int(1, 1000),
     "retry_backoff_s": parse_float(0.0, 86400.0),

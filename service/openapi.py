@@ -41,6 +41,7 @@ def _errors(*codes: int) -> dict[str, Any]:
         404: "No such segmentation (or no such output)",
         405: "Method not allowed",
         409: "The segmentation is not in a state that allows this",
+        410: "The node deleted this DICOM job's preview after [node] results_retention_h",
         413: "Body, unpacked size, file count or compression ratio over the limit",
         415: "Unsupported content type",
         422: "Not one complete CT series (several series, non-CT, missing slices, non-DICOM files)",
@@ -303,7 +304,7 @@ def _download(what: str, media: str, operation: str, auth: list[dict[str, list[s
             "security": auth,
             "responses": {
                 "200": {"description": f"The {what}", "content": {media: {"schema": BINARY}}},
-                **_errors(401, 404, 409),
+                **_errors(401, 404, 409, *((410,) if operation == "getPreview" else ())),
             },
         },
     }

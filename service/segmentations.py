@@ -149,6 +149,10 @@ def preview(job_id: str) -> Response:
     found = ctx.store.find(job_id)
     if found is not None and found.source != "http":
         kept = ctx.job_dir(found.id) / PREVIEW_FILE
+        if found.meta.get("results_purged"):
+            raise HttpProblem(
+                410, "results-purged", "the node deleted this job's outputs after [node] results_retention_h"
+            )
         if not kept.is_file():
             raise HttpProblem(
                 404, "no-preview", "no preview kept for this DICOM job: set [node] write_preview = true"

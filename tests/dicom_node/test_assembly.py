@@ -135,6 +135,24 @@ def test_late_instance_policies(tmp_path: Path) -> None:
         r.begin(uid_key("1.2.6"), CT, PEER, uid_key("1.2.6.3"))
 
 
+def test_a_late_instance_for_a_job_whose_outputs_retention_deleted_is_flagged_once(tmp_path: Path) -> None:
+    """Before: amending the deleted RTSTRUCT raised, and the series was retried on every tick."""
+    clock = Clock()
+    a = _assembler(tmp_path, clock, RTSEG_NODE_LATE_INSTANCE_POLICY="flag")
+    _receive(a, "1.2.8", "1.2.8.1")
+    _receive(a, "1.2.8", "1.2.8.2")
+    clock.now += 11
+    (job_id,) = a.tick()
+    a.store.transition(job_id, JobState.QUEUED, JobState.RUNNING)
+    a.store.transition(job_id, JobState.RUNNING, JobState.DONE, output_path=f"jobs/{job_id}/rtstruct.dcm")
+    _receive(a, "1.2.8", "1.2.8.3")  # no jobs/<id>/ any more: [node] results_retention_h
+    for _ in range(3):
+        clock.now += 11
+        a.tick()
+    assert a.store.get(job_id).meta["late_instances"] == 1
+    assert a.audit.path.read_text().count("late_instances_flagged") == 1
+
+
 def test_return_to_sender_uses_the_configured_port(tmp_path: Path) -> None:
     clock = Clock()
     env = {

@@ -33,9 +33,11 @@ def _node(data_dir: Path, retention_h: str, **env: str) -> Node:
 
 
 def _age(node: Node, job_id: str, hours: float) -> None:
-    """The job last changed ``hours`` ago."""
+    """The job last changed (and, if it is finished, finished) ``hours`` ago."""
+    then = time.time() - hours * 3600
     with sqlite3.connect(node.store.db_path) as db:
-        db.execute("UPDATE jobs SET updated = ? WHERE id = ?", (time.time() - hours * 3600, job_id))
+        db.execute("UPDATE jobs SET updated = ? WHERE id = ?", (then, job_id))
+        db.execute("UPDATE jobs SET finished = ? WHERE id = ? AND finished IS NOT NULL", (then, job_id))
 
 
 def _purged(node: Node) -> list[dict[str, object]]:
@@ -128,3 +130,26 @@ def test_each_failed_job_is_audited_once_and_later_scans_read_only_recent_change
     assert since is not None and node.store.get(old.id).updated < since
     events = [e["job"] for e in node.audit.entries() if e["event"] == "job_failed"]
     assert events == [old.id, new.id]
+
+
+def test_job_outputs_are_purged_after_results_retention_but_not_a_dead_letters(tmp_path: Path) -> None:
+    """Before: ``jobs/<id>/`` (RTSTRUCT, SEG, labels, preview: patient data) stayed forever."""
+    node = _node(tmp_path, "2", RTSEG_NODE_RESULTS_RETENTION_H="48")
+    jobs = {}
+    for name, end in (("old", JobState.DONE), ("recent", JobState.DONE), ("dead", JobState.DEAD_LETTER)):
+        job = node.store.create("dicom", uid_key(f"1.2.7.{name}"), "spool/ct/x", state=JobState.SENDING)
+        jobs[name] = node.store.transition(
+            job.id, JobState.SENDING, end, output_path=f"jobs/{job.id}/rtstruct.dcm"
+        )
+        (tmp_path / "jobs" / job.id).mkdir(parents=True)
+        (tmp_path / "jobs" / job.id / "rtstruct.dcm").write_bytes(b"rt")
+        _age(node, job.id, 72 if name != "recent" else 24)
+    node.purge()  # the CTs (retention 2 h) go first: that changes the jobs, not their results' clock
+    assert not (tmp_path / "jobs" / jobs["old"].id).exists()
+    assert (tmp_path / "jobs" / jobs["recent"].id / "rtstruct.dcm").is_file()  # 24 h < 48 h
+    assert (tmp_path / "jobs" / jobs["dead"].id / "rtstruct.dcm").is_file()  # waits for `node retry`
+    assert node.store.get(jobs["old"].id).meta["results_purged"] is True
+    results = [e for e in _purged(node) if e["kind"] == "results"]
+    assert [e["job"] for e in results] == [jobs["old"].id]
+    node.purge()
+    assert [e for e in _purged(node) if e["kind"] == "results"] == results  # once

@@ -362,3 +362,19 @@ def test_a_sign_in_whose_cookie_the_browser_dropped_says_why(client: FlaskClient
     assert answer.status_code == 400
     assert "sent no console cookie" in answer.get_data(as_text=True)
     assert "https" in answer.get_data(as_text=True)
+
+
+def test_a_dicom_jobs_outputs_deleted_by_retention_answer_410_with_the_reason(
+    client: FlaskClient, store: JobStore
+) -> None:
+    """``[node] results_retention_h`` deleted jobs/<id>/: the API says so instead of "set write_preview"."""
+    from svc_helpers import AUTH
+
+    job_id = _job(store)
+    store.transition(job_id, JobState.QUEUED, JobState.RUNNING)
+    job = store.transition(job_id, JobState.RUNNING, JobState.DONE, result={"files": {"rtstruct": "x"}})
+    store.update(job_id, meta={**job.meta, "results_purged": True})
+    answer = client.get(f"/v1/segmentations/{job_id}/preview.png", headers=AUTH, base_url=BASE)
+    assert answer.status_code == 410, answer.get_data(as_text=True)
+    assert answer.headers["Content-Type"] == "application/problem+json"
+    assert "after [node] results_retention_h" in answer.get_json()["detail"]
