@@ -44,9 +44,11 @@ class AuditLog:
         return read_entries(self.path)
 
 
-def read_entries(path: Path) -> list[dict[str, Any]]:
+def read_entries(path: Path, mentioning: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """Every record of the audit log at ``path``, oldest first (none when there is no file yet).
 
+    With ``mentioning``, only lines holding one of those strings are parsed (the log is never
+    rotated: a job's page reads a year of it by a substring test, not a JSON parse per line).
     A line that is not a JSON object (the last one torn by a crash mid-write) is
     left out and counted in a warning, so that one bad line never hides the rest.
     """
@@ -55,7 +57,7 @@ def read_entries(path: Path) -> list[dict[str, Any]]:
     entries, torn = [], 0
     with open(path, encoding="utf-8", errors="replace") as fh:
         for line in fh:
-            if not line.strip():
+            if not line.strip() or (mentioning and not any(m in line for m in mentioning)):
                 continue
             try:
                 entry = json.loads(line)
@@ -79,4 +81,5 @@ def job_trail(data_dir: Path, job: Job) -> list[dict[str, Any]]:
             return bool(entry["job"] == job.id)
         return job.source == "dicom" and entry.get("series") == job.series_key
 
-    return [e for e in read_entries(Path(data_dir) / AUDIT_LOG) if ours(e)]
+    keys = (job.id, job.series_key) if job.source == "dicom" else (job.id,)
+    return [e for e in read_entries(Path(data_dir) / AUDIT_LOG, keys) if ours(e)]
