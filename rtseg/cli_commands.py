@@ -158,7 +158,7 @@ def provenance_lines(name: str, version: str, provenance: dict[str, Any]) -> lis
             f"{', on a couch' if realistic.get('couch') else ''})"
         )
     if p.get("started_from"):
-        lines.append(f"started from: {p['started_from']}")
+        lines.append(f"started from: {_started_from(p['started_from'])}")
     round_ = p.get("federation_round")
     federation = p.get("federation")
     lines.append(
@@ -172,6 +172,13 @@ def provenance_lines(name: str, version: str, provenance: dict[str, Any]) -> lis
     if isinstance(p.get("training_data"), dict) and p["training_data"].get("kind") == "rtseg phantom":
         lines.append(NOT_CLINICAL)
     return lines
+
+
+def _started_from(start: Any) -> str:
+    """A recipe's ``name version (stages …)``, or a federation's start model record."""
+    if isinstance(start, dict):
+        return f"{start.get('name', '?')} {start.get('version', '?')} (hash {start.get('hash', '?')})"
+    return str(start)
 
 
 def _training_data(data: Any) -> str:
