@@ -179,7 +179,7 @@ def _preprocess_like(model: Path, nnunet: Path, name: str, cpu: CpuConfig) -> Pa
     from rtseg.model.rounds import preprocess_like_model
 
     load_manifest(model)  # a model folder is code until proven otherwise: its plans are checked
-    preprocess_like_model(nnunet, DATASET_ID, name, model, cpu)
+    preprocess_like_model(nnunet, DATASET_ID, name, model, replace(cpu, da_workers=1))
     return model / "fold_all" / "checkpoint_final.pth"
 
 
