@@ -31,6 +31,8 @@ def print_result(result: Any) -> None:
     print(f"{'structure':<14} {'volume (ml)':>11} {'contours':>9}")
     for s in result.structures:
         print(f"{s.name:<14} {s.volume_ml:>11.1f} {s.n_contours:>9}")
+    if result.labels_path is not None:
+        print(f"label map: {result.labels_path}")
     if result.omitted:
         print(f"not found (left out): {', '.join(result.omitted)}")
     for dropped in result.dropped:
@@ -55,18 +57,38 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
     if args.preview is not None and args.preview.is_dir():
         raise InputError("is a folder: give the PNG file to write", source=str(args.preview))
+    if args.labels_out is not None:
+        _check_labels_out(args.labels_out)
     say("reading CT series")  # the input is checked before the model loads: quick feedback
     volume = load_series(args.ct_dir, series_uid=args.series)
     say(f"{volume.shape[0]} slices, {volume.info.patient_position}; loading model")
     segmenter = _load_segmenter(args.model, args.threads)
     identity = model_identity(segmenter.manifest, segmenter.model_dir)
     result = segment_series(
-        volume, segmenter, args.output, identity=identity, progress=say, region_check=args.region_check
+        volume,
+        segmenter,
+        args.output,
+        identity=identity,
+        progress=say,
+        region_check=args.region_check,
+        labels_out=args.labels_out,
     )
     print_result(result)
     if args.preview is not None:
         _write_preview(volume, result, args.preview)
     return 0
+
+
+def _check_labels_out(path: Path) -> None:
+    """Before anything is segmented: a NIfTI file name in a folder that exists."""
+    if not path.name.endswith((".nii.gz", ".nii")):
+        raise InputError(
+            "the label map is NIfTI: give a file name ending in .nii.gz or .nii", source=str(path)
+        )
+    if path.is_dir():
+        raise InputError("is a folder: give the label map file to write", source=str(path))
+    if not path.parent.is_dir():
+        raise InputError("no such folder for the label map", source=str(path.parent))
 
 
 def _write_preview(volume: Any, result: Any, png: Path) -> None:
@@ -158,7 +180,7 @@ def provenance_lines(name: str, version: str, provenance: dict[str, Any]) -> lis
             f"{', on a couch' if realistic.get('couch') else ''})"
         )
     if p.get("started_from"):
-        lines.append(f"started from: {p['started_from']}")
+        lines.append(f"started from: {_started_from(p['started_from'])}")
     round_ = p.get("federation_round")
     federation = p.get("federation")
     lines.append(
@@ -172,6 +194,13 @@ def provenance_lines(name: str, version: str, provenance: dict[str, Any]) -> lis
     if isinstance(p.get("training_data"), dict) and p["training_data"].get("kind") == "rtseg phantom":
         lines.append(NOT_CLINICAL)
     return lines
+
+
+def _started_from(start: Any) -> str:
+    """A recipe's ``name version (stages …)``, or a federation's start model record."""
+    if isinstance(start, dict):
+        return f"{start.get('name', '?')} {start.get('version', '?')} (hash {start.get('hash', '?')})"
+    return str(start)
 
 
 def _training_data(data: Any) -> str:
@@ -385,6 +414,12 @@ def _register_core(sub: Any, handlers: dict[str, Handler]) -> None:
     p.add_argument("--series", help="SeriesInstanceUID, when the folder holds several CT series")
     p.add_argument("--threads", type=int, help="CPU threads for inference")
     p.add_argument("--preview", type=Path, metavar="PNG", help="also write a contour preview (PNG) here")
+    p.add_argument(
+        "--labels-out",
+        type=Path,
+        metavar="NIFTI",
+        help="also write the label map the RTSTRUCT is made from (NIfTI on the CT's grid) here",
+    )
     p.add_argument(
         "--no-region-check",
         dest="region_check",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -78,6 +80,7 @@ class PipelineResult:
     timings: dict[str, float] = field(default_factory=dict)
     input_notes: tuple[str, ...] = ()  # how the CT was read (CTVolume.info.notes)
     dropped: tuple[str, ...] = ()  # "name: reason" of structures drawn where they cannot be
+    labels_path: Path | None = None  # the label map the RTSTRUCT was made from, when asked for
 
     @property
     def flags(self) -> tuple[str, ...]:
@@ -238,10 +241,13 @@ def segment_series(
     progress: Progress | None = None,
     note: str | None = None,
     region_check: bool = True,
+    labels_out: Path | None = None,
 ) -> PipelineResult:
     """Load a CT series (or take a loaded one), segment it, write the RTSTRUCT atomically to ``out_path``.
 
     ``note`` ends the structure set description (e.g. which earlier RTSTRUCT this one supersedes).
+    ``labels_out``: also write the label map the RTSTRUCT is made from (after
+    :func:`clean_segmentation`) there, as NIfTI on the CT's grid, atomically.
     With ``region_check``, a series that does not show the model's declared body region is
     refused (:class:`~rtseg.errors.RegionError`) before anything is segmented.
     """
@@ -267,6 +273,9 @@ def segment_series(
     add_review_notes(result.dataset, {s.name: s.flags for s in structures})
     if note:
         add_description_note(result.dataset, note)
+    if labels_out is not None:
+        say("writing the label map")
+        write_labels_atomically(segmentation.labels, volume, labels_out)
     say("writing RTSTRUCT")
     t2 = time.perf_counter()
     write_rtstruct(result.dataset, out_path)
@@ -287,4 +296,22 @@ def segment_series(
         timings,
         volume.info.notes,
         tuple(f"{name}: {reason}" for name, reason in dropped.items()),
+        labels_out,
     )
+
+
+def write_labels_atomically(labels: npt.NDArray[np.uint8], volume: CTVolume, path: Path) -> None:
+    """Write ``labels`` as NIfTI on ``volume``'s grid: a temporary file beside ``path``, then a rename."""
+    from rtseg.phantom.cohort import write_label_image  # the phantom package only when a map is asked for
+
+    path = Path(path)
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix  # SimpleITK writes by the name
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=".labels-", suffix=suffix)
+    os.close(handle)
+    tmp = Path(name)
+    try:
+        write_label_image(labels, volume.affine, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

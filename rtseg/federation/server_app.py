@@ -7,7 +7,9 @@ resumes from the last completed round: ``plans.json``, ``dataset.json``,
 written atomically), ``rounds.jsonl`` (per-round figures) and
 ``models/round_XXX/`` (a standard nnU-Net v2 results folder + rtseg manifest).
 With ``start-model`` (a model folder) round 0 is that model's plans, label
-table and weights instead of plans from the pooled fingerprint and random ones.
+table and weights instead of plans from the pooled fingerprint and random ones;
+``start_model.json`` keeps its name, version and hash, which every round's
+manifest (``started_from``) and ``rounds.jsonl`` line repeat.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ STRUCTURE_NAMES = frozenset(s.name for s in STRUCTURES)
 
 Arrays = dict[str, np.ndarray]
 PREPARE_KEYS = ("plans", "plans-hash", "cpu-config")
+START_MODEL_FILE = "start_model.json"
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,7 @@ class Plan:
     dataset_json: dict[str, Any]
     aliases: dict[str, str]
     declared: dict[str, int]  # node id → cases declared in the fingerprint round
+    started_from: dict[str, str] | None = None  # the start model's name, version and hash; None: random
 
     @property
     def hash(self) -> str:
@@ -162,7 +166,8 @@ def load_plan(state_dir: Path) -> Plan:
         return json.loads((state_dir / name).read_text())
 
     declared = {str(k): int(v) for k, v in read("declared.json").items()}
-    return Plan(read("plans.json"), read("dataset.json"), read("aliases.json"), declared)
+    started_from = read(START_MODEL_FILE) if (state_dir / START_MODEL_FILE).is_file() else None
+    return Plan(read("plans.json"), read("dataset.json"), read("aliases.json"), declared, started_from)
 
 
 def initialise(grid: Grid, nodes: list[int], cfg: CoordinatorConfig) -> Plan:
@@ -198,15 +203,17 @@ def initialise(grid: Grid, nodes: list[int], cfg: CoordinatorConfig) -> Plan:
     plans, dataset_json, weights = _round_zero(cfg, start, labels, pooled)
     aliases = json.loads(Path(f"{weights}.aliases.json").read_text())
     declared = {site: fp.n_cases for site, fp in fingerprints}
+    started_from = start.record if start else None
     for name, doc in (
         ("plans.json", plans),
         ("dataset.json", dataset_json),
         ("fingerprint.json", pooled),
         ("aliases.json", aliases),
         ("declared.json", declared),
+        *([(START_MODEL_FILE, started_from)] if started_from else []),
     ):
         (cfg.state_dir / name).write_text(json.dumps(doc, indent=1))
-    plan = Plan(plans, dataset_json, aliases, declared)
+    plan = Plan(plans, dataset_json, aliases, declared, started_from)
     _save_round(cfg, plan, 0, load_arrays(weights))
     prepare = Payload(config={k: v for k, v in _round_config(cfg, plan, 1).items() if k in PREPARE_KEYS})
     for reply in grid.send("query.prepare", {n: prepare for n in nodes}, cfg.round_timeout):
@@ -246,7 +253,7 @@ def _round_zero(
     """Plans, ``dataset.json`` and the round-0 weights file: the start model's, or planned and initialised."""
     work = cfg.state_dir / "nnunet"
     if start is not None:
-        log.info("round 0 is %s (%s): its plans, labels and weights", start.label, start.path)
+        log.info("round 0 is %s, %s: its plans, labels and weights", start.label, start.path)
         plans = start.plans_for(dataset_folder_name(DATASET_ID, DATASET_NAME))
         weights = initial_weights(work, plans, start.dataset_json, work / "initial.npz", start.checkpoint)
         return plans, start.dataset_json, weights
@@ -332,6 +339,7 @@ def run_round(grid: Grid, cfg: CoordinatorConfig, plan: Plan, arrays: Arrays, r:
         "missing": missing,
         "bytes_to_each_site": payload_bytes(payload),
         "aggregation": cfg.policy.method,
+        "started_from": plan.started_from,
     }
     with (cfg.state_dir / "rounds.jsonl").open("a") as out:
         out.write(json.dumps(record) + "\n")
@@ -422,6 +430,8 @@ def _save_round(cfg: CoordinatorConfig, plan: Plan, r: int, arrays: Arrays) -> P
         federation_round=r,
     )
     provenance.update(federation=cfg.federation, round=r, hash=digest, plans_hash=plan.hash)
+    if plan.started_from is not None:
+        provenance["started_from"] = plan.started_from
     manifest = ModelManifest(
         name=cfg.model_name,
         version=f"{cfg.federation}-r{r}-{digest}",

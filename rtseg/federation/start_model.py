@@ -17,7 +17,7 @@ from typing import Any
 from rtseg.errors import FederationError, ModelError
 from rtseg.federation.fingerprint import SiteFingerprint
 from rtseg.model.cpu import CONFIGURATION
-from rtseg.model.manifest import load_manifest, read_json
+from rtseg.model.manifest import load_manifest, model_hash, read_json
 
 IGNORE = "ignore"
 
@@ -27,10 +27,22 @@ class StartModel:
     """What round 0 takes from the model folder."""
 
     path: Path
-    label: str  # "name version", for the log
+    name: str  # the model's manifest name
+    version: str  # and version
+    hash: str  # rtseg's short model hash (its checkpoint, plans.json and dataset.json)
     plans: dict[str, Any]
     dataset_json: dict[str, Any]
     checkpoint: Path
+
+    @property
+    def label(self) -> str:
+        """``name version (hash …)``, for the log."""
+        return f"{self.name} {self.version} (hash {self.hash})"
+
+    @property
+    def record(self) -> dict[str, str]:
+        """What the round manifests and ``rounds.jsonl`` say the federation started from."""
+        return {"name": self.name, "version": self.version, "hash": self.hash}
 
     @property
     def labels(self) -> dict[str, int]:
@@ -67,7 +79,8 @@ def load_start_model(path: Path) -> StartModel:
     else:
         checkpoint = path / f"fold_{manifest.folds[0]}" / manifest.checkpoint
         if checkpoint.is_file():
-            return StartModel(path, f"{manifest.name} {manifest.version}", plans, dataset_json, checkpoint)
+            digest = model_hash(path, folds=manifest.folds, checkpoint=manifest.checkpoint)
+            return StartModel(path, manifest.name, manifest.version, digest, plans, dataset_json, checkpoint)
         problem = f"no fold_{manifest.folds[0]}/{manifest.checkpoint}"
     raise FederationError(f"the start model cannot be used: {problem}", source=str(path))
 

@@ -25,7 +25,7 @@ from rtseg.model.children import EpochProgress, nnunet_dirs
 from rtseg.model.cpu import PLANS_IDENTIFIER, CpuConfig
 from rtseg.model.dataset import Case, dataset_folder_name, write_raw_dataset
 from rtseg.model.manifest import ModelManifest, default_provenance, load_manifest
-from rtseg.model.rounds import preprocess_with_plans
+from rtseg.model.rounds import preprocess_like_model, preprocess_with_plans
 from rtseg.model.training import export_model, plan_and_preprocess, train
 from rtseg.phantom.realism import Realism
 from rtseg.structures import STRUCTURES, dataset_labels
@@ -284,17 +284,7 @@ def prepare_default(
         plan_and_preprocess(work_dir, DATASET_ID, recipe.config)
         return
     say(f"preprocessing with the plans of {_model_label(plans_from)}")
-    plans = json.loads((plans_from / "plans.json").read_text())
-    fingerprint = json.loads((plans_from / "dataset_fingerprint.json").read_text())
-    preprocess_with_plans(work_dir, DATASET_ID, plans, fingerprint, recipe.config)
-    _keep_plans(work_dir, plans, fingerprint)
-
-
-def _keep_plans(work_dir: Path, plans: dict[str, Any], fingerprint: dict[str, Any]) -> None:
-    """Leave the plans where planning would have (later stages and training read them there)."""
-    folder = nnunet_dirs(work_dir).preprocessed / dataset_folder_name(DATASET_ID, DATASET_NAME)
-    (folder / f"{PLANS_IDENTIFIER}.json").write_text(json.dumps(plans, indent=1))
-    (folder / "dataset_fingerprint.json").write_text(json.dumps(fingerprint, indent=1))
+    preprocess_like_model(work_dir, DATASET_ID, DATASET_NAME, plans_from, recipe.config)
 
 
 def _write_raw(work_dir: Path, recipe: Recipe, stage: int) -> int:

@@ -6,6 +6,7 @@ weights come and go as ``.npz`` files (see :mod:`rtseg.model.weights`).
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 from rtseg.errors import InputError, ModelError
 from rtseg.model.children import ProgressCallback, dataset_folder, nnunet_dirs, run_child
 from rtseg.model.cpu import PLANS_IDENTIFIER, CpuConfig, validate_config
+from rtseg.model.dataset import dataset_folder_name
 from rtseg.model.plans_check import check_plans
 
 
@@ -67,6 +69,27 @@ def preprocess_with_plans(
         None,
     )
     return Path(done["preprocessed_dir"])
+
+
+def preprocess_like_model(
+    work_dir: Path,
+    dataset_id: int,
+    dataset_name: str,
+    model_dir: Path,
+    config: CpuConfig = CpuConfig(),
+) -> Path:
+    """Preprocess the raw dataset of ``work_dir`` with the plans and fingerprint of a model folder.
+
+    No local planning: ``model_dir``'s ``plans.json`` (renamed to dataset ``dataset_id``,
+    ``dataset_name``) and ``dataset_fingerprint.json`` (its CT normalisation) preprocess the
+    cases, so the model's weights fit them. Both are left in the preprocessed folder, where
+    planning would have put them (later preprocessing and training read them there).
+    Returns that folder.
+    """
+    plans = json.loads((Path(model_dir) / "plans.json").read_text())
+    fingerprint = json.loads((Path(model_dir) / "dataset_fingerprint.json").read_text())
+    plans["dataset_name"] = dataset_folder_name(dataset_id, dataset_name)
+    return preprocess_with_plans(work_dir, dataset_id, plans, fingerprint, config)
 
 
 def initial_weights(

@@ -45,7 +45,7 @@ from rtseg.cases import (
 )
 from rtseg.errors import RtsegError
 from rtseg.model.children import nnunet_dirs
-from rtseg.model.cpu import PLANS_IDENTIFIER, CpuConfig
+from rtseg.model.cpu import CpuConfig
 from rtseg.model.dataset import write_raw_dataset
 from rtseg.model.manifest import MANIFEST_NAME, ModelManifest, default_provenance, load_manifest
 from rtseg.model.training import export_model, plan_and_preprocess, train
@@ -176,17 +176,10 @@ def train_partial_arm(arm: str, cohort: Path, work: Path, spec: PartialSpec) -> 
 
 def _preprocess_like(model: Path, nnunet: Path, name: str, cpu: CpuConfig) -> Path:
     """Preprocess with ``model``'s plans and fingerprint (renamed to this dataset); its checkpoint."""
-    from rtseg.model.dataset import dataset_folder_name
-    from rtseg.model.rounds import preprocess_with_plans
+    from rtseg.model.rounds import preprocess_like_model
 
     load_manifest(model)  # a model folder is code until proven otherwise: its plans are checked
-    plans = json.loads((model / "plans.json").read_text())
-    plans["dataset_name"] = dataset_folder_name(DATASET_ID, name)
-    fingerprint = json.loads((model / "dataset_fingerprint.json").read_text())
-    preprocess_with_plans(nnunet, DATASET_ID, plans, fingerprint, replace(cpu, da_workers=1))
-    folder = nnunet_dirs(nnunet).preprocessed / plans["dataset_name"]
-    (folder / f"{PLANS_IDENTIFIER}.json").write_text(json.dumps(plans, indent=1))
-    (folder / "dataset_fingerprint.json").write_text(json.dumps(fingerprint, indent=1))
+    preprocess_like_model(nnunet, DATASET_ID, name, model, replace(cpu, da_workers=1))
     return model / "fold_all" / "checkpoint_final.pth"
 
 

@@ -64,3 +64,15 @@ def test_model_info_prints_readable_provenance(tmp_path: Path) -> None:
     assert "accuracy: mean OAR Dice 0.851 and 0.878 on two sets of 12 fresh phantom cases" in out
     assert "NOT FOR CLINICAL USE: trained on synthetic phantoms only" in out
     assert _files(tmp_path) == []
+
+
+def test_a_federated_rounds_start_model_is_printed_readably() -> None:
+    from rtseg.cli_commands import provenance_lines
+
+    start = {"name": "rtseg-peds-abdomen", "version": "0.9.0", "hash": "0123456789ab"}
+    lines = provenance_lines(
+        "fl", "rtseg-r3-abcdef", {"federation": "rtseg", "federation_round": 3, "started_from": start}
+    )
+    assert "started from: rtseg-peds-abdomen 0.9.0 (hash 0123456789ab)" in lines
+    recipe = provenance_lines("m", "1", {"started_from": "rtseg-peds-abdomen 0.8.0 (stages 1-6)"})
+    assert "started from: rtseg-peds-abdomen 0.8.0 (stages 1-6)" in recipe

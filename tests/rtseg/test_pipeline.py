@@ -29,7 +29,7 @@ from rtseg.model.manifest import ModelManifest, default_provenance
 from rtseg.model.segmenter import NnunetSegmenter
 from rtseg.model.training import export_model, plan_and_preprocess, train
 from rtseg.phantom.cohort import generate_cohort, write_case
-from rtseg.pipeline import clean_segmentation, model_identity, segment_series
+from rtseg.pipeline import model_identity, segment_series
 from rtseg.structures import BY_NAME, STRUCTURES, dataset_labels
 
 TINY = CpuConfig(
@@ -82,25 +82,26 @@ def test_segment_cli_to_valid_rtstruct_read_back_by_plastimatch(
 ) -> None:
     write_case("A", 78, 0, tmp_path, matrix=64, position=position)
     ct_dir = tmp_path / f"A_s78_000_{position}" / "ct"
-    out = tmp_path / "rs.dcm"
+    out, labels_out = tmp_path / "rs.dcm", tmp_path / "labels.nii.gz"
     run = subprocess.run(
-        [*RTSEG, "segment", str(ct_dir), "-o", str(out), "--model", str(tiny_model.model), "--threads", "1"],
+        [*RTSEG, "segment", str(ct_dir), "-o", str(out), "--model", str(tiny_model.model), "--threads", "1"]
+        + ["--labels-out", str(labels_out)],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert run.returncode == 0, run.stderr
-    assert f"RTSTRUCT: {out}" in run.stdout
+    assert f"RTSTRUCT: {out}" in run.stdout and f"label map: {labels_out}" in run.stdout
     assert "tiny-phantom 0.0.1+" in run.stdout  # model name, version and weight hash
     assert "External" in run.stdout and "volume (ml)" in run.stdout
     errors = [line for line in dciodvfy(out) if "Error" in line]
     assert errors == []
 
-    # The RTSTRUCT holds exactly what the model predicted (after the clean-up every output gets:
-    # impossible structures dropped, one-piece organs settled), read back by an independent reader.
+    # The RTSTRUCT holds exactly the labels it was made from (the model's, after the clean-up every
+    # output gets: impossible structures dropped, one-piece organs settled), read back by an
+    # independent reader; the CLI's own label map is placed on the CT grid by its geometry.
     volume = load_series(ct_dir)
-    segmentation = NnunetSegmenter(tiny_model.model, threads=1).segment(volume)
-    predicted = clean_segmentation(volume, segmentation)[0].labels
+    label_map = sitk.ReadImage(str(labels_out))
     ds = pydicom.dcmread(out)
     assert ds.FrameOfReferenceUID == pydicom.dcmread(next(ct_dir.iterdir())).FrameOfReferenceUID
     masks = _plastimatch(out, ct_dir, tmp_path / "pm", volume)
@@ -108,7 +109,7 @@ def test_segment_cli_to_valid_rtstruct_read_back_by_plastimatch(
     assert "External" in names
     checked = 0
     for name in names:
-        reference = predicted > 0 if name == "External" else predicted == BY_NAME[name].label
+        reference = on_ct_grid(label_map if name == "External" else label_map == BY_NAME[name].label, volume)
         if reference.sum() * volume.voxel_volume_ml <= 5.0:
             continue
         got = masks[name]
@@ -123,6 +124,44 @@ def _plastimatch(rs: Path, ct_dir: Path, out: Path, volume: object) -> dict[str,
     cmd += ["--output-prefix", str(out), "--prefix-format", "nrrd", "--xor-contours"]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
     return {p.stem: on_ct_grid(sitk.ReadImage(str(p)), volume) for p in out.glob("*.nrrd")}  # type: ignore[arg-type]
+
+
+def test_labels_out_is_the_label_map_on_the_ct_grid(tiny_model: Trained, tmp_path: Path) -> None:
+    """Geometry as SimpleITK reads the CT series itself; only labels of the model; no temporary file left."""
+    case = write_case("B", 78, 1, tmp_path, matrix=64, position="FFP")
+    ct_dir, labels_out = tmp_path / case.case_id / "ct", tmp_path / "labels.nii.gz"
+    segmenter = NnunetSegmenter(tiny_model.model, threads=1)
+    steps: list[str] = []
+    result = segment_series(
+        ct_dir, segmenter, tmp_path / "rs.dcm", progress=steps.append, labels_out=labels_out
+    )
+
+    assert result.labels_path == labels_out and steps[-2:] == ["writing the label map", "writing RTSTRUCT"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([case.case_id, "labels.nii.gz", "rs.dcm"])
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(ct_dir)))
+    ct, labels = reader.Execute(), sitk.ReadImage(str(labels_out))
+    assert labels.GetSize() == ct.GetSize() and labels.GetPixelID() == sitk.sitkUInt8
+    np.testing.assert_allclose(labels.GetOrigin(), ct.GetOrigin(), atol=1e-3)
+    np.testing.assert_allclose(labels.GetSpacing(), ct.GetSpacing(), atol=1e-4)
+    np.testing.assert_allclose(labels.GetDirection(), ct.GetDirection(), atol=1e-6)
+    values = set(np.unique(sitk.GetArrayFromImage(labels)).tolist())
+    assert {BY_NAME[s.name].label for s in result.structures} <= values <= {0} | {s.label for s in STRUCTURES}
+
+
+def test_labels_out_must_be_a_nifti_file_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Refused before the CT is read or a model loaded."""
+    from rtseg_app.cli import main
+
+    for bad, said in (
+        (tmp_path / "labels.nrrd", "ending in .nii.gz or .nii"),
+        (tmp_path / "missing" / "labels.nii.gz", "no such folder for the label map"),
+    ):
+        argv = ["segment", str(tmp_path / "no-ct"), "-o", str(tmp_path / "rs.dcm"), "--labels-out", str(bad)]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_pipeline_reports_volumes_timings_and_flags(tiny_model: Trained, tmp_path: Path) -> None:

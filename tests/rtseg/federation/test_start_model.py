@@ -13,18 +13,22 @@ import json
 import logging
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+from test_bad_sites import GOOD, ReplayGrid, _arrays, _plan
 
 from rtseg.errors import FederationError
 from rtseg.federation.fingerprint import FingerprintAccumulator
 from rtseg.federation.flower import Payload, Reply
-from rtseg.federation.server_app import CoordinatorConfig, initialise
-from rtseg.federation.simulate import SimulationSpec
+from rtseg.federation.server_app import CoordinatorConfig, initialise, load_plan, run_round
+from rtseg.federation.simulate import SimulationSpec, rounds_log
+from rtseg.federation.start_model import load_start_model
 from rtseg.model.checkpoints import load_checkpoint
 from rtseg.model.default import default_model_dir
+from rtseg.model.manifest import MANIFEST_NAME, load_manifest, model_hash
 from rtseg.model.weights import load_arrays
 from rtseg.structures import dataset_labels
 
@@ -99,6 +103,39 @@ def test_round_0_is_the_start_models_weights_and_plans_and_other_labels_are_refu
     # the site whose label table is not the model's is left out, with the reason
     assert plan.declared == {"1": 2, "2": 2}
     assert "site 3 refused: its labels {'background': 0, 'Liver': 1} are not the start model's" in caplog.text
+    # which model round 0 is: in the state (a resumed coordinator keeps it) and round 0's manifest
+    record = load_start_model(model).record
+    assert plan.started_from == record == load_plan(tmp_path / "state").started_from
+    assert load_manifest(tmp_path / "state" / "models" / "round_000").provenance["started_from"] == record
+
+
+def test_the_start_model_record_is_its_manifest_name_version_and_hash() -> None:
+    model = default_model_dir()
+    manifest = load_manifest(model)
+    assert load_start_model(model).record == {
+        "name": manifest.name,
+        "version": manifest.version,
+        "hash": model_hash(model),
+    }
+
+
+@pytest.mark.parametrize(
+    "started_from", [None, {"name": "rtseg-peds-abdomen", "version": "0.9.0", "hash": "0123456789ab"}]
+)
+def test_every_round_records_the_model_the_federation_started_from(
+    tmp_path: Path, started_from: dict[str, str] | None
+) -> None:
+    """``rounds.jsonl`` and each round's manifest say it (null in ``rounds.jsonl``: random weights)."""
+    rc = SimulationSpec(min_sites=1).run_config(tmp_path)
+    plan = replace(_plan(), started_from=started_from)
+    run_round(ReplayGrid(GOOD), CoordinatorConfig.from_run_config(rc), plan, _arrays(0.0), 1)  # type: ignore[arg-type]
+
+    (line,) = rounds_log(tmp_path)
+    assert line["started_from"] == started_from
+    manifest = json.loads((tmp_path / "models" / "round_001" / MANIFEST_NAME).read_text())
+    assert (
+        manifest["provenance"].get("started_from") == started_from
+    )  # (the stand-in plans fail load_manifest)
 
 
 def test_too_few_sites_with_the_models_labels_stop_the_run_naming_the_reason(tmp_path: Path) -> None:

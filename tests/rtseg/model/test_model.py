@@ -16,7 +16,7 @@ import SimpleITK as sitk
 
 from rtseg.errors import InputError, ModelError
 from rtseg.model.children import EpochProgress, nnunet_dirs
-from rtseg.model.cpu import CpuConfig, cpu_plans, network_topology
+from rtseg.model.cpu import PLANS_IDENTIFIER, CpuConfig, cpu_plans, network_topology
 from rtseg.model.dataset import write_raw_dataset
 from rtseg.model.manifest import (
     MANIFEST_NAME,
@@ -26,6 +26,7 @@ from rtseg.model.manifest import (
     model_hash,
     structures_from_dataset_json,
 )
+from rtseg.model.rounds import preprocess_like_model
 from rtseg.model.segmenter import NnunetSegmenter, Segmentation, outline_body
 from rtseg.model.training import export_model, plan_and_preprocess, train
 from rtseg.phantom.dicom_io import SeriesSpec, write_ct_series
@@ -386,6 +387,26 @@ def test_start_checkpoint_of_another_network_is_refused(trained: dict[str, Any],
         train(trained["work"], DATASET_ID, TINY_TRAIN, fold="2", start_from=foreign)
     with pytest.raises(InputError, match="no checkpoint to start training from"):
         train(trained["work"], DATASET_ID, TINY_TRAIN, start_from=tmp_path / "missing.pth")
+
+
+@pytest.mark.slow  # a child process that imports torch and nnU-Net
+def test_another_dataset_is_preprocessed_with_a_models_plans(trained: dict[str, Any], tmp_path: Path) -> None:
+    """``--from-model`` (default recipe, partial-labels study): the model's plans, renamed; no planning."""
+    model = trained["model"]
+    cases = [(f"other{i}", *_split(synthetic_case(100 + i, (28, 40, 44)))) for i in range(2)]
+    write_raw_dataset(nnunet_dirs(tmp_path).raw, 902, "Other", cases, LABELS)
+
+    folder = preprocess_like_model(tmp_path, 902, "Other", model, TINY)
+
+    assert folder == nnunet_dirs(tmp_path).preprocessed / "Dataset902_Other"
+    model_plans = json.loads((model / "plans.json").read_text())
+    plans = json.loads((folder / f"{PLANS_IDENTIFIER}.json").read_text())
+    assert plans == {**model_plans, "dataset_name": "Dataset902_Other"}
+    fingerprint = json.loads((folder / "dataset_fingerprint.json").read_text())
+    assert fingerprint == json.loads((model / "dataset_fingerprint.json").read_text())
+    assert len(fingerprint["spacings"]) == 6  # the model's cases, not these two
+    segmentations = sorted(p.name for p in (folder / "gt_segmentations").iterdir())
+    assert segmentations == ["other0.nii.gz", "other1.nii.gz"]
 
 
 def test_steps_out_of_order_are_input_errors(tmp_path: Path) -> None:
