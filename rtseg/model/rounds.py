@@ -89,7 +89,20 @@ def preprocess_like_model(
     plans = json.loads((Path(model_dir) / "plans.json").read_text())
     fingerprint = json.loads((Path(model_dir) / "dataset_fingerprint.json").read_text())
     plans["dataset_name"] = dataset_folder_name(dataset_id, dataset_name)
+    _same_labels(model_dir, nnunet_dirs(work_dir).raw / plans["dataset_name"] / "dataset.json")
     return preprocess_with_plans(work_dir, dataset_id, plans, fingerprint, config)
+
+
+def _same_labels(model_dir: Path, dataset_json: Path) -> None:
+    """Refuse a model whose label table is not the dataset's: its weights cannot go on with these cases."""
+    theirs = json.loads((Path(model_dir) / "dataset.json").read_text()).get("labels")
+    ours = json.loads(dataset_json.read_text()).get("labels")
+    if theirs != ours:
+        other = sorted(set(theirs or {}) ^ set(ours or {})) or ["the same names with other numbers"]
+        raise ModelError(
+            f"the model in {model_dir} has other labels than the dataset ({', '.join(other)}): "
+            "its weights cannot be continued on these cases"
+        )
 
 
 def initial_weights(

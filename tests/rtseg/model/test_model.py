@@ -18,6 +18,7 @@ from rtseg.errors import InputError, ModelError
 from rtseg.model.children import EpochProgress, nnunet_dirs
 from rtseg.model.cpu import PLANS_IDENTIFIER, CpuConfig, cpu_plans, network_topology
 from rtseg.model.dataset import write_raw_dataset
+from rtseg.model.default import default_model_dir
 from rtseg.model.manifest import (
     MANIFEST_NAME,
     ModelManifest,
@@ -407,6 +408,18 @@ def test_another_dataset_is_preprocessed_with_a_models_plans(trained: dict[str, 
     assert len(fingerprint["spacings"]) == 6  # the model's cases, not these two
     segmentations = sorted(p.name for p in (folder / "gt_segmentations").iterdir())
     assert segmentations == ["other0.nii.gz", "other1.nii.gz"]
+
+
+def test_a_model_with_other_labels_is_refused_before_preprocessing(tmp_path: Path) -> None:
+    """Before: renamed plans let such a model through to a shape error when its weights were loaded."""
+    cases = [(f"other{i}", *_split(synthetic_case(100 + i, (28, 40, 44)))) for i in range(1)]
+    write_raw_dataset(nnunet_dirs(tmp_path).raw, 903, "Other", cases, LABELS)
+    with pytest.raises(ModelError, match="has other labels than the dataset .*Liver") as refused:
+        preprocess_like_model(tmp_path, 903, "Other", default_model_dir(), TINY)
+    assert "its weights cannot be continued on these cases" in str(refused.value)
+    assert not nnunet_dirs(tmp_path).preprocessed.exists() or not any(
+        nnunet_dirs(tmp_path).preprocessed.iterdir()
+    )
 
 
 def test_steps_out_of_order_are_input_errors(tmp_path: Path) -> None:
