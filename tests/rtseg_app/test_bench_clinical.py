@@ -1,0 +1,109 @@
+"""The clinical-scale section's arithmetic: window counts, the crop, extrapolation, its report table."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rtseg_app.bench.clinical import (
+    LEVERS,
+    STOCK,
+    crop_box,
+    extrapolate,
+    model_grid,
+    per_window_seconds,
+    structure_volumes,
+    window_count,
+    windows_along,
+)
+
+PATCH, SPACING = [80, 160, 160], [1.5, 0.8, 0.8]  # what nnU-Net's planner gave the bench model
+
+
+@pytest.mark.parametrize("size", [40, 80, 81, 116, 200, 257, 400])
+@pytest.mark.parametrize("step", [0.5, 0.75, 1.0])
+def test_window_counts_are_nnunets(size: int, step: float) -> None:
+    from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
+
+    padded = max(size, 80)
+    steps = compute_steps_for_sliding_window((padded, padded, padded), (80, 80, 80), step)
+    assert windows_along(size, 80, step) == len(steps[0])
+
+
+def test_the_crop_has_one_window_in_z_and_y_and_tile_steps_differ_along_x() -> None:
+    shape, spacing = (200, 512, 512), (0.87, 0.4016, 0.4016)  # the benchmark CT
+    box = crop_box(shape, spacing, PATCH, SPACING)
+    crop = [b.stop - b.start for b in box]
+    grid = model_grid(crop, spacing, SPACING)
+    assert all(0 <= b.start < b.stop <= n for b, n in zip(box, shape, strict=True))
+    assert grid[0] <= PATCH[0] and grid[1] <= PATCH[1]
+    assert window_count(grid, PATCH, 0.5) == 3 and window_count(grid, PATCH, 1.0) == 2
+    full = model_grid(shape, spacing, SPACING)
+    # 2 × 3 × 3 windows at step 0.5; 2 × 2 × 2 at 0.75 and at 1.0 (257 voxels need two 160-voxel windows)
+    assert [window_count(full, PATCH, s) for s in (0.5, 0.75, 1.0)] == [18, 8, 8]
+
+
+def test_extrapolation_counts_each_window_once_and_stock_divides_out_its_mirrorings() -> None:
+    stock = {"network_s": 240.0, "forwards": 24}  # 3 windows × 8 mirrorings
+    assert per_window_seconds(stock, 8) == pytest.approx(80.0)
+    assert extrapolate(per_window_seconds(stock, 8), 18, 90.0) == pytest.approx(90.0 + 18 * 80.0)
+    assert per_window_seconds({"network_s": 0.0, "forwards": 0}, 1) == 0.0
+
+
+def test_structure_volumes_in_millilitres() -> None:
+    labels = np.zeros((10, 10, 10), np.uint8)
+    labels[:2] = 1
+    volumes = structure_volumes(labels, (2.0, 1.0, 1.0), {1: "Liver", 2: "Spleen"})
+    assert volumes == {"Liver": 0.4, "Spleen": 0.0}
+
+
+def test_every_lever_keeps_stocks_labels_apart_from_its_one_change() -> None:
+    assert STOCK.stock and STOCK.use_mirroring and STOCK.tile_step_size == 0.5
+    for lever in LEVERS:
+        assert not lever.stock and not lever.use_mirroring and lever.min_island_ml == 0.0, lever.name
+    assert len({lever.name for lever in LEVERS}) == len(LEVERS)
+
+
+def test_forward_timing_hooks_count_calls_and_leave_outputs_alone() -> None:
+    from rtseg_app.bench.inference import _time_forwards, zero_network
+
+    network = torch.nn.Conv3d(1, 2, 3, padding=1)
+    x = torch.ones((1, 1, 4, 4, 4))
+    before = network(x)
+    timing = _time_forwards(network)
+    after = network(x)
+    network(x)
+    assert torch.equal(before, after) and timing["calls"] == 2 and timing["seconds"] > 0
+    zeros = zero_network(5)(x)
+    assert zeros.shape == (1, 5, 4, 4, 4) and not zeros.any()
+
+
+def test_the_report_has_a_clinical_table() -> None:
+    from rtseg_app.bench.report import markdown
+
+    row = {
+        "variant": "rtseg, tile step 1.0",
+        "predict_s": 120.0,
+        "basis": "extrapolated",
+        "speedup": 30.0,
+        "peak_rss_mb": 2000,
+        "rss_basis": "crop",
+        "min_dice": 0.995,
+        "crop_predict_s": 30.0,
+        "crop_forwards": 2,
+    }
+    results = {
+        "clinical_scale": {
+            "model": {"patch_size": PATCH, "spacing": SPACING, "n_stages": 6, "features_per_stage": [32]},
+            "ct": {"shape": [200, 512, 512], "model_grid": [116, 257, 257]},
+            "crop": {"shape": [138, 319, 512], "model_grid": [80, 160, 257]},
+            "windows_full": {"0.5": 18},
+            "variants": [row, {"variant": "rtseg, OpenVINO f32", "skipped": "openvino not installed"}],
+            "not_tried": {"CUDA": "not measured: no GPU"},
+        }
+    }
+    text = markdown(results)
+    assert "## Clinical-scale model" in text
+    assert "| rtseg, tile step 1.0 | 120.0 | extrapolated | 30.00 | 2000 | crop | 0.9950 | 30.0 | 2 |" in text
+    assert "not measured: openvino not installed" in text and "- CUDA: not measured: no GPU" in text
