@@ -241,13 +241,15 @@ def _lever_row(
 ) -> dict[str, Any]:
     if "skipped" in run:
         return {"variant": run["variant"], "skipped": run["skipped"]}
-    full = measured.get(run["variant"])
-    if full is not None:
-        return _row(run, full["predict_s"], full["peak_rss_mb"], stock_full, "measured")
     # air skipping not measured on the whole CT at this step: every window counted (an upper bound)
     windows = window_count(grid, patch, variant.tile_step_size)
     estimate = extrapolate(per_window_seconds(run, 1), windows, around_s)
-    return _row(run, estimate, None, stock_full, "extrapolated")
+    full = measured.get(run["variant"])
+    if full is None:
+        return _row(run, estimate, None, stock_full, "extrapolated")
+    row = _row(run, full["predict_s"], full["peak_rss_mb"], stock_full, "measured")
+    row["extrapolated_s"] = round(estimate, 1)  # how far the extrapolation is from the measurement
+    return row
 
 
 def _row(
