@@ -56,6 +56,7 @@ LEVERS = (
 )
 FULL_RUNS = (FASTEST, TORCH)  # measured on the whole CT; the first gives rtseg's cost around the network
 STEPS = (0.5, 0.75, 1.0)
+NONTRIVIAL_ML = 5.0  # a structure stock draws with less than this on the crop: its Dice is noise
 CROP_X_PATCHES = 1.6  # along x: 3 windows at step 0.5, 2 at 0.75 and 1.0 (so the steps differ on the crop)
 NOT_TRIED = {
     "OpenVINO int8 (NNCF)": "not tried: NNCF is not installed and installing it would change the shared"
@@ -107,6 +108,14 @@ def per_window_seconds(run: dict[str, Any], mirrorings: int) -> float:
     """Network seconds per window of a run (``forwards`` counts each mirroring)."""
     windows = run["forwards"] / mirrorings
     return float(run["network_s"]) / windows if windows else 0.0
+
+
+def min_dice_over(
+    dice: dict[str, float | None], volumes: dict[str, float], min_ml: float = NONTRIVIAL_ML
+) -> float | None:
+    """The lowest Dice among structures of at least ``min_ml`` in the reference (None: no such structure)."""
+    kept = [d for name, d in dice.items() if d is not None and volumes.get(name, 0.0) >= min_ml]
+    return min(kept) if kept else None
 
 
 def structure_volumes(
@@ -210,6 +219,10 @@ def _figures(
     for variant, run in zip(LEVERS, crop[1:], strict=True):
         rows.append(_lever_row(variant, run, grid, patch, rtseg_around, stock_full, measured))
     names = {s.label: s.name for s in structures}
+    volumes = _volumes(crop, full, spacing, names)
+    for row, run in zip(rows[1:], crop[1:], strict=True):
+        if "dice" in run:
+            row["min_dice_nontrivial"] = min_dice_over(run["dice"], volumes["stock_crop"])
     return {
         "ct": {"shape": list(shape), "spacing_zyx": [round(s, 3) for s in spacing], "model_grid": grid},
         "crop": {
@@ -224,7 +237,8 @@ def _figures(
         "variants": rows,
         "crop_runs": crop,
         "full_runs": full,
-        "structures_ml": _volumes(crop, full, spacing, names),
+        "structures_ml": volumes,
+        "nontrivial_ml": NONTRIVIAL_ML,
         "not_tried": NOT_TRIED,
         "method": __doc__,
     }

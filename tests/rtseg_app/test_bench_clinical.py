@@ -11,6 +11,7 @@ from rtseg_app.bench.clinical import (
     STOCK,
     crop_box,
     extrapolate,
+    min_dice_over,
     model_grid,
     per_window_seconds,
     structure_volumes,
@@ -90,6 +91,7 @@ def test_the_report_has_a_clinical_table() -> None:
         "peak_rss_mb": 2000,
         "rss_basis": "crop",
         "min_dice": 0.995,
+        "min_dice_nontrivial": 0.998,
         "crop_predict_s": 30.0,
         "crop_forwards": 2,
     }
@@ -105,5 +107,16 @@ def test_the_report_has_a_clinical_table() -> None:
     }
     text = markdown(results)
     assert "## Clinical-scale model" in text
-    assert "| rtseg, tile step 1.0 | 120.0 | extrapolated | 30.00 | 2000 | crop | 0.9950 | 30.0 | 2 |" in text
+    assert (
+        "| rtseg, tile step 1.0 | 120.0 | extrapolated | 30.00 | 2000 | crop | 0.9950 | 0.9980 | 30.0 | 2 |"
+        in text
+    )
     assert "not measured: openvino not installed" in text and "- CUDA: not measured: no GPU" in text
+
+
+def test_min_dice_leaves_out_structures_stock_hardly_draws() -> None:
+    dice = {"External": 0.999, "Liver": 0.991, "Colon": 0.4, "Heart": None}
+    volumes = {"External": 900.0, "Liver": 300.0, "Colon": 0.8, "Heart": 0.0}
+    assert min_dice_over(dice, volumes) == 0.991
+    assert min_dice_over(dice, volumes, min_ml=0.5) == 0.4
+    assert min_dice_over({"Heart": None}, volumes) is None
