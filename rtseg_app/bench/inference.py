@@ -17,7 +17,7 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,8 @@ class Variant:
     skip_air: bool = False  # air-only windows not run (rtseg.model.inference.logits_skipping_air)
     # the network replaced by one that returns zeros: what the rest of the path costs (stock's overhead)
     zero_network: bool = False
+    # stock with these mirroring axes instead of the checkpoint's (nnU-Net's own trainer records (0, 1, 2))
+    mirror_axes: tuple[int, ...] | None = None
 
 
 STOCK = Variant("stock nnU-Net (defaults)", stock=True, use_mirroring=True)
@@ -238,7 +240,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     spacing = tuple(float(s) for s in data["spacing"])
     started = time.perf_counter()
     if variant.stock:
-        predict, predictor = _load_stock(spec["model"], variant.zero_network)
+        predict, predictor = _load_stock(spec["model"], variant.zero_network, variant.mirror_axes)
     else:
         predict, predictor = _load_ours(spec["model"], variant)
     params = sum(p.numel() for p in predictor.network.parameters())
@@ -277,7 +279,7 @@ def _time_forwards(network: Any) -> dict[str, float]:
     return timing
 
 
-def _load_stock(model: str, zeros: bool = False) -> tuple[Any, Any]:
+def _load_stock(model: str, zeros: bool = False, mirror_axes: Sequence[int] | None = None) -> tuple[Any, Any]:
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
@@ -286,6 +288,8 @@ def _load_stock(model: str, zeros: bool = False) -> tuple[Any, Any]:
     predictor = nnUNetPredictor(device=torch.device("cpu"), allow_tqdm=False)
     folds = load_manifest(Path(model)).folds  # the folder's own folds (auto-detection skips fold_all)
     predictor.initialize_from_trained_model_folder(model, use_folds=folds)
+    if mirror_axes is not None:
+        predictor.allowed_mirroring_axes = tuple(int(a) for a in mirror_axes)
     if zeros:
         predictor.network = zero_network(predictor.label_manager.num_segmentation_heads)
 
