@@ -120,3 +120,54 @@ def test_min_dice_leaves_out_structures_stock_hardly_draws() -> None:
     assert min_dice_over(dice, volumes) == 0.991
     assert min_dice_over(dice, volumes, min_ml=0.5) == 0.4
     assert min_dice_over({"Heart": None}, volumes) is None
+
+
+def _run(tmp_path, name: str, predict_s: float, network_s: float, forwards: int, dice: float = 1.0) -> dict:  # type: ignore[no-untyped-def]
+    labels = np.zeros((4, 8, 8), np.uint8)
+    labels[:2] = 1
+    path = tmp_path / f"{len(list(tmp_path.iterdir()))}.npy"
+    np.save(path, labels)
+    return {
+        "variant": name,
+        "load_s": 1.0,
+        "predict_s": predict_s,
+        "network_s": network_s,
+        "forwards": forwards,
+        "peak_rss_mb": 1000.0,
+        "labels": str(path),
+        "params": 30_000_000,
+        "min_dice": dice,
+        "dice": {"External": dice, "Liver": None},
+    }
+
+
+def test_figures_extrapolate_from_the_crop_and_keep_measured_rows(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from rtseg.structures import STRUCTURES
+    from rtseg_app.bench.clinical import FASTEST, STOCK_MIRRORED, STOCK_ZERO, TORCH, _figures
+
+    plans = {"patch_size": PATCH, "spacing": SPACING}
+    shape, spacing = (200, 512, 512), (0.87, 0.4016, 0.4016)
+    box = crop_box(shape, spacing, PATCH, SPACING)
+    crop = [_run(tmp_path, STOCK.name, 60.0, 30.0, 3)]  # 10 s per window, 30 s around the network
+    crop += [
+        _run(tmp_path, lever.name, 20.0, 15.0, 3 if lever.tile_step_size == 0.5 else 2) for lever in LEVERS
+    ]
+    crop.append(_run(tmp_path, STOCK_MIRRORED.name, 270.0, 240.0, 24))  # 8 passes of 10 s per window
+    full = [
+        _run(tmp_path, STOCK_ZERO.name, 100.0, 0.5, 144),
+        _run(tmp_path, FASTEST.name, 50.0, 40.0, 8),
+        _run(tmp_path, TORCH.name, 110.0, 90.0, 18),
+    ]
+    fig = _figures(plans, shape, spacing, box, crop, full, STRUCTURES)
+    rows = {row["variant"]: row for row in fig["variants"]}
+    stock_full = 99.5 + 18 * 10.0
+    assert rows[STOCK.name]["predict_s"] == pytest.approx(stock_full, abs=0.1)
+    assert rows[STOCK_MIRRORED.name]["predict_s"] == pytest.approx(99.5 + 18 * 80.0, abs=0.1)
+    assert rows[TORCH.name]["basis"] == "measured" and rows[TORCH.name]["predict_s"] == 110.0
+    assert rows[TORCH.name]["extrapolated_s"] == pytest.approx(10.0 + 18 * 5.0, abs=0.1)  # 50 - 40 around
+    step = rows["rtseg, tile step 1.0"]
+    assert step["basis"] == "extrapolated" and step["predict_s"] == pytest.approx(10.0 + 8 * 7.5, abs=0.1)
+    assert step["speedup"] == pytest.approx(stock_full / step["predict_s"], abs=0.01)
+    assert rows[FASTEST.name]["basis"] == "measured" and rows[FASTEST.name]["rss_basis"] == "whole CT"
+    assert fig["windows_full"] == {"0.5": 18, "0.75": 8, "1.0": 8}
+    assert set(fig["structures_ml"]["stock_crop"]) == {s.name for s in STRUCTURES}
