@@ -66,7 +66,8 @@ NOT_TRIED = {
     " environment; int8 with ONNX Runtime was slower on this AVX2 CPU (no VNNI) and changed labels"
     " (min Dice 0.84) on the default model (docs/performance.md)",
     "batching windows": "not measured: nnU-Net's sliding window runs one window at a time; on a CPU a"
-    " 2-million-voxel window already keeps both cores busy, so batching adds memory, not throughput",
+    " 2-million-voxel window already keeps both cores busy, so batching is expected to add memory, not"
+    " throughput",
     "coarse-to-fine": "not measured: it needs a second (low-resolution) model and changes labels; not"
     " a lever that keeps stock's labels",
     "torch.compile": "not measured here (measured on the default model: docs/performance.md)",

@@ -171,3 +171,17 @@ def test_figures_extrapolate_from_the_crop_and_keep_measured_rows(tmp_path) -> N
     assert rows[FASTEST.name]["basis"] == "measured" and rows[FASTEST.name]["rss_basis"] == "whole CT"
     assert fig["windows_full"] == {"0.5": 18, "0.75": 8, "1.0": 8}
     assert set(fig["structures_ml"]["stock_crop"]) == {s.name for s in STRUCTURES}
+
+
+def test_the_clinical_section_runs_only_when_named() -> None:
+    import argparse
+
+    from rtseg_app.bench.cli import register
+    from rtseg_app.bench.suite import RESULT_KEYS, wanted_sections
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(), {})
+    quick = parser.parse_args(["bench", "--quick", "--out", "x"])
+    named = parser.parse_args(["bench", "--out", "x", "--section", "clinical"])
+    assert "clinical" not in wanted_sections(quick)
+    assert wanted_sections(named) == ["clinical"] and RESULT_KEYS["clinical"] == "clinical_scale"
