@@ -141,6 +141,45 @@ def preprocess(args: dict[str, Any], config: CpuConfig, emit: Callable[..., None
     emit("done", preprocessed_dir=str(folder))
 
 
+def plan_stock(args: dict[str, Any], config: CpuConfig, emit: Callable[..., None]) -> None:
+    """nnU-Net's own fingerprint, default planner and 3d_fullres preprocessing, plans kept as planned.
+
+    The planner's plans are kept in ``stock_plans.json`` beside ``nnUNetPlans.json``;
+    the latter then gets ``config.patch_size_zyx`` and ``config.batch_size`` for
+    training on small patches (the network, fully convolutional, is the same).
+    """
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (
+        extract_fingerprint_dataset,
+        plan_experiment_dataset,
+        preprocess_dataset,
+    )
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.dataset_name_id_conversion import convert_id_to_dataset_name
+
+    dataset_id = int(args["dataset_id"])
+    workers = max(1, config.preprocess_workers)
+    extract_fingerprint_dataset(
+        dataset_id,
+        num_processes=workers,
+        check_dataset_integrity=True,
+        verbose=False,
+        show_progress_bar=False,
+    )
+    plan_experiment_dataset(dataset_id)
+    folder = Path(nnUNet_preprocessed.require()) / convert_id_to_dataset_name(dataset_id)
+    plans_file = folder / f"{PLANS_IDENTIFIER}.json"
+    plans = json.loads(plans_file.read_text())
+    (folder / "stock_plans.json").write_text(json.dumps(plans, indent=4))
+    preprocess_dataset(
+        dataset_id, PLANS_IDENTIFIER, (CONFIGURATION,), [workers], verbose=False, show_progress_bar=False
+    )
+    training = plans["configurations"][CONFIGURATION]
+    training["patch_size"] = [int(p) for p in config.patch_size_zyx]
+    training["batch_size"] = int(config.batch_size)
+    plans_file.write_text(json.dumps(plans, indent=4))
+    emit("done", preprocessed_dir=str(folder), stock_plans=str(folder / "stock_plans.json"))
+
+
 def init_weights(args: dict[str, Any], config: CpuConfig, emit: Callable[..., None]) -> None:
     """Build the network of the plans once, seeded (or from ``start_checkpoint``); write its arrays."""
     import torch
@@ -251,6 +290,7 @@ COMMANDS: dict[str, Callable[[dict[str, Any], CpuConfig, Callable[..., None]], N
     "plan": plan,
     "train": train,
     "plan_fingerprint": plan_fingerprint,
+    "plan_stock": plan_stock,
     "preprocess": preprocess,
     "init_weights": init_weights,
     "train_round": train_round,

@@ -50,6 +50,7 @@ def predict_labels(
     spacing_zyx: tuple[float, float, float],
     min_island_ml: float = MIN_ISLAND_ML,
     chunk_slices: int = 0,
+    skip_air: bool = False,
 ) -> Prediction:
     """Labels of a ``[1, z, y, x]`` image on its own grid, through nnU-Net's preprocessing and network.
 
@@ -58,6 +59,7 @@ def predict_labels(
     :func:`suppress_islands`); 0 keeps them. An image of more than
     ``chunk_slices`` slices (0: never) is preprocessed in z-chunks of about that
     many slices (:mod:`rtseg.model.chunked`): the same model-grid data, the same labels.
+    ``skip_air``: windows of nothing but air are not run (:func:`logits_skipping_air`).
     """
     t0 = time.perf_counter()
     plan = plan_chunks(predictor, image, spacing_zyx, chunk_slices) if chunk_slices else None
@@ -66,7 +68,7 @@ def predict_labels(
     else:
         data, properties = preprocess(predictor, np.asarray(image, dtype=np.float32), spacing_zyx)
     t1 = time.perf_counter()
-    logits = sliding_window_logits(predictor, data)
+    logits = sliding_window_logits(predictor, data, skip_air)
     del data
     if min_island_ml > 0:
         voxel_ml = float(np.prod(predictor.configuration_manager.spacing)) / 1000.0
@@ -178,8 +180,13 @@ def preprocess(
     return torch.from_numpy(data), properties
 
 
-def sliding_window_logits(predictor: nnUNetPredictor, data: torch.Tensor) -> torch.Tensor:
-    """Logits ``[class, z, y, x]`` at the model's spacing, averaged over the predictor's folds."""
+def sliding_window_logits(
+    predictor: nnUNetPredictor, data: torch.Tensor, skip_air: bool = False
+) -> torch.Tensor:
+    """Logits ``[class, z, y, x]`` at the model's spacing, averaged over the predictor's folds.
+
+    ``skip_air``: windows that hold nothing but air are not run (see :func:`logits_skipping_air`).
+    """
     import torch
 
     network = getattr(predictor.network, "_orig_mod", predictor.network)  # torch.compile wraps it
@@ -187,12 +194,71 @@ def sliding_window_logits(predictor: nnUNetPredictor, data: torch.Tensor) -> tor
     with torch.inference_mode():
         for params in predictor.list_of_parameters:
             network.load_state_dict(params)
-            logits = predictor.predict_sliding_window_return_logits(data).to("cpu")
+            if skip_air:
+                logits = logits_skipping_air(predictor, data)
+            else:
+                logits = predictor.predict_sliding_window_return_logits(data).to("cpu")
             total = logits if total is None else total + logits
     assert total is not None  # nnU-Net refuses a model folder without folds
     if len(predictor.list_of_parameters) > 1:
         total = total / len(predictor.list_of_parameters)  # not in place: an inference tensor
     return total
+
+
+AIR_TOLERANCE = 1e-3  # normalised units: cubic resampling of a constant region rounds, nothing more
+
+
+def air_floor(predictor: nnUNetPredictor) -> float | None:
+    """The normalised value of air: nnU-Net's CT normalisation clips everything below the 0.5th percentile
+    of foreground HU to one value. None when the model's normalisation is not nnU-Net's CT one."""
+    manager = predictor.configuration_manager
+    if list(manager.normalization_schemes) != ["CTNormalization"]:
+        return None
+    props = predictor.plans_manager.foreground_intensity_properties_per_channel["0"]
+    return float((props["percentile_00_5"] - props["mean"]) / max(props["std"], 1e-8))
+
+
+def window_slicers(predictor: nnUNetPredictor, data: torch.Tensor) -> tuple[Any, list[Any], list[bool]]:
+    """nnU-Net's padded input, its sliding-window slicers and which windows hold more than air."""
+    from acvl_utils.cropping_and_padding.padding import pad_nd_image
+
+    patch = predictor.configuration_manager.patch_size
+    padded, revert = pad_nd_image(data, patch, "constant", {"value": 0}, True, None)
+    slicers = predictor._internal_get_sliding_window_slicers(padded.shape[1:])
+    floor = air_floor(predictor)
+    if floor is None:
+        return (padded, revert), slicers, [True] * len(slicers)
+    # padding is 0 (the mean foreground HU), never air: a window reaching into it is run
+    busy = [bool(padded[s].max() > floor + AIR_TOLERANCE) for s in slicers]
+    return (padded, revert), slicers, busy
+
+
+def logits_skipping_air(predictor: nnUNetPredictor, data: torch.Tensor) -> torch.Tensor:
+    """nnU-Net's Gaussian-weighted sliding window over only the windows that hold more than air.
+
+    A window whose every input voxel is at the CT normalisation's lower clip
+    (air, or anything below the 0.5th percentile of the training foreground's
+    HU) is not run. No voxel above that floor lies in a skipped window, so every
+    such voxel gets exactly the windows and weights nnU-Net gives it: the
+    logits there are nnU-Net's. Voxels that only skipped windows cover get
+    background. Uses nnU-Net's own slicer and accumulation (private methods of
+    ``nnUNetPredictor``, checked against its public path by the tests).
+    """
+    import torch
+
+    (padded, revert), slicers, busy = window_slicers(predictor, data)
+    kept = [s for s, b in zip(slicers, busy, strict=True) if b]
+    log.info("sliding window: %d of %d windows hold more than air", len(kept), len(slicers))
+    heads = predictor.label_manager.num_segmentation_heads
+    if not kept:
+        logits = torch.zeros((heads, *padded.shape[1:]), dtype=torch.half)
+    else:
+        predictor.network.eval()
+        logits = predictor._internal_predict_sliding_window_return_logits(padded, kept, False).to("cpu")
+    uncovered = torch.isnan(logits[0]) if kept else torch.ones(padded.shape[1:], dtype=torch.bool)
+    logits[:, uncovered] = 0  # 0 / 0 where no window ran: background there
+    logits[0, uncovered] = 1
+    return logits[(slice(None), *revert[1:])]
 
 
 def labels_on_input_grid(

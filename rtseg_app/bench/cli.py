@@ -74,8 +74,9 @@ def register(sub: Any, handlers: dict[str, Handler]) -> None:
         "--section",
         action="append",
         choices=ALL_SECTIONS,
-        help="run only this section (repeatable); http (uploads while a segmentation runs) and robust"
-        " (robust aggregation vs a poisoned site) run only when named",
+        help="run only this section (repeatable); http (uploads while a segmentation runs), robust"
+        " (robust aggregation vs a poisoned site) and clinical (a stock-size nnU-Net, stock vs rtseg's"
+        " levers; trains its model once, ~15 min, then ~30 min of measuring) run only when named",
     )
     p.add_argument("--uploads", type=_count(1), help="http section: concurrent uploads (default 20; quick 5)")
     p.add_argument(

@@ -17,7 +17,7 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,11 @@ class Variant:
     bf16: bool = False
     min_island_ml: float = MIN_ISLAND_ML  # rtseg's speck removal; 0: nnU-Net's labels as they are
     runtime: str = "torch"  # the network's runtime: torch, compile (torch.compile), onnxruntime, openvino
+    skip_air: bool = False  # air-only windows not run (rtseg.model.inference.logits_skipping_air)
+    # the network replaced by one that returns zeros: what the rest of the path costs (stock's overhead)
+    zero_network: bool = False
+    # stock with these mirroring axes instead of the checkpoint's (nnU-Net's own trainer records (0, 1, 2))
+    mirror_axes: tuple[int, ...] | None = None
 
 
 STOCK = Variant("stock nnU-Net (defaults)", stock=True, use_mirroring=True)
@@ -85,6 +90,9 @@ class Run:
     peak_rss_mb: float
     phases: dict[str, float]
     labels: str
+    network_s: float = 0.0  # seconds inside the network's forward calls
+    forwards: int = 0  # forward calls (windows × mirrorings × folds)
+    params: int = 0  # parameters of the network (0: not a torch network)
 
 
 def save_input(volume_hu: npt.NDArray[Any], spacing_zyx: tuple[float, float, float], path: Path) -> Path:
@@ -145,29 +153,7 @@ def compare(
     spacing = orientation.canonical_spacing(volume.spacing)
     npz = save_input(orientation.to_canonical(np.asarray(volume.hu)), spacing, work / "input.npz")
     structures = load_manifest(model_dir).structures
-    runs: list[dict[str, Any]] = []
-    reference: npt.NDArray[np.uint8] | None = None
-    for variant in variants:
-        missing = missing_modules(variant)
-        if missing:
-            say(f"inference: {variant.name}: not measured, {', '.join(missing)} not installed")
-            runs.append({"variant": variant.name, "skipped": f"{', '.join(missing)} not installed"})
-            continue
-        say(f"inference: {variant.name} ...")
-        run = run_variant(variant, model_dir, npz, work, timeout)
-        labels = np.load(run.labels)
-        entry: dict[str, Any] = asdict(run)
-        if reference is None:
-            reference, base = labels, run.predict_s
-        dice_vs = agreement(labels, reference, structures)
-        entry["speedup"] = base / run.predict_s if run.predict_s > 0 else None
-        entry["min_dice"] = _min(dice_vs)
-        entry["dice"] = dice_vs
-        runs.append(entry)
-        say(
-            f"  predict {run.predict_s:.1f} s, peak RSS {run.peak_rss_mb:.0f} MB,"
-            f" min Dice {_f4(entry['min_dice'])}"
-        )
+    runs = run_variants(model_dir, npz, structures, work, variants, timeout, say)
     ours = runs[1] if len(runs) > 1 else runs[0]
     unfiltered = next((r for r in runs[1:] if r["variant"] == UNFILTERED.name), None)
     return {
@@ -182,6 +168,46 @@ def compare(
         "dice_vs_stock": ours["dice"],
         "min_dice_unfiltered": unfiltered["min_dice"] if unfiltered else None,
     }
+
+
+def run_variants(
+    model_dir: Path,
+    npz: Path,
+    structures: tuple[Structure, ...],
+    work: Path,
+    variants: tuple[Variant, ...],
+    timeout: float,
+    say: Callable[[str], None] = log.info,
+    reference: npt.NDArray[np.uint8] | None = None,
+) -> list[dict[str, Any]]:
+    """Each variant on the input ``npz`` in its own child; Dice and speedup against the first one run.
+
+    ``reference``: labels to compare against instead (speedup is then left out).
+    """
+    runs: list[dict[str, Any]] = []
+    base: float | None = None
+    for variant in variants:
+        missing = missing_modules(variant)
+        if missing:
+            say(f"inference: {variant.name}: not measured, {', '.join(missing)} not installed")
+            runs.append({"variant": variant.name, "skipped": f"{', '.join(missing)} not installed"})
+            continue
+        say(f"inference: {variant.name} ...")
+        run = run_variant(variant, model_dir, npz, work, timeout)
+        labels = np.load(run.labels)
+        entry: dict[str, Any] = asdict(run)
+        if reference is None:
+            reference, base = labels, run.predict_s
+        dice_vs = agreement(labels, reference, structures)
+        entry["speedup"] = base / run.predict_s if base is not None and run.predict_s > 0 else None
+        entry["min_dice"] = _min(dice_vs)
+        entry["dice"] = dice_vs
+        runs.append(entry)
+        say(
+            f"  predict {run.predict_s:.1f} s (network {run.network_s:.1f} s, {run.forwards} forwards),"
+            f" peak RSS {run.peak_rss_mb:.0f} MB, min Dice {_f4(entry['min_dice'])}"
+        )
+    return runs
 
 
 def missing_modules(variant: Variant) -> list[str]:
@@ -213,7 +239,12 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     image = data["hu"][None].astype(np.float32)
     spacing = tuple(float(s) for s in data["spacing"])
     started = time.perf_counter()
-    predict = _load_stock(spec["model"]) if variant.stock else _load_ours(spec["model"], variant)
+    if variant.stock:
+        predict, predictor = _load_stock(spec["model"], variant.zero_network, variant.mirror_axes)
+    else:
+        predict, predictor = _load_ours(spec["model"], variant)
+    params = sum(p.numel() for p in predictor.network.parameters())
+    timing = _time_forwards(predictor.network)
     loaded = time.perf_counter()
     labels, phases = predict(image, spacing)
     done = time.perf_counter()
@@ -225,10 +256,30 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_mb": _peak_rss_mb(),
         "phases": phases,
         "labels": spec["out"] + ".npy",
+        "network_s": timing["seconds"],
+        "forwards": int(timing["calls"]),
+        "params": int(params),
     }
 
 
-def _load_stock(model: str) -> Any:
+def _time_forwards(network: Any) -> dict[str, float]:
+    """Seconds spent in and calls of ``network``'s forward (hooks: the network itself is unchanged)."""
+    timing = {"seconds": 0.0, "calls": 0.0}
+    started: list[float] = []
+
+    def before(*_: Any) -> None:
+        started.append(time.perf_counter())
+
+    def after(*_: Any) -> None:
+        timing["seconds"] += time.perf_counter() - started.pop()
+        timing["calls"] += 1
+
+    network.register_forward_pre_hook(before)
+    network.register_forward_hook(after)
+    return timing
+
+
+def _load_stock(model: str, zeros: bool = False, mirror_axes: Sequence[int] | None = None) -> tuple[Any, Any]:
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
@@ -237,14 +288,32 @@ def _load_stock(model: str) -> Any:
     predictor = nnUNetPredictor(device=torch.device("cpu"), allow_tqdm=False)
     folds = load_manifest(Path(model)).folds  # the folder's own folds (auto-detection skips fold_all)
     predictor.initialize_from_trained_model_folder(model, use_folds=folds)
+    if mirror_axes is not None:
+        predictor.allowed_mirroring_axes = tuple(int(a) for a in mirror_axes)
+    if zeros:
+        predictor.network = zero_network(predictor.label_manager.num_segmentation_heads)
 
     def predict(image: Any, spacing: tuple[float, ...]) -> tuple[Any, dict[str, float]]:
         return np.asarray(predictor.predict_single_npy_array(image, {"spacing": list(spacing)})), {}
 
-    return predict
+    return predict, predictor
 
 
-def _load_ours(model: str, variant: Variant) -> Any:
+def zero_network(heads: int) -> Any:
+    """A stand-in for the network with logits of zeros: the cost of everything around the network."""
+    import torch
+
+    class ZeroNetwork(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.new_zeros((x.shape[0], heads, *x.shape[2:]))
+
+        def load_state_dict(self, *_: Any, **__: Any) -> Any:  # nnU-Net loads each fold's weights
+            return torch.nn.modules.module._IncompatibleKeys([], [])
+
+    return ZeroNetwork()
+
+
+def _load_ours(model: str, variant: Variant) -> tuple[Any, Any]:
     import torch
 
     from rtseg.model.inference import predict_labels
@@ -269,11 +338,13 @@ def _load_ours(model: str, variant: Variant) -> Any:
     def predict(image: Any, spacing: tuple[float, float, float]) -> tuple[Any, dict[str, float]]:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant.bf16):
             if variant.engine == "rtseg":
-                prediction = predict_labels(predictor, image, spacing, variant.min_island_ml)
+                prediction = predict_labels(
+                    predictor, image, spacing, variant.min_island_ml, skip_air=variant.skip_air
+                )
                 return prediction.labels, prediction.phases
             return segmenter.predict_canonical(image[0], spacing), {}
 
-    return predict
+    return predict, predictor
 
 
 def runtime_network(predictor: Any, runtime: str) -> Any:

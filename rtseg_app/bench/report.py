@@ -87,6 +87,7 @@ def markdown(results: Results) -> str:
         _turnaround,
         _federation,
         _scaling,
+        _clinical,
         _http,
         _robust,
         _targets,
@@ -279,6 +280,40 @@ def _scaling(r: Results) -> list[str]:
             f"| {fig['slices']} | {fig['series']} | {fig['first_s']:.1f} | {fig['last_s']:.1f}"
             f" | {fig['peak_rss_mb']:.0f} |"
         )
+    return lines + [""]
+
+
+def _clinical(r: Results) -> list[str]:
+    c = r.get("clinical_scale")
+    if not isinstance(c, dict) or "variants" not in c:
+        return []
+    m = c["model"]
+    lines = [
+        "## Clinical-scale model (stock nnU-Net defaults vs rtseg's levers)",
+        "",
+        f"nnU-Net's default plans: patch {m['patch_size']}, spacing {m['spacing']} mm,"
+        f" {m['n_stages']} stages, features {m['features_per_stage']},"
+        f" {_f((m.get('params') or 0) / 1e6)} M parameters."
+        f" CT {c['ct']['shape']} (model grid {c['ct']['model_grid']}); windows on the whole CT by tile step:"
+        f" {c['windows_full']}. Agreement (Dice vs stock) and per-window times come from the crop"
+        f" {c['crop']['shape']} (model grid {c['crop']['model_grid']}); whole-CT seconds are measured or"
+        " extrapolated (cost around the network + seconds per window × windows), as the basis column says.",
+        "",
+        "| variant | predict s (whole CT) | basis | × faster than stock | peak RSS MB | RSS on"
+        f" | min Dice vs stock (crop) | … structures ≥ {c.get('nontrivial_ml', 5.0):g} ml"
+        " | crop s | crop forwards |",
+        "|---|---:|---|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for v in c["variants"]:
+        if "skipped" in v:
+            lines.append(f"| {v['variant']} | not measured: {v['skipped']} | | | | | | | | |")
+            continue
+        lines.append(
+            f"| {v['variant']} | {_f(v['predict_s'])} | {v['basis']} | {_f(v['speedup'], 2)}"
+            f" | {_f(v['peak_rss_mb'], 0)} | {v['rss_basis']} | {_f(v['min_dice'], 4)}"
+            f" | {_f(v.get('min_dice_nontrivial'), 4)} | {_f(v['crop_predict_s'])} | {v['crop_forwards']} |"
+        )
+    lines += ["", "Not measured:", ""] + [f"- {k}: {v}" for k, v in c.get("not_tried", {}).items()]
     return lines + [""]
 
 

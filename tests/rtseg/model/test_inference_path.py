@@ -114,3 +114,61 @@ def test_half_precision_logits_tie_like_nnunet() -> None:
     stock = _stock_labels(logits, shape, [4.0, 3.0, 3.0], [1.7, 1.17, 1.23])
     assert {3, 4} <= set(np.unique(stock))  # the near-tie is real
     assert (ours == stock).mean() > 0.9999
+
+
+@pytest.fixture(scope="module")
+def default_predictor():  # type: ignore[no-untyped-def]
+    from rtseg.model.default import default_model_dir
+    from rtseg.model.segmenter import NnunetSegmenter
+
+    return NnunetSegmenter(default_model_dir(), device="cpu", threads=1, runtime="torch")._predictor
+
+
+def _count_forwards(network: torch.nn.Module) -> list[int]:
+    calls = [0]
+
+    def hook(*_: object) -> None:
+        calls[0] += 1
+
+    network.register_forward_pre_hook(hook)
+    return calls
+
+
+def test_windows_of_nothing_but_air_are_skipped_and_the_body_keeps_nnunets_logits(default_predictor) -> None:  # type: ignore[no-untyped-def]
+    from rtseg.model.inference import air_floor, logits_skipping_air
+
+    predictor = default_predictor
+    floor = air_floor(predictor)
+    assert floor is not None
+    patch = predictor.configuration_manager.patch_size  # the default model: [48, 80, 80]
+    shape = (patch[0], patch[1], 3 * patch[2])  # five windows along x at step 0.5
+    rng = np.random.default_rng(0)
+    data = np.full((1, *shape), floor, dtype=np.float32)
+    body = (slice(None), slice(None), slice(8, shape[1] - 8), slice(0, patch[2] - 10))
+    data[body] = rng.normal(0.0, 1.0, size=data[body].shape).astype(np.float32)
+    tensor = torch.from_numpy(data)
+    calls = _count_forwards(predictor.network)
+    with torch.inference_mode():
+        stock = predictor.predict_sliding_window_return_logits(tensor).float()
+        ran_stock = calls[0]
+        skipping = logits_skipping_air(predictor, tensor).float()
+    ran_skipping = calls[0] - ran_stock
+    assert (ran_stock, ran_skipping) == (5, 2)  # windows at x 0 and 40 hold body; 80, 120, 160 air only
+    inside = torch.from_numpy(data[0] > floor + 1e-3)
+    assert torch.equal(stock[:, inside], skipping[:, inside])
+    far = skipping[:, :, :, 2 * patch[2] :]  # covered by skipped windows only
+    assert bool((far.argmax(0) == 0).all())
+
+
+def test_nothing_is_skipped_without_ct_normalisation(default_predictor) -> None:  # type: ignore[no-untyped-def]
+    from rtseg.model.inference import window_slicers
+
+    manager = default_predictor.configuration_manager
+    saved = manager.configuration["normalization_schemes"]
+    manager.configuration["normalization_schemes"] = ["ZScoreNormalization"]
+    try:
+        data = torch.full((1, *manager.patch_size), -5.0)
+        _, slicers, busy = window_slicers(default_predictor, data)
+    finally:
+        manager.configuration["normalization_schemes"] = saved
+    assert len(slicers) == 1 and busy == [True]
