@@ -22,26 +22,12 @@ from rtseg.paths import safe_child
 
 
 def plan(args: dict[str, Any], config: CpuConfig, emit: Callable[..., None]) -> None:
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import (
-        extract_fingerprint_dataset,
-        plan_experiment_dataset,
-        preprocess_dataset,
-    )
-    from nnunetv2.paths import nnUNet_preprocessed
-    from nnunetv2.utilities.dataset_name_id_conversion import convert_id_to_dataset_name
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
 
     dataset_id = int(args["dataset_id"])
     workers = max(1, config.preprocess_workers)
-    extract_fingerprint_dataset(
-        dataset_id,
-        num_processes=workers,
-        check_dataset_integrity=True,
-        verbose=False,
-        show_progress_bar=False,
-    )
-    plan_experiment_dataset(dataset_id)
-    folder = Path(nnUNet_preprocessed.require()) / convert_id_to_dataset_name(dataset_id)
-    plans_file = folder / f"{PLANS_IDENTIFIER}.json"
+    plans_file = _fingerprint_and_plan(dataset_id, workers)
+    folder = plans_file.parent
     plans = cpu_plans(json.loads(plans_file.read_text()), config)
     plans_file.write_text(json.dumps(plans, indent=4))
     emit(
@@ -53,6 +39,27 @@ def plan(args: dict[str, Any], config: CpuConfig, emit: Callable[..., None]) -> 
         dataset_id, PLANS_IDENTIFIER, (CONFIGURATION,), [workers], verbose=False, show_progress_bar=False
     )
     emit("done", preprocessed_dir=str(folder))
+
+
+def _fingerprint_and_plan(dataset_id: int, workers: int) -> Path:
+    """nnU-Net's fingerprint and default planner for ``dataset_id``; returns its plans file."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (
+        extract_fingerprint_dataset,
+        plan_experiment_dataset,
+    )
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.dataset_name_id_conversion import convert_id_to_dataset_name
+
+    extract_fingerprint_dataset(
+        dataset_id,
+        num_processes=workers,
+        check_dataset_integrity=True,
+        verbose=False,
+        show_progress_bar=False,
+    )
+    plan_experiment_dataset(dataset_id)
+    folder = Path(nnUNet_preprocessed.require()) / str(convert_id_to_dataset_name(dataset_id))
+    return folder / f"{PLANS_IDENTIFIER}.json"
 
 
 def train(args: dict[str, Any], config: CpuConfig, emit: Callable[..., None]) -> None:
@@ -148,26 +155,12 @@ def plan_stock(args: dict[str, Any], config: CpuConfig, emit: Callable[..., None
     the latter then gets ``config.patch_size_zyx`` and ``config.batch_size`` for
     training on small patches (the network, fully convolutional, is the same).
     """
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import (
-        extract_fingerprint_dataset,
-        plan_experiment_dataset,
-        preprocess_dataset,
-    )
-    from nnunetv2.paths import nnUNet_preprocessed
-    from nnunetv2.utilities.dataset_name_id_conversion import convert_id_to_dataset_name
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
 
     dataset_id = int(args["dataset_id"])
     workers = max(1, config.preprocess_workers)
-    extract_fingerprint_dataset(
-        dataset_id,
-        num_processes=workers,
-        check_dataset_integrity=True,
-        verbose=False,
-        show_progress_bar=False,
-    )
-    plan_experiment_dataset(dataset_id)
-    folder = Path(nnUNet_preprocessed.require()) / convert_id_to_dataset_name(dataset_id)
-    plans_file = folder / f"{PLANS_IDENTIFIER}.json"
+    plans_file = _fingerprint_and_plan(dataset_id, workers)
+    folder = plans_file.parent
     plans = json.loads(plans_file.read_text())
     (folder / "stock_plans.json").write_text(json.dumps(plans, indent=4))
     preprocess_dataset(

@@ -148,7 +148,9 @@ def clinical_section(
     box = crop_box(hu.shape, spacing, plans["patch_size"], plans["spacing"])
     root = work / "clinical-runs"
     root.mkdir(parents=True, exist_ok=True)
-    crop = _crop_runs(model, hu[box], spacing, structures, root / "crop", timeout, say)
+    say(f"   crop {list(hu[box].shape)}: stock and every lever")
+    variants = (STOCK, *LEVERS, STOCK_MIRRORED)
+    crop = _runs(variants, model, hu[box], spacing, structures, root / "crop", timeout, say)
     full = _full_runs(model, hu, spacing, structures, root / "full", timeout, say)
     figures = _figures(plans, hu.shape, spacing, box, crop, full, structures)
     figures["model"] = {"folder": str(model), **plans, "params": crop[0].get("params")}
@@ -163,7 +165,8 @@ def _canonical(volume: Any) -> tuple[npt.NDArray[np.float32], tuple[float, float
     return np.asarray(orientation.to_canonical(np.asarray(volume.hu)), dtype=np.float32), spacing
 
 
-def _crop_runs(
+def _runs(
+    variants: tuple[Any, ...],
     model: Path,
     hu: npt.NDArray[np.float32],
     spacing: tuple[float, float, float],
@@ -172,12 +175,12 @@ def _crop_runs(
     timeout: float,
     say: Callable[[str], None],
 ) -> list[dict[str, Any]]:
+    """``variants`` on ``hu``, each in its own child process, with ``hu`` saved once under ``work``."""
     from rtseg_app.bench.inference import run_variants, save_input
 
     work.mkdir(parents=True, exist_ok=True)
     npz = save_input(hu, spacing, work / "input.npz")
-    say(f"   crop {list(hu.shape)}: stock and every lever")
-    return run_variants(model, npz, structures, work, (STOCK, *LEVERS, STOCK_MIRRORED), timeout, say)
+    return run_variants(model, npz, structures, work, variants, timeout, say)
 
 
 def _full_runs(
@@ -189,12 +192,8 @@ def _full_runs(
     timeout: float,
     say: Callable[[str], None],
 ) -> list[dict[str, Any]]:
-    from rtseg_app.bench.inference import run_variants, save_input
-
-    work.mkdir(parents=True, exist_ok=True)
-    npz = save_input(hu, spacing, work / "input.npz")
     say(f"   whole CT {list(hu.shape)}: stock around a zero network, then {len(FULL_RUNS)} rtseg runs")
-    runs = run_variants(model, npz, structures, work, (STOCK_ZERO, *FULL_RUNS), timeout, say)
+    runs = _runs((STOCK_ZERO, *FULL_RUNS), model, hu, spacing, structures, work, timeout, say)
     for run in runs:  # the zero network's labels are all background: no agreement to speak of
         run.pop("speedup", None)
         run.pop("min_dice", None)
