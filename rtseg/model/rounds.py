@@ -93,10 +93,20 @@ def preprocess_like_model(
     return preprocess_with_plans(work_dir, dataset_id, plans, fingerprint, config)
 
 
+def _labels_of(path: Path) -> Any:
+    """The ``labels`` of a dataset.json; a file that is not one is a :class:`ModelError` naming it."""
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"cannot read {path.name}: {exc}", source=str(path)) from exc
+    if not isinstance(found, dict) or not isinstance(found.get("labels"), dict):
+        raise ModelError(f"{path.name} has no 'labels' table", source=str(path))
+    return found["labels"]
+
+
 def _same_labels(model_dir: Path, dataset_json: Path) -> None:
     """Refuse a model whose label table is not the dataset's: its weights cannot go on with these cases."""
-    theirs = json.loads((Path(model_dir) / "dataset.json").read_text()).get("labels")
-    ours = json.loads(dataset_json.read_text()).get("labels")
+    theirs, ours = _labels_of(Path(model_dir) / "dataset.json"), _labels_of(dataset_json)
     if theirs != ours:
         other = sorted(set(theirs or {}) ^ set(ours or {})) or ["the same names with other numbers"]
         raise ModelError(

@@ -417,6 +417,11 @@ def test_a_model_with_other_labels_is_refused_before_preprocessing(tmp_path: Pat
     with pytest.raises(ModelError, match="has other labels than the dataset .*Liver") as refused:
         preprocess_like_model(tmp_path, 903, "Other", default_model_dir(), TINY)
     assert "its weights cannot be continued on these cases" in str(refused.value)
+    hostile = tmp_path / "hostile"
+    shutil.copytree(default_model_dir(), hostile)
+    (hostile / "dataset.json").write_text("[1, 2]")  # a peer's model folder that lies
+    with pytest.raises(ModelError, match="dataset.json has no 'labels' table"):
+        preprocess_like_model(tmp_path, 903, "Other", hostile, TINY)
     assert not nnunet_dirs(tmp_path).preprocessed.exists() or not any(
         nnunet_dirs(tmp_path).preprocessed.iterdir()
     )
