@@ -64,6 +64,12 @@ def register(sub: Any, handlers: dict[str, Handler]) -> None:
         metavar="N",
         help="scaling section: the node's [node] chunk_slices (default the node's, 300; 0: one piece)",
     )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        help="inference, levers and clinical sections: run stock nnU-Net and rtseg on this device (default"
+        " cpu; cuda: on the GPU, the CPU-only runtimes left out)",
+    )
     p.add_argument("--model", type=Path, help="model folder (default: the embedded default model)")
     p.add_argument("--slices", type=_count(8), help="slices of the benchmark CT (default 200; quick 48)")
     p.add_argument("--matrix", type=_count(32), help="matrix of the benchmark CT (default 512; quick 128)")

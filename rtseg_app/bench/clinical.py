@@ -16,6 +16,10 @@ Gaussian) takes hours on a few CPU cores for a 512² × 200 CT with a
   of windows each tile step (and air skipping) needs there;
 * every other full-CT time is extrapolated: cost around the network + seconds
   per window × windows on the whole CT. ``basis`` says which figure is which.
+
+On a GPU (``rtseg bench --device cuda``) nothing needs extrapolating: the
+model is trained there (same recipe), and stock, stock with mirroring on 3
+axes and each rtseg lever that runs on CUDA run on the whole CT, measured.
 """
 
 from __future__ import annotations
@@ -71,8 +75,18 @@ NOT_TRIED = {
     "coarse-to-fine": "not measured: it needs a second (low-resolution) model and changes labels; not"
     " a lever that keeps stock's labels",
     "torch.compile": "not measured here (measured on the default model: docs/performance.md)",
-    "CUDA": "not measured: no GPU machine in this session",
+    "CUDA": "run with --device cuda on a machine with a GPU (a separate table)",
 }
+# On CUDA: every variant on the whole CT. The exported runtimes run on the CPU only; bf16 autocast is no
+# lever there (nnU-Net's sliding window already runs under CUDA autocast, float16), nor are threads or
+# channels-last (cuDNN picks its layouts); step 0.75 has the window count of 1.0 on the bench CT.
+GPU_VARIANTS = (
+    STOCK,
+    STOCK_MIRRORED,
+    TORCH,
+    replace(TORCH, name="rtseg, tile step 1.0", tile_step_size=1.0),
+    replace(TORCH, name="rtseg, skip air windows", skip_air=True),
+)
 
 
 def windows_along(size: int, patch: int, step: float) -> int:
@@ -132,19 +146,36 @@ def structure_volumes(
 
 
 def clinical_section(
-    work: Path, slices: int, matrix: int, timeout: float, say: Callable[[str], None]
+    work: Path,
+    slices: int,
+    matrix: int,
+    timeout: float,
+    say: Callable[[str], None],
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """Build (or reuse) the stock-size model, run the crop and full-CT measurements, extrapolate."""
+    """Build (or reuse) the stock-size model, run the crop and full-CT measurements, extrapolate.
+
+    ``device`` ``"cuda"``: the model is built under ``work/clinical-cuda`` (trained on the GPU) and every
+    variant runs on the whole CT (:func:`_gpu_figures`).
+    """
     from rtseg.model.manifest import load_manifest
     from rtseg_app.bench.clinical_model import clinical_model, describe_plans
     from rtseg_app.bench.volume import bench_volume
 
-    model = clinical_model(work / "clinical", say)
+    cuda = device == "cuda"
+    model = clinical_model(work / ("clinical-cuda" if cuda else "clinical"), say)
     plans = describe_plans(json.loads((model / "plans.json").read_text()))
     say(f"   model {model}: {plans}")
     structures = load_manifest(model).structures
     volume, _ = bench_volume(work, slices, matrix)
     hu, spacing = _canonical(volume)
+    if cuda:
+        variants = tuple(replace(v, device="cuda") for v in GPU_VARIANTS)
+        say(f"   whole CT {list(hu.shape)} on the GPU: stock and every lever that runs on CUDA")
+        runs = _runs(variants, model, hu, spacing, structures, work / "clinical-runs-cuda", timeout, say)
+        figures = _gpu_figures(plans, hu.shape, spacing, runs, structures)
+        figures["model"] = {"folder": str(model), **plans, "params": runs[0].get("params")}
+        return figures
     box = crop_box(hu.shape, spacing, plans["patch_size"], plans["spacing"])
     root = work / "clinical-runs"
     root.mkdir(parents=True, exist_ok=True)
@@ -249,6 +280,53 @@ def _figures(
         "structures_ml": volumes,
         "nontrivial_ml": NONTRIVIAL_ML,
         "not_tried": NOT_TRIED,
+        "method": __doc__,
+    }
+
+
+def _gpu_figures(
+    plans: dict[str, Any],
+    shape: Sequence[int],
+    spacing: Sequence[float],
+    runs: list[dict[str, Any]],
+    structures: Any,
+) -> dict[str, Any]:
+    """Rows of whole-CT runs on the GPU: all measured; speedups against stock with and without mirroring."""
+    stock, mirrored = runs[0], runs[1]
+    names = {s.label: s.name for s in structures}
+    stock_ml = structure_volumes(np.load(stock["labels"]), spacing, names)
+    rows = []
+    for run in runs:
+        if "skipped" in run:
+            rows.append({"variant": run["variant"], "skipped": run["skipped"]})
+            continue
+        seconds = float(run["predict_s"])
+        rows.append(
+            {
+                "variant": run["variant"],
+                "predict_s": round(seconds, 2),
+                "basis": "measured",
+                "peak_rss_mb": round(run["peak_rss_mb"]),
+                "rss_basis": "whole CT",
+                "gpu_peak_mb": round(run["gpu_peak_mb"]) if run.get("gpu_peak_mb") is not None else None,
+                "speedup": round(stock["predict_s"] / seconds, 2) if seconds > 0 else None,
+                "speedup_vs_mirrored": round(mirrored["predict_s"] / seconds, 2) if seconds > 0 else None,
+                "min_dice": run.get("min_dice"),
+                "min_dice_nontrivial": min_dice_over(run.get("dice", {}), stock_ml),
+                "network_s": round(run["network_s"], 2),
+                "forwards": run["forwards"],
+                "load_s": round(run["load_s"], 1),
+            }
+        )
+    grid = model_grid(shape, spacing, plans["spacing"])
+    return {
+        "device": "cuda",
+        "ct": {"shape": list(shape), "spacing_zyx": [round(s, 3) for s in spacing], "model_grid": grid},
+        "windows_full": {str(s): window_count(grid, plans["patch_size"], s) for s in STEPS},
+        "variants": rows,
+        "full_runs": runs,
+        "structures_ml": {"stock_whole_ct": stock_ml},
+        "nontrivial_ml": NONTRIVIAL_ML,
         "method": __doc__,
     }
 

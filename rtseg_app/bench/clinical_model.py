@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,14 +81,22 @@ def clinical_model(
 
     say(f"clinical model: {recipe.cases} phantoms of center {recipe.center} at {recipe.matrix}²")
     cohort = work / "cohort"
-    generate_cohort(recipe.center, recipe.cases, recipe.seed, cohort, matrix=recipe.matrix, workers=2)
+    workers = _workers(recipe.cases)
+    generate_cohort(recipe.center, recipe.cases, recipe.seed, cohort, matrix=recipe.matrix, workers=workers)
     cases = canonical_cases(cohort, CLINICAL_SPACING_ZYX)
     write_raw_dataset(nnunet_dirs(work).raw, DATASET_ID, DATASET_NAME, cases, dataset_labels())
     say("clinical model: nnU-Net fingerprint, default planner, 3d_fullres preprocessing")
-    planned = run_child("plan_stock", {"dataset_id": DATASET_ID}, work, recipe.train, None)
+    planning = replace(recipe.train, preprocess_workers=max(recipe.train.preprocess_workers, workers))
+    planned = run_child("plan_stock", {"dataset_id": DATASET_ID}, work, planning, None)
     stock_plans = Path(planned["stock_plans"])
     say(f"clinical model: {describe_plans(json.loads(stock_plans.read_text()))}")
     return _train_and_export(work, out, stock_plans, recipe, say)
+
+
+def _workers(cases: int) -> int:
+    """Processes for drawing and preprocessing the phantoms: 2 as on the bench's 2 cores, more where there
+    are more cores (a GPU machine); the cases and the plans do not depend on it."""
+    return max(2, min(cases, os.cpu_count() or 2))
 
 
 def _train_and_export(

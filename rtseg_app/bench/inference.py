@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import numpy.typing as npt
 
 from rtseg.errors import ModelError
 from rtseg.metrics import dice
+from rtseg.model.engines import RUNTIME_PACKAGES
 from rtseg.structures import MIN_ISLAND_ML, Structure
 from rtseg.volume import CTVolume, Orientation
 
@@ -37,7 +38,7 @@ NNUNET_THREAD_CAPS = ("nnUNet_def_n_proc", "nnUNet_n_proc_DA")
 
 @dataclass(frozen=True)
 class Variant:
-    """One way to run inference. ``stock``: ``nnUNetPredictor`` with its defaults (device CPU)."""
+    """One way to run inference. ``stock``: ``nnUNetPredictor`` with its defaults, on ``device``."""
 
     name: str
     stock: bool = False
@@ -54,6 +55,7 @@ class Variant:
     zero_network: bool = False
     # stock with these mirroring axes instead of the checkpoint's (nnU-Net's own trainer records (0, 1, 2))
     mirror_axes: tuple[int, ...] | None = None
+    device: str = "cpu"  # "cuda": stock and rtseg on the GPU (nnU-Net's autocast and on-device path)
 
 
 STOCK = Variant("stock nnU-Net (defaults)", stock=True, use_mirroring=True)
@@ -93,6 +95,12 @@ class Run:
     network_s: float = 0.0  # seconds inside the network's forward calls
     forwards: int = 0  # forward calls (windows × mirrorings × folds)
     params: int = 0  # parameters of the network (0: not a torch network)
+    gpu_peak_mb: float | None = None  # torch's peak GPU memory allocated (None: on the CPU)
+
+
+def on_device(variants: tuple[Variant, ...], device: str) -> tuple[Variant, ...]:
+    """``variants`` with the network on ``device`` (``"cpu"`` or ``"cuda"``)."""
+    return tuple(replace(v, device=device) for v in variants)
 
 
 def save_input(volume_hu: npt.NDArray[Any], spacing_zyx: tuple[float, float, float], path: Path) -> Path:
@@ -187,6 +195,10 @@ def run_variants(
     runs: list[dict[str, Any]] = []
     base: float | None = None
     for variant in variants:
+        if variant.device == "cuda" and variant.runtime in RUNTIME_PACKAGES:
+            say(f"inference: {variant.name}: not measured, {variant.runtime} runs on the CPU only")
+            runs.append({"variant": variant.name, "skipped": f"{variant.runtime} runs on the CPU only"})
+            continue
         missing = missing_modules(variant)
         if missing:
             say(f"inference: {variant.name}: not measured, {', '.join(missing)} not installed")
@@ -214,8 +226,6 @@ def missing_modules(variant: Variant) -> list[str]:
     """The modules ``variant``'s runtime needs that this environment lacks."""
     import importlib.util
 
-    from rtseg.model.engines import RUNTIME_PACKAGES
-
     modules = RUNTIME_PACKAGES.get(variant.runtime, ((), ""))[0]
     return [m for m in modules if importlib.util.find_spec(m) is None]
 
@@ -240,14 +250,19 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     spacing = tuple(float(s) for s in data["spacing"])
     started = time.perf_counter()
     if variant.stock:
-        predict, predictor = _load_stock(spec["model"], variant.zero_network, variant.mirror_axes)
+        predict, predictor = _load_stock(
+            spec["model"], variant.zero_network, variant.mirror_axes, variant.device
+        )
     else:
         predict, predictor = _load_ours(spec["model"], variant)
     params = sum(p.numel() for p in predictor.network.parameters())
-    timing = _time_forwards(predictor.network)
+    cuda = variant.device == "cuda"
+    timing = _time_forwards(predictor.network, synchronize=cuda)
+    if cuda:
+        _cuda_reset_peak()
     loaded = time.perf_counter()
     labels, phases = predict(image, spacing)
-    done = time.perf_counter()
+    done = time.perf_counter()  # the labels are on the host: the GPU's work is done
     np.save(spec["out"] + ".npy", labels.astype(np.uint8))
     return {
         "variant": variant.name,
@@ -259,18 +274,42 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         "network_s": timing["seconds"],
         "forwards": int(timing["calls"]),
         "params": int(params),
+        "gpu_peak_mb": _cuda_peak_mb() if cuda else None,
     }
 
 
-def _time_forwards(network: Any) -> dict[str, float]:
-    """Seconds spent in and calls of ``network``'s forward (hooks: the network itself is unchanged)."""
+def _cuda_reset_peak() -> None:
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def _cuda_peak_mb() -> float:
+    import torch
+
+    return float(torch.cuda.max_memory_allocated()) / 2**20
+
+
+def _time_forwards(network: Any, synchronize: bool = False) -> dict[str, float]:
+    """Seconds spent in and calls of ``network``'s forward (hooks: the network itself is unchanged).
+
+    ``synchronize``: wait for the GPU at each end, so that a forward's seconds are its kernels' and not
+    only their launch (costs a little overlap; the whole prediction's seconds are measured either way).
+    """
+    import torch
+
     timing = {"seconds": 0.0, "calls": 0.0}
     started: list[float] = []
 
     def before(*_: Any) -> None:
+        if synchronize:
+            torch.cuda.synchronize()
         started.append(time.perf_counter())
 
     def after(*_: Any) -> None:
+        if synchronize:
+            torch.cuda.synchronize()
         timing["seconds"] += time.perf_counter() - started.pop()
         timing["calls"] += 1
 
@@ -279,13 +318,16 @@ def _time_forwards(network: Any) -> dict[str, float]:
     return timing
 
 
-def _load_stock(model: str, zeros: bool = False, mirror_axes: Sequence[int] | None = None) -> tuple[Any, Any]:
+def _load_stock(
+    model: str, zeros: bool = False, mirror_axes: Sequence[int] | None = None, device: str = "cpu"
+) -> tuple[Any, Any]:
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     from rtseg.model.manifest import load_manifest
 
-    predictor = nnUNetPredictor(device=torch.device("cpu"), allow_tqdm=False)
+    # nnU-Net's defaults otherwise: perform_everything_on_device=True matters on CUDA only
+    predictor = nnUNetPredictor(device=torch.device(device), allow_tqdm=False)
     folds = load_manifest(Path(model)).folds  # the folder's own folds (auto-detection skips fold_all)
     predictor.initialize_from_trained_model_folder(model, use_folds=folds)
     if mirror_axes is not None:
@@ -321,7 +363,7 @@ def _load_ours(model: str, variant: Variant) -> tuple[Any, Any]:
 
     segmenter = NnunetSegmenter(
         Path(model),
-        device="cpu",
+        device=variant.device,
         threads=variant.threads,
         tile_step_size=variant.tile_step_size,
         use_mirroring=variant.use_mirroring,
@@ -336,7 +378,7 @@ def _load_ours(model: str, variant: Variant) -> tuple[Any, Any]:
         predictor.network = runtime_network(predictor, variant.runtime)
 
     def predict(image: Any, spacing: tuple[float, float, float]) -> tuple[Any, dict[str, float]]:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant.bf16):
+        with torch.autocast(variant.device, dtype=torch.bfloat16, enabled=variant.bf16):
             if variant.engine == "rtseg":
                 prediction = predict_labels(
                     predictor, image, spacing, variant.min_island_ml, skip_air=variant.skip_air

@@ -36,8 +36,11 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def describe_machine() -> dict[str, object]:
-    """CPU model, logical cores (and those this process may use), RAM, OS, Python and package versions."""
+def describe_machine(gpu: bool = False) -> dict[str, object]:
+    """CPU model, logical cores (and those this process may use), RAM, OS, Python and package versions.
+
+    ``gpu``: also the CUDA device torch sees (imports torch; the CPU-only report leaves it out).
+    """
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
         "cpu": _cpu_model(),
@@ -47,4 +50,17 @@ def describe_machine() -> dict[str, object]:
         "os": platform.platform(),
         "python": platform.python_version(),
         "versions": {name: _version(name) for name in PACKAGES},
+        "gpu": _gpu() if gpu else None,
     }
+
+
+def _gpu() -> str | None:
+    """The CUDA device torch sees, with its memory (None: none, or torch not installed)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return f"{props.name}, {props.total_memory / 2**30:.0f} GiB, torch {torch.__version__}"

@@ -57,6 +57,7 @@ class Plan:
     timeout_s: float  # per inference variant
     scaling_slices: tuple[int, ...]
     chunk_slices: int | None = None  # the scaling node's [node] chunk_slices; None: the node's default
+    device: str = "cpu"  # inference, levers and clinical: where stock and rtseg run the network
 
 
 FULL = Plan("full", 200, 512, 300, 512, 3, 10, 256, 4, 48, 10, 3600.0, (100, 200, 400, 800))
@@ -65,7 +66,8 @@ QUICK = Plan("quick", 48, 128, 60, 256, 1, 3, 64, 2, 32, 2, 600.0, (24, 48))
 
 def plan_from_args(args: argparse.Namespace) -> Plan:
     plan = QUICK if args.quick else FULL
-    overrides = {k: getattr(args, k) for k in ("slices", "matrix", "series", "case_matrix", "chunk_slices")}
+    keys = ("slices", "matrix", "series", "case_matrix", "chunk_slices", "device")
+    overrides = {k: getattr(args, k, None) for k in keys}
     if args.scaling_slices:
         overrides["scaling_slices"] = tuple(args.scaling_slices)
     return replace(plan, **{k: v for k, v in overrides.items() if v is not None})
@@ -86,7 +88,7 @@ def run_suite(args: argparse.Namespace) -> int:
         "mode": plan.mode,
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "plan": asdict(plan),
-        "machine": describe_machine(),
+        "machine": describe_machine(gpu=plan.device == "cuda"),
     }
     say(f"rtseg bench ({plan.mode}): work in {work}, report to {out}")
     uploads = args.uploads or HTTP_UPLOADS[plan.mode]
@@ -153,19 +155,22 @@ def _bench_ct(ctx: _Context) -> tuple[Any, Any]:
 
 
 def _inference(ctx: _Context) -> dict[str, Any]:
-    from rtseg_app.bench.inference import ENGINES, OURS, STOCK, UNFILTERED, compare
+    from rtseg_app.bench.inference import ENGINES, OURS, STOCK, UNFILTERED, compare, on_device
 
     volume, _ = _bench_ct(ctx)
-    variants = (STOCK, OURS, UNFILTERED, *ENGINES)
-    return compare(ctx.model, volume, ctx.work / "inference", variants, ctx.plan.timeout_s, say)
+    variants = on_device((STOCK, OURS, UNFILTERED, *ENGINES), ctx.plan.device)
+    work = ctx.work / ("inference-cuda" if ctx.plan.device == "cuda" else "inference")
+    return compare(ctx.model, volume, work, variants, ctx.plan.timeout_s, say)
 
 
 def _levers(ctx: _Context) -> dict[str, Any]:
     """rtseg's path with one change at a time; speed and Dice relative to rtseg's path itself."""
-    from rtseg_app.bench.inference import LEVERS, OURS, compare
+    from rtseg_app.bench.inference import LEVERS, OURS, compare, on_device
 
     volume, _ = _bench_ct(ctx)
-    return compare(ctx.model, volume, ctx.work / "levers", (OURS, *LEVERS), ctx.plan.timeout_s, say)
+    variants = on_device((OURS, *LEVERS), ctx.plan.device)
+    work = ctx.work / ("levers-cuda" if ctx.plan.device == "cuda" else "levers")
+    return compare(ctx.model, volume, work, variants, ctx.plan.timeout_s, say)
 
 
 def _receive(ctx: _Context) -> dict[str, Any]:
@@ -298,7 +303,8 @@ def _clinical(ctx: _Context) -> dict[str, Any]:
     """A stock-size nnU-Net (made and cached under the work folder): stock defaults vs rtseg's levers."""
     from rtseg_app.bench.clinical import clinical_section
 
-    return clinical_section(ctx.work, ctx.plan.slices, ctx.plan.matrix, ctx.plan.timeout_s, say)
+    plan = ctx.plan
+    return clinical_section(ctx.work, plan.slices, plan.matrix, plan.timeout_s, say, plan.device)
 
 
 SECTION_FUNCTIONS: dict[str, Callable[[_Context], dict[str, Any]]] = {

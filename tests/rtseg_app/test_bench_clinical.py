@@ -185,3 +185,82 @@ def test_the_clinical_section_runs_only_when_named() -> None:
     named = parser.parse_args(["bench", "--out", "x", "--section", "clinical"])
     assert "clinical" not in wanted_sections(quick)
     assert wanted_sections(named) == ["clinical"] and RESULT_KEYS["clinical"] == "clinical_scale"
+
+
+def test_on_the_gpu_every_figure_is_measured_on_the_whole_ct(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from rtseg.structures import STRUCTURES
+    from rtseg_app.bench.clinical import GPU_VARIANTS, STOCK_MIRRORED, _gpu_figures
+    from rtseg_app.bench.report import markdown
+
+    plans = {"patch_size": PATCH, "spacing": SPACING, "n_stages": 6, "features_per_stage": [32, 64]}
+    shape, spacing = (200, 512, 512), (0.87, 0.4016, 0.4016)
+    runs = [_run(tmp_path, STOCK.name, 8.0, 1.0, 18), _run(tmp_path, STOCK_MIRRORED.name, 16.0, 8.0, 144)]
+    runs += [_run(tmp_path, v.name, 4.0, 0.5, 18, dice=0.999) for v in GPU_VARIANTS[2:]]
+    runs[2]["gpu_peak_mb"] = 2500.0
+    fig = _gpu_figures(plans, shape, spacing, runs, STRUCTURES)
+    rows = {row["variant"]: row for row in fig["variants"]}
+    torch_row = rows[GPU_VARIANTS[2].name]
+    assert torch_row["basis"] == "measured" and torch_row["predict_s"] == 4.0
+    assert torch_row["speedup"] == 2.0 and torch_row["speedup_vs_mirrored"] == 4.0
+    assert torch_row["gpu_peak_mb"] == 2500 and rows[STOCK.name]["gpu_peak_mb"] is None
+    # _run's labels hold a speck of External (< 5 ml): no structure is large enough to be judged
+    assert set(fig["structures_ml"]["stock_whole_ct"]) == {s.name for s in STRUCTURES}
+    assert torch_row["min_dice"] == 0.999 and torch_row["min_dice_nontrivial"] is None
+    assert fig["windows_full"] == {"0.5": 18, "0.75": 8, "1.0": 8}
+    fig["model"] = {**plans, "params": 30_800_000}
+    text = markdown({"clinical_scale": fig})
+    assert "## Clinical-scale model on the GPU" in text
+    assert f"| {GPU_VARIANTS[2].name} | 4.00 | 2.00 | 4.00 | 0.50 | 18 | 1000 | 2500 | 0.9990 |" in text
+
+
+def test_cuda_variants_leave_out_the_cpu_only_runtimes_without_starting_a_child(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from rtseg.structures import STRUCTURES
+    from rtseg_app.bench.inference import ENGINES, on_device, run_variants
+
+    variants = on_device(ENGINES, "cuda")
+    assert {v.device for v in variants} == {"cuda"} and {v.runtime for v in variants} == {
+        "onnxruntime",
+        "openvino",
+    }
+    said: list[str] = []
+    runs = run_variants(
+        tmp_path / "no-model", tmp_path / "no-input.npz", STRUCTURES, tmp_path, variants, 1.0, said.append
+    )
+    assert [r["skipped"] for r in runs] == [
+        "onnxruntime runs on the CPU only",
+        "openvino runs on the CPU only",
+    ]
+    assert all("not measured" in line for line in said)
+
+
+def test_bench_device_reaches_the_plan() -> None:
+    import argparse
+
+    from rtseg_app.bench.cli import register
+    from rtseg_app.bench.suite import plan_from_args
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(), {})
+    assert plan_from_args(parser.parse_args(["bench", "--out", "x"])).device == "cpu"
+    cuda = parser.parse_args(["bench", "--out", "x", "--device", "cuda", "--section", "clinical"])
+    assert plan_from_args(cuda).device == "cuda"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "--out", "x", "--device", "tpu"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on these CPU machines)")
+def test_the_default_model_on_cuda_agrees_with_the_cpu(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from rtseg.model.default import default_model_dir
+    from rtseg.model.manifest import load_manifest
+    from rtseg_app.bench.clinical import _canonical
+    from rtseg_app.bench.inference import OURS, on_device, run_variants, save_input
+    from rtseg_app.bench.volume import bench_volume
+
+    volume, _ = bench_volume(tmp_path, 48, 128)
+    hu, spacing = _canonical(volume)
+    npz = save_input(hu, spacing, tmp_path / "input.npz")
+    model = default_model_dir()
+    variants = (OURS, *on_device((OURS,), "cuda"))
+    runs = run_variants(model, npz, load_manifest(model).structures, tmp_path, variants, 600.0)
+    assert runs[1]["gpu_peak_mb"] > 0 and runs[0]["gpu_peak_mb"] is None
+    assert runs[1]["min_dice"] >= 0.99
