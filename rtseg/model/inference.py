@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -245,6 +246,7 @@ def logits_skipping_air(predictor: nnUNetPredictor, data: torch.Tensor) -> torch
     ``nnUNetPredictor``, checked against its public path by the tests).
     """
     import torch
+    from nnunetv2.utilities.helpers import empty_cache
 
     (padded, revert), slicers, busy = window_slicers(predictor, data)
     kept = [s for s, b in zip(slicers, busy, strict=True) if b]
@@ -253,8 +255,21 @@ def logits_skipping_air(predictor: nnUNetPredictor, data: torch.Tensor) -> torch
     if not kept:
         logits = torch.zeros((heads, *padded.shape[1:]), dtype=torch.half)
     else:
+        # as nnU-Net's public predict_sliding_window_return_logits: the network on the predictor's device,
+        # CUDA autocast, the accumulation on the device where it may be (it falls back to the CPU on OOM)
+        device = predictor.device
+        predictor.network = predictor.network.to(device)
         predictor.network.eval()
-        logits = predictor._internal_predict_sliding_window_return_logits(padded, kept, False).to("cpu")
+        on_device = bool(predictor.perform_everything_on_device) and device.type == "cuda"
+        with torch.autocast(device.type, enabled=True) if device.type == "cuda" else nullcontext():
+            try:
+                logits = predictor._internal_predict_sliding_window_return_logits(padded, kept, on_device)
+            except RuntimeError:
+                if not on_device:
+                    raise
+                empty_cache(device)
+                logits = predictor._internal_predict_sliding_window_return_logits(padded, kept, False)
+        logits = logits.to("cpu")
     uncovered = torch.isnan(logits[0]) if kept else torch.ones(padded.shape[1:], dtype=torch.bool)
     logits[:, uncovered] = 0  # 0 / 0 where no window ran: background there
     logits[0, uncovered] = 1

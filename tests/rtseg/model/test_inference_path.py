@@ -172,3 +172,45 @@ def test_nothing_is_skipped_without_ct_normalisation(default_predictor) -> None:
     finally:
         manager.configuration["normalization_schemes"] = saved
     assert len(slicers) == 1 and busy == [True]
+
+
+def test_skipping_air_puts_the_network_on_the_predictors_device(default_predictor, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """On a GPU the skip-air path ran a CPU network on CUDA windows (found by `rtseg bench --device cuda`):
+    like nnU-Net's public sliding window, it moves the network to the predictor's device first."""
+    from rtseg.model.inference import logits_skipping_air
+
+    predictor = default_predictor
+    network = predictor.network
+    moved: list[object] = []
+
+    def to(*args: object, **kwargs: object) -> torch.nn.Module:
+        moved.append(args[0] if args else kwargs.get("device"))
+        return network
+
+    monkeypatch.setattr(network, "to", to)
+    data = torch.zeros((1, *predictor.configuration_manager.patch_size))
+    with torch.inference_mode():
+        logits_skipping_air(predictor, data)
+    assert moved == [predictor.device]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on these CPU machines)")
+def test_skipping_air_on_cuda_keeps_nnunets_logits_in_the_body() -> None:
+    from rtseg.model.default import default_model_dir
+    from rtseg.model.inference import air_floor, logits_skipping_air
+    from rtseg.model.segmenter import NnunetSegmenter
+
+    predictor = NnunetSegmenter(default_model_dir(), device="cuda", runtime="torch")._predictor
+    floor = air_floor(predictor)
+    assert floor is not None
+    patch = predictor.configuration_manager.patch_size
+    data = np.full((1, patch[0], patch[1], 3 * patch[2]), floor, dtype=np.float32)
+    data[:, :, 8:-8, : patch[2] - 10] = np.random.default_rng(0).normal(
+        size=(patch[0], patch[1] - 16, patch[2] - 10)
+    )
+    tensor = torch.from_numpy(data)
+    with torch.inference_mode():
+        stock = predictor.predict_sliding_window_return_logits(tensor).float().cpu()
+        skipping = logits_skipping_air(predictor, tensor).float()
+    inside = torch.from_numpy(data[0] > floor + 1e-3)
+    assert torch.allclose(stock[:, inside], skipping[:, inside], atol=1e-2)
