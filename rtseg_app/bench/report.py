@@ -254,11 +254,13 @@ def _http(r: Results) -> list[str]:
 
 
 def _robust(r: Results) -> list[str]:
-    from rtseg_app.bench.robust import markdown as robust_table
-
     robust = r.get("robust")
     if not isinstance(robust, dict) or "rows" not in robust:
         return []
+    # imported only here: it pulls in the federation (flwr, cryptography), which a run without this
+    # section (an inference-only machine, a GPU box) need not have
+    from rtseg_app.bench.robust import markdown as robust_table
+
     title = f"## Robust aggregation against one poisoned site ({robust['sites']} sites)"
     return [title, "", robust_table(robust["rows"]), ""]
 

@@ -264,3 +264,19 @@ def test_the_default_model_on_cuda_agrees_with_the_cpu(tmp_path) -> None:  # typ
     runs = run_variants(model, npz, load_manifest(model).structures, tmp_path, variants, 600.0)
     assert runs[1]["gpu_peak_mb"] > 0 and runs[0]["gpu_peak_mb"] is None
     assert runs[1]["min_dice"] >= 0.99
+
+
+def test_a_report_without_the_robust_section_needs_no_federation_packages() -> None:
+    """On the GPU machine (no flwr, no cryptography) the report crashed after the inference section."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from rtseg_app.bench.report import markdown\n"
+        "markdown({'mode': 'full', 'inference': {}})\n"
+        "federation = ('rtseg.federation', 'flwr', 'cryptography')\n"
+        "print(sorted(m for m in sys.modules if m.startswith(federation)))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
