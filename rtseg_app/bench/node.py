@@ -293,11 +293,51 @@ def group_rss_mb(pgid: int) -> float:
     return total / 2**20
 
 
-def concurrent_turnaround(node: NodeUnderTest, folders: list[Path]) -> dict[str, float | int]:
+def group_pids(pgid: int) -> list[int]:
+    """The live processes of process group ``pgid``."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if len(fields) > 2 and int(fields[2]) == pgid:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def reset_peaks(pids: list[int]) -> bool:
+    """Reset each process's peak resident set (``VmHWM``; Linux ``clear_refs`` 5); False where refused."""
+    try:
+        for pid in pids:
+            Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def process_peaks_mb(pids: list[int]) -> dict[int, float]:
+    """``VmHWM`` (MiB) of each live process: its exact peak since it started or since :func:`reset_peaks`."""
+    from rtseg_app.bench.http import peak_rss_mb
+
+    peaks = {}
+    for pid in pids:
+        try:
+            peaks[pid] = peak_rss_mb(pid)
+        except OSError:
+            continue  # ended
+    return peaks
+
+
+def concurrent_turnaround(node: NodeUnderTest, folders: list[Path]) -> dict[str, float | int | None]:
     """Send ``folders`` at once (one association each); seconds from the last acknowledged instance
-    to the first and the last RTSTRUCT, and the node's peak resident memory meanwhile (sampled)."""
+    to the first and the last RTSTRUCT, and the node's memory: the process tree's resident set summed
+    (sampled after the sending; shared pages count in every process) and each process's exact peak
+    over the whole exchange (``VmHWM``, reset first): the largest one (the inference worker) and their sum."""
     from concurrent.futures import ThreadPoolExecutor
 
+    pids = group_pids(node.pgid)
+    exact = reset_peaks(pids)
     before = node.results()
     peak = [group_rss_mb(node.pgid)]
 
@@ -310,9 +350,13 @@ def concurrent_turnaround(node: NodeUnderTest, folders: list[Path]) -> dict[str,
     node.wait_results(before + 1, poll=sample)
     first = time.perf_counter() - sent
     node.wait_results(before + len(folders), poll=sample)
+    last = time.perf_counter() - sent
+    peaks = process_peaks_mb(pids) if exact else {}
     return {
         "series": len(folders),
         "first_s": first,
-        "last_s": time.perf_counter() - sent,
+        "last_s": last,
         "peak_rss_mb": peak[0],
+        "largest_process_peak_mb": max(peaks.values()) if peaks else None,
+        "process_peaks_sum_mb": sum(peaks.values()) if peaks else None,
     }

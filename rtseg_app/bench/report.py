@@ -273,15 +273,19 @@ def _scaling(r: Results) -> list[str]:
         "## Scaling",
         "",
         f"Through `rtseg serve` ({sc['matrix']}² matrix, {_completion(sc)}, {_chunking(sc)}); "
-        "memory: the node's whole process tree, sampled, shared pages counted per process.",
+        "memory: the node's whole process tree, sampled, shared pages counted per process; and each"
+        " process's exact peak (VmHWM, reset before each row): the largest (the inference worker) and the"
+        " sum over the node's processes (an upper bound of the node's footprint).",
         "",
-        "| slices | series at once | first RTSTRUCT s | last RTSTRUCT s | node peak RSS MB |",
-        "|---:|---:|---:|---:|---:|",
+        "| slices | series at once | first RTSTRUCT s | last RTSTRUCT s | node RSS MB (sampled)"
+        " | worker peak MB | sum of peaks MB |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for fig in [*sc["by_slices"], *sc["by_concurrency"]]:
         lines.append(
             f"| {fig['slices']} | {fig['series']} | {fig['first_s']:.1f} | {fig['last_s']:.1f}"
-            f" | {fig['peak_rss_mb']:.0f} |"
+            f" | {fig['peak_rss_mb']:.0f} | {_f(fig.get('largest_process_peak_mb'), 0)}"
+            f" | {_f(fig.get('process_peaks_sum_mb'), 0)} |"
         )
     return lines + [""]
 

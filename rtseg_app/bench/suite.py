@@ -258,7 +258,10 @@ def _scaling(ctx: _Context) -> dict[str, Any]:
     with running_node(ctx.work / "scaling", ctx.model, QUIET_S, chunk_slices=plan.chunk_slices) as node:
         for n, folder in by_slices.items():
             fig = {"slices": n, **concurrent_turnaround(node, [folder])}
-            say(f"   {n} slices: {fig['last_s']:.1f} s, node peak RSS {fig['peak_rss_mb']:.0f} MB")
+            say(
+                f"   {n} slices: {fig['last_s']:.1f} s, node peak RSS {fig['peak_rss_mb']:.0f} MB (sampled),"
+                f" worker peak {fig['largest_process_peak_mb'] or 0:.0f} MB"
+            )
             figures["by_slices"].append(fig)
         for k, folders in groups.items():
             fig = {"slices": plan.slices, **concurrent_turnaround(node, folders)}

@@ -134,6 +134,28 @@ def test_the_scaling_section_takes_slice_counts_and_the_chunk_size(tmp_path: Pat
     scaling = json.loads((tmp_path / "bench.json").read_text())["scaling"]
     assert [f["slices"] for f in scaling["by_slices"]] == [40] and scaling["chunk_slices"] == 16
     assert all(f["peak_rss_mb"] > 0 for f in scaling["by_slices"])
+    worker = scaling["by_slices"][0]
+    assert 0 < worker["largest_process_peak_mb"] <= worker["process_peaks_sum_mb"]
     assert "series over 16 slices in z-chunks" in (tmp_path / "bench.md").read_text()
     node_log = (tmp_path / "work" / "scaling" / "node-data" / "logs" / "rtseg.log").read_text()
     assert re.search(r"series preprocessed in \d+ z-chunks", node_log)
+
+
+def test_a_process_peak_is_exact_and_resets_between_rows() -> None:
+    """The scaling rows read each node process's VmHWM after resetting it: a peak a sampler would miss
+    counts, and an earlier row's peak does not."""
+    import os
+
+    import numpy as np
+
+    from rtseg_app.bench.node import process_peaks_mb, reset_peaks
+
+    pid = os.getpid()
+    assert reset_peaks([pid]), "this kernel refused clear_refs"
+    base = process_peaks_mb([pid])[pid]
+    block = np.ones(300 * 2**20, dtype=np.uint8)  # 300 MiB touched, then freed before anyone samples
+    del block
+    high = process_peaks_mb([pid])[pid]
+    assert high - base > 250
+    reset_peaks([pid])
+    assert high - process_peaks_mb([pid])[pid] > 250
