@@ -228,17 +228,27 @@ def disk_erosion(mask: Mask, disk: Mask) -> Mask:
     """``scipy.ndimage.binary_erosion(mask, structure=disk)`` for a one-slice disk, exactly, in a fraction
     of the time: a disk is a stack of centred row runs, and erosion by a union is the intersection of the
     erosions, each a run along x shifted in y (outside the image counts as background)."""
-    rows = _disk_rows(disk)
-    runs = _row_runs(np.asarray(mask, dtype=bool), {h for _, h in rows}, erode=True)
-    return _combine_rows(runs, rows, erode=True)
+    return _by_slabs(mask, disk, erode=True)
 
 
 def disk_dilation(mask: Mask, disk: Mask) -> Mask:
     """``scipy.ndimage.binary_dilation(mask, structure=disk)`` for a one-slice, symmetric disk, exactly:
     the union of runs along x, each shifted in y."""
+    return _by_slabs(mask, disk, erode=False)
+
+
+SLAB = 16  # slices at a time: the runs of each width are held for one slab only (memory, and cache)
+
+
+def _by_slabs(mask: Mask, disk: Mask, erode: bool) -> Mask:
     rows = _disk_rows(disk)
-    runs = _row_runs(np.asarray(mask, dtype=bool), {h for _, h in rows}, erode=False)
-    return _combine_rows(runs, rows, erode=False)
+    halves = {h for _, h in rows}
+    mask = np.asarray(mask, dtype=bool)
+    out = np.empty(mask.shape, dtype=bool)
+    for z in range(0, mask.shape[0], SLAB):
+        runs = _row_runs(mask[z : z + SLAB], halves, erode)
+        out[z : z + SLAB] = _combine_rows(runs, rows, erode)
+    return out
 
 
 def _disk(radius_mm: float, dy: float, dx: float) -> Mask:
