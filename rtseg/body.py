@@ -86,17 +86,28 @@ def body_mask(hu_zyx: npt.NDArray[Any], spacing_zyx: tuple[float, float, float])
         Boolean mask of ``hu_zyx.shape``; empty where no slice holds tissue.
     """
     hu = np.asarray(hu_zyx)
-    beyond_couch = couch_rows(hu > EDGE_HU, spacing_zyx[1])
-    tissue = (hu > TISSUE_HU) & ~beyond_couch[None, :, None]
+    # whole-series masks are a byte a voxel each (a 1,500-slice 512² series: 390 MB): each is freed as
+    # soon as it is used, and the morphology works in slabs
+    dense = hu > EDGE_HU
+    beyond_couch = couch_rows(dense, spacing_zyx[1])[None, :, None]
+    dense &= ~beyond_couch
+    tissue = hu > TISSUE_HU
+    tissue &= ~beyond_couch
     disk = _disk(OPEN_MM, spacing_zyx[1], spacing_zyx[2])
     opened = disk_dilation(disk_erosion(tissue, disk), disk)  # scipy's binary_opening, 10x faster
     core = _patient_components(opened, hu, spacing_zyx)
+    del opened
     if not core.any():
         return core
-    body: Mask = disk_dilation(core, disk) & tissue
-    edge = disk_dilation(body, _disk(1.0, 1.0, 1.0)) & (hu > EDGE_HU)
-    edge &= ~beyond_couch[None, :, None]
+    body: Mask = disk_dilation(core, disk)
+    del core
+    body &= tissue
+    del tissue
+    edge = disk_dilation(body, _disk(1.0, 1.0, 1.0))
+    edge &= dense
+    del dense
     body |= edge
+    del edge
     for z in range(body.shape[0]):
         body[z] = _fill_slice(body[z], hu[z], spacing_zyx)
     return body
@@ -262,10 +273,13 @@ def _disk(radius_mm: float, dy: float, dx: float) -> Mask:
 
 def _patient_components(mask: Mask, hu: npt.NDArray[Any], spacing: tuple[float, float, float]) -> Mask:
     """The largest face-connected 3-D component of ``mask`` and every other that is a limb (empty if none)."""
-    pieces, n = ndimage.label(mask)
+    pieces, n = _label_compact(mask)
     if n == 0:
         return np.zeros_like(mask)
-    sizes = np.bincount(pieces.ravel())
+    # bincount casts to 64 bits: a slab at a time, not 8 bytes a voxel of the whole series at once
+    sizes = np.zeros(n + 1, dtype=np.int64)
+    for z in range(0, pieces.shape[0], SLAB):
+        sizes += np.bincount(pieces[z : z + SLAB].ravel(), minlength=n + 1)
     sizes[0] = 0
     largest = int(sizes.argmax())
     keep = np.zeros(n + 1, dtype=bool)
@@ -279,6 +293,19 @@ def _patient_components(mask: Mask, hu: npt.NDArray[Any], spacing: tuple[float, 
             box = boxes[k - 1]
             keep[k] = _is_limb(pieces[box] == k, hu[box], spacing, BONE_ML / voxel_ml)
     return np.asarray(keep[pieces])
+
+
+def _label_compact(mask: Mask) -> tuple[npt.NDArray[np.integer], int]:
+    """``ndimage.label`` (face connectivity) into 16-bit labels where they fit, else 32-bit: a label
+    array is the largest whole-series array of the outline (4 bytes a voxel at scipy's default)."""
+    pieces = np.empty(mask.shape, dtype=np.uint16)
+    try:
+        n = int(ndimage.label(mask, output=pieces))
+    except RuntimeError:  # more than 65,535 pieces
+        del pieces
+        labelled, n = ndimage.label(mask)
+        return labelled, int(n)
+    return pieces, n
 
 
 def _is_limb(
