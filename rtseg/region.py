@@ -183,6 +183,15 @@ ORDER: tuple[tuple[str, str], ...] = (
 )
 
 
+def label_counts(labels: npt.NDArray[np.uint8], slab: int = 16) -> npt.NDArray[np.int64]:
+    """Voxels of each label value (0–255) of a ``[z, y, x]`` label map, counted ``slab`` slices at a time:
+    ``np.bincount`` casts its input to 64 bits, 8 bytes a voxel of a whole long series at once."""
+    counts = np.zeros(256, dtype=np.int64)
+    for z in range(0, labels.shape[0], slab):
+        counts += np.bincount(labels[z : z + slab].ravel(), minlength=256)
+    return counts
+
+
 def impossible_structures(
     volume: CTVolume, labels: npt.NDArray[np.uint8], label_of: dict[str, int]
 ) -> dict[str, str]:
@@ -191,7 +200,7 @@ def impossible_structures(
     An organ mostly outside the body outline, or a lung that is not mostly air
     inside the body (the air around a head is not lung).
     """
-    counts = np.bincount(labels.ravel(), minlength=256)
+    counts = label_counts(labels)
     drawn = {n: lab for n, lab in label_of.items() if n != EXTERNAL and counts[lab]}
     if not drawn:
         return {}

@@ -230,3 +230,21 @@ def _info():  # type: ignore[no-untyped-def]
     return SeriesInfo(
         "1.2", "1.2.3", "1.2.4", "1.2.840.10008.5.1.4.1.1.2", tuple(f"1.2.5.{k}" for k in range(40)), "HFS"
     )
+
+
+def test_label_counts_are_bincounts_without_a_64_bit_copy_of_the_series() -> None:
+    from rtseg.region import label_counts
+
+    labels = np.random.default_rng(1).integers(0, 20, size=(37, 11, 13)).astype(np.uint8)
+    labels[0, 0, 0] = 255
+    assert np.array_equal(label_counts(labels, slab=4), np.bincount(labels.ravel(), minlength=256))
+    import tracemalloc
+
+    series = np.zeros((64, 512, 512), dtype=np.uint8)  # 16 MiB; bincount alone would cast it to 128 MiB
+    tracemalloc.start()
+    try:
+        label_counts(series)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 48 * 2**20
