@@ -48,6 +48,8 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
+from rtseg.region import label_counts
+
 log = logging.getLogger(__name__)
 
 TISSUE_HU = -300.0
@@ -276,10 +278,7 @@ def _patient_components(mask: Mask, hu: npt.NDArray[Any], spacing: tuple[float, 
     pieces, n = _label_compact(mask)
     if n == 0:
         return np.zeros_like(mask)
-    # bincount casts to 64 bits: a slab at a time, not 8 bytes a voxel of the whole series at once
-    sizes = np.zeros(n + 1, dtype=np.int64)
-    for z in range(0, pieces.shape[0], SLAB):
-        sizes += np.bincount(pieces[z : z + SLAB].ravel(), minlength=n + 1)
+    sizes = label_counts(pieces, n + 1, SLAB)  # not bincount's 64-bit copy of the whole series
     sizes[0] = 0
     largest = int(sizes.argmax())
     keep = np.zeros(n + 1, dtype=bool)

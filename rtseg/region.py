@@ -183,12 +183,15 @@ ORDER: tuple[tuple[str, str], ...] = (
 )
 
 
-def label_counts(labels: npt.NDArray[np.uint8], slab: int = 16) -> npt.NDArray[np.int64]:
-    """Voxels of each label value (0–255) of a ``[z, y, x]`` label map, counted ``slab`` slices at a time:
-    ``np.bincount`` casts its input to 64 bits, 8 bytes a voxel of a whole long series at once."""
-    counts = np.zeros(256, dtype=np.int64)
+def label_counts(
+    labels: npt.NDArray[np.integer], minlength: int = 256, slab: int = 16
+) -> npt.NDArray[np.int64]:
+    """Voxels of each label value ``0 … minlength - 1`` (every value must be below ``minlength``) of a
+    ``[z, y, x]`` label map, counted ``slab`` slices at a time: ``np.bincount`` casts its input to 64
+    bits, 8 bytes a voxel of a whole long series at once."""
+    counts = np.zeros(minlength, dtype=np.int64)
     for z in range(0, labels.shape[0], slab):
-        counts += np.bincount(labels[z : z + slab].ravel(), minlength=256)
+        counts += np.bincount(labels[z : z + slab].ravel(), minlength=minlength)
     return counts
 
 

@@ -279,31 +279,26 @@ def _turnaround(args: argparse.Namespace, work: Path) -> int:
     return 0
 
 
-def group_rss_mb(pgid: int) -> float:
-    """Resident memory (MB) summed over process group ``pgid`` (shared pages count in every process)."""
-    page = os.sysconf("SC_PAGE_SIZE")
-    total = 0
+def _group_stats(pgid: int) -> Iterator[tuple[int, list[str]]]:
+    """``(pid, /proc/pid/stat fields after the command)`` of each live process of process group ``pgid``."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue  # the process ended while we looked
         if len(fields) > 21 and int(fields[2]) == pgid:  # fields[2]: pgrp, fields[21]: rss in pages
-            total += int(fields[21]) * page
-    return total / 2**20
+            yield int(stat.parent.name), fields
+
+
+def group_rss_mb(pgid: int) -> float:
+    """Resident memory (MB) summed over process group ``pgid`` (shared pages count in every process)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    return sum(int(fields[21]) * page for _, fields in _group_stats(pgid)) / 2**20
 
 
 def group_pids(pgid: int) -> list[int]:
     """The live processes of process group ``pgid``."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if len(fields) > 2 and int(fields[2]) == pgid:
-            pids.append(int(stat.parent.name))
-    return pids
+    return [pid for pid, _ in _group_stats(pgid)]
 
 
 def reset_peaks(pids: list[int]) -> bool:
