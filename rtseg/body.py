@@ -48,7 +48,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
-from rtseg.region import label_counts
+from rtseg.region import fill_holes, label_counts
 
 log = logging.getLogger(__name__)
 
@@ -342,4 +342,4 @@ def _fill_slice(
             piece = (pieces[box] == k)[None]
             keep[k] = _is_limb(piece, hu[box][None], spacing, BONE_MM2 / pixel_mm2)
     keep[0] = False
-    return np.asarray(ndimage.binary_fill_holes(keep[pieces]))
+    return fill_holes(keep[pieces])

@@ -22,7 +22,7 @@ structures in the wrong cranio-caudal order (a liver above the heart).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,20 +82,37 @@ class SliceAnatomy:
     organ_share: float  # the largest solid organ
 
 
-def slice_anatomy(volume: CTVolume, shave_mm: float = 8.0) -> tuple[SliceAnatomy, ...]:
-    """Body section, air, bone and largest solid organ of every slice of ``volume``."""
+def slice_anatomy(
+    volume: CTVolume, shave_mm: float = 8.0, order: Iterable[int] | None = None
+) -> Iterator[SliceAnatomy]:
+    """Body section, air, bone and largest solid organ of each slice of ``volume``, measured as asked for.
+
+    ``order``: the slice indices, in the order to measure them (default: every slice, bottom up).
+    """
     step = max(1, int(np.ceil(max(volume.shape[1:]) / MAX_PIXELS)))
     _, dy, dx = volume.spacing
     pixel_cm2 = dy * dx * step * step / 100.0
     radius = max(1, round(shave_mm / (min(dy, dx) * step)))
     y, x = np.ogrid[-radius : radius + 1, -radius : radius + 1]
     disk = x * x + y * y <= radius * radius
-    return tuple(
-        _slice(
-            np.asarray(volume.hu[k, ::step, ::step], np.float32), float(volume.slice_z(k)[2]), pixel_cm2, disk
-        )
-        for k in range(volume.shape[0])
-    )
+    for k in range(volume.shape[0]) if order is None else order:
+        section = np.asarray(volume.hu[k, ::step, ::step], np.float32)
+        yield _slice(section, float(volume.slice_z(k)[2]), pixel_cm2, disk)
+
+
+def spread_order(n: int) -> list[int]:
+    """Every index ``0 … n - 1`` once, coarse to fine from the middle: the middle, then the points
+    halfway between those taken, and so on. Any stretch of a series is sampled early."""
+    order: list[int] = []
+    taken = np.zeros(n, dtype=bool)
+    step = 1 << max(n - 1, 0).bit_length()
+    while step >= 1:
+        for k in range((n // 2) % step, n, step):
+            if not taken[k]:
+                taken[k] = True
+                order.append(k)
+        step //= 2
+    return order
 
 
 def _slice(
@@ -130,7 +147,24 @@ def _body(section: npt.NDArray[np.float32]) -> npt.NDArray[np.bool_]:
     if n == 0:
         return np.zeros(section.shape, bool)
     sizes = np.bincount(labels.ravel())[1:]
-    return np.asarray(ndimage.binary_fill_holes(labels == 1 + int(np.argmax(sizes))), bool)
+    return fill_holes(labels == 1 + int(np.argmax(sizes)))
+
+
+def fill_holes(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    """``scipy.ndimage.binary_fill_holes(mask)`` for a 2-D mask, the same pixels, several times faster.
+
+    A hole is a background region (4-connected, scipy's default structure) that
+    does not reach the image's edge; scipy finds them by dilating the edge into
+    the background until nothing changes, here they are labelled at once.
+    """
+    background, n = ndimage.label(~mask)
+    if n == 0:
+        return mask.copy()
+    outside = np.zeros(n + 1, dtype=bool)
+    for edge in (background[0], background[-1], background[:, 0], background[:, -1]):
+        outside[edge] = True
+    outside[0] = False  # the mask itself
+    return ~outside[background]
 
 
 def check_region(volume: CTVolume, rule: RegionRule) -> None:
@@ -139,25 +173,36 @@ def check_region(volume: CTVolume, rule: RegionRule) -> None:
     The message counts what the slices show instead (lung air, bone), so that a
     head, a neck, a thorax or a pelvis is recognisable from it.
     """
-    slices = [s for s in slice_anatomy(volume, rule.shave_mm) if s.section_cm2 >= MIN_SECTION_CM2]
+    # The slices are measured spread out over the series, and the check stops as soon as enough of them
+    # are at organ level: the same answer as measuring every slice (the count only grows), a few dozen
+    # slices instead of hundreds for a series that shows the region. A refusal measures every slice.
+    slices: list[SliceAnatomy] = []
+    at_level = 0
+    for s in slice_anatomy(volume, rule.shave_mm, spread_order(volume.shape[0])):
+        if s.section_cm2 < MIN_SECTION_CM2:
+            continue
+        slices.append(s)
+        if _at_organ_level(s, rule):
+            at_level += 1
+            if at_level * volume.spacing[0] >= rule.min_extent_mm:
+                return
     thorax = sum(s.lung_share > rule.max_lung_share for s in slices)
     bony = sum(s.bone_share > rule.max_bone_share for s in slices)
-    level = [
-        s
-        for s in slices
-        if s.lung_share <= rule.max_lung_share
-        and s.bone_share <= rule.max_bone_share
-        and s.organ_share >= rule.min_organ_share
-    ]
-    extent = len(level) * volume.spacing[0]
-    if extent >= rule.min_extent_mm:
-        return
+    extent = at_level * volume.spacing[0]
     raise RegionError(
         f"the series does not show the model's region, {rule.description}: {extent:.0f} mm at the level "
         f"of its organs (at least {rule.min_extent_mm:.0f} mm needed: a compact solid organ of "
         f"{rule.min_organ_share:.0%} of the body section, under {rule.max_lung_share:.0%} lung air "
         f"and under {rule.max_bone_share:.0%} bone); of {len(slices)} slices, {thorax} are mostly "
         f"lung (thorax) and {bony} mostly bone (skull or pelvis)"
+    )
+
+
+def _at_organ_level(s: SliceAnatomy, rule: RegionRule) -> bool:
+    return (
+        s.lung_share <= rule.max_lung_share
+        and s.bone_share <= rule.max_bone_share
+        and s.organ_share >= rule.min_organ_share
     )
 
 
