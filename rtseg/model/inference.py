@@ -47,7 +47,7 @@ class Prediction:
 
 def predict_labels(
     predictor: nnUNetPredictor,
-    image: npt.NDArray[np.float32],
+    image: npt.NDArray[Any],
     spacing_zyx: tuple[float, float, float],
     min_island_ml: float = MIN_ISLAND_ML,
     chunk_slices: int = 0,
@@ -67,7 +67,7 @@ def predict_labels(
     if plan is not None:
         data, properties = preprocess_chunked(predictor, image, plan)
     else:
-        data, properties = preprocess(predictor, np.asarray(image, dtype=np.float32), spacing_zyx)
+        data, properties = preprocess(predictor, np.asarray(image), spacing_zyx)
     t1 = time.perf_counter()
     logits = sliding_window_logits(predictor, data, skip_air)
     del data
@@ -154,7 +154,7 @@ def _external_labels(predictor: nnUNetPredictor) -> frozenset[int]:
 
 
 def preprocess(
-    predictor: nnUNetPredictor, image: npt.NDArray[np.float32], spacing_zyx: tuple[float, float, float]
+    predictor: nnUNetPredictor, image: npt.NDArray[Any], spacing_zyx: tuple[float, float, float]
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """nnU-Net's own preprocessing (transpose, crop, normalise, resample to the model's spacing).
 
@@ -176,7 +176,12 @@ def preprocess(
             return torch.from_numpy(fast[0]), fast[1]
     preprocessor = preprocessor_class(verbose=False)
     data, _, properties = preprocessor.run_case_npy(
-        image, None, {"spacing": spacing}, predictor.plans_manager, manager, predictor.dataset_json
+        np.asarray(image, dtype=np.float32),
+        None,
+        {"spacing": spacing},
+        predictor.plans_manager,
+        manager,
+        predictor.dataset_json,
     )
     return torch.from_numpy(data), properties
 

@@ -101,9 +101,9 @@ def preprocess_fast(
 
     plans = predictor.plans_manager
     manager = predictor.configuration_manager
-    source = image if image.dtype == np.float32 else image.astype(np.float32)
     forward = list(plans.transpose_forward)
-    data = source.transpose([0, *[i + 1 for i in forward]])  # a view; the copy comes after the crop
+    # a view in the stored dtype (a CT's int16: exact in float32); the float32 copy is of the crop only
+    data = image.transpose([0, *[i + 1 for i in forward]])
     original_spacing = [properties["spacing"][i] for i in forward]
 
     properties["shape_before_cropping"] = data.shape[1:]
@@ -121,7 +121,7 @@ def preprocess_fast(
     return resample_cubic(cropped, new_shape, original_spacing, target_spacing, kwargs), properties
 
 
-def nonzero_bbox(data: npt.NDArray[np.float32]) -> list[list[int]]:
+def nonzero_bbox(data: npt.NDArray[Any]) -> list[list[int]]:
     """``crop_to_nonzero``'s box of ``data [c, z, y, x]``: half-open ``[start, end)`` per axis.
 
     Equal to the box of nnU-Net's hole-filled mask (filling never reaches
