@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import pydicom
-from pydicom.charset import default_encoding
+from pydicom.charset import convert_encodings, default_encoding
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
@@ -352,6 +352,11 @@ def _dataset(
     ds.InstanceCreationTime = now.strftime("%H%M%S")
     ds.SpecificCharacterSet = _character_set(ds, [structure.name for structure, _, _ in rois])
     ds.file_meta = _file_meta(uids[1])
+    # Nothing here has an ambiguous VR and the contours are encoded already: declared as explicit VR
+    # little endian (the file's transfer syntax), the dataset is written as it is. Otherwise pydicom's
+    # ambiguous-VR pass decodes every pre-encoded contour item only to encode it again (0.6 s for
+    # the 2,400 contours of a 512² × 200 CT, half the time the RTSTRUCT takes to build).
+    ds.set_original_encoding(False, True, convert_encodings(ds.SpecificCharacterSet))
     return ds
 
 

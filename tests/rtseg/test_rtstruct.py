@@ -405,6 +405,24 @@ def test_fixed_uids_make_a_resend_the_same_instance(hfs: Case, tmp_path: Path) -
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rs0.dcm", "rs1.dcm"]  # no temporary files left
 
 
+def test_the_contours_are_written_as_encoded_with_the_same_bytes_as_pydicoms_full_pass(
+    hfs: Case, tmp_path: Path
+) -> None:
+    """The pre-encoded contour items go to the file as they are, not decoded and encoded again by
+    pydicom's ambiguous-VR pass (most of the writing time of a large structure set): same bytes."""
+    uids = {"series_instance_uid": "2.25.1234", "sop_instance_uid": "2.25.5678"}
+    fast = build_rtstruct(hfs.volume, hfs.labels, STRUCTURES, MODEL, now=NOW, **uids).dataset
+    write_rtstruct(fast, tmp_path / "fast.dcm")
+    contours = [item.get_item(0x30060040) for item in fast.ROIContourSequence]
+    assert contours and all(isinstance(c, RawDataElement) for c in contours)  # never decoded
+
+    full = build_rtstruct(hfs.volume, hfs.labels, STRUCTURES, MODEL, now=NOW, **uids).dataset
+    full.set_original_encoding(None, None, None)  # what pydicom assumes of a dataset built in memory
+    write_rtstruct(full, tmp_path / "full.dcm")
+    assert not isinstance(full.ROIContourSequence[0].get_item(0x30060040), RawDataElement)  # it decoded
+    assert (tmp_path / "fast.dcm").read_bytes() == (tmp_path / "full.dcm").read_bytes()
+
+
 def small_ct(directory: Path, shape: tuple[int, int, int], position: str = "HFS") -> CTVolume:
     spec = SeriesSpec(uid_seed=f"small-{shape}-{position}", patient_position=position)
     return write_ct_series(
