@@ -262,6 +262,38 @@ def test_segment_ct_volume_in_any_position(
     assert segmenter.loaded_via == "trainer"
 
 
+def test_the_body_outline_is_drawn_beside_the_prediction_unless_the_series_is_long(
+    trained: dict[str, Any], probe: npt.NDArray[Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 18: the outline (CT only) runs in a second thread while the model predicts, the same
+    labels; a long series, predicted in z-chunks to bound memory, draws it afterwards in one thread."""
+    import threading
+
+    from rtseg.model import segmenter as module
+
+    threads: list[str] = []
+    draw = module.body_mask
+
+    def recorded(*args: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return draw(*args)
+
+    monkeypatch.setattr(module, "body_mask", recorded)
+    volume = write_ct_series(
+        np.round(probe).astype(np.int16),
+        SPACING,
+        (-30.0, -40.0, 100.0),
+        tmp_path,
+        SeriesSpec("overlap", "HFS"),
+    )
+    short = NnunetSegmenter(trained["model"], device="cpu", threads=2)
+    chunked = NnunetSegmenter(trained["model"], device="cpu", threads=2, chunk_slices=volume.shape[0] // 2)
+    beside = short.segment(volume).labels
+    after = chunked.segment(volume).labels
+    assert threads[0].startswith("rtseg-outline") and threads[1] == threading.main_thread().name
+    assert np.array_equal(beside, after) and np.count_nonzero(beside) > 0
+
+
 def test_foreign_trainer_name_falls_back_to_plans(
     trained: dict[str, Any], segmenter: NnunetSegmenter, probe: npt.NDArray[Any], tmp_path: Path
 ) -> None:
