@@ -30,7 +30,7 @@ from rtseg.worker import WorkerPool, job_dir
 log = logging.getLogger(__name__)
 
 TICK_S = 0.2
-SEND_POLL_S = 0.5
+SEND_POLL_S = 0.2  # a finished RTSTRUCT waits this long at most before its delivery starts
 JANITOR_S = 60.0
 FAILURE_AUDIT_S = 1.0  # a failed job's reason reaches the audit trail within this
 # a worker (another process) may commit a failure stamped a little before the node's last scan

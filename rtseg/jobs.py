@@ -302,12 +302,16 @@ class JobStore(SqliteTables):
         ``worker`` (the claiming process id) is kept in ``meta["worker_pid"]``, so that
         the job of a worker that dies can be found and queued again.
         """
+        sql, args = "SELECT id FROM jobs WHERE state = ?", [str(JobState.QUEUED)]
+        if sources:
+            sql += f" AND source IN ({','.join('?' * len(sources))})"
+            args += sorted(sources)
+        sql += " ORDER BY created LIMIT 1"
+        # idle workers poll often (rtseg.worker.POLL_S): a plain read finds nothing without the write lock
+        if self._conn().execute(sql, args).fetchone() is None:
+            return None
         with self._tx() as db:
-            sql, args = "SELECT id FROM jobs WHERE state = ?", [str(JobState.QUEUED)]
-            if sources:
-                sql += f" AND source IN ({','.join('?' * len(sources))})"
-                args += sorted(sources)
-            row = db.execute(sql + " ORDER BY created LIMIT 1", args).fetchone()
+            row = db.execute(sql, args).fetchone()
             if row is None:
                 return None
             now = time.time()

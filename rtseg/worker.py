@@ -51,7 +51,7 @@ MAX_ATTEMPTS = 3  # a job that killed its worker this often is failed, not retri
 SUPERVISE_S = 1.0  # how often the pool looks for dead workers
 RESTART_BACKOFF_S = 30.0  # a worker that dies before loading its model is restarted at most this often
 WORKER_NICE = 10
-POLL_S = 0.5
+POLL_S = 0.1  # an idle worker's look for a queued job (a read; turnaround waits for it)
 ENGINE_CACHE = "engines"  # under the data directory: networks exported for [node] engine
 
 
