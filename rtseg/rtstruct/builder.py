@@ -13,6 +13,7 @@ import os
 import struct
 import tempfile
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -64,6 +65,8 @@ SERIES_NUMBER = 901
 # Largest coordinate magnitude (mm) whose "%.3f" text stays within a 16-byte DS.
 _MAX_COORDINATE = 1e11
 _TEXT_VRS = frozenset({"PN", "LO", "SH", "ST", "LT", "UT", "UC"})
+TRACE_SLAB = 64  # slices of a structure traced at once (a 1,500-slice External: no whole-series masks)
+TRACE_THREADS = 2
 
 
 @dataclass(frozen=True)
@@ -141,17 +144,32 @@ def build_rtstruct(
         labels = labels.view(np.uint8)
     now = now or datetime.now().astimezone()
     boxes = ndimage.find_objects(np.asarray(labels))
-    rois: list[tuple[Structure, list[_Contour], int]] = []
-    omitted = []
-    for structure in structures:
+
+    def traced(structure: Structure) -> tuple[list[_Contour], int] | None:
         box = _bounding_box(boxes, structure)
         if box is None:  # find_objects boxes are tight: a box means at least one voxel
+            return None
+        contours: list[_Contour] = []
+        count = 0
+        # contours are per slice: a slab at a time gives the same ones, with the masks of a slab only
+        for z in range(box[0].start, box[0].stop, TRACE_SLAB):
+            slab = (slice(z, min(z + TRACE_SLAB, box[0].stop)), box[1], box[2])
+            mask = _structure_mask(labels, slab, structure)
+            offset = (z, box[1].start, box[2].start)
+            contours += _encode_contours(trace_mask(mask, padded=True), offset, volume.affine)
+            count += int(np.count_nonzero(mask))
+        return contours, count
+
+    # the structures are traced two at a time (numpy's work runs outside the GIL), in their order
+    with ThreadPoolExecutor(TRACE_THREADS, thread_name_prefix="rtseg-trace") as pool:
+        outcomes = list(pool.map(traced, structures))
+    rois: list[tuple[Structure, list[_Contour], int]] = []
+    omitted = []
+    for structure, outcome in zip(structures, outcomes, strict=True):
+        if outcome is None:
             omitted.append(structure.name)
-            continue
-        mask = _structure_mask(labels, box, structure)
-        offset = (box[0].start, box[1].start, box[2].start)
-        contours = _encode_contours(trace_mask(mask, padded=True), offset, volume.affine)
-        rois.append((structure, contours, int(np.count_nonzero(mask))))
+        else:
+            rois.append((structure, *outcome))
     uids = (series_instance_uid or generate_uid(prefix=None), sop_instance_uid or generate_uid(prefix=None))
     dataset = _dataset(volume, model, rois, uids, now)
     included = tuple(

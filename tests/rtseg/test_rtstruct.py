@@ -423,6 +423,24 @@ def test_the_contours_are_written_as_encoded_with_the_same_bytes_as_pydicoms_ful
     assert (tmp_path / "fast.dcm").read_bytes() == (tmp_path / "full.dcm").read_bytes()
 
 
+def test_tracing_in_slabs_and_threads_writes_the_same_file(
+    hfs: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Structures are traced two at a time, a slab of slices at a time (memory of a long series):
+    the same contours in the same order as one structure, all slices, at a time."""
+    from rtseg.rtstruct import builder
+
+    uids = {"series_instance_uid": "2.25.1234", "sop_instance_uid": "2.25.5678"}
+    files = []
+    for slab, threads in ((10_000, 1), (3, 2), (1, 2)):
+        monkeypatch.setattr(builder, "TRACE_SLAB", slab)
+        monkeypatch.setattr(builder, "TRACE_THREADS", threads)
+        result = build_rtstruct(hfs.volume, hfs.labels, STRUCTURES, MODEL, now=NOW, **uids)
+        write_rtstruct(result.dataset, tmp_path / f"rs-{slab}.dcm")
+        files.append((tmp_path / f"rs-{slab}.dcm").read_bytes())
+    assert files[0] == files[1] == files[2]
+
+
 def small_ct(directory: Path, shape: tuple[int, int, int], position: str = "HFS") -> CTVolume:
     spec = SeriesSpec(uid_seed=f"small-{shape}-{position}", patient_position=position)
     return write_ct_series(
