@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+from scipy import ndimage
 
 from rtseg.ct import load_series
 from rtseg.model.manifest import ModelManifest, model_hash
@@ -103,6 +104,7 @@ def plausibility(
     volume: CTVolume,
     body_centre: tuple[float, float, float] | None = None,
     volumes_ml: dict[str, float] | None = None,
+    boxes: Sequence[tuple[slice, ...] | None] | None = None,
 ) -> tuple[str, ...]:
     """Flags a reviewer should see: implausible volume, far smaller than its partner, wrong side.
 
@@ -110,7 +112,8 @@ def plausibility(
     (computed here when not given; :func:`summarize` computes it once).
     ``volumes_ml``: the volumes of the other structures drawn, for the
     paired-organ check (a partner that was not drawn, e.g. after nephrectomy,
-    flags nothing).
+    flags nothing). ``boxes``: ``scipy.ndimage.find_objects(labels)``, to look at
+    the structure's box only.
     """
     flags: list[str] = []
     lo, hi = PLAUSIBLE_ML.get(report.name, (0.0, float("inf")))
@@ -125,7 +128,11 @@ def plausibility(
         )
     side = LATERALITY.get(report.name)
     if side is not None:
-        k, j, i = _centroid(labels == report.label)
+        box = boxes[report.label - 1] if boxes is not None and 0 < report.label <= len(boxes) else None
+        if box is None:
+            k, j, i = _centroid(labels == report.label)
+        else:
+            k, j, i = (c + b.start for c, b in zip(_centroid(labels[box] == report.label), box, strict=True))
         x = float((volume.affine @ np.array([i, j, k, 1.0]))[0])
         bk, bj, bi = body_centre or _centroid(labels > 0)
         x_body = float((volume.affine @ np.array([bi, bj, bk, 1.0]))[0])
@@ -155,6 +162,7 @@ def summarize(
     """Per structure: volume, contours and flags; ``notes`` (from :func:`clean_segmentation`) come first."""
     lateral = any(r.name in LATERALITY for r in result.included)
     body = _centroid(labels > 0) if lateral else None
+    boxes = ndimage.find_objects(labels) if lateral else None
     volumes = {r.name: r.volume_ml for r in result.included}
     order = order_flags(volume, labels, {r.name: r.label for r in result.included})
     notes = notes or {}
@@ -164,7 +172,7 @@ def summarize(
             round(r.volume_ml, 2),
             r.n_contours,
             notes.get(r.name, ())
-            + plausibility(r, labels, volume, body, volumes)
+            + plausibility(r, labels, volume, body, volumes, boxes)
             + ((order[r.name],) if r.name in order else ()),
         )
         for r in result.included
