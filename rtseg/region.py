@@ -253,12 +253,18 @@ def impossible_structures(
     if not drawn:
         return {}
     step = max(1, int(np.ceil(max(volume.shape[1:]) / MAX_PIXELS)))  # shares: a subsample will do
-    hu = np.asarray(volume.hu[:, ::step, ::step], np.float32)
-    sampled = labels[:, ::step, ::step]
-    body = np.stack([_body(hu[k]) for k in range(hu.shape[0])])
-    total = np.bincount(sampled.ravel(), minlength=256)
-    inside = np.bincount(sampled[body], minlength=256)
-    air = np.bincount(sampled[body & (hu < AIR_HU)], minlength=256)
+    judged = np.zeros(256, dtype=bool)
+    judged[list(drawn.values())] = True
+    total, inside, air = (np.zeros(256, dtype=np.int64) for _ in range(3))
+    for k in range(labels.shape[0]):  # a slice at a time: no whole-series copies (or 64-bit counts)
+        sampled = labels[k, ::step, ::step]
+        if not judged[sampled].any():
+            continue  # nothing judged here: the body of this slice changes no count
+        hu = np.asarray(volume.hu[k, ::step, ::step], np.float32)
+        body = _body(hu)
+        total += np.bincount(sampled.ravel(), minlength=256)
+        inside += np.bincount(sampled[body], minlength=256)
+        air += np.bincount(sampled[body & (hu < AIR_HU)], minlength=256)
     out: dict[str, str] = {}
     for name, label in drawn.items():
         n = int(total[label])
