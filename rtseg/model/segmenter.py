@@ -160,7 +160,9 @@ class NnunetSegmenter:
             with ThreadPoolExecutor(1, thread_name_prefix="rtseg-outline") as pool:
                 body = pool.submit(body_mask, canonical, spacing)
                 labels = self.predict_canonical(canonical, spacing)
-                labels = apply_body_outline(labels, body.result(), external_label(self.manifest))
+                labels = apply_body_outline(
+                    labels, body.result(), external_label(self.manifest), in_place=True
+                )
         return Segmentation(orientation.from_canonical(labels), self.manifest, time.perf_counter() - start)
 
     def _long_series(self, array_zyx: npt.NDArray[Any]) -> bool:
@@ -315,9 +317,10 @@ def outline_body(
     """Canonical labels clipped to the body in ``hu_zyx``, the rest of the body the model's External.
 
     The External is the label named ``External`` (or ``BODY``, as a foreign model
-    may call it); a model without one has its labels clipped only.
+    may call it); a model without one has its labels clipped only. ``labels`` is
+    changed in place (a long series holds one label map, not two).
     """
-    return apply_body_outline(labels, body_mask(hu_zyx, spacing_zyx), external_label(manifest))
+    return apply_body_outline(labels, body_mask(hu_zyx, spacing_zyx), external_label(manifest), in_place=True)
 
 
 def external_label(manifest: ModelManifest) -> int | None:

@@ -272,30 +272,63 @@ def test_disk_morphology_is_scipys_exactly(spacing: tuple[float, float], radius_
         assert np.array_equal(disk_dilation(mask, disk), ndimage.binary_dilation(mask, structure=disk))
 
 
-def test_body_components_label_beyond_16_bits_like_scipy() -> None:
-    """The outline labels its pieces in 16 bits to save memory; more pieces than that fall back to 32."""
-    from rtseg.body import _label_compact
+def _components_at_once(mask: np.ndarray, hu: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
+    """The patient's components as before issue 18: the whole series labelled at once by scipy."""
+    from rtseg import body
 
-    few = np.zeros((2, 40, 40), dtype=bool)
-    few[:, 5:10, 5:10] = few[:, 20:30, 20:30] = True
-    pieces, n = _label_compact(few)
-    assert pieces.dtype == np.uint16 and n == 2
-    many = np.zeros((3, 600, 600), dtype=bool)
-    many[:, ::2, ::2] = True  # 270,000 single-voxel columns of 3
-    pieces, n = _label_compact(many)
-    expected, count = ndimage.label(many)
-    assert n == count == 90_000 and np.array_equal(pieces, expected)
+    pieces, n = ndimage.label(mask)
+    sizes = np.bincount(pieces.ravel(), minlength=n + 1)
+    sizes[0] = 0
+    largest = int(sizes.argmax())
+    keep = np.zeros(n + 1, dtype=bool)
+    keep[largest] = True
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    least = max(body.PART_ML / voxel_ml, body.PART_SHARE * sizes[largest])
+    boxes = ndimage.find_objects(pieces)
+    for k in np.nonzero(sizes >= least)[0]:
+        if k != largest:
+            box = boxes[k - 1]
+            keep[k] = body._is_limb(pieces[box] == k, hu[box], spacing, body.BONE_ML / voxel_ml)
+    return keep[pieces]
+
+
+def test_body_components_labelled_in_slabs_are_scipys_whole_series_components() -> None:
+    """Issue 18: the 3-D components are labelled a slab at a time and joined across slab borders.
+    Pieces that meet only in a later slab (a U), a limb with bone and a block without, across
+    several slabs, and specks: the same kept voxels as labelling the whole series at once."""
+    from rtseg.body import SLAB, _patient_components
+
+    n_z = 3 * SLAB + 5
+    z, y, x = np.mgrid[:n_z, :60, :60]
+    trunk = np.hypot(y - 20, x - 20) < 14
+    arm = (np.hypot(y - 45, x - 45) < 9) & (z > 3) & (z < n_z - 4)  # spans every slab border
+    bone = (np.hypot(y - 45, x - 45) < 3) & arm
+    block = (abs(y - 50) < 6) & (abs(x - 12) < 6) & (z > SLAB - 3) & (z < 2 * SLAB + 3)  # foam: no bone
+    u_shape = ((abs(x - 40) < 2) | (abs(x - 52) < 2)) & (abs(y - 12) < 3) & (z < 2 * SLAB + 2)
+    u_shape |= (
+        (abs(y - 12) < 3) & (x > 38) & (x < 54) & (z >= 2 * SLAB) & (z < 2 * SLAB + 2)
+    )  # joins in slab 3
+    specks = np.random.default_rng(5).random(z.shape) > 0.995
+    mask = trunk | arm | block | u_shape | specks
+    hu = np.where(mask, 40, -1000).astype(np.int16)
+    hu[bone] = 900
+    spacing = (2.0, 1.0, 1.0)
+    found = _patient_components(mask, hu, spacing)
+    assert np.array_equal(found, _components_at_once(mask, hu, spacing))
+    assert found[trunk].all() and found[arm].all() and not found[block].any()
+    assert not found[u_shape & ~trunk].any()  # no bone: not a limb
+    assert ndimage.label(u_shape)[1] == 1 and ndimage.label(u_shape[:SLAB])[1] == 2  # 2 pieces in slab 1
 
 
 def test_body_components_of_a_long_series_hold_no_64_bit_copy() -> None:
-    """Labels in 16 bits and sizes counted a slab at a time: a few bytes a voxel, not the 12 of scipy's
+    """Labelled a slab at a time: the kept mask and a slab's labels, not the 12 bytes a voxel of scipy's
     int32 labels plus bincount's 64-bit cast (a 1,500-slice series peaked at 7.3 GB in the node)."""
     import tracemalloc
 
     from rtseg.body import _patient_components
 
-    mask = np.zeros((64, 512, 512), dtype=bool)  # 16 Mi voxels
-    mask[:, 100:400, 100:400] = True
+    mask = np.zeros((256, 256, 256), dtype=bool)  # 16 Mi voxels, 16 slabs
+    mask[:, 50:200, 50:200] = True
     hu = np.zeros((1, 1, 1), dtype=np.int16)  # not read: one component, no limb to judge
     tracemalloc.start()
     try:
@@ -304,4 +337,4 @@ def test_body_components_of_a_long_series_hold_no_64_bit_copy() -> None:
     finally:
         tracemalloc.stop()
     assert np.array_equal(core, mask)
-    assert peak < 6 * mask.size  # bytes; before: 12 and more
+    assert peak < 2 * mask.size  # bytes: the kept mask and a slab's labels; 12 and more before, then 4-6
