@@ -134,12 +134,25 @@ def plausibility(
         else:
             k, j, i = (c + b.start for c, b in zip(_centroid(labels[box] == report.label), box, strict=True))
         x = float((volume.affine @ np.array([i, j, k, 1.0]))[0])
-        bk, bj, bi = body_centre or _centroid(labels > 0)
+        bk, bj, bi = body_centre or _labelled_centroid(labels)
         x_body = float((volume.affine @ np.array([bi, bj, bk, 1.0]))[0])
         if (x - x_body) * side < 0:
             where = "left" if x > x_body else "right"
             flags.append(f"centre lies on the patient's {where}: check orientation and laterality")
     return tuple(flags)
+
+
+def _labelled_centroid(labels: npt.NDArray[np.uint8], slab: int = 64) -> tuple[float, float, float]:
+    """:func:`_centroid` of ``labels > 0``, a slab of slices at a time (no whole-series mask)."""
+    profiles = [np.zeros(n, dtype=np.int64) for n in labels.shape]
+    for z in range(0, labels.shape[0], slab):
+        mask = labels[z : z + slab] > 0
+        profiles[0][z : z + slab] = np.count_nonzero(mask, axis=(1, 2))
+        profiles[1] += np.count_nonzero(mask, axis=(0, 2))
+        profiles[2] += np.count_nonzero(mask, axis=(0, 1))
+    total = float(profiles[0].sum())
+    k, j, i = (float(np.dot(np.arange(p.size), p)) / total for p in profiles)
+    return k, j, i
 
 
 def _centroid(mask: npt.NDArray[np.bool_]) -> tuple[float, float, float]:
@@ -161,7 +174,7 @@ def summarize(
 ) -> tuple[StructureSummary, ...]:
     """Per structure: volume, contours and flags; ``notes`` (from :func:`clean_segmentation`) come first."""
     lateral = any(r.name in LATERALITY for r in result.included)
-    body = _centroid(labels > 0) if lateral else None
+    body = _labelled_centroid(labels) if lateral else None
     boxes = ndimage.find_objects(labels) if lateral else None
     volumes = {r.name: r.volume_ml for r in result.included}
     order = order_flags(volume, labels, {r.name: r.label for r in result.included})
