@@ -164,7 +164,8 @@ def fill_holes(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
     for edge in (background[0], background[-1], background[:, 0], background[:, -1]):
         outside[edge] = True
     outside[0] = False  # the mask itself
-    return ~outside[background]
+    filled: npt.NDArray[np.bool_] = ~outside[background]
+    return filled
 
 
 def check_region(volume: CTVolume, rule: RegionRule) -> None:
