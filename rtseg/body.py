@@ -94,7 +94,7 @@ def body_mask(hu_zyx: npt.NDArray[Any], spacing_zyx: tuple[float, float, float])
     beyond_couch = _couch_rows_of(hu, spacing_zyx[1])[None, :, None]
     disk = _disk(OPEN_MM, spacing_zyx[1], spacing_zyx[2])
     slabs = [slice(z, z + SLAB) for z in range(0, hu.shape[0], SLAB)]
-    body = np.empty(hu.shape, dtype=bool)
+    body: Mask = np.empty(hu.shape, dtype=bool)
     for s in slabs:  # the tissue, opened: scipy's binary_opening, 10x faster
         body[s] = disk_dilation(disk_erosion(_above(hu[s], TISSUE_HU, beyond_couch), disk), disk)
     _keep_patient(body, hu, spacing_zyx)
