@@ -100,9 +100,10 @@ def body_mask(hu_zyx: npt.NDArray[Any], spacing_zyx: tuple[float, float, float])
     _keep_patient(body, hu, spacing_zyx)
     if not body.any():
         return body
+    pixel = _disk(1.0, 1.0, 1.0)
     for s in slabs:  # detail back within OPEN_MM, then one pixel of partial volume
         part = disk_dilation(body[s], disk) & _above(hu[s], TISSUE_HU, beyond_couch)
-        edge = disk_dilation(part, _disk(1.0, 1.0, 1.0)) & _above(hu[s], EDGE_HU, beyond_couch)
+        edge = disk_dilation(part, pixel) & _above(hu[s], EDGE_HU, beyond_couch)
         body[s] = part | edge
     for z in range(body.shape[0]):
         body[z] = _fill_slice(body[z], hu[z], spacing_zyx)
@@ -110,11 +111,8 @@ def body_mask(hu_zyx: npt.NDArray[Any], spacing_zyx: tuple[float, float, float])
 
 
 def _above(hu: npt.NDArray[Any], threshold: float, beyond_couch: Mask) -> Mask:
-    """``hu > threshold`` outside the couch rows, computed ``SLAB`` slices at a time."""
-    out = np.empty(hu.shape, dtype=bool)
-    for z in range(0, hu.shape[0], SLAB):
-        np.greater(hu[z : z + SLAB], threshold, out=out[z : z + SLAB])
-        out[z : z + SLAB] &= ~beyond_couch
+    """``hu > threshold`` outside the couch rows (of a slab: the callers work a slab at a time)."""
+    out: Mask = (hu > threshold) & ~beyond_couch
     return out
 
 
