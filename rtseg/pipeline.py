@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -128,13 +129,11 @@ def plausibility(
         )
     side = LATERALITY.get(report.name)
     if side is not None:
-        box = boxes[report.label - 1] if boxes is not None and 0 < report.label <= len(boxes) else None
-        if box is None:
-            k, j, i = _centroid(labels == report.label)
-        else:
-            k, j, i = (c + b.start for c, b in zip(_centroid(labels[box] == report.label), box, strict=True))
+        found = boxes[report.label - 1] if boxes is not None and 0 < report.label <= len(boxes) else None
+        box = found or tuple(slice(0, n) for n in labels.shape)
+        k, j, i = (c + b.start for c, b in zip(_centroid(labels[box], report.label), box, strict=True))
         x = float((volume.affine @ np.array([i, j, k, 1.0]))[0])
-        bk, bj, bi = body_centre or _labelled_centroid(labels)
+        bk, bj, bi = body_centre or _centroid(labels)
         x_body = float((volume.affine @ np.array([bi, bj, bk, 1.0]))[0])
         if (x - x_body) * side < 0:
             where = "left" if x > x_body else "right"
@@ -142,28 +141,22 @@ def plausibility(
     return tuple(flags)
 
 
-def _labelled_centroid(labels: npt.NDArray[np.uint8], slab: int = 64) -> tuple[float, float, float]:
-    """:func:`_centroid` of ``labels > 0``, a slab of slices at a time (no whole-series mask)."""
+def _centroid(
+    labels: npt.NDArray[Any], label: int | None = None, slab: int = 64
+) -> tuple[float, float, float]:
+    """Mean ``(k, j, i)`` index of the voxels of ``label`` (None: of every non-zero voxel) of a non-empty
+    ``[k, j, i]`` map or mask, from its projections counted a slab of slices at a time (no index arrays
+    of every voxel, no whole-series mask)."""
     profiles = [np.zeros(n, dtype=np.int64) for n in labels.shape]
     for z in range(0, labels.shape[0], slab):
-        mask = labels[z : z + slab] > 0
+        part = labels[z : z + slab]
+        mask = part > 0 if label is None else part == label
         profiles[0][z : z + slab] = np.count_nonzero(mask, axis=(1, 2))
         profiles[1] += np.count_nonzero(mask, axis=(0, 2))
         profiles[2] += np.count_nonzero(mask, axis=(0, 1))
     total = float(profiles[0].sum())
     k, j, i = (float(np.dot(np.arange(p.size), p)) / total for p in profiles)
     return k, j, i
-
-
-def _centroid(mask: npt.NDArray[np.bool_]) -> tuple[float, float, float]:
-    """Mean ``(k, j, i)`` index of a non-empty mask, from its projections (no index arrays of every voxel)."""
-    total = float(np.count_nonzero(mask))
-    centre = []
-    for axis in range(3):
-        others = tuple(a for a in range(3) if a != axis)
-        profile = np.count_nonzero(mask, axis=others)
-        centre.append(float(np.dot(np.arange(profile.size), profile)) / total)
-    return centre[0], centre[1], centre[2]
 
 
 def summarize(
@@ -174,7 +167,7 @@ def summarize(
 ) -> tuple[StructureSummary, ...]:
     """Per structure: volume, contours and flags; ``notes`` (from :func:`clean_segmentation`) come first."""
     lateral = any(r.name in LATERALITY for r in result.included)
-    body = _labelled_centroid(labels) if lateral else None
+    body = _centroid(labels) if lateral else None
     boxes = ndimage.find_objects(labels) if lateral else None
     volumes = {r.name: r.volume_ml for r in result.included}
     order = order_flags(volume, labels, {r.name: r.label for r in result.included})

@@ -228,7 +228,7 @@ def test_cli_missing_model_names_the_folder(tmp_path: Path) -> None:
 
 
 def test_wrong_side_flag_follows_the_patient_axes_and_the_centroid_is_exact() -> None:
-    from rtseg.pipeline import _centroid, _labelled_centroid, plausibility
+    from rtseg.pipeline import _centroid, plausibility
     from rtseg.rtstruct.builder import StructureReport
     from rtseg.volume import CTVolume, SeriesInfo
 
@@ -236,7 +236,8 @@ def test_wrong_side_flag_follows_the_patient_axes_and_the_centroid_is_exact() ->
     mask = rng.random((7, 9, 11)) > 0.6
     assert np.allclose(_centroid(mask), [float(v.mean()) for v in np.nonzero(mask)])
     labels = mask.astype(np.uint8) * 3
-    assert np.allclose(_labelled_centroid(labels, slab=2), _centroid(mask))
+    assert np.allclose(_centroid(labels, slab=2), _centroid(mask))
+    assert np.allclose(_centroid(labels, 3, slab=2), _centroid(mask))
 
     labels = np.zeros((4, 10, 10), dtype=np.uint8)
     labels[:, 2:8, 1:9] = 1  # body
