@@ -248,18 +248,3 @@ def worker_pids(parent: int) -> list[int]:
         if int(fields[1]) == parent and b"spawn_main" in cmdline:
             found.append(int(stat.parent.name))
     return sorted(found)
-
-
-def cpu_ticks(pid: int) -> int:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0
-    return int(fields[11]) + int(fields[12])  # utime + stime
-
-
-def busiest(pids: list[int], seconds: float = 1.0) -> int:
-    """The process of ``pids`` that used the most CPU over ``seconds`` (the one segmenting)."""
-    before = {pid: cpu_ticks(pid) for pid in pids}
-    time.sleep(seconds)
-    return max(pids, key=lambda pid: cpu_ticks(pid) - before[pid])
