@@ -41,6 +41,7 @@ from typing import Any
 from rtseg.errors import InputError, RtsegError
 from rtseg.jobs import Job, JobState, JobStore
 from rtseg.model.chunked import CHUNK_SLICES
+from rtseg.model.streamed import remove_left_behind
 from rtseg.privacy import configure_logging, forward_logs, listen_for_logs, redact_uids
 from rtseg.settings import Settings
 from rtseg.structures import MIN_ISLAND_ML
@@ -53,6 +54,7 @@ RESTART_BACKOFF_S = 30.0  # a worker that dies before loading its model is resta
 WORKER_NICE = 10
 POLL_S = 0.1  # an idle worker's look for a queued job (a read; turnaround waits for it)
 ENGINE_CACHE = "engines"  # under the data directory: networks exported for [node] engine
+SCRATCH = "scratch"  # under the data directory: a big model's logits, streamed while a job runs
 
 
 def _job_uid(kind: str, job_id: str) -> str:
@@ -245,6 +247,7 @@ class WorkerPool:
         recovered = self.store.recover()
         for job in recovered:
             log.warning("job %s was interrupted while segmenting: queued again", job.id)
+        remove_left_behind(self.config.data_dir / SCRATCH)  # no worker runs yet: all of it is left over
         self._stopping.clear()
         if self._log_listener is None:
             self._log_listener = listen_for_logs(self._log_queue)
@@ -303,6 +306,8 @@ class WorkerPool:
 
     def _release_jobs(self, slot: _Slot) -> None:
         pid = slot.proc.pid
+        if pid is not None:
+            remove_left_behind(self.config.data_dir / SCRATCH, pid)
         for job in self.store.recover_worker(pid, self.crash_limit) if pid is not None else []:
             if job.state == JobState.FAILED:
                 log.error("job %s failed: %s", job.id, job.error)
@@ -387,6 +392,7 @@ def load_runner(store: JobStore, config: WorkerConfig) -> JobRunner | None:
             chunk_slices=config.chunk_slices,
             runtime=config.engine,
             export_cache=config.data_dir / ENGINE_CACHE,
+            scratch=config.data_dir / SCRATCH,
         )
     except RtsegError as exc:
         log.error("worker cannot load the model: %s", exc)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -26,9 +27,12 @@ import numpy.typing as npt
 
 from rtseg.model.chunked import plan_chunks, preprocess_chunked
 from rtseg.model.preprocess import resampling_taps
+from rtseg.model.streamed import LogitFile, stream_to_file
 from rtseg.structures import EXTERNAL, MIN_ISLAND_ML
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
@@ -52,6 +56,8 @@ def predict_labels(
     min_island_ml: float = MIN_ISLAND_ML,
     chunk_slices: int = 0,
     skip_air: bool = False,
+    stream_mb: float | None = None,
+    scratch: Path | None = None,
 ) -> Prediction:
     """Labels of a ``[1, z, y, x]`` image on its own grid, through nnU-Net's preprocessing and network.
 
@@ -61,6 +67,9 @@ def predict_labels(
     ``chunk_slices`` slices (0: never) is preprocessed in z-chunks of about that
     many slices (:mod:`rtseg.model.chunked`): the same model-grid data, the same labels.
     ``skip_air``: windows of nothing but air are not run (:func:`logits_skipping_air`).
+    Model-grid logits of more than ``stream_mb`` MB (None: never) are streamed
+    to a file under ``scratch`` (:mod:`rtseg.model.streamed`): memory bounded by
+    one patch's depth of the model grid, the same labels.
     """
     t0 = time.perf_counter()
     plan = plan_chunks(predictor, image, spacing_zyx, chunk_slices) if chunk_slices else None
@@ -69,13 +78,18 @@ def predict_labels(
     else:
         data, properties = preprocess(predictor, np.asarray(image), spacing_zyx)
     t1 = time.perf_counter()
-    logits = sliding_window_logits(predictor, data, skip_air)
-    del data
-    if min_island_ml > 0:
-        voxel_ml = float(np.prod(predictor.configuration_manager.spacing)) / 1000.0
-        logits = suppress_islands(logits, voxel_ml, min_island_ml, keep=_external_labels(predictor))
-    t2 = time.perf_counter()
-    labels = labels_on_input_grid(predictor, logits, properties)
+    if streams(predictor, data, properties, stream_mb):
+        labels, network_s = streamed_labels(predictor, data, properties, min_island_ml, skip_air, scratch)
+        del data
+        t2 = t1 + network_s
+    else:
+        logits = sliding_window_logits(predictor, data, skip_air)
+        del data
+        if min_island_ml > 0:
+            voxel_ml = float(np.prod(predictor.configuration_manager.spacing)) / 1000.0
+            logits = suppress_islands(logits, voxel_ml, min_island_ml, keep=_external_labels(predictor))
+        t2 = time.perf_counter()
+        labels = labels_on_input_grid(predictor, logits, properties)
     t3 = time.perf_counter()
     phases = {"preprocess_s": t1 - t0, "network_s": t2 - t1, "resample_s": t3 - t2}
     log.info("inference phases: %s", ", ".join(f"{k} {v:.1f}" for k, v in phases.items()))
@@ -116,13 +130,30 @@ def _suppress_once(
 ) -> torch.Tensor | None:
     """One pass of :func:`suppress_islands`; None when no piece is too small."""
     import torch
+
+    small = small_pieces(scores.argmax(dim=0).numpy(), voxel_ml, min_ml, keep)
+    if not small:
+        return None
+    out = scores.clone()
+    floor = float(out.min()) - 1.0  # finite: interpolation weights of 0 must not meet infinities
+    for c, (z, y, x) in small:
+        out[c, torch.from_numpy(z), torch.from_numpy(y), torch.from_numpy(x)] = floor
+    log.info("dropped islands under %.2f ml of %d structure(s)", min_ml, len(small))
+    return out
+
+
+def small_pieces(
+    labels: npt.NDArray[Any], voxel_ml: float, min_ml: float, keep: frozenset[int]
+) -> list[tuple[int, tuple[npt.NDArray[np.intp], ...]]]:
+    """``(class, voxels)`` of every connected piece (face neighbours) of a class smaller than ``min_ml``.
+
+    Background (0) and the ``keep`` classes are never small.
+    """
     from scipy import ndimage
 
-    labels = scores.argmax(dim=0).numpy()
     present = [int(c) for c in np.unique(labels) if c != 0 and int(c) not in keep]
     boxes = ndimage.find_objects(labels)
-    small_at: list[tuple[npt.NDArray[np.intp], ...]] = []
-    small_class: list[int] = []
+    small_at: list[tuple[int, tuple[npt.NDArray[np.intp], ...]]] = []
     for c in present:
         box = boxes[c - 1]
         if box is None:
@@ -134,16 +165,52 @@ def _suppress_once(
         if not small.any():
             continue
         where = np.nonzero(small[pieces])
-        small_at.append(tuple(w + b.start for w, b in zip(where, box, strict=True)))
-        small_class.append(c)
-    if not small_at:
-        return None
-    out = scores.clone()
-    floor = float(out.min()) - 1.0  # finite: interpolation weights of 0 must not meet infinities
-    for c, (z, y, x) in zip(small_class, small_at, strict=True):
-        out[c, torch.from_numpy(z), torch.from_numpy(y), torch.from_numpy(x)] = floor
-    log.info("dropped islands under %.2f ml of %d structure(s)", min_ml, len(small_class))
-    return out
+        small_at.append((c, tuple(w + b.start for w, b in zip(where, box, strict=True))))
+    return small_at
+
+
+def suppress_islands_in_file(
+    store: LogitFile, voxel_ml: float, min_ml: float, keep: frozenset[int] = frozenset()
+) -> tuple[npt.NDArray[np.int64], torch.Tensor]:
+    """:func:`suppress_islands` on streamed logits: ``store.coarse`` changed in place, the file untouched.
+
+    Returns the voxels whose scores changed (flat indices into the model grid,
+    sorted) and their scores after the change ``[n, class]``, which
+    :func:`labels_from_file` puts over the file's. Only the specks' scores are
+    read back: every voxel that changes class lies in a piece found small in the
+    first pass (a piece that gains voxels does not shrink). The floors are
+    nnU-Net's values for the one-piece path's (the minimum of every score, less
+    one, rounded to the scores' precision), so the labels are the same.
+    """
+    import torch
+
+    touched = np.empty(0, dtype=np.int64)
+    scores = torch.empty((0, store.classes), dtype=torch.half)
+    if min_ml <= 0:
+        return touched, scores
+    minimum = store.minimum
+    for _ in range(ISLAND_PASSES):
+        small = small_pieces(store.coarse, voxel_ml, min_ml, keep)
+        if not small:
+            break
+        flats = [np.ravel_multi_index(at, store.shape).astype(np.int64) for _, at in small]
+        new = np.setdiff1d(np.concatenate(flats), touched)
+        if new.size:
+            touched = np.concatenate([touched, new])
+            scores = torch.cat([scores, store.gather(new)])
+            order = np.argsort(touched, kind="stable")
+            touched, scores = touched[order], scores[torch.from_numpy(order)]
+        rounded = scores.new_zeros(1)
+        rounded[0] = minimum - 1.0  # rounded to the scores' precision as the one-piece path's assignment
+        floor = float(rounded[0])
+        minimum = min(minimum, floor)
+        for (c, _), flat in zip(small, flats, strict=True):
+            scores[torch.from_numpy(np.searchsorted(touched, flat)), c] = floor
+        every = np.concatenate(flats)
+        now = scores[torch.from_numpy(np.searchsorted(touched, every))]
+        store.coarse.flat[every] = now.argmax(dim=1).numpy()
+        log.info("dropped islands under %.2f ml of %d structure(s)", min_ml, len(small))
+    return touched, scores
 
 
 def _external_labels(predictor: nnUNetPredictor) -> frozenset[int]:
@@ -224,14 +291,17 @@ def air_floor(predictor: nnUNetPredictor) -> float | None:
     return float((props["percentile_00_5"] - props["mean"]) / max(props["std"], 1e-8))
 
 
-def window_slicers(predictor: nnUNetPredictor, data: torch.Tensor) -> tuple[Any, list[Any], list[bool]]:
-    """nnU-Net's padded input, its sliding-window slicers and which windows hold more than air."""
+def window_slicers(
+    predictor: nnUNetPredictor, data: torch.Tensor, skip_air: bool = True
+) -> tuple[Any, list[Any], list[bool]]:
+    """nnU-Net's padded input, its sliding-window slicers and which windows hold more than air
+    (every window without ``skip_air``)."""
     from acvl_utils.cropping_and_padding.padding import pad_nd_image
 
     patch = predictor.configuration_manager.patch_size
     padded, revert = pad_nd_image(data, patch, "constant", {"value": 0}, True, None)
     slicers = predictor._internal_get_sliding_window_slicers(padded.shape[1:])
-    floor = air_floor(predictor)
+    floor = air_floor(predictor) if skip_air else None
     if floor is None:
         return (padded, revert), slicers, [True] * len(slicers)
     # padding is 0 (the mean foreground HU), never air: a window reaching into it is run
@@ -285,7 +355,6 @@ def labels_on_input_grid(
     predictor: nnUNetPredictor, logits: torch.Tensor, properties: dict[str, Any]
 ) -> npt.NDArray[np.uint8]:
     """Labels on the grid the image came in: interpolate the logits slab by slab, argmax, uncrop."""
-    plans = predictor.plans_manager
     z_mode = _z_interpolation(predictor, properties)
     if predictor.label_manager.has_regions or z_mode is None:
         from nnunetv2.inference.export_prediction import (
@@ -293,16 +362,101 @@ def labels_on_input_grid(
         )
 
         labels = convert_predicted_logits_to_segmentation_with_correct_shape(
-            logits, plans, predictor.configuration_manager, predictor.label_manager, properties
+            logits,
+            predictor.plans_manager,
+            predictor.configuration_manager,
+            predictor.label_manager,
+            properties,
         )
         return np.asarray(labels).astype(np.uint8, copy=False)
+    target = tuple(int(s) for s in properties["shape_after_cropping_and_before_resampling"])
+    return _uncrop(predictor, upsample_argmax(logits, (target[0], target[1], target[2]), z_mode), properties)
+
+
+def _uncrop(
+    predictor: nnUNetPredictor, cropped: npt.NDArray[np.uint8], properties: dict[str, Any]
+) -> npt.NDArray[np.uint8]:
+    """Labels of nnU-Net's crop put back into the image's grid, in the image's axis order."""
     from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
 
-    target = tuple(int(s) for s in properties["shape_after_cropping_and_before_resampling"])
-    cropped = upsample_argmax(logits, (target[0], target[1], target[2]), z_mode)
     full = np.zeros(tuple(properties["shape_before_cropping"]), dtype=np.uint8)
     full = insert_crop_into_image(full, cropped, properties["bbox_used_for_cropping"])
-    return np.ascontiguousarray(np.asarray(full).transpose(plans.transpose_backward))
+    return np.ascontiguousarray(np.asarray(full).transpose(predictor.plans_manager.transpose_backward))
+
+
+def labels_from_file(
+    predictor: nnUNetPredictor,
+    store: LogitFile,
+    changed: tuple[npt.NDArray[np.int64], torch.Tensor],
+    properties: dict[str, Any],
+) -> npt.NDArray[np.uint8]:
+    """:func:`labels_on_input_grid` of streamed logits: ``store.coarse`` and the file's rows, with the
+    scores island removal ``changed`` (:func:`suppress_islands_in_file`) over the file's."""
+    import torch
+
+    z_mode = _z_interpolation(predictor, properties)
+    assert z_mode is not None  # streamed only where this path applies (streams())
+    touched, scores = changed
+    plane = store.shape[1] * store.shape[2]
+
+    def rows(z0: int, z1: int) -> torch.Tensor:
+        block = store.read(z0, z1)
+        here = slice(*np.searchsorted(touched, (z0 * plane, z1 * plane)))
+        if here.stop > here.start:
+            z, y, x = np.unravel_index(touched[here] - z0 * plane, (z1 - z0, *store.shape[1:]))
+            block[:, torch.from_numpy(z), torch.from_numpy(y), torch.from_numpy(x)] = scores[here].T
+        return block
+
+    target = tuple(int(s) for s in properties["shape_after_cropping_and_before_resampling"])
+    cropped = upsample_labels(
+        store.coarse, rows, store.classes, torch.float16, (target[0], target[1], target[2]), z_mode
+    )
+    return _uncrop(predictor, cropped, properties)
+
+
+STREAM_MB = 1024  # model-grid logits above this many MB are streamed to a file (rtseg.model.streamed)
+
+
+def streams(
+    predictor: nnUNetPredictor, data: torch.Tensor, properties: dict[str, Any], stream_mb: float | None
+) -> bool:
+    """Whether the sliding window's logits go to a file: big, on the CPU, labels by rtseg's rule.
+
+    ``stream_mb``: the logits' size (MB, float16) above which they are streamed; None never streams.
+    """
+    if stream_mb is None or predictor.device.type != "cpu" or predictor.label_manager.has_regions:
+        return False
+    if len(predictor.configuration_manager.patch_size) != 3:
+        return False
+    if _z_interpolation(predictor, properties) is None:
+        return False
+    heads = predictor.label_manager.num_segmentation_heads
+    return bool(heads * math.prod(int(s) for s in data.shape[1:]) * 2 > stream_mb * 2**20)
+
+
+def streamed_labels(
+    predictor: nnUNetPredictor,
+    data: torch.Tensor,
+    properties: dict[str, Any],
+    min_island_ml: float,
+    skip_air: bool,
+    scratch: Path | None,
+) -> tuple[npt.NDArray[np.uint8], float]:
+    """The labels of :func:`predict_labels` with the logits streamed to a file under ``scratch``.
+
+    Returns the labels and the seconds until the network and island removal were done.
+    """
+    (padded, revert), slicers, busy = window_slicers(predictor, data, skip_air)
+    kept = [s for s, b in zip(slicers, busy, strict=True) if b]
+    heads = predictor.label_manager.num_segmentation_heads
+    start = time.perf_counter()
+    with LogitFile(scratch, heads, (int(data.shape[1]), int(data.shape[2]), int(data.shape[3]))) as store:
+        stream_to_file(predictor, padded, revert, kept, store)
+        del padded, data
+        voxel_ml = float(np.prod(predictor.configuration_manager.spacing)) / 1000.0
+        changed = suppress_islands_in_file(store, voxel_ml, min_island_ml, keep=_external_labels(predictor))
+        network_s = time.perf_counter() - start
+        return labels_from_file(predictor, store, changed, properties), network_s
 
 
 def _z_interpolation(predictor: nnUNetPredictor, properties: dict[str, Any]) -> str | None:
@@ -345,29 +499,62 @@ def upsample_argmax(
     (an undertrained model's left and right lung logits can agree that closely
     over whole regions).
     """
+    coarse = logits.argmax(dim=0).numpy().astype(np.uint8)
+    classes = int(logits.shape[0])
+    return upsample_labels(
+        coarse, lambda z0, z1: logits[:, z0:z1], classes, logits.dtype, shape, z_mode, slab
+    )
+
+
+def upsample_labels(
+    coarse: npt.NDArray[np.uint8],
+    rows: Callable[[int, int], torch.Tensor],
+    classes: int,
+    dtype: torch.dtype,
+    shape: tuple[int, int, int],
+    z_mode: str = "linear",
+    slab: int = SLAB_SLICES,
+) -> npt.NDArray[np.uint8]:
+    """:func:`upsample_argmax` from the argmax ``coarse`` and the scores ``rows(z0, z1) [class, n, y, x]``.
+
+    The boundary cells are labelled a block of model rows at a time, so only
+    that block's scores (and the next row) are held in float32.
+    """
     import torch
 
     taps = [
-        resampling_taps(int(logits.shape[1]), shape[0], z_mode),
-        resampling_taps(int(logits.shape[2]), shape[1], "linear"),
-        resampling_taps(int(logits.shape[3]), shape[2], "linear"),
+        resampling_taps(int(coarse.shape[0]), shape[0], z_mode),
+        resampling_taps(int(coarse.shape[1]), shape[1], "linear"),
+        resampling_taps(int(coarse.shape[2]), shape[2], "linear"),
     ]
-    coarse = logits.argmax(dim=0).numpy().astype(np.uint8)
     out = np.empty(shape, dtype=np.uint8)
     for start in range(0, shape[0], slab):
         stop = min(start + slab, shape[0])
         out[start:stop] = coarse[np.ix_(taps[0][0][start:stop], taps[1][0], taps[2][0])]
-    mixed = np.argwhere(~_uniform_cells(coarse, z_pairs=z_mode == "linear"))
-    scores = logits.float()
-    rounding = logits.dtype if logits.dtype in (torch.float16, torch.bfloat16) else None
+    rounding = dtype if dtype in (torch.float16, torch.bfloat16) else None
     # thin slices put more output voxels in a cell: fewer cells at once keep the scratch bounded
-    per_cell = math.prod(
-        -(-n_out // int(n_in)) + 1 for n_out, n_in in zip(shape, logits.shape[1:], strict=True)
-    )
+    per_cell = math.prod(-(-n_out // int(n_in)) + 1 for n_out, n_in in zip(shape, coarse.shape, strict=True))
     batch = max(1, CELL_BATCH * CELL_VOXELS // per_cell)
-    for first in range(0, len(mixed), batch):
-        _label_mixed_cells(scores, mixed[first : first + batch], taps, out, rounding)
+    z_pairs = z_mode == "linear"
+    for z0, z1 in _row_blocks(coarse.shape, classes):
+        mixed = np.argwhere(~_uniform_cells(coarse[z0 : z1 + 1], z_pairs)[: z1 - z0])
+        if not len(mixed):
+            continue
+        mixed[:, 0] += z0
+        scores = rows(z0, min(z1 + 1, coarse.shape[0])).float()
+        for first in range(0, len(mixed), batch):
+            _label_mixed_cells(scores, mixed[first : first + batch], taps, out, rounding, z0, coarse.shape[0])
     return out
+
+
+BLOCK_BYTES = 256 << 20  # float32 scores of the model rows whose boundary cells are labelled at once
+
+
+def _row_blocks(shape: tuple[int, ...], classes: int) -> list[tuple[int, int]]:
+    """Model-grid row ranges ``[z0, z1)`` whose float32 scores (plus one row) fit ``BLOCK_BYTES``."""
+    row_bytes = classes * shape[1] * shape[2] * 4
+    step = max(1, BLOCK_BYTES // max(row_bytes, 1) - 1)
+    return [(z0, min(z0 + step, shape[0])) for z0 in range(0, shape[0], step)]
 
 
 CELL_BATCH = 8192  # boundary cells interpolated at once: 8192 × ~75 voxels × 20 classes float32 ≈ 50 MB
@@ -393,10 +580,13 @@ def _label_mixed_cells(
     taps: list[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], Any]],
     out: npt.NDArray[np.uint8],
     rounding: torch.dtype | None = None,
+    z0: int = 0,
+    rows: int | None = None,
 ) -> None:
     """Write the argmax of the interpolated scores at every output voxel inside ``cells`` (``[n, 3]``).
 
     ``rounding``: the dtype the interpolated scores are cast to before the argmax (ties → lower label).
+    ``scores`` may hold only the model rows from ``z0`` on, of ``rows`` in all (default: all of them).
     """
     import torch
 
@@ -405,7 +595,7 @@ def _label_mixed_cells(
     positions: list[npt.NDArray[np.int64]] = []
     valid: list[npt.NDArray[np.bool_]] = []
     for axis, (lower, _upper, w) in enumerate(taps):
-        size = int(scores.shape[axis + 1])
+        size = int(scores.shape[axis + 1]) if axis or rows is None else rows
         cell = cells[:, axis]
         first = np.searchsorted(lower, cell, side="left")
         count = np.searchsorted(lower, cell, side="right") - first
@@ -417,6 +607,7 @@ def _label_mixed_cells(
         positions.append(at)
         valid.append(inside)
     z, y, x = corner_index
+    z = z - z0
     corners = scores[:, z[:, :, None, None], y[:, None, :, None], x[:, None, None, :]]  # [c, n, 2, 2, 2]
     along_x = torch.einsum("cnijk,nxk->nijxc", corners, weights[2])
     along_y = torch.einsum("nijxc,nyj->niyxc", along_x, weights[1])

@@ -21,7 +21,7 @@ from rtseg.body import apply_body_outline, body_mask
 from rtseg.errors import InputError, ModelError
 from rtseg.model.checkpoints import load_checkpoint
 from rtseg.model.chunked import CHUNK_SLICES
-from rtseg.model.inference import predict_labels, suppress_islands
+from rtseg.model.inference import STREAM_MB, predict_labels, suppress_islands
 from rtseg.model.manifest import CANONICAL_ORIENTATION, ModelManifest, load_manifest, read_json
 from rtseg.structures import EXTERNAL, MIN_ISLAND_ML
 from rtseg.volume import CTVolume, Orientation
@@ -91,6 +91,12 @@ class NnunetSegmenter:
     export_cache
         Folder that keeps the exported network between loads (the node's
         ``<data_dir>/engines``); None exports it anew at every load.
+    stream_mb, scratch
+        With the rtseg engine on the CPU: model-grid logits of more than
+        ``stream_mb`` MB (None: never) are streamed to a file under ``scratch``
+        (the node's ``<data_dir>/scratch``; None: the system's temporary
+        folder) while the sliding window runs (:mod:`rtseg.model.streamed`:
+        same labels, memory bounded by one patch's depth of logits).
     """
 
     def __init__(
@@ -108,12 +114,16 @@ class NnunetSegmenter:
         chunk_slices: int = CHUNK_SLICES,
         runtime: str = "torch",
         export_cache: Path | None = None,
+        stream_mb: float | None = STREAM_MB,
+        scratch: Path | None = None,
     ) -> None:
         if engine not in ENGINES:
             raise ModelError(f"unknown inference engine {engine!r}: choose one of {', '.join(ENGINES)}")
         self.engine = engine
         self.min_island_ml = min_island_ml
         self.chunk_slices = chunk_slices
+        self.stream_mb = stream_mb
+        self.scratch = scratch
         self.body_outline = body_outline
         self.model_dir = Path(model_dir)
         manifest = load_manifest(self.model_dir)
@@ -179,7 +189,13 @@ class NnunetSegmenter:
         with self._lock:
             if self.engine == "rtseg":
                 return predict_labels(
-                    self._predictor, image, spacing_zyx, self.min_island_ml, self.chunk_slices
+                    self._predictor,
+                    image,
+                    spacing_zyx,
+                    self.min_island_ml,
+                    self.chunk_slices,
+                    stream_mb=self.stream_mb,
+                    scratch=self.scratch,
                 ).labels
             labels = self._predictor.predict_single_npy_array(
                 image, {"spacing": [float(s) for s in spacing_zyx]}, None, None, False

@@ -16,7 +16,7 @@ from rtseg.ct import load_series
 from rtseg.jobs import FINAL, JobState, JobStore
 from rtseg.model.default import default_model_dir
 from rtseg.phantom.cohort import read_label_image
-from rtseg.worker import WORKER_NICE, WorkerPool, rtstruct_uids
+from rtseg.worker import SCRATCH, WORKER_NICE, WorkerPool, rtstruct_uids
 
 DEST = {"name": "tps", "ae_title": "TPS", "host": "127.0.0.1", "port": 1, "tls": False}
 
@@ -52,8 +52,12 @@ def test_workers_segment_dicom_and_nifti_jobs_and_recover(tmp_path: Path, phanto
     tired = store.create("dicom", "k4", "inputs/dicom", state=JobState.QUEUED)
     store.update(tired.id, attempts=3)  # claimed three times already: killed its worker each time
 
+    left = data / SCRATCH / "rtseg-logits-999999-x"  # a big model's logits, of a worker killed mid-job
+    left.mkdir(parents=True)
+    (left / "logits.f16").write_bytes(b"\0" * 64)
     pool = WorkerPool(store, data, default_model_dir(), workers=1, threads=1)
     assert [j.id for j in pool.start()] == [crashed.id]
+    assert list((data / SCRATCH).iterdir()) == []
     try:
         (proc,) = [slot.proc for slot in pool._slots]
         niced = min(19, os.getpriority(os.PRIO_PROCESS, 0) + WORKER_NICE)
@@ -127,6 +131,7 @@ def test_the_worker_segmenter_chunks_long_series_as_node_settings_say(tmp_path: 
     pool = WorkerPool.from_settings(load_settings(config, environ={}), store, tmp_path, default_model_dir())
     runner = load_runner(store, pool.config)
     assert runner is not None and runner.segmenter.chunk_slices == 120
+    assert runner.segmenter.scratch == tmp_path / SCRATCH  # streamed logits stay in the data directory
     store.close()
 
 
