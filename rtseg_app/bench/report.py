@@ -292,6 +292,33 @@ def _scaling(r: Results) -> list[str]:
             f" | {fig['peak_rss_mb']:.0f} | {_f(fig.get('largest_process_peak_mb'), 0)}"
             f" | {_f(fig.get('process_peaks_sum_mb'), 0)} |"
         )
+    return lines + [""] + _stock_size(sc.get("stock_size"))
+
+
+def _stock_size(st: Any) -> list[str]:
+    if not isinstance(st, dict):
+        return []
+    title = "### Stock-size model on long series"
+    if "rows" not in st:
+        return [title, "", f"Not measured: {st.get('not_measured') or st.get('error')}", ""]
+    window = st["window"]
+    lines = [
+        title,
+        "",
+        f"The model of `--section clinical` on the benchmark CT repeated along z; the network replaced by a"
+        f" 1 × 1 × 1 convolution (labels change with the CT number: island removal and labels do real"
+        f" work). One real window {window['patch']} adds {window['activations_mb']:.0f} MB of activations"
+        f" ({window['forward_s']:.1f} s), counted in the last column.",
+        "",
+        "| slices | logits | model grid | logits MB | s | peak RSS MB | + activations MB | same labels |",
+        "|---:|---|---|---:|---:|---:|---:|---|",
+    ]
+    for row in st["rows"]:
+        lines.append(
+            f"| {row['slices']} | {row['mode']} | {' × '.join(str(n) for n in row['model_grid'])}"
+            f" | {row['logits_mb']:.0f} | {row['predict_s']:.1f} | {row['peak_rss_mb']:.0f}"
+            f" | {row['with_activations_mb']:.0f} | {'yes' if row.get('same_labels') else '**no**'} |"
+        )
     return lines + [""]
 
 

@@ -38,6 +38,7 @@ CONCURRENCY = (1, 2, 4)
 # What a section may fail with and the run still report the others.
 SECTION_ERRORS = (RtsegError, OSError, subprocess.SubprocessError, TimeoutError, RuntimeError, ValueError)
 
+LONG_MIN_SLICES = 800  # the stock-size model's long-series rows: these lengths of --scaling-slices and up
 FULL_CT_RUNS = 3  # turnaround of the benchmark CT: its median over this many patients
 
 
@@ -244,6 +245,7 @@ def _federation(ctx: _Context) -> dict[str, Any]:
 
 def _scaling(ctx: _Context) -> dict[str, Any]:
     from rtseg.model.chunked import CHUNK_SLICES
+    from rtseg_app.bench.long_series import long_series_section
     from rtseg_app.bench.node import COMPLETE_ON_RELEASE, QUIET_S, concurrent_turnaround, running_node
     from rtseg_app.bench.volume import bench_series
 
@@ -276,6 +278,9 @@ def _scaling(ctx: _Context) -> dict[str, Any]:
                 f"   {k} at once: last after {fig['last_s']:.1f} s, node peak RSS {fig['peak_rss_mb']:.0f} MB"
             )
             figures["by_concurrency"].append(fig)
+    say("   stock-size model on long series (network stand-in; see rtseg_app/bench/long_series.py)")
+    long = [n for n in plan.scaling_slices if n >= LONG_MIN_SLICES] or list(plan.scaling_slices[-1:])
+    figures["stock_size"] = long_series_section(ctx.work, long, plan.matrix, say)
     return figures
 
 

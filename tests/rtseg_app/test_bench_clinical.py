@@ -280,3 +280,34 @@ def test_a_report_without_the_robust_section_needs_no_federation_packages() -> N
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_long_series_rows_say_not_measured_without_the_stock_size_model(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from rtseg_app.bench.long_series import long_series_section
+    from rtseg_app.bench.report import _stock_size
+
+    figures = long_series_section(tmp_path, [800], 512, lambda _: None)
+    assert "--section clinical" in figures["not_measured"]
+    assert "Not measured" in "\n".join(_stock_size(figures))
+
+
+def test_long_series_one_piece_and_streamed_runs_report_memory_and_the_same_labels(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The section's real child processes on the default model standing in for the stock-size one."""
+    import shutil
+
+    from rtseg.model.default import default_model_dir
+    from rtseg_app.bench.long_series import long_series_section
+    from rtseg_app.bench.report import _stock_size
+
+    shutil.copytree(default_model_dir(), tmp_path / "clinical" / "model")
+    said: list[str] = []
+    figures = long_series_section(tmp_path, [300], 64, said.append)
+    rows = figures["rows"]
+    assert [(r["slices"], r["mode"]) for r in rows] == [(300, "one piece"), (300, "streamed")]
+    assert all(r["same_labels"] and r["labels_present"] > 2 for r in rows)  # the stand-in draws bands
+    assert all(r["peak_rss_mb"] > 0 and r["with_activations_mb"] > r["peak_rss_mb"] for r in rows)
+    assert rows[0]["model_grid"][0] > 44  # the 200-slice CT repeated along z: a longer model grid
+    assert list((tmp_path / "scratch").iterdir()) == []  # the streamed run's logit file is gone
+    table = "\n".join(_stock_size(figures))
+    assert "| 300 | streamed |" in table and "**no**" not in table
+    assert len(said) == 3
