@@ -143,11 +143,15 @@ def test_streamed_labels_equal_the_one_piece_labels_specks_and_all(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
 def test_the_default_model_streams_only_above_the_size_limit(
-    phantom: Case, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    phantom: Case, tmp_path: Path, caplog: pytest.LogCaptureFixture, runtime: str
 ) -> None:
+    """Also through an exported runtime, which picks its fold by the weights nnU-Net loads."""
+    pytest.importorskip(runtime)
     hu, spacing = phantom
-    predictor = NnunetSegmenter(default_model_dir(), device="cpu", threads=2)._predictor
+    segmenter = NnunetSegmenter(default_model_dir(), device="cpu", threads=2, runtime=runtime)
+    predictor = segmenter._predictor
     one_piece = predict_labels(predictor, hu[None], spacing).labels
     with caplog.at_level(logging.INFO):
         big_limit = predict_labels(predictor, hu[None], spacing, stream_mb=1024, scratch=tmp_path).labels
