@@ -29,6 +29,7 @@ from rtseg.study.findings import (
     orientation,
     orientation_summary,
 )
+from rtseg.study.per_oar import claims_table, claims_text, oar_claims
 from rtseg.study.scoring import CurvePoint, ScoreRow, write_rows
 
 TRAINED_ON = {"local-A": "A", "local-B": "B", "federated": "A+B (Flower)", "centralised": "A+B pooled"}
@@ -57,7 +58,8 @@ def write_report(
     write_rows(out / "scores.csv", rows, ScoreRow)
     write_rows(out / "federated_rounds.csv", curve, CurvePoint)
     found = findings(cells)
-    text = conclusion(found, spec.mode) + learned_conclusion(cells, spec.mode)
+    per_oar = oar_claims(rows)
+    text = conclusion(found, spec.mode) + claims_text(per_oar) + learned_conclusion(cells, spec.mode)
     orient = orientation(rows)
     fps = nephrectomy_false_positives(rows)
     epochs = {arm: read_epochs(work, arm) for arm in ARMS}
@@ -72,6 +74,8 @@ def write_report(
         _header(spec, timings),
         "## Conclusion\n\n" + "\n\n".join(text),
         "## In-center and cross-center (mean over OARs)\n\n" + headline,
+        "## The claims per OAR (paired Wilcoxon signed-rank across cases; bold: p < 0.05)\n\n"
+        + claims_table(per_oar),
         "## Dice per structure\n\n" + structure_table(cells, "dice_mean", 3),
         "## HD95 per structure (mm)\n\n" + structure_table(cells, "hd95_mm", 1),
         "## Mean surface distance per structure (mm)\n\n" + structure_table(cells, "msd_mm", 2),

@@ -142,6 +142,8 @@ def test_the_report_writes_tables_and_valid_pngs_from_made_up_scores(tmp_path: P
     report = write_report(QUICK, tmp_path / "out", tmp_path / "work", scored, curve, {"total": 60.0})
     md = report.results_md.read_text()
     assert "reproduces the study's finding" in md and "| federated | HFP | 2 | 0.800 |" in md
+    assert "## The claims per OAR" in md and "| Liver | A | 2 | +0.100 (0.500) |" in md
+    assert "needs at least 6 cases" in md  # 2 cases a center: no OAR can differ significantly
     assert "| 2 | 0.800 | 0.800 |" in md  # federated round 2, held-out Dice on A and on B
     for png in report.figures:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
