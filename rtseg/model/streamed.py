@@ -22,6 +22,7 @@ which the island removal and the labels work from
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -31,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
+
+from rtseg.errors import ModelError
 
 if TYPE_CHECKING:
     import torch
@@ -44,6 +47,7 @@ INF_MESSAGE = (  # nnU-Net's own words for the same failure
 )
 
 
+DISK_MARGIN = 256 << 20  # bytes left free beyond the logit file itself
 PREFIX = "rtseg-logits-"  # then the writing process's id: a dead worker's files can be told apart
 
 
@@ -74,6 +78,15 @@ class LogitFile:
     def __init__(self, folder: Path | None, classes: int, shape_zyx: tuple[int, int, int]) -> None:
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
+        where = Path(folder if folder is not None else tempfile.gettempdir())
+        need = classes * math.prod(shape_zyx) * 2 + DISK_MARGIN
+        free = shutil.disk_usage(where).free
+        if free < need:
+            log.error("scratch folder %s: %.1f GB free, %.1f GB needed", where, free / 2**30, need / 2**30)
+            raise ModelError(
+                f"the model's logits for this series need {need / 2**30:.1f} GB of disk in the scratch"
+                f" folder, {free / 2**30:.1f} GB are free: free disk space there and send the series again"
+            )
         self._dir = tempfile.TemporaryDirectory(prefix=f"{PREFIX}{os.getpid()}-", dir=folder)
         self.path = Path(self._dir.name) / "logits.f16"
         self.classes = classes
@@ -92,7 +105,12 @@ class LogitFile:
 
         values = rows.permute(1, 0, 2, 3).contiguous()
         self._file.seek(z0 * self._row * 2)
-        self._file.write(values.numpy().tobytes())
+        try:
+            self._file.write(values.numpy().tobytes())
+        except OSError as exc:  # the disk filled up after the check (another job, another program)
+            log.error("cannot write logits to %s: %s", self.path, exc)
+            message = f"cannot write the model's logits to the scratch folder: {exc.strerror}"
+            raise ModelError(message) from exc
         if final:
             self.minimum = min(self.minimum, float(rows.min()))
             self.coarse[z0 : z0 + rows.shape[1]] = rows.argmax(dim=0).to(torch.uint8).numpy()

@@ -175,3 +175,28 @@ def test_logit_files_left_by_a_killed_process_are_removed_by_its_id_or_all(tmp_p
     assert remove_left_behind(tmp_path / "absent") == 0
     with LogitFile(tmp_path, 2, (1, 2, 2)) as store:
         assert store.path.parent.name.startswith(f"rtseg-logits-{os.getpid()}-")
+
+
+def test_a_scratch_folder_without_room_for_the_logits_fails_the_job_with_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from rtseg.errors import ModelError
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: type("U", (), {"free": 100 << 20})())
+    with pytest.raises(ModelError, match=r"need 0\.3 GB of disk in the scratch folder, 0\.1 GB are free"):
+        LogitFile(tmp_path, 19, (100, 100, 100))  # 38 MB of logits + the 256 MB margin
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_write_of_the_logit_file_is_a_model_error_not_an_internal_one(tmp_path: Path) -> None:
+    from rtseg.errors import ModelError
+
+    with LogitFile(tmp_path, 2, (2, 2, 2)) as store:
+        store._file.close()
+        store._file = open("/dev/full", "wb", buffering=0)  # noqa: SIM115 - every write: no space left
+        with pytest.raises(
+            ModelError, match="cannot write the model's logits to the scratch folder: No space"
+        ):
+            store.write(0, torch.zeros((2, 2, 2, 2), dtype=torch.half), final=True)
