@@ -79,7 +79,20 @@ def _run(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _peak_mb() -> float:
+    """This process's peak RSS (VmHWM: resettable, unlike ``ru_maxrss``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kB
+
+
+def _reset_peak() -> float:
+    """Reset the peak to the current RSS (Linux's clear_refs) and return that RSS in MB."""
+    Path("/proc/self/clear_refs").write_text("5")
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    return _peak_mb()
 
 
 def band_network(heads: int) -> Any:
@@ -122,12 +135,13 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["kind"] == "window":
         segmenter = NnunetSegmenter(Path(spec["model"]), device="cpu", runtime="torch")
         patch = segmenter._predictor.configuration_manager.patch_size
-        before = _peak_mb()
+        window = torch.zeros((1, 1, *patch))
+        before = _reset_peak()  # loading the model may have peaked higher than the forward will
         started = time.perf_counter()
         with torch.inference_mode():
-            segmenter._predictor.network(torch.zeros((1, 1, *patch)))
+            segmenter._predictor.network(window)
         seconds = time.perf_counter() - started
-        return {"patch": list(patch), "forward_s": seconds, "activations_mb": _peak_mb() - before}
+        return {"patch": list(patch), "forward_s": seconds, "activations_mb": max(_peak_mb() - before, 0.0)}
     work = Path(spec["work"])
     hu, spacing = _series_hu(work, int(spec["slices"]), int(spec["matrix"]))
     segmenter = NnunetSegmenter(
