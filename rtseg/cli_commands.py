@@ -236,7 +236,8 @@ def _model_eval(args: argparse.Namespace) -> int:
         dices = [s.dice for n, s in r.scores.items() if s.dice is not None and s.reference_ml > 0]
         print(f"  {r.case_id}: mean Dice {sum(dices) / len(dices):.3f} ({r.seconds:.1f} s)", flush=True)
 
-    results = evaluate(segmenter, iter_cases(args.data), surfaces=not args.no_surfaces, progress=show)
+    cases = iter_cases(args.data)
+    results = evaluate(segmenter, cases, surfaces=not args.no_surfaces, progress=show, delivered=not args.raw)
     summary = summarize(results)
     print(summary_table(summary))
     if args.out:
@@ -450,6 +451,12 @@ def _register_core(sub: Any, handlers: dict[str, Handler]) -> None:
     q.add_argument("--model", type=Path)
     q.add_argument("--out", type=Path, help="write scores.csv, summary.json and summary.md here")
     q.add_argument("--no-surfaces", action="store_true", help="Dice only (faster)")
+    q.add_argument(
+        "--raw",
+        action="store_true",
+        help="score the model's labels as they come, not what the node sends (impossible structures"
+        " dropped, organs settled at their level)",
+    )
     q.add_argument("--threads", type=int)
     q.set_defaults(model_action=_model_eval)
     q = msub.add_parser(

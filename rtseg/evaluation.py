@@ -13,6 +13,7 @@ import numpy as np
 from rtseg.cases import LabelledCase
 from rtseg.metrics import Scores, score, structure_masks
 from rtseg.model.segmenter import Segmenter
+from rtseg.pipeline import clean_segmentation
 from rtseg.structures import EXTERNAL, Structure
 
 
@@ -58,10 +59,19 @@ def evaluate(
     cases: Iterable[LabelledCase],
     surfaces: bool = True,
     progress: Callable[[CaseScores], None] | None = None,
+    delivered: bool = True,
 ) -> list[CaseScores]:
+    """Scores of ``segmenter`` on each labelled case.
+
+    ``delivered``: score what the node sends (:func:`rtseg.pipeline.clean_segmentation`: structures
+    the CT cannot show dropped, one-piece organs settled at their level); False scores the model's
+    labels as they come.
+    """
     results = []
     for case in cases:
         seg = segmenter.segment(case.volume)
+        if delivered:
+            seg = clean_segmentation(case.volume, seg)[0]
         result = CaseScores(
             case.case_id, score_case(case, seg.labels, segmenter.manifest.structures, surfaces), seg.seconds
         )
