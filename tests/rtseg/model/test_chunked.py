@@ -9,29 +9,18 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import torch
-from scipy.ndimage import zoom
+from model_helpers import Case, random_predictor, resliced_phantom
 
 from rtseg.model.chunked import plan_chunks, preprocess_chunked
 from rtseg.model.default import default_model_dir
 from rtseg.model.inference import predict_labels, preprocess
 from rtseg.model.segmenter import NnunetSegmenter
-from rtseg.phantom.cohort import make_case
-
-Case = tuple[npt.NDArray[np.int16], tuple[float, float, float]]
 
 
 @pytest.fixture(scope="module")
 def long_phantom() -> Case:
-    """A phantom case (96² matrix) resliced to 1 mm: 232 slices of int16 HU, as the loader holds them."""
-    _, grid, body, _ = make_case("A", 3, 0, 96, position="HFS")
-    factor = grid.spacing[0] / 1.0
-    hu = zoom(body.hu, (factor, 1.0, 1.0), order=1, grid_mode=True, mode="nearest")
-    spacing = (
-        grid.spacing[0] * body.hu.shape[0] / hu.shape[0],
-        float(grid.spacing[1]),
-        float(grid.spacing[2]),
-    )
-    return np.round(hu).astype(np.int16), spacing
+    """A phantom case resliced to 1 mm: 232 slices of int16 HU."""
+    return resliced_phantom(1.0)
 
 
 def _assert_chunked_equals_one_piece(
@@ -61,37 +50,7 @@ def test_default_model_in_many_chunks_gives_the_one_piece_labels(long_phantom: C
 
 def _random_anisotropic_predictor(base: Any) -> Any:
     """An nnU-Net predictor with random weights (two folds) at 10 × 3 × 3 mm: nnU-Net's separate z."""
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    plans = copy.deepcopy(base.plans_manager.plans)
-    config = plans["configurations"]["3d_fullres"]
-    config.update(spacing=[10.0, 3.0, 3.0], patch_size=[8, 64, 64])
-    config["architecture"]["arch_kwargs"]["features_per_stage"] = [4, 8, 8, 8, 8]
-    manager = PlansManager(plans)
-    configuration = manager.get_configuration("3d_fullres")
-    heads = manager.get_label_manager(base.dataset_json).num_segmentation_heads
-    folds = []
-    for seed in (1, 2):  # two folds: nnU-Net averages them
-        torch.manual_seed(seed)
-        network = get_network_from_plans(
-            configuration.network_arch_class_name,
-            configuration.network_arch_init_kwargs,
-            configuration.network_arch_init_kwargs_req_import,
-            1,
-            heads,
-            allow_init=True,
-            deep_supervision=False,
-        )
-        folds.append(copy.deepcopy(network.state_dict()))
-    predictor = nnUNetPredictor(
-        tile_step_size=0.5, use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False
-    )
-    predictor.manual_initialization(
-        network, manager, configuration, folds, base.dataset_json, "nnUNetTrainer", None
-    )
-    return predictor
+    return random_predictor(base, folds=2, spacing=[10.0, 3.0, 3.0], patch_size=[8, 64, 64])
 
 
 def test_random_anisotropic_nnunet_in_chunks_gives_the_one_piece_labels(long_phantom: Case) -> None:

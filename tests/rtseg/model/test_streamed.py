@@ -2,75 +2,32 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import pytest
 import torch
-from scipy.ndimage import zoom
+from model_helpers import Case, random_predictor, resliced_phantom
 
 from rtseg.model.default import default_model_dir
 from rtseg.model.inference import predict_labels, preprocess, sliding_window_logits, window_slicers
 from rtseg.model.segmenter import NnunetSegmenter
 from rtseg.model.streamed import LogitFile, remove_left_behind, stream_to_file
-from rtseg.phantom.cohort import make_case
-
-Case = tuple[npt.NDArray[np.int16], tuple[float, float, float]]
 
 
 @pytest.fixture(scope="module")
 def phantom() -> Case:
-    """A phantom case (96² matrix) resliced to 2 mm, as int16 HU."""
-    _, grid, body, _ = make_case("A", 3, 0, 96, position="HFS")
-    factor = grid.spacing[0] / 2.0
-    hu = zoom(body.hu, (factor, 1.0, 1.0), order=1, grid_mode=True, mode="nearest")
-    spacing = (
-        grid.spacing[0] * body.hu.shape[0] / hu.shape[0],
-        float(grid.spacing[1]),
-        float(grid.spacing[2]),
-    )
-    return np.round(hu).astype(np.int16), spacing
+    """A phantom case resliced to 2 mm, as int16 HU."""
+    return resliced_phantom(2.0)
 
 
 def _random_predictor(folds: int, patch: list[int]) -> Any:
     """An nnU-Net predictor with random weights at the default model's plans, a small patch."""
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
     base = NnunetSegmenter(default_model_dir(), device="cpu", threads=2)._predictor
-    plans = copy.deepcopy(base.plans_manager.plans)
-    config = plans["configurations"]["3d_fullres"]
-    config.update(patch_size=patch)
-    config["architecture"]["arch_kwargs"]["features_per_stage"] = [4, 8, 8, 8, 8]
-    manager = PlansManager(plans)
-    configuration = manager.get_configuration("3d_fullres")
-    heads = manager.get_label_manager(base.dataset_json).num_segmentation_heads
-    states = []
-    for seed in range(folds):
-        torch.manual_seed(seed + 1)
-        network = get_network_from_plans(
-            configuration.network_arch_class_name,
-            configuration.network_arch_init_kwargs,
-            configuration.network_arch_init_kwargs_req_import,
-            1,
-            heads,
-            allow_init=True,
-            deep_supervision=False,
-        )
-        states.append(copy.deepcopy(network.state_dict()))
-    predictor = nnUNetPredictor(
-        tile_step_size=0.5, use_mirroring=False, device=torch.device("cpu"), allow_tqdm=False
-    )
-    predictor.manual_initialization(
-        network, manager, configuration, states, base.dataset_json, "nnUNetTrainer", None
-    )
-    return predictor
+    return random_predictor(base, folds=folds, patch_size=patch)
 
 
 def _streamed(predictor: Any, data: torch.Tensor, folder: Path, skip_air: bool = False) -> torch.Tensor:
