@@ -452,7 +452,7 @@ def streamed_labels(
     start = time.perf_counter()
     with LogitFile(scratch, heads, (int(data.shape[1]), int(data.shape[2]), int(data.shape[3]))) as store:
         stream_to_file(predictor, padded, revert, kept, store)
-        del padded, data
+        del padded  # nnU-Net's padded copy, where it made one (the caller holds ``data``)
         voxel_ml = float(np.prod(predictor.configuration_manager.spacing)) / 1000.0
         changed = suppress_islands_in_file(store, voxel_ml, min_island_ml, keep=_external_labels(predictor))
         network_s = time.perf_counter() - start

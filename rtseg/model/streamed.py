@@ -71,8 +71,9 @@ class LogitFile:
 
     The file lives in a fresh folder under ``folder`` (the system's temporary
     folder when None), named with :data:`PREFIX` and the process's id, and goes
-    with :meth:`close` (one left by a killed process: :func:`remove_left_behind`). Reads and writes go through
-    the file, not a memory map, so the process holds only what it asked for.
+    with :meth:`close` (one left by a killed process: :func:`remove_left_behind`).
+    Reads and writes go through the file, not a memory map, so the process holds
+    only what it asked for.
     """
 
     def __init__(self, folder: Path | None, classes: int, shape_zyx: tuple[int, int, int]) -> None:

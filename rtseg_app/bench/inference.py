@@ -124,16 +124,9 @@ def run_variant(variant: Variant, model_dir: Path, volume_npz: Path, out: Path, 
     env = dict(os.environ)
     for name in NNUNET_THREAD_CAPS if variant.stock else ():
         env.pop(name, None)  # stock means nnU-Net as a user runs it: none of rtseg's settings
-    proc = subprocess.run(
-        [sys.executable, "-m", "rtseg_app.bench.inference", str(spec_file)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+    run_child(
+        "rtseg_app.bench.inference", str(spec_file), f"inference variant {variant.name!r}", timeout, env
     )
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        raise ModelError(f"inference variant {variant.name!r} failed: {' | '.join(tail)}")
     result = json.loads((out / slug).with_suffix(".result.json").read_text())
     return Run(**result)
 
@@ -237,6 +230,20 @@ def _min(values: dict[str, float | None]) -> float | None:
 
 def _f4(value: float | None) -> str:
     return "–" if value is None else f"{value:.4f}"
+
+
+def run_child(
+    module: str, argument: str, what: str, timeout: float, env: dict[str, str] | None = None
+) -> str:
+    """``python -m module argument`` in a fresh process; its stdout, or :class:`ModelError` with the
+    last lines it wrote when it fails."""
+    proc = subprocess.run(
+        [sys.executable, "-m", module, argument], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise ModelError(f"{what} failed: {' | '.join(tail)}")
+    return proc.stdout
 
 
 def _peak_rss_mb() -> float:

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import resource
-import subprocess
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -27,8 +26,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-
-from rtseg.errors import ModelError
 
 MODES = ("one piece", "streamed")
 TIMEOUT_S = 1800.0
@@ -65,34 +62,20 @@ def long_series_section(
 
 
 def _run(spec: dict[str, Any]) -> dict[str, Any]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "rtseg_app.bench.long_series", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
+    from rtseg_app.bench.inference import run_child
+
+    out = run_child(
+        "rtseg_app.bench.long_series", json.dumps(spec), f"long-series run {spec['kind']}", TIMEOUT_S
     )
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        raise ModelError(f"long-series run {spec['kind']} failed: {' | '.join(tail)}")
-    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     return result
 
 
 def _peak_mb() -> float:
     """This process's peak RSS (VmHWM: resettable, unlike ``ru_maxrss``)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024.0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kB
+    from rtseg_app.bench.http import peak_rss_mb
 
-
-def _reset_peak() -> float:
-    """Reset the peak to the current RSS (Linux's clear_refs) and return that RSS in MB."""
-    Path("/proc/self/clear_refs").write_text("5")
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024.0
-    return _peak_mb()
+    return peak_rss_mb(os.getpid())
 
 
 def band_network(heads: int) -> Any:
@@ -116,14 +99,13 @@ def band_network(heads: int) -> Any:
 
 
 def _series_hu(work: Path, slices: int, matrix: int) -> tuple[npt.NDArray[np.int16], tuple[float, ...]]:
-    from rtseg.volume import Orientation
+    from rtseg_app.bench.clinical import _canonical
     from rtseg_app.bench.volume import bench_volume
 
     volume, _ = bench_volume(work, 200, matrix)
-    orientation = Orientation.from_affine(volume.affine)
-    spacing = orientation.canonical_spacing(volume.spacing)
-    hu = np.rint(np.asarray(orientation.to_canonical(np.asarray(volume.hu)))).astype(np.int16)
+    canonical, spacing = _canonical(volume)
     del volume
+    hu = np.rint(canonical).astype(np.int16)  # as the loader holds it
     return np.concatenate([hu] * -(-slices // hu.shape[0]))[:slices], spacing
 
 
@@ -136,7 +118,10 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
         segmenter = NnunetSegmenter(Path(spec["model"]), device="cpu", runtime="torch")
         patch = segmenter._predictor.configuration_manager.patch_size
         window = torch.zeros((1, 1, *patch))
-        before = _reset_peak()  # loading the model may have peaked higher than the forward will
+        from rtseg_app.bench.node import reset_peaks
+
+        reset_peaks([os.getpid()])  # loading the model may have peaked higher than the forward will
+        before = _peak_mb()  # just reset: the RSS now
         started = time.perf_counter()
         with torch.inference_mode():
             segmenter._predictor.network(window)
