@@ -57,7 +57,10 @@ def register(sub: Any, handlers: dict[str, Handler]) -> None:
     """Add ``rtseg phantom``."""
     p = sub.add_parser("phantom", help="generate synthetic pediatric abdominal CT cases with ground truth")
     p.add_argument(
-        "--center", required=True, choices=["A", "B"], help="center (scanner, protocol, population)"
+        "--center",
+        required=True,
+        choices=["A", "B", "C", "D"],  # rtseg.phantom.cohort.CENTERS (not imported: CLI start-up)
+        help="center (scanner, protocol, population): A, B (the default model's), C, D (the study's)",
     )
     p.add_argument("--cases", type=int, default=1, help="number of cases (default 1)")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same cases")

@@ -433,7 +433,7 @@ def _register_core(sub: Any, handlers: dict[str, Handler]) -> None:
     p.add_argument(
         "--out", type=Path, default=Path("rtseg-demo"), help="folder for the case (default rtseg-demo)"
     )
-    p.add_argument("--center", default="A", choices=["A", "B"])
+    p.add_argument("--center", default="A", choices=["A", "B", "C", "D"])
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--model", type=Path, help="model folder (default: the embedded model)")
     p.add_argument("--threads", type=int)

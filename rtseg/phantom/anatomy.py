@@ -76,8 +76,9 @@ def draw_patient(
     phase_weights: dict[str, float],
     oral_share: float,
     prone: bool,
+    ages: tuple[float, float] = (1.0, 16.0),
 ) -> Patient:
-    age = float(rng.uniform(1, 16))
+    age = float(rng.uniform(*ages))
     habitus = rng.normal(1.0, 0.06)
     return Patient(
         age=age,

@@ -53,6 +53,8 @@ class CenterSpec:
     signed_pixels: bool
     manufacturer: str
     kvp: float
+    ages: tuple[float, float] = (1.0, 16.0)  # the population: age drawn uniformly in years
+    draws_as: str = ""  # the center whose random draws this one makes (a shifted center's base)
 
 
 CENTERS: dict[str, CenterSpec] = {
@@ -92,7 +94,86 @@ CENTERS: dict[str, CenterSpec] = {
         "rtseg phantom scanner B",
         120.0,
     ),
+    # Centers C and D: the study's two centers (rtseg evaluate). Neither is A or B, on which the
+    # default model trained, so a study that starts every arm from that model tests two centers it
+    # never saw. They differ in every factor a real pair of centers can differ in:
+    # C, a children's hospital: infants and toddlers, thin slices, low-kV soft kernel, low noise,
+    # tight field of view, contrast-enhanced, head first supine.
+    "C": CenterSpec(
+        "C",
+        (1.0, 1.25, 1.5),
+        1.08,
+        120.0,
+        (8.0, 12.0),
+        False,
+        "Br36",
+        {"pv": 0.85, "art": 0.15},
+        0.0,
+        {"HFS": 0.95, "FFS": 0.05},
+        (0.4, 0.15, 0.15, 0.15, 0.15),
+        -1024.0,
+        False,
+        "rtseg phantom scanner C",
+        80.0,
+        ages=(1.0, 5.0),
+    ),
+    # D, an adult radiotherapy department that treats adolescents with its adult protocol: thick
+    # slices, sharp noisy kernel, wide adult field of view, mostly without IV contrast and with oral
+    # contrast, feet first and prone positions common.
+    "D": CenterSpec(
+        "D",
+        (5.0,),
+        1.35,
+        350.0,
+        (25.0, 40.0),
+        True,
+        "FC68",
+        {"nc": 0.6, "pv": 0.4},
+        0.7,
+        {"HFS": 0.4, "FFS": 0.35, "HFP": 0.15, "FFP": 0.1},
+        (0.4, 0.15, 0.15, 0.15, 0.15),
+        0.0,
+        True,
+        "rtseg phantom scanner D",
+        120.0,
+        ages=(11.0, 16.0),
+    ),
 }
+
+# The domain-shift experiment: the factors in which C and D differ, as fields of CenterSpec.
+SHIFT_FACTORS: dict[str, tuple[str, ...]] = {
+    "population": ("ages",),
+    "scanner": (
+        "noise",
+        "sharp_kernel",
+        "kernel_name",
+        "rescale_intercept",
+        "signed_pixels",
+        "manufacturer",
+        "kvp",
+    ),
+    "slices": ("slice_thickness",),
+    "fov": ("fov_margin", "min_fov"),
+    "contrast": ("phases", "oral_contrast"),
+    "positions": ("positions",),
+}
+
+
+def shifted_center(base: str, factor: str) -> str:
+    """Name of center ``base`` with the other study center's ``factor`` (``"C+scanner"``)."""
+    return f"{base}+{factor}"
+
+
+# Each study center with one factor of the other: the same random draws as the base center, so case
+# i of "C+scanner" is case i of C (same child, same phase, same slices) scanned on D's scanner.
+for _base, _other in (("C", "D"), ("D", "C")):
+    for _factor, _fields in SHIFT_FACTORS.items():
+        CENTERS[shifted_center(_base, _factor)] = replace(
+            CENTERS[_base],
+            name=shifted_center(_base, _factor),
+            draws_as=_base,
+            **{f: getattr(CENTERS[_other], f) for f in _fields},
+        )
 
 
 @dataclass(frozen=True)
@@ -130,12 +211,17 @@ def _effects(center: str, seed: int, index: int, realism: Realism) -> tuple[Effe
     A generator of its own, so the case's anatomy, scan and noise draws are those
     of the same case without realism.
     """
-    rng = np.random.default_rng([ord(center), seed, index, 1000])
+    rng = np.random.default_rng([_stream(center), seed, index, 1000])
     return realism.draw(rng), rng
 
 
 def _rng(center: str, seed: int, index: int) -> np.random.Generator:
-    return np.random.default_rng([ord(center), seed, index])
+    return np.random.default_rng([_stream(center), seed, index])
+
+
+def _stream(center: str) -> int:
+    """The seed part that names the center's random stream."""
+    return ord(CENTERS[center].draws_as or center)
 
 
 def _choice(rng: np.random.Generator, weights: dict[str, float]) -> str:
@@ -152,7 +238,9 @@ def _draw(
     rng = _rng(center, seed, index)
     drawn = _choice(rng, spec.positions)
     position = position or drawn
-    patient = draw_patient(rng, spec.variants, spec.phases, spec.oral_contrast, prone=position.endswith("P"))
+    patient = draw_patient(
+        rng, spec.variants, spec.phases, spec.oral_contrast, prone=position.endswith("P"), ages=spec.ages
+    )
     return rng, patient, position
 
 

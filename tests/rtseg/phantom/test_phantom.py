@@ -14,7 +14,15 @@ import pytest
 
 from rtseg.cases import load_case
 from rtseg.phantom import anatomy
-from rtseg.phantom.cohort import CENTERS, make_case, read_label_image, write_case
+from rtseg.phantom.cohort import (
+    CENTERS,
+    SHIFT_FACTORS,
+    CenterSpec,
+    make_case,
+    read_label_image,
+    shifted_center,
+    write_case,
+)
 from rtseg.structures import BY_NAME, STRUCTURES
 from rtseg.volume import Orientation
 
@@ -131,6 +139,49 @@ def test_centers_differ_in_protocol() -> None:
     assert max(thick_a) < min(thick_b) + 1e-6
 
 
+def test_the_study_centers_differ_in_population_scanner_slices_fov_contrast_and_positions() -> None:
+    c, d = CENTERS["C"], CENTERS["D"]
+    assert c.ages[1] < d.ages[0], "C treats infants and toddlers, D adolescents"
+    assert max(c.slice_thickness) < min(d.slice_thickness) and c.noise[1] < d.noise[0]
+    assert not c.sharp_kernel and d.sharp_kernel and c.min_fov < d.min_fov
+    assert c.oral_contrast < d.oral_contrast and "nc" in d.phases and "nc" not in c.phases
+    assert set(d.positions) == {"HFS", "FFS", "HFP", "FFP"} and c.positions.get("HFS", 0) > 0.9
+    ages = {x: [make_case(x, 5, i, matrix=32)[0].age for i in range(4)] for x in ("C", "D")}
+    assert max(ages["C"]) <= 5.0 and min(ages["D"]) >= 11.0
+
+
+def test_a_shifted_center_is_its_base_center_with_one_factor_of_the_other() -> None:
+    assert set(SHIFT_FACTORS) == {"population", "scanner", "slices", "fov", "contrast", "positions"}
+    for factor, fields in SHIFT_FACTORS.items():
+        shifted = CENTERS[shifted_center("C", factor)]
+        for name in CenterSpec.__dataclass_fields__:
+            if name in ("name", "draws_as"):
+                continue
+            source = CENTERS["D"] if name in fields else CENTERS["C"]
+            assert getattr(shifted, name) == getattr(source, name), (factor, name)
+    # the same child as the base center's case: same draws, only the scanner differs
+    base, grid, body, scan = make_case("C", 3000, 1, matrix=32)
+    other, grid_s, body_s, scan_s = make_case(shifted_center("C", "scanner"), 3000, 1, matrix=32)
+    assert (base.age, base.variant, base.phase, base.seed) == (
+        other.age,
+        other.variant,
+        other.phase,
+        other.seed,
+    )
+    assert grid == grid_s and np.array_equal(body.labels, body_s.labels)
+    assert scan_s["noise"] > 2 * scan["noise"]
+
+
+def test_centers_a_and_b_keep_their_cases() -> None:
+    """Cases of A and B are the default model's training and test data: new centers must not change them."""
+    patient, grid, _, _ = make_case("A", 1000, 0, matrix=32)
+    assert (round(patient.age, 3), patient.variant, grid.shape) == (
+        1.51,
+        "normal",
+        (105, 32, 32),
+    )  # before C, D
+
+
 def test_cli_phantom_and_bad_center(tmp_path: Path) -> None:
     rtseg = [sys.executable, "-m", "rtseg_app"]
     ok = subprocess.run(
@@ -156,7 +207,7 @@ def test_cli_phantom_and_bad_center(tmp_path: Path) -> None:
     assert "B_s4_000" in ok.stdout
     assert (tmp_path / "B_s4_000" / "labels.nii.gz").is_file()
     bad = subprocess.run(
-        [*rtseg, "phantom", "--center", "C", "--out", str(tmp_path)],
+        [*rtseg, "phantom", "--center", "E", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=60,
