@@ -2,7 +2,9 @@
 
 Each arm ends as a model folder ``<work>/arms/<arm>/model`` with ``rtseg-model.json``;
 an arm whose model folder is complete is not trained again (resume). The
-ensemble is not trained: it is local-A and local-B together at inference.
+ensemble is not trained: it is the two local models together at inference.
+With a start model (``StudySpec.start_model``) every arm, the federation's round 0
+included, starts from its weights and preprocesses with its plans.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ from rtseg.errors import FederationError
 from rtseg.model.children import EpochProgress, nnunet_dirs
 from rtseg.model.cpu import CpuConfig
 from rtseg.model.dataset import Case, write_raw_dataset
-from rtseg.model.manifest import MANIFEST_NAME, ModelManifest, default_provenance
+from rtseg.model.manifest import MANIFEST_NAME, ModelManifest, default_provenance, load_manifest
+from rtseg.model.rounds import preprocess_like_model
 from rtseg.model.training import export_model, plan_and_preprocess, train
 from rtseg.structures import STRUCTURES, dataset_labels
-from rtseg.study.design import CENTERS, CENTRALISED, FEDERATED, LOCAL_ARMS, StudySpec
+from rtseg.study.design import CENTERS, CENTRALISED, DEFAULT_START, FEDERATED, LOCAL_ARMS, StudySpec
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +52,21 @@ def epochs_file(work: Path, arm: str) -> Path:
     return work / "arms" / arm / "epochs.jsonl"
 
 
+def start_model(spec: StudySpec) -> Path | None:
+    """The model folder every arm starts from; None: random weights."""
+    if spec.start_model is None:
+        return None
+    if spec.start_model != DEFAULT_START:
+        raise ValueError(f"unknown start model {spec.start_model!r}")  # specs are made in design.py only
+    from rtseg.model.default import DEFAULT_MODEL_DIR
+
+    return DEFAULT_MODEL_DIR
+
+
 def train_pooled_arms(
     spec: StudySpec, train_dirs: dict[str, Path], work: Path, advance: Advance | None = None
 ) -> None:
-    """local-A, local-B and centralised, two at a time (each training process uses one thread)."""
+    """The local arms and centralised, two at a time (each training process uses one thread)."""
     sources = {**{LOCAL_ARMS[c]: [train_dirs[c]] for c in CENTERS}, CENTRALISED: list(train_dirs.values())}
     todo = {arm: dirs for arm, dirs in sources.items() if not is_trained(work, arm)}
     for arm in sources:
@@ -61,7 +75,7 @@ def train_pooled_arms(
                 advance()
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = [
-            pool.submit(train_arm, arm, dirs, work, spec.local_config(), advance)
+            pool.submit(train_arm, arm, dirs, work, spec.local_config(), advance, start_model(spec))
             for arm, dirs in todo.items()
         ]
         try:
@@ -74,9 +88,18 @@ def train_pooled_arms(
 
 
 def train_arm(
-    arm: str, cohort_dirs: list[Path], work: Path, config: CpuConfig, advance: Advance | None = None
+    arm: str,
+    cohort_dirs: list[Path],
+    work: Path,
+    config: CpuConfig,
+    advance: Advance | None = None,
+    start: Path | None = None,
 ) -> Path:
-    """Plan, preprocess and train one nnU-Net model on the cases of ``cohort_dirs``; export it."""
+    """Plan, preprocess and train one nnU-Net model on the cases of ``cohort_dirs``; export it.
+
+    ``start``: a model folder whose plans preprocess the cases and whose weights training
+    starts from (fresh optimizer and schedule); None: plans from these cases, random weights.
+    """
     nnunet = work / "arms" / arm / "nnunet"
     if nnunet.exists():
         shutil.rmtree(nnunet)  # an interrupted attempt: start the arm again from its cases
@@ -90,7 +113,10 @@ def train_arm(
         unknown=unknown_structures(cohort_dirs),  # imported site cases: unknown → ignore label
     )
     # nnU-Net's planner sets torch threads from the augmentation workers: it needs at least one
-    plan_and_preprocess(nnunet, DATASET_ID, replace(config, da_workers=max(1, config.da_workers)))
+    if start is None:
+        plan_and_preprocess(nnunet, DATASET_ID, replace(config, da_workers=max(1, config.da_workers)))
+    else:
+        preprocess_like_model(nnunet, DATASET_ID, name, start, config)
     epochs = epochs_file(work, arm)
     epochs.unlink(missing_ok=True)
 
@@ -110,7 +136,8 @@ def train_arm(
         if advance:
             advance()
 
-    results = train(nnunet, DATASET_ID, config, fold="all", progress=progress)
+    checkpoint = start / "fold_all" / "checkpoint_final.pth" if start is not None else None
+    results = train(nnunet, DATASET_ID, config, fold="all", progress=progress, start_from=checkpoint)
     manifest = ModelManifest(
         name=f"{MODEL_NAME}-{arm}",
         version="0.0.0",
@@ -121,6 +148,11 @@ def train_arm(
             command="rtseg evaluate",
         ),
     )
+    if start is not None:
+        first = load_manifest(start)
+        manifest = replace(
+            manifest, provenance={**manifest.provenance, "started_from": f"{first.name} {first.version}"}
+        )
     manifest = replace(manifest, provenance={**manifest.provenance, "config": config.to_dict()})
     out = export_model(results, model_dir(work, arm), manifest)
     shutil.rmtree(nnunet / "nnUNet_preprocessed", ignore_errors=True)  # the bulk of the disk; not needed now
@@ -145,7 +177,7 @@ def train_federated(
 ) -> Path:
     """A SuperLink and one SuperNode per center on loopback (TLS, node keys); the global model.
 
-    Site 0 holds exactly the center-A training cases of the local arms, site 1 those of B.
+    Site ``i`` holds exactly the training cases of ``CENTERS[i]``'s local arm.
     """
     from rtseg.federation.simulate import LocalFederation, SimulationSpec
 
@@ -169,6 +201,7 @@ def train_federated(
         min_sites=len(CENTERS),
         round_timeout=3600.0,
         federation="rtseg-study",
+        start_model=start_model(spec),
     )
     with LocalFederation(root, sim) as fed:
         for i, center in enumerate(CENTERS):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rtseg.errors import InputError
-from rtseg.phantom.cohort import case_id, case_variant, write_case
+from rtseg.phantom.cohort import SHIFT_FACTORS, case_id, case_variant, shifted_center, write_case
 from rtseg.study.design import CENTERS, POSITIONS, StudySpec
 
 NEPHRECTOMY = ("nephrectomy_L", "nephrectomy_R")
@@ -55,6 +55,7 @@ class Cohorts:
     train: dict[str, Path]  # center → folder of its training cases
     test: tuple[TestCase, ...]  # both centers, as drawn (mixed positions)
     orientation: tuple[TestCase, ...]  # the first test cases again, in each of POSITIONS
+    shift: tuple[TestCase, ...] = ()  # the first test draws of each center with one factor of the other
 
 
 def held_out_indices(center: str, seed: int, n_test: int, n_nephrectomy: int) -> list[int]:
@@ -72,9 +73,9 @@ def held_out_indices(center: str, seed: int, n_test: int, n_nephrectomy: int) ->
     return chosen
 
 
-def cohort_jobs(spec: StudySpec, root: Path) -> tuple[list[Job], list[Job], list[Job]]:
-    """(training, test, orientation) jobs of the study under ``root``."""
-    train, test, orientation = [], [], []
+def cohort_jobs(spec: StudySpec, root: Path) -> tuple[list[Job], list[Job], list[Job], list[Job]]:
+    """(training, test, orientation, shift) jobs of the study under ``root``."""
+    train, test, orientation, shift = [], [], [], []
     for center in CENTERS:
         for i in range(spec.train_cases):
             train.append(Job(center, spec.train_seed, i, root / "train" / center, spec.matrix))
@@ -84,16 +85,21 @@ def cohort_jobs(spec: StudySpec, root: Path) -> tuple[list[Job], list[Job], list
             orientation += [
                 Job(center, spec.test_seed, i, root / "orientation", spec.matrix, p) for p in POSITIONS
             ]
-    return train, test, orientation
+        for factor in SHIFT_FACTORS:
+            shifted = shifted_center(center, factor)
+            shift += [
+                Job(shifted, spec.test_seed, i, root / "shift", spec.matrix) for i in range(spec.shift_cases)
+            ]
+    return train, test, orientation, shift
 
 
 def make_cohorts(
     spec: StudySpec, root: Path, workers: int = 2, advance: Callable[[], None] | None = None
 ) -> Cohorts:
     """Write every case not yet written (phantoms are deterministic: finished cases are kept)."""
-    train, test, orientation = cohort_jobs(spec, root)
-    todo = [j for j in train + test + orientation if not _done(j.case_dir)]
-    for job in train + test + orientation:
+    train, test, orientation, shift = cohort_jobs(spec, root)
+    todo = [j for j in train + test + orientation + shift if not _done(j.case_dir)]
+    for job in train + test + orientation + shift:
         if advance and job not in todo:
             advance()
     with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -105,6 +111,7 @@ def make_cohorts(
         {c: root / "train" / c for c in CENTERS},
         tuple(read_test_case(j.case_dir) for j in test),
         tuple(read_test_case(j.case_dir) for j in orientation),
+        tuple(read_test_case(j.case_dir) for j in shift),
     )
 
 

@@ -10,13 +10,18 @@ from typing import Any
 from rtseg.errors import InputError
 from rtseg.federation.simulate import TINY
 from rtseg.model.cpu import CpuConfig
+from rtseg.model.default import STAGE1
 
-CENTERS = ("A", "B")
-LOCAL_ARMS = {"A": "local-A", "B": "local-B"}
+# Phantom centers C and D (rtseg.phantom.cohort): neither is A or B, the default model's training
+# centers, so a study whose arms all start from the default model tests two centers it never saw.
+CENTERS = ("C", "D")
+LOCAL_ARMS = {c: f"local-{c}" for c in CENTERS}
 FEDERATED = "federated"
 CENTRALISED = "centralised"
 ENSEMBLE = "ensemble"
-ARMS = ("local-A", "local-B", FEDERATED, CENTRALISED, ENSEMBLE)
+ARMS = (*LOCAL_ARMS.values(), FEDERATED, CENTRALISED, ENSEMBLE)
+BOTH = "+".join(CENTERS)
+DEFAULT_START = "default"  # StudySpec.start_model: the shipped default model
 POSITIONS = ("HFS", "FFS", "HFP")  # the orientation test: the same cases stored in each position
 
 
@@ -28,6 +33,11 @@ class StudySpec:
     ``cpu.iterations_per_epoch`` iterations. The federated sites train that many
     epochs each, from the global weights of every round; the local and the
     centralised models train that many epochs in one go.
+
+    ``start_model``: None, every arm starts from the same random weights with plans made
+    from its own data; ``"default"``, every arm starts from the shipped default model's
+    weights and plans (trained on centers A and B, which the study's centers are not) and
+    fine-tunes it with ``cpu``'s schedule.
     """
 
     mode: str
@@ -42,6 +52,8 @@ class StudySpec:
     cpu: CpuConfig
     train_seed: int = 2000  # the default model uses 1000; test cases use yet another seed
     test_seed: int = 3000
+    start_model: str | None = None
+    shift_cases: int = 0  # per center and factor: the domain-shift experiment's cases (rtseg.study.shift)
 
     @property
     def epochs(self) -> int:
@@ -57,9 +69,11 @@ class StudySpec:
         return replace(self.cpu, epochs=self.epochs)
 
     def budget(self) -> str:
+        start = "the default model's weights" if self.start_model else "random weights"
         return (
             f"{self.epochs} epochs × {self.cpu.iterations_per_epoch} iterations (batch {self.cpu.batch_size})"
-            f" per model; federated: {self.rounds} rounds × {self.local_epochs} local epoch(s) at each site"
+            f" per model from {start}; federated: {self.rounds} rounds × {self.local_epochs} local"
+            " epoch(s) at each site"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -89,6 +103,7 @@ QUICK = StudySpec(
     nephrectomy_cases=1,
     orientation_cases=1,
     curve_cases=1,
+    shift_cases=1,
     rounds=1,  # Flower's fixed cost per round (polling, process starts) is the critical path here
     local_epochs=2,
     # the network `rtseg federation simulate` trains, with enough iterations to tell body from air:
@@ -105,24 +120,22 @@ FULL = StudySpec(
     nephrectomy_cases=2,
     orientation_cases=2,
     curve_cases=2,
+    shift_cases=6,  # the signed-rank test's least n for p < 0.05
     rounds=5,
-    local_epochs=2,
-    cpu=CpuConfig(
-        target_spacing_zyx=(4.0, 3.0, 3.0),
-        patch_size_zyx=(32, 64, 64),
-        batch_size=2,
-        base_features=8,
-        n_stages=4,
-        max_features=64,
+    local_epochs=1,
+    # Fine-tuning the default model: its network and spacing (the plans come with its weights),
+    # a warm restart at half its first learning rate, one thread a training process.
+    cpu=replace(
+        STAGE1,
         epochs=1,
         iterations_per_epoch=40,
         val_iterations_per_epoch=1,
-        learning_rate=1e-2,
+        learning_rate=5e-4,
         da_workers=0,
         preprocess_workers=1,
-        seed=0,
         threads=1,
     ),
+    start_model=DEFAULT_START,
 )
 
 

@@ -81,10 +81,10 @@ def paired(rows: Iterable[ScoreRow], a: str, b: str, center: str, structure: str
     y = np.array([dice[b][c] for c in cases])
     mean_a = float(x.mean()) if cases else None
     mean_b = float(y.mean()) if cases else None
-    return Paired(center, structure, a, b, len(cases), mean_a, mean_b, _signed_rank_p(x - y))
+    return Paired(center, structure, a, b, len(cases), mean_a, mean_b, signed_rank_p(x - y))
 
 
-def _signed_rank_p(d: npt.NDArray[np.float64]) -> float | None:
+def signed_rank_p(d: npt.NDArray[np.float64]) -> float | None:
     from scipy.stats import wilcoxon
 
     if len(d) < 2:

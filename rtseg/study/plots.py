@@ -15,14 +15,8 @@ from rtseg.study.design import ARMS, CENTERS, FEDERATED, relation
 from rtseg.study.findings import OrientationCell
 from rtseg.study.scoring import CurvePoint, ScoreRow
 
-COLORS = {
-    "local-A": "#1f77b4",
-    "local-B": "#ff7f0e",
-    "federated": "#2ca02c",
-    "centralised": "#7f7f7f",
-    "ensemble": "#9467bd",
-}
-CENTER_COLORS = {"A": "#4c72b0", "B": "#dd8452"}
+COLORS = dict(zip(ARMS, ("#1f77b4", "#ff7f0e", "#2ca02c", "#7f7f7f", "#9467bd"), strict=True))
+CENTER_COLORS = dict(zip(CENTERS, ("#4c72b0", "#dd8452"), strict=True))
 
 
 def dice_by_structure(rows: Sequence[ScoreRow], path: Path) -> Path:

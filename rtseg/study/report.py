@@ -14,7 +14,7 @@ from typing import Any
 from rtseg.structures import EXTERNAL
 from rtseg.study import plots
 from rtseg.study.arms import read_epochs, rounds_dir
-from rtseg.study.design import ARMS, CENTERS, StudySpec, relation
+from rtseg.study.design import ARMS, BOTH, CENTERS, CENTRALISED, FEDERATED, LOCAL_ARMS, StudySpec, relation
 from rtseg.study.findings import (
     Cell,
     FalsePositive,
@@ -31,8 +31,14 @@ from rtseg.study.findings import (
 )
 from rtseg.study.per_oar import claims_table, claims_text, oar_claims
 from rtseg.study.scoring import CurvePoint, ScoreRow, write_rows
+from rtseg.study.shift import FactorEffect, factor_effects, shift_table, shift_text
 
-TRAINED_ON = {"local-A": "A", "local-B": "B", "federated": "A+B (Flower)", "centralised": "A+B pooled"}
+TRAINED_ON = {
+    **{arm: center for center, arm in LOCAL_ARMS.items()},
+    FEDERATED: f"{BOTH} (Flower)",
+    CENTRALISED: f"{BOTH} pooled",
+}
+LOCALS = " and ".join(LOCAL_ARMS.values())
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,7 @@ def write_report(
         plots.orientation(orient, out / "orientation.png"),
     )
     headline = in_cross_table(cells)
+    effects = factor_effects(rows)
     sections = [
         _header(spec, timings),
         "## Conclusion\n\n" + "\n\n".join(text),
@@ -79,6 +86,7 @@ def write_report(
         "## Dice per structure\n\n" + structure_table(cells, "dice_mean", 3),
         "## HD95 per structure (mm)\n\n" + structure_table(cells, "hd95_mm", 1),
         "## Mean surface distance per structure (mm)\n\n" + structure_table(cells, "msd_mm", 2),
+        _shift_section(effects, rows),
         _orientation_section(orient),
         _nephrectomy_section(fps),
         _rounds_section(curve, work),
@@ -90,6 +98,19 @@ def write_report(
     return Report(md, out / "results.csv", figures, headline, tuple(text))
 
 
+def _shift_section(effects: Sequence[FactorEffect], rows: Sequence[ScoreRow]) -> str:
+    return (
+        "## Domain shift: which factors make a local model drop\n\n"
+        "Each local model on its own center's first test cases and on the same cases (the same random "
+        "draws: the same children) with one factor of the other center; mean OAR Dice per case, paired "
+        "Wilcoxon signed-rank (bold: significant drop, p < 0.05). The last row of each model is the whole "
+        "shift: the other center's test cases, against that center's own local model.\n\n"
+        + shift_table(effects, rows)
+        + "\n\n"
+        + shift_text(effects)
+    )
+
+
 def _header(spec: StudySpec, timings: dict[str, float]) -> str:
     n_test = spec.test_cases
     return (
@@ -98,7 +119,7 @@ def _header(spec: StudySpec, timings: dict[str, float]) -> str:
         f"{platform.python_implementation()} {platform.python_version()}; "
         f"{timings.get('total', 0.0) / 60:.1f} min in all.\n\n"
         f"- Training: {spec.train_cases} phantom cases per center (seed {spec.train_seed}), "
-        f"matrix {spec.matrix}; the same cases for every arm (federated: site A holds A's, B holds B's).\n"
+        f"matrix {spec.matrix}; the same cases for every arm (federated: each site holds its center's).\n"
         f"- Budget: {spec.budget()}.\n"
         f"- Test: {n_test} held-out cases per center (seed {spec.test_seed}) plus nephrectomy cases up to "
         f"{spec.nephrectomy_cases} per center; orientation: {spec.orientation_cases} case(s) per center "
@@ -106,9 +127,9 @@ def _header(spec: StudySpec, timings: dict[str, float]) -> str:
         "- Metrics per structure: Dice, HD95 and mean surface distance in mm (physical spacing, symmetric), "
         "averaged over the cases whose reference holds the structure. Every case goes through the node's "
         "path: DICOM loading, orientation handling, model, RTSTRUCT written and read back.\n"
-        "- Models: local-A, local-B (one center each), federated A+B (SuperLink and two SuperNodes on "
-        "loopback, TLS and node keys, FedAvg), centralised (pooled A+B, the upper bound), ensemble "
-        "(local-A and local-B, class probabilities averaged)."
+        f"- Models: {LOCALS} (one center each), federated {BOTH} (SuperLink and two SuperNodes on "
+        f"loopback, TLS and node keys, FedAvg), centralised (pooled {BOTH}, the upper bound), ensemble "
+        f"({LOCALS}, class probabilities averaged)."
     )
 
 
@@ -132,7 +153,7 @@ def in_cross_table(cells: Sequence[Cell]) -> str:
         both = (
             sum(d for d in dices if d is not None) / len(dices) if all(d is not None for d in dices) else None
         )
-        trained = TRAINED_ON.get(arm, "local-A + local-B")
+        trained = TRAINED_ON.get(arm, " + ".join(LOCAL_ARMS.values()))
         lines.append(f"| {arm} | {trained} | " + " | ".join(parts) + f" | {_fmt(both)} |")
     return "\n".join(lines)
 

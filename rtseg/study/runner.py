@@ -15,7 +15,7 @@ from typing import TypeVar
 
 from rtseg.study import arms, report
 from rtseg.study.data import Cohorts, TestCase, cohort_jobs, make_cohorts
-from rtseg.study.design import ARMS, CENTERS, FEDERATED, StudySpec
+from rtseg.study.design import ARMS, BOTH, CENTERS, FEDERATED, LOCAL_ARMS, StudySpec
 from rtseg.study.scoring import (
     CurvePoint,
     ScoreRow,
@@ -26,11 +26,13 @@ from rtseg.study.scoring import (
     score_arm,
     write_rows,
 )
+from rtseg.study.shift import KIND as SHIFT
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 SCORING_PROCESSES = 2  # arms scored at once
+LOCALS = ", ".join(LOCAL_ARMS.values())
 Advance = Callable[[], None]
 Stage = Callable[[str, int], AbstractContextManager[Advance]]  # (description, total) → advance()
 
@@ -87,7 +89,7 @@ def _train_all(
             pool.submit(
                 _timed,
                 timings,
-                "training local-A, local-B, centralised",
+                f"training {LOCALS}, centralised",
                 lambda: _pooled(spec, cohorts, work, stage),
             ),
             pool.submit(
@@ -105,12 +107,12 @@ def _cohorts(spec: StudySpec, work: Path, stage: Stage) -> Cohorts:
 
 
 def _pooled(spec: StudySpec, cohorts: Cohorts, work: Path, stage: Stage) -> None:
-    with stage("local-A, local-B, centralised: epochs", 3 * spec.epochs) as advance:
+    with stage(f"{LOCALS}, centralised: epochs", 3 * spec.epochs) as advance:
         arms.train_pooled_arms(spec, cohorts.train, work, advance)
 
 
 def _federated(spec: StudySpec, cohorts: Cohorts, work: Path, stage: Stage) -> None:
-    with stage("federated A+B: rounds", spec.rounds) as advance:
+    with stage(f"federated {BOTH}: rounds", spec.rounds) as advance:
         arms.train_federated(spec, cohorts.train, work, advance)
 
 
@@ -120,26 +122,30 @@ def _scores(cohorts: Cohorts, work: Path, threads: int | None, stage: Stage) -> 
     Most of a case's time is single-threaded Python (DICOM, contours, RTSTRUCT,
     surface distances), so one process per core beats one process with more
     torch threads. An arm's rows are cached as CSV once it is done (resume).
+    Each local model also scores its center's shifted cases (:mod:`rtseg.study.shift`).
     """
-    cases = [("test", c) for c in cohorts.test] + [("orientation", c) for c in cohorts.orientation]
+    common = [("test", c) for c in cohorts.test] + [("orientation", c) for c in cohorts.orientation]
+    cases = {arm: list(common) for arm in ARMS}
+    for center, arm in LOCAL_ARMS.items():
+        cases[arm] += [(SHIFT, c) for c in cohorts.shift if c.center.startswith(center + "+")]
     by_arm: dict[str, list[ScoreRow]] = {}
     workers = max(1, min(SCORING_PROCESSES, os.cpu_count() or 1))
     per_process = max(1, threads // workers) if threads else 1
-    with stage("inference: cases × models", len(cases) * len(ARMS)) as advance:
+    with stage("inference: cases × models", sum(len(c) for c in cases.values())) as advance:
         todo = []
         for arm in ARMS:
             cached = work / "scores" / f"{arm}.csv"
             if cached.is_file():
                 by_arm[arm] = read_score_rows(cached)
-                for _ in cases:
+                for _ in cases[arm]:
                     advance()
             else:
                 todo.append(arm)
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(_score_arm, work, arm, cases, per_process): arm for arm in todo}
+            futures = {pool.submit(_score_arm, work, arm, cases[arm], per_process): arm for arm in todo}
             for future in as_completed(futures):
                 by_arm[futures[future]] = future.result()
-                for _ in cases:
+                for _ in cases[futures[future]]:
                     advance()
     return [row for arm in ARMS for row in by_arm[arm]]
 

@@ -47,13 +47,13 @@ def rows(arm: str, center: str, dice: float, kind: str = "test", position: str =
 
 
 def study(table: dict[str, tuple[float, float]]) -> list[ScoreRow]:
-    """``arm → (Dice on center A, Dice on center B)`` as score rows."""
-    return [r for arm, (a, b) in table.items() for r in rows(arm, "A", a) + rows(arm, "B", b)]
+    """``arm → (Dice on center C, Dice on center D)`` as score rows."""
+    return [r for arm, (a, b) in table.items() for r in rows(arm, "C", a) + rows(arm, "D", b)]
 
 
 STUDY_PATTERN = {  # local drops cross-center, federated ≈ local in-center and best cross-center
-    "local-A": (0.90, 0.78),
-    "local-B": (0.80, 0.88),
+    "local-C": (0.90, 0.78),
+    "local-D": (0.80, 0.88),
     "federated": (0.90, 0.885),
     "centralised": (0.93, 0.91),
     "ensemble": (0.85, 0.84),
@@ -62,9 +62,9 @@ STUDY_PATTERN = {  # local drops cross-center, federated ≈ local in-center and
 
 def test_the_study_pattern_is_recognised_and_the_gap_to_centralised_computed() -> None:
     f = findings(aggregate(study(STUDY_PATTERN)))
-    assert f.local_drop["A"].diff == pytest.approx(0.10) and f.local_drop["B"].diff == pytest.approx(0.10)
-    assert f.fed_vs_in["B"].diff == pytest.approx(0.005) and f.fed_vs_in["B"].matched == 3
-    assert f.fed_vs_cross["A"].diff == pytest.approx(0.10)
+    assert f.local_drop["C"].diff == pytest.approx(0.10) and f.local_drop["D"].diff == pytest.approx(0.10)
+    assert f.fed_vs_in["D"].diff == pytest.approx(0.005) and f.fed_vs_in["D"].matched == 3
+    assert f.fed_vs_cross["C"].diff == pytest.approx(0.10)
     assert f.overall["federated"] == pytest.approx(0.8925)
     assert f.gap_to_centralised == pytest.approx(0.0275)
     text = " ".join(conclusion(f, "full"))
@@ -94,27 +94,27 @@ def test_untrained_models_and_quick_mode_are_said_to_mean_nothing() -> None:
 
 def test_in_cross_table_marks_in_and_cross_center_columns() -> None:
     table = in_cross_table(aggregate(study(STUDY_PATTERN)))
-    assert "| local-A | A | 0.900 (in) | 5.0 | 1.00 | 0.780 (cross) |" in table
-    assert "| ensemble | local-A + local-B | 0.850 |" in table
-    assert relation("local-B", "A") == "cross-center" and relation("federated", "A") == "both centers"
+    assert "| local-C | C | 0.900 (in) | 5.0 | 1.00 | 0.780 (cross) |" in table
+    assert "| ensemble | local-C + local-D | 0.850 |" in table
+    assert relation("local-D", "C") == "cross-center" and relation("federated", "C") == "both centers"
 
 
 def test_cells_average_only_cases_that_hold_the_structure() -> None:
-    absent = ScoreRow("local-A", "test", "A_9", "A", "HFS", "nephrectomy_L", "Kidney_L",
+    absent = ScoreRow("local-C", "test", "C_9", "C", "HFS", "nephrectomy_L", "Kidney_L",
                       0.0, None, None, 0.0, 12.5, None, False)  # fmt: skip
-    cells = aggregate(rows("local-A", "A", 0.8) + [absent])
+    cells = aggregate(rows("local-C", "C", 0.8) + [absent])
     kidney = next(c for c in cells if c.structure == "Kidney_L")
     assert kidney.n_cases == 2 and kidney.dice_mean == pytest.approx(0.8)
     assert kidney.fp_cases == 1 and kidney.fp_ml == pytest.approx(12.5)
-    assert nephrectomy_false_positives([absent]) == [FalsePositive("local-A", "A_9", "A", "Kidney_L", 12.5)]
-    assert "local-A 1 of 1 (mean 12.5 ml)" in false_positive_summary(nephrectomy_false_positives([absent]))
+    assert nephrectomy_false_positives([absent]) == [FalsePositive("local-C", "C_9", "C", "Kidney_L", 12.5)]
+    assert "local-C 1 of 1 (mean 12.5 ml)" in false_positive_summary(nephrectomy_false_positives([absent]))
 
 
 def test_orientation_spread_is_the_largest_change_between_positions() -> None:
     scored = [
         r
         for position, dice in (("HFS", 0.8), ("FFS", 0.8), ("HFP", 0.7))
-        for r in rows("federated", "A", dice, kind="orientation", position=position)
+        for r in rows("federated", "C", dice, kind="orientation", position=position)
     ]
     cells = orientation(scored)
     assert [c.position for c in cells] == ["FFS", "HFP", "HFS"]
@@ -123,7 +123,7 @@ def test_orientation_spread_is_the_largest_change_between_positions() -> None:
 
 
 def test_test_sets_hold_the_asked_nephrectomy_cases() -> None:
-    for center in ("A", "B"):
+    for center in ("C", "D"):
         chosen = held_out_indices(center, 3000, 2, 2)
         assert chosen[:2] == [0, 1]
         assert sum(case_variant(center, 3000, i) in NEPHRECTOMY for i in chosen) >= 2
@@ -136,13 +136,13 @@ def test_the_quick_budget_is_the_same_for_every_arm() -> None:
 
 def test_the_report_writes_tables_and_valid_pngs_from_made_up_scores(tmp_path: Path) -> None:
     scored = study(STUDY_PATTERN) + [
-        r for arm in ARMS for p in ("HFS", "FFS", "HFP") for r in rows(arm, "A", 0.8, "orientation", p)
+        r for arm in ARMS for p in ("HFS", "FFS", "HFP") for r in rows(arm, "C", 0.8, "orientation", p)
     ]
-    curve = [CurvePoint(r, c, f"{c}_0", 0.2 + 0.3 * r) for r in range(3) for c in ("A", "B")]
+    curve = [CurvePoint(r, c, f"{c}_0", 0.2 + 0.3 * r) for r in range(3) for c in ("C", "D")]
     report = write_report(QUICK, tmp_path / "out", tmp_path / "work", scored, curve, {"total": 60.0})
     md = report.results_md.read_text()
     assert "reproduces the study's finding" in md and "| federated | HFP | 2 | 0.800 |" in md
-    assert "## The claims per OAR" in md and "| Liver | A | 2 | +0.100 (0.500) |" in md
+    assert "## The claims per OAR" in md and "| Liver | C | 2 | +0.100 (0.500) |" in md
     assert "needs at least 6 cases" in md  # 2 cases a center: no OAR can differ significantly
     assert "| 2 | 0.800 | 0.800 |" in md  # federated round 2, held-out Dice on A and on B
     for png in report.figures:
@@ -190,7 +190,7 @@ def test_evaluate_quick_writes_the_study_tables_and_figures(tmp_path: Path) -> N
 
     results = _csv(out / "results.csv")
     keys = {(r["arm"], r["test_center"], r["structure"]) for r in results}
-    assert keys == {(a, c, s.name) for a in ARMS for c in ("A", "B") for s in STRUCTURES}
+    assert keys == {(a, c, s.name) for a in ARMS for c in ("C", "D") for s in STRUCTURES}
     assert len(results) == len(keys)
     for r in results:
         assert r["relation"] == relation(r["arm"], r["test_center"])
@@ -236,7 +236,7 @@ def test_when_few_oars_are_learned_the_claims_are_read_again_on_those() -> None:
         ]
 
     scored = [
-        r for arm, (a, b) in STUDY_PATTERN.items() for r in liver_only(arm, "A", a) + liver_only(arm, "B", b)
+        r for arm, (a, b) in STUDY_PATTERN.items() for r in liver_only(arm, "C", a) + liver_only(arm, "D", b)
     ]
     cells = aggregate(scored)
     assert learned_oars(cells) == ["Liver"]

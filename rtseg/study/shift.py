@@ -1,0 +1,140 @@
+"""The domain-shift experiment: which of the factors in which the two centers differ make a local model drop.
+
+Centers C and D differ in six factors (:data:`rtseg.phantom.cohort.SHIFT_FACTORS`):
+population (age), scanner (kernel, noise, kVp, pixel encoding), slice thickness,
+field of view, contrast protocol and patient positions. For each center X, the
+local model trained on X is scored on X's first test cases and on the same
+cases drawn as "X with one factor of the other center" (``X+scanner`` …): the
+same children (same random draws) changed in that one factor. The drop per
+factor is paired by case and tested with the Wilcoxon signed-rank test; the
+cross-center drop (X's local model on the other center's test cases against the
+other center's own local model) is the whole shift, for scale.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from rtseg.phantom.cohort import SHIFT_FACTORS, shifted_center
+from rtseg.structures import EXTERNAL
+from rtseg.study.design import CENTERS, LOCAL_ARMS
+from rtseg.study.per_oar import ALPHA, signed_rank_p
+from rtseg.study.scoring import ScoreRow
+
+KIND = "shift"
+
+
+@dataclass(frozen=True)
+class FactorEffect:
+    """Local model of ``center`` on its own cases and on the same cases shifted in ``factor``."""
+
+    center: str
+    factor: str
+    n: int  # cases scored both ways
+    own: float | None  # mean OAR Dice on the center's own cases
+    shifted: float | None  # ... on the same cases with the other center's factor
+    p: float | None
+
+    @property
+    def drop(self) -> float | None:
+        return None if self.own is None or self.shifted is None else self.own - self.shifted
+
+    @property
+    def significant(self) -> bool:
+        return self.p is not None and self.p < ALPHA and (self.drop or 0.0) > 0
+
+
+def draw_key(case_id: str) -> str:
+    """``"C+scanner_s3000_002"`` → ``"s3000_002"``: the draw a shifted case shares with its base case."""
+    parts = case_id.split("_")
+    return "_".join(parts[1:3])
+
+
+def case_means(rows: Sequence[ScoreRow], arm: str, kind: str, center: str) -> dict[str, float]:
+    """Per case (by draw), ``arm``'s mean Dice over the OARs the reference holds."""
+    dice: dict[str, list[float]] = defaultdict(list)
+    for r in rows:
+        if r.arm == arm and r.kind == kind and r.center == center and r.structure != EXTERNAL:
+            if r.reference_ml > 0 and r.dice is not None:
+                dice[draw_key(r.case_id)].append(r.dice)
+    return {k: float(np.mean(v)) for k, v in dice.items()}
+
+
+def factor_effects(rows: Sequence[ScoreRow]) -> list[FactorEffect]:
+    """One effect per (center, factor) that has shifted cases among ``rows``."""
+    effects = []
+    for x in CENTERS:
+        own = case_means(rows, LOCAL_ARMS[x], "test", x)
+        for factor in SHIFT_FACTORS:
+            shifted = case_means(rows, LOCAL_ARMS[x], KIND, shifted_center(x, factor))
+            keys = sorted(set(own) & set(shifted))
+            if not keys:
+                continue
+            a = np.array([own[k] for k in keys])
+            b = np.array([shifted[k] for k in keys])
+            effects.append(
+                FactorEffect(x, factor, len(keys), float(a.mean()), float(b.mean()), signed_rank_p(a - b))
+            )
+    return effects
+
+
+def shift_table(effects: Sequence[FactorEffect], rows: Sequence[ScoreRow]) -> str:
+    """Markdown: per local model, the drop of each factor and the whole cross-center drop."""
+    lines = [
+        "| local model | the other center's … | n | Dice own cases | Dice shifted | drop (p) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for x in CENTERS:
+        y = next(c for c in CENTERS if c != x)
+        for e in (e for e in effects if e.center == x):
+            cell = f"{e.drop:+.3f} ({_p(e.p)})"
+            lines.append(
+                f"| {LOCAL_ARMS[x]} | {e.factor} | {e.n} | {e.own:.3f} | {e.shifted:.3f} | "
+                + (f"**{cell}**" if e.significant else cell)
+                + " |"
+            )
+        cross = case_means(rows, LOCAL_ARMS[x], "test", y)
+        native = case_means(rows, LOCAL_ARMS[y], "test", y)
+        keys = sorted(set(cross) & set(native))
+        if keys:
+            a = np.array([native[k] for k in keys])
+            b = np.array([cross[k] for k in keys])
+            p = signed_rank_p(a - b)
+            cell = f"{a.mean() - b.mean():+.3f} ({_p(p)})"
+            bold = p is not None and p < ALPHA and a.mean() > b.mean()
+            whole = f"everything: center {y}'s test cases, against {LOCAL_ARMS[y]}"
+            lines.append(
+                f"| {LOCAL_ARMS[x]} | {whole} | {len(keys)} | {a.mean():.3f} ({LOCAL_ARMS[y]}) "
+                f"| {b.mean():.3f} | " + (f"**{cell}**" if bold else cell) + " |"
+            )
+    return "\n".join(lines)
+
+
+def shift_text(effects: Sequence[FactorEffect]) -> str:
+    """One sentence per local model naming the factors that make it drop significantly."""
+    if not effects:
+        return "No shifted cases were scored."
+    out = []
+    for x in CENTERS:
+        mine = [e for e in effects if e.center == x]
+        if not mine:
+            continue
+        ranked = sorted((e for e in mine if e.significant), key=lambda e: -(e.drop or 0.0))
+        if ranked:
+            named = ", ".join(f"{e.factor} ({e.drop:+.3f})" for e in ranked)
+            out.append(f"{LOCAL_ARMS[x]} drops significantly (p < {ALPHA}) with the other center's {named}.")
+        else:
+            worst = max(mine, key=lambda e: e.drop or 0.0)
+            out.append(
+                f"{LOCAL_ARMS[x]} drops significantly with none of the factors alone"
+                f" (largest: {worst.factor}, {worst.drop:+.3f} on {worst.n} cases)."
+            )
+    return " ".join(out)
+
+
+def _p(p: float | None) -> str:
+    return "–" if p is None else f"{p:.3f}"
