@@ -1,0 +1,48 @@
+"""In full mode the study's arms start from the default model: its plans and weights, in the manifest."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rtseg.model.checkpoints import load_checkpoint
+from rtseg.model.default import DEFAULT_MODEL_DIR
+from rtseg.model.manifest import load_manifest
+from rtseg.phantom.cohort import generate_cohort
+from rtseg.study.arms import start_model, train_arm
+from rtseg.study.design import FULL, QUICK
+
+CHECKPOINT = Path("fold_all") / "checkpoint_final.pth"
+
+
+def test_full_mode_starts_every_arm_from_the_default_model_and_quick_mode_from_random_weights() -> None:
+    assert start_model(FULL) == DEFAULT_MODEL_DIR and start_model(QUICK) is None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_an_arm_fine_tunes_the_start_models_weights_with_its_plans(tmp_path: Path) -> None:
+    cases = tmp_path / "cases"
+    generate_cohort("C", 2, 2000, cases, matrix=48)
+    config = replace(FULL.cpu, epochs=1, iterations_per_epoch=2, val_iterations_per_epoch=1)
+    out = train_arm("local-C", [cases], tmp_path / "work", config, start=DEFAULT_MODEL_DIR)
+
+    plans = json.loads((out / "plans.json").read_text())
+    default_plans = json.loads((DEFAULT_MODEL_DIR / "plans.json").read_text())
+    assert plans["configurations"] == default_plans["configurations"]  # the default's network and grid
+    manifest = load_manifest(out)
+    default = load_manifest(DEFAULT_MODEL_DIR)
+    assert manifest.provenance["started_from"] == f"{default.name} {default.version}"
+
+    start = load_checkpoint(DEFAULT_MODEL_DIR / CHECKPOINT)["network_weights"]
+    tuned = load_checkpoint(out / CHECKPOINT)["network_weights"]
+    assert set(tuned) == set(start)
+    a = np.concatenate([start[k].float().numpy().ravel() for k in sorted(start)])
+    b = np.concatenate([tuned[k].float().numpy().ravel() for k in sorted(start)])
+    assert not np.array_equal(a, b), "two iterations changed nothing"
+    # two small steps away from the start: a network from random weights would be uncorrelated with it
+    assert np.corrcoef(a, b)[0, 1] > 0.99
