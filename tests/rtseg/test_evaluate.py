@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rtseg.phantom.cohort import case_variant
+from rtseg.phantom.cohort import SHIFT_FACTORS, case_variant, shifted_center
 from rtseg.structures import STRUCTURES
 from rtseg.study.data import NEPHRECTOMY, held_out_indices
 from rtseg.study.design import ARMS, QUICK, relation
@@ -179,6 +179,7 @@ def test_evaluate_quick_writes_the_study_tables_and_figures(tmp_path: Path) -> N
         "## Mean surface distance",
         "## Orientation robustness",
         "## False positives after nephrectomy",
+        "## Domain shift: which factors make a local model drop",
     ]
     for heading in [*headings, "## Federated rounds"]:
         assert heading in md
@@ -200,7 +201,10 @@ def test_evaluate_quick_writes_the_study_tables_and_figures(tmp_path: Path) -> N
             if r[key]:
                 assert 0.0 <= float(r[key]) < 1000.0
     scores = _csv(out / "scores.csv")
-    assert {r["kind"] for r in scores} == {"test", "orientation"}
+    assert {r["kind"] for r in scores} == {"test", "orientation", "shift"}
+    shifted = {(r["arm"], r["center"]) for r in scores if r["kind"] == "shift"}
+    assert shifted == {(f"local-{c}", shifted_center(c, f)) for c in ("C", "D") for f in SHIFT_FACTORS}
+    assert "| local-C | scanner | 1 |" in md and "| local-D | population | 1 |" in md
     assert any(r["variant"].startswith("nephrectomy") for r in scores)
     rounds = {int(r["round"]) for r in _csv(out / "federated_rounds.csv")}
     assert rounds == set(range(QUICK.rounds + 1))
