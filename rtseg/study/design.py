@@ -139,6 +139,10 @@ FULL = StudySpec(
 )
 
 
+def other(center: str) -> str:
+    return next(c for c in CENTERS if c != center)
+
+
 def relation(arm: str, test_center: str) -> str:
     """How a test center relates to an arm's training data: in-center, cross-center or both."""
     for center, name in LOCAL_ARMS.items():

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rtseg.structures import EXTERNAL
-from rtseg.study.design import ARMS, CENTERS, CENTRALISED, ENSEMBLE, FEDERATED, LOCAL_ARMS, relation
+from rtseg.study.design import ARMS, CENTERS, CENTRALISED, ENSEMBLE, FEDERATED, LOCAL_ARMS, other, relation
 from rtseg.study.scoring import ScoreRow
 
 DICE_TOL = 0.02  # Dice differences within this are "matched", beyond it a "drop"
@@ -131,10 +131,6 @@ def compare(cells: Sequence[Cell], arm_a: str, arm_b: str, center: str) -> Compa
         sum(x < -DICE_TOL for x in d),
         len(common),
     )
-
-
-def other(center: str) -> str:
-    return next(c for c in CENTERS if c != center)
 
 
 @dataclass(frozen=True)
