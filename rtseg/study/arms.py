@@ -148,12 +148,11 @@ def train_arm(
             command="rtseg evaluate",
         ),
     )
+    extra: dict[str, Any] = {"config": config.to_dict()}
     if start is not None:
         first = load_manifest(start)
-        manifest = replace(
-            manifest, provenance={**manifest.provenance, "started_from": f"{first.name} {first.version}"}
-        )
-    manifest = replace(manifest, provenance={**manifest.provenance, "config": config.to_dict()})
+        extra["started_from"] = f"{first.name} {first.version}"
+    manifest = replace(manifest, provenance={**manifest.provenance, **extra})
     out = export_model(results, model_dir(work, arm), manifest)
     shutil.rmtree(nnunet / "nnUNet_preprocessed", ignore_errors=True)  # the bulk of the disk; not needed now
     log.info("arm %s trained: %s", arm, out)

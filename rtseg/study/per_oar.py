@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
 from rtseg.structures import EXTERNAL
-from rtseg.study.design import CENTERS, ENSEMBLE, FEDERATED, LOCAL_ARMS
+from rtseg.study.design import CENTERS, ENSEMBLE, FEDERATED, LOCAL_ARMS, other
 from rtseg.study.scoring import ScoreRow
 
 ALPHA = 0.05
@@ -76,12 +76,19 @@ def paired(rows: Iterable[ScoreRow], a: str, b: str, center: str, structure: str
         keep = r.kind == "test" and r.center == center and r.structure == structure and r.reference_ml > 0
         if keep and r.arm in (a, b) and r.dice is not None:
             dice[r.arm][r.case_id] = r.dice
-    cases = sorted(set(dice[a]) & set(dice[b]))
-    x = np.array([dice[a][c] for c in cases])
-    y = np.array([dice[b][c] for c in cases])
-    mean_a = float(x.mean()) if cases else None
-    mean_b = float(y.mean()) if cases else None
-    return Paired(center, structure, a, b, len(cases), mean_a, mean_b, signed_rank_p(x - y))
+    return Paired(center, structure, a, b, *paired_means(dice[a], dice[b]))
+
+
+def paired_means(
+    a: Mapping[str, float], b: Mapping[str, float]
+) -> tuple[int, float | None, float | None, float | None]:
+    """(n, mean of ``a``, mean of ``b``, signed-rank p of ``a − b``) over the keys both hold."""
+    keys = sorted(set(a) & set(b))
+    if not keys:
+        return 0, None, None, None
+    x = np.array([a[k] for k in keys])
+    y = np.array([b[k] for k in keys])
+    return len(keys), float(x.mean()), float(y.mean()), signed_rank_p(x - y)
 
 
 def signed_rank_p(d: npt.NDArray[np.float64]) -> float | None:
@@ -114,8 +121,7 @@ def oar_claims(rows: Sequence[ScoreRow]) -> OarClaims:
     tests: list[Paired] = []
     drop, matches, best, above, cases = {}, {}, {}, {}, {}
     for x in CENTERS:
-        y = next(c for c in CENTERS if c != x)
-        local_in, local_cross = LOCAL_ARMS[x], LOCAL_ARMS[y]
+        local_in, local_cross = LOCAL_ARMS[x], LOCAL_ARMS[other(x)]
         d = [paired(rows, local_in, local_cross, x, s) for s in oars]
         m = [paired(rows, FEDERATED, local_in, x, s) for s in oars]
         c = [paired(rows, FEDERATED, local_cross, x, s) for s in oars]
@@ -180,7 +186,7 @@ def claims_table(c: OarClaims) -> str:
     ]
     for s in c.oars:
         for x in CENTERS:
-            y = next(k for k in CENTERS if k != x)
+            y = other(x)
             cells = [
                 index[(x, s, LOCAL_ARMS[x], LOCAL_ARMS[y])],
                 index[(x, s, FEDERATED, LOCAL_ARMS[x])],

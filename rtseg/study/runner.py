@@ -13,6 +13,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import TypeVar
 
+from rtseg.phantom.cohort import CENTERS as PHANTOM_CENTERS
 from rtseg.study import arms, report
 from rtseg.study.data import Cohorts, TestCase, cohort_jobs, make_cohorts
 from rtseg.study.design import ARMS, BOTH, CENTERS, FEDERATED, LOCAL_ARMS, StudySpec
@@ -127,7 +128,7 @@ def _scores(cohorts: Cohorts, work: Path, threads: int | None, stage: Stage) -> 
     common = [("test", c) for c in cohorts.test] + [("orientation", c) for c in cohorts.orientation]
     cases = {arm: list(common) for arm in ARMS}
     for center, arm in LOCAL_ARMS.items():
-        cases[arm] += [(SHIFT, c) for c in cohorts.shift if c.center.startswith(center + "+")]
+        cases[arm] += [(SHIFT, c) for c in cohorts.shift if PHANTOM_CENTERS[c.center].draws_as == center]
     by_arm: dict[str, list[ScoreRow]] = {}
     workers = max(1, min(SCORING_PROCESSES, os.cpu_count() or 1))
     per_process = max(1, threads // workers) if threads else 1

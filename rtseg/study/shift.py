@@ -21,8 +21,8 @@ import numpy as np
 
 from rtseg.phantom.cohort import SHIFT_FACTORS, shifted_center
 from rtseg.structures import EXTERNAL
-from rtseg.study.design import CENTERS, LOCAL_ARMS
-from rtseg.study.per_oar import ALPHA, signed_rank_p
+from rtseg.study.design import CENTERS, LOCAL_ARMS, other
+from rtseg.study.per_oar import ALPHA, paired_means
 from rtseg.study.scoring import ScoreRow
 
 KIND = "shift"
@@ -71,15 +71,18 @@ def factor_effects(rows: Sequence[ScoreRow]) -> list[FactorEffect]:
         own = case_means(rows, LOCAL_ARMS[x], "test", x)
         for factor in SHIFT_FACTORS:
             shifted = case_means(rows, LOCAL_ARMS[x], KIND, shifted_center(x, factor))
-            keys = sorted(set(own) & set(shifted))
-            if not keys:
-                continue
-            a = np.array([own[k] for k in keys])
-            b = np.array([shifted[k] for k in keys])
-            effects.append(
-                FactorEffect(x, factor, len(keys), float(a.mean()), float(b.mean()), signed_rank_p(a - b))
-            )
+            effect = _effect(x, factor, own, shifted)
+            if effect is not None:
+                effects.append(effect)
     return effects
+
+
+def _effect(
+    center: str, factor: str, own: dict[str, float], shifted: dict[str, float]
+) -> FactorEffect | None:
+    """The effect over the draws both hold; None when they share none."""
+    n, mean_own, mean_shifted, p = paired_means(own, shifted)
+    return FactorEffect(center, factor, n, mean_own, mean_shifted, p) if n else None
 
 
 def shift_table(effects: Sequence[FactorEffect], rows: Sequence[ScoreRow]) -> str:
@@ -89,29 +92,24 @@ def shift_table(effects: Sequence[FactorEffect], rows: Sequence[ScoreRow]) -> st
         "|---|---|---|---|---|---|",
     ]
     for x in CENTERS:
-        y = next(c for c in CENTERS if c != x)
-        for e in (e for e in effects if e.center == x):
-            cell = f"{e.drop:+.3f} ({_p(e.p)})"
-            lines.append(
-                f"| {LOCAL_ARMS[x]} | {e.factor} | {e.n} | {e.own:.3f} | {e.shifted:.3f} | "
-                + (f"**{cell}**" if e.significant else cell)
-                + " |"
-            )
-        cross = case_means(rows, LOCAL_ARMS[x], "test", y)
+        y = other(x)
+        lines += [_row(e) for e in effects if e.center == x]
+        # the whole shift: local-X on Y's cases against Y's own local model, paired by case
         native = case_means(rows, LOCAL_ARMS[y], "test", y)
-        keys = sorted(set(cross) & set(native))
-        if keys:
-            a = np.array([native[k] for k in keys])
-            b = np.array([cross[k] for k in keys])
-            p = signed_rank_p(a - b)
-            cell = f"{a.mean() - b.mean():+.3f} ({_p(p)})"
-            bold = p is not None and p < ALPHA and a.mean() > b.mean()
-            whole = f"everything: center {y}'s test cases, against {LOCAL_ARMS[y]}"
-            lines.append(
-                f"| {LOCAL_ARMS[x]} | {whole} | {len(keys)} | {a.mean():.3f} ({LOCAL_ARMS[y]}) "
-                f"| {b.mean():.3f} | " + (f"**{cell}**" if bold else cell) + " |"
-            )
+        cross = case_means(rows, LOCAL_ARMS[x], "test", y)
+        whole = _effect(x, f"everything: center {y}'s test cases, against {LOCAL_ARMS[y]}", native, cross)
+        if whole is not None:
+            lines.append(_row(whole, f" ({LOCAL_ARMS[y]})"))
     return "\n".join(lines)
+
+
+def _row(e: FactorEffect, own_note: str = "") -> str:
+    cell = f"{e.drop:+.3f} ({_p(e.p)})"
+    return (
+        f"| {LOCAL_ARMS[e.center]} | {e.factor} | {e.n} | {e.own:.3f}{own_note} | {e.shifted:.3f} | "
+        + (f"**{cell}**" if e.significant else cell)
+        + " |"
+    )
 
 
 def shift_text(effects: Sequence[FactorEffect]) -> str:
