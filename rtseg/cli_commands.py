@@ -155,6 +155,9 @@ DOCUMENTED_ACCURACY = {
     " of both centers, 0.830 and 0.849 on the same patients as realistic phantoms on a couch"
     " (lowest: pancreas 0.68, gallbladder 0.68); docs/model.md",
 }
+# build-default's recipes (rtseg.model.default.RECIPES, not imported at start-up: it pulls in SciPy)
+RECIPE_VERSIONS = ("0.8.0", "0.9.0", "1.0.0")
+DEFAULT_RECIPE_VERSION = "0.9.0"
 NOT_CLINICAL = "NOT FOR CLINICAL USE: trained on synthetic phantoms only, never on patient CTs"
 
 
@@ -249,9 +252,9 @@ def _model_eval(args: argparse.Namespace) -> int:
 def _model_build_default(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from rtseg.model.default import DEFAULT_MODEL_DIR, DEFAULT_RECIPE, PLAIN_RECIPE, build_default
+    from rtseg.model.default import DEFAULT_MODEL_DIR, PLAIN_RECIPE, RECIPES, build_default
 
-    recipe = PLAIN_RECIPE if args.plain else DEFAULT_RECIPE
+    recipe = PLAIN_RECIPE if args.plain else RECIPES[args.recipe]
     if args.epochs:
         recipe = replace(recipe, config=replace(recipe.config, epochs=args.epochs))
     if args.refine_epochs is not None:
@@ -487,6 +490,13 @@ def _register_core(sub: Any, handlers: dict[str, Handler]) -> None:
         help="how many of the recipe's stages --from-model stands for (default 1)",
     )
     q.add_argument("--cases", type=int, help="cases per center for every stage (overrides the recipe's)")
+    q.add_argument(
+        "--recipe",
+        choices=RECIPE_VERSIONS,
+        default=DEFAULT_RECIPE_VERSION,
+        help=f"the recipe of this model version (default {DEFAULT_RECIPE_VERSION}, the shipped model's;"
+        " docs/model.md)",
+    )
     q.add_argument(
         "--plain",
         action="store_true",

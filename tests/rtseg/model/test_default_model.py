@@ -179,6 +179,7 @@ TINY_RECIPE = replace(
     config=TINY,
     refine=(replace(TINY, seed=1), replace(TINY, seed=2)),
     realistic=RealisticCases(from_stage=3, per_center=1, start=5),
+    average=(3, 0.7),
 )
 
 
@@ -213,7 +214,7 @@ def test_recipe_stage_7_adds_realistic_cases_on_a_couch() -> None:
     assert PLAIN_RECIPE.realistic is None and len(PLAIN_RECIPE.stages) == 6  # 0.8.0
     recipe = DEFAULT_RECIPE
     assert recipe.stages[:6] == PLAIN_RECIPE.stages and len(recipe.stages) == 7
-    assert recipe.average_last == 0.7 and PLAIN_RECIPE.average_last is None
+    assert recipe.average == (7, 0.7) and PLAIN_RECIPE.average is None
     assert recipe.realistic_for(6) == 0 and recipe.realistic_for(7) == 40
     plain, with_realistic = recipe.case_ids(6), recipe.case_ids(7)
     assert len(plain) == 120 and plain < with_realistic and len(with_realistic) == 200
@@ -252,17 +253,44 @@ def test_a_later_stage_from_a_model_adds_realistic_cases_with_that_models_plans(
         "realism": "clinical-nopv",
     }
     assert provenance["started_from"] == f"{MODEL_NAME} 0.0.1 (stages 1-2)"
-    assert provenance["average_last"] == TINY_RECIPE.average_last
+    assert provenance["average"] == {"stage": 3, "share": 0.7}
     # the exported weights: the recipe's share of stage 3's plus the rest of the start model's
     work = tmp_path / "work"
-    last = torch.load(work / "start_checkpoint_final.pth", weights_only=False)["network_weights"]
+    last = torch.load(work / "stage3_as_trained.pth", weights_only=False)["network_weights"]
     before = torch.load(start / "fold_all" / "checkpoint_final.pth", weights_only=False)["network_weights"]
     shipped = torch.load(model / "fold_all" / "checkpoint_final.pth", weights_only=False)["network_weights"]
-    share = TINY_RECIPE.average_last
-    assert share is not None and any(not torch.equal(last[k], before[k]) for k in last)
+    assert TINY_RECIPE.average is not None
+    share = TINY_RECIPE.average[1]
+    assert any(not torch.equal(last[k], before[k]) for k in last)
     for key, value in shipped.items():
         mixed = (share * last[key].double() + (1 - share) * before[key].double()).to(value.dtype)
         assert torch.allclose(value, mixed), key
+
+
+@pytest.mark.slow  # one short training stage of a widened network
+def test_a_wider_stage_widens_the_plans_and_the_weights_and_the_model_predicts(
+    two_stages: tuple[Path, Path, list[str]], tmp_path: Path, fresh_case: Path
+) -> None:
+    """Recipe 1.0.0's step on a tiny scale: stage 3 trains a network of twice stage 2's width."""
+    _, start, _ = two_stages
+    wider = replace(TINY, seed=2, base_features=8, max_features=32)
+    recipe = replace(TINY_RECIPE, refine=(TINY_RECIPE.refine[0], wider), realistic=None, average=None)
+    said: list[str] = []
+    model = build_default(
+        tmp_path / "work", tmp_path / "model", recipe, say=said.append, from_model=start, stages_done=2
+    )
+    assert "widening the network from [4, 8, 16] to [8, 16, 32] features" in " ".join(said)
+    plans = json.loads((model / "plans.json").read_text())
+    assert plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["features_per_stage"] == [
+        8,
+        16,
+        32,
+    ]
+    weights = torch.load(model / "fold_all" / "checkpoint_final.pth", weights_only=False)["network_weights"]
+    assert weights["encoder.stages.0.0.convs.0.conv.weight"].shape[0] == 8
+    case = load_case(fresh_case)
+    labels = NnunetSegmenter(model, threads=2).segment(case.volume).labels
+    assert labels.shape == case.labels.shape
 
 
 def _checkpoint(path: Path, weights: dict[str, torch.Tensor]) -> Path:

@@ -1,0 +1,103 @@
+"""Widening a trained network: the trained channels compute as before, the new ones can learn."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import pytest
+import torch
+
+from rtseg.errors import InputError, ModelError
+from rtseg.model.checkpoints import load_checkpoint
+from rtseg.model.default import default_model_dir
+from rtseg.model.widen import build_network, widen_network_weights, widen_state, widened_plans
+
+
+@pytest.fixture(scope="module")
+def shipped() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    model = default_model_dir()
+    plans = json.loads((model / "plans.json").read_text())
+    dataset = json.loads((model / "dataset.json").read_text())
+    weights = load_checkpoint(model / "fold_all" / "checkpoint_final.pth")["network_weights"]
+    return plans, dataset, weights
+
+
+def _logits(plans: dict[str, Any], dataset: dict[str, Any], weights: dict[str, Any], x: torch.Tensor) -> Any:
+    network = build_network(plans, dataset, deep_supervision=False)
+    network.load_state_dict(weights)
+    network.eval()
+    with torch.no_grad():
+        return network(x)
+
+
+def test_the_widened_default_model_gives_the_same_logits(
+    shipped: tuple[dict[str, Any], dict[str, Any], dict[str, Any]],
+) -> None:
+    plans, dataset, weights = shipped
+    wide = widened_plans(plans, 16, 256)
+    features = wide["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["features_per_stage"]
+    assert features == [16, 32, 64, 128, 256]
+    widened = widen_network_weights(weights, plans, wide, dataset, seed=1)
+    n_old = sum(v.numel() for k, v in weights.items() if not k.startswith("decoder.encoder."))
+    n_new = sum(v.numel() for k, v in widened.items() if not k.startswith("decoder.encoder."))
+    assert n_new > 3 * n_old
+
+    x = torch.randn(1, 1, 16, 32, 32, generator=torch.Generator().manual_seed(0))
+    before, after = _logits(plans, dataset, weights, x), _logits(wide, dataset, widened, x)
+    assert torch.allclose(before, after, atol=1e-3 * float(before.abs().max()))
+    assert torch.equal(before.argmax(1), after.argmax(1))
+    # the new channels are not dead: they compute something, and the next layer can learn to read them
+    key = "encoder.stages.0.0.convs.0.conv.weight"
+    first = widened[key]
+    assert first[8:].abs().sum() > 0 and torch.equal(first[:8], weights[key])
+    second = widened["encoder.stages.0.0.convs.1.conv.weight"]
+    assert torch.count_nonzero(second[:8, 8:]) == 0 and second[8:, :8].abs().sum() > 0
+
+
+def test_copying_old_weights_without_silencing_the_new_inputs_changes_the_logits(
+    shipped: tuple[dict[str, Any], dict[str, Any], dict[str, Any]],
+) -> None:
+    """The check above can fail: keeping the new inputs' random weights into old channels breaks it."""
+    plans, dataset, weights = shipped
+    wide = widened_plans(plans, 16, 256)
+    torch.manual_seed(1)
+    fresh = build_network(wide, dataset).state_dict()
+    careless = {}
+    for key, new in fresh.items():
+        out = new.clone()
+        out[tuple(slice(0, n) for n in weights[key].shape)] = weights[key]
+        careless[key] = out
+    x = torch.randn(1, 1, 16, 32, 32, generator=torch.Generator().manual_seed(0))
+    before, after = _logits(plans, dataset, weights, x), _logits(wide, dataset, careless, x)
+    assert not torch.allclose(before, after, atol=1e-3 * float(before.abs().max()))
+    # while the right widening of the same fresh weights keeps them
+    kept = _logits(wide, dataset, widen_state(weights, fresh), x)
+    assert torch.allclose(before, kept, atol=1e-3 * float(before.abs().max()))
+
+
+def test_narrowing_and_other_networks_are_refused(
+    shipped: tuple[dict[str, Any], dict[str, Any], dict[str, Any]],
+) -> None:
+    plans, _, _ = shipped
+    with pytest.raises(InputError, match="stage 0 would lose channels"):
+        widened_plans(plans, 4, 128)
+    other = copy.deepcopy(plans)
+    other["configurations"]["3d_fullres"]["architecture"]["network_class_name"] = "my.own.Net"
+    with pytest.raises(ModelError, match="only nnU-Net's PlainConvUNet can be widened"):
+        widened_plans(other, 16, 256)
+    with pytest.raises(ModelError, match="does not fit into"):
+        widen_state({"w": torch.zeros(4, 4)}, {"w": torch.zeros(2, 8)})
+
+
+def test_recipe_1_0_0_is_0_9_0_and_a_wider_eighth_stage() -> None:
+    """The run itself is checked on a tiny scale in test_default_model (slow)."""
+    from rtseg.cli_commands import DEFAULT_RECIPE_VERSION, RECIPE_VERSIONS
+    from rtseg.model.default import DEFAULT_RECIPE, RECIPES, WIDE_RECIPE
+
+    assert WIDE_RECIPE.stages[:7] == DEFAULT_RECIPE.stages and len(WIDE_RECIPE.stages) == 8
+    eighth = WIDE_RECIPE.stages[7]
+    assert (eighth.base_features, eighth.max_features) == (16, 256)
+    assert WIDE_RECIPE.average == DEFAULT_RECIPE.average == (7, 0.7)
+    assert tuple(RECIPES) == RECIPE_VERSIONS and DEFAULT_RECIPE.version == DEFAULT_RECIPE_VERSION
