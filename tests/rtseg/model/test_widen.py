@@ -91,13 +91,13 @@ def test_narrowing_and_other_networks_are_refused(
         widen_state({"w": torch.zeros(4, 4)}, {"w": torch.zeros(2, 8)})
 
 
-def test_recipe_1_0_0_is_0_9_0_and_a_wider_eighth_stage() -> None:
+def test_recipe_1_0_0_is_0_9_0_and_two_wider_stages() -> None:
     """The run itself is checked on a tiny scale in test_default_model (slow)."""
     from rtseg.cli_commands import DEFAULT_RECIPE_VERSION, RECIPE_VERSIONS
     from rtseg.model.default import DEFAULT_RECIPE, RECIPES, WIDE_RECIPE
 
-    assert WIDE_RECIPE.stages[:7] == DEFAULT_RECIPE.stages and len(WIDE_RECIPE.stages) == 8
-    eighth = WIDE_RECIPE.stages[7]
-    assert (eighth.base_features, eighth.max_features) == (16, 256)
+    assert WIDE_RECIPE.stages[:7] == DEFAULT_RECIPE.stages and len(WIDE_RECIPE.stages) == 9
+    for stage in WIDE_RECIPE.stages[7:]:
+        assert (stage.base_features, stage.max_features) == (16, 256)
     assert WIDE_RECIPE.average == DEFAULT_RECIPE.average == (7, 0.7)
     assert tuple(RECIPES) == RECIPE_VERSIONS and DEFAULT_RECIPE.version == DEFAULT_RECIPE_VERSION
