@@ -22,7 +22,7 @@ def _bar(description: str, total: int) -> Iterator[Callable[[], None]]:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from rtseg.study.design import FULL, QUICK
+    from rtseg.study.design import CENTERS, FULL, QUICK
     from rtseg.study.runner import run_study
 
     spec = QUICK if args.quick else FULL
@@ -32,7 +32,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     def say(msg: str) -> None:
         print(f"[{time.monotonic() - started:6.0f} s] {msg}", flush=True)
 
-    say(f"{spec.mode} study: five models, phantom centers A and B; work folder {work} (resumable)")
+    centers = " and ".join(CENTERS)
+    say(f"{spec.mode} study: five models, phantom centers {centers}; work folder {work} (resumable)")
     result = run_study(spec, args.out, work, threads=args.threads, stage=_bar, say=say)
     print(result.headline)
     print()

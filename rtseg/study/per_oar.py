@@ -15,9 +15,19 @@ reference holds the OAR:
   models, and federated itself; centralised pooled the data and is left out),
   and whether it is significantly above local-Y.
 
+Each claim is a family of tests, one per OAR (18), on each test center, so
+some uncorrected p < 0.05 turn up by chance alone (0.9 of 18 where nothing
+differs). Every count is therefore given twice: uncorrected, as the seed study
+reported, and with Holm's step-down correction over the OARs of that family
+(:func:`holm`), which keeps the chance of any false "significant" at ``ALPHA``.
+For "federated matches in-center", a claim of *no* significant difference, the
+correction works the other way (fewer differences are significant, so more OARs
+"match"): there the uncorrected count is the stricter one.
+
 A signed-rank test on n cases cannot reach p < 0.05 below n = 6 (all
-differences of one sign give p = 2 / 2ⁿ): with fewer cases per center the
-counts of significant OARs are 0 whatever the models do, and the text says so.
+differences of one sign give p = 2 / 2ⁿ), nor Holm's first threshold
+0.05 / 18 below n = 10: with fewer cases per center those counts are 0
+whatever the models do, and the text says so.
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -49,24 +59,54 @@ class Paired:
     mean_a: float | None
     mean_b: float | None
     p: float | None  # Wilcoxon signed-rank, two-sided; None below 2 cases; 1.0 when every difference is 0
+    p_holm: float | None = None  # Holm-adjusted over the OARs of this comparison and center
 
     @property
     def diff(self) -> float | None:
         return None if self.mean_a is None or self.mean_b is None else self.mean_a - self.mean_b
 
-    @property
-    def a_above(self) -> bool:
-        """``a`` significantly above ``b``."""
-        return self.p is not None and self.p < ALPHA and (self.diff or 0.0) > 0
+    def above(self, corrected: bool = False) -> bool:
+        """``a`` significantly above ``b`` (after Holm's correction when ``corrected``)."""
+        return self.significant(corrected) and (self.diff or 0.0) > 0
 
-    @property
-    def a_below(self) -> bool:
-        return self.p is not None and self.p < ALPHA and (self.diff or 0.0) < 0
+    def below(self, corrected: bool = False) -> bool:
+        return self.significant(corrected) and (self.diff or 0.0) < 0
+
+    def significant(self, corrected: bool = False) -> bool:
+        p = self.p_holm if corrected else self.p
+        return p is not None and p < ALPHA
 
 
-def min_cases_for(alpha: float = ALPHA) -> int:
-    """The fewest cases with which the two-sided signed-rank test can reach ``alpha``."""
-    return next(n for n in range(1, 64) if 2.0 / 2**n < alpha)
+def min_cases_for(alpha: float = ALPHA, tests: int = 1) -> int:
+    """The fewest cases with which the two-sided signed-rank test can reach ``alpha / tests``.
+
+    ``tests``: the size of a Holm family; its smallest p must be below ``alpha / tests``.
+    """
+    return next(n for n in range(1, 64) if 2.0 / 2**n < alpha / tests)
+
+
+def holm(ps: Sequence[float | None]) -> list[float | None]:
+    """Holm's step-down adjusted p-values (None stays None and does not count as a test).
+
+    Sorted ascending, the k-th smallest of m p-values becomes max over j ≤ k of
+    min(1, (m − j + 1) · p_j): an adjusted p below ``ALPHA`` is significant with
+    the family-wise error rate held at ``ALPHA`` (Holm 1979). Hand-written: scipy
+    has no Holm, and statsmodels would be a dependency for five lines.
+    """
+    order = sorted((p, i) for i, p in enumerate(ps) if p is not None)
+    m = len(order)
+    out: list[float | None] = [None] * len(ps)
+    running = 0.0
+    for rank, (p, i) in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[i] = running
+    return out
+
+
+def _holm_family(tests: Sequence[Paired]) -> list[Paired]:
+    """``tests`` (one comparison on one center, one per OAR) with their Holm-adjusted p."""
+    adjusted = holm([t.p for t in tests])
+    return [replace(t, p_holm=q) for t, q in zip(tests, adjusted, strict=True)]
 
 
 def paired(rows: Iterable[ScoreRow], a: str, b: str, center: str, structure: str) -> Paired:
@@ -113,26 +153,39 @@ class OarClaims:
     fed_best_cross: dict[str, tuple[str, ...]]
     fed_above_cross: dict[str, tuple[str, ...]]  # ... and significantly above local-Y
     tests: tuple[Paired, ...]
+    # the same counts with Holm's correction over each family's OARs ("best cross-center" has no test)
+    holm_local_drop: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    holm_fed_matches_in: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    holm_fed_above_cross: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    least_cases: dict[str, int] = field(default_factory=dict)  # test center → fewest cases any OAR had
 
 
 def oar_claims(rows: Sequence[ScoreRow]) -> OarClaims:
-    """The three claims over the OARs the test sets hold."""
+    """The three claims over the OARs the test sets hold, uncorrected and with Holm's correction."""
     oars = tuple(sorted({r.structure for r in rows if r.kind == "test" and r.structure != EXTERNAL}))
     tests: list[Paired] = []
-    drop, matches, best, above, cases = {}, {}, {}, {}, {}
+    found: list[dict[str, tuple[str, ...]]] = [{} for _ in range(7)]
+    drop, matches, best, above, h_drop, h_matches, h_above = found
+    cases: dict[str, int] = {}
+    least: dict[str, int] = {}
     for x in CENTERS:
         local_in, local_cross = LOCAL_ARMS[x], LOCAL_ARMS[other(x)]
-        d = [paired(rows, local_in, local_cross, x, s) for s in oars]
-        m = [paired(rows, FEDERATED, local_in, x, s) for s in oars]
-        c = [paired(rows, FEDERATED, local_cross, x, s) for s in oars]
+        d = _holm_family([paired(rows, local_in, local_cross, x, s) for s in oars])
+        m = _holm_family([paired(rows, FEDERATED, local_in, x, s) for s in oars])
+        c = _holm_family([paired(rows, FEDERATED, local_cross, x, s) for s in oars])
         e = {p.structure: p for p in (paired(rows, FEDERATED, ENSEMBLE, x, s) for s in oars)}
         tests += [*d, *m, *c, *e.values()]
         cases[x] = max((p.n for p in d), default=0)
-        drop[x] = tuple(p.structure for p in d if p.a_above)
-        matches[x] = tuple(p.structure for p in m if p.n and not p.a_below)
+        least[x] = min((p.n for p in d if p.n), default=0)
         best[x] = tuple(p.structure for p in c if _best_cross(p, e[p.structure]))
-        above[x] = tuple(p.structure for p in c if p.a_above and p.structure in best[x])
-    return OarClaims(oars, cases, drop, matches, best, above, tuple(tests))
+        for corrected, (dd, mm, aa) in (
+            (False, (drop, matches, above)),
+            (True, (h_drop, h_matches, h_above)),
+        ):
+            dd[x] = tuple(p.structure for p in d if p.above(corrected))
+            mm[x] = tuple(p.structure for p in m if p.n and not p.below(corrected))
+            aa[x] = tuple(p.structure for p in c if p.above(corrected) and p.structure in best[x])
+    return OarClaims(oars, cases, drop, matches, best, above, tuple(tests), h_drop, h_matches, h_above, least)
 
 
 def _best_cross(vs_local: Paired, vs_ensemble: Paired) -> bool:
@@ -163,11 +216,29 @@ def claims_text(c: OarClaims) -> list[str]:
         f" {per_center(c.fed_above_cross)}. (The seed study: local models significantly worse cross-center"
         " on 4–7 of 9 OARs, federated matching local on at least 7 of 9 and best cross-center.)"
     )
+    out.append(
+        f"With Holm's correction over the {n_oars} OARs of each comparison and center (the family-wise"
+        f" error held at {ALPHA}): local models significantly worse cross-center on"
+        f" {per_center(c.holm_local_drop)}; federated significantly above the other center's local model on"
+        f" {per_center(c.holm_fed_above_cross)}; federated not significantly worse than the in-center local"
+        f" model on {per_center(c.holm_fed_matches_in)} (for this claim of no difference the uncorrected"
+        " count above is the stricter one)."
+    )
     if few:
         out.append(
             f"With {', '.join(f'{c.cases[x]} case(s) on center {x}' for x in few)}, no difference can be"
             f" significant (the signed-rank test needs at least {min_cases_for()} cases for p < {ALPHA}):"
             " the significance counts there are 0 by construction, not evidence of no difference."
+        )
+    need = min_cases_for(tests=n_oars)
+    short = [x for x, n in c.least_cases.items() if n < need and x not in few]
+    if short:
+        out.append(
+            f"Holm's smallest threshold is {ALPHA} / {n_oars}, which the signed-rank test reaches only"
+            f" with at least {need} cases (p = 2 / 2ⁿ when every case agrees): with"
+            f" {', '.join(f'{c.least_cases[x]}-{c.cases[x]} cases per OAR on center {x}' for x in short)},"
+            " an OAR compared on fewer cases cannot be significant after the correction, whatever its"
+            " difference."
         )
     return out
 
@@ -180,8 +251,8 @@ def claims_table(c: OarClaims) -> str:
     """Markdown: per OAR and test center, each comparison's mean difference and p."""
     index = {(p.center, p.structure, p.a, p.b): p for p in c.tests}
     lines = [
-        "| OAR | test center | n | local in − cross (p) | federated − local in (p)"
-        " | federated − local cross (p) |",
+        "| OAR | test center | n | local in − cross (p; Holm p) | federated − local in (p; Holm p)"
+        " | federated − local cross (p; Holm p) |",
         "|---|---|---:|---|---|---|",
     ]
     for s in c.oars:
@@ -197,8 +268,11 @@ def claims_table(c: OarClaims) -> str:
 
 
 def _cell(p: Paired) -> str:
+    """``diff (p; Holm p)``: bold where significant after Holm's correction, italic where only uncorrected."""
     if p.diff is None:
         return "–"
-    mark = "**" if p.p is not None and p.p < ALPHA else ""
+    mark = "**" if p.significant(corrected=True) else "*" if p.significant() else ""
     p_text = "–" if p.p is None else f"{p.p:.3f}"
+    if p.p_holm is not None:
+        p_text += f"; {p.p_holm:.3f}"
     return f"{mark}{p.diff:+.3f} ({p_text}){mark}"

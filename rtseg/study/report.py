@@ -81,7 +81,9 @@ def write_report(
         _header(spec, timings),
         "## Conclusion\n\n" + "\n\n".join(text),
         "## In-center and cross-center (mean over OARs)\n\n" + headline,
-        "## The claims per OAR (paired Wilcoxon signed-rank across cases; bold: p < 0.05)\n\n"
+        "## The claims per OAR (paired Wilcoxon signed-rank across cases)\n\n"
+        "Each cell: mean Dice difference (p; Holm-adjusted p over the OARs of that column and center)."
+        " Bold: significant after Holm's correction; italic: p < 0.05 uncorrected only.\n\n"
         + claims_table(per_oar),
         "## Dice per structure\n\n" + structure_table(cells, "dice_mean", 3),
         "## HD95 per structure (mm)\n\n" + structure_table(cells, "hd95_mm", 1),

@@ -6,7 +6,10 @@ field of view, contrast protocol and patient positions. For each center X, the
 local model trained on X is scored on X's first test cases and on the same
 cases drawn as "X with one factor of the other center" (``X+scanner`` …): the
 same children (same random draws) changed in that one factor. The drop per
-factor is paired by case and tested with the Wilcoxon signed-rank test; the
+factor is paired by case and tested with the Wilcoxon signed-rank test, and
+the factors of one local model are one family for Holm's correction
+(:func:`rtseg.study.per_oar.holm`): six factors, so the smallest p must be
+below 0.05 / 6, which the test reaches only with 8 cases or more. The
 cross-center drop (X's local model on the other center's test cases against the
 other center's own local model) is the whole shift, for scale.
 """
@@ -15,14 +18,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from rtseg.phantom.cohort import SHIFT_FACTORS, shifted_center
 from rtseg.structures import EXTERNAL
 from rtseg.study.design import CENTERS, LOCAL_ARMS, other
-from rtseg.study.per_oar import ALPHA, paired_means
+from rtseg.study.per_oar import ALPHA, holm, paired_means
 from rtseg.study.scoring import ScoreRow
 
 KIND = "shift"
@@ -38,6 +41,7 @@ class FactorEffect:
     own: float | None  # mean OAR Dice on the center's own cases
     shifted: float | None  # ... on the same cases with the other center's factor
     p: float | None
+    p_holm: float | None = None  # Holm-adjusted over the factors of this local model
 
     @property
     def drop(self) -> float | None:
@@ -45,7 +49,13 @@ class FactorEffect:
 
     @property
     def significant(self) -> bool:
+        """A significant drop, uncorrected."""
         return self.p is not None and self.p < ALPHA and (self.drop or 0.0) > 0
+
+    @property
+    def significant_holm(self) -> bool:
+        """A significant drop after Holm's correction over the model's factors."""
+        return self.p_holm is not None and self.p_holm < ALPHA and (self.drop or 0.0) > 0
 
 
 def draw_key(case_id: str) -> str:
@@ -65,15 +75,18 @@ def case_means(rows: Sequence[ScoreRow], arm: str, kind: str, center: str) -> di
 
 
 def factor_effects(rows: Sequence[ScoreRow]) -> list[FactorEffect]:
-    """One effect per (center, factor) that has shifted cases among ``rows``."""
+    """One effect per (center, factor) that has shifted cases among ``rows``, Holm-adjusted per center."""
     effects = []
     for x in CENTERS:
         own = case_means(rows, LOCAL_ARMS[x], "test", x)
+        mine = []
         for factor in SHIFT_FACTORS:
             shifted = case_means(rows, LOCAL_ARMS[x], KIND, shifted_center(x, factor))
             effect = _effect(x, factor, own, shifted)
             if effect is not None:
-                effects.append(effect)
+                mine.append(effect)
+        adjusted = holm([e.p for e in mine])
+        effects += [replace(e, p_holm=q) for e, q in zip(mine, adjusted, strict=True)]
     return effects
 
 
@@ -88,7 +101,7 @@ def _effect(
 def shift_table(effects: Sequence[FactorEffect], rows: Sequence[ScoreRow]) -> str:
     """Markdown: per local model, the drop of each factor and the whole cross-center drop."""
     lines = [
-        "| local model | the other center's … | n | Dice own cases | Dice shifted | drop (p) |",
+        "| local model | the other center's … | n | Dice own cases | Dice shifted | drop (p; Holm p) |",
         "|---|---|---|---|---|---|",
     ]
     for x in CENTERS:
@@ -104,11 +117,15 @@ def shift_table(effects: Sequence[FactorEffect], rows: Sequence[ScoreRow]) -> st
 
 
 def _row(e: FactorEffect, own_note: str = "") -> str:
-    cell = f"{e.drop:+.3f} ({_p(e.p)})"
+    """Bold: a significant drop after Holm's correction (the whole shift: one test, none needed);
+    italic: significant uncorrected only."""
+    holm_p = "" if e.p_holm is None else f"; {_p(e.p_holm)}"
+    cell = f"{e.drop:+.3f} ({_p(e.p)}{holm_p})"
+    strong = e.significant_holm if e.p_holm is not None else e.significant
+    mark = "**" if strong else "*" if e.significant else ""
     return (
         f"| {LOCAL_ARMS[e.center]} | {e.factor} | {e.n} | {e.own:.3f}{own_note} | {e.shifted:.3f} | "
-        + (f"**{cell}**" if e.significant else cell)
-        + " |"
+        f"{mark}{cell}{mark} |"
     )
 
 
@@ -124,7 +141,12 @@ def shift_text(effects: Sequence[FactorEffect]) -> str:
         ranked = sorted((e for e in mine if e.significant), key=lambda e: -(e.drop or 0.0))
         if ranked:
             named = ", ".join(f"{e.factor} ({e.drop:+.3f})" for e in ranked)
-            out.append(f"{LOCAL_ARMS[x]} drops significantly (p < {ALPHA}) with the other center's {named}.")
+            kept = [e.factor for e in ranked if e.significant_holm]
+            after = ", ".join(kept) if kept else f"none (on {min(e.n for e in ranked)} cases)"
+            out.append(
+                f"{LOCAL_ARMS[x]} drops significantly (p < {ALPHA}) with the other center's {named};"
+                f" after Holm's correction over its {len(mine)} factors: {after}."
+            )
         else:
             worst = max(mine, key=lambda e: e.drop or 0.0)
             out.append(

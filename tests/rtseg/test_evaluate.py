@@ -142,7 +142,7 @@ def test_the_report_writes_tables_and_valid_pngs_from_made_up_scores(tmp_path: P
     report = write_report(QUICK, tmp_path / "out", tmp_path / "work", scored, curve, {"total": 60.0})
     md = report.results_md.read_text()
     assert "reproduces the study's finding" in md and "| federated | HFP | 2 | 0.800 |" in md
-    assert "## The claims per OAR" in md and "| Liver | C | 2 | +0.100 (0.500) |" in md
+    assert "## The claims per OAR" in md and "| Liver | C | 2 | +0.100 (0.500; 1.000) |" in md
     assert "needs at least 6 cases" in md  # 2 cases a center: no OAR can differ significantly
     assert "| 2 | 0.800 | 0.800 |" in md  # federated round 2, held-out Dice on A and on B
     for png in report.figures:
@@ -172,6 +172,9 @@ def test_evaluate_quick_writes_the_study_tables_and_figures(tmp_path: Path) -> N
     first = time.monotonic() - started
     assert run.returncode == 0, run.stderr[-3000:]
     assert "| model | trained on |" in run.stdout and "In short, the phantom benchmark" in run.stdout
+    assert (
+        "quick study: five models, phantom centers C and D;" in run.stdout
+    )  # not A and B: the default model's
 
     md = (out / "results.md").read_text()
     headings = ["## Conclusion", "## In-center and cross-center", "## Dice per structure", "## HD95"]

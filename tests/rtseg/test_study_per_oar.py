@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.stats import wilcoxon
 
-from rtseg.study.per_oar import ALPHA, claims_table, claims_text, min_cases_for, oar_claims, paired
+from rtseg.study.per_oar import ALPHA, claims_table, claims_text, holm, min_cases_for, oar_claims, paired
 from rtseg.study.scoring import ScoreRow
 
 OARS = ("Liver", "Spleen", "Pancreas")
@@ -40,19 +40,19 @@ def _rows(arm: str, center: str, dice: dict[str, list[float]]) -> list[ScoreRow]
     return out
 
 
-def _cohort(n: int, seed: int = 0) -> list[ScoreRow]:
-    """Local models drop cross-center on Liver and Spleen but not on Pancreas; federated ≈ local in-center,
-    best cross-center on Liver; the ensemble between."""
+def _cohort(n: int, seed: int = 0, oars: tuple[str, ...] = OARS) -> list[ScoreRow]:
+    """Local models drop cross-center on Liver and Spleen (and any OAR not in ``OARS``) but not on Pancreas;
+    federated ≈ local in-center, best cross-center on Liver; the ensemble between."""
     rng = np.random.default_rng(seed)
     rows: list[ScoreRow] = []
     for x, y in (("C", "D"), ("D", "C")):
-        base = {s: 0.8 + 0.02 * rng.standard_normal(n) for s in OARS}
-        drop = {"Liver": 0.10, "Spleen": 0.06, "Pancreas": 0.0}
-        noise = {s: 0.01 * rng.standard_normal(n) for s in OARS}
-        rows += _rows(f"local-{x}", x, {s: list(base[s]) for s in OARS})
-        rows += _rows(f"local-{y}", x, {s: list(base[s] - drop[s] + noise[s]) for s in OARS})
-        rows += _rows("federated", x, {s: list(base[s] - 0.002 + noise[s] * 0.5) for s in OARS})
-        rows += _rows("ensemble", x, {s: list(base[s] - drop[s] / 2) for s in OARS})
+        base = {s: 0.8 + 0.02 * rng.standard_normal(n) for s in oars}
+        drop = {s: {"Spleen": 0.06, "Pancreas": 0.0}.get(s, 0.10) for s in oars}
+        noise = {s: 0.01 * rng.standard_normal(n) for s in oars}
+        rows += _rows(f"local-{x}", x, {s: list(base[s]) for s in oars})
+        rows += _rows(f"local-{y}", x, {s: list(base[s] - drop[s] + noise[s]) for s in oars})
+        rows += _rows("federated", x, {s: list(base[s] - 0.002 + noise[s] * 0.5) for s in oars})
+        rows += _rows("ensemble", x, {s: list(base[s] - drop[s] / 2) for s in oars})
     return rows
 
 
@@ -79,8 +79,11 @@ def test_the_claims_count_the_oars_where_each_holds_significantly() -> None:
     )
     assert "needs at least" not in text  # 10 cases a center: significance is possible
     table = claims_table(claims)
-    assert re.search(r"\| Liver \| C \| 10 \| \*\*\+0\.\d{3} \(0\.0\d\d\)\*\* \|", table)
-    assert re.search(r"\| Pancreas \| C \| 10 \| [+-]0\.0\d\d \(0\.\d{3}\) \|", table)  # not bold
+    # p = 2 / 2^10 for every Liver case agreeing; Holm over 3 OARs: 3 × that, still bold
+    assert re.search(r"\| Liver \| C \| 10 \| \*\*\+0\.\d{3} \(0\.002; 0\.006\)\*\* \|", table)
+    assert re.search(
+        r"\| Pancreas \| C \| 10 \| [+-]0\.0\d\d \(0\.\d{3}; [01]\.\d{3}\) \|", table
+    )  # not bold
 
 
 def test_too_few_cases_make_no_difference_significant_and_the_text_says_so() -> None:
@@ -96,13 +99,60 @@ def test_a_federated_model_below_local_in_center_does_not_match() -> None:
     rng = np.random.default_rng(1)
     for x in ("C", "D"):
         local = {
-            s: [r.dice for r in rows if r.arm == f"local-{x}" and r.center == x and r.structure == s]
+            s: [r.dice or 0.0 for r in rows if r.arm == f"local-{x}" and r.center == x and r.structure == s]
             for s in OARS
         }
-        rows += _rows(
-            "federated",
-            x,
-            {s: [d - 0.05 + 0.005 * rng.standard_normal() for d in v] for s, v in local.items()},
-        )  # type: ignore[operator]
+        shifted = {s: [d - 0.05 + 0.005 * rng.standard_normal() for d in v] for s, v in local.items()}
+        rows += _rows("federated", x, shifted)
     claims = oar_claims(rows)
     assert claims.fed_matches_in == {"C": (), "D": ()}
+
+
+def test_holm_adjusts_step_down_and_skips_missing_tests() -> None:
+    # sorted 0.005, 0.01, 0.03, 0.04 of m = 4: 4 × 0.005, 3 × 0.01, 2 × 0.03, max(0.06, 1 × 0.04)
+    assert holm([0.01, 0.04, None, 0.03, 0.005]) == pytest.approx([0.03, 0.06, None, 0.06, 0.02])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
+    assert holm([]) == []
+
+
+EIGHTEEN = tuple(f"OAR{i:02d}" for i in range(18))
+
+
+def test_with_18_oars_nine_cases_cannot_pass_holm_and_the_text_says_so() -> None:
+    """Every one of 9 cases agreeing gives p = 2 / 512 = 0.0039 < 0.05 but above 0.05 / 18: the
+    uncorrected count is 18 of 18, the corrected one 0, and the report explains why."""
+    assert min_cases_for(tests=18) == 10 and 2.0 / 2**9 >= ALPHA / 18 > 2.0 / 2**10
+    claims = oar_claims(_cohort(9, oars=EIGHTEEN))
+    assert {x: len(v) for x, v in claims.local_drop.items()} == {"C": 18, "D": 18}
+    assert claims.holm_local_drop == {"C": (), "D": ()}
+    text = " ".join(claims_text(claims))
+    assert "With Holm's correction over the 18 OARs" in text
+    assert "significantly worse cross-center on 0 of 18 on center C's cases (none)" in text
+    assert "at least 10 cases" in text and "9-9 cases per OAR on center C" in text
+    table = claims_table(claims)
+    assert re.search(
+        r"\| OAR00 \| C \| 9 \| \*\+0\.\d{3} \(0\.004; 0\.070\)\* \|", table
+    )  # italic: uncorrected only
+
+
+def test_with_18_oars_twelve_cases_pass_holm() -> None:
+    claims = oar_claims(_cohort(12, oars=EIGHTEEN))
+    assert {x: len(v) for x, v in claims.holm_local_drop.items()} == {"C": 18, "D": 18}
+    assert "cannot be significant after the correction" not in " ".join(claims_text(claims))
+
+
+def test_the_full_study_compares_every_oar_on_enough_cases_for_holm() -> None:
+    """A kidney is missing after its nephrectomy: even so each kidney is in 10 or more test cases a center."""
+    from rtseg.phantom.cohort import case_variant
+    from rtseg.structures import STRUCTURES
+    from rtseg.study.data import held_out_indices
+    from rtseg.study.design import FULL
+
+    oars = [s.name for s in STRUCTURES if s.name != "External"]
+    need = min_cases_for(tests=len(oars))
+    assert len(oars) == 18 and need == 10
+    for center in ("C", "D"):
+        indices = held_out_indices(center, FULL.test_seed, FULL.test_cases, FULL.nephrectomy_cases)
+        variants = [case_variant(center, FULL.test_seed, i) for i in indices]
+        for side in "LR":
+            assert sum(v != f"nephrectomy_{side}" for v in variants) >= need, (center, side, variants)

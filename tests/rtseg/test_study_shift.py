@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from rtseg.phantom.cohort import SHIFT_FACTORS, case_id, shifted_center
 from rtseg.study.data import cohort_jobs
 from rtseg.study.design import FULL, QUICK
+from rtseg.study.per_oar import min_cases_for
 from rtseg.study.scoring import ScoreRow
 from rtseg.study.shift import draw_key, factor_effects, shift_table, shift_text
 
@@ -63,13 +65,17 @@ def test_the_factors_that_make_a_local_model_drop_are_found_and_named() -> None:
     assert not effects[("C", "slices")].significant
     assert effects[("D", "population")].significant
     text = shift_text(list(effects.values()))
-    assert "local-C drops significantly (p < 0.05) with the other center's scanner (+0.150)" in text
+    assert "local-C drops significantly (p < 0.05) with the other center's scanner (+0.150);" in text
+    # 6 cases: p = 2 / 64 = 0.031 at best, above Holm's 0.05 / 2 for local-C's two factors
+    assert "after Holm's correction over its 2 factors: none (on 6 cases)" in text
     assert (
         "slices" not in text
         and "local-D drops significantly (p < 0.05) with the other center's population" in text
     )
     table = shift_table(list(effects.values()), rows)
-    assert "| local-C | scanner | 6 |" in table and "**+0.150 (0.031)**" in table
+    assert (
+        "| local-C | scanner | 6 |" in table and "*+0.150 (0.031; 0.062)* |" in table
+    )  # italic: uncorrected
     assert (
         "| local-C | everything: center D's test cases, against local-D | 6 |" in table
         and "**+0.200" in table
@@ -88,4 +94,27 @@ def test_the_study_writes_each_center_with_each_factor_of_the_other(tmp_path) ->
         assert len(shift) == 2 * len(SHIFT_FACTORS) * spec.shift_cases
         assert {j.center for j in shift} == {shifted_center(c, f) for c in "CD" for f in SHIFT_FACTORS}
         assert {j.index for j in shift} == set(range(spec.shift_cases))
-    assert FULL.shift_cases >= 6  # the least n at which the signed-rank test can reach p < 0.05
+    # the least n at which the signed-rank test can pass Holm's correction over the six factors
+    assert FULL.shift_cases >= min_cases_for(tests=len(SHIFT_FACTORS)) == 8
+
+
+def test_eight_cases_pass_holm_over_the_six_factors() -> None:
+    """8 cases all dropping: p = 2 / 256 = 0.0078 < 0.05 / 6, so the drop survives the correction."""
+    rng = np.random.default_rng(2)
+    own = list(0.85 + 0.02 * rng.standard_normal(8))
+    rows = _rows("local-C", "test", "C", own)
+    for k, factor in enumerate(SHIFT_FACTORS):
+        drop = 0.1 if factor == "scanner" else 0.0
+        rows += _rows(
+            "local-C",
+            "shift",
+            shifted_center("C", factor),
+            [d - drop + 0.001 * (-1) ** (i + k) for i, d in enumerate(own)],
+        )
+    effects = {e.factor: e for e in factor_effects(rows)}
+    assert len(effects) == len(SHIFT_FACTORS) == 6
+    assert effects["scanner"].significant_holm and effects["scanner"].p_holm == pytest.approx(6 * 2 / 256)
+    assert not any(e.significant_holm for f, e in effects.items() if f != "scanner")
+    text = shift_text(list(effects.values()))
+    assert "after Holm's correction over its 6 factors: scanner." in text
+    assert "**+0.100 (0.008; 0.047)**" in shift_table(list(effects.values()), rows)
