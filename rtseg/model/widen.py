@@ -26,6 +26,7 @@ from typing import Any
 
 from rtseg.errors import InputError, ModelError
 from rtseg.model.cpu import CONFIGURATION
+from rtseg.model.network import build_network
 
 PLAIN_UNET = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
 # ConvTranspose weights are (in, out, k…); every other weight is (out, in, k…)
@@ -134,25 +135,3 @@ def widen_network_weights(
     widened = widen_state(plain, fresh)
     network.load_state_dict(widened)  # aliased keys (decoder.encoder.*) hold one tensor again
     return dict(network.state_dict())
-
-
-def build_network(plans: dict[str, Any], dataset_json: dict[str, Any], deep_supervision: bool = True) -> Any:
-    """nnU-Net's network of the CPU configuration of ``plans``, freshly initialised."""
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    from rtseg.model.plans_check import check_plans
-
-    check_plans(plans, "plans to build the network of")
-    manager = PlansManager(copy.deepcopy(plans))
-    configuration = manager.get_configuration(CONFIGURATION)
-    return get_network_from_plans(
-        configuration.network_arch_class_name,
-        configuration.network_arch_init_kwargs,
-        configuration.network_arch_init_kwargs_req_import,
-        determine_num_input_channels(manager, configuration, dataset_json),
-        manager.get_label_manager(dataset_json).num_segmentation_heads,
-        allow_init=True,
-        deep_supervision=deep_supervision,
-    )

@@ -12,7 +12,8 @@ import torch
 from rtseg.errors import InputError, ModelError
 from rtseg.model.checkpoints import load_checkpoint
 from rtseg.model.default import default_model_dir
-from rtseg.model.widen import build_network, widen_network_weights, widen_state, widened_plans
+from rtseg.model.network import build_network
+from rtseg.model.widen import widen_network_weights, widen_state, widened_plans
 
 
 @pytest.fixture(scope="module")
