@@ -176,26 +176,14 @@ def plan_stock(args: dict[str, Any], config: CpuConfig, emit: Callable[..., None
 def init_weights(args: dict[str, Any], config: CpuConfig, emit: Callable[..., None]) -> None:
     """Build the network of the plans once, seeded (or from ``start_checkpoint``); write its arrays."""
     import torch
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+    from rtseg.model.network import build_network
     from rtseg.model.trainer import network_arrays, seed_everything
     from rtseg.model.weights import save_arrays
 
     seed_everything(config.seed)
-    check_plans(args["plans"], "plans to initialise weights with")
-    plans_manager = PlansManager(dict(args["plans"]))
-    configuration = plans_manager.get_configuration(CONFIGURATION)
-    dataset_json = dict(args["dataset_json"])
-    network = get_network_from_plans(
-        configuration.network_arch_class_name,
-        configuration.network_arch_init_kwargs,
-        configuration.network_arch_init_kwargs_req_import,
-        determine_num_input_channels(plans_manager, configuration, dataset_json),
-        plans_manager.get_label_manager(dataset_json).num_segmentation_heads,
-        allow_init=True,
-        deep_supervision=True,
+    network = build_network(
+        dict(args["plans"]), dict(args["dataset_json"]), purpose="plans to initialise weights with"
     )
     if args.get("start_checkpoint"):  # a federation that continues from a model
         _load_weights(network, Path(args["start_checkpoint"]))

@@ -353,9 +353,9 @@ def _model_input(array_zyx: npt.NDArray[Any], as_float: bool = True) -> npt.NDAr
 
 def _initialize_from_plans(predictor: nnUNetPredictor, model_dir: Path, manifest: ModelManifest) -> None:
     """Build the stock network from ``plans.json`` and load the fold weights into ``predictor``."""
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from rtseg.model.network import plans_network
 
     dataset_json = read_json(model_dir / "dataset.json")
     checkpoints = [load_checkpoint(model_dir / f"fold_{f}" / manifest.checkpoint) for f in manifest.folds]
@@ -364,15 +364,7 @@ def _initialize_from_plans(predictor: nnUNetPredictor, model_dir: Path, manifest
     try:
         plans_manager = PlansManager(read_json(model_dir / "plans.json"))
         configuration_manager = plans_manager.get_configuration(configuration)
-        network = get_network_from_plans(
-            configuration_manager.network_arch_class_name,
-            configuration_manager.network_arch_init_kwargs,
-            configuration_manager.network_arch_init_kwargs_req_import,
-            determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
-            plans_manager.get_label_manager(dataset_json).num_segmentation_heads,
-            allow_init=True,
-            deep_supervision=False,
-        )
+        network = plans_network(plans_manager, configuration, dataset_json, deep_supervision=False)
         parameters = [_plain_state_dict(c["network_weights"]) for c in checkpoints]
         network.load_state_dict(parameters[0])
     except (KeyError, ValueError, TypeError, RuntimeError, AttributeError, ImportError) as exc:
