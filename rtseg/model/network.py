@@ -45,3 +45,14 @@ def plans_network(
         allow_init=True,
         deep_supervision=deep_supervision,
     )
+
+
+def plain_state_dict(state: dict[str, Any]) -> dict[str, Any]:
+    """Drop the prefixes DataParallel (``module.``) and torch.compile (``_orig_mod.``) add."""
+    out = {}
+    for key, value in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+        out[key] = value
+    return out

@@ -355,7 +355,7 @@ def _initialize_from_plans(predictor: nnUNetPredictor, model_dir: Path, manifest
     """Build the stock network from ``plans.json`` and load the fold weights into ``predictor``."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from rtseg.model.network import plans_network
+    from rtseg.model.network import plain_state_dict, plans_network
 
     dataset_json = read_json(model_dir / "dataset.json")
     checkpoints = [load_checkpoint(model_dir / f"fold_{f}" / manifest.checkpoint) for f in manifest.folds]
@@ -365,7 +365,7 @@ def _initialize_from_plans(predictor: nnUNetPredictor, model_dir: Path, manifest
         plans_manager = PlansManager(read_json(model_dir / "plans.json"))
         configuration_manager = plans_manager.get_configuration(configuration)
         network = plans_network(plans_manager, configuration, dataset_json, deep_supervision=False)
-        parameters = [_plain_state_dict(c["network_weights"]) for c in checkpoints]
+        parameters = [plain_state_dict(c["network_weights"]) for c in checkpoints]
         network.load_state_dict(parameters[0])
     except (KeyError, ValueError, TypeError, RuntimeError, AttributeError, ImportError) as exc:
         raise ModelError(
@@ -382,17 +382,6 @@ def _initialize_from_plans(predictor: nnUNetPredictor, model_dir: Path, manifest
         "nnUNetTrainer",
         checkpoints[0].get("inference_allowed_mirroring_axes"),
     )
-
-
-def _plain_state_dict(state: dict[str, Any]) -> dict[str, Any]:
-    """Drop the prefixes DataParallel (``module.``) and torch.compile (``_orig_mod.``) add."""
-    out = {}
-    for key, value in state.items():
-        for prefix in ("module.", "_orig_mod."):
-            if key.startswith(prefix):
-                key = key[len(prefix) :]
-        out[key] = value
-    return out
 
 
 def _check_model_files(model_dir: Path, manifest: ModelManifest) -> None:
