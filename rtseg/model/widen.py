@@ -26,7 +26,7 @@ from typing import Any
 
 from rtseg.errors import InputError, ModelError
 from rtseg.model.cpu import CONFIGURATION
-from rtseg.model.network import build_network
+from rtseg.model.network import build_network, plain_state_dict
 
 PLAIN_UNET = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
 # ConvTranspose weights are (in, out, k…); every other weight is (out, in, k…)
@@ -131,7 +131,6 @@ def widen_network_weights(
     torch.manual_seed(seed)
     network = build_network(wide_plans, dataset_json)
     fresh = network.state_dict()
-    plain = {k.replace("_orig_mod.", ""): v for k, v in weights.items()}
-    widened = widen_state(plain, fresh)
+    widened = widen_state(plain_state_dict(weights), fresh)
     network.load_state_dict(widened)  # aliased keys (decoder.encoder.*) hold one tensor again
     return dict(network.state_dict())

@@ -102,3 +102,18 @@ def test_recipe_1_0_0_is_0_9_0_and_two_wider_stages() -> None:
         assert (stage.base_features, stage.max_features) == (16, 256)
     assert WIDE_RECIPE.average == DEFAULT_RECIPE.average == (7, 0.7)
     assert tuple(RECIPES) == RECIPE_VERSIONS and DEFAULT_RECIPE.version == DEFAULT_RECIPE_VERSION
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod."])
+def test_weights_saved_by_dataparallel_or_torch_compile_widen_alike(
+    shipped: tuple[dict[str, Any], dict[str, Any], dict[str, Any]], prefix: str
+) -> None:
+    """A checkpoint from a DataParallel or compiled network carries key prefixes: the same widening."""
+    plans, dataset, weights = shipped
+    wide = widened_plans(plans, 12, 192)
+    plain = widen_network_weights(weights, plans, wide, dataset, seed=3)
+    prefixed = widen_network_weights(
+        {prefix + k: v for k, v in weights.items()}, plans, wide, dataset, seed=3
+    )
+    assert plain.keys() == prefixed.keys()
+    assert all(torch.equal(plain[k], prefixed[k]) for k in plain)
