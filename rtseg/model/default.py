@@ -319,7 +319,7 @@ def _grow_cohort(work_dir: Path, recipe: Recipe, stage: int, say: Callable[[str]
         f"stage {stage} trains on {recipe.cases_for(stage)} cases per center{extra}:"
         " preprocessing them with the same plans"
     )
-    folder = nnunet_dirs(work_dir).preprocessed / dataset_folder_name(DATASET_ID, DATASET_NAME)
+    folder = _preprocessed(work_dir)
     plans = json.loads((folder / f"{PLANS_IDENTIFIER}.json").read_text())
     fingerprint = json.loads((folder / "dataset_fingerprint.json").read_text())
     preprocess_with_plans(work_dir, DATASET_ID, plans, fingerprint, recipe.config)
@@ -383,6 +383,11 @@ def train_default(
     return export_default(results, out_dir, recipe, started_from)
 
 
+def _preprocessed(work_dir: Path) -> Path:
+    """The default model's nnU-Net preprocessed dataset folder in ``work_dir`` (plans, dataset.json, data)."""
+    return nnunet_dirs(work_dir).preprocessed / dataset_folder_name(DATASET_ID, DATASET_NAME)
+
+
 def _fit_width(work_dir: Path, config: CpuConfig, start: Path, say: Callable[[str], None]) -> None:
     """Before a stage whose network is wider than the plans': widen the plans and the start weights.
 
@@ -393,7 +398,7 @@ def _fit_width(work_dir: Path, config: CpuConfig, start: Path, say: Callable[[st
 
     from rtseg.model.widen import arch_kwargs, features, widen_network_weights, widened_plans
 
-    folder = nnunet_dirs(work_dir).preprocessed / dataset_folder_name(DATASET_ID, DATASET_NAME)
+    folder = _preprocessed(work_dir)
     plans_file = folder / f"{PLANS_IDENTIFIER}.json"
     plans = json.loads(plans_file.read_text())
     have = [int(f) for f in arch_kwargs(plans)["features_per_stage"]]
