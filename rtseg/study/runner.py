@@ -10,13 +10,14 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 from rtseg.phantom.cohort import CENTERS as PHANTOM_CENTERS
 from rtseg.study import arms, report
 from rtseg.study.data import Cohorts, TestCase, cohort_jobs, make_cohorts
-from rtseg.study.design import ARMS, BOTH, CENTERS, FEDERATED, LOCAL_ARMS, StudySpec
+from rtseg.study.design import ARMS, BOTH, CENTERS, ENSEMBLE, FEDERATED, LOCAL_ARMS, StudySpec
 from rtseg.study.scoring import (
     CurvePoint,
     ScoreRow,
@@ -118,44 +119,79 @@ def _federated(spec: StudySpec, cohorts: Cohorts, work: Path, stage: Stage) -> N
 
 
 def _scores(cohorts: Cohorts, work: Path, threads: int | None, stage: Stage) -> list[ScoreRow]:
-    """Every arm on every test case, two arms at a time in their own processes.
+    """Every arm on every test case, two scoring tasks at a time in their own processes.
 
     Most of a case's time is single-threaded Python (DICOM, contours, RTSTRUCT,
     surface distances), so one process per core beats one process with more
-    torch threads. An arm's rows are cached as CSV once it is done (resume).
-    Each local model also scores its center's shifted cases (:mod:`rtseg.study.shift`).
+    torch threads. Each local model also scores its center's shifted cases
+    (:mod:`rtseg.study.shift`) as a task of its own, and the tasks start longest
+    first (:func:`scoring_tasks`), so no arm is left running alone on one core at
+    the end. A task's rows are cached as CSV once it is done (resume).
     """
-    common = [("test", c) for c in cohorts.test] + [("orientation", c) for c in cohorts.orientation]
-    cases = {arm: list(common) for arm in ARMS}
-    for center, arm in LOCAL_ARMS.items():
-        cases[arm] += [(SHIFT, c) for c in cohorts.shift if PHANTOM_CENTERS[c.center].draws_as == center]
-    by_arm: dict[str, list[ScoreRow]] = {}
+    tasks = scoring_tasks(cohorts)
+    by_task: dict[tuple[str, str], list[ScoreRow]] = {}
     workers = max(1, min(SCORING_PROCESSES, os.cpu_count() or 1))
     per_process = max(1, threads // workers) if threads else 1
-    with stage("inference: cases × models", sum(len(c) for c in cases.values())) as advance:
+    with stage("inference: cases × models", sum(len(t.cases) for t in tasks)) as advance:
         todo = []
-        for arm in ARMS:
-            cached = work / "scores" / f"{arm}.csv"
-            if cached.is_file():
-                by_arm[arm] = read_score_rows(cached)
-                for _ in cases[arm]:
+        for task in tasks:
+            if task.cache(work).is_file():
+                by_task[task.key] = read_score_rows(task.cache(work))
+                for _ in task.cases:
                     advance()
             else:
-                todo.append(arm)
+                todo.append(task)
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(_score_arm, work, arm, cases[arm], per_process): arm for arm in todo}
+            futures = {pool.submit(_score_task, work, t, per_process): t for t in todo}
             for future in as_completed(futures):
-                by_arm[futures[future]] = future.result()
-                for _ in cases[futures[future]]:
+                task = futures[future]
+                by_task[task.key] = future.result()
+                for _ in task.cases:
                     advance()
-    return [row for arm in ARMS for row in by_arm[arm]]
+    return [row for task in sorted(tasks, key=_report_order) for row in by_task[task.key]]
 
 
-def _score_arm(work: Path, arm: str, cases: list[tuple[str, TestCase]], threads: int) -> list[ScoreRow]:
-    """One arm on every case, in a worker process; its rows are written to the arm's CSV."""
-    segmenter = load_arm(work, arm, threads)
-    rows = score_arm(arm, segmenter, cases, work / "rtstruct" / arm)
-    write_rows(work / "scores" / f"{arm}.csv", rows, ScoreRow)
+@dataclass(frozen=True)
+class ScoringTask:
+    """One arm on one part of the cases: ``"test"`` (test and orientation cases) or ``SHIFT``."""
+
+    arm: str
+    part: str
+    cases: tuple[tuple[str, TestCase], ...]
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.arm, self.part
+
+    @property
+    def cost(self) -> int:
+        """Relative time: the ensemble runs two networks per case."""
+        return len(self.cases) * (2 if self.arm == ENSEMBLE else 1)
+
+    def cache(self, work: Path) -> Path:
+        return work / "scores" / f"{self.arm}.{self.part}.csv"
+
+
+def scoring_tasks(cohorts: Cohorts) -> list[ScoringTask]:
+    """The scoring tasks, longest first (the greedy order that balances two workers best)."""
+    common = tuple([("test", c) for c in cohorts.test] + [("orientation", c) for c in cohorts.orientation])
+    tasks = [ScoringTask(arm, "test", common) for arm in ARMS]
+    for center, arm in LOCAL_ARMS.items():
+        shifted = tuple((SHIFT, c) for c in cohorts.shift if PHANTOM_CENTERS[c.center].draws_as == center)
+        if shifted:
+            tasks.append(ScoringTask(arm, SHIFT, shifted))
+    return sorted(tasks, key=lambda t: -t.cost)  # stable: ties keep the arms' order
+
+
+def _report_order(task: ScoringTask) -> tuple[int, int]:
+    return ARMS.index(task.arm), task.part != "test"
+
+
+def _score_task(work: Path, task: ScoringTask, threads: int) -> list[ScoreRow]:
+    """One arm on one task's cases, in a worker process; its rows are written to the task's CSV."""
+    segmenter = load_arm(work, task.arm, threads)
+    rows = score_arm(task.arm, segmenter, list(task.cases), work / "rtstruct" / task.arm)
+    write_rows(task.cache(work), rows, ScoreRow)
     return rows
 
 

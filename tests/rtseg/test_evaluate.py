@@ -14,7 +14,7 @@ import pytest
 from rtseg.phantom.cohort import SHIFT_FACTORS, case_variant, shifted_center
 from rtseg.structures import STRUCTURES
 from rtseg.study.data import NEPHRECTOMY, held_out_indices
-from rtseg.study.design import ARMS, QUICK, relation
+from rtseg.study.design import ARMS, FULL, QUICK, relation
 from rtseg.study.findings import (
     FalsePositive,
     OrientationCell,
@@ -255,3 +255,33 @@ def test_when_few_oars_are_learned_the_claims_are_read_again_on_those() -> None:
     assert (
         learned_conclusion(aggregate(study(STUDY_PATTERN)), "full") == []
     )  # every OAR learned: nothing to add
+
+
+def test_scoring_starts_the_longest_tasks_first_and_splits_off_the_shifted_cases() -> None:
+    """In the full study a local model's shifted cases outnumber its test cases, and the ensemble runs two
+    networks per case: as whole arms in ARMS' order, one core would end up scoring the ensemble alone."""
+    from rtseg.study.data import Cohorts, TestCase
+    from rtseg.study.runner import scoring_tasks
+
+    def case(center: str, i: int) -> TestCase:
+        return TestCase(Path(f"/cases/{center}_{i}"), f"{center}_{i}", center, "HFS", "normal")
+
+    test = tuple(case(c, i) for c in ("C", "D") for i in range(FULL.test_cases))
+    shift = tuple(
+        case(shifted_center(c, f), i)
+        for c in ("C", "D")
+        for f in SHIFT_FACTORS
+        for i in range(FULL.shift_cases)
+    )
+    tasks = scoring_tasks(Cohorts({}, test, test[:4], shift))
+    # the ensemble: 2 × 30 cases; a local model's shifted cases: 6 factors × 8; every other arm: 30
+    assert [t.key for t in tasks[:3]] == [("ensemble", "test"), ("local-C", "shift"), ("local-D", "shift")]
+    assert {t.key for t in tasks} == {(a, "test") for a in ARMS} | {
+        ("local-C", "shift"),
+        ("local-D", "shift"),
+    }
+    costs = [t.cost for t in tasks]
+    assert costs == sorted(costs, reverse=True)
+    assert sum(len(t.cases) for t in tasks) == len(ARMS) * (len(test) + 4) + len(shift)
+    c_shift = next(t for t in tasks if t.key == ("local-C", "shift"))
+    assert {c.center for _, c in c_shift.cases} == {shifted_center("C", f) for f in SHIFT_FACTORS}
