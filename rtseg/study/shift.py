@@ -25,7 +25,7 @@ import numpy as np
 from rtseg.phantom.cohort import SHIFT_FACTORS, shifted_center
 from rtseg.structures import EXTERNAL
 from rtseg.study.design import CENTERS, LOCAL_ARMS, other
-from rtseg.study.per_oar import ALPHA, holm, paired_means
+from rtseg.study.per_oar import ALPHA, holm, p_value_text, paired_means
 from rtseg.study.scoring import ScoreRow
 
 KIND = "shift"
@@ -119,8 +119,8 @@ def shift_table(effects: Sequence[FactorEffect], rows: Sequence[ScoreRow]) -> st
 def _row(e: FactorEffect, own_note: str = "") -> str:
     """Bold: a significant drop after Holm's correction (the whole shift: one test, none needed);
     italic: significant uncorrected only."""
-    holm_p = "" if e.p_holm is None else f"; {_p(e.p_holm)}"
-    cell = f"{e.drop:+.3f} ({_p(e.p)}{holm_p})"
+    holm_p = "" if e.p_holm is None else f"; {p_value_text(e.p_holm)}"
+    cell = f"{e.drop:+.3f} ({p_value_text(e.p)}{holm_p})"
     strong = e.significant_holm if e.p_holm is not None else e.significant
     mark = "**" if strong else "*" if e.significant else ""
     return (
@@ -154,7 +154,3 @@ def shift_text(effects: Sequence[FactorEffect]) -> str:
                 f" (largest: {worst.factor}, {worst.drop:+.3f} on {worst.n} cases)."
             )
     return " ".join(out)
-
-
-def _p(p: float | None) -> str:
-    return "–" if p is None else f"{p:.3f}"

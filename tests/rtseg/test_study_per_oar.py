@@ -138,6 +138,10 @@ def test_with_18_oars_nine_cases_cannot_pass_holm_and_the_text_says_so() -> None
 def test_with_18_oars_twelve_cases_pass_holm() -> None:
     claims = oar_claims(_cohort(12, oars=EIGHTEEN))
     assert {x: len(v) for x, v in claims.holm_local_drop.items()} == {"C": 18, "D": 18}
+    # every case agreeing: p = 2 / 2^12 = 0.00049, shown as such and not as 0.000; Holm: 18 × that
+    assert re.search(
+        r"\| OAR00 \| C \| 12 \| \*\*\+0\.\d{3} \(< 0\.001; 0\.009\)\*\* \|", claims_table(claims)
+    )
     assert "cannot be significant after the correction" not in " ".join(claims_text(claims))
 
 
