@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -144,48 +144,74 @@ def signed_rank_p(d: npt.NDArray[np.float64]) -> float | None:
 
 @dataclass(frozen=True)
 class OarClaims:
-    """Per test center, the OARs that support each claim, and every test behind them."""
+    """Per test center, the OARs that support each claim, derived from every test behind them.
+
+    Each tested claim is a method, uncorrected (as the seed study counted) or with
+    ``corrected=True`` Holm's correction over the family's OARs; "best cross-center"
+    ranks means and has no test to correct.
+    """
 
     oars: tuple[str, ...]
-    cases: dict[str, int]  # test center → most cases any OAR was compared on
-    local_drop: dict[str, tuple[str, ...]]
-    fed_matches_in: dict[str, tuple[str, ...]]
-    fed_best_cross: dict[str, tuple[str, ...]]
-    fed_above_cross: dict[str, tuple[str, ...]]  # ... and significantly above local-Y
-    tests: tuple[Paired, ...]
-    # the same counts with Holm's correction over each family's OARs ("best cross-center" has no test)
-    holm_local_drop: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    holm_fed_matches_in: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    holm_fed_above_cross: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    least_cases: dict[str, int] = field(default_factory=dict)  # test center → fewest cases any OAR had
+    tests: tuple[Paired, ...]  # per center: local in vs cross, federated vs each, federated vs ensemble
+
+    def family(self, center: str, a: str, b: str) -> list[Paired]:
+        """The tests of ``a`` against ``b`` on ``center``'s cases, one per OAR, in ``oars``' order."""
+        return [p for p in self.tests if (p.center, p.a, p.b) == (center, a, b)]
+
+    def _drop(self, x: str) -> list[Paired]:
+        return self.family(x, LOCAL_ARMS[x], LOCAL_ARMS[other(x)])
+
+    def _in(self, x: str) -> list[Paired]:
+        return self.family(x, FEDERATED, LOCAL_ARMS[x])
+
+    def _cross(self, x: str) -> list[Paired]:
+        return self.family(x, FEDERATED, LOCAL_ARMS[other(x)])
+
+    def drops(self, corrected: bool = False) -> dict[str, tuple[str, ...]]:
+        """Per center X: the OARs where local-X is significantly above local-Y on X's cases."""
+        return {x: tuple(p.structure for p in self._drop(x) if p.above(corrected)) for x in CENTERS}
+
+    def matches(self, corrected: bool = False) -> dict[str, tuple[str, ...]]:
+        """Per center X: the OARs where federated is not significantly below local-X."""
+        return {x: tuple(p.structure for p in self._in(x) if p.n and not p.below(corrected)) for x in CENTERS}
+
+    def aboves(self, corrected: bool = False) -> dict[str, tuple[str, ...]]:
+        """Per center X: the OARs where federated is best cross-center and significantly above local-Y."""
+        best = self.best_cross
+        return {
+            x: tuple(p.structure for p in self._cross(x) if p.above(corrected) and p.structure in best[x])
+            for x in CENTERS
+        }
+
+    @property
+    def best_cross(self) -> dict[str, tuple[str, ...]]:
+        out = {}
+        for x in CENTERS:
+            ensemble = {p.structure: p for p in self.family(x, FEDERATED, ENSEMBLE)}
+            out[x] = tuple(p.structure for p in self._cross(x) if _best_cross(p, ensemble[p.structure]))
+        return out
+
+    @property
+    def cases(self) -> dict[str, int]:
+        """Test center → most cases any OAR was compared on."""
+        return {x: max((p.n for p in self._drop(x)), default=0) for x in CENTERS}
+
+    @property
+    def least_cases(self) -> dict[str, int]:
+        """Test center → fewest cases any OAR (held by some case) was compared on."""
+        return {x: min((p.n for p in self._drop(x) if p.n), default=0) for x in CENTERS}
 
 
 def oar_claims(rows: Sequence[ScoreRow]) -> OarClaims:
     """The three claims over the OARs the test sets hold, uncorrected and with Holm's correction."""
     oars = tuple(sorted({r.structure for r in rows if r.kind == "test" and r.structure != EXTERNAL}))
     tests: list[Paired] = []
-    found: list[dict[str, tuple[str, ...]]] = [{} for _ in range(7)]
-    drop, matches, best, above, h_drop, h_matches, h_above = found
-    cases: dict[str, int] = {}
-    least: dict[str, int] = {}
     for x in CENTERS:
         local_in, local_cross = LOCAL_ARMS[x], LOCAL_ARMS[other(x)]
-        d = _holm_family([paired(rows, local_in, local_cross, x, s) for s in oars])
-        m = _holm_family([paired(rows, FEDERATED, local_in, x, s) for s in oars])
-        c = _holm_family([paired(rows, FEDERATED, local_cross, x, s) for s in oars])
-        e = {p.structure: p for p in (paired(rows, FEDERATED, ENSEMBLE, x, s) for s in oars)}
-        tests += [*d, *m, *c, *e.values()]
-        cases[x] = max((p.n for p in d), default=0)
-        least[x] = min((p.n for p in d if p.n), default=0)
-        best[x] = tuple(p.structure for p in c if _best_cross(p, e[p.structure]))
-        for corrected, (dd, mm, aa) in (
-            (False, (drop, matches, above)),
-            (True, (h_drop, h_matches, h_above)),
-        ):
-            dd[x] = tuple(p.structure for p in d if p.above(corrected))
-            mm[x] = tuple(p.structure for p in m if p.n and not p.below(corrected))
-            aa[x] = tuple(p.structure for p in c if p.above(corrected) and p.structure in best[x])
-    return OarClaims(oars, cases, drop, matches, best, above, tuple(tests), h_drop, h_matches, h_above, least)
+        for a, b in ((local_in, local_cross), (FEDERATED, local_in), (FEDERATED, local_cross)):
+            tests += _holm_family([paired(rows, a, b, x, s) for s in oars])
+        tests += [paired(rows, FEDERATED, ENSEMBLE, x, s) for s in oars]  # a ranking only: no correction
+    return OarClaims(oars, tuple(tests))
 
 
 def _best_cross(vs_local: Paired, vs_ensemble: Paired) -> bool:
@@ -209,19 +235,20 @@ def claims_text(c: OarClaims) -> list[str]:
 
     out.append(
         f"Per OAR (Wilcoxon signed-rank across cases, two-sided, p < {ALPHA}): local models are significantly"
-        f" worse cross-center than in-center on {per_center(c.local_drop)}. The federated model matches"
-        f" the in-center local model (not significantly worse) on {per_center(c.fed_matches_in)}."
+        f" worse cross-center than in-center on {per_center(c.drops())}. The federated model matches"
+        f" the in-center local model (not significantly worse) on {per_center(c.matches())}."
         f" Cross-center it is the best of the models that did not train on the test center on"
-        f" {per_center(c.fed_best_cross)}, significantly above the other center's local model on"
-        f" {per_center(c.fed_above_cross)}. (The seed study: local models significantly worse cross-center"
+        f" {per_center(c.best_cross)}, significantly above the other center's local model on"
+        f" {per_center(c.aboves())}. (The seed study: local models significantly worse cross-center"
         " on 4–7 of 9 OARs, federated matching local on at least 7 of 9 and best cross-center.)"
     )
     out.append(
         f"With Holm's correction over the {n_oars} OARs of each comparison and center (the family-wise"
         f" error held at {ALPHA}): local models significantly worse cross-center on"
-        f" {per_center(c.holm_local_drop)}; federated significantly above the other center's local model on"
-        f" {per_center(c.holm_fed_above_cross)}; federated not significantly worse than the in-center local"
-        f" model on {per_center(c.holm_fed_matches_in)} (for this claim of no difference the uncorrected"
+        f" {per_center(c.drops(corrected=True))}; federated significantly above the other center's local"
+        f" model on {per_center(c.aboves(corrected=True))}; federated not significantly worse than the"
+        " in-center local"
+        f" model on {per_center(c.matches(corrected=True))} (for this claim of no difference the uncorrected"
         " count above is the stricter one)."
     )
     if few:

@@ -69,9 +69,9 @@ def test_the_signed_rank_p_is_scipys_and_pairs_by_case() -> None:
 def test_the_claims_count_the_oars_where_each_holds_significantly() -> None:
     claims = oar_claims(_cohort(10))
     for x in ("C", "D"):
-        assert set(claims.local_drop[x]) == {"Liver", "Spleen"}  # Pancreas: no drop, not significant
-        assert set(claims.fed_matches_in[x]) == set(OARS)
-        assert "Liver" in claims.fed_best_cross[x] and "Liver" in claims.fed_above_cross[x]
+        assert set(claims.drops()[x]) == {"Liver", "Spleen"}  # Pancreas: no drop, not significant
+        assert set(claims.matches()[x]) == set(OARS)
+        assert "Liver" in claims.best_cross[x] and "Liver" in claims.aboves()[x]
     text = " ".join(claims_text(claims))
     assert (
         "significantly worse cross-center than in-center on 2 of 3 on center C's cases (Liver, Spleen)"
@@ -89,7 +89,7 @@ def test_the_claims_count_the_oars_where_each_holds_significantly() -> None:
 def test_too_few_cases_make_no_difference_significant_and_the_text_says_so() -> None:
     assert min_cases_for() == 6 and 2.0 / 2**5 >= ALPHA > 2.0 / 2**6
     claims = oar_claims(_cohort(4))
-    assert all(not v for v in claims.local_drop.values())  # a drop of 0.1 on every case: still p = 0.125
+    assert all(not v for v in claims.drops().values())  # a drop of 0.1 on every case: still p = 0.125
     text = " ".join(claims_text(claims))
     assert "needs at least 6 cases" in text and "0 by construction" in text
 
@@ -105,7 +105,7 @@ def test_a_federated_model_below_local_in_center_does_not_match() -> None:
         shifted = {s: [d - 0.05 + 0.005 * rng.standard_normal() for d in v] for s, v in local.items()}
         rows += _rows("federated", x, shifted)
     claims = oar_claims(rows)
-    assert claims.fed_matches_in == {"C": (), "D": ()}
+    assert claims.matches() == {"C": (), "D": ()}
 
 
 def test_holm_adjusts_step_down_and_skips_missing_tests() -> None:
@@ -123,8 +123,8 @@ def test_with_18_oars_nine_cases_cannot_pass_holm_and_the_text_says_so() -> None
     uncorrected count is 18 of 18, the corrected one 0, and the report explains why."""
     assert min_cases_for(tests=18) == 10 and 2.0 / 2**9 >= ALPHA / 18 > 2.0 / 2**10
     claims = oar_claims(_cohort(9, oars=EIGHTEEN))
-    assert {x: len(v) for x, v in claims.local_drop.items()} == {"C": 18, "D": 18}
-    assert claims.holm_local_drop == {"C": (), "D": ()}
+    assert {x: len(v) for x, v in claims.drops().items()} == {"C": 18, "D": 18}
+    assert claims.drops(corrected=True) == {"C": (), "D": ()}
     text = " ".join(claims_text(claims))
     assert "With Holm's correction over the 18 OARs" in text
     assert "significantly worse cross-center on 0 of 18 on center C's cases (none)" in text
@@ -137,7 +137,7 @@ def test_with_18_oars_nine_cases_cannot_pass_holm_and_the_text_says_so() -> None
 
 def test_with_18_oars_twelve_cases_pass_holm() -> None:
     claims = oar_claims(_cohort(12, oars=EIGHTEEN))
-    assert {x: len(v) for x, v in claims.holm_local_drop.items()} == {"C": 18, "D": 18}
+    assert {x: len(v) for x, v in claims.drops(corrected=True).items()} == {"C": 18, "D": 18}
     # every case agreeing: p = 2 / 2^12 = 0.00049, shown as such and not as 0.000; Holm: 18 × that
     assert re.search(
         r"\| OAR00 \| C \| 12 \| \*\*\+0\.\d{3} \(< 0\.001; 0\.009\)\*\* \|", claims_table(claims)
