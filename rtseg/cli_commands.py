@@ -17,11 +17,17 @@ from rtseg.errors import InputError
 Handler = Callable[[argparse.Namespace], int]
 
 
-def _load_segmenter(model: Path | None, threads: int | None = None) -> Any:
+def _load_segmenter(model: Path | None, threads: int | None = None, shift_ensemble: bool = False) -> Any:
     from rtseg.model.default import default_model_dir
     from rtseg.model.segmenter import NnunetSegmenter
 
-    return NnunetSegmenter(model or default_model_dir(), threads=threads)
+    return NnunetSegmenter(model or default_model_dir(), threads=threads, shift_ensemble=shift_ensemble)
+
+
+SHIFT_ENSEMBLE_HELP = (
+    "predict eight copies of the CT shifted by about half a model voxel and vote the labels"
+    " (8x the time; the node's [node] shift_ensemble)"
+)
 
 
 def print_result(result: Any) -> None:
@@ -62,7 +68,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     say("reading CT series")  # the input is checked before the model loads: quick feedback
     volume = load_series(args.ct_dir, series_uid=args.series)
     say(f"{volume.shape[0]} slices, {volume.info.patient_position}; loading model")
-    segmenter = _load_segmenter(args.model, args.threads)
+    segmenter = _load_segmenter(args.model, args.threads, args.shift_ensemble)
     identity = model_identity(segmenter.manifest, segmenter.model_dir)
     result = segment_series(
         volume,
@@ -233,7 +239,7 @@ def _model_eval(args: argparse.Namespace) -> int:
     from rtseg.cases import iter_cases
     from rtseg.evaluation import evaluate, summarize, summary_table, write_results
 
-    segmenter = _load_segmenter(args.model, args.threads)
+    segmenter = _load_segmenter(args.model, args.threads, args.shift_ensemble)
 
     def show(r: Any) -> None:
         dices = [s.dice for n, s in r.scores.items() if s.dice is not None and s.reference_ml > 0]
@@ -430,6 +436,7 @@ def _register_core(sub: Any, handlers: dict[str, Handler]) -> None:
         action="store_false",
         help="segment even a series that does not show the model's body region (a reviewer must know)",
     )
+    p.add_argument("--shift-ensemble", action="store_true", help=SHIFT_ENSEMBLE_HELP)
     handlers["segment"] = _cmd_segment
 
     p = sub.add_parser("demo", help="generate a phantom CT case and segment it with the default model")
@@ -460,6 +467,7 @@ def _register_core(sub: Any, handlers: dict[str, Handler]) -> None:
         help="score the model's labels as they come, not what the node sends (impossible structures"
         " dropped, organs settled at their level)",
     )
+    q.add_argument("--shift-ensemble", action="store_true", help=SHIFT_ENSEMBLE_HELP)
     q.add_argument("--threads", type=int)
     q.set_defaults(model_action=_model_eval)
     q = msub.add_parser(

@@ -141,6 +141,7 @@ class NodeSettings:
     retry_backoff_max_s: float = 600.0
     write_preview: bool = False  # also write jobs/<id>/preview.png (contours on the CT) per result
     engine: str = "auto"  # see ENGINES; exports are cached in <data_dir>/engines
+    shift_ensemble: bool = False  # vote eight predictions of half-voxel-shifted copies (rtseg.model.shifts)
 
 
 @dataclass(frozen=True)
@@ -395,6 +396,7 @@ _NODE: dict[str, Callable[[Any], Any]] = {
     "retry_backoff_max_s": parse_float(0.0, 7 * 86400.0),
     "write_preview": parse_bool,
     "engine": _engine,
+    "shift_ensemble": parse_bool,
 }
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 

@@ -120,6 +120,7 @@ class WorkerConfig:
     region_check: bool = True  # refuse series that do not show the model's body region
     write_preview: bool = False  # also write jobs/<id>/preview.png once delivery is queued
     engine: str = "auto"  # what runs the network ([node] engine); exports cached in <data_dir>/engines
+    shift_ensemble: bool = False  # vote eight half-voxel-shifted predictions ([node] shift_ensemble)
 
 
 @dataclass(frozen=True)
@@ -172,6 +173,9 @@ class WorkerPool:
         Series of more slices are predicted in z-chunks of about this many (``[node] chunk_slices``).
     engine
         What runs the network (``[node] engine``, :mod:`rtseg.model.engines`).
+    shift_ensemble
+        Vote the labels of eight copies of each CT shifted by about half a model
+        voxel (``[node] shift_ensemble``, :mod:`rtseg.model.shifts`).
     """
 
     @classmethod
@@ -199,6 +203,7 @@ class WorkerPool:
             write_preview=n.write_preview,
             chunk_slices=n.chunk_slices,
             engine=n.engine,
+            shift_ensemble=n.shift_ensemble,
         )
 
     def __init__(
@@ -215,6 +220,7 @@ class WorkerPool:
         write_preview: bool = False,
         chunk_slices: int = CHUNK_SLICES,
         engine: str = "auto",
+        shift_ensemble: bool = False,
     ) -> None:
         self.store = store
         threads = threads or max(1, (os.cpu_count() or 1) // max(workers, 1))
@@ -230,6 +236,7 @@ class WorkerPool:
             region_check,
             write_preview,
             engine,
+            shift_ensemble,
         )
         self.workers = workers
         self.crash_limit = crash_limit
@@ -391,6 +398,7 @@ def load_runner(store: JobStore, config: WorkerConfig) -> JobRunner | None:
             min_island_ml=config.min_island_ml,
             chunk_slices=config.chunk_slices,
             runtime=config.engine,
+            shift_ensemble=config.shift_ensemble,
             export_cache=config.data_dir / ENGINE_CACHE,
             scratch=config.data_dir / SCRATCH,
         )

@@ -23,6 +23,7 @@ from rtseg.model.checkpoints import load_checkpoint
 from rtseg.model.chunked import CHUNK_SLICES
 from rtseg.model.inference import STREAM_MB, predict_labels, suppress_islands
 from rtseg.model.manifest import CANONICAL_ORIENTATION, ModelManifest, load_manifest, read_json
+from rtseg.model.shifts import predict_shift_ensemble
 from rtseg.structures import EXTERNAL, MIN_ISLAND_ML
 from rtseg.volume import CTVolume, Orientation
 
@@ -97,6 +98,10 @@ class NnunetSegmenter:
         (the node's ``<data_dir>/scratch``; None: the system's temporary
         folder) while the sliding window runs (:mod:`rtseg.model.streamed`:
         same labels, memory bounded by one patch's depth of logits).
+    shift_ensemble
+        :meth:`segment` votes the labels of eight copies of the CT shifted by
+        about half a model voxel (:mod:`rtseg.model.shifts`; ``[node]
+        shift_ensemble``): eight predictions, not for a series predicted in z-chunks.
     """
 
     def __init__(
@@ -116,6 +121,7 @@ class NnunetSegmenter:
         export_cache: Path | None = None,
         stream_mb: float | None = STREAM_MB,
         scratch: Path | None = None,
+        shift_ensemble: bool = False,
     ) -> None:
         if engine not in ENGINES:
             raise ModelError(f"unknown inference engine {engine!r}: choose one of {', '.join(ENGINES)}")
@@ -125,6 +131,7 @@ class NnunetSegmenter:
         self.stream_mb = stream_mb
         self.scratch = scratch
         self.body_outline = body_outline
+        self.shift_ensemble = shift_ensemble
         self.model_dir = Path(model_dir)
         manifest = load_manifest(self.model_dir)
         if folds is not None:
@@ -159,21 +166,31 @@ class NnunetSegmenter:
         canonical = orientation.to_canonical(np.asarray(volume.hu))
         spacing = orientation.canonical_spacing(volume.spacing)
         if not self.body_outline:
-            labels = self.predict_canonical(canonical, spacing)
+            labels = self._labels(canonical, spacing)
         elif self._long_series(canonical):  # one after the other: each holds whole-series arrays
-            labels = outline_body(
-                self.predict_canonical(canonical, spacing), canonical, spacing, self.manifest
-            )
+            labels = outline_body(self._labels(canonical, spacing), canonical, spacing, self.manifest)
         else:
             # The outline needs only the CT: it is drawn in a second thread while the model predicts
             # (most of both is numpy and torch work outside the GIL; 1.1-1.6 s of a 512² × 200 job).
             with ThreadPoolExecutor(1, thread_name_prefix="rtseg-outline") as pool:
                 body = pool.submit(body_mask, canonical, spacing)
-                labels = self.predict_canonical(canonical, spacing)
+                labels = self._labels(canonical, spacing)
                 labels = apply_body_outline(
                     labels, body.result(), external_label(self.manifest), in_place=True
                 )
         return Segmentation(orientation.from_canonical(labels), self.manifest, time.perf_counter() - start)
+
+    def _labels(
+        self, canonical: npt.NDArray[Any], spacing: tuple[float, float, float]
+    ) -> npt.NDArray[np.uint8]:
+        """The model's labels of a canonical array: one prediction, or the shift ensemble's vote."""
+        if not self.shift_ensemble:
+            return self.predict_canonical(canonical, spacing)
+        if self._long_series(canonical):  # eight label maps of a long series: not within its memory bound
+            log.info("shift ensemble: not for a series predicted in z-chunks; one prediction")
+            return self.predict_canonical(canonical, spacing)
+        model_spacing = [float(s) for s in self._predictor.configuration_manager.spacing]
+        return predict_shift_ensemble(self.predict_canonical, canonical, spacing, model_spacing)
 
     def _long_series(self, array_zyx: npt.NDArray[Any]) -> bool:
         """Whether rtseg's path predicts this series in z-chunks, to bound its memory."""

@@ -126,11 +126,13 @@ def test_the_worker_segmenter_chunks_long_series_as_node_settings_say(tmp_path: 
     from rtseg.worker import load_runner
 
     config = tmp_path / "rtseg.toml"
-    config.write_text("[node]\nchunk_slices = 120\n")
+    config.write_text("[node]\nchunk_slices = 120\nshift_ensemble = true\n")
     store = JobStore(tmp_path / "jobs.db")
     pool = WorkerPool.from_settings(load_settings(config, environ={}), store, tmp_path, default_model_dir())
     runner = load_runner(store, pool.config)
     assert runner is not None and runner.segmenter.chunk_slices == 120
+    assert runner.segmenter.shift_ensemble  # and off unless asked for:
+    assert not load_settings(None, environ={}).node.shift_ensemble
     assert runner.segmenter.scratch == tmp_path / SCRATCH  # streamed logits stay in the data directory
     store.close()
 
