@@ -71,7 +71,7 @@ def test_every_shifted_copy_comes_back_onto_the_unshifted_grid(monkeypatch: pyte
 
     def by_hu(array: npt.NDArray[Any], spacing: tuple[float, float, float]) -> npt.NDArray[np.uint8]:
         calls.append(array)
-        return np.digitize(array, (-200, 0, 200)).astype(np.uint8)
+        return np.asarray(np.digitize(array, (-200, 0, 200)), dtype=np.uint8)
 
     members: list[npt.NDArray[np.uint8]] = []
 
