@@ -57,3 +57,17 @@ def test_model_eval_command_writes_scores(phantom_ct96: Path, tmp_path: Path) ->
     rows = list(csv.DictReader((out / "scores.csv").open()))
     liver = [r for r in rows if r.get("structure") == "Liver"]
     assert liver and 0.5 < float(liver[0]["dice"]) <= 1.0
+
+    # --shift-ensemble: the node's [node] shift_ensemble, eight predictions voted: close, not identical
+    voted = tmp_path / "voted"
+    proc = subprocess.run(
+        [*cmd, "--no-surfaces", "--shift-ensemble", "--out", str(voted)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    dice = {r["structure"]: r["dice"] for r in rows}
+    voted_dice = {r["structure"]: r["dice"] for r in csv.DictReader((voted / "scores.csv").open())}
+    assert voted_dice.keys() == dice.keys() and voted_dice != dice
+    assert abs(float(voted_dice["Liver"]) - float(dice["Liver"])) < 0.02
