@@ -141,7 +141,12 @@ def _scores(cohorts: Cohorts, work: Path, threads: int | None, stage: Stage) -> 
                     advance()
             else:
                 todo.append(task)
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(
+            workers,
+            mp_context=mp.get_context("spawn"),
+            initializer=log_to_file,
+            initargs=(work / SCORING_LOG,),
+        ) as pool:
             futures = {pool.submit(_score_task, work, t, per_process): t for t in todo}
             for future in as_completed(futures):
                 task = futures[future]
@@ -149,6 +154,17 @@ def _scores(cohorts: Cohorts, work: Path, threads: int | None, stage: Stage) -> 
                 for _ in task.cases:
                     advance()
     return [row for task in sorted(tasks, key=_report_order) for row in by_task[task.key]]
+
+
+SCORING_LOG = "scoring.log"  # under the work folder: what the node's pipeline said while scoring
+
+
+def log_to_file(path: Path) -> None:
+    """A scoring worker's warnings (the pipeline's per-case notes, "Liver: a separate piece … removed")
+    go to ``path``, not through Python's last-resort handler onto the console between the progress bars."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(processName)s %(name)s %(levelname)s %(message)s"))
+    logging.getLogger().addHandler(handler)
 
 
 @dataclass(frozen=True)

@@ -285,3 +285,24 @@ def test_scoring_starts_the_longest_tasks_first_and_splits_off_the_shifted_cases
     assert sum(len(t.cases) for t in tasks) == len(ARMS) * (len(test) + 4) + len(shift)
     c_shift = next(t for t in tasks if t.key == ("local-C", "shift"))
     assert {c.center for _, c in c_shift.cases} == {shifted_center("C", f) for f in SHIFT_FACTORS}
+
+
+def test_scoring_workers_keep_the_pipelines_notes_in_the_work_folder_not_on_the_console(
+    tmp_path: Path,
+) -> None:
+    """A spawned scoring worker has no log handler: without one, every per-case cleaning note went to
+    stderr through Python's last-resort handler, between ``rtseg evaluate``'s progress bars."""
+    note = "Liver: a separate piece (5.1 ml) 40 mm or more from its main part removed"
+    worker = "import logging, sys; from pathlib import Path; from rtseg.study.runner import log_to_file; "
+    warn = f"logging.getLogger('rtseg.pipeline').warning({note!r})"
+    path = tmp_path / "scoring.log"
+    bare = subprocess.run([sys.executable, "-c", worker + warn], capture_output=True, text=True, timeout=120)
+    assert note in bare.stderr  # what the console showed before
+    configured = subprocess.run(
+        [sys.executable, "-c", worker + f"log_to_file(Path({str(path)!r})); " + warn],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert configured.returncode == 0 and configured.stderr == ""
+    assert note in path.read_text() and "WARNING" in path.read_text()
