@@ -42,7 +42,7 @@ def print_result(result: Any) -> None:
     if result.omitted:
         print(f"not found (left out): {', '.join(result.omitted)}")
     for dropped in result.dropped:
-        print(f"dropped (cannot be where it was found): {dropped}")
+        print(f"dropped: {dropped}")
     for flag in result.flags:
         print(f"check: {flag}")
     t = result.timings

@@ -151,12 +151,10 @@ def small_pieces(
     """
     from scipy import ndimage
 
-    present = [int(c) for c in np.unique(labels) if c != 0 and int(c) not in keep]
-    boxes = ndimage.find_objects(labels)
+    boxes = ndimage.find_objects(labels)  # one pass; a class absent from labels has no box
     small_at: list[tuple[int, tuple[npt.NDArray[np.intp], ...]]] = []
-    for c in present:
-        box = boxes[c - 1]
-        if box is None:
+    for c, box in enumerate(boxes, start=1):
+        if box is None or c in keep:
             continue
         pieces, n = ndimage.label(labels[box] == c)  # face neighbours: a checkerboard is all specks
         sizes = np.bincount(pieces.ravel(), minlength=n + 1) * voxel_ml

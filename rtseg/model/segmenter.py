@@ -42,6 +42,9 @@ class Segmentation:
     labels: npt.NDArray[np.uint8]
     manifest: ModelManifest
     seconds: float
+    # pieces of a structure under this volume are specks (the segmenter's min_island_ml); the
+    # segmenter drops them on its own grid, :func:`rtseg.pipeline.clean_segmentation` on this one
+    min_piece_ml: float = MIN_ISLAND_ML
 
 
 class Segmenter(Protocol):
@@ -178,7 +181,9 @@ class NnunetSegmenter:
                 labels = apply_body_outline(
                     labels, body.result(), external_label(self.manifest), in_place=True
                 )
-        return Segmentation(orientation.from_canonical(labels), self.manifest, time.perf_counter() - start)
+        return Segmentation(
+            orientation.from_canonical(labels), self.manifest, time.perf_counter() - start, self.min_island_ml
+        )
 
     def _labels(
         self, canonical: npt.NDArray[Any], spacing: tuple[float, float, float]
@@ -338,7 +343,9 @@ class EnsembleSegmenter:
         labels = scores.argmax(dim=0).numpy().astype(np.uint8)
         if self.members[0].body_outline:
             labels = outline_body(labels, canonical, spacing, self.manifest)
-        return Segmentation(orientation.from_canonical(labels), self.manifest, time.perf_counter() - start)
+        return Segmentation(
+            orientation.from_canonical(labels), self.manifest, time.perf_counter() - start, min_ml
+        )
 
 
 def outline_body(
