@@ -78,6 +78,8 @@ class NnunetSegmenter:
     min_island_ml
         With the rtseg engine: pieces of a structure smaller than this (ml, on
         the model's grid) give way to the next most likely class; 0 keeps them.
+        With any engine the result carries it (``Segmentation.min_piece_ml``):
+        :func:`rtseg.pipeline.clean_segmentation` drops smaller pieces on the CT's grid.
     folds
         Subset of the manifest's folds to ensemble; default all of them.
     chunk_slices
