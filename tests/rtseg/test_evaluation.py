@@ -30,7 +30,8 @@ class _LungOverLiver:
         out = self.reference.copy()
         out[out == label["Lung_L"]] = label["External"]
         out[out == label["Liver"]] = label["Lung_L"]
-        return Segmentation(out, self.manifest, 0.1)
+        # no speck floor: the reference's own specks stay, so only the impossible lung is cleaned
+        return Segmentation(out, self.manifest, 0.1, min_piece_ml=0.0)
 
     reference: np.ndarray | None = None
 
