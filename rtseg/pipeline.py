@@ -18,7 +18,7 @@ from scipy import ndimage
 from rtseg.ct import load_series
 from rtseg.model.inference import small_pieces
 from rtseg.model.manifest import ModelManifest, model_hash
-from rtseg.model.segmenter import Segmentation, Segmenter
+from rtseg.model.segmenter import Segmentation, Segmenter, external_label
 from rtseg.region import check_region, impossible_structures, order_flags, region_rule, settle_organs
 from rtseg.rtstruct import (
     ModelIdentity,
@@ -215,22 +215,22 @@ def drop_specks(volume: CTVolume, segmentation: Segmentation) -> tuple[Segmentat
     part loses its specks silently, as on the segmenter's grid.
     """
     min_ml = segmentation.min_piece_ml
-    label_of = {s.name: s.label for s in segmentation.manifest.structures}
-    body = label_of.get(EXTERNAL, 0)
     if min_ml <= 0:
         return segmentation, {}
+    outline = external_label(segmentation.manifest)  # External, or BODY as a foreign model may call it
+    body, keep = (0, frozenset[int]()) if outline is None else (outline, frozenset({outline}))
     voxel_ml = float(np.prod(volume.spacing)) / 1000.0
-    keep = frozenset(v for k, v in label_of.items() if k == EXTERNAL)
     small = small_pieces(segmentation.labels, voxel_ml, min_ml, keep)
     if not small:
         return segmentation, {}
+    voxels = np.bincount(segmentation.labels.ravel())  # per label, before any speck goes
+    name_of = {s.label: s.name for s in segmentation.manifest.structures}
     labels = segmentation.labels.copy()
-    name_of = {v: k for k, v in label_of.items()}
     dropped: dict[str, str] = {}
     for label, where in small:
         labels[where] = body
-        gone = f"{len(where[0]) * voxel_ml:.2f} ml in {len(where[0])} voxels"
-        if not np.any(labels == label):
+        if len(where[0]) == voxels[label]:
+            gone = f"{len(where[0]) * voxel_ml:.2f} ml in {len(where[0])} voxels"
             dropped[name_of.get(label, str(label))] = f"nothing but specks under {min_ml:g} ml ({gone})"
     log.info("specks under %g ml removed from %d structure(s) on the CT's grid", min_ml, len(small))
     for name, reason in dropped.items():

@@ -46,25 +46,13 @@ def shifted(array: npt.NDArray[Any], offset: Sequence[int]) -> npt.NDArray[Any]:
 
     The rows the move empties repeat the array's edge row. A new array; ``array`` is not changed.
     """
-    out = np.array(array, copy=True)
-    for axis, k in enumerate(offset):
-        n = out.shape[axis]
-        if k == 0 or n == 0:
-            continue
-        if abs(k) >= n:
+    for axis, (k, n) in enumerate(zip(offset, array.shape, strict=True)):
+        if k and abs(k) >= n:
             raise ValueError(f"a shift of {k} voxels along axis {axis} leaves nothing of {n}")
-        src = [slice(None)] * out.ndim
-        dst = [slice(None)] * out.ndim
-        edge = [slice(None)] * out.ndim
-        if k > 0:
-            dst[axis], src[axis], edge[axis] = slice(k, n), slice(0, n - k), slice(0, k)
-            out[tuple(dst)] = out[tuple(src)].copy()
-            out[tuple(edge)] = out[tuple(dst)][(slice(None),) * axis + (slice(0, 1),)]
-        else:
-            dst[axis], src[axis], edge[axis] = slice(0, n + k), slice(-k, n), slice(n + k, n)
-            out[tuple(dst)] = out[tuple(src)].copy()
-            out[tuple(edge)] = out[tuple(dst)][(slice(None),) * axis + (slice(n + k - 1, n + k),)]
-    return out
+    # pad k edge rows before (k > 0) or -k after (k < 0), then keep n rows: out[i] = array[i - k]
+    pads = [(max(k, 0), max(-k, 0)) for k in offset]
+    padded = np.pad(array, pads, mode="edge")
+    return padded[tuple(slice(after, after + n) for (_, after), n in zip(pads, array.shape, strict=True))]
 
 
 def unshift_labels(

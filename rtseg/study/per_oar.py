@@ -247,9 +247,8 @@ def claims_text(c: OarClaims) -> list[str]:
         f" error held at {ALPHA}): local models significantly worse cross-center on"
         f" {per_center(c.drops(corrected=True))}; federated significantly above the other center's local"
         f" model on {per_center(c.aboves(corrected=True))}; federated not significantly worse than the"
-        " in-center local"
-        f" model on {per_center(c.matches(corrected=True))} (for this claim of no difference the uncorrected"
-        " count above is the stricter one)."
+        f" in-center local model on {per_center(c.matches(corrected=True))} (for this claim of no difference"
+        " the uncorrected count above is the stricter one)."
     )
     if few:
         out.append(
