@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 SCORING_PROCESSES = 2  # arms scored at once
+TIMINGS = "timings.json"  # in the work folder: seconds per stage over all runs
 LOCALS = ", ".join(LOCAL_ARMS.values())
 Advance = Callable[[], None]
 Stage = Callable[[str, int], AbstractContextManager[Advance]]  # (description, total) → advance()
@@ -63,8 +64,29 @@ def run_study(
     rows = _timed(timings, "inference and scoring", lambda: _scores(cohorts, work, threads, stage))
     curve = _timed(timings, "federated learning curve", lambda: _curve(spec, cohorts, work, threads, stage))
     timings["total"] = time.monotonic() - started
-    (work / "timings.json").write_text(json.dumps(timings, indent=1))
-    return report.write_report(spec, out, work, rows, curve, timings)
+    timings, runs = add_earlier_runs(work / TIMINGS, timings)
+    (work / TIMINGS).write_text(json.dumps({"runs": runs, "seconds": timings}, indent=1))
+    return report.write_report(spec, out, work, rows, curve, timings, runs)
+
+
+def add_earlier_runs(path: Path, this_run: dict[str, float]) -> tuple[dict[str, float], int]:
+    """Seconds per stage summed over the runs of a resumed study, and how many runs there were.
+
+    A run that resumes finds the finished stages in the work folder and takes about 0 s for
+    them; the report should say what they cost when they ran. A stage interrupted and
+    resumed gets the time of both runs. ``path`` holds the earlier runs' sums (none yet:
+    this run's alone; the flat ``{stage: seconds}`` of rtseg before 2026-12-06: one run).
+    """
+    if not path.is_file():
+        return dict(this_run), 1
+    try:
+        earlier = json.loads(path.read_text())
+        runs, seconds = (earlier["runs"], earlier["seconds"]) if "seconds" in earlier else (1, earlier)
+        summed = {k: float(seconds.get(k, 0.0)) + v for k, v in this_run.items()}
+        return summed | {k: float(v) for k, v in seconds.items() if k not in this_run}, int(runs) + 1
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        log.warning("%s unreadable (%s): the report gives this run's times only", path.name, exc)
+        return dict(this_run), 1
 
 
 def _timed(timings: dict[str, float], name: str, step: Callable[[], T]) -> T:

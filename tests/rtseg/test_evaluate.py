@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ from rtseg.study.findings import (
     orientation_summary,
 )
 from rtseg.study.report import in_cross_table, write_report
+from rtseg.study.runner import add_earlier_runs
 from rtseg.study.scoring import CurvePoint, ScoreRow
 
 RTSEG = [sys.executable, "-m", "rtseg_app"]
@@ -142,11 +144,38 @@ def test_the_report_writes_tables_and_valid_pngs_from_made_up_scores(tmp_path: P
     report = write_report(QUICK, tmp_path / "out", tmp_path / "work", scored, curve, {"total": 60.0})
     md = report.results_md.read_text()
     assert "reproduces the study's finding" in md and "| federated | HFP | 2 | 0.800 |" in md
+    assert "1.0 min in all." in md and "resumed" not in md  # one run: no note on summed times
     assert "## The claims per OAR" in md and "| Liver | C | 2 | +0.100 (0.500; 1.000) |" in md
     assert "needs at least 6 cases" in md  # 2 cases a center: no OAR can differ significantly
     assert "| 2 | 0.800 | 0.800 |" in md  # federated round 2, held-out Dice on A and on B
     for png in report.figures:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_resumed_study_reports_each_stage_summed_over_its_runs(tmp_path: Path) -> None:
+    path = tmp_path / "timings.json"
+    first = {"phantom cohorts": 100.0, "training, all arms at once": 1600.0, "total": 1700.0}
+    assert add_earlier_runs(path, first) == (first, 1)
+    path.write_text(json.dumps({"runs": 1, "seconds": first}))
+    resumed = {"phantom cohorts": 0.5, "training, all arms at once": 200.0, "total": 201.0}
+    summed, runs = add_earlier_runs(path, resumed)
+    assert runs == 2 and summed == {
+        "phantom cohorts": 100.5,
+        "training, all arms at once": 1800.0,
+        "total": 1901.0,
+    }
+    path.write_text(json.dumps(first))  # the flat file of an earlier rtseg: one run
+    assert add_earlier_runs(path, {"total": 1.0})[1] == 2
+    path.write_text("{not json")  # unreadable: this run's times, not a crash at the report
+    assert add_earlier_runs(path, resumed) == (resumed, 1)
+
+    scored = study(STUDY_PATTERN)
+    curve = [CurvePoint(r, c, f"{c}_0", 0.5) for r in range(2) for c in ("C", "D")]
+    md = write_report(
+        QUICK, tmp_path / "out", tmp_path / "work", scored, curve, summed, runs
+    ).results_md.read_text()
+    assert "31.7 min in all over 2 runs (resumed)" in md and "| training, all arms at once | 1800 |" in md
+    assert "found done counts what it took when it ran" in md
 
 
 # --- the real command, end to end --------------------------------------------------------------
@@ -231,6 +260,11 @@ def test_evaluate_quick_writes_the_study_tables_and_figures(tmp_path: Path) -> N
     assert again.returncode == 0, again.stderr[-3000:]
     assert time.monotonic() - started < first / 2
     assert _csv(out / "results.csv") == results
+    # ... and its report gives what the stages took when they ran, not the ~0 s of finding them done
+    timings = json.loads((work / "timings.json").read_text())
+    assert timings["runs"] == 2 and timings["seconds"]["total"] > 0.5 * first
+    assert timings["seconds"]["training, all arms at once"] > 0.2 * first
+    assert "min in all over 2 runs (resumed)" in (out / "results.md").read_text()
 
 
 def test_when_few_oars_are_learned_the_claims_are_read_again_on_those() -> None:
