@@ -1,4 +1,4 @@
-"""Oversized DICOM instances for the memory-bound tests: a Deflate bomb and a plain huge slice.
+"""Oversized DICOM instances for the memory-bound tests (a Deflate bomb, a plain huge slice) and the peak RSS.
 
 Both are CT Image Storage instances with a small, valid header (512 x 512, 16 bit)
 and a Pixel Data element far larger than the header declares; they are written
@@ -7,6 +7,7 @@ straight to disk, never held whole in memory.
 
 from __future__ import annotations
 
+import re
 import struct
 import zlib
 from io import BytesIO
@@ -73,3 +74,14 @@ def write_plain_instance(path: Path, pixel_mb: int, sop: str, series: str) -> Pa
         for _ in range(pixel_mb):
             out.write(_BLOCK)
     return path
+
+
+def reset_peak_rss() -> None:
+    """Linux: this process's peak RSS (VmHWM) starts again from the current RSS."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM) in MB."""
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status)[1]) / 1024  # type: ignore[index]

@@ -453,15 +453,6 @@ def test_association_outcomes_reach_the_prometheus_counter(scp: Any) -> None:
 BOMB_MB = 256  # what the Deflate bomb inflates to; the node's bound is set to 8 MB below
 
 
-def _peak_rss_mb() -> float:
-    status = Path("/proc/self/status").read_text()
-    return int(re.search(r"VmHWM:\s+(\d+) kB", status)[1]) / 1024  # type: ignore[index]
-
-
-def _reset_peak_rss() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM starts again from the current RSS
-
-
 def _send_files(port: int, files: list[tuple[Path, str]], monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """C-STORE each (file, transfer syntax) as encoded, on one association; the statuses."""
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)  # sends the bytes, never decodes
@@ -479,17 +470,17 @@ def _send_files(port: int, files: list[tuple[Path, str]], monkeypatch: pytest.Mo
 def test_deflate_bomb_is_refused_in_bounded_memory_and_the_node_carries_on(
     scp: Any, small_series: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any
 ) -> None:
-    from dicom_bombs import write_deflate_bomb
+    from dicom_bombs import peak_rss_mb, reset_peak_rss, write_deflate_bomb
 
     node = scp(RTSEG_DICOM_MAX_INSTANCE_MB="8")
     bomb = write_deflate_bomb(tmp_path / "bomb.dcm", BOMB_MB, "1.2.826.0.1.3680043.10.1234.2.1", "1.2.3.9")
     normal = next(small_series.iterdir())
     assert bomb.stat().st_size < 1 << 20
-    _reset_peak_rss()
-    before = _peak_rss_mb()
+    reset_peak_rss()
+    before = peak_rss_mb()
     sent = [(bomb, DeflatedExplicitVRLittleEndian), (normal, ExplicitVRLittleEndian)]
     statuses = _send_files(node.port, sent, monkeypatch)
-    grown = _peak_rss_mb() - before
+    grown = peak_rss_mb() - before
     assert grown < 64, f"peak memory grew by {grown:.0f} MB receiving a {BOMB_MB} MB Deflate bomb"
     assert statuses == [0xC000, 0x0000]
     assert len(node.spooled()) == 1  # the normal slice only
@@ -499,16 +490,16 @@ def test_deflate_bomb_is_refused_in_bounded_memory_and_the_node_carries_on(
 def test_plain_instance_over_the_bound_is_out_of_resources_and_the_next_is_stored(
     scp: Any, small_series: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any
 ) -> None:
-    from dicom_bombs import write_plain_instance
+    from dicom_bombs import peak_rss_mb, reset_peak_rss, write_plain_instance
 
     node = scp(RTSEG_DICOM_MAX_INSTANCE_MB="8", RTSEG_DICOM_MAX_PDU="262144")  # PDUs: small next to 8 MB
     big = write_plain_instance(tmp_path / "big.dcm", 40, "1.2.826.0.1.3680043.10.1234.3.1", "1.2.3.10")
     normal = next(small_series.iterdir())
-    _reset_peak_rss()
-    before = _peak_rss_mb()
+    reset_peak_rss()
+    before = peak_rss_mb()
     sent = [(big, ExplicitVRLittleEndian), (normal, ExplicitVRLittleEndian)]
     statuses = _send_files(node.port, sent, monkeypatch)
-    grown = _peak_rss_mb() - before
+    grown = peak_rss_mb() - before
     assert grown < 32, f"peak memory grew by {grown:.0f} MB receiving a 40 MB instance (bound 8 MB)"
     assert statuses == [0xA700, 0x0000]
     assert len(node.spooled()) == 1

@@ -7,7 +7,6 @@ import http.client
 import io
 import json
 import os
-import re
 import stat
 import zipfile
 from collections.abc import Callable
@@ -328,20 +327,15 @@ def test_multipart_file_names_are_never_paths(
 
 
 def test_deflate_bomb_upload_is_413_in_bounded_memory(serve: Callable[..., Running], tmp_path: Path) -> None:
-    from dicom_bombs import write_deflate_bomb
+    from dicom_bombs import peak_rss_mb, reset_peak_rss, write_deflate_bomb
 
     running = serve()  # max_instance_mb: the default 64
     bomb = write_deflate_bomb(tmp_path / "IM0001.dcm", 256, "1.2.826.0.1.3680043.10.1234.4.1", "1.2.3.11")
-    Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM starts again from the current RSS
-    before = _peak_rss_mb()
+    reset_peak_rss()
+    before = peak_rss_mb()
     with bomb.open("rb") as fh:
         response = running.post(files=[("file", ("IM0001.dcm", fh, "application/dicom"))])
-    grown = _peak_rss_mb() - before
+    grown = peak_rss_mb() - before
     assert grown < 48, f"peak memory grew by {grown:.0f} MB checking a 256 MB Deflate bomb"
     assert_problem(response, 413, "too-large", "'IM0001.dcm'", "inflates to more than 64 MB")
     assert_nothing_left(running)
-
-
-def _peak_rss_mb() -> float:
-    status = Path("/proc/self/status").read_text()
-    return int(re.search(r"VmHWM:\s+(\d+) kB", status)[1]) / 1024  # type: ignore[index]
