@@ -33,9 +33,8 @@ from typing import IO
 import pydicom
 from flask import Blueprint, Response, request, url_for
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 
-from rtseg.ct import CT_IMAGE_STORAGE, check_instance_size, series_uid_of, sop_uid_of
+from rtseg.ct import CT_IMAGE_STORAGE, READ_ERRORS, check_instance_size, read_head, series_uid_of, sop_uid_of
 from rtseg.errors import InputError, TooLargeError
 from rtseg.jobs import Job, JobState
 from service.auth import require_token
@@ -60,16 +59,6 @@ CANNOT_UNDERSTAND = 0xC000
 _CHUNK = 1 << 20
 _MAX_HEADER_BYTES = 16 << 10  # one part's MIME headers
 _MAX_BOUNDARY = 200
-_HEADER_READ_ERRORS = (
-    InvalidDicomError,
-    NotImplementedError,
-    OSError,
-    EOFError,
-    ValueError,
-    KeyError,
-    TypeError,
-    AttributeError,
-)
 
 
 @dataclass
@@ -288,16 +277,20 @@ def _refusal(instance: Instance, max_bytes: int) -> tuple[int, str] | None:
             _read_uids(instance, pydicom.dcmread(stream, stop_before_pixels=True))
         except TooLargeError as exc:
             return OUT_OF_RESOURCES, f"instance {instance.index}: {exc.message}"
-        except (InputError, *_HEADER_READ_ERRORS):
+        except (InputError, *READ_ERRORS):
             return CANNOT_UNDERSTAND, f"instance {instance.index} is not a readable DICOM file"
     return None
 
 
 def _read_uids_of_head(instance: Instance) -> None:
-    """The UIDs of an instance too large to keep, from its first ``max_instance_mb`` (if they are there)."""
+    """The UIDs of an instance too large to keep, from its first ``max_instance_mb`` (if they are there).
+
+    Not inflated: a Deflate instance is named by its file meta (:func:`rtseg.ct.read_head`).
+    """
     try:
-        _read_uids(instance, pydicom.dcmread(instance.path, stop_before_pixels=True))
-    except _HEADER_READ_ERRORS:
+        with instance.path.open("rb") as stream:
+            _read_uids(instance, read_head(stream, source=f"instance {instance.index}"))
+    except InputError:
         log.info("STOW-RS: instance %d is too large and its head names no UIDs", instance.index)
 
 

@@ -18,17 +18,19 @@ Modules, in import order (each imports only those before it):
 :mod:`~rtseg.ct.load` (the public API, re-exported here).
 """
 
-from rtseg.ct.header import CT_IMAGE_STORAGE, SeriesSummary, series_uid_of, sop_uid_of
-from rtseg.ct.load import MIN_SLICES, check_instance_size, check_stack, find_series, load_series
+from rtseg.ct.header import CT_IMAGE_STORAGE, READ_ERRORS, SeriesSummary, series_uid_of, sop_uid_of
+from rtseg.ct.load import MIN_SLICES, check_instance_size, check_stack, find_series, load_series, read_head
 
 __all__ = [
     "CT_IMAGE_STORAGE",
     "MIN_SLICES",
+    "READ_ERRORS",
     "SeriesSummary",
     "check_instance_size",
     "check_stack",
     "find_series",
     "load_series",
+    "read_head",
     "series_uid_of",
     "sop_uid_of",
 ]

@@ -33,7 +33,7 @@ _NON_IMAGE_SOP_PREFIXES = ("1.2.840.10008.5.1.4.1.1.481.", "1.2.840.10008.5.1.4.
 _DUPLICATE_MM = 0.01  # two slices closer than this are at the same position
 
 
-_READ_ERRORS = (
+READ_ERRORS = (  # what pydicom raises on a damaged or truncated file (zlib: a damaged Deflate data set)
     InvalidDicomError,
     NotImplementedError,
     OSError,

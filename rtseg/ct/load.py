@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import BinaryIO
 
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from rtseg.ct.geometry import _affine, _Geometry, _geometry, _series_info
-from rtseg.ct.header import _READ_ERRORS, SeriesSummary
+from rtseg.ct.header import READ_ERRORS, SeriesSummary
 from rtseg.ct.pixels import _read_volume
 from rtseg.ct.scan import _deduplicate, _groups, _scan, _select_series, _summary
 from rtseg.errors import InputError, TooLargeError
@@ -191,13 +191,42 @@ def check_instance_size(stream: BinaryIO, max_bytes: int, *, source: str) -> Non
         stream.seek(0)
         ds = pydicom.dcmread(stream, stop_before_pixels=True, specific_tags=_PIXEL_SIZE_KEYWORDS)
         pixels = _declared_pixel_bytes(ds)
-    except _READ_ERRORS as exc:
+    except READ_ERRORS as exc:
         raise InputError("unreadable or truncated DICOM file", source=source) from exc
     if pixels > max_bytes:
         raise TooLargeError(
             f"the pixel data decodes to {pixels} bytes, larger than the limit of {_mb(max_bytes)}",
             source=source,
         )
+
+
+def read_head(stream: BinaryIO, *, source: str) -> Dataset:
+    """The header of an instance too large to check, read in memory bounded by the stream's length.
+
+    For the UIDs of an instance that :func:`check_instance_size` refused, from the
+    head of it that was kept. A Deflate data set is not inflated: pydicom inflates
+    it whole, and a few MB of it can grow to GBs. Its file meta (never deflated)
+    is returned instead, in an otherwise empty data set; its Media Storage UIDs
+    name the instance (:func:`~rtseg.ct.header.sop_uid_of` falls back to them).
+    Other transfer syntaxes: every element before the pixel data.
+
+    Raises
+    ------
+    InputError
+        Not a readable DICOM header (a head cut inside an element, a damaged file meta).
+    """
+    try:
+        stream.seek(0)
+        read_preamble(stream, False)
+        meta = _read_file_meta_info(stream)
+        if str(meta.get("TransferSyntaxUID", "")) == DeflatedExplicitVRLittleEndian:
+            head = Dataset()
+            head.file_meta = FileMetaDataset(meta)
+            return head
+        stream.seek(0)
+        return pydicom.dcmread(stream, stop_before_pixels=True)
+    except READ_ERRORS as exc:
+        raise InputError("unreadable DICOM header", source=source) from exc
 
 
 def _check_inflated(stream: BinaryIO, max_bytes: int, source: str) -> None:

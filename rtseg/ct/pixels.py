@@ -13,14 +13,14 @@ from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import UID
 
 from rtseg.ct.geometry import _Geometry
-from rtseg.ct.header import _READ_ERRORS, _floats, _Header, sop_uid_of
+from rtseg.ct.header import READ_ERRORS, _floats, _Header, sop_uid_of
 from rtseg.errors import InputError
 
 logger = logging.getLogger(__name__)
 
 
 # What pydicom and its plugins raise for pixel data they cannot decode.
-_DECODE_ERRORS = (*_READ_ERRORS, RuntimeError, IndexError)
+_DECODE_ERRORS = (*READ_ERRORS, RuntimeError, IndexError)
 
 
 def _rescale(header: _Header) -> tuple[float, float]:
@@ -79,7 +79,7 @@ def _decode(header: _Header, rows: int, columns: int) -> npt.NDArray[Any]:
     try:
         ds = pydicom.dcmread(header.path)
         sop_uid = sop_uid_of(ds, "SOPInstanceUID")
-    except _READ_ERRORS as exc:
+    except READ_ERRORS as exc:
         raise InputError("unreadable or truncated DICOM file", source=path) from exc
     if sop_uid != header.sop_uid:
         raise InputError(

@@ -17,7 +17,7 @@ from pydicom.errors import InvalidDicomError
 from rtseg.ct.header import (
     _DUPLICATE_MM,
     _ENHANCED_CT_SOP_CLASSES,
-    _READ_ERRORS,
+    READ_ERRORS,
     SeriesSummary,
     _floats,
     _Header,
@@ -145,7 +145,7 @@ def _read_header(path: Path, *, strict: bool) -> Dataset | None:
         raise InputError("not a DICOM file (no DICM preamble)", source=str(path)) from exc
     except OSError as exc:
         raise InputError(f"cannot read the file ({exc.strerror or exc})", source=str(path)) from exc
-    except _READ_ERRORS as exc:
+    except READ_ERRORS as exc:
         raise InputError("unreadable or truncated DICOM file", source=str(path)) from exc
 
 

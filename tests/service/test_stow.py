@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import pytest
 import requests
 from node_helpers import subset_series
 from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
 from svc_helpers import AUTH, Running, make_settings
 from test_auth_first import _send_until_answered
 
@@ -176,6 +177,59 @@ def test_an_instance_over_max_instance_mb_fails_with_a700_and_the_others_are_sto
     assert item_uids(failed) == uids(big)  # read from the head of the part, the rest is dropped
     assert len(references(answer, REFERENCED_SOP_SEQUENCE)) == 24
     assert f"larger than the limit of {64 << 10}" in response.headers["Warning"]
+
+
+def damaged_deflated_instance(template: bytes) -> bytes:
+    """A CT slice in Deflated Explicit VR Little Endian whose compressed data set is damaged."""
+    ds = pydicom.dcmread(io.BytesIO(template))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    body = len(data) - len(ds.PixelData) // 4  # inside the deflate stream, past the file meta
+    return data[:body] + b"\xff\x00\x13" * 64  # an invalid code: zlib raises, not pydicom
+
+
+def test_a_damaged_deflated_instance_fails_with_c000_and_the_others_are_stored(
+    serve: Callable[..., Running], series24: list[bytes]
+) -> None:
+    running = serve()
+    damaged = damaged_deflated_instance(series24[0])
+    with pytest.raises(zlib.error):  # what pydicom lets through on such a part
+        pydicom.dcmread(io.BytesIO(damaged), stop_before_pixels=True)
+    response = stow(running, multipart([damaged, *series24[1:]]))
+    assert response.status_code == 202, response.text
+    answer = response.json()
+    (failed,) = references(answer, FAILED_SOP_SEQUENCE)
+    assert failed[FAILURE_REASON]["Value"] == [0xC000]
+    assert len(references(answer, REFERENCED_SOP_SEQUENCE)) == 23
+    assert "instance 1 is not a readable DICOM file" in response.headers["Warning"]
+
+
+def test_a_deflated_instance_over_the_limit_fails_with_a700_named_by_its_file_meta_in_bounded_memory(
+    serve: Callable[..., Running], series24: list[bytes], tmp_path: Path
+) -> None:
+    """Only the head of an instance over ``max_instance_mb`` is kept, for its UIDs; a Deflate head is
+    a truncated stream (pydicom's whole-stream inflation raised zlib.error: the request failed 500)
+    and may be a bomb, so it is not inflated: the file meta names the instance."""
+    from dicom_bombs import CT_IMAGE_STORAGE, peak_rss_mb, reset_peak_rss, write_deflate_bomb
+
+    running = serve(max_instance_bytes=512 << 10)
+    sop = "1.2.826.0.1.3680043.10.1234.4.7"
+    bomb = write_deflate_bomb(tmp_path / "bomb.dcm", 1024, sop, "1.2.3.12").read_bytes()
+    assert len(bomb) > 512 << 10  # a GB inflated, about 1 MB deflated: over the limit as sent
+    body = multipart([bomb, *series24[1:]])
+    reset_peak_rss()
+    before = peak_rss_mb()
+    response = stow(running, body)
+    grown = peak_rss_mb() - before
+    assert response.status_code == 202, response.text
+    assert grown < 48, f"peak memory grew by {grown:.0f} MB naming a Deflate instance over the limit"
+    (failed,) = references(response.json(), FAILED_SOP_SEQUENCE)
+    assert failed[FAILURE_REASON]["Value"] == [0xA700]
+    assert item_uids(failed) == (CT_IMAGE_STORAGE, sop)
+    assert len(references(response.json(), REFERENCED_SOP_SEQUENCE)) == 23
 
 
 def test_instances_of_another_study_than_the_url_names_all_fail_409(
