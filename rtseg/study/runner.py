@@ -6,6 +6,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
@@ -56,50 +57,70 @@ def run_study(
 ) -> report.Report:
     """Run (or resume) the study in ``work`` and write the results into ``out``."""
     spec.check_work_dir(work)
-    timings: dict[str, float] = {}
-    started = time.monotonic()
-    cohorts = _timed(timings, "phantom cohorts", lambda: _cohorts(spec, work, stage))
+    clock = StageClock(work / TIMINGS)
+    cohorts = _timed(clock, "phantom cohorts", lambda: _cohorts(spec, work, stage))
     say(f"training budget: {spec.budget()}")
-    _timed(timings, "training, all arms at once", lambda: _train_all(spec, cohorts, work, stage, timings))
-    rows = _timed(timings, "inference and scoring", lambda: _scores(cohorts, work, threads, stage))
-    curve = _timed(timings, "federated learning curve", lambda: _curve(spec, cohorts, work, threads, stage))
-    timings["total"] = time.monotonic() - started
-    timings, runs = add_earlier_runs(work / TIMINGS, timings)
-    (work / TIMINGS).write_text(json.dumps({"runs": runs, "seconds": timings}, indent=1))
-    return report.write_report(spec, out, work, rows, curve, timings, runs)
+    _timed(clock, "training, all arms at once", lambda: _train_all(spec, cohorts, work, stage, clock))
+    rows = _timed(clock, "inference and scoring", lambda: _scores(cohorts, work, threads, stage))
+    curve = _timed(clock, "federated learning curve", lambda: _curve(spec, cohorts, work, threads, stage))
+    return report.write_report(spec, out, work, rows, curve, clock.summed(), clock.runs)
 
 
-def add_earlier_runs(path: Path, this_run: dict[str, float]) -> tuple[dict[str, float], int]:
-    """Seconds per stage summed over the runs of a resumed study, and how many runs there were.
+class StageClock:
+    """Seconds per stage summed over the runs of a study's work folder, saved after every stage.
 
     A run that resumes finds the finished stages in the work folder and takes about 0 s for
-    them; the report should say what they cost when they ran. A stage interrupted and
-    resumed gets the time of both runs. ``path`` holds the earlier runs' sums (none yet:
-    this run's alone; the flat ``{stage: seconds}`` of rtseg before 2026-12-06: one run).
+    them; the report should say what they cost when they ran. The file is rewritten after
+    each stage, so a run that is killed still leaves the stages it finished (the part of
+    the stage it was in is lost) and its time up to then in ``total``. An unreadable
+    file, or the flat ``{stage: seconds}`` of rtseg before 2026-12-06, counts as it can.
     """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.earlier, self.runs = _earlier_runs(path)
+        self.runs += 1  # this one
+        self.started = time.monotonic()
+        self.this_run: dict[str, float] = {}
+        self._lock = threading.Lock()  # the pooled arms and the federation finish in their own threads
+
+    def record(self, name: str, seconds: float) -> None:
+        with self._lock:
+            self.this_run[name] = seconds
+            self.this_run["total"] = time.monotonic() - self.started
+            self.path.write_text(json.dumps({"runs": self.runs, "seconds": self.summed()}, indent=1))
+
+    def summed(self) -> dict[str, float]:
+        """Each stage's seconds over all runs, this run's stages first (in the order they ended)."""
+        order = [k for k in self.this_run if k != "total"] + [
+            k for k in self.earlier if k not in self.this_run
+        ]
+        keys = [k for k in order if k != "total"] + ["total"]
+        return {k: self.earlier.get(k, 0.0) + self.this_run.get(k, 0.0) for k in keys}
+
+
+def _earlier_runs(path: Path) -> tuple[dict[str, float], int]:
+    """The seconds per stage and the number of runs that ``path`` holds (nothing: none)."""
     if not path.is_file():
-        return dict(this_run), 1
+        return {}, 0
     try:
         earlier = json.loads(path.read_text())
         runs, seconds = (earlier["runs"], earlier["seconds"]) if "seconds" in earlier else (1, earlier)
-        summed = {k: float(seconds.get(k, 0.0)) + v for k, v in this_run.items()}
-        return summed | {k: float(v) for k, v in seconds.items() if k not in this_run}, int(runs) + 1
+        return {str(k): float(v) for k, v in seconds.items()}, int(runs)
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         log.warning("%s unreadable (%s): the report gives this run's times only", path.name, exc)
-        return dict(this_run), 1
+        return {}, 0
 
 
-def _timed(timings: dict[str, float], name: str, step: Callable[[], T]) -> T:
+def _timed(clock: StageClock, name: str, step: Callable[[], T]) -> T:
     t0 = time.monotonic()
     result = step()
-    timings[name] = time.monotonic() - t0
-    log.info("%s: %.0f s", name, timings[name])
+    clock.record(name, time.monotonic() - t0)
+    log.info("%s: %.0f s", name, time.monotonic() - t0)
     return result
 
 
-def _train_all(
-    spec: StudySpec, cohorts: Cohorts, work: Path, stage: Stage, timings: dict[str, float]
-) -> None:
+def _train_all(spec: StudySpec, cohorts: Cohorts, work: Path, stage: Stage, clock: StageClock) -> None:
     """The pooled arms and the federation side by side.
 
     A federated round spends much of its time waiting (Flower's message polling,
@@ -112,12 +133,12 @@ def _train_all(
         futures = [
             pool.submit(
                 _timed,
-                timings,
+                clock,
                 f"training {LOCALS}, centralised",
                 lambda: _pooled(spec, cohorts, work, stage),
             ),
             pool.submit(
-                _timed, timings, "federated training (Flower)", lambda: _federated(spec, cohorts, work, stage)
+                _timed, clock, "federated training (Flower)", lambda: _federated(spec, cohorts, work, stage)
             ),
         ]
         for future in futures:

@@ -28,7 +28,7 @@ from rtseg.study.findings import (
     orientation_summary,
 )
 from rtseg.study.report import in_cross_table, write_report
-from rtseg.study.runner import add_earlier_runs
+from rtseg.study.runner import StageClock
 from rtseg.study.scoring import CurvePoint, ScoreRow
 
 RTSEG = [sys.executable, "-m", "rtseg_app"]
@@ -154,25 +154,26 @@ def test_the_report_writes_tables_and_valid_pngs_from_made_up_scores(tmp_path: P
 
 def test_a_resumed_study_reports_each_stage_summed_over_its_runs(tmp_path: Path) -> None:
     path = tmp_path / "timings.json"
-    first = {"phantom cohorts": 100.0, "training, all arms at once": 1600.0, "total": 1700.0}
-    assert add_earlier_runs(path, first) == (first, 1)
-    path.write_text(json.dumps({"runs": 1, "seconds": first}))
-    resumed = {"phantom cohorts": 0.5, "training, all arms at once": 200.0, "total": 201.0}
-    summed, runs = add_earlier_runs(path, resumed)
-    assert runs == 2 and summed == {
-        "phantom cohorts": 100.5,
-        "training, all arms at once": 1800.0,
-        "total": 1901.0,
-    }
-    path.write_text(json.dumps(first))  # the flat file of an earlier rtseg: one run
-    assert add_earlier_runs(path, {"total": 1.0})[1] == 2
+    first = StageClock(path)  # killed in training: the cohorts' time is kept, the training's lost
+    first.record("phantom cohorts", 100.0)
+    assert first.runs == 1 and json.loads(path.read_text())["seconds"]["phantom cohorts"] == 100.0
+    second = StageClock(path)
+    second.record("phantom cohorts", 0.5)  # found done
+    second.record("training, all arms at once", 1800.0)
+    summed = second.summed()
+    assert second.runs == 2 and list(summed) == ["phantom cohorts", "training, all arms at once", "total"]
+    assert summed["phantom cohorts"] == 100.5 and summed["training, all arms at once"] == 1800.0
+    assert json.loads(path.read_text()) == {"runs": 2, "seconds": summed}
+    path.write_text(json.dumps({"phantom cohorts": 100.0, "total": 1700.0}))  # an earlier rtseg's file
+    assert StageClock(path).runs == 2
     path.write_text("{not json")  # unreadable: this run's times, not a crash at the report
-    assert add_earlier_runs(path, resumed) == (resumed, 1)
+    assert StageClock(path).runs == 1
 
+    summed["total"] = 1901.0  # what the report prints: the header's minutes from the summed total
     scored = study(STUDY_PATTERN)
     curve = [CurvePoint(r, c, f"{c}_0", 0.5) for r in range(2) for c in ("C", "D")]
     md = write_report(
-        QUICK, tmp_path / "out", tmp_path / "work", scored, curve, summed, runs
+        QUICK, tmp_path / "out", tmp_path / "work", scored, curve, summed, second.runs
     ).results_md.read_text()
     assert "31.7 min in all over 2 runs (resumed)" in md and "| training, all arms at once | 1800 |" in md
     assert "found done counts what it took when it ran" in md
