@@ -1,8 +1,8 @@
-"""Oversized DICOM instances for the memory-bound tests (a Deflate bomb, a plain huge slice) and the peak RSS.
+"""Hostile DICOM instances (a Deflate bomb, a plain huge slice, deeply nested sequences) and the peak RSS.
 
-Both are CT Image Storage instances with a small, valid header (512 x 512, 16 bit)
-and a Pixel Data element far larger than the header declares; they are written
-straight to disk, never held whole in memory.
+All are CT Image Storage instances with a small, valid header (512 x 512, 16 bit).
+The bombs have a Pixel Data element far larger than the header declares; they are
+written straight to disk, never held whole in memory.
 """
 
 from __future__ import annotations
@@ -73,6 +73,22 @@ def write_plain_instance(path: Path, pixel_mb: int, sop: str, series: str) -> Pa
         out.write(_header(sop, series) + _pixel_data_tag(pixel_mb << 20))
         for _ in range(pixel_mb):
             out.write(_BLOCK)
+    return path
+
+
+def write_nested_sequences(path: Path, depth: int, sop: str, series: str) -> Path:
+    """A small CT instance (3.6 MB at 100,000) whose Content Sequence nests ``depth`` deep.
+
+    Undefined-length sequences in undefined-length items: a reader that recurses per level
+    (pydicom does) meets Python's recursion limit long before any size bound.
+    """
+    sq = struct.pack("<HH2sHL", 0x0040, 0xA730, b"SQ", 0, 0xFFFFFFFF)
+    item = struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF)
+    ends = struct.pack("<HHL", 0xFFFE, 0xE00D, 0) + struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
+    with path.open("wb") as out:
+        out.write(_meta(sop, ExplicitVRLittleEndian))
+        out.write(_header(sop, series))  # (0008,0016) … (0028,0103); the sequence, (0040,A730), after them
+        out.write((sq + item) * depth + ends * depth)
     return path
 
 

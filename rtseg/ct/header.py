@@ -33,8 +33,11 @@ _NON_IMAGE_SOP_PREFIXES = ("1.2.840.10008.5.1.4.1.1.481.", "1.2.840.10008.5.1.4.
 _DUPLICATE_MM = 0.01  # two slices closer than this are at the same position
 
 
-READ_ERRORS = (  # what pydicom raises on a damaged or truncated file (zlib: a damaged Deflate data set)
+# What pydicom raises on a damaged or truncated file (zlib: a damaged Deflate data set; recursion:
+# sequences nested a few hundred deep, which pydicom reads one Python call per level).
+READ_ERRORS = (
     InvalidDicomError,
+    RecursionError,
     NotImplementedError,
     OSError,
     EOFError,
@@ -46,6 +49,13 @@ READ_ERRORS = (  # what pydicom raises on a damaged or truncated file (zlib: a d
     zlib.error,
     BytesLengthException,
 )
+
+
+def read_error_text(exc: BaseException) -> str:
+    """What an error of :data:`READ_ERRORS` says about the file, for an :class:`InputError`."""
+    if isinstance(exc, RecursionError):
+        return "sequences nested deeper than a DICOM reader can follow (real data nests a few levels)"
+    return "unreadable or truncated DICOM file"
 
 
 # The data set's SOP UIDs, and the file meta elements that stand in for them where a

@@ -16,7 +16,7 @@ from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from rtseg.ct.geometry import _affine, _Geometry, _geometry, _series_info
-from rtseg.ct.header import READ_ERRORS, SeriesSummary
+from rtseg.ct.header import READ_ERRORS, SeriesSummary, read_error_text
 from rtseg.ct.pixels import _read_volume
 from rtseg.ct.scan import _deduplicate, _groups, _scan, _select_series, _summary
 from rtseg.errors import InputError, TooLargeError
@@ -192,7 +192,7 @@ def check_instance_size(stream: BinaryIO, max_bytes: int, *, source: str) -> Non
         ds = pydicom.dcmread(stream, stop_before_pixels=True, specific_tags=_PIXEL_SIZE_KEYWORDS)
         pixels = _declared_pixel_bytes(ds)
     except READ_ERRORS as exc:
-        raise InputError("unreadable or truncated DICOM file", source=source) from exc
+        raise InputError(read_error_text(exc), source=source) from exc
     if pixels > max_bytes:
         raise TooLargeError(
             f"the pixel data decodes to {pixels} bytes, larger than the limit of {_mb(max_bytes)}",
@@ -226,7 +226,7 @@ def read_head(stream: BinaryIO, *, source: str) -> Dataset:
         stream.seek(0)
         return pydicom.dcmread(stream, stop_before_pixels=True)
     except READ_ERRORS as exc:
-        raise InputError("unreadable DICOM header", source=source) from exc
+        raise InputError(read_error_text(exc), source=source) from exc
 
 
 def _check_inflated(stream: BinaryIO, max_bytes: int, source: str) -> None:

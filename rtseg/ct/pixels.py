@@ -13,7 +13,7 @@ from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import UID
 
 from rtseg.ct.geometry import _Geometry
-from rtseg.ct.header import READ_ERRORS, _floats, _Header, sop_uid_of
+from rtseg.ct.header import READ_ERRORS, _floats, _Header, read_error_text, sop_uid_of
 from rtseg.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def _decode(header: _Header, rows: int, columns: int) -> npt.NDArray[Any]:
         ds = pydicom.dcmread(header.path)
         sop_uid = sop_uid_of(ds, "SOPInstanceUID")
     except READ_ERRORS as exc:
-        raise InputError("unreadable or truncated DICOM file", source=path) from exc
+        raise InputError(read_error_text(exc), source=path) from exc
     if sop_uid != header.sop_uid:
         raise InputError(
             "the file could not be read completely (truncated, or changed while loading)", source=path

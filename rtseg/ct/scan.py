@@ -22,6 +22,7 @@ from rtseg.ct.header import (
     _floats,
     _Header,
     _position,
+    read_error_text,
     series_uid_of,
     sop_uid_of,
 )
@@ -146,7 +147,7 @@ def _read_header(path: Path, *, strict: bool) -> Dataset | None:
     except OSError as exc:
         raise InputError(f"cannot read the file ({exc.strerror or exc})", source=str(path)) from exc
     except READ_ERRORS as exc:
-        raise InputError("unreadable or truncated DICOM file", source=str(path)) from exc
+        raise InputError(read_error_text(exc), source=str(path)) from exc
 
 
 def _is_dicomdir(ds: Dataset) -> bool:

@@ -487,6 +487,23 @@ def test_deflate_bomb_is_refused_in_bounded_memory_and_the_node_carries_on(
     assert "inflates to more than 8 MB" in caplog.text
 
 
+def test_sequences_nested_past_the_recursion_limit_are_refused_and_the_next_is_stored(
+    scp: Any, small_series: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    from dicom_bombs import write_nested_sequences
+
+    node = scp()
+    nested = write_nested_sequences(
+        tmp_path / "nested.dcm", 100_000, "1.2.826.0.1.3680043.10.1234.5.1", "1.2.3.13"
+    )
+    normal = next(small_series.iterdir())
+    sent = [(nested, ExplicitVRLittleEndian), (normal, ExplicitVRLittleEndian)]
+    statuses = _send_files(node.port, sent, monkeypatch)
+    assert statuses == [0xC000, 0x0000]
+    assert len(node.spooled()) == 1  # the normal slice only
+    assert "sequences nested deeper than" in caplog.text and "Traceback" not in caplog.text
+
+
 def test_plain_instance_over_the_bound_is_out_of_resources_and_the_next_is_stored(
     scp: Any, small_series: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: Any
 ) -> None:

@@ -538,6 +538,17 @@ def test_truncated_file_is_named(tmp_path: Path) -> None:
     assert error.source == str(files[4])
 
 
+def test_sequences_nested_past_the_recursion_limit_are_named(tmp_path: Path) -> None:
+    from dicom_bombs import write_nested_sequences
+
+    _write(tmp_path, seed="nested")
+    nested = write_nested_sequences(
+        tmp_path / "zz.dcm", 100_000, "1.2.826.0.1.3680043.10.1234.5.4", "1.2.3.16"
+    )
+    error = _error(tmp_path, "sequences nested deeper than a DICOM reader can follow")
+    assert error.source == str(nested)
+
+
 def test_truncated_compressed_file_is_named(tmp_path: Path) -> None:
     expected = _write(tmp_path, seed="truncated-rle")
     path = _files_in_order(tmp_path, expected)[3]

@@ -232,6 +232,23 @@ def test_a_deflated_instance_over_the_limit_fails_with_a700_named_by_its_file_me
     assert len(references(response.json(), REFERENCED_SOP_SEQUENCE)) == 23
 
 
+def test_sequences_nested_past_the_recursion_limit_fail_with_c000_and_the_others_are_stored(
+    serve: Callable[..., Running], series24: list[bytes], tmp_path: Path
+) -> None:
+    from dicom_bombs import write_nested_sequences
+
+    running = serve()
+    nested = write_nested_sequences(
+        tmp_path / "n.dcm", 100_000, "1.2.826.0.1.3680043.10.1234.5.2", "1.2.3.14"
+    )
+    response = stow(running, multipart([*series24[:5], nested.read_bytes(), *series24[5:]]))
+    assert response.status_code == 202, response.text  # was 500: pydicom's RecursionError escaped
+    (failed,) = references(response.json(), FAILED_SOP_SEQUENCE)
+    assert failed[FAILURE_REASON]["Value"] == [0xC000]
+    assert len(references(response.json(), REFERENCED_SOP_SEQUENCE)) == 24
+    assert "instance 6 is not a readable DICOM file" in response.headers["Warning"]
+
+
 def test_instances_of_another_study_than_the_url_names_all_fail_409(
     serve: Callable[..., Running], series24: list[bytes]
 ) -> None:

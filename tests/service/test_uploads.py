@@ -326,6 +326,21 @@ def test_multipart_file_names_are_never_paths(
     assert not list(tmp_path.glob("*.dcm")) and not list(running.data_dir.glob("*.dcm"))
 
 
+def test_sequences_nested_past_the_recursion_limit_are_a_422_naming_the_file(
+    serve: Callable[..., Running], phantom_ct96: Path, tmp_path: Path
+) -> None:
+    from dicom_bombs import write_nested_sequences
+
+    running = serve()
+    nested = write_nested_sequences(
+        tmp_path / "IM9.dcm", 100_000, "1.2.826.0.1.3680043.10.1234.5.3", "1.2.3.15"
+    )
+    files = [("file", (p.name, p.read_bytes())) for p in series_files(phantom_ct96)]
+    response = running.post(files=[*files, ("file", ("IM9.dcm", nested.read_bytes()))])
+    assert_problem(response, 422, None, "'IM9.dcm'", "sequences nested deeper than a DICOM reader can follow")
+    assert_nothing_left(running)
+
+
 def test_deflate_bomb_upload_is_413_in_bounded_memory(serve: Callable[..., Running], tmp_path: Path) -> None:
     from dicom_bombs import peak_rss_mb, reset_peak_rss, write_deflate_bomb
 
