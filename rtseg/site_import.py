@@ -47,7 +47,7 @@ from rtseg.closed_loop import (
     map_roi_names,
     referenced_series,
 )
-from rtseg.ct import load_series
+from rtseg.ct import READ_ERRORS, load_series
 from rtseg.deid import Deidentifier, copy_deidentified
 from rtseg.errors import InputError, RtsegError
 from rtseg.phantom.cohort import write_label_image
@@ -267,7 +267,7 @@ def _header(path: Path) -> pydicom.Dataset | None:
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS, force=force)
         except InvalidDicomError:
             continue
-        except (OSError, EOFError, *PARSE_ERRORS):
+        except (*READ_ERRORS, *PARSE_ERRORS):  # damaged Deflate data, sequences nested past the stack, ...
             return None
         if str(ds.get("SOPClassUID", "") or "").startswith("1.2.840.10008."):
             return ds
@@ -288,7 +288,7 @@ def _import_one(
     try:
         ds = pydicom.dcmread(path)
         uid = str(ds.SOPInstanceUID)
-    except (InvalidDicomError, OSError, EOFError, *PARSE_ERRORS) as exc:
+    except (*READ_ERRORS, *PARSE_ERRORS) as exc:
         return ImportItem(rel, SKIPPED, BAD_RTSTRUCT, type(exc).__name__)
     done = _done_case(db, uid, out)
     if done is not None:
