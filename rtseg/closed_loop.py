@@ -51,7 +51,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from rtseg.cases import CT_DIR, LABELS_FILE, load_case
-from rtseg.ct import load_series
+from rtseg.ct import READ_ERRORS, load_series
 from rtseg.errors import InputError, RtsegError, RTStructError
 from rtseg.jobs import Job, JobState, JobStore
 from rtseg.metrics import score
@@ -195,7 +195,7 @@ def handle_rtstruct(
     data_dir = Path(data_dir)
     try:
         ds = pydicom.dcmread(path)
-    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+    except READ_ERRORS as exc:
         outcome = Outcome("failed", f"unreadable RTSTRUCT ({type(exc).__name__})", malformed=True)
     else:
         key = uid_key(str(ds.get("SOPInstanceUID", path.name)))
@@ -434,7 +434,7 @@ def _copy_series(input_dir: Path, volume: CTVolume, out: Path) -> None:
                     path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]
                 ).SOPInstanceUID
             )
-        except (InvalidDicomError, OSError, ValueError, EOFError, AttributeError):
+        except READ_ERRORS:
             continue
         if uid in wanted:
             shutil.copy2(path, out / f"{n:05d}.dcm")

@@ -279,6 +279,24 @@ def test_malformed_approved_rtstruct_is_quarantined_and_the_next_one_processed(
     assert event["instance"] == quarantined["instance_key"] and "ReferencedROINumber" in event["reason"]
 
 
+def test_a_structure_set_nested_past_the_stack_is_quarantined_not_raised(tmp_path: Path) -> None:
+    """The node refuses such an instance (check_instance_size); a file that reached the spool
+    another way must not stop the loop with a RecursionError either."""
+    from dicom_bombs import write_nested_sequences
+
+    data = tmp_path / "data"
+    spool = data / "spool" / "rtstruct" / "s1"
+    spool.mkdir(parents=True)
+    nested = write_nested_sequences(spool / "1.dcm", 100_000, "1.2.826.0.1.3680043.10.1234.5.6", "1.2.3.18")
+    store = JobStore(data / "state.db")
+    try:
+        outcome = handle_rtstruct(nested, data, store, quarantine=data / "quarantine" / "rtstruct")
+    finally:
+        store.close()
+    assert outcome.status == "quarantined" and "RecursionError" in outcome.message
+    assert not nested.exists() and (data / "quarantine" / "rtstruct" / "s1" / "1.dcm").is_file()
+
+
 def test_late_approval_is_paired_within_the_window_after_retention(
     node: dict[str, object], tmp_path: Path
 ) -> None:
