@@ -37,6 +37,7 @@ from typing import Any
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from rtseg.ct import READ_ERRORS
 from rtseg.errors import InputError
 from rtseg.structures import STRUCTURES
 
@@ -462,7 +463,7 @@ def _read_rois(path: Path) -> tuple[list[tuple[str, str | None]] | None, str | N
     except OSError as exc:
         return None, f"cannot read ({exc.strerror or type(exc).__name__})"
     except _MALFORMED as exc:
-        return None, f"malformed DICOM ({type(exc).__name__})"
+        return None, f"malformed DICOM ({_error_name(exc)})"
     if ds is None:
         return None, "not a DICOM file"
     meta = getattr(ds, "file_meta", None)
@@ -477,10 +478,16 @@ def _read_rois(path: Path) -> tuple[list[tuple[str, str | None]] | None, str | N
     try:
         return rois_of(ds), None
     except _MALFORMED as exc:
-        return None, f"malformed structure set ({type(exc).__name__})"
+        return None, f"malformed structure set ({_error_name(exc)})"
 
 
-_MALFORMED = (EOFError, ValueError, KeyError, TypeError, AttributeError, IndexError, NotImplementedError)
+_MALFORMED = (*READ_ERRORS, IndexError)  # damaged Deflate data, sequences nested past the stack, ...
+
+
+def _error_name(exc: BaseException) -> str:
+    """``ValueError``; a module's bare ``error`` with its module (``zlib.error``, ``struct.error``)."""
+    name = type(exc).__name__
+    return f"{type(exc).__module__}.{name}" if name == "error" else name
 
 
 def _read_header(path: Path) -> pydicom.Dataset | None:

@@ -23,6 +23,7 @@ from rtseg.roi_names import (
     RoiNameMapper,
     load_site_names,
     rois_of,
+    survey,
 )
 
 RTSEG = [sys.executable, "-m", "rtseg_app"]
@@ -352,6 +353,27 @@ def test_cases_names_lists_every_roi_name_with_its_mapping_and_reason(tmp_path: 
     assert "files: 7 looked at, 2 unreadable" in lines
     assert "Doe" not in out + run.stderr and "PID-8812345" not in out + run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_cases_names_lists_damaged_and_hostile_files_as_unreadable(tmp_path: Path) -> None:
+    """A damaged Deflate structure set and sequences nested 100,000 deep (pydicom: zlib.error and
+    RecursionError, which ended the survey with a traceback) are listed with the reason."""
+    from dicom_bombs import write_nested_sequences
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    department_export(tmp_path / "export")
+    ds = pydicom.dcmread(tmp_path / "export" / "pat1" / "RS.1.dcm")
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(tmp_path / "export" / "pat2" / "deflated.dcm", enforce_file_format=True)
+    data = (tmp_path / "export" / "pat2" / "deflated.dcm").read_bytes()
+    (tmp_path / "export" / "pat2" / "deflated.dcm").write_bytes(data[: len(data) // 2] + b"\xff\x00\x13" * 64)
+    write_nested_sequences(
+        tmp_path / "export" / "nested.dcm", 100_000, "1.2.826.0.1.3680043.10.1234.5.7", "1.2.3.19"
+    )
+    found = survey(tmp_path / "export", RoiNameMapper())
+    assert ("pat2/deflated.dcm", "malformed DICOM (zlib.error)") in found.unreadable
+    assert ("nested.dcm", "malformed DICOM (RecursionError)") in found.unreadable
+    assert len(found.structure_sets) == 3  # the readable structure sets as before
 
 
 def test_cases_names_applies_the_site_mapping_file(tmp_path: Path) -> None:
