@@ -221,6 +221,8 @@ def read_json(path: Path) -> dict[str, Any]:
         raise ModelError(f"missing {path.name}", source=str(path.parent)) from exc
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelError(f"unreadable {path.name} ({exc})", source=str(path.parent)) from exc
+    except RecursionError as exc:  # arrays or objects nested a thousand deep: no model file is
+        raise ModelError(f"{path.name} nests deeper than JSON can be read", source=str(path.parent)) from exc
     if not isinstance(doc, dict):
         raise ModelError(f"{path.name} is not a JSON object", source=str(path.parent))
     return doc

@@ -97,6 +97,9 @@ PATH_NAMES = ("dataset_name", "plans_name")  # top-level names nnU-Net joins int
 CONFIGURATION_PATH_NAMES = ("data_identifier", "inherits_from", "previous_stage", "next_stage")
 # a checkpoint's trainer class is looked up by name in nnU-Net's trainer package; a dotted or
 # otherwise odd name is no trainer class
+# nnU-Net's plans nest 7 levels (plans.configurations.3d_fullres.architecture.arch_kwargs.kernel_sizes[i][j]);
+# a few hundred levels would overflow Python's stack in this check (plans also come from a coordinator)
+MAX_DEPTH = 32
 TRAINER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 
 
@@ -198,19 +201,21 @@ def _check_path_name(value: Any, where: str, source: str) -> None:
         )
 
 
-def _check_plain(value: Any, where: str, source: str) -> None:
-    """JSON values only: nothing that could be called or carries behaviour."""
+def _check_plain(value: Any, where: str, source: str, depth: int = 0) -> None:
+    """JSON values only, at most :data:`MAX_DEPTH` deep: nothing that could be called or carries behaviour."""
     if value is None or isinstance(value, bool | int | float | str):
         return
+    if depth >= MAX_DEPTH:
+        raise ModelError(f"{where} nests deeper than {MAX_DEPTH} levels: not nnU-Net plans", source=source)
     if isinstance(value, list | tuple):
         for i, item in enumerate(value):
-            _check_plain(item, f"{where}[{i}]", source)
+            _check_plain(item, f"{where}[{i}]", source, depth + 1)
         return
     if isinstance(value, Mapping):
         for key, item in value.items():
             if not isinstance(key, str):
                 raise ModelError(f"{where} has a key {_show(key)} that is not a string", source=source)
-            _check_plain(item, f"{where}.{key}", source)
+            _check_plain(item, f"{where}.{key}", source, depth + 1)
         return
     raise ModelError(f"{where} is a {type(value).__name__}, not a plain JSON value", source=source)
 

@@ -87,6 +87,39 @@ def test_registry_and_gate_refuse_such_a_model(tmp_path: Path, capsys: pytest.Ca
     assert not appeared(marker)
 
 
+@pytest.mark.parametrize("name", ["plans.json", "rtseg-model.json", "dataset.json"])
+def test_a_model_file_nested_past_the_stack_is_a_model_error_in_one_line(
+    tmp_path: Path, name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """JSON nested 100,000 deep (1 MB): json raised RecursionError, a traceback from every command."""
+    model = tmp_path / "model"
+    shutil.copytree(default_model_dir(), model)
+    doc = json.loads((model / name).read_text())
+    (model / name).write_text(json.dumps(doc)[:-1] + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    from rtseg.model.segmenter import NnunetSegmenter
+
+    with pytest.raises(ModelError, match=f"{re.escape(name)} nests deeper than JSON can be read"):
+        NnunetSegmenter(model, device="cpu")
+    if name != "dataset.json":  # what `model info` reads
+        assert main(["model", "info", "--model", str(model)]) == 2
+        err = capsys.readouterr().err
+        assert f"{name} nests deeper than JSON can be read" in err and "Traceback" not in err
+
+
+def test_plans_nested_deeper_than_plans_are_refused_before_the_stack_is() -> None:
+    """Plans also come from a federation coordinator, parsed: the check must not recurse without end."""
+    plans = json.loads((default_model_dir() / "plans.json").read_text())
+    check_plans(plans, "ok")  # nnU-Net's own plans nest 7 levels
+    deep: Any = 1
+    for _ in range(5_000):
+        deep = [deep]
+    plans["x"] = deep
+    with pytest.raises(
+        ModelError, match=r"plans\.x(\[0\]){31} nests deeper than 32 levels: not nnU-Net plans"
+    ):
+        check_plans(plans, "coordinator")
+
+
 def test_checkpoint_naming_a_dotted_trainer_or_carrying_bad_plans_is_refused(tmp_path: Path) -> None:
     import torch
 
