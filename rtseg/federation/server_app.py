@@ -278,6 +278,8 @@ def fingerprint_from_reply(payload: Payload, site: str) -> SiteFingerprint | Rej
         return Rejection(site, f"malformed fingerprint: no {exc}")
     except (TypeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
         return Rejection(site, f"malformed fingerprint: {exc}")
+    except RecursionError:  # a label table nested a thousand deep: one site must not stop the run
+        return Rejection(site, "malformed fingerprint: its label table nests deeper than JSON can be read")
 
 
 def run_round(grid: Grid, cfg: CoordinatorConfig, plan: Plan, arrays: Arrays, r: int) -> Arrays:

@@ -157,8 +157,14 @@ def test_an_object_array_on_the_wire_becomes_a_failed_reply_not_an_exception(
 
 @pytest.mark.parametrize(
     "record",
-    [{"labels": "{not json"}, {"spacings": "abc"}, {"histogram": None}, {"count": "many"}],
-    ids=["bad-json", "string-spacings", "no-histogram", "string-count"],
+    [
+        {"labels": "{not json"},
+        {"labels": '{"x": ' + "[" * 100_000 + "]" * 100_000 + "}"},  # json: RecursionError; the run stopped
+        {"spacings": "abc"},
+        {"histogram": None},
+        {"count": "many"},
+    ],
+    ids=["bad-json", "nested-json", "string-spacings", "no-histogram", "string-count"],
 )
 def test_a_malformed_fingerprint_is_rejected_with_its_reason(record: dict[str, Any]) -> None:
     from rtseg.federation.fingerprint import N_BINS
