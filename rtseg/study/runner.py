@@ -92,10 +92,7 @@ class StageClock:
 
     def summed(self) -> dict[str, float]:
         """Each stage's seconds over all runs, this run's stages first (in the order they ended)."""
-        order = [k for k in self.this_run if k != "total"] + [
-            k for k in self.earlier if k not in self.this_run
-        ]
-        keys = [k for k in order if k != "total"] + ["total"]
+        keys = [*dict.fromkeys(k for k in (*self.this_run, *self.earlier) if k != "total"), "total"]
         return {k: self.earlier.get(k, 0.0) + self.this_run.get(k, 0.0) for k in keys}
 
 
@@ -115,8 +112,9 @@ def _earlier_runs(path: Path) -> tuple[dict[str, float], int]:
 def _timed(clock: StageClock, name: str, step: Callable[[], T]) -> T:
     t0 = time.monotonic()
     result = step()
-    clock.record(name, time.monotonic() - t0)
-    log.info("%s: %.0f s", name, time.monotonic() - t0)
+    seconds = time.monotonic() - t0
+    clock.record(name, seconds)
+    log.info("%s: %.0f s", name, seconds)
     return result
 
 
