@@ -95,11 +95,11 @@ PLANS_NAMES: dict[str, frozenset[str]] = {
 }
 PATH_NAMES = ("dataset_name", "plans_name")  # top-level names nnU-Net joins into folder paths
 CONFIGURATION_PATH_NAMES = ("data_identifier", "inherits_from", "previous_stage", "next_stage")
-# a checkpoint's trainer class is looked up by name in nnU-Net's trainer package; a dotted or
-# otherwise odd name is no trainer class
 # nnU-Net's plans nest 7 levels (plans.configurations.3d_fullres.architecture.arch_kwargs.kernel_sizes[i][j]);
 # a few hundred levels would overflow Python's stack in this check (plans also come from a coordinator)
 MAX_DEPTH = 32
+# a checkpoint's trainer class is looked up by name in nnU-Net's trainer package; a dotted or
+# otherwise odd name is no trainer class
 TRAINER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 
 
