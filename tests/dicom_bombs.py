@@ -92,6 +92,16 @@ def write_nested_sequences(path: Path, depth: int, sop: str, series: str) -> Pat
     return path
 
 
+def damaged_deflate(ds: Dataset) -> bytes:
+    """``ds`` (with file meta) in Deflated Explicit VR Little Endian, its compressed data set cut in
+    half and ended with an invalid code: zlib raises on it, not pydicom."""
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    data = buffer.getvalue()
+    return data[: len(data) // 2] + b"\xff\x00\x13" * 64
+
+
 def reset_peak_rss() -> None:
     """Linux: this process's peak RSS (VmHWM) starts again from the current RSS."""
     Path("/proc/self/clear_refs").write_text("5")

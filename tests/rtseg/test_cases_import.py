@@ -220,16 +220,13 @@ def test_damaged_and_hostile_files_in_the_export_are_passed_over_not_fatal(
 ) -> None:
     """A damaged Deflate file and one with sequences nested 100,000 deep: pydicom raised zlib.error and
     RecursionError, which stopped the whole import with a traceback."""
-    from dicom_bombs import write_nested_sequences
-    from pydicom.uid import DeflatedExplicitVRLittleEndian
+    from dicom_bombs import damaged_deflate, write_nested_sequences
 
     src = tmp_path / "export"
     shutil.copytree(export["src"], src)  # type: ignore[arg-type]
-    ds = pydicom.dcmread(src / "PAT1" / "CT" / "1" / "IM0000")
-    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
-    ds.save_as(src / "misc" / "deflated", enforce_file_format=True)
-    data = (src / "misc" / "deflated").read_bytes()
-    (src / "misc" / "deflated").write_bytes(data[: len(data) // 2] + b"\xff\x00\x13" * 64)
+    (src / "misc" / "deflated").write_bytes(
+        damaged_deflate(pydicom.dcmread(src / "PAT1" / "CT" / "1" / "IM0000"))
+    )
     write_nested_sequences(src / "misc" / "nested", 100_000, "1.2.826.0.1.3680043.10.1234.5.5", "1.2.3.17")
     report = import_folder(src, tmp_path / "cases")
     items = _by_source(report)

@@ -358,15 +358,11 @@ def test_cases_names_lists_every_roi_name_with_its_mapping_and_reason(tmp_path: 
 def test_cases_names_lists_damaged_and_hostile_files_as_unreadable(tmp_path: Path) -> None:
     """A damaged Deflate structure set and sequences nested 100,000 deep (pydicom: zlib.error and
     RecursionError, which ended the survey with a traceback) are listed with the reason."""
-    from dicom_bombs import write_nested_sequences
-    from pydicom.uid import DeflatedExplicitVRLittleEndian
+    from dicom_bombs import damaged_deflate, write_nested_sequences
 
     department_export(tmp_path / "export")
-    ds = pydicom.dcmread(tmp_path / "export" / "pat1" / "RS.1.dcm")
-    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
-    ds.save_as(tmp_path / "export" / "pat2" / "deflated.dcm", enforce_file_format=True)
-    data = (tmp_path / "export" / "pat2" / "deflated.dcm").read_bytes()
-    (tmp_path / "export" / "pat2" / "deflated.dcm").write_bytes(data[: len(data) // 2] + b"\xff\x00\x13" * 64)
+    damaged = damaged_deflate(pydicom.dcmread(tmp_path / "export" / "pat1" / "RS.1.dcm"))
+    (tmp_path / "export" / "pat2" / "deflated.dcm").write_bytes(damaged)
     write_nested_sequences(
         tmp_path / "export" / "nested.dcm", 100_000, "1.2.826.0.1.3680043.10.1234.5.7", "1.2.3.19"
     )

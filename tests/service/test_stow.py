@@ -23,7 +23,7 @@ import pytest
 import requests
 from node_helpers import subset_series
 from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from svc_helpers import AUTH, Running, make_settings
 from test_auth_first import _send_until_answered
 
@@ -179,23 +179,15 @@ def test_an_instance_over_max_instance_mb_fails_with_a700_and_the_others_are_sto
     assert f"larger than the limit of {64 << 10}" in response.headers["Warning"]
 
 
-def damaged_deflated_instance(template: bytes) -> bytes:
-    """A CT slice in Deflated Explicit VR Little Endian whose compressed data set is damaged."""
-    ds = pydicom.dcmread(io.BytesIO(template))
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    data = buffer.getvalue()
-    body = len(data) - len(ds.PixelData) // 4  # inside the deflate stream, past the file meta
-    return data[:body] + b"\xff\x00\x13" * 64  # an invalid code: zlib raises, not pydicom
-
-
 def test_a_damaged_deflated_instance_fails_with_c000_and_the_others_are_stored(
     serve: Callable[..., Running], series24: list[bytes]
 ) -> None:
+    from dicom_bombs import damaged_deflate
+
     running = serve()
-    damaged = damaged_deflated_instance(series24[0])
+    ds = pydicom.dcmread(io.BytesIO(series24[0]))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    damaged = damaged_deflate(ds)
     with pytest.raises(zlib.error):  # what pydicom lets through on such a part
         pydicom.dcmread(io.BytesIO(damaged), stop_before_pixels=True)
     response = stow(running, multipart([damaged, *series24[1:]]))
