@@ -124,6 +124,17 @@ def run(grid: Grid, rc: dict[str, Any]) -> None:
     _log_to(cfg.state_dir / "coordinator.log")
     nodes = grid.wait_for_nodes(cfg.wait_sites, cfg.join_timeout)
     log.info("federation %s: run %d, %d sites connected", cfg.federation, grid.run_id, len(nodes))
+    try:
+        _run_rounds(grid, cfg, nodes)
+    except FederationError as exc:
+        # the reason goes to coordinator.log here and, with the exception, into the run's status
+        log.error("federation %s stopped: %s", cfg.federation, exc)
+        raise
+    log.info("federation %s finished: %d rounds", cfg.federation, cfg.rounds)
+
+
+def _run_rounds(grid: Grid, cfg: CoordinatorConfig, nodes: list[int]) -> None:
+    """The fingerprint round and round 0 unless a round is on record, then the rounds still to run."""
     done = completed_round(cfg.state_dir)
     if done is None:
         plan = initialise(grid, nodes, cfg)
@@ -133,13 +144,7 @@ def run(grid: Grid, rc: dict[str, Any]) -> None:
         log.info("resuming after round %d (plans %s)", done, plan.hash)
     arrays = load_arrays(round_file(cfg.state_dir, done))
     for r in range(done + 1, cfg.rounds + 1):
-        try:
-            arrays = run_round(grid, cfg, plan, arrays, r)
-        except FederationError as exc:
-            # the reason goes to coordinator.log here and, with the exception, into the run's status
-            log.error("federation %s stopped: %s", cfg.federation, exc)
-            raise
-    log.info("federation %s finished: %d rounds", cfg.federation, cfg.rounds)
+        arrays = run_round(grid, cfg, plan, arrays, r)
 
 
 def _log_to(path: Path) -> None:
