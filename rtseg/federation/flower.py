@@ -18,13 +18,15 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import LocalDpMod
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid as FlowerGrid
 from flwr.serverapp import ServerApp
 
-from rtseg.errors import FederationError
+from rtseg.errors import FederationError, ModelError
+from rtseg.privacy import redact_uids
 
 log = logging.getLogger(__name__)
 
@@ -106,16 +108,54 @@ def record_mod(msg: Message, context: Context, call_next: Callable[[Message, Con
     """
     out = call_next(msg, context)
     folder = context.node_config.get("record-dir")
-    if folder and not out.has_error():
+    if not folder:
+        return out
+    if out.has_error():  # a failure's reply crosses the link too (see error_mod)
+        doc: dict[str, Any] = {"error": {"code": int(out.error.code), "reason": out.error.reason}}
+    else:
         doc = describe(out.content)
-        doc["message_type"] = msg.metadata.message_type
-        path = Path(str(folder)) / f"{time.time_ns()}-{msg.metadata.message_type}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(doc))
-        if ARRAYS in out.content.array_records:  # the exact arrays, for audits of what was sent
-            arrays = {k: a.numpy() for k, a in out.content.array_records[ARRAYS].items()}
-            np.savez(path.with_suffix(".npz"), **arrays)  # type: ignore[arg-type]
+    doc["message_type"] = msg.metadata.message_type
+    path = Path(str(folder)) / f"{time.time_ns()}-{msg.metadata.message_type}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc))
+    if not out.has_error() and ARRAYS in out.content.array_records:  # the exact arrays, for audits
+        arrays = {k: a.numpy() for k, a in out.content.array_records[ARRAYS].items()}
+        np.savez(path.with_suffix(".npz"), **arrays)  # type: ignore[arg-type]
     return out
+
+
+MAX_REASON_CHARS = 400
+# errors about what the coordinator sent or the federation's protocol: their sentence names no site data
+SHARED_REASONS = (FederationError, ModelError)
+
+
+def site_error_reason(exc: BaseException) -> str:
+    """What of a failure at the site goes to the coordinator, another institution.
+
+    Flower's own error reply carries ``str(exception)``: for a problem with the site's
+    data that is a path under its cases folder (which a department may name after
+    the patient), a value from a DICOM header or nnU-Net's view of a file. Only the
+    kind of error leaves the site, with rtseg's sentence (never its file, UIDs
+    redacted) for the errors about what the coordinator sent (its plans, weights or
+    round config) or the site's federation settings.
+    """
+    kind = type(exc).__name__
+    if isinstance(exc, SHARED_REASONS):
+        text = redact_uids(exc.message)
+        if len(text) > MAX_REASON_CHARS:
+            text = text[: MAX_REASON_CHARS - 1] + "…"
+        return f"{kind}: {text}"
+    return f"{kind} at the site: the reason stays in the site's log"
+
+
+def error_mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+    """A failure of the site's handler: the whole reason to its log, :func:`site_error_reason` to the link."""
+    try:
+        return call_next(msg, context)
+    except Exception as exc:  # everything the handler raises: this mod decides what of it leaves the site
+        log.error("the %s message failed at this site", msg.metadata.message_type, exc_info=exc)
+        error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=site_error_reason(exc))
+        return Message(error, reply_to=msg)
 
 
 def describe(content: RecordDict) -> dict[str, Any]:
@@ -152,7 +192,7 @@ def dp_mod(msg: Message, context: Context, call_next: Callable[[Message, Context
 
 def client_app(queries: dict[str, Handler], train: Handler) -> ClientApp:
     """A ClientApp answering ``query.<name>`` with ``queries[name]`` and ``train`` with ``train``."""
-    app = ClientApp(mods=[record_mod, dp_mod])
+    app = ClientApp(mods=[record_mod, dp_mod, error_mod])  # the first wraps the others
     for name, handler in queries.items():
         app.query(name)(_handler_fn(handler))
     app.train()(_handler_fn(train))
