@@ -22,6 +22,7 @@ from rtseg.federation.task import (
     poison,
     prepare_data,
     site_config,
+    site_error_reason,
     train_local,
 )
 from rtseg.model.cpu import CpuConfig
@@ -96,4 +97,4 @@ def train(payload: Payload, context: SiteContext) -> Payload:
     )
 
 
-app = client_app({"fingerprint": fingerprint, "prepare": prepare}, train)
+app = client_app({"fingerprint": fingerprint, "prepare": prepare}, train, site_error_reason)

@@ -25,8 +25,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid as FlowerGrid
 from flwr.serverapp import ServerApp
 
-from rtseg.errors import FederationError, ModelError
-from rtseg.privacy import redact_uids
+from rtseg.errors import FederationError
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +58,7 @@ class Reply:
 
 
 Handler = Callable[[Payload, SiteContext], Payload]
+CallNext = Callable[[Message, Context], Message]
 
 
 def _to_content(payload: Payload) -> RecordDict:
@@ -110,7 +110,7 @@ def record_mod(msg: Message, context: Context, call_next: Callable[[Message, Con
     folder = context.node_config.get("record-dir")
     if not folder:
         return out
-    if out.has_error():  # a failure's reply crosses the link too (see error_mod)
+    if out.has_error():  # a failure's reply crosses the link too (see :func:`error_mod`)
         doc: dict[str, Any] = {"error": {"code": int(out.error.code), "reason": out.error.reason}}
     else:
         doc = describe(out.content)
@@ -124,38 +124,22 @@ def record_mod(msg: Message, context: Context, call_next: Callable[[Message, Con
     return out
 
 
-MAX_REASON_CHARS = 400
-# errors about what the coordinator sent or the federation's protocol: their sentence names no site data
-SHARED_REASONS = (FederationError, ModelError)
+def error_mod(reason: Callable[[Exception], str]) -> Callable[[Message, Context, CallNext], Message]:
+    """A mod that answers a failure of the site's handler with ``reason(exception)``, logging it whole.
 
-
-def site_error_reason(exc: BaseException) -> str:
-    """What of a failure at the site goes to the coordinator, another institution.
-
-    Flower's own error reply carries ``str(exception)``: for a problem with the site's
-    data that is a path under its cases folder (which a department may name after
-    the patient), a value from a DICOM header or nnU-Net's view of a file. Only the
-    kind of error leaves the site, with rtseg's sentence (never its file, UIDs
-    redacted) for the errors about what the coordinator sent (its plans, weights or
-    round config) or the site's federation settings.
+    Flower's own error reply would carry ``str(exception)`` to the coordinator, another
+    institution; ``reason`` decides what of a failure may leave the site.
     """
-    kind = type(exc).__name__
-    if isinstance(exc, SHARED_REASONS):
-        text = redact_uids(exc.message)
-        if len(text) > MAX_REASON_CHARS:
-            text = text[: MAX_REASON_CHARS - 1] + "…"
-        return f"{kind}: {text}"
-    return f"{kind} at the site: the reason stays in the site's log"
 
+    def mod(msg: Message, context: Context, call_next: CallNext) -> Message:
+        try:
+            return call_next(msg, context)
+        except Exception as exc:  # everything the handler raises: `reason` decides what leaves the site
+            log.error("the %s message failed at this site", msg.metadata.message_type, exc_info=exc)
+            error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason(exc))
+            return Message(error, reply_to=msg)
 
-def error_mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
-    """A failure of the site's handler: the whole reason to its log, :func:`site_error_reason` to the link."""
-    try:
-        return call_next(msg, context)
-    except Exception as exc:  # everything the handler raises: this mod decides what of it leaves the site
-        log.error("the %s message failed at this site", msg.metadata.message_type, exc_info=exc)
-        error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=site_error_reason(exc))
-        return Message(error, reply_to=msg)
+    return mod
 
 
 def describe(content: RecordDict) -> dict[str, Any]:
@@ -190,9 +174,12 @@ def dp_mod(msg: Message, context: Context, call_next: Callable[[Message, Context
     return mod(msg, context, call_next)
 
 
-def client_app(queries: dict[str, Handler], train: Handler) -> ClientApp:
-    """A ClientApp answering ``query.<name>`` with ``queries[name]`` and ``train`` with ``train``."""
-    app = ClientApp(mods=[record_mod, dp_mod, error_mod])  # the first wraps the others
+def client_app(queries: dict[str, Handler], train: Handler, reason: Callable[[Exception], str]) -> ClientApp:
+    """A ClientApp answering ``query.<name>`` with ``queries[name]`` and ``train`` with ``train``.
+
+    A handler's failure is answered with ``reason(exception)`` (see :func:`error_mod`).
+    """
+    app = ClientApp(mods=[record_mod, dp_mod, error_mod(reason)])  # the first wraps the others
     for name, handler in queries.items():
         app.query(name)(_handler_fn(handler))
     app.train()(_handler_fn(train))

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from rtseg.errors import FederationError
+from rtseg.errors import FederationError, ModelError
 from rtseg.federation.fingerprint import FingerprintAccumulator, SiteFingerprint, pooled_fingerprint
 from rtseg.model.children import nnunet_dirs
 from rtseg.model.cpu import CpuConfig
@@ -29,6 +29,7 @@ from rtseg.model.plans_check import check_plans
 from rtseg.model.rounds import RoundSchedule, preprocess_with_plans, train_round
 from rtseg.model.weights import load_arrays, save_arrays
 from rtseg.paths import safe_child, safe_name
+from rtseg.privacy import redact_uids
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,28 @@ class Site:
             )
         except KeyError as exc:
             raise FederationError(f"site node config lacks {exc}") from exc
+
+
+MAX_REASON_CHARS = 400
+
+
+def site_error_reason(exc: Exception) -> str:
+    """What of a failure at the site goes to the coordinator, another institution.
+
+    The kind of error, and rtseg's sentence (never its file, UIDs redacted) only for
+    errors about what the coordinator sent or about the federation's protocol and the
+    site's federation settings: a :class:`FederationError`, or the :class:`ModelError`
+    of the coordinator's plans. Any other text may name what the site holds: a case
+    folder (which a department may name after the patient), a value from a DICOM
+    header, the tail of an nnU-Net log listing case ids; it stays in the site's log.
+    """
+    kind = type(exc).__name__
+    if isinstance(exc, FederationError) or (isinstance(exc, ModelError) and exc.source == PLANS_SOURCE):
+        text = redact_uids(exc.message)
+        if len(text) > MAX_REASON_CHARS:
+            text = text[: MAX_REASON_CHARS - 1] + "…"
+        return f"{kind}: {text}"
+    return f"{kind} at the site: the reason stays in the site's log"
 
 
 def plans_hash(plans: dict[str, Any]) -> str:

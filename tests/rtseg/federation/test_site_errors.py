@@ -16,9 +16,15 @@ import pytest
 
 from rtseg.errors import FederationError, InputError, ModelError
 from rtseg.federation import client_app
-from rtseg.federation.flower import MAX_REASON_CHARS, Payload, SiteContext, site_error_reason
+from rtseg.federation.flower import Payload, SiteContext
 from rtseg.federation.simulate import TINY, LocalFederation, SimulationSpec
-from rtseg.federation.task import DATASET_ID, DATASET_NAME, check_coordinator_plans
+from rtseg.federation.task import (
+    DATASET_ID,
+    DATASET_NAME,
+    MAX_REASON_CHARS,
+    check_coordinator_plans,
+    site_error_reason,
+)
 from rtseg.model.dataset import dataset_folder_name
 
 PATIENT_FOLDER = "Doe^Jane_MRN4711"  # a case folder named as departments often name them
@@ -51,6 +57,17 @@ def test_other_errors_leave_as_their_class_name_only(tmp_path: Path) -> None:
     with pytest.raises(OSError) as caught:
         target.read_bytes()
     assert site_error_reason(caught.value) == KIND_ONLY.format("FileNotFoundError")
+
+
+def test_a_model_error_about_the_sites_own_files_leaves_as_its_kind_only(tmp_path: Path) -> None:
+    from rtseg.model.rounds import _labels_of
+
+    dataset_json = tmp_path / PATIENT_FOLDER / "dataset.json"
+    dataset_json.parent.mkdir()
+    dataset_json.write_text('{"labels": ')
+    with pytest.raises(ModelError) as caught:
+        _labels_of(dataset_json)
+    assert site_error_reason(caught.value) == KIND_ONLY.format("ModelError")
 
 
 def test_errors_about_what_the_coordinator_sent_keep_rtsegs_sentence_without_file_or_uid() -> None:
