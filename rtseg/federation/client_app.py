@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from rtseg.errors import FederationError
+from rtseg.errors import FederationError, InputError
 from rtseg.federation.flower import Payload, SiteContext, client_app
 from rtseg.federation.task import (
     Site,
@@ -25,12 +27,13 @@ from rtseg.federation.task import (
     site_error_reason,
     train_local,
 )
-from rtseg.model.cpu import CpuConfig
+from rtseg.model.cpu import CpuConfig, validate_config
 from rtseg.model.rounds import RoundSchedule
 from rtseg.privacy import RedactingFormatter
 from rtseg.structures import dataset_labels
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def _site(context: SiteContext) -> Site:
@@ -43,13 +46,53 @@ def _site(context: SiteContext) -> Site:
     return site
 
 
+def _from_coordinator(config: dict[str, Any], key: str, read: Callable[[Any], T]) -> T:
+    """``read(config[key])`` of a coordinator's message; missing or unreadable: a :class:`FederationError`.
+
+    The coordinator is a peer: its values are checked before the site acts on them,
+    and what is wrong with them is said in rtseg's words (which may go back to it).
+    """
+    if key not in config:
+        raise FederationError(f"the coordinator's message has no {key!r}")
+    try:
+        return read(config[key])
+    except InputError as exc:
+        raise FederationError(f"the coordinator's {key!r} is not usable: {exc.message}") from exc
+    except (TypeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise FederationError(f"the coordinator's {key!r} is not readable ({type(exc).__name__})") from exc
+
+
+def _json(value: Any) -> Any:
+    return json.loads(str(value))
+
+
+def _cpu_config(value: Any) -> CpuConfig:
+    doc = _json(value)
+    if not isinstance(doc, dict):
+        raise InputError("not a JSON object")
+    config = CpuConfig.from_dict(doc)
+    validate_config(config)
+    return config
+
+
+def _spacing(value: Any) -> tuple[float, float, float]:
+    z, y, x = (float(v) for v in value)
+    if not all(0 < v < 100 for v in (z, y, x)):
+        raise InputError(f"spacing {value!r} is not three lengths in mm")
+    return z, y, x
+
+
+def _plans(c: dict[str, Any]) -> tuple[Any, str]:
+    return _from_coordinator(c, "plans", _json), _from_coordinator(c, "plans-hash", str)
+
+
 def fingerprint(payload: Payload, context: SiteContext) -> Payload:
     """Aggregate statistics of this site's data (spacings, shapes, foreground HU histogram)."""
     site = _site(context)
     own = context.node_config.get("labels")  # the site's own label table; the coordinator checks them
     labels = json.loads(str(own)) if own else dataset_labels()
-    spacing = tuple(float(s) for s in payload.config["spacing"])
-    fp = prepare_data(site, labels, (spacing[0], spacing[1], spacing[2]))
+    spacing = _from_coordinator(payload.config, "spacing", _spacing)
+    fp = prepare_data(site, labels, spacing)
     log.info("site %s: fingerprint sent (%d cases)", site.site_id, fp.n_cases)
     return Payload(config=fp.to_record())
 
@@ -59,9 +102,10 @@ def prepare(payload: Payload, context: SiteContext) -> Payload:
     started = time.monotonic()
     site = _site(context)
     c = payload.config
-    config = site_config(site, CpuConfig.from_dict(json.loads(str(c["cpu-config"]))))
-    ensure_preprocessed(site, json.loads(str(c["plans"])), str(c["plans-hash"]), config)
-    return Payload(config={"plans-hash": str(c["plans-hash"]), "seconds": time.monotonic() - started})
+    config = site_config(site, _from_coordinator(c, "cpu-config", _cpu_config))
+    plans, plans_hash = _plans(c)
+    ensure_preprocessed(site, plans, plans_hash, config)
+    return Payload(config={"plans-hash": plans_hash, "seconds": time.monotonic() - started})
 
 
 def train(payload: Payload, context: SiteContext) -> Payload:
@@ -69,26 +113,28 @@ def train(payload: Payload, context: SiteContext) -> Payload:
     started = time.monotonic()
     site = _site(context)
     c = payload.config
-    config = site_config(site, CpuConfig.from_dict(json.loads(str(c["cpu-config"]))))
-    ensure_preprocessed(site, json.loads(str(c["plans"])), str(c["plans-hash"]), config)
+    config = site_config(site, _from_coordinator(c, "cpu-config", _cpu_config))
+    plans, plans_hash = _plans(c)
+    round_number = _from_coordinator(c, "round", int)
     schedule = RoundSchedule(
-        epochs=int(c["epochs"]),
-        epoch_offset=int(c["epoch-offset"]),
-        total_epochs=int(c["total-epochs"]),
-        prox_mu=float(c.get("prox-mu", 0.0)),
+        epochs=_from_coordinator(c, "epochs", int),
+        epoch_offset=_from_coordinator(c, "epoch-offset", int),
+        total_epochs=_from_coordinator(c, "total-epochs", int),
+        prox_mu=_from_coordinator({"prox-mu": 0.0, **c}, "prox-mu", float),
         nice=site.nice,
     )
+    ensure_preprocessed(site, plans, plans_hash, config)
     arrays, cases, seconds = train_local(site, payload.arrays, schedule, config)
     if context.node_config.get("fault") == "nan":
         arrays = poison(arrays)
     elif context.node_config.get("fault"):
         raise FederationError(f"unknown fault {context.node_config.get('fault')!r}")
-    log.info("site %s: round %s trained in %.1f s on %d cases", site.site_id, c["round"], seconds, cases)
+    log.info("site %s: round %d trained in %.1f s on %d cases", site.site_id, round_number, seconds, cases)
     return Payload(
         arrays=arrays,
         config={
-            "round": int(c["round"]),
-            "plans-hash": str(c["plans-hash"]),
+            "round": round_number,
+            "plans-hash": plans_hash,
             "cases": cases,
             "train-seconds": seconds,
             "site-seconds": time.monotonic() - started,

@@ -25,7 +25,7 @@ from rtseg.federation import client_app
 from rtseg.federation.fingerprint import FingerprintAccumulator
 from rtseg.federation.flower import Payload, SiteContext
 from rtseg.federation.schedule import SiteSettings, run_site
-from rtseg.federation.task import DATASET_ID, DATASET_NAME, plans_hash
+from rtseg.federation.task import DATASET_ID, DATASET_NAME, plans_hash, site_error_reason
 from rtseg.model.children import nnunet_dirs
 from rtseg.model.cpu import CpuConfig
 from rtseg.model.dataset import dataset_folder_name, write_raw_dataset
@@ -202,3 +202,38 @@ def test_site_names_never_leave_the_certificate_folder(tmp_path: Path) -> None:
     with pytest.raises(FederationError, match="site name '../evil' is not a plain name"):
         make_certs(tmp_path / "certs", ["site-a", "../evil"])
     assert not (tmp_path / "certs" / "evil").exists() and not (tmp_path / "certs" / "ca.crt").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"plans": "{not json"}, "the coordinator's 'plans' is not readable (JSONDecodeError)"),
+        ({"plans": "[" * 100_000 + "]" * 100_000}, "'plans' is not readable (RecursionError)"),
+        ({"cpu-config": "[1, 2]"}, "the coordinator's 'cpu-config' is not usable: not a JSON object"),
+        ({"cpu-config": '{"epochs": 1, "shell": "rm -rf /"}'}, "unknown training settings ['shell']"),
+        ({"cpu-config": '{"epochs": 0}'}, "not usable: batch_size, epochs and iterations_per_epoch must"),
+        ({"epochs": "many"}, "the coordinator's 'epochs' is not readable (ValueError)"),
+        ({"round": None}, "the coordinator's 'round' is not readable (TypeError)"),
+        ({"total-epochs": ...}, "the coordinator's message has no 'total-epochs'"),
+    ],
+)
+def test_a_malformed_round_message_is_refused_naming_the_value_before_the_site_acts(
+    tmp_path: Path, change: dict[str, Any], expected: str
+) -> None:
+    """The coordinator is a peer: what it sends is read in rtseg's terms, and the reason may go back to it."""
+    context = prepared_site(tmp_path / "site")
+    config = {**round_payload(coordinator_plans()).config, **change}
+    config = {k: v for k, v in config.items() if v is not ...}
+    before = set(tmp_path.rglob("*"))
+    with pytest.raises(FederationError) as info:
+        client_app.train(Payload(config=config), context)
+    assert expected in info.value.message
+    assert site_error_reason(info.value) == f"FederationError: {info.value.message}"  # what goes back
+    assert {p.name for p in set(tmp_path.rglob("*")) - before} <= {"site.log"}  # nothing preprocessed
+
+
+@pytest.mark.parametrize("spacing", [[4.0, 3.0], ["x", 1, 1], [0.0, 3.0, 3.0], [float("nan"), 3.0, 3.0]])
+def test_a_malformed_fingerprint_query_is_refused_naming_the_spacing(tmp_path: Path, spacing: Any) -> None:
+    context = prepared_site(tmp_path / "site")
+    with pytest.raises(FederationError, match="the coordinator's 'spacing' is not"):
+        client_app.fingerprint(Payload(config={"spacing": spacing}), context)
