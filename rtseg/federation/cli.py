@@ -136,6 +136,7 @@ def _cmd_site(args: argparse.Namespace) -> int:
             nice=args.nice,
             insecure=args.insecure,
             partial_labels=args.partial_labels,
+            **({"max_memory_gb": args.max_memory_gb} if args.max_memory_gb is not None else {}),
         )
     stop = threading.Event()
     try:
@@ -198,6 +199,11 @@ def register(sub: Any, handlers: dict[str, Handler]) -> None:
     )
     q.add_argument("--threads", type=int, default=1)
     q.add_argument("--nice", type=int, default=10)
+    q.add_argument(
+        "--max-memory-gb",
+        type=float,
+        help="memory the site's training may take (default: three quarters of this machine's)",
+    )
     q.add_argument(
         "--partial-labels",
         choices=["ignore", "background"],

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from rtseg.settings import (
     Table,
     load_settings,
     optional,
+    parse_float,
     parse_int,
     parse_path,
     parse_str,
@@ -54,6 +56,15 @@ class Window:
         return now >= self.start or now < self.end
 
 
+MIN_MEMORY_GB = 2.0  # Python, torch and nnU-Net map about 1.4 GB before they train anything
+
+
+def default_max_memory_gb() -> float:
+    """Three quarters of this machine's memory (GB, one decimal): the rest stays with the node."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return max(MIN_MEMORY_GB, round(0.75 * total / 2**30, 1))
+
+
 @dataclass(frozen=True)
 class SiteSettings:
     """The ``[federation]`` table of a site's TOML configuration."""
@@ -69,6 +80,9 @@ class SiteSettings:
     nice: int = 10
     insecure: bool = False  # no TLS: only when said explicitly (loopback tests and demos)
     partial_labels: str = "ignore"  # structures a case lacks: nnU-Net's ignore label, or "background"
+    # address space the site's nnU-Net training may take: a coordinator's plans cannot make it take
+    # the memory of the machine, which also runs the department's node
+    max_memory_gb: float = field(default_factory=default_max_memory_gb)
 
     def __post_init__(self) -> None:
         if self.ca is None and not self.insecure:
@@ -78,6 +92,11 @@ class SiteSettings:
             )
         if self.ca is not None and self.insecure:
             raise FederationError("both `ca` and insecure = true: choose TLS, or no TLS for a loopback test")
+        if not self.max_memory_gb >= MIN_MEMORY_GB:
+            raise FederationError(
+                f"max_memory_gb {self.max_memory_gb:g} is too little:"
+                f" nnU-Net needs {MIN_MEMORY_GB:g} GB or more"
+            )
 
     @classmethod
     def from_toml(cls, path: Path, environ: Mapping[str, str] | None = None) -> SiteSettings:
@@ -117,7 +136,8 @@ class SiteSettings:
         )
         return (
             f"federation: site {self.site_id} joins rounds of {self.coordinator} ({security}),"
-            f" window {window}, training data {self.data_dir.resolve()}"
+            f" window {window}, training data {self.data_dir.resolve()},"
+            f" training memory at most {self.max_memory_gb:g} GB"
         )
 
 
@@ -161,6 +181,7 @@ _KEYS: dict[str, Parser] = {
     "nice": parse_int(-20, 19),
     "insecure": _switch,
     "partial_labels": _partial_labels,
+    "max_memory_gb": parse_float(MIN_MEMORY_GB),
 }
 
 
@@ -198,6 +219,7 @@ def run_site(settings: SiteSettings, stop: threading.Event, poll: float = 30.0) 
         "threads": settings.threads,
         "nice": settings.nice,
         "partial-labels": settings.partial_labels,
+        "max-memory-gb": settings.max_memory_gb,
     }
     try:
         while not stop.is_set():

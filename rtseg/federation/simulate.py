@@ -32,6 +32,7 @@ from rtseg.federation.processes import (
     write_app,
     write_connection,
 )
+from rtseg.federation.schedule import default_max_memory_gb
 from rtseg.model.cpu import CpuConfig
 from rtseg.net import free_port
 
@@ -169,6 +170,7 @@ class LocalFederation:
             "threads": 1,
             "nice": 10,
             "record-dir": str(site / "sent"),
+            "max-memory-gb": default_max_memory_gb(),  # as `rtseg federation site` does
             **self.spec.site_extra.get(i, {}),
         }
         private = self.certs.site_keys[key or f"site{i}"][0] if self.certs else None

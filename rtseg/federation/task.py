@@ -51,12 +51,15 @@ class Site:
     threads: int = 1
     nice: int = 10
     partial_labels: str = "ignore"  # one of PARTIAL_LABELS
+    max_memory_gb: float | None = None  # what the site's nnU-Net children may take; None: no limit
 
     def __post_init__(self) -> None:
         if self.partial_labels not in PARTIAL_LABELS:
             raise FederationError(
                 f"partial-labels must be {' or '.join(PARTIAL_LABELS)}, got {self.partial_labels!r}"
             )
+        if self.max_memory_gb is not None and not self.max_memory_gb > 0:
+            raise FederationError(f"max-memory-gb must be positive, got {self.max_memory_gb!r}")
 
     @classmethod
     def from_node_config(cls, node_config: dict[str, Any]) -> Site:
@@ -68,6 +71,7 @@ class Site:
                 int(node_config.get("threads", 1)),
                 int(node_config.get("nice", 10)),
                 str(node_config.get("partial-labels", "ignore")),
+                float(node_config["max-memory-gb"]) if "max-memory-gb" in node_config else None,
             )
         except KeyError as exc:
             raise FederationError(f"site node config lacks {exc}") from exc
@@ -101,10 +105,18 @@ def plans_hash(plans: dict[str, Any]) -> str:
 
 
 def site_config(site: Site, run_config: CpuConfig) -> CpuConfig:
-    """The federation's training settings with this site's own resource limits."""
+    """The federation's training settings with this site's own resource limits.
+
+    Threads, workers and memory are the site's to give, whatever the coordinator's
+    settings say: plans for a network larger than ``max-memory-gb`` allows fail that
+    round at this site with a :class:`~rtseg.errors.ModelError`; the machine, which
+    also runs the department's DICOM node, keeps the rest of its memory.
+    """
     from dataclasses import replace
 
-    return replace(run_config, threads=site.threads, da_workers=0, preprocess_workers=1)
+    return replace(
+        run_config, threads=site.threads, da_workers=0, preprocess_workers=1, memory_gb=site.max_memory_gb
+    )
 
 
 def prepare_data(site: Site, labels: dict[str, int], spacing: tuple[float, float, float]) -> SiteFingerprint:

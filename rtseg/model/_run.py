@@ -7,8 +7,10 @@ named in the arguments; nnU-Net's own output goes to stdout/stderr.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import resource
 import shutil
 import sys
 from collections.abc import Callable
@@ -16,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from rtseg.model.cpu import CONFIGURATION, PLANS_IDENTIFIER, CpuConfig, cpu_plans
+from rtseg.model.cpu import CONFIGURATION, OUT_OF_MEMORY, PLANS_IDENTIFIER, CpuConfig, cpu_plans
 from rtseg.model.plans_check import check_plans
 from rtseg.paths import safe_child
 
@@ -281,9 +283,29 @@ COMMANDS: dict[str, Callable[[dict[str, Any], CpuConfig, Callable[..., None]], N
 def main(argv: list[str]) -> int:
     command, args = argv[1], json.loads(argv[2])
     config = CpuConfig.from_dict(args.pop("config"))
-    with os.fdopen(int(args.pop("events_fd")), "w") as events:
-        COMMANDS[command](args, config, _emitter(events))
+    if config.memory_gb is not None:  # before torch is imported; nnU-Net's workers inherit it
+        limit = int(config.memory_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    try:
+        with os.fdopen(int(args.pop("events_fd")), "w") as events:
+            COMMANDS[command](args, config, _emitter(events))
+    except (MemoryError, RuntimeError, OSError, ImportError) as exc:
+        if config.memory_gb is None or not _out_of_memory(exc):
+            raise
+        print(f"rtseg: out of the {config.memory_gb:g} GB this process may use: {exc}", file=sys.stderr)
+        return OUT_OF_MEMORY
     return 0
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """An allocation refused: NumPy's MemoryError, torch's allocator, a library that cannot be mapped."""
+    text = str(exc)
+    return (
+        isinstance(exc, MemoryError)
+        or getattr(exc, "errno", None) == errno.ENOMEM
+        or "can't allocate memory" in text
+        or "failed to map segment" in text
+    )
 
 
 def _emitter(events: TextIO) -> Callable[..., None]:

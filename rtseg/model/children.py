@@ -32,7 +32,7 @@ from typing import Any
 
 import rtseg
 from rtseg.errors import ModelError
-from rtseg.model.cpu import CpuConfig, validate_config
+from rtseg.model.cpu import OUT_OF_MEMORY, CpuConfig, validate_config
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,12 @@ def run_child(
             _stop(child)
             raise
         returncode = child.wait()
+    if returncode == OUT_OF_MEMORY:
+        raise ModelError(
+            f"nnU-Net {command} needed more memory than the {config.memory_gb:g} GB it may use"
+            " (a site's [federation] max_memory_gb)",
+            source=str(log_path),
+        )
     if returncode != 0 or done is None:
         raise ModelError(
             f"nnU-Net {command} failed (exit code {returncode}); last output:\n{_tail(log_path)}",

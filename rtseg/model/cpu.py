@@ -15,6 +15,8 @@ from rtseg.errors import InputError, ModelError
 CONFIGURATION = "3d_fullres"
 PLANS_IDENTIFIER = "nnUNetPlans"
 OPTIMIZERS = frozenset({"sgd", "adamw"})
+# exit status of the nnU-Net child (:mod:`rtseg.model._run`) that ran out of its ``memory_gb``
+OUT_OF_MEMORY = 3
 
 
 @dataclass(frozen=True)
@@ -42,9 +44,15 @@ class CpuConfig:
     preprocess_workers: int = 1
     seed: int = 0
     threads: int | None = None  # torch threads of the training process; None: torch's default
+    # address space the nnU-Net child may take (a site's max_memory_gb); None: no limit. A resource
+    # limit like ``threads``: the site sets it, whatever a coordinator's settings say.
+    memory_gb: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        doc = asdict(self)
+        if doc["memory_gb"] is None:  # settings written before the limit existed read the same
+            del doc["memory_gb"]
+        return doc
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> CpuConfig:
@@ -73,6 +81,8 @@ def validate_config(config: CpuConfig) -> None:
         raise InputError(f"rotation_deg must be within 0–180, got {config.rotation_deg}")
     if any(s <= 0 for s in config.target_spacing_zyx):
         raise InputError(f"target spacing must be positive, got {config.target_spacing_zyx}")
+    if config.memory_gb is not None and not config.memory_gb > 0:
+        raise InputError(f"memory_gb must be positive, got {config.memory_gb}")
     network_topology(config.target_spacing_zyx, config.patch_size_zyx, config.n_stages)
 
 

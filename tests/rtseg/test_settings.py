@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -188,6 +189,7 @@ def _parse_faces(s: Settings) -> None:
         ("dicom", "port", "70000", "must be between 0 and 65535"),
         ("node", "workers", "0", "must be between 1 and 64"),
         ("federation", "threads", "0", "must be between 1 and 256"),
+        ("federation", "max_memory_gb", "1.5", "must be at least 2"),
         ("federation.closed_loop", "window_h", "-1", "must be between 0 and 1e+06"),
     ],
 )
@@ -241,3 +243,24 @@ def test_long_series_chunking_is_a_node_setting(tmp_path: Path) -> None:
     assert load_settings(_write(tmp_path, "[node]\nchunk_slices = 0\n"), environ={}).node.chunk_slices == 0
     with pytest.raises(InputError, match="node.chunk_slices"):
         load_settings(_write(tmp_path, "[node]\nchunk_slices = -5\n"), environ={})
+
+
+def test_a_sites_training_memory_defaults_to_three_quarters_of_the_machine_and_reaches_its_node_config(
+    tmp_path: Path,
+) -> None:
+    from rtseg.federation.schedule import SiteSettings, default_max_memory_gb
+    from rtseg.federation.task import Site, site_config
+    from rtseg.model.cpu import CpuConfig
+
+    total_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    assert default_max_memory_gb() == pytest.approx(0.75 * total_gb, abs=0.06)
+    site_toml = SITE + 'data_dir = "d"\nwork_dir = "w"\n'
+    settings = SiteSettings.from_toml(_write(tmp_path, site_toml), environ={})
+    assert settings.max_memory_gb == default_max_memory_gb()
+    assert f"training memory at most {settings.max_memory_gb:g} GB" in settings.describe()
+    settings = SiteSettings.from_toml(_write(tmp_path, site_toml + "max_memory_gb = 6\n"), environ={})
+    assert settings.max_memory_gb == 6.0
+    site = Site.from_node_config({"site-id": "a", "data-dir": "d", "work-dir": "w", "max-memory-gb": 6.0})
+    # the coordinator's settings cannot lift the site's limit
+    assert site_config(site, CpuConfig(memory_gb=500.0)).memory_gb == 6.0
+    assert "memory_gb" not in CpuConfig().to_dict()  # settings written before the limit read the same

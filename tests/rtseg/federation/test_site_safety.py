@@ -237,3 +237,18 @@ def test_a_malformed_fingerprint_query_is_refused_naming_the_spacing(tmp_path: P
     context = prepared_site(tmp_path / "site")
     with pytest.raises(FederationError, match="the coordinator's 'spacing' is not"):
         client_app.fingerprint(Payload(config={"spacing": spacing}), context)
+
+
+def test_plans_for_a_network_too_large_for_the_sites_memory_fail_the_round(tmp_path: Path) -> None:
+    """A coordinator's plans decide the network's size; the site decides how much memory training may take."""
+    context = prepared_site(tmp_path / "site")
+    context.node_config["max-memory-gb"] = 3.0
+    plans = coordinator_plans()
+    arch = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+    arch["features_per_stage"] = [1024, 2048, 4096, 8192, 8192]  # ~10 GB of float32 weights
+    with pytest.raises(ModelError) as info:
+        client_app.train(round_payload(plans), context)
+    assert "nnU-Net train_round needed more memory than the 3 GB it may use" in info.value.message
+    logs = sorted((tmp_path / "site" / "work" / "logs").glob("train_round-*.log"))
+    assert "can't allocate memory" in logs[-1].read_text()  # torch's allocator refused, nothing was killed
+    assert site_error_reason(info.value) == "ModelError at the site: the reason stays in the site's log"
