@@ -8,13 +8,14 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
 
-from rtseg.errors import InputError
+from rtseg.errors import InputError, TooLargeError
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -31,6 +32,9 @@ _NON_IMAGE_SOP_PREFIXES = ("1.2.840.10008.5.1.4.1.1.481.", "1.2.840.10008.5.1.4.
 
 
 _DUPLICATE_MM = 0.01  # two slices closer than this are at the same position
+
+
+_INFLATE_STEP = 1 << 20  # bytes inflated (and dropped) at a time while measuring a Deflate stream
 
 
 # What pydicom raises on a damaged or truncated file (zlib: a damaged Deflate data set; recursion:
@@ -186,3 +190,26 @@ def _floats(header: _Header, keyword: str, count: int) -> npt.NDArray[np.float64
 
 def _position(header: _Header) -> npt.NDArray[np.float64]:
     return _floats(header, "ImagePositionPatient", 3)
+
+
+def _check_inflated(stream: BinaryIO, max_bytes: int, source: str) -> None:
+    inflate = zlib.decompressobj(-zlib.MAX_WBITS)  # DICOM Deflate: raw, no zlib header
+    total = 0
+    while chunk := stream.read(_INFLATE_STEP):
+        while chunk:
+            total += len(inflate.decompress(chunk, _INFLATE_STEP))
+            if total > max_bytes:
+                raise TooLargeError(
+                    f"the Deflate data set inflates to more than {_mb(max_bytes)}",
+                    source=source,
+                    inflated=True,
+                )
+            chunk = inflate.unconsumed_tail
+    if total + len(inflate.flush()) > max_bytes:  # at most the rest of one match
+        raise TooLargeError(
+            f"the Deflate data set inflates to more than {_mb(max_bytes)}", source=source, inflated=True
+        )
+
+
+def _mb(n_bytes: int) -> str:
+    return f"{n_bytes / (1 << 20):g} MB"

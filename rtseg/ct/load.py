@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -16,7 +15,7 @@ from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from rtseg.ct.geometry import _affine, _Geometry, _geometry, _series_info
-from rtseg.ct.header import READ_ERRORS, SeriesSummary, read_error_text
+from rtseg.ct.header import READ_ERRORS, SeriesSummary, _check_inflated, _mb, read_error_text
 from rtseg.ct.pixels import _read_volume
 from rtseg.ct.scan import _deduplicate, _groups, _scan, _select_series, _summary
 from rtseg.errors import InputError, TooLargeError
@@ -27,9 +26,6 @@ logger = logging.getLogger(__name__)
 
 
 _PIXEL_SIZE_KEYWORDS = ["Rows", "Columns", "NumberOfFrames", "SamplesPerPixel", "BitsAllocated"]
-
-
-_INFLATE_STEP = 1 << 20  # bytes inflated (and dropped) at a time while measuring a Deflate stream
 
 
 # Fewest slices of a volume to segment: the node's default selection (Selection.slice_count)
@@ -229,25 +225,6 @@ def read_head(stream: BinaryIO, *, source: str) -> Dataset:
         raise InputError(read_error_text(exc), source=source) from exc
 
 
-def _check_inflated(stream: BinaryIO, max_bytes: int, source: str) -> None:
-    inflate = zlib.decompressobj(-zlib.MAX_WBITS)  # DICOM Deflate: raw, no zlib header
-    total = 0
-    while chunk := stream.read(_INFLATE_STEP):
-        while chunk:
-            total += len(inflate.decompress(chunk, _INFLATE_STEP))
-            if total > max_bytes:
-                raise TooLargeError(
-                    f"the Deflate data set inflates to more than {_mb(max_bytes)}",
-                    source=source,
-                    inflated=True,
-                )
-            chunk = inflate.unconsumed_tail
-    if total + len(inflate.flush()) > max_bytes:  # at most the rest of one match
-        raise TooLargeError(
-            f"the Deflate data set inflates to more than {_mb(max_bytes)}", source=source, inflated=True
-        )
-
-
 def _declared_pixel_bytes(ds: Dataset) -> int:
     values = [int(ds.get(k) or 1) for k in _PIXEL_SIZE_KEYWORDS[:4]]
     bits = int(ds.get("BitsAllocated") or 8)
@@ -255,7 +232,3 @@ def _declared_pixel_bytes(ds: Dataset) -> int:
     for value in values:
         size *= max(value, 1)
     return size if "Rows" in ds and "Columns" in ds else 0
-
-
-def _mb(n_bytes: int) -> str:
-    return f"{n_bytes / (1 << 20):g} MB"
