@@ -37,8 +37,8 @@ from typing import Any
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from rtseg.ct import READ_ERRORS
-from rtseg.errors import InputError
+from rtseg.ct import READ_ERRORS, check_deflated_file
+from rtseg.errors import InputError, TooLargeError
 from rtseg.structures import STRUCTURES
 
 MAPPED, REJECTED, COMBINED, AMBIGUOUS, IGNORED, UNKNOWN = (
@@ -459,11 +459,14 @@ def survey(root: Path, mapper: RoiNameMapper) -> Survey:
 def _read_rois(path: Path) -> tuple[list[tuple[str, str | None]] | None, str | None]:
     """(ROIs of an RTSTRUCT, None), (None, None) for other DICOM, or (None, why it is unreadable)."""
     try:
+        check_deflated_file(path)
         ds = _read_header(path)
     except OSError as exc:
         return None, f"cannot read ({exc.strerror or type(exc).__name__})"
     except _MALFORMED as exc:
         return None, f"malformed DICOM ({_error_name(exc)})"
+    except TooLargeError as exc:
+        return None, exc.message
     if ds is None:
         return None, "not a DICOM file"
     meta = getattr(ds, "file_meta", None)

@@ -47,9 +47,9 @@ from rtseg.closed_loop import (
     map_roi_names,
     referenced_series,
 )
-from rtseg.ct import READ_ERRORS, load_series
+from rtseg.ct import READ_ERRORS, check_deflated_file, load_series
 from rtseg.deid import Deidentifier, copy_deidentified
-from rtseg.errors import InputError, RtsegError
+from rtseg.errors import InputError, RtsegError, TooLargeError
 from rtseg.phantom.cohort import write_label_image
 from rtseg.privacy import redact_uids
 from rtseg.roi_names import MAPPED, RTSTRUCT_SOP_CLASS, RoiNameMapper, SiteNames, rois_of
@@ -262,6 +262,10 @@ def _files(root: Path, out: Path | None) -> Iterator[Path]:
 
 def _header(path: Path) -> pydicom.Dataset | None:
     """The few header elements pairing needs; None for a file that is not (readable) DICOM."""
+    try:
+        check_deflated_file(path)  # a Deflate bomb: pydicom would inflate it whole
+    except (TooLargeError, *READ_ERRORS):
+        return None
     for force in (False, True):  # some archives write DICOM without preamble and "DICM"
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS, force=force)

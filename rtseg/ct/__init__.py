@@ -18,7 +18,14 @@ Modules, in import order (each imports only those before it):
 :mod:`~rtseg.ct.load` (the public API, re-exported here).
 """
 
-from rtseg.ct.header import CT_IMAGE_STORAGE, READ_ERRORS, SeriesSummary, series_uid_of, sop_uid_of
+from rtseg.ct.header import (
+    CT_IMAGE_STORAGE,
+    READ_ERRORS,
+    SeriesSummary,
+    check_deflated_file,
+    series_uid_of,
+    sop_uid_of,
+)
 from rtseg.ct.load import MIN_SLICES, check_instance_size, check_stack, find_series, load_series, read_head
 
 __all__ = [
@@ -26,6 +33,7 @@ __all__ = [
     "MIN_SLICES",
     "READ_ERRORS",
     "SeriesSummary",
+    "check_deflated_file",
     "check_instance_size",
     "check_stack",
     "find_series",

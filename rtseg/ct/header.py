@@ -14,6 +14,8 @@ import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from rtseg.errors import InputError, TooLargeError
 
@@ -190,6 +192,37 @@ def _floats(header: _Header, keyword: str, count: int) -> npt.NDArray[np.float64
 
 def _position(header: _Header) -> npt.NDArray[np.float64]:
     return _floats(header, "ImagePositionPatient", 3)
+
+
+# A Deflate file of a local folder (a CD a patient brings, an export) may inflate to this much: no CT
+# instance does (an enhanced CT of 1,000 frames of 512x512 is 0.5 GB); a Deflate bomb does.
+LOCAL_MAX_INFLATED = 1 << 30
+
+
+def check_deflated_file(path: Path, max_bytes: int = LOCAL_MAX_INFLATED) -> None:
+    """Refuse a Deflate DICOM file that inflates to more than ``max_bytes``, before pydicom reads it.
+
+    pydicom inflates a Deflated Explicit VR Little Endian data set in one piece even
+    to read its header: a few MB of a Deflate bomb grow to tens of GB of memory. The
+    network paths bound every instance on arrival (``check_instance_size``); this is
+    the same bound for the files of a local folder. Other files pass untouched (their
+    reader says what they are); the file meta is read twice, a few hundred bytes.
+
+    Raises
+    ------
+    TooLargeError
+        ``inflated``: the Deflate data set grows beyond ``max_bytes``.
+    zlib.error
+        A damaged Deflate stream (one of :data:`READ_ERRORS`, as pydicom would raise).
+    """
+    with path.open("rb") as stream:
+        try:
+            read_preamble(stream, False)
+            syntax = str(_read_file_meta_info(stream).get("TransferSyntaxUID", ""))
+        except READ_ERRORS:  # not DICOM, no preamble, a damaged file meta: the reader decides
+            return
+        if syntax == DeflatedExplicitVRLittleEndian:
+            _check_inflated(stream, max_bytes, str(path))
 
 
 def _check_inflated(stream: BinaryIO, max_bytes: int, source: str) -> None:

@@ -22,6 +22,7 @@ from rtseg.ct.header import (
     _floats,
     _Header,
     _position,
+    check_deflated_file,
     read_error_text,
     series_uid_of,
     sop_uid_of,
@@ -134,6 +135,7 @@ def _read_header(path: Path, *, strict: bool) -> Dataset | None:
     cannot be parsed is always refused.
     """
     try:
+        check_deflated_file(path)
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         for keyword in _HEADER_KEYWORDS:
             ds.get(keyword)

@@ -219,8 +219,15 @@ def test_damaged_and_hostile_files_in_the_export_are_passed_over_not_fatal(
     export: dict[str, object], tmp_path: Path
 ) -> None:
     """A damaged Deflate file and one with sequences nested 100,000 deep: pydicom raised zlib.error and
-    RecursionError, which stopped the whole import with a traceback."""
-    from dicom_bombs import damaged_deflate, write_nested_sequences
+    RecursionError, which stopped the whole import with a traceback; a Deflate bomb, which pydicom
+    inflated whole (1.1 GB here), is passed over in bounded memory."""
+    from dicom_bombs import (
+        damaged_deflate,
+        peak_rss_mb,
+        reset_peak_rss,
+        write_deflate_bomb,
+        write_nested_sequences,
+    )
 
     src = tmp_path / "export"
     shutil.copytree(export["src"], src)  # type: ignore[arg-type]
@@ -228,10 +235,15 @@ def test_damaged_and_hostile_files_in_the_export_are_passed_over_not_fatal(
         damaged_deflate(pydicom.dcmread(src / "PAT1" / "CT" / "1" / "IM0000"))
     )
     write_nested_sequences(src / "misc" / "nested", 100_000, "1.2.826.0.1.3680043.10.1234.5.5", "1.2.3.17")
+    write_deflate_bomb(src / "misc" / "bomb", 1100, "1.2.826.0.1.3680043.10.1234.4.11", "1.2.3.22")
+    reset_peak_rss()
+    before = peak_rss_mb()
     report = import_folder(src, tmp_path / "cases")
+    grown = peak_rss_mb() - before
     items = _by_source(report)
     assert items["PAT1/RS/RS1"].status == IMPORTED and items["PAT2/RS2.dcm"].status == IMPORTED  # type: ignore[attr-defined]
     assert "misc/deflated" not in items and "misc/nested" not in items  # not structure sets: passed over
+    assert "misc/bomb" not in items and grown < 300, f"peak memory grew by {grown:.0f} MB"
 
 
 def test_a_rerun_adds_only_new_cases_and_keeps_pseudonyms_and_uids(

@@ -40,7 +40,7 @@ from pydicom.uid import (
 
 from rtseg import ct
 from rtseg.ct import CT_IMAGE_STORAGE, MIN_SLICES, SeriesSummary, find_series
-from rtseg.errors import InputError
+from rtseg.errors import InputError, TooLargeError
 from rtseg.phantom.dicom_io import SeriesSpec, deterministic_uid, write_ct_series
 from rtseg.privacy import redact_uids, uid_key
 from rtseg.volume import CTVolume, Orientation, SeriesInfo, affine_from_geometry
@@ -547,6 +547,22 @@ def test_sequences_nested_past_the_recursion_limit_are_named(tmp_path: Path) -> 
     )
     error = _error(tmp_path, "sequences nested deeper than a DICOM reader can follow")
     assert error.source == str(nested)
+
+
+def test_a_deflate_bomb_in_a_local_folder_is_named_in_bounded_memory(tmp_path: Path) -> None:
+    """A CD brought from elsewhere is a peer's data: pydicom inflated a Deflate file whole for its header."""
+    from dicom_bombs import peak_rss_mb, reset_peak_rss, write_deflate_bomb
+
+    expected = _write(tmp_path, seed="bomb")
+    bomb = write_deflate_bomb(tmp_path / "zz.dcm", 1100, "1.2.826.0.1.3680043.10.1234.4.9", "1.2.3.20")
+    reset_peak_rss()
+    before = peak_rss_mb()
+    error = _error(tmp_path, "the Deflate data set inflates to more than 1024 MB")
+    grown = peak_rss_mb() - before
+    assert error.source == str(bomb) and isinstance(error, TooLargeError) and error.inflated
+    assert grown < 64, f"peak memory grew by {grown:.0f} MB reading a folder with a Deflate bomb"
+    bomb.unlink()
+    assert load_series(tmp_path).hu.shape == expected.hu.shape  # the series itself is fine
 
 
 def test_truncated_compressed_file_is_named(tmp_path: Path) -> None:

@@ -357,8 +357,9 @@ def test_cases_names_lists_every_roi_name_with_its_mapping_and_reason(tmp_path: 
 
 def test_cases_names_lists_damaged_and_hostile_files_as_unreadable(tmp_path: Path) -> None:
     """A damaged Deflate structure set and sequences nested 100,000 deep (pydicom: zlib.error and
-    RecursionError, which ended the survey with a traceback) are listed with the reason."""
-    from dicom_bombs import damaged_deflate, write_nested_sequences
+    RecursionError, which ended the survey with a traceback) are listed with the reason, and so is a
+    Deflate bomb (which pydicom inflated whole)."""
+    from dicom_bombs import damaged_deflate, write_deflate_bomb, write_nested_sequences
 
     department_export(tmp_path / "export")
     damaged = damaged_deflate(pydicom.dcmread(tmp_path / "export" / "pat1" / "RS.1.dcm"))
@@ -366,9 +367,11 @@ def test_cases_names_lists_damaged_and_hostile_files_as_unreadable(tmp_path: Pat
     write_nested_sequences(
         tmp_path / "export" / "nested.dcm", 100_000, "1.2.826.0.1.3680043.10.1234.5.7", "1.2.3.19"
     )
+    write_deflate_bomb(tmp_path / "export" / "bomb.dcm", 1100, "1.2.826.0.1.3680043.10.1234.4.10", "1.2.3.21")
     found = survey(tmp_path / "export", RoiNameMapper())
     assert ("pat2/deflated.dcm", "malformed DICOM (zlib.error)") in found.unreadable
     assert ("nested.dcm", "malformed DICOM (RecursionError)") in found.unreadable
+    assert ("bomb.dcm", "the Deflate data set inflates to more than 1024 MB") in found.unreadable
     assert len(found.structure_sets) == 3  # the readable structure sets as before
 
 
