@@ -133,7 +133,7 @@ def run_child(
             _stop(child)
             raise
         returncode = child.wait()
-    if returncode == OUT_OF_MEMORY:
+    if returncode == OUT_OF_MEMORY and config.memory_gb is not None:
         raise ModelError(
             f"nnU-Net {command} needed more memory than the {config.memory_gb:g} GB it may use"
             " (a site's [federation] max_memory_gb)",
