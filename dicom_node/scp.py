@@ -17,10 +17,8 @@ import itertools
 import logging
 import re
 import ssl
-import struct
 import threading
 import weakref
-import zlib
 from collections.abc import Callable
 from dataclasses import replace
 from io import BytesIO
@@ -28,7 +26,6 @@ from typing import Any, cast
 
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import (
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
@@ -60,7 +57,7 @@ from dicom_node.bounds import (
 )
 from dicom_node.spool import Spool, uid_key
 from rtseg.audit import AuditLog
-from rtseg.ct import check_instance_size, series_uid_of, sop_uid_of
+from rtseg.ct import READ_ERRORS, check_instance_size, series_uid_of, sop_uid_of
 from rtseg.deliveries import DeliveryStore
 from rtseg.errors import InputError, TooLargeError
 from rtseg.settings import DicomSettings
@@ -101,20 +98,6 @@ _HEADER_TAGS = [
     "FrameOfReferenceUID",
     "SeriesNumber",
 ]
-# What pydicom raises for a dataset it cannot parse: zlib.error for data that is not
-# deflated under the Deflate syntax, NotImplementedError for an unknown VR.
-_PARSE_ERRORS = (
-    InvalidDicomError,
-    ValueError,
-    TypeError,
-    KeyError,
-    AttributeError,
-    EOFError,
-    OverflowError,
-    NotImplementedError,
-    struct.error,
-    zlib.error,
-)
 
 
 def conformant_uid(uid: object) -> bool:
@@ -188,7 +171,7 @@ class Receiver:
         try:
             ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
             header, uids = _header(ds)
-        except _PARSE_ERRORS as exc:
+        except READ_ERRORS as exc:
             log.warning("C-STORE from %s refused: unreadable dataset (%s)", peer.ae_title, type(exc).__name__)
             return _status(CANNOT_UNDERSTAND, "Cannot understand: malformed dataset")
         problem = _check_uids(uids, sop_class, sop_instance)

@@ -40,11 +40,13 @@ _INFLATE_STEP = 1 << 20  # bytes inflated (and dropped) at a time while measurin
 
 
 # What pydicom raises on a damaged or truncated file (zlib: a damaged Deflate data set; recursion:
-# sequences nested a few hundred deep, which pydicom reads one Python call per level).
+# sequences nested a few hundred deep, which pydicom reads one Python call per level;
+# NotImplementedError: an unknown VR; OverflowError: kept from the DICOM node's own list).
 READ_ERRORS = (
     InvalidDicomError,
     RecursionError,
     NotImplementedError,
+    OverflowError,
     OSError,
     EOFError,
     ValueError,
