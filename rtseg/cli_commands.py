@@ -162,7 +162,7 @@ DOCUMENTED_ACCURACY = {
     " (lowest: pancreas 0.68, gallbladder 0.68); docs/model.md",
 }
 # build-default's recipes (rtseg.model.default.RECIPES, not imported at start-up: it pulls in SciPy)
-RECIPE_VERSIONS = ("0.8.0", "0.9.0", "1.0.0")
+RECIPE_VERSIONS = ("0.8.0", "0.9.0", "1.0.0", "1.1.0")
 DEFAULT_RECIPE_VERSION = "0.9.0"
 NOT_CLINICAL = "NOT FOR CLINICAL USE: trained on synthetic phantoms only, never on patient CTs"
 

@@ -178,7 +178,15 @@ WIDE_RECIPE = replace(
     version="1.0.0",
     refine=(*DEFAULT_RECIPE.refine, WIDE_STAGE, replace(WIDE_STAGE, epochs=7, seed=8, learning_rate=2.5e-4)),
 )
-RECIPES = {r.version: r for r in (PLAIN_RECIPE, DEFAULT_RECIPE, WIDE_RECIPE)}
+# Recipe 1.0.0's network fits its own training cases no better than fresh ones (0.885): the fine-tuning
+# is short (nnU-Net trains 250,000 iterations, these stages 10,300). Stage 10 goes on 22 epochs at 5e-4:
+# +0.010-0.011 mean OAR Dice on every set (docs/model.md). Not shipped: short of the margin.
+LONGER_RECIPE = replace(
+    WIDE_RECIPE,
+    version="1.1.0",
+    refine=(*WIDE_RECIPE.refine, replace(WIDE_STAGE, epochs=22, seed=9, learning_rate=5e-4)),
+)
+RECIPES = {r.version: r for r in (PLAIN_RECIPE, DEFAULT_RECIPE, WIDE_RECIPE, LONGER_RECIPE)}
 
 
 def default_model_dir() -> Path:

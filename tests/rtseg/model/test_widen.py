@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -102,6 +103,18 @@ def test_recipe_1_0_0_is_0_9_0_and_two_wider_stages() -> None:
         assert (stage.base_features, stage.max_features) == (16, 256)
     assert WIDE_RECIPE.average == DEFAULT_RECIPE.average == (7, 0.7)
     assert tuple(RECIPES) == RECIPE_VERSIONS and DEFAULT_RECIPE.version == DEFAULT_RECIPE_VERSION
+
+
+def test_recipe_1_1_0_is_1_0_0_and_one_longer_stage_of_the_wide_network() -> None:
+    from rtseg.model.default import LONGER_RECIPE, WIDE_RECIPE, WIDE_STAGE
+
+    assert LONGER_RECIPE.stages[:9] == WIDE_RECIPE.stages and len(LONGER_RECIPE.stages) == 10
+    last = LONGER_RECIPE.stages[-1]
+    assert (last.base_features, last.max_features, last.epochs, last.learning_rate) == (16, 256, 22, 5e-4)
+    assert last.seed not in {stage.seed for stage in WIDE_RECIPE.stages} and last == replace(
+        WIDE_STAGE, epochs=22, seed=9, learning_rate=5e-4
+    )
+    assert LONGER_RECIPE.cases_for(10) == WIDE_RECIPE.cases_for(9) and LONGER_RECIPE.realistic_for(10) == 40
 
 
 @pytest.mark.parametrize("prefix", ["module.", "_orig_mod."])
