@@ -120,7 +120,7 @@ def train(payload: Payload, context: SiteContext) -> Payload:
         epochs=_from_coordinator(c, "epochs", int),
         epoch_offset=_from_coordinator(c, "epoch-offset", int),
         total_epochs=_from_coordinator(c, "total-epochs", int),
-        prox_mu=_from_coordinator({"prox-mu": 0.0, **c}, "prox-mu", float),
+        prox_mu=_from_coordinator(c, "prox-mu", float) if "prox-mu" in c else 0.0,
         nice=site.nice,
     )
     ensure_preprocessed(site, plans, plans_hash, config)

@@ -92,7 +92,7 @@ def content_bytes(content: RecordDict) -> int:
 # --- site side ---------------------------------------------------------------------------------
 
 
-def _handler_fn(handler: Handler) -> Callable[[Message, Context], Message]:
+def _handler_fn(handler: Handler) -> CallNext:
     def handle(msg: Message, context: Context) -> Message:
         site = SiteContext(dict(context.node_config), dict(context.run_config), context.run_id)
         return Message(_to_content(handler(payload_from_content(msg.content), site)), reply_to=msg)
@@ -100,7 +100,7 @@ def _handler_fn(handler: Handler) -> Callable[[Message, Context], Message]:
     return handle
 
 
-def record_mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+def record_mod(msg: Message, context: Context, call_next: CallNext) -> Message:
     """Write a description of every message this site sends to ``record-dir`` (if configured).
 
     For audits and the privacy test: record names, array keys, shapes, dtypes
@@ -160,7 +160,7 @@ def describe(content: RecordDict) -> dict[str, Any]:
     }
 
 
-def dp_mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+def dp_mod(msg: Message, context: Context, call_next: CallNext) -> Message:
     """Flower's local DP mod (clipping + noise on the update) when the run config enables it."""
     clip = float(context.run_config.get("dp-clip", 0.0))
     if clip <= 0 or not msg.metadata.message_type.startswith("train"):
