@@ -376,9 +376,17 @@ class _Builder:
     def spleen(self) -> None:
         c = self.organ_coords()
         half = (22 + 2.2 * (self.age - 1)) * self.rng.normal(1, 0.1)
+        centre = self.position(0.62, 0.30, 0.14)
+        share = self.effects.spleen_descent
+        if share and self.patient.variant == "nephrectomy_L":
+            # After a left nephrectomy the spleen may sink into the empty renal fossa (with the
+            # splenic flexure, _nephrectomy_bed): its lower pole reaches the missing kidney's level.
+            centre[2] -= share * self.half_length
+            centre[0] -= 0.4 * share * self.width  # and medially, toward the fossa
+            self.notes["spleen_descent_mm"] = round(share * self.half_length, 1)
         blob = Blob.make(
             self.rng,
-            self.position(0.62, 0.30, 0.14),
+            centre,
             (0.45 * half, 0.75 * half, half),
             (self.jitter(8), 15 + self.jitter(6), -35 + self.jitter(8)),
             0.07,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -557,15 +557,18 @@ def generate_cohort(
     progress: Callable[[CaseInfo], None] | None = None,
     couch: bool = False,
     realism: Realism | None = None,
+    indices: Sequence[int] | None = None,
 ) -> list[CaseInfo]:
     """Write ``n_cases`` cases of ``center`` (indices ``start`` … ) under ``out``.
 
     On a couch if asked; ``realism`` adds the realism options (None: the plain phantom).
+    ``indices``: these case indices instead (``n_cases`` and ``start`` are then not used).
     """
     if center not in CENTERS:
         raise InputError(f"unknown center {center!r}: choose one of {', '.join(CENTERS)}")
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(center, seed, start + i, out, matrix, couch, realism) for i in range(n_cases)]
+    chosen = list(indices) if indices is not None else [start + i for i in range(n_cases)]
+    jobs = [(center, seed, i, out, matrix, couch, realism) for i in chosen]
     results: list[CaseInfo] = []
     if workers <= 1:
         for job in jobs:

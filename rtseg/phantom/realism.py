@@ -13,7 +13,7 @@ acquisition in :mod:`rtseg.phantom.cohort`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -32,7 +32,7 @@ KERNEL_CUTOFF = {"soft": 0.4, "standard": 0.6, "sharp": 1.4}
 PHASES = ("nc", "art", "pv")
 
 _SHARES = ("arms_down", "truncation", "metal", "motion", "short_scan")
-_ALWAYS = ("noise_texture", "partial_volume", "bowel")
+_ALWAYS = ("noise_texture", "partial_volume", "bowel", "spleen_descent")
 # Scan ranges beyond the upper abdomen (not a share: the clinical preset, and the default model's
 # training cases with it, stay as they were): thorax apex to below the femoral heads, or cut
 # from that long scan, the pelvis or the thorax alone.
@@ -51,6 +51,7 @@ class Effects:
     noise_texture: bool = False
     partial_volume: bool = False
     bowel: bool = False
+    spleen_descent: float = 0.0  # share of the body's half length the spleen sinks (left nephrectomy)
     phase: str | None = None
     coverage: str | None = None
 
@@ -83,6 +84,9 @@ class Realism:
     bowel
         Mottled faeces and gas in the colon, fluid and a little gas in the
         small bowel, food in the stomach.
+    spleen_descent
+        After a left nephrectomy the spleen has sunk into the empty renal fossa
+        (anatomy only; cases of other variants are unchanged).
     phase
         Contrast phase forced on every case (``nc``, ``art``, ``pv``); None
         keeps each center's mix.
@@ -103,6 +107,7 @@ class Realism:
     bowel: bool = False
     phase: str | None = None
     coverage: str | None = None
+    spleen_descent: bool = False
 
     @classmethod
     def clinical(cls, partial_volume: bool = True) -> Realism:
@@ -151,15 +156,22 @@ class Realism:
             return "clinical"
         if self == Realism.clinical(partial_volume=False):
             return "clinical-nopv"
+        if self.spleen_descent and not replace(self, spleen_descent=False).off:
+            return f"{replace(self, spleen_descent=False).tag}-fossa"
         on = [n for n in (*_SHARES, *_ALWAYS) if getattr(self, n)]
         on += [self.phase] if self.phase else []
         return "-".join(on + ([f"{self.coverage}scan"] if self.coverage else []))
 
     def draw(self, rng: np.random.Generator) -> Effects:
-        """The effects of one case: each share drawn once, always in the same order."""
+        """The effects of one case: each share drawn once, always in the same order.
+
+        The spleen's descent is drawn last and only when asked, so every other option's cases
+        (and their details, drawn from ``rng`` after this) stay what they were.
+        """
         drawn = {name: bool(rng.random() < getattr(self, name)) for name in _SHARES}
-        always = {n: getattr(self, n) for n in _ALWAYS}
-        return Effects(**drawn, **always, phase=self.phase, coverage=self.coverage)
+        always = {n: getattr(self, n) for n in _ALWAYS if n != "spleen_descent"}
+        descent = float(rng.uniform(0.15, 0.3)) if self.spleen_descent else 0.0
+        return Effects(**drawn, **always, spleen_descent=descent, phase=self.phase, coverage=self.coverage)
 
 
 # ---- noise texture ---------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -346,3 +347,35 @@ def test_coverage_is_an_option_of_its_own_not_in_the_clinical_preset() -> None:
     assert Realism.clinical(partial_volume=False).tag == "clinical-nopv"  # the default model's cases
     with pytest.raises(InputError, match="unknown realism option 'coverage=legs'.*coverage=long"):
         Realism.parse("coverage=legs")
+
+
+def test_spleen_descent_moves_only_the_spleen_and_only_after_a_left_nephrectomy() -> None:
+    """Issue 21's false kidney: the fossa cases differ from their plain twins in the spleen alone."""
+    from rtseg.phantom.cohort import case_variant
+
+    variants = {i: case_variant("A", 1000, i) for i in range(100, 112)}
+    left = next(i for i, v in variants.items() if v == "nephrectomy_L")
+    other = next(i for i, v in variants.items() if v != "nephrectomy_L")
+    descent, bowel = Realism.parse("spleen_descent,bowel"), Realism.parse("bowel")
+    assert descent.tag == "bowel-fossa" and bowel.draw(np.random.default_rng(1)).spleen_descent == 0
+    assert replace(Realism.clinical(partial_volume=False), spleen_descent=True).tag == "clinical-nopv-fossa"
+
+    spleen = BY_NAME["Spleen"].label
+    _, _, twin, _ = make_case("A", 1000, other, matrix=64, realism=bowel)
+    _, _, same, _ = make_case("A", 1000, other, matrix=64, realism=descent)
+    assert np.array_equal(same.labels, twin.labels) and "spleen_descent_mm" not in same.notes
+
+    _, grid, before, _ = make_case("A", 1000, left, matrix=64, realism=bowel)
+    _, _, after, _ = make_case("A", 1000, left, matrix=64, realism=descent)
+    changed = before.labels != after.labels
+    assert changed.any() and ((before.labels == spleen) | (after.labels == spleen))[changed].all()
+
+    def centre_mm(labels: np.ndarray) -> np.ndarray:  # spleen centroid (z, x) in mm on the shared grid
+        where = np.argwhere(labels == spleen).mean(axis=0)
+        return np.array([where[0] * grid.spacing[0], where[2] * grid.spacing[2]])
+
+    dz, dx = centre_mm(after.labels) - centre_mm(before.labels)
+    assert after.notes["spleen_descent_mm"] > 15
+    assert dz < -0.4 * after.notes["spleen_descent_mm"]  # lower: slice 0 is the caudal end
+    assert abs(dx) > 2  # and toward the midline
+    assert after.notes["realism"] == ["bowel", "spleen_descent"]
