@@ -162,7 +162,7 @@ DOCUMENTED_ACCURACY = {
     " (lowest: pancreas 0.68, gallbladder 0.68); docs/model.md",
 }
 # build-default's recipes (rtseg.model.default.RECIPES, not imported at start-up: it pulls in SciPy)
-RECIPE_VERSIONS = ("0.8.0", "0.9.0", "1.0.0", "1.1.0")
+RECIPE_VERSIONS = ("0.8.0", "0.9.0", "1.0.0", "1.1.0", "1.2.0")
 DEFAULT_RECIPE_VERSION = "0.9.0"
 NOT_CLINICAL = "NOT FOR CLINICAL USE: trained on synthetic phantoms only, never on patient CTs"
 
@@ -187,6 +187,12 @@ def provenance_lines(name: str, version: str, provenance: dict[str, Any]) -> lis
             f"realistic phantoms: {realistic['cases_per_center']} per center from stage"
             f" {realistic.get('from_stage', '?')} ({realistic.get('realism', '?')}"
             f"{', on a couch' if realistic.get('couch') else ''})"
+        )
+    fossa = p.get("fossa")
+    if isinstance(fossa, dict) and fossa.get("cases_per_center"):
+        lines.append(
+            f"left nephrectomies with the spleen sunk into the empty fossa: {fossa['cases_per_center']}"
+            f" per center from stage {fossa.get('from_stage', '?')} ({fossa.get('realism', '?')})"
         )
     if p.get("started_from"):
         lines.append(f"started from: {_started_from(p['started_from'])}")

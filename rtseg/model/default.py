@@ -89,6 +89,47 @@ class RealisticCases:
 
 
 @dataclass(frozen=True)
+class FossaCases:
+    """Left-nephrectomy phantoms whose spleen has sunk into the empty renal fossa.
+
+    The stages from ``from_stage`` on add, per center, the first ``per_center`` case indices from
+    ``start`` whose drawn variant is a left nephrectomy, built like :class:`RealisticCases` plus
+    ``Realism.spleen_descent``. Without them the models called the lower pole of a large, low
+    spleen a left kidney (issue 21: 15-24 ml in a fresh case whose spleen reaches the fossa
+    further than in any of the cohort's left nephrectomies).
+    """
+
+    from_stage: int
+    per_center: int
+    start: int
+
+    def realism(self) -> Realism:
+        return replace(Realism.clinical(partial_volume=False), spleen_descent=True)
+
+    def indices(self, center: str, seed: int) -> list[int]:
+        """The case indices of ``center``: the first ``per_center`` left nephrectomies from ``start``."""
+        from rtseg.phantom.cohort import case_variant
+
+        found: list[int] = []
+        index = self.start
+        while len(found) < self.per_center:
+            if case_variant(center, seed, index) == "nephrectomy_L":
+                found.append(index)
+            index += 1
+        return found
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "from_stage": self.from_stage,
+            "cases_per_center": self.per_center,
+            "first_index": self.start,
+            "variant": "nephrectomy_L",
+            "couch": True,
+            "realism": self.realism().tag,
+        }
+
+
+@dataclass(frozen=True)
 class Recipe:
     """Everything that determines the default model.
 
@@ -119,6 +160,7 @@ class Recipe:
     # Wortsman et al. 2022: it keeps what the start knew and most of what the stage added); the
     # next stage, or the export, takes the average. None: every stage's weights as they are.
     average: tuple[int, float] | None = None
+    fossa: FossaCases | None = None
 
     @property
     def stages(self) -> tuple[CpuConfig, ...]:
@@ -153,7 +195,21 @@ class Recipe:
                 for c in ("A", "B")
                 for i in range(self.realistic.per_center)
             }
+        if self.fossa_for(stage):
+            assert self.fossa is not None
+            realism = self.fossa.realism()
+            ids |= {
+                case_id(c, self.seed, i, couch=True, realism=realism)
+                for c in ("A", "B")
+                for i in self.fossa.indices(c, self.seed)
+            }
         return ids
+
+    def fossa_for(self, stage: int) -> int:
+        """Left nephrectomies with a sunken spleen per center that stage ``stage`` trains on."""
+        if self.fossa is not None and stage >= self.fossa.from_stage:
+            return self.fossa.per_center
+        return 0
 
 
 PLAIN_RECIPE = Recipe()  # 0.8.0: six stages on plain phantoms (the default model before issue 16)
@@ -186,7 +242,16 @@ LONGER_RECIPE = replace(
     version="1.1.0",
     refine=(*WIDE_RECIPE.refine, replace(WIDE_STAGE, epochs=22, seed=9, learning_rate=5e-4)),
 )
-RECIPES = {r.version: r for r in (PLAIN_RECIPE, DEFAULT_RECIPE, WIDE_RECIPE, LONGER_RECIPE)}
+# Recipe 1.1.0 still called the lower pole of a large, low spleen a left kidney after a left
+# nephrectomy (15-16 ml in fresh case A_s5002_004): no training case had that anatomy. Stage 11 goes
+# on 22 epochs at 5e-4 with 10 such cases per center added (FossaCases; docs/model.md).
+FOSSA_RECIPE = replace(
+    LONGER_RECIPE,
+    version="1.2.0",
+    refine=(*LONGER_RECIPE.refine, replace(WIDE_STAGE, epochs=22, seed=10, learning_rate=5e-4)),
+    fossa=FossaCases(from_stage=11, per_center=10, start=100),
+)
+RECIPES = {r.version: r for r in (PLAIN_RECIPE, DEFAULT_RECIPE, WIDE_RECIPE, LONGER_RECIPE, FOSSA_RECIPE)}
 
 
 def default_model_dir() -> Path:
@@ -296,6 +361,24 @@ def prepare_default(
                 couch=True,
                 realism=recipe.realistic.realism(),
             )
+    if any(recipe.fossa_for(n) for n in stages) and recipe.fossa is not None:
+        fossa = recipe.fossa
+        for center in ("A", "B"):
+            say(
+                f"left nephrectomies with a sunken spleen: center {center}, {fossa.per_center} cases"
+                f" on a couch from index {fossa.start}"
+            )
+            generate_cohort(
+                center,
+                0,
+                recipe.seed,
+                cohort,
+                matrix=recipe.matrix,
+                workers=2,
+                couch=True,
+                realism=fossa.realism(),
+                indices=fossa.indices(center, recipe.seed),
+            )
     say(f"writing the nnU-Net raw dataset (the cases of stage {first_stage})")
     _write_raw(work_dir, recipe, first_stage)
     if plans_from is None:
@@ -321,8 +404,9 @@ def _grow_cohort(work_dir: Path, recipe: Recipe, stage: int, say: Callable[[str]
     """Before ``stage``: add the cases it trains on, preprocessed with the plans made for stage 1."""
     if not _write_raw(work_dir, recipe, stage):
         return
-    realistic = recipe.realistic_for(stage)
+    realistic, fossa = recipe.realistic_for(stage), recipe.fossa_for(stage)
     extra = f" and {realistic} realistic ones" if realistic else ""
+    extra += f" and {fossa} left nephrectomies with a sunken spleen" if fossa else ""
     say(
         f"stage {stage} trains on {recipe.cases_for(stage)} cases per center{extra}:"
         " preprocessing them with the same plans"
@@ -477,6 +561,8 @@ def export_default(results: Path, out_dir: Path, recipe: Recipe, started_from: s
     stages["cases_per_center"] = list(recipe.cases_per_stage)
     if recipe.realistic is not None:
         stages["realistic"] = recipe.realistic.to_dict()
+    if recipe.fossa is not None:
+        stages["fossa"] = recipe.fossa.to_dict()
     if recipe.average is not None:
         stages["average"] = {"stage": recipe.average[0], "share": recipe.average[1]}
     if started_from is not None:

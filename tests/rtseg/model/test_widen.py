@@ -117,6 +117,28 @@ def test_recipe_1_1_0_is_1_0_0_and_one_longer_stage_of_the_wide_network() -> Non
     assert LONGER_RECIPE.cases_for(10) == WIDE_RECIPE.cases_for(9) and LONGER_RECIPE.realistic_for(10) == 40
 
 
+def test_recipe_1_2_0_adds_left_nephrectomies_with_a_sunken_spleen_to_a_stage_11() -> None:
+    from rtseg.cli_commands import provenance_lines
+    from rtseg.model.default import FOSSA_RECIPE, LONGER_RECIPE, WIDE_STAGE
+    from rtseg.phantom.cohort import case_variant
+
+    assert FOSSA_RECIPE.stages[:10] == LONGER_RECIPE.stages and len(FOSSA_RECIPE.stages) == 11
+    assert FOSSA_RECIPE.stages[-1] == replace(WIDE_STAGE, epochs=22, seed=10, learning_rate=5e-4)
+    assert FOSSA_RECIPE.case_ids(10) == LONGER_RECIPE.case_ids(10)  # stages 1-10 train on 1.1.0's cases
+    added = FOSSA_RECIPE.case_ids(11) - LONGER_RECIPE.case_ids(10)
+    assert len(added) == 20 and all(i.endswith("_couch_clinical-nopv-fossa") for i in added)
+    for case in added:
+        center, seed, index = case.split("_")[:3]
+        assert case_variant(center, int(seed[1:]), int(index)) == "nephrectomy_L"
+        assert int(index) >= 100  # not the anatomy of a plain (0-59) or realistic (60-99) training case
+    assert FOSSA_RECIPE.fossa is not None
+    shown = provenance_lines("m", "1.2.0", {"fossa": FOSSA_RECIPE.fossa.to_dict()})
+    assert (
+        "left nephrectomies with the spleen sunk into the empty fossa: 10 per center from stage 11"
+        " (clinical-nopv-fossa)" in shown
+    )
+
+
 @pytest.mark.parametrize("prefix", ["module.", "_orig_mod."])
 def test_weights_saved_by_dataparallel_or_torch_compile_widen_alike(
     shipped: tuple[dict[str, Any], dict[str, Any], dict[str, Any]], prefix: str
