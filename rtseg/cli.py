@@ -78,7 +78,7 @@ def register(sub: Any, handlers: dict[str, Handler]) -> None:
         metavar="OPTIONS",
         help="closer to real CT: none (default), clinical (a realistic mix) or a comma list of "
         "arms_down, truncation, metal, motion, short_scan, noise_texture, partial_volume, bowel, "
-        "phase=nc|art|pv, coverage=long|pelvis|thorax (see docs/phantom.md)",
+        "spleen_descent, phase=nc|art|pv, coverage=long|pelvis|thorax (see docs/phantom.md)",
     )
     p.add_argument("--out", type=Path, required=True, help="output folder")
     handlers["phantom"] = _cmd_phantom
