@@ -48,7 +48,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pydicom
-from pydicom.errors import InvalidDicomError
 
 from rtseg.cases import CT_DIR, LABELS_FILE, load_case
 from rtseg.ct import READ_ERRORS, load_series
@@ -272,16 +271,26 @@ def referenced_series(ds: pydicom.Dataset) -> tuple[set[str], set[str]]:
 
 
 def find_job(store: JobStore, data_dir: Path, series: set[str], frames: set[str]) -> Job | None:
-    """The newest segmented job whose own RTSTRUCT references ``series`` (else one of ``frames``)."""
+    """The newest segmented job whose own RTSTRUCT references ``series`` (else one of ``frames``).
+
+    A job records the keys of what its RTSTRUCT references (``result["references"]``): only the
+    RTSTRUCTs of jobs whose keys match, or of jobs from before that record, are opened.
+    """
     jobs = store.list(SEGMENTED, limit=100_000)
+    by_series = bool(series)
+    keys = {uid_key(uid) for uid in (series if by_series else frames)}
     by_frame = None
     for job in reversed(jobs):  # newest first
         if not job.output_path or not job.output_path.endswith(".dcm"):
             continue
+        recorded = job.result.get("references")
+        key = recorded.get("series" if by_series else "frame") if isinstance(recorded, Mapping) else None
+        if key is not None and key not in keys:
+            continue  # its RTSTRUCT references another CT
         mine = data_dir / job.output_path
         try:
             own = pydicom.dcmread(mine, stop_before_pixels=True)
-        except (InvalidDicomError, OSError, ValueError, EOFError):
+        except READ_ERRORS:
             continue
         own_series, own_frames = referenced_series(own)
         if series and own_series & series:

@@ -42,7 +42,7 @@ from rtseg.errors import InputError, RtsegError
 from rtseg.jobs import Job, JobState, JobStore
 from rtseg.model.chunked import CHUNK_SLICES
 from rtseg.model.streamed import remove_left_behind
-from rtseg.privacy import configure_logging, forward_logs, listen_for_logs, redact_uids
+from rtseg.privacy import configure_logging, forward_logs, listen_for_logs, redact_uids, uid_key
 from rtseg.settings import Settings
 from rtseg.structures import MIN_ISLAND_ML
 
@@ -579,6 +579,14 @@ class JobRunner:
         }
         if note:
             result["note"] = note
+        if self._volume is not None:
+            # what the RTSTRUCT references, as keys: the closed loop pairs an approved structure set
+            # with its job without opening every RTSTRUCT the node ever wrote
+            info = self._volume.info
+            result["references"] = {
+                "series": uid_key(info.series_instance_uid),
+                "frame": uid_key(info.frame_of_reference_uid),
+            }
         return files, result
 
     def _write_seg(self, job: Job, volume: Any, segmentation: Any) -> str:

@@ -337,3 +337,58 @@ def test_late_approval_is_paired_within_the_window_after_retention(
     janitor.purge()
     assert not (data / job.input_dir).exists()  # type: ignore[attr-defined]
     assert [e["job"] for e in janitor.audit.entries() if e["event"] == "retention_purged"] == [job.id]  # type: ignore[attr-defined]
+
+
+def test_pairing_opens_only_the_rtstructs_of_jobs_for_the_referenced_ct(
+    node: dict[str, object], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A TPS may send back every approved structure set: each must not cost a read of every RTSTRUCT."""
+    from rtseg import closed_loop
+    from rtseg.closed_loop import find_job, referenced_series
+    from rtseg.privacy import uid_key
+
+    data = tmp_path / "data"
+    shutil.copytree(node["data"], data)  # type: ignore[arg-type]
+    store, job, truth = JobStore(data / "state.db"), node["job"], node["truth"]
+    info = truth.volume.info  # type: ignore[attr-defined]
+    recorded = job.result["references"]  # type: ignore[attr-defined]
+    assert recorded == {"series": uid_key(info.series_instance_uid), "frame": uid_key(info.frame_of_reference_uid)}
+
+    def segmented(references: dict[str, str] | None) -> str:
+        """A newer job of the store whose RTSTRUCT file is the node's own (it references the same CT)."""
+        other = store.create("dicom", uuid_like(), "spool/ct/other", state=JobState.RUNNING)
+        output = f"jobs/{other.id}/rtstruct.dcm"
+        (data / output).parent.mkdir(parents=True)
+        shutil.copyfile(data / job.output_path, data / output)  # type: ignore[attr-defined]
+        result = {"references": references} if references is not None else {}
+        store.transition(other.id, JobState.RUNNING, JobState.DONE, output_path=output, result=result)
+        return other.id
+
+    for i in range(40):  # CTs of other patients, by what each job recorded
+        segmented({"series": uid_key(f"1.2.826.0.1.{i}"), "frame": uid_key(f"1.2.826.0.2.{i}")})
+    opened: list[Path] = []
+    read = pydicom.dcmread
+
+    def counting(path: Path, *args: object, **kwargs: object) -> pydicom.Dataset:
+        opened.append(Path(path))
+        return read(path, *args, **kwargs)
+
+    monkeypatch.setattr(closed_loop.pydicom, "dcmread", counting)
+    approved = approved_rtstruct(truth, tmp_path / "approved.dcm")
+    series, frames = referenced_series(pydicom.dcmread(approved))
+    opened.clear()
+    found = find_job(store, data, series, frames)
+    assert found is not None and found.id == job.id  # type: ignore[attr-defined]
+    assert opened == [data / job.output_path]  # type: ignore[attr-defined]
+    opened.clear()
+    assert find_job(store, data, set(), frames).id == job.id  # type: ignore[attr-defined, union-attr]
+    assert opened == [data / job.output_path]  # type: ignore[attr-defined]
+
+    # a job segmented before jobs recorded their references: its RTSTRUCT is opened and decides
+    older = segmented(None)
+    found = find_job(store, data, series, frames)
+    assert found is not None and found.id == older
+
+
+def uuid_like() -> str:
+    return generate_uid(prefix=None).replace(".", "")[:24]
