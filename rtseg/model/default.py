@@ -111,12 +111,15 @@ class FossaCases:
         from rtseg.phantom.cohort import case_variant
 
         found: list[int] = []
-        index = self.start
-        while len(found) < self.per_center:
+        for index in range(self.start, self.start + 100 * self.per_center):  # every center draws 15 %
             if case_variant(center, seed, index) == "nephrectomy_L":
                 found.append(index)
-            index += 1
-        return found
+                if len(found) == self.per_center:
+                    return found
+        raise InputError(
+            f"center {center} draws fewer than {self.per_center} left nephrectomies in"
+            f" {100 * self.per_center} cases from index {self.start}"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
