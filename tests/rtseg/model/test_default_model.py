@@ -23,6 +23,7 @@ from rtseg.model.default import (
     DEFAULT_RECIPE,
     MODEL_NAME,
     PLAIN_RECIPE,
+    FossaCases,
     RealisticCases,
     average_weights,
     build_default,
@@ -180,6 +181,7 @@ TINY_RECIPE = replace(
     refine=(replace(TINY, seed=1), replace(TINY, seed=2)),
     realistic=RealisticCases(from_stage=3, per_center=1, start=5),
     average=(3, 0.7),
+    fossa=FossaCases(from_stage=3, per_center=1, start=5),
 )
 
 
@@ -240,9 +242,11 @@ def test_a_later_stage_from_a_model_adds_realistic_cases_with_that_models_plans(
         p.name.removesuffix(".nii.gz") for p in (preprocessed / "gt_segmentations").glob("*.nii.gz")
     )
     plain = [f"{c}_s1000_{i:03d}" for c in "AB" for i in range(2)]
-    assert trained_on == sorted(
-        [*plain, "A_s1000_005_couch_clinical-nopv", "B_s1000_005_couch_clinical-nopv"]
-    )
+    realistic = ["A_s1000_005_couch_clinical-nopv", "B_s1000_005_couch_clinical-nopv"]
+    # the first left nephrectomies from index 5, their spleen sunk into the fossa (recipe 1.2.0's kind)
+    fossa = ["A_s1000_012_couch_clinical-nopv-fossa", "B_s1000_012_couch_clinical-nopv-fossa"]
+    assert trained_on == sorted([*plain, *realistic, *fossa])
+    assert "left nephrectomies with a sunken spleen: center B, 1 cases on a couch from index 5" in said
     assert json.loads((model / "plans.json").read_text()) == json.loads((start / "plans.json").read_text())
     provenance = load_manifest(model).provenance
     assert provenance["realistic"] == {
@@ -252,6 +256,7 @@ def test_a_later_stage_from_a_model_adds_realistic_cases_with_that_models_plans(
         "couch": True,
         "realism": "clinical-nopv",
     }
+    assert provenance["fossa"]["realism"] == "clinical-nopv-fossa" and provenance["fossa"]["from_stage"] == 3
     assert provenance["started_from"] == f"{MODEL_NAME} 0.0.1 (stages 1-2)"
     assert provenance["average"] == {"stage": 3, "share": 0.7}
     # the exported weights: the recipe's share of stage 3's plus the rest of the start model's
@@ -274,7 +279,9 @@ def test_a_wider_stage_widens_the_plans_and_the_weights_and_the_model_predicts(
     """Recipe 1.0.0's step on a tiny scale: stage 3 trains a network of twice stage 2's width."""
     _, start, _ = two_stages
     wider = replace(TINY, seed=2, base_features=8, max_features=32)
-    recipe = replace(TINY_RECIPE, refine=(TINY_RECIPE.refine[0], wider), realistic=None, average=None)
+    recipe = replace(
+        TINY_RECIPE, refine=(TINY_RECIPE.refine[0], wider), realistic=None, average=None, fossa=None
+    )
     said: list[str] = []
     model = build_default(
         tmp_path / "work", tmp_path / "model", recipe, say=said.append, from_model=start, stages_done=2
