@@ -76,3 +76,13 @@ def test_a_federated_rounds_start_model_is_printed_readably() -> None:
     assert "started from: rtseg-peds-abdomen 0.9.0 (hash 0123456789ab)" in lines
     recipe = provenance_lines("m", "1", {"started_from": "rtseg-peds-abdomen 0.8.0 (stages 1-6)"})
     assert "started from: rtseg-peds-abdomen 0.8.0 (stages 1-6)" in recipe
+
+
+def test_models_of_the_later_recipes_show_their_measured_accuracy() -> None:
+    """A model built with ``build-default --recipe 1.x`` says what docs/model.md measured for it."""
+    from rtseg.cli_commands import provenance_lines
+
+    for version, figure in (("1.0.0", "0.893"), ("1.1.0", "0.903"), ("1.2.0", "0.909")):
+        lines = provenance_lines("rtseg-peds-abdomen", version, {})
+        assert any(line.startswith(f"accuracy: mean OAR Dice {figure}") for line in lines), version
+    assert "accuracy: not documented" in " ".join(provenance_lines("rtseg-peds-abdomen", "1.3.0", {}))
