@@ -352,7 +352,8 @@ def test_pairing_opens_only_the_rtstructs_of_jobs_for_the_referenced_ct(
     store, job, truth = JobStore(data / "state.db"), node["job"], node["truth"]
     info = truth.volume.info  # type: ignore[attr-defined]
     recorded = job.result["references"]  # type: ignore[attr-defined]
-    assert recorded == {"series": uid_key(info.series_instance_uid), "frame": uid_key(info.frame_of_reference_uid)}
+    assert recorded["series"] == uid_key(info.series_instance_uid)
+    assert recorded["frame"] == uid_key(info.frame_of_reference_uid)
 
     def segmented(references: dict[str, str] | None) -> str:
         """A newer job of the store whose RTSTRUCT file is the node's own (it references the same CT)."""
