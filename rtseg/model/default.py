@@ -74,9 +74,14 @@ class RealisticCases:
     from_stage: int
     per_center: int
     start: int
+    label = "realistic phantoms"
 
     def realism(self) -> Realism:
         return Realism.clinical(partial_volume=False)
+
+    def indices(self, center: str, seed: int) -> list[int]:
+        """The case indices of ``center``: ``per_center`` from ``start``."""
+        return list(range(self.start, self.start + self.per_center))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -102,6 +107,7 @@ class FossaCases:
     from_stage: int
     per_center: int
     start: int
+    label = "left nephrectomies with a sunken spleen"
 
     def realism(self) -> Realism:
         return replace(Realism.clinical(partial_volume=False), spleen_descent=True)
@@ -190,23 +196,18 @@ class Recipe:
         from rtseg.phantom.cohort import case_id
 
         ids = {case_id(c, self.seed, i) for c in ("A", "B") for i in range(self.cases_for(stage))}
-        if self.realistic_for(stage):
-            assert self.realistic is not None
-            first, realism = self.realistic.start, self.realistic.realism()
-            ids |= {
-                case_id(c, self.seed, first + i, couch=True, realism=realism)
-                for c in ("A", "B")
-                for i in range(self.realistic.per_center)
-            }
-        if self.fossa_for(stage):
-            assert self.fossa is not None
-            realism = self.fossa.realism()
+        for extra in self.extra_cases(stage):
+            realism = extra.realism()
             ids |= {
                 case_id(c, self.seed, i, couch=True, realism=realism)
                 for c in ("A", "B")
-                for i in self.fossa.indices(c, self.seed)
+                for i in extra.indices(c, self.seed)
             }
         return ids
+
+    def extra_cases(self, stage: int) -> list[RealisticCases | FossaCases]:
+        """The sets of cases on a couch that stage ``stage`` trains on besides the plain ones."""
+        return [x for x in (self.realistic, self.fossa) if x is not None and stage >= x.from_stage]
 
     def fossa_for(self, stage: int) -> int:
         """Left nephrectomies with a sunken spleen per center that stage ``stage`` trains on."""
@@ -348,29 +349,10 @@ def prepare_default(
     for center in ("A", "B"):
         say(f"phantom cohort: center {center}, {most} cases, seed {recipe.seed}")
         generate_cohort(center, most, recipe.seed, cohort, matrix=recipe.matrix, workers=2)
-    realistic = max(recipe.realistic_for(n) for n in stages)
-    if realistic and recipe.realistic is not None:
+    for extra in recipe.extra_cases(len(recipe.stages)):  # a set, once added, stays to the last stage
         for center in ("A", "B"):
-            first = recipe.realistic.start
-            say(f"realistic phantoms: center {center}, {realistic} cases on a couch from index {first}")
-            generate_cohort(
-                center,
-                realistic,
-                recipe.seed,
-                cohort,
-                matrix=recipe.matrix,
-                workers=2,
-                start=recipe.realistic.start,
-                couch=True,
-                realism=recipe.realistic.realism(),
-            )
-    if any(recipe.fossa_for(n) for n in stages) and recipe.fossa is not None:
-        fossa = recipe.fossa
-        for center in ("A", "B"):
-            say(
-                f"left nephrectomies with a sunken spleen: center {center}, {fossa.per_center} cases"
-                f" on a couch from index {fossa.start}"
-            )
+            first = extra.start
+            say(f"{extra.label}: center {center}, {extra.per_center} cases on a couch from index {first}")
             generate_cohort(
                 center,
                 0,
@@ -379,8 +361,8 @@ def prepare_default(
                 matrix=recipe.matrix,
                 workers=2,
                 couch=True,
-                realism=fossa.realism(),
-                indices=fossa.indices(center, recipe.seed),
+                realism=extra.realism(),
+                indices=extra.indices(center, recipe.seed),
             )
     say(f"writing the nnU-Net raw dataset (the cases of stage {first_stage})")
     _write_raw(work_dir, recipe, first_stage)

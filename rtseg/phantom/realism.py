@@ -156,8 +156,9 @@ class Realism:
             return "clinical"
         if self == Realism.clinical(partial_volume=False):
             return "clinical-nopv"
-        if self.spleen_descent and not replace(self, spleen_descent=False).off:
-            return f"{replace(self, spleen_descent=False).tag}-fossa"
+        without = replace(self, spleen_descent=False)
+        if self.spleen_descent and not without.off:
+            return f"{without.tag}-fossa"
         on = [n for n in (*_SHARES, *_ALWAYS) if getattr(self, n)]
         on += [self.phase] if self.phase else []
         return "-".join(on + ([f"{self.coverage}scan"] if self.coverage else []))
