@@ -170,7 +170,7 @@ DOCUMENTED_ACCURACY = {
     " a left nephrectomy); docs/model.md",
 }
 # build-default's recipes (rtseg.model.default.RECIPES, not imported at start-up: it pulls in SciPy)
-RECIPE_VERSIONS = ("0.8.0", "0.9.0", "1.0.0", "1.1.0", "1.2.0")
+RECIPE_VERSIONS = ("0.8.0", "0.9.0", "1.0.0", "1.1.0", "1.2.0", "1.3.0")
 DEFAULT_RECIPE_VERSION = "0.9.0"
 NOT_CLINICAL = "NOT FOR CLINICAL USE: trained on synthetic phantoms only, never on patient CTs"
 

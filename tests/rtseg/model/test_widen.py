@@ -139,6 +139,17 @@ def test_recipe_1_2_0_adds_left_nephrectomies_with_a_sunken_spleen_to_a_stage_11
     )
 
 
+def test_recipe_1_3_0_is_1_2_0_and_a_quieter_stage_12_on_the_same_cases() -> None:
+    from rtseg.model.default import CONSOLIDATED_RECIPE, FOSSA_RECIPE, WIDE_STAGE
+
+    assert CONSOLIDATED_RECIPE.stages[:11] == FOSSA_RECIPE.stages and len(CONSOLIDATED_RECIPE.stages) == 12
+    last = CONSOLIDATED_RECIPE.stages[-1]
+    assert last == replace(WIDE_STAGE, epochs=22, seed=11, learning_rate=2.5e-4)
+    assert last.seed not in {stage.seed for stage in FOSSA_RECIPE.stages}
+    assert CONSOLIDATED_RECIPE.case_ids(12) == FOSSA_RECIPE.case_ids(11)
+    assert CONSOLIDATED_RECIPE.fossa_for(12) == 10 and CONSOLIDATED_RECIPE.realistic_for(12) == 40
+
+
 @pytest.mark.parametrize("prefix", ["module.", "_orig_mod."])
 def test_weights_saved_by_dataparallel_or_torch_compile_widen_alike(
     shipped: tuple[dict[str, Any], dict[str, Any], dict[str, Any]], prefix: str
