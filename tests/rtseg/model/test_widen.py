@@ -14,16 +14,23 @@ from rtseg.errors import InputError, ModelError
 from rtseg.model.checkpoints import load_checkpoint
 from rtseg.model.default import default_model_dir
 from rtseg.model.network import build_network
-from rtseg.model.widen import widen_network_weights, widen_state, widened_plans
+from rtseg.model.widen import arch_kwargs, features, widen_network_weights, widen_state, widened_plans
 
 
 @pytest.fixture(scope="module")
 def shipped() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The shipped model's plans and dataset at recipe 0.9.0's width (8 → 128 features), which
+    recipe 1.0.0 widens: its own weights where the shipped model has that width, else seeded ones."""
     model = default_model_dir()
     plans = json.loads((model / "plans.json").read_text())
     dataset = json.loads((model / "dataset.json").read_text())
-    weights = load_checkpoint(model / "fold_all" / "checkpoint_final.pth")["network_weights"]
-    return plans, dataset, weights
+    narrow = features(8, 128, len(arch_kwargs(plans)["features_per_stage"]))
+    if arch_kwargs(plans)["features_per_stage"] == narrow:
+        return plans, dataset, load_checkpoint(model / "fold_all" / "checkpoint_final.pth")["network_weights"]
+    plans = copy.deepcopy(plans)
+    plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["features_per_stage"] = narrow
+    torch.manual_seed(0)
+    return plans, dataset, build_network(plans, dataset).state_dict()
 
 
 def _logits(plans: dict[str, Any], dataset: dict[str, Any], weights: dict[str, Any], x: torch.Tensor) -> Any:
