@@ -25,6 +25,7 @@ from rtseg.errors import FederationError
 from rtseg.model.children import EpochProgress, nnunet_dirs
 from rtseg.model.cpu import CpuConfig
 from rtseg.model.dataset import Case, write_raw_dataset
+from rtseg.model.default import PACKAGE_MODELS
 from rtseg.model.manifest import MANIFEST_NAME, ModelManifest, default_provenance, load_manifest
 from rtseg.model.rounds import preprocess_like_model
 from rtseg.model.training import export_model, plan_and_preprocess, train
@@ -32,6 +33,8 @@ from rtseg.structures import STRUCTURES, dataset_labels
 from rtseg.study.design import CENTERS, CENTRALISED, DEFAULT_START, FEDERATED, LOCAL_ARMS, StudySpec
 
 log = logging.getLogger(__name__)
+
+STUDY_START_DIR = PACKAGE_MODELS / "study-start"  # the model DEFAULT_START names
 
 DATASET_ID = 701
 MODEL_NAME = "rtseg-study"
@@ -58,9 +61,7 @@ def start_model(spec: StudySpec) -> Path | None:
         return None
     if spec.start_model != DEFAULT_START:
         raise ValueError(f"unknown start model {spec.start_model!r}")  # specs are made in design.py only
-    from rtseg.model.default import DEFAULT_MODEL_DIR
-
-    return DEFAULT_MODEL_DIR
+    return STUDY_START_DIR
 
 
 def train_pooled_arms(

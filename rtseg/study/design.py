@@ -21,7 +21,9 @@ CENTRALISED = "centralised"
 ENSEMBLE = "ensemble"
 ARMS = (*LOCAL_ARMS.values(), FEDERATED, CENTRALISED, ENSEMBLE)
 BOTH = "+".join(CENTERS)
-DEFAULT_START = "default"  # StudySpec.start_model: the shipped default model
+# StudySpec.start_model: the default model 0.9.0, kept in the package as the study's start
+# (rtseg/models/study-start) so that the study's design and figures do not move when the default does.
+DEFAULT_START = "rtseg-peds-abdomen 0.9.0"
 POSITIONS = ("HFS", "FFS", "HFP")  # the orientation test: the same cases stored in each position
 
 
@@ -35,7 +37,7 @@ class StudySpec:
     centralised models train that many epochs in one go.
 
     ``start_model``: None, every arm starts from the same random weights with plans made
-    from its own data; ``"default"``, every arm starts from the shipped default model's
+    from its own data; :data:`DEFAULT_START`, every arm starts from that model's
     weights and plans (trained on centers A and B, which the study's centers are not) and
     fine-tunes it with ``cpu``'s schedule.
     """
@@ -69,7 +71,7 @@ class StudySpec:
         return replace(self.cpu, epochs=self.epochs)
 
     def budget(self) -> str:
-        start = "the default model's weights" if self.start_model else "random weights"
+        start = f"{self.start_model}'s weights" if self.start_model else "random weights"
         return (
             f"{self.epochs} epochs × {self.cpu.iterations_per_epoch} iterations (batch {self.cpu.batch_size})"
             f" per model from {start}; federated: {self.rounds} rounds × {self.local_epochs} local"
