@@ -13,6 +13,7 @@ import torch
 from rtseg.errors import InputError, ModelError
 from rtseg.model.checkpoints import load_checkpoint
 from rtseg.model.default import default_model_dir
+from rtseg.model.manifest import load_manifest
 from rtseg.model.network import build_network
 from rtseg.model.widen import arch_kwargs, features, widen_network_weights, widen_state, widened_plans
 
@@ -109,7 +110,10 @@ def test_recipe_1_0_0_is_0_9_0_and_two_wider_stages() -> None:
     for stage in WIDE_RECIPE.stages[7:]:
         assert (stage.base_features, stage.max_features) == (16, 256)
     assert WIDE_RECIPE.average == DEFAULT_RECIPE.average == (7, 0.7)
-    assert tuple(RECIPES) == RECIPE_VERSIONS and DEFAULT_RECIPE.version == DEFAULT_RECIPE_VERSION
+    assert (
+        tuple(RECIPES) == RECIPE_VERSIONS
+        and RECIPES[DEFAULT_RECIPE_VERSION].version == DEFAULT_RECIPE_VERSION
+    )
 
 
 def test_recipe_1_1_0_is_1_0_0_and_one_longer_stage_of_the_wide_network() -> None:
@@ -147,7 +151,11 @@ def test_recipe_1_2_0_adds_left_nephrectomies_with_a_sunken_spleen_to_a_stage_11
 
 
 def test_recipe_1_3_0_is_1_2_0_and_a_quieter_stage_12_on_the_same_cases() -> None:
+    """1.3.0 is the shipped model's recipe: what `rtseg model build-default` builds without --recipe."""
+    from rtseg.cli_commands import DEFAULT_RECIPE_VERSION
     from rtseg.model.default import CONSOLIDATED_RECIPE, FOSSA_RECIPE, WIDE_STAGE
+
+    assert DEFAULT_RECIPE_VERSION == CONSOLIDATED_RECIPE.version == load_manifest(default_model_dir()).version
 
     assert CONSOLIDATED_RECIPE.stages[:11] == FOSSA_RECIPE.stages and len(CONSOLIDATED_RECIPE.stages) == 12
     last = CONSOLIDATED_RECIPE.stages[-1]
