@@ -16,22 +16,19 @@ from rtseg.model.default import default_model_dir
 from rtseg.model.manifest import load_manifest
 from rtseg.model.network import build_network
 from rtseg.model.widen import arch_kwargs, features, widen_network_weights, widen_state, widened_plans
+from rtseg.study.arms import STUDY_START_DIR
 
 
 @pytest.fixture(scope="module")
 def shipped() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """The shipped model's plans and dataset at recipe 0.9.0's width (8 → 128 features), which
-    recipe 1.0.0 widens: its own weights where the shipped model has that width, else seeded ones."""
-    model = default_model_dir()
+    """Model 0.9.0 (8 → 128 features, trained), which recipe 1.0.0 widens; the package keeps it as the
+    study's start."""
+    model = STUDY_START_DIR
     plans = json.loads((model / "plans.json").read_text())
     dataset = json.loads((model / "dataset.json").read_text())
-    narrow = features(8, 128, len(arch_kwargs(plans)["features_per_stage"]))
-    if arch_kwargs(plans)["features_per_stage"] == narrow:
-        return plans, dataset, load_checkpoint(model / "fold_all" / "checkpoint_final.pth")["network_weights"]
-    plans = copy.deepcopy(plans)
-    plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["features_per_stage"] = narrow
-    torch.manual_seed(0)
-    return plans, dataset, build_network(plans, dataset).state_dict()
+    assert arch_kwargs(plans)["features_per_stage"] == features(8, 128, 5)
+    weights = load_checkpoint(model / "fold_all" / "checkpoint_final.pth")["network_weights"]
+    return plans, dataset, weights
 
 
 def _logits(plans: dict[str, Any], dataset: dict[str, Any], weights: dict[str, Any], x: torch.Tensor) -> Any:
