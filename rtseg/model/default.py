@@ -400,9 +400,7 @@ def _grow_cohort(work_dir: Path, recipe: Recipe, stage: int, say: Callable[[str]
     """Before ``stage``: add the cases it trains on, preprocessed with the plans made for stage 1."""
     if not _write_raw(work_dir, recipe, stage):
         return
-    realistic, fossa = recipe.realistic_for(stage), recipe.fossa_for(stage)
-    extra = f" and {realistic} realistic ones" if realistic else ""
-    extra += f" and {fossa} left nephrectomies with a sunken spleen" if fossa else ""
+    extra = "".join(f" and {x.per_center} {x.label}" for x in recipe.extra_cases(stage))
     say(
         f"stage {stage} trains on {recipe.cases_for(stage)} cases per center{extra}:"
         " preprocessing them with the same plans"
