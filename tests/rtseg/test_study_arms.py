@@ -35,8 +35,8 @@ def test_an_arm_fine_tunes_the_start_models_weights_with_its_plans(tmp_path: Pat
     out = train_arm("local-C", [cases], tmp_path / "work", config, start=STUDY_START_DIR)
 
     plans = json.loads((out / "plans.json").read_text())
-    default_plans = json.loads((STUDY_START_DIR / "plans.json").read_text())
-    assert plans["configurations"] == default_plans["configurations"]  # the default's network and grid
+    start_plans = json.loads((STUDY_START_DIR / "plans.json").read_text())
+    assert plans["configurations"] == start_plans["configurations"]  # the start model's network and grid
     manifest = load_manifest(out)
     default = load_manifest(STUDY_START_DIR)
     assert manifest.provenance["started_from"] == f"{default.name} {default.version}"
